@@ -1,0 +1,194 @@
+//! Job queues: at-least-once delivery with explicit acknowledgement.
+
+use async_trait::async_trait;
+use medbatch_schemas::Job;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Deliveries of one job before it is dead-lettered (a quorum queue's delivery limit does
+/// the same on RabbitMQ).
+pub const DELIVERY_LIMIT: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue closed")]
+    Closed,
+    #[error("queue: {0}")]
+    Broker(String),
+}
+
+/// One delivery of a job. Acknowledge it once the job's outputs are durable; return it
+/// (`nack`) to have it delivered again.
+pub struct Delivery {
+    pub job: Job,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    pub fn new(job: Job, acker: Box<dyn Acker>) -> Self {
+        Self { job, acker }
+    }
+
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.acker.ack().await
+    }
+
+    /// Gives the job back; `requeue = false` dead-letters it.
+    pub async fn nack(self, requeue: bool) -> Result<(), QueueError> {
+        let job = self.job;
+        self.acker.nack(job, requeue).await
+    }
+}
+
+#[async_trait]
+pub trait Acker: Send {
+    async fn ack(self: Box<Self>) -> Result<(), QueueError>;
+    async fn nack(self: Box<Self>, job: Job, requeue: bool) -> Result<(), QueueError>;
+}
+
+/// Where planned jobs wait for workers.
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    /// Publishes a job; returns once the queue has accepted it durably.
+    async fn publish(&self, job: &Job) -> Result<(), QueueError>;
+    /// The next delivery, or `None` once the queue is closed and drained.
+    async fn next(&self) -> Result<Option<Delivery>, QueueError>;
+}
+
+#[derive(Default)]
+struct State {
+    ready: VecDeque<Job>,
+    in_flight: usize,
+    closed: bool,
+    dead: Vec<Job>,
+}
+
+/// The embedded run's queue: jobs in memory, delivered to worker tasks of the same process.
+/// `next` returns `None` once [`InProcessQueue::close`] was called, nothing is ready and no
+/// delivery is outstanding (an outstanding one may still come back).
+#[derive(Clone, Default)]
+pub struct InProcessQueue {
+    state: Arc<Mutex<State>>,
+    changed: Arc<Notify>,
+}
+
+impl InProcessQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// No more jobs will be published.
+    pub fn close(&self) {
+        self.state.lock().expect("queue lock").closed = true;
+        self.changed.notify_waiters();
+    }
+
+    /// Jobs that reached the delivery limit.
+    pub fn dead_lettered(&self) -> Vec<Job> {
+        self.state.lock().expect("queue lock").dead.clone()
+    }
+}
+
+struct InProcessAcker {
+    queue: InProcessQueue,
+}
+
+#[async_trait]
+impl Acker for InProcessAcker {
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        let mut s = self.queue.state.lock().expect("queue lock");
+        s.in_flight -= 1;
+        drop(s);
+        self.queue.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, mut job: Job, requeue: bool) -> Result<(), QueueError> {
+        let mut s = self.queue.state.lock().expect("queue lock");
+        s.in_flight -= 1;
+        if requeue && job.attempt < DELIVERY_LIMIT {
+            job.attempt += 1;
+            s.ready.push_back(job);
+        } else {
+            s.dead.push(job);
+        }
+        drop(s);
+        self.queue.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for InProcessQueue {
+    async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.closed {
+            return Err(QueueError::Closed);
+        }
+        s.ready.push_back(job.clone());
+        drop(s);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn next(&self) -> Result<Option<Delivery>, QueueError> {
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut s = self.state.lock().expect("queue lock");
+                if let Some(job) = s.ready.pop_front() {
+                    s.in_flight += 1;
+                    let acker = Box::new(InProcessAcker { queue: self.clone() });
+                    return Ok(Some(Delivery::new(job, acker)));
+                }
+                if s.closed && s.in_flight == 0 {
+                    return Ok(None);
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medbatch_schemas::{Digest, ModelRef, PipelineRef, RunId};
+
+    fn job(n: u32) -> Job {
+        Job::new(
+            RunId::new("r").unwrap(),
+            PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") },
+            ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
+            vec![medbatch_schemas::InputRef {
+                uri: format!("file:///{n}.txt"),
+                size: 1,
+                sha256: Digest::of_bytes(b"x"),
+                kind: medbatch_schemas::InputKind::Text,
+                selection: medbatch_schemas::Selection::Whole,
+            }],
+            "/out".into(),
+        )
+    }
+
+    #[tokio::test]
+    async fn drains_then_ends_and_redelivers_until_limit() {
+        let q = InProcessQueue::new();
+        q.publish(&job(1)).await.unwrap();
+        q.publish(&job(2)).await.unwrap();
+        q.close();
+        let d1 = q.next().await.unwrap().unwrap();
+        d1.ack().await.unwrap();
+        // Job 2 fails every time: delivered DELIVERY_LIMIT times, then dead-lettered.
+        let mut deliveries = 0;
+        while let Some(d) = q.next().await.unwrap() {
+            deliveries += 1;
+            assert_eq!(d.job.attempt, deliveries);
+            d.nack(true).await.unwrap();
+        }
+        assert_eq!(deliveries, DELIVERY_LIMIT);
+        assert_eq!(q.dead_lettered().len(), 1);
+        assert!(q.publish(&job(3)).await.is_err());
+    }
+}

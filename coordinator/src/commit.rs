@@ -1,0 +1,85 @@
+//! Committing a run: manifest and `_SUCCESS` once every planned job has its marker.
+
+use crate::plan::PlannedRun;
+use crate::CoordinatorError;
+use medbatch_connectors::store::ObjectStore;
+use medbatch_schemas::tables::{done_key, manifest_key, success_key};
+use medbatch_schemas::{Completion, Manifest, JOB_SCHEMA_VERSION};
+
+/// Where a run stands, from its completion markers.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunProgress {
+    pub jobs_planned: u64,
+    pub jobs_done: u64,
+    pub documents_ok: u64,
+    pub documents_failed: u64,
+    pub rows: u64,
+    pub error_rows: u64,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    pub completions: Vec<Completion>,
+}
+
+/// Reads every planned job's completion marker.
+pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<RunProgress, CoordinatorError> {
+    let mut p = RunProgress { jobs_planned: plan.jobs.len() as u64, ..Default::default() };
+    for job in &plan.jobs {
+        let key = done_key(&job.run_id, &job.job_id);
+        let Some(bytes) = store.get(&key).await? else { continue };
+        let c: Completion = serde_json::from_slice(&bytes)
+            .map_err(|e| CoordinatorError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        p.jobs_done += 1;
+        p.documents_ok += c.documents_ok;
+        p.documents_failed += c.documents_failed;
+        p.error_rows += c.error_rows;
+        p.rows += c.parts.iter().filter(|x| x.table != medbatch_schemas::tables::ERRORS_TABLE).map(|x| x.rows).sum::<u64>();
+        p.tokens_in += c.tokens_in;
+        p.tokens_out += c.tokens_out;
+        p.completions.push(c);
+    }
+    Ok(p)
+}
+
+/// Writes the manifest and `_SUCCESS` when every job is done; returns the manifest, or
+/// `None` when jobs are still missing. Idempotent: an existing manifest is returned as is.
+pub async fn commit_run(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    created_at: &str,
+) -> Result<Option<Manifest>, CoordinatorError> {
+    let mkey = manifest_key(&plan.run_id);
+    if let Some(bytes) = store.get(&mkey).await? {
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|e| CoordinatorError::Corrupt { key: mkey.clone(), reason: e.to_string() })?;
+        store.put_if_absent(&success_key(&plan.run_id), bytes::Bytes::new()).await?;
+        return Ok(Some(m));
+    }
+    let progress = run_progress(plan, store).await?;
+    if progress.jobs_done < progress.jobs_planned {
+        return Ok(None);
+    }
+    let mut parts: Vec<_> = progress.completions.iter().flat_map(|c| c.parts.iter().cloned()).collect();
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
+    let manifest = Manifest {
+        schema_version: JOB_SCHEMA_VERSION,
+        run_id: plan.run_id.clone(),
+        pipeline: plan.pipeline.clone(),
+        model: plan.model.clone(),
+        jobs: progress.jobs_planned,
+        documents_ok: progress.documents_ok,
+        documents_failed: progress.documents_failed,
+        error_rows: progress.error_rows,
+        tokens_in: progress.tokens_in,
+        tokens_out: progress.tokens_out,
+        parts,
+        created_at: created_at.to_string(),
+    };
+    let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    // Only the first writer's manifest counts; a concurrent committer reads it back.
+    store.put_if_absent(&mkey, bytes.into()).await?;
+    store.put_if_absent(&success_key(&plan.run_id), bytes::Bytes::new()).await?;
+    let stored = store.get(&mkey).await?.unwrap_or_default();
+    serde_json::from_slice(&stored)
+        .map(Some)
+        .map_err(|e| CoordinatorError::Corrupt { key: mkey, reason: e.to_string() })
+}

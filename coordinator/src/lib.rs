@@ -1,0 +1,31 @@
+//! Run planning and commit: the coordinator side of medbatch.
+//!
+//! It discovers inputs (files, folders, archive directories — metadata only, never document
+//! content), splits them into jobs whose ids are derived from the run id and their inputs,
+//! skips jobs that already have a completion marker (so planning is resumable), publishes
+//! the rest, and once every job has a marker writes the run manifest and `_SUCCESS`.
+//! It never links the model engine.
+
+pub mod archive;
+pub mod commit;
+pub mod plan;
+
+pub use commit::{commit_run, run_progress, RunProgress};
+pub use plan::{plan_run, publish_pending, PlanConfig, PlannedRun};
+
+/// Errors that stop planning or committing a run.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("input {0}")]
+    Input(#[from] medbatch_connectors::inputs::InputsError),
+    #[error("output: {0}")]
+    Store(#[from] medbatch_connectors::store::StoreError),
+    #[error("queue: {0}")]
+    Queue(#[from] medbatch_connectors::queue::QueueError),
+    #[error("no input files found in {0}")]
+    NoInputs(String),
+    #[error("run {run_id} was planned before with other inputs or settings; use a new --run-id")]
+    PlanMismatch { run_id: String },
+    #[error("corrupt run metadata {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}

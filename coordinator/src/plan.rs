@@ -1,0 +1,150 @@
+//! Planning: inputs → jobs.
+
+use crate::archive;
+use crate::CoordinatorError;
+use medbatch_connectors::inputs::{self, FoundInput};
+use medbatch_connectors::queue::JobQueue;
+use medbatch_connectors::store::ObjectStore;
+use medbatch_schemas::tables::{done_key, plan_key};
+use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::io::Read;
+
+/// Archive members per job: enough to amortize opening the archive, few enough that a
+/// killed worker loses little work and several workers share one archive.
+pub const MEMBERS_PER_JOB: usize = 16;
+
+/// What a run is planned from.
+#[derive(Clone, Debug)]
+pub struct PlanConfig {
+    pub run_id: RunId,
+    pub pipeline: PipelineRef,
+    pub model: ModelRef,
+    /// Output root as given by the user (recorded in each job).
+    pub output: String,
+    /// Input arguments: files, folders, archives.
+    pub inputs: Vec<String>,
+}
+
+/// The stored plan `_runs/RUN/plan.json`: every job of the run. Planning again with the same
+/// run id must produce the same plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedRun {
+    pub run_id: RunId,
+    pub pipeline: PipelineRef,
+    pub model: ModelRef,
+    pub jobs: Vec<Job>,
+    /// Input files found.
+    pub files: u64,
+    /// Documents expected, where known at planning time (plain text files and archive
+    /// members count one each; record files count one until read).
+    pub units: u64,
+}
+
+fn sha256_file(f: &FoundInput) -> Result<Digest, CoordinatorError> {
+    let mut file = inputs::open(&f.uri)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(|source| inputs::InputsError::Io { path: f.uri.clone(), source })?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(Digest::from_sha256(h.finalize()))
+}
+
+/// Discovers inputs and derives the run's jobs (blocking: reads input files to digest them
+/// and archive directories to list members).
+pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
+    let mut found = Vec::new();
+    for arg in &cfg.inputs {
+        let files = inputs::expand(arg)?;
+        if files.is_empty() {
+            return Err(CoordinatorError::NoInputs(arg.clone()));
+        }
+        found.extend(files);
+    }
+    // The same file named twice (directly and through a folder) is one input.
+    found.sort_by(|a, b| a.uri.cmp(&b.uri));
+    found.dedup_by(|a, b| a.uri == b.uri);
+
+    let mut jobs = Vec::new();
+    let mut units = 0u64;
+    for f in &found {
+        let sha256 = sha256_file(f)?;
+        let kind = InputKind::from_name(&f.uri);
+        let base = InputRef { uri: f.uri.clone(), size: f.size, sha256, kind, selection: Selection::Whole };
+        let mut selections = vec![Selection::Whole];
+        if kind.is_archive() {
+            // A listing that fails leaves the whole archive to one job, whose worker reports
+            // the damage as error rows.
+            if let Ok(file) = inputs::open(&f.uri) {
+                if let Ok(listing) = archive::list_members(kind, Box::new(file)) {
+                    let complete = !listing.truncated;
+                    let names: Vec<String> = listing.members.into_iter().map(|m| m.name).collect();
+                    if !names.is_empty() && complete {
+                        units += names.len() as u64;
+                        selections =
+                            names.chunks(MEMBERS_PER_JOB).map(|c| Selection::Members(c.to_vec())).collect();
+                    } else {
+                        units += 1;
+                    }
+                }
+            }
+        } else {
+            units += 1;
+        }
+        for selection in selections {
+            let input = InputRef { selection, ..base.clone() };
+            jobs.push(Job::new(
+                cfg.run_id.clone(),
+                cfg.pipeline.clone(),
+                cfg.model.clone(),
+                vec![input],
+                cfg.output.clone(),
+            ));
+        }
+    }
+    Ok(PlannedRun {
+        run_id: cfg.run_id.clone(),
+        pipeline: cfg.pipeline.clone(),
+        model: cfg.model.clone(),
+        jobs,
+        files: found.len() as u64,
+        units,
+    })
+}
+
+/// Records the plan (or checks it against the one recorded by an earlier attempt of the
+/// same run), then publishes every job that has no completion marker yet. Returns the ids
+/// of the jobs published and the number already done.
+pub async fn publish_pending(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    queue: &dyn JobQueue,
+) -> Result<(Vec<medbatch_schemas::JobId>, usize), CoordinatorError> {
+    let key = plan_key(&plan.run_id);
+    let bytes = serde_json::to_vec_pretty(plan).expect("plan serializes");
+    if !store.put_if_absent(&key, bytes.into()).await? {
+        let existing = store.get(&key).await?.unwrap_or_default();
+        let earlier: PlannedRun = serde_json::from_slice(&existing)
+            .map_err(|e| CoordinatorError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+        let ids = |p: &PlannedRun| p.jobs.iter().map(|j| j.job_id.clone()).collect::<Vec<_>>();
+        if ids(&earlier) != ids(plan) || earlier.pipeline != plan.pipeline || earlier.model != plan.model {
+            return Err(CoordinatorError::PlanMismatch { run_id: plan.run_id.to_string() });
+        }
+    }
+    let (mut published, mut done) = (Vec::new(), 0);
+    for job in &plan.jobs {
+        if store.exists(&done_key(&job.run_id, &job.job_id)).await? {
+            done += 1;
+            continue;
+        }
+        queue.publish(job).await?;
+        published.push(job.job_id.clone());
+    }
+    Ok((published, done))
+}

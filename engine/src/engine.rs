@@ -1,0 +1,262 @@
+//! A loaded model with its tokenizer: prompt handling and greedy decoding.
+
+use crate::gguf::GgufFile;
+use crate::model::{Gemma3, Logits, NumericOptions, SeqCache};
+use crate::tokenizer::SpmTokenizer;
+use crate::EngineError;
+use candle_core::{Device, Tensor};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+use std::time::Instant;
+
+/// Cached prompt prefixes kept at once (pipelines use one or two shared prefixes).
+const PREFIX_CACHE_ENTRIES: usize = 4;
+/// Prompt tokens run through the model per forward pass, bounding the score matrix.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// What identifies the loaded model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// File name of the weights (or checkpoint folder name).
+    pub id: String,
+    /// SHA-256 of the weights file.
+    pub digest: String,
+    pub architecture: String,
+    pub num_layers: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+}
+
+/// One generation request. Decoding is greedy: the same request gives the same answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerateRequest {
+    /// The complete prompt text.
+    pub prompt: String,
+    /// Length in bytes of a prefix of `prompt` shared by many requests; its KV cache is
+    /// computed once and reused. 0 disables reuse.
+    pub shared_prefix_len: usize,
+    /// Prepend BOS as the vocabulary asks.
+    pub add_bos: bool,
+    /// Let control tokens such as `<start_of_turn>` be written in the prompt text.
+    pub parse_special: bool,
+    pub max_new_tokens: u32,
+    /// Generation stops when the text contains one of these; the text is cut before it.
+    pub stop: Vec<String>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    /// End-of-sequence or end-of-turn token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// `max_new_tokens` reached.
+    Length,
+}
+
+/// The result of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub prompt_tokens: u32,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub reused_tokens: u32,
+    pub finish: Finish,
+    pub engine_ms: u64,
+}
+
+struct PrefixEntry {
+    text: String,
+    ids: Vec<u32>,
+    cache: SeqCache,
+    last_used: u64,
+}
+
+/// A loaded model, its tokenizer and its prefix cache. Not shared between threads: the
+/// engine thread owns it (see [`crate::service`]).
+pub struct Engine {
+    pub model: Gemma3,
+    pub tokenizer: SpmTokenizer,
+    pub info: ModelInfo,
+    stop_ids: Vec<u32>,
+    prefixes: Vec<PrefixEntry>,
+    clock: u64,
+}
+
+/// SHA-256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+impl Engine {
+    /// Loads a Gemma 3 GGUF on the CPU. `digest` may be given when already known.
+    pub fn load_gguf(path: &Path, digest: Option<String>) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
+        let mut file = GgufFile::open(path)?;
+        let tokenizer = file.tokenizer()?;
+        // GGUF models are held to llama.cpp, which keeps K and V in f16 by default and
+        // computes GELU through an f16 table on the CPU.
+        let model = file.load_model(&device, NumericOptions { f16_attention: true, f16_gelu: true })?;
+        let digest = match digest {
+            Some(d) => d,
+            None => file_sha256(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?,
+        };
+        let info = ModelInfo {
+            id: path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            digest,
+            architecture: "gemma3".into(),
+            num_layers: model.cfg.num_layers,
+            vocab_size: model.cfg.vocab_size,
+            context_length: model.cfg.max_position_embeddings,
+        };
+        let mut stop_ids = vec![tokenizer.special.eos];
+        stop_ids.extend(tokenizer.special.end_of_turn);
+        Ok(Self { model, tokenizer, info, stop_ids, prefixes: Vec::new(), clock: 0 })
+    }
+
+    /// Gemma's turn format for one user message, ready for generation (BOS is added by the
+    /// tokenizer; the prompt must be encoded with `parse_special`).
+    pub fn chat_prompt(user: &str) -> String {
+        format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+    }
+
+    /// Runs `ids` into `cache` in chunks; returns the last position's logits.
+    pub fn prefill(&self, ids: &[u32], cache: &mut SeqCache) -> Result<Tensor, EngineError> {
+        let mut logits = None;
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            logits = Some(self.model.forward(chunk, cache, Logits::Last)?);
+        }
+        logits.ok_or_else(|| EngineError::Request("empty prompt".into()))
+    }
+
+    fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
+        let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let mut best = 0usize;
+        for (i, &x) in v.iter().enumerate() {
+            if x > v[best] {
+                best = i;
+            }
+        }
+        Ok(best as u32)
+    }
+
+    /// Greedy continuation of `prompt_ids` for up to `max_new` tokens, stopping after an
+    /// end-of-sequence or end-of-turn token (which is included). Used by fidelity tests.
+    pub fn greedy_ids(&self, prompt_ids: &[u32], max_new: usize) -> Result<Vec<u32>, EngineError> {
+        let mut cache = self.model.new_cache();
+        let mut logits = self.prefill(prompt_ids, &mut cache)?;
+        let mut out = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let next = Self::argmax(&logits)?;
+            out.push(next);
+            if self.stop_ids.contains(&next) {
+                break;
+            }
+            logits = self.model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        Ok(out)
+    }
+
+    /// Logits at every position of `ids` (a fresh sequence), `[n, vocab]`.
+    pub fn all_logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut cache = self.model.new_cache();
+        let mut rows = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(PREFILL_CHUNK) {
+            let l = self.model.forward(chunk, &mut cache, Logits::All)?;
+            rows.extend(l.to_vec2::<f32>()?);
+        }
+        Ok(rows)
+    }
+
+    /// A cache holding `prefix`'s KV, computed once per distinct prefix.
+    fn prefix_cache(&mut self, prefix: &str, req: &GenerateRequest) -> Result<(Vec<u32>, SeqCache), EngineError> {
+        self.clock += 1;
+        if let Some(e) = self.prefixes.iter_mut().find(|e| e.text == prefix) {
+            e.last_used = self.clock;
+            return Ok((e.ids.clone(), e.cache.clone()));
+        }
+        let ids = self.tokenizer.encode(prefix, req.add_bos, req.parse_special);
+        let mut cache = self.model.new_cache();
+        if !ids.is_empty() {
+            self.prefill(&ids, &mut cache)?;
+        }
+        if self.prefixes.len() >= PREFIX_CACHE_ENTRIES {
+            let oldest = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].last_used).unwrap_or(0);
+            self.prefixes.swap_remove(oldest);
+        }
+        self.prefixes.push(PrefixEntry { text: prefix.to_string(), ids: ids.clone(), cache: cache.clone(), last_used: self.clock });
+        Ok((ids, cache))
+    }
+
+    /// Serves one request.
+    pub fn generate(&mut self, req: &GenerateRequest) -> Result<Generation, EngineError> {
+        let started = Instant::now();
+        let ids = self.tokenizer.encode(&req.prompt, req.add_bos, req.parse_special);
+        if ids.is_empty() {
+            return Err(EngineError::Request("prompt has no tokens".into()));
+        }
+        let limit = self.model.cfg.max_position_embeddings;
+        if ids.len() + req.max_new_tokens as usize > limit {
+            return Err(EngineError::Request(format!(
+                "prompt of {} tokens plus {} new tokens exceeds the context of {limit}",
+                ids.len(),
+                req.max_new_tokens
+            )));
+        }
+        let mut cache = self.model.new_cache();
+        let mut reused = 0usize;
+        if req.shared_prefix_len > 0 && req.prompt.is_char_boundary(req.shared_prefix_len) {
+            let (pids, pcache) = self.prefix_cache(&req.prompt[..req.shared_prefix_len], req)?;
+            // Tokens can merge across the prefix boundary, so reuse the common token prefix.
+            let common = pids.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+            let mut c = pcache;
+            if common > 0 && c.truncate(common, &self.model.cfg)? {
+                cache = c;
+                reused = common;
+            }
+        }
+        let mut logits = self.prefill(&ids[reused..], &mut cache)?;
+        let mut out: Vec<u32> = Vec::new();
+        let mut finish = Finish::Length;
+        let mut text = String::new();
+        for _ in 0..req.max_new_tokens {
+            let next = Self::argmax(&logits)?;
+            if self.stop_ids.contains(&next) {
+                finish = Finish::Eos;
+                break;
+            }
+            out.push(next);
+            text = self.tokenizer.decode(&out, false);
+            if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                text.truncate(cut);
+                finish = Finish::Stop;
+                break;
+            }
+            if out.len() == req.max_new_tokens as usize {
+                break;
+            }
+            logits = self.model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        Ok(Generation {
+            text,
+            ids: out,
+            prompt_tokens: ids.len() as u32,
+            reused_tokens: reused as u32,
+            finish,
+            engine_ms: started.elapsed().as_millis() as u64,
+        })
+    }
+}

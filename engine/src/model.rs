@@ -1,0 +1,429 @@
+//! Gemma 3 text decoder (`Gemma3ForCausalLM`), written to match Hugging Face transformers'
+//! `modeling_gemma3.py` and llama.cpp's `gemma3` graph.
+//!
+//! Per layer, with sandwich norms:
+//! ```text
+//! h = x + post_attn_norm(attn(input_norm(x)))
+//! y = h + post_ff_norm(down(gelu_tanh(gate(pre_ff_norm(h))) * up(pre_ff_norm(h))))
+//! ```
+//! Attention applies RMS norms to q and k per head before RoPE, scales scores by
+//! `query_pre_attn_scalar^-0.5`, uses RoPE base 10k on local layers (a sliding window of
+//! exactly `W` tokens, the query included) and the global base with linear scaling on
+//! global layers. Embeddings are multiplied by `sqrt(hidden)`; the output head is tied to the
+//! embedding unless the checkpoint has its own.
+//!
+//! The model owns no sequence state: callers pass a [`SeqCache`] per sequence. Local layers
+//! keep only the window they need (plus slack, so a cached prefix can be shortened), and no
+//! buffer is sized to the full context up front.
+
+use crate::config::TextConfig;
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+use std::sync::Arc;
+
+/// Extra positions a local layer keeps beyond the `W - 1` it needs, so that a cached prompt
+/// prefix can be cut back by up to this many tokens and reused.
+pub const LOCAL_CACHE_SLACK: usize = 256;
+
+/// A linear layer (no bias) whose weight is quantized (GGUF) or dense.
+pub enum Linear {
+    Quant(QMatMul),
+    Dense(Tensor),
+}
+
+impl Linear {
+    pub fn from_qtensor(t: Arc<QTensor>) -> candle_core::Result<Self> {
+        Ok(Self::Quant(QMatMul::from_arc(t)?))
+    }
+
+    /// `x`: `[n, in]` f32 → `[n, out]`.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quant(q) => q.forward(x),
+            Self::Dense(w) => x.matmul(&w.t()?),
+        }
+    }
+}
+
+/// Token embedding table, quantized or dense.
+pub enum Embedding {
+    Quant(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quant(q) => q.embedding(ids),
+            Self::Dense(w) => w.index_select(ids, 0),
+        }
+    }
+}
+
+/// RMSNorm with the effective multiplier already resolved (`w` for GGUF, whose files store
+/// Gemma's `1 + w`; `1 + w` computed in f32 for safetensors).
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        Self { weight, eps }
+    }
+
+    /// Normalizes over the last dimension, in f32.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)
+    }
+}
+
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub q_norm: RmsNorm,
+    pub k_norm: RmsNorm,
+}
+
+pub struct Mlp {
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct Layer {
+    pub input_norm: RmsNorm,
+    pub attn: Attention,
+    pub post_attn_norm: RmsNorm,
+    pub pre_ff_norm: RmsNorm,
+    pub mlp: Mlp,
+    pub post_ff_norm: RmsNorm,
+}
+
+/// Numeric options that trade exactness against one reference or another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NumericOptions {
+    /// Round q, k, v and attention probabilities to f16, as llama.cpp does with its default
+    /// f16 KV cache. Off for parity with transformers in f32.
+    pub f16_attention: bool,
+    /// Compute GELU as llama.cpp's CPU backend does: from a table indexed by the f16-rounded
+    /// input, returning an f16 value, exact (identity/zero) beyond ±10.
+    pub f16_gelu: bool,
+}
+
+/// Beyond this magnitude llama.cpp's GELU returns the input (or zero) instead of the table.
+const GELU_TABLE_LIMIT: f64 = 10.0;
+
+/// The decoder.
+pub struct Gemma3 {
+    pub cfg: TextConfig,
+    pub embed: Embedding,
+    pub embed_scale: f64,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub numeric: NumericOptions,
+    pub device: Device,
+}
+
+/// One layer's cached keys and values for one sequence: positions `start .. start + len`.
+#[derive(Clone, Default)]
+struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    start: usize,
+}
+
+/// The per-sequence state: cached keys/values of every layer and the next position.
+#[derive(Clone)]
+pub struct SeqCache {
+    layers: Vec<LayerCache>,
+    pos: usize,
+}
+
+impl SeqCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![LayerCache::default(); num_layers], pos: 0 }
+    }
+
+    /// Tokens processed so far (the next token's position).
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Cuts the sequence back to its first `len` tokens. Returns false (and leaves the cache
+    /// unusable for reuse) when a local layer no longer holds the keys that position needs.
+    pub fn truncate(&mut self, len: usize, cfg: &TextConfig) -> candle_core::Result<bool> {
+        if len > self.pos {
+            return Ok(false);
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let keep_from = if cfg.layer_is_global[i] { 0 } else { len.saturating_sub(cfg.sliding_window - 1) };
+            if keep_from < l.start {
+                return Ok(false);
+            }
+            if let (Some(k), Some(v)) = (&l.k, &l.v) {
+                let n = len - l.start;
+                l.k = Some(k.narrow(1, 0, n)?);
+                l.v = Some(v.narrow(1, 0, n)?);
+            }
+        }
+        self.pos = len;
+        Ok(true)
+    }
+
+    /// Bytes held by cached keys and values.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.k.as_ref().map(|k| k.elem_count() * k.dtype().size_in_bytes()).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Which positions' logits a forward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last position (generation).
+    Last,
+    /// Every position of the chunk (parity tests).
+    All,
+}
+
+fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_dtype(DType::F16)?.to_dtype(DType::F32)
+}
+
+/// cos/sin tables for `positions`, shape `[n, head_dim / 2]`, computed in f64 and rounded
+/// once to f32 (both references compute them in f32 from the same formula).
+fn rope_tables(
+    positions: std::ops::Range<usize>,
+    head_dim: usize,
+    base: f64,
+    factor: f64,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    let n = positions.len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in positions {
+        for i in 0..half {
+            let inv_freq = 1.0 / base.powf((2 * i) as f64 / head_dim as f64) / factor;
+            let a = p as f64 * inv_freq;
+            cos.push(a.cos() as f32);
+            sin.push(a.sin() as f32);
+        }
+    }
+    Ok((Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?))
+}
+
+/// Rotate-half RoPE on `x`: `[heads, n, d]` with tables `[n, d/2]`.
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let a = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
+    let b = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
+    Tensor::cat(&[a, b], D::Minus1)
+}
+
+fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+struct Rope {
+    local: (Tensor, Tensor),
+    global: (Tensor, Tensor),
+}
+
+impl Gemma3 {
+    /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
+    /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
+    pub fn forward(&self, ids: &[u32], cache: &mut SeqCache, which: Logits) -> candle_core::Result<Tensor> {
+        let t = ids.len();
+        if t == 0 {
+            candle_core::bail!("forward called with no tokens");
+        }
+        let cfg = &self.cfg;
+        let pos0 = cache.pos;
+        let ids_t = Tensor::new(ids, &self.device)?;
+        let mut x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
+        let hd = cfg.head_dim;
+        let rope = Rope {
+            local: rope_tables(pos0..pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
+            global: rope_tables(pos0..pos0 + t, hd, cfg.rope_global_base, cfg.rope_global_factor, &self.device)?,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", i).entered();
+            let residual = x.clone();
+            let h = layer.input_norm.forward(&x)?;
+            let h = self.attention(i, &layer.attn, &h, &mut cache.layers[i], pos0, &rope)?;
+            let h = layer.post_attn_norm.forward(&h)?;
+            x = (residual + h)?;
+            let residual = x.clone();
+            let h = layer.pre_ff_norm.forward(&x)?;
+            let g = self.gelu(&layer.mlp.gate.forward(&h)?)?;
+            let u = layer.mlp.up.forward(&h)?;
+            let h = layer.mlp.down.forward(&(g * u)?)?;
+            let h = layer.post_ff_norm.forward(&h)?;
+            x = (residual + h)?;
+        }
+        cache.pos = pos0 + t;
+        let x = match which {
+            Logits::Last => x.narrow(0, t - 1, 1)?,
+            Logits::All => x,
+        };
+        let x = self.norm.forward(&x)?;
+        let mut logits = self.lm_head.forward(&x.contiguous()?)?;
+        if let Some(cap) = cfg.final_logit_softcap {
+            logits = ((logits / cap)?.tanh()? * cap)?;
+        }
+        Ok(logits)
+    }
+
+    fn attention(
+        &self,
+        layer_idx: usize,
+        a: &Attention,
+        x: &Tensor,
+        lc: &mut LayerCache,
+        pos0: usize,
+        rope: &Rope,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let t = x.dim(0)?;
+        let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let is_global = cfg.layer_is_global[layer_idx];
+        let (cos, sin) = if is_global { &rope.global } else { &rope.local };
+
+        let q = a.q.forward(x)?.reshape((t, h, hd))?;
+        let k = a.k.forward(x)?.reshape((t, kvh, hd))?;
+        let v = a.v.forward(x)?.reshape((t, kvh, hd))?;
+        let q = a.q_norm.forward(&q)?.transpose(0, 1)?.contiguous()?;
+        let k = a.k_norm.forward(&k)?.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let mut q = apply_rope(&q, cos, sin)?;
+        let mut k = apply_rope(&k, cos, sin)?;
+        let mut v = v;
+        if self.numeric.f16_attention {
+            q = round_f16(&q)?;
+            k = round_f16(&k)?;
+            v = round_f16(&v)?;
+        }
+        let (k_all, v_all) = match (&lc.k, &lc.v) {
+            (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
+            _ => {
+                lc.start = pos0;
+                (k, v)
+            }
+        };
+        let s = k_all.dim(1)?;
+        let start = lc.start;
+
+        // Scores for all heads at once: query heads of one KV group share its keys.
+        let g = h / kvh;
+        let q = (q * cfg.query_pre_attn_scalar.powf(-0.5))?.reshape((kvh, g * t, hd))?;
+        let scores = q.matmul(&k_all.t()?)?.reshape((h, t, s))?;
+        let mut mask = Vec::with_capacity(t * s);
+        for i in 0..t {
+            let qp = pos0 + i;
+            for j in 0..s {
+                let kp = start + j;
+                let visible = kp <= qp && (is_global || qp - kp < cfg.sliding_window);
+                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, t, s), &self.device)?;
+        let mut p = softmax_last(&scores.broadcast_add(&mask)?)?;
+        if self.numeric.f16_attention {
+            p = round_f16(&p)?;
+        }
+        let out = p.reshape((kvh, g * t, s))?.matmul(&v_all)?.reshape((h, t, hd))?;
+        let out = out.transpose(0, 1)?.reshape((t, h * hd))?;
+
+        // Keep only what later queries can see (plus slack for prefix reuse).
+        let (k_all, v_all, start) = if !is_global && s > cfg.sliding_window - 1 + LOCAL_CACHE_SLACK {
+            let keep = cfg.sliding_window - 1 + LOCAL_CACHE_SLACK / 2;
+            let drop = s - keep;
+            (k_all.narrow(1, drop, keep)?, v_all.narrow(1, drop, keep)?, start + drop)
+        } else {
+            (k_all, v_all, start)
+        };
+        lc.k = Some(k_all);
+        lc.v = Some(v_all);
+        lc.start = start;
+        a.o.forward(&out)
+    }
+
+    fn gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if !self.numeric.f16_gelu {
+            return x.gelu();
+        }
+        let table = round_f16(&round_f16(x)?.gelu()?)?;
+        let high = x.ge(GELU_TABLE_LIMIT)?;
+        let low = x.le(-GELU_TABLE_LIMIT)?;
+        let y = high.where_cond(x, &table)?;
+        low.where_cond(&x.zeros_like()?, &y)
+    }
+
+    /// A fresh per-sequence cache for this model.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache::new(self.layers.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rope_rotates_pairs_and_keeps_norm() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &dev).unwrap();
+        let (c, s) = rope_tables(5..6, 4, 10_000.0, 1.0, &dev).unwrap();
+        let y = apply_rope(&x, &c, &s).unwrap();
+        let n0: f32 = x.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        let n1: f32 = y.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+        assert!((n0 - n1).abs() < 1e-4);
+        // Position 0 is the identity.
+        let (c0, s0) = rope_tables(0..1, 4, 10_000.0, 1.0, &dev).unwrap();
+        let y0 = apply_rope(&x, &c0, &s0).unwrap();
+        assert_eq!(y0.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn linear_scaling_divides_frequencies() {
+        let dev = Device::Cpu;
+        let (c8, _) = rope_tables(8..9, 4, 1e6, 8.0, &dev).unwrap();
+        let (c1, _) = rope_tables(1..2, 4, 1e6, 1.0, &dev).unwrap();
+        let a = c8.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = c1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_formula() {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[2f32, 0.5], &dev).unwrap();
+        let n = RmsNorm::new(w, 1e-6);
+        let y = n.forward(&Tensor::new(&[[3f32, 4.0]], &dev).unwrap()).unwrap();
+        let rms = ((9.0f32 + 16.0) / 2.0 + 1e-6).sqrt();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((got[0] - 3.0 / rms * 2.0).abs() < 1e-5);
+        assert!((got[1] - 4.0 / rms * 0.5).abs() < 1e-5);
+    }
+}

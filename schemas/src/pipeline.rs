@@ -1,0 +1,254 @@
+//! The pipeline spec: `pipelines/NAME/pipeline.toml`.
+//!
+//! A pipeline folder holds the spec, a prompt template, the JSON schema of the model's answer
+//! and a small evaluation set. The spec says which inputs are accepted, how a document becomes
+//! prompts, how answers become rows, and how the model generates.
+
+use crate::job::InputKind;
+use serde::{Deserialize, Serialize};
+
+/// Why a pipeline spec is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("pipeline.toml: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("pipeline.toml: {0}")]
+    Invalid(String),
+}
+
+/// What the pipeline produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Structured rows extracted from documents.
+    Extract,
+    /// Free text (reports, summaries).
+    Generate,
+}
+
+/// The whole spec.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub task: Task,
+    pub input: InputSpec,
+    pub output: OutputSpec,
+    pub prompt: PromptSpec,
+    #[serde(default)]
+    pub generation: GenerationSpec,
+    #[serde(default)]
+    pub extraction: ExtractionSpec,
+    #[serde(default)]
+    pub model: ModelSpec,
+}
+
+/// Which inputs the pipeline reads and how records map to documents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// Accepted input kinds (archives are opened and their members checked against this list).
+    #[serde(default = "default_kinds")]
+    pub kinds: Vec<InputKind>,
+    /// Field (JSONL key or CSV column) holding the document id.
+    #[serde(default = "default_id_field")]
+    pub id_field: String,
+    /// Field holding the document text.
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// Largest document accepted, in bytes.
+    #[serde(default = "default_max_document_bytes")]
+    pub max_document_bytes: u64,
+}
+
+/// How answers become rows of which table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    /// Output table name (a path segment under the output root).
+    pub table: String,
+    /// One row per document, or one per extracted item.
+    #[serde(default)]
+    pub rows: RowMode,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowMode {
+    PerDocument,
+    #[default]
+    PerItem,
+}
+
+/// How prompts are built.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptSpec {
+    /// Prompt template file (minijinja), relative to the pipeline folder.
+    pub template: String,
+    /// JSON schema of one answer, relative to the pipeline folder.
+    pub schema: String,
+    /// `raw` completion prompts (base models) or the model's `chat` turn format.
+    #[serde(default)]
+    pub format: PromptFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    #[default]
+    Raw,
+    Chat,
+}
+
+/// Generation settings. Decoding is greedy, so output is deterministic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationSpec {
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: u32,
+    /// Extra stop strings, besides the model's end-of-turn and end-of-sequence tokens.
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerationSpec {
+    fn default() -> Self {
+        Self { max_new_tokens: default_max_new_tokens(), stop: Vec::new() }
+    }
+}
+
+/// How an extraction pipeline splits a document before the model sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractionSpec {
+    /// Deterministic parsers run before the model (`hl7_obx`, `delimited_table`); text they
+    /// claim never reaches the model.
+    #[serde(default)]
+    pub parsers: Vec<ParserKind>,
+    /// What the model sees at a time: one candidate line (small models) or the whole
+    /// document (large models).
+    #[serde(default)]
+    pub unit: ExtractionUnit,
+}
+
+impl Default for ExtractionSpec {
+    fn default() -> Self {
+        Self { parsers: Vec::new(), unit: ExtractionUnit::Line }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParserKind {
+    /// HL7 v2 OBX segments.
+    Hl7Obx,
+    /// Pipe-, tab- or semicolon-delimited tables with a header row.
+    DelimitedTable,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtractionUnit {
+    #[default]
+    Line,
+    Document,
+}
+
+/// Model recommendations.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub recommended: String,
+}
+
+fn default_kinds() -> Vec<InputKind> {
+    vec![InputKind::Text, InputKind::Jsonl, InputKind::Csv, InputKind::Tar, InputKind::TarGz, InputKind::Zip]
+}
+fn default_id_field() -> String {
+    "id".into()
+}
+fn default_text_field() -> String {
+    "text".into()
+}
+/// 1 MiB: far above any lab report or clinical note; larger inputs are almost always
+/// misrouted binaries.
+fn default_max_document_bytes() -> u64 {
+    1 << 20
+}
+fn default_max_new_tokens() -> u32 {
+    128
+}
+
+impl PipelineSpec {
+    /// Parses and validates a spec.
+    pub fn from_toml(s: &str) -> Result<Self, SpecError> {
+        let spec: Self = toml::from_str(s)?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    fn validate(&self) -> Result<(), SpecError> {
+        let seg_ok = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        };
+        if !seg_ok(&self.output.table) || self.output.table.starts_with('_') {
+            return Err(SpecError::Invalid(format!(
+                "output.table {:?} must be letters, digits, '_' or '-' and not start with '_'",
+                self.output.table
+            )));
+        }
+        if self.input.kinds.is_empty() {
+            return Err(SpecError::Invalid("input.kinds is empty".into()));
+        }
+        if self.generation.max_new_tokens == 0 {
+            return Err(SpecError::Invalid("generation.max_new_tokens must be > 0".into()));
+        }
+        for f in [&self.prompt.template, &self.prompt.schema] {
+            if f.contains("..") || f.starts_with('/') {
+                return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+        name = "x"
+        version = "1"
+        task = "extract"
+        [input]
+        [output]
+        table = "rows"
+        [prompt]
+        template = "prompt.j2"
+        schema = "schema.json"
+    "#;
+
+    #[test]
+    fn defaults_apply() {
+        let s = PipelineSpec::from_toml(MIN).unwrap();
+        assert_eq!(s.input.text_field, "text");
+        assert_eq!(s.output.rows, RowMode::PerItem);
+        assert_eq!(s.prompt.format, PromptFormat::Raw);
+        assert_eq!(s.extraction.unit, ExtractionUnit::Line);
+    }
+
+    #[test]
+    fn rejects_bad_table_and_unknown_keys() {
+        let bad = MIN.replace("table = \"rows\"", "table = \"../x\"");
+        assert!(PipelineSpec::from_toml(&bad).is_err());
+        let unk = format!("{MIN}\n[generation]\ntemperature = 1.0\n");
+        assert!(PipelineSpec::from_toml(&unk).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! Arrow schemas of the output tables, and the output layout.
+//!
+//! Every row carries provenance: where the input came from (URI and digest), which job, run,
+//! pipeline and model produced it, when, and at what token cost. Extracted values carry
+//! evidence spans: offsets, in Unicode scalar values (characters), into the document text.
+
+use arrow_schema::{DataType, Field, Schema, TimeUnit};
+use std::sync::Arc;
+
+/// Name of the error table (one row per input, record or item that could not be processed).
+pub const ERRORS_TABLE: &str = "_errors";
+/// Name of the lab-report results table.
+pub const LAB_RESULTS_TABLE: &str = "lab_results";
+
+/// Key of a job's Parquet part: `TABLE/run_id=RUN/part-JOB.parquet`.
+pub fn part_key(table: &str, run_id: &crate::RunId, job_id: &crate::JobId) -> String {
+    format!("{table}/run_id={run_id}/part-{job_id}.parquet")
+}
+/// Key of a job's completion marker: `_runs/RUN/done/JOB.json`.
+pub fn done_key(run_id: &crate::RunId, job_id: &crate::JobId) -> String {
+    format!("_runs/{run_id}/done/{job_id}.json")
+}
+/// Prefix under which completion markers of a run live.
+pub fn done_prefix(run_id: &crate::RunId) -> String {
+    format!("_runs/{run_id}/done/")
+}
+/// Key of a run's plan (every job planned), written before any job is published.
+pub fn plan_key(run_id: &crate::RunId) -> String {
+    format!("_runs/{run_id}/plan.json")
+}
+/// Key of a run's manifest.
+pub fn manifest_key(run_id: &crate::RunId) -> String {
+    format!("_runs/{run_id}/manifest.json")
+}
+/// Key of a run's success marker.
+pub fn success_key(run_id: &crate::RunId) -> String {
+    format!("_runs/{run_id}/_SUCCESS")
+}
+
+fn utc_micros() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+fn dict_utf8() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// Provenance columns present on every output row.
+pub fn provenance_fields() -> Vec<Field> {
+    vec![
+        Field::new("source_uri", DataType::Utf8, false),
+        Field::new("input_sha256", DataType::Utf8, false),
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("pipeline_digest", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("model_digest", DataType::Utf8, false),
+        Field::new("generated_at", utc_micros(), false),
+        Field::new("tokens_in", DataType::UInt32, false),
+        Field::new("tokens_out", DataType::UInt32, false),
+    ]
+}
+
+/// `lab_results`: one row per reported result.
+pub fn lab_results_schema() -> Arc<Schema> {
+    let mut fields = vec![
+        Field::new("document_id", DataType::Utf8, false),
+        Field::new("test", DataType::Utf8, true),
+        Field::new("value", DataType::Utf8, true),
+        Field::new("value_numeric", DataType::Float64, true),
+        Field::new("unit", DataType::Utf8, true),
+        Field::new("ref_low", DataType::Float64, true),
+        Field::new("ref_high", DataType::Float64, true),
+        Field::new("flag", dict_utf8(), true),
+        Field::new("evidence_start", DataType::UInt32, false),
+        Field::new("evidence_end", DataType::UInt32, false),
+        // How the row was obtained: a deterministic parser (`hl7_obx`, `delimited_table`) or
+        // the model (`model`).
+        Field::new("method", dict_utf8(), false),
+    ];
+    fields.extend(provenance_fields());
+    Arc::new(Schema::new(fields))
+}
+
+/// `_errors`: one row per input, record or item that could not be processed.
+pub fn errors_schema() -> Arc<Schema> {
+    Arc::new(Schema::new(vec![
+        Field::new("source_uri", DataType::Utf8, false),
+        Field::new("member", DataType::Utf8, true),
+        Field::new("record", DataType::Utf8, true),
+        Field::new("document_id", DataType::Utf8, true),
+        // Where it failed: `input`, `model`, `parse`.
+        Field::new("stage", dict_utf8(), false),
+        // Stable reason label (`invalid_utf8`, `unparseable_answer`, ...).
+        Field::new("reason", dict_utf8(), false),
+        // Human-readable detail: positions, sizes, formats; never document text.
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("evidence_start", DataType::UInt32, true),
+        Field::new("evidence_end", DataType::UInt32, true),
+        Field::new("input_sha256", DataType::Utf8, true),
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("pipeline_digest", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("generated_at", utc_micros(), false),
+    ]))
+}
+
+/// The schema of a named output table.
+pub fn table_schema(table: &str) -> Option<Arc<Schema>> {
+    match table {
+        LAB_RESULTS_TABLE => Some(lab_results_schema()),
+        ERRORS_TABLE => Some(errors_schema()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JobId, RunId};
+
+    #[test]
+    fn layout_keys() {
+        let r = RunId::new("r1").unwrap();
+        let j = JobId::derive(&r, "x");
+        assert_eq!(part_key("lab_results", &r, &j), format!("lab_results/run_id=r1/part-{j}.parquet"));
+        assert_eq!(done_key(&r, &j), format!("_runs/r1/done/{j}.json"));
+        assert_eq!(manifest_key(&r), "_runs/r1/manifest.json");
+        assert_eq!(success_key(&r), "_runs/r1/_SUCCESS");
+    }
+
+    #[test]
+    fn lab_results_has_required_columns() {
+        let s = lab_results_schema();
+        for c in [
+            "document_id", "source_uri", "test", "value", "value_numeric", "unit", "ref_low",
+            "ref_high", "flag", "evidence_start", "evidence_end", "run_id", "job_id",
+            "pipeline_digest", "model_id", "model_digest", "generated_at", "tokens_in", "tokens_out",
+        ] {
+            assert!(s.field_with_name(c).is_ok(), "missing {c}");
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `medbatch bench`: prompt (prefill) and generation speed of a model on this machine,
+//! measured the way llama.cpp's pp/tg figures are, so the two can be compared.
+
+use crate::model_path;
+use medbatch_engine::model::Logits;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Text repeated to build prompts of any length.
+const FILLER: &str = "Hemoglobin 13.2 g/dL (ref 12.0-15.5). White blood cells 6.1 x10^9/L. \
+Platelets 250 x10^9/L. The patient reports no fever, chills or weight loss. ";
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model: a Gemma 3 GGUF file, or `demo`.
+    #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
+    pub model: String,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens generated for the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let engine = model_path::load_engine(&args.model)?;
+    let tok = &engine.tokenizer;
+    let mut ids = vec![tok.special.bos];
+    while ids.len() < args.prompt_tokens {
+        ids.extend(tok.encode(FILLER, false, false));
+    }
+    ids.truncate(args.prompt_tokens);
+    let runs = args.runs.max(1);
+    let (mut pp, mut tg_long, mut tg_short) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..runs {
+        let mut cache = engine.model.new_cache();
+        let t = Instant::now();
+        let mut logits = engine.prefill(&ids, &mut cache)?;
+        pp.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        // Generation after the long prompt (context prompt_tokens → prompt_tokens + gen).
+        let t = Instant::now();
+        for _ in 0..args.gen_tokens {
+            let next = argmax(&logits)?;
+            logits = engine.model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        tg_long.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        // Generation after a short prompt.
+        let mut cache = engine.model.new_cache();
+        let mut logits = engine.prefill(&ids[..16.min(ids.len())], &mut cache)?;
+        let t = Instant::now();
+        for _ in 0..args.gen_tokens {
+            let next = argmax(&logits)?;
+            logits = engine.model.forward(&[next], &mut cache, Logits::Last)?;
+        }
+        tg_short.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        eprintln!("run {}/{runs}: pp {:.1} tok/s, tg {:.1} / {:.1} tok/s", r + 1, pp[r], tg_long[r], tg_short[r]);
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let (pp, tgl, tgs) = (median(pp), median(tg_long), median(tg_short));
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": engine.info.id,
+            "threads": threads,
+            "prompt_tokens": args.prompt_tokens,
+            "gen_tokens": args.gen_tokens,
+            "runs": runs,
+            "pp_tok_s": (pp * 10.0).round() / 10.0,
+            "tg_tok_s_after_prompt": (tgl * 10.0).round() / 10.0,
+            "tg_tok_s_short_ctx": (tgs * 10.0).round() / 10.0,
+            "peak_rss_mib": peak_rss_mib().map(|m| m.round()),
+        })
+    );
+    println!(
+        "pp{}: {pp:.1} tok/s; tg{}: {tgl:.1} tok/s (ctx {}→{}), {tgs:.1} tok/s (short ctx); {threads} threads",
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.prompt_tokens,
+        args.prompt_tokens + args.gen_tokens
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
+    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    Ok(v.iter().enumerate().fold(0usize, |b, (i, &x)| if x > v[b] { i } else { b }) as u32)
+}

@@ -1,0 +1,166 @@
+//! `medbatch run`: the embedded mode — coordinator, in-process queue and worker tasks in one
+//! process, writing to a local directory.
+
+use crate::model_path;
+use crate::progress::Progress;
+use anyhow::{bail, Context};
+use medbatch_connectors::queue::{InProcessQueue, JobQueue};
+use medbatch_connectors::store::{LocalStore, ObjectStore};
+use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
+use medbatch_engine::EngineHandle;
+use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
+use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Pipeline: a folder name under pipelines/ (e.g. `lab-report`) or a path to one.
+    pub pipeline: String,
+    /// Inputs: files, folders, or .tar/.tar.gz/.zip archives of .txt, .jsonl or .csv.
+    #[arg(required = true)]
+    pub inputs: Vec<String>,
+    /// Output directory.
+    #[arg(long, env = "MEDBATCH_OUT")]
+    pub out: PathBuf,
+    /// Model: a Gemma 3 GGUF file, or `demo` for the cached Gemma 3 270M demo model.
+    #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
+    pub model: String,
+    /// Worker tasks. They share one engine thread; more than one overlaps input reading and
+    /// output writing with generation.
+    #[arg(long, env = "MEDBATCH_WORKERS", default_value_t = 2)]
+    pub workers: usize,
+    /// Run id. Reusing one resumes that run: finished jobs are not done again.
+    #[arg(long, env = "MEDBATCH_RUN_ID")]
+    pub run_id: Option<String>,
+}
+
+fn new_run_id() -> String {
+    let now = chrono::Utc::now();
+    format!("run-{}-{:04x}", now.format("%Y%m%dT%H%M%SZ"), now.timestamp_subsec_micros() & 0xffff)
+}
+
+pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let run_id = RunId::new(args.run_id.clone().unwrap_or_else(new_run_id))?;
+    let pipeline = Arc::new(LoadedPipeline::load(&args.pipeline)?);
+    let store = LocalStore::create(&args.out).with_context(|| format!("output {}", args.out.display()))?;
+    let out_root = store.root().canonicalize().unwrap_or_else(|_| store.root().to_path_buf());
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+
+    let model_arg = args.model.clone();
+    eprintln!("medbatch: loading model {model_arg}");
+    let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
+    let info = engine.info.clone();
+    let engine = EngineHandle::spawn(engine);
+    tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
+
+    let cfg = PlanConfig {
+        run_id: run_id.clone(),
+        pipeline: pipeline.reference(),
+        model: ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? },
+        output: out_root.display().to_string(),
+        inputs: args.inputs.clone(),
+    };
+    let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    let queue = InProcessQueue::new();
+    let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
+    queue.close();
+    eprintln!(
+        "medbatch: run {run_id}: {} input files, {} jobs ({} to do, {} already done), {} workers",
+        plan.files,
+        plan.jobs.len(),
+        published.len(),
+        already,
+        args.workers
+    );
+
+    let planned_units: HashMap<String, u64> = plan
+        .jobs
+        .iter()
+        .map(|j| {
+            let n = j.inputs.iter().map(|i| match &i.selection {
+                Selection::Whole => 1,
+                Selection::Members(m) => m.len() as u64,
+            });
+            (j.job_id.to_string(), n.sum())
+        })
+        .collect();
+    let todo_units: u64 = published.iter().map(|id| planned_units[id.as_str()]).sum();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let queue: Arc<dyn JobQueue> = Arc::new(queue.clone());
+    let mut tasks = Vec::new();
+    for i in 0..args.workers {
+        let ctx = WorkerContext {
+            store: store.clone(),
+            engine: engine.clone(),
+            pipeline: pipeline.clone(),
+            worker_id: format!("{}-{}", hostname(), i),
+            events: Some(tx.clone()),
+        };
+        tasks.push(tokio::spawn(run_worker(queue.clone(), ctx)));
+    }
+    drop(tx);
+
+    let mut progress = Progress::new(todo_units);
+    let mut failures: Vec<String> = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            WorkerEvent::DocumentsFound { job_id, count } => {
+                progress.found(count, planned_units.get(&job_id).copied().unwrap_or(1))
+            }
+            WorkerEvent::DocumentDone { ok, tokens_out } => progress.document(ok, tokens_out),
+            WorkerEvent::JobDone { .. } => {}
+            WorkerEvent::JobFailed { job_id, reason } => failures.push(format!("job {job_id}: {reason}")),
+        }
+    }
+    for t in tasks {
+        t.await.context("worker task")??;
+    }
+    progress.finish();
+
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let manifest = commit_run(&plan, store.as_ref(), &now).await?;
+    let status = run_progress(&plan, store.as_ref()).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let table = &pipeline.spec.output.table;
+    println!("medbatch run {run_id} ({} pipeline, model {})", pipeline.spec.name, info.id);
+    println!("  documents  {} ok, {} failed", status.documents_ok, status.documents_failed);
+    println!("  rows       {table}: {}   {}: {}", status.rows, tables::ERRORS_TABLE, status.error_rows);
+    println!(
+        "  tokens     {} in, {} out ({:.1} generated tokens/s)",
+        status.tokens_in,
+        status.tokens_out,
+        progress.tokens_out as f64 / wall.max(1e-3)
+    );
+    println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
+    println!("  wall time  {wall:.1} s");
+    println!("  output     {}", out_root.join(table).join(format!("run_id={run_id}")).display());
+    match manifest {
+        Some(_) => {
+            println!("  manifest   {}", out_root.join(tables::manifest_key(&run_id)).display());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let dead = status.jobs_planned - status.jobs_done;
+            let first = failures.last().cloned().unwrap_or_default();
+            bail!("run {run_id} incomplete: {dead} jobs failed after retries (last: {first}); run again with --run-id {run_id} to resume")
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+}

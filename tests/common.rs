@@ -1,0 +1,96 @@
+//! Helpers shared by the end-to-end tests: the binary, the demo model, a pyarrow reader.
+
+#![allow(dead_code)]
+
+use arrow::array::Array;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The demo model; the tests fail (never skip) when it is missing.
+pub fn demo_model() -> PathBuf {
+    let p = std::env::var_os("MEDBATCH_DEMO_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/medbatch/models/gemma-3-270m-q4_k_m.gguf")
+    });
+    assert!(p.is_file(), "demo model missing at {}: run `bash infra/fetch-demo-model.sh`", p.display());
+    p
+}
+
+/// Runs `medbatch ARGS` from the repository root.
+pub fn medbatch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("MEDBATCH_LOG", "warn")
+        .output()
+        .expect("run medbatch")
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A Python with pyarrow (`MEDBATCH_PYTHON`, set by `infra/test.sh`); fails when missing.
+pub fn python() -> String {
+    let py = std::env::var("MEDBATCH_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py).args(["-c", "import pyarrow"]).status().map(|s| s.success()).unwrap_or(false);
+    assert!(ok, "{py} cannot import pyarrow: run the tests through `bash infra/test.sh`");
+    py
+}
+
+/// Reads every Parquet file under `dir` with the parquet crate; returns (rows, schema field
+/// names of the first file).
+pub fn read_parquet_dir(dir: &Path) -> (usize, Vec<String>, Vec<arrow::record_batch::RecordBatch>) {
+    let mut rows = 0;
+    let mut names = Vec::new();
+    let mut batches = Vec::new();
+    let mut files: Vec<PathBuf> = walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    files.sort();
+    for f in files {
+        let file = std::fs::File::open(&f).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        for b in reader {
+            let b = b.unwrap();
+            if names.is_empty() {
+                names = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+            }
+            rows += b.num_rows();
+            batches.push(b);
+        }
+    }
+    (rows, names, batches)
+}
+
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Column `name` of all batches as strings (nulls as None), for string/dictionary columns.
+pub fn string_column(batches: &[arrow::record_batch::RecordBatch], name: &str) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let col = b.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        let col = arrow::compute::cast(col, &arrow::datatypes::DataType::Utf8).unwrap();
+        let s = col.as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+        for i in 0..s.len() {
+            out.push(if s.is_null(i) { None } else { Some(s.value(i).to_string()) });
+        }
+    }
+    out
+}

@@ -1,0 +1,2454 @@
+//! Reading inputs: one [`InputRef`] becomes documents and input errors.
+//!
+//! This module owns the boundary between untrusted bytes and [`Document`]s: `.txt`, `.jsonl`
+//! and `.csv` files, and `.tar` / `.tar.gz` / `.zip` archives of them, read synchronously and
+//! streamed (nothing is written to disk). Every way an input can be bad becomes an
+//! [`InputError`] through the sink, and reading goes on with the next record or member where
+//! the format allows, so one bad note never costs the rest of an archive.
+//!
+//! Memory stays bounded whatever the input claims: a document, record or member is never read
+//! into memory past its limit plus one byte, declared sizes are checked before reading and
+//! inflated bytes are counted while reading (headers can lie), and gzip streams are metered as
+//! a whole so a bomb stops early. Error details name offsets, sizes, line numbers, field names
+//! and formats — never document text, which is patient data.
+
+use medbatch_schemas::document::check_member_name;
+use medbatch_schemas::pipeline::InputSpec;
+use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
+use serde_json::Value;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::rc::Rc;
+
+/// What the reader needs from an input: bytes, and seeking for zip's central directory and for
+/// sniffing the first bytes before choosing a decoder.
+pub trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
+/// 64 MiB: a JSONL/CSV member may hold many notes, but hundreds of MiB in one member is a
+/// bomb or a misrouted dump, and members are held in memory while parsed.
+pub const DEFAULT_MAX_MEMBER_BYTES: u64 = 64 << 20;
+/// Text and JSON compress 3–10:1; deflate tops out near 1030:1, so 100:1 is only reached by
+/// padding or crafted data.
+pub const DEFAULT_MAX_INFLATE_RATIO: u64 = 100;
+/// 4 GiB inflated per archive: far beyond a job's worth of notes.
+pub const DEFAULT_MAX_ARCHIVE_INFLATED_BYTES: u64 = 4 << 30;
+/// Members of one archive turned into documents or error rows by one read.
+pub const DEFAULT_MAX_MEMBERS: usize = 100_000;
+/// The ratio limit applies only past this many inflated bytes: small, repetitive files (blank
+/// CSV columns, whitespace) legitimately exceed 100:1 and cost nothing to read.
+pub const RATIO_CHECK_MIN_BYTES: u64 = 1 << 20;
+
+/// A JSONL line or CSV record carries escapes and other fields besides its text, so a record
+/// may be this many times the document limit (plus [`RECORD_SLACK_BYTES`]) before it is
+/// refused unread; the text itself is then held to the document limit.
+const RECORD_OVERHEAD_FACTOR: u64 = 2;
+const RECORD_SLACK_BYTES: u64 = 64 << 10;
+/// Bytes the tar reader may consume for one member's headers (PAX records, GNU long names),
+/// beyond skipping the previous member's data: the tar crate buffers these whole.
+const TAR_HEADER_ALLOWANCE_BYTES: u64 = 1 << 20;
+const TAR_BLOCK_BYTES: u64 = 512;
+/// Compressed read buffer in front of the gzip decoder. The decoder reads ahead by up to one
+/// buffer, so a tar.gz member's compressed size is measured with this much slack.
+const GZ_BUFFER_BYTES: usize = 32 << 10;
+/// The csv reader's own buffer, counted as slack when bounding one record.
+const CSV_BUFFER_BYTES: usize = 8 << 10;
+/// Read size when copying a member into memory.
+const COPY_CHUNK_BYTES: usize = 64 << 10;
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Magic bytes of binary formats that turn up misnamed as text: (offset, magic, format).
+const BINARY_MAGICS: &[(usize, &[u8], &str)] = &[
+    (0, b"%PDF", "PDF"),
+    (0, b"PK\x03\x04", "zip"),
+    (0, b"\x1f\x8b", "gzip"),
+    (0, b"\x89PNG", "PNG"),
+    (0, b"\xFF\xD8\xFF", "JPEG"),
+    (128, b"DICM", "DICOM"),
+    (257, b"ustar", "tar"),
+];
+
+/// Size limits for one read. `max_document_bytes` comes from the pipeline spec; the archive
+/// limits are deployment-wide defaults.
+#[derive(Clone, Debug)]
+pub struct InputLimits {
+    /// Largest document: a text file or member, or one record's text.
+    pub max_document_bytes: u64,
+    /// Largest archive member once inflated.
+    pub max_member_bytes: u64,
+    /// Largest inflated/compressed ratio of a member, and of a tar.gz stream as a whole.
+    pub max_inflate_ratio: u64,
+    /// Most bytes inflated from one archive.
+    pub max_archive_inflated_bytes: u64,
+    /// Most members of one archive turned into documents or error rows.
+    pub max_members: usize,
+}
+
+impl InputLimits {
+    pub fn from_spec(spec: &InputSpec) -> Self {
+        Self {
+            max_document_bytes: spec.max_document_bytes,
+            max_member_bytes: DEFAULT_MAX_MEMBER_BYTES,
+            max_inflate_ratio: DEFAULT_MAX_INFLATE_RATIO,
+            max_archive_inflated_bytes: DEFAULT_MAX_ARCHIVE_INFLATED_BYTES,
+            max_members: DEFAULT_MAX_MEMBERS,
+        }
+    }
+
+    fn max_record_bytes(&self) -> u64 {
+        self.max_document_bytes
+            .saturating_mul(RECORD_OVERHEAD_FACTOR)
+            .saturating_add(RECORD_SLACK_BYTES)
+    }
+}
+
+/// Reads one input and hands each document, or the error that replaces it, to `sink`.
+///
+/// Never fails as a whole: an unreadable input is itself an error row. For archives,
+/// `Selection::Members` yields only the listed members and an error row for each listed
+/// member that is not there; on a plain file the selection is ignored.
+pub fn read_documents(
+    input: &InputRef,
+    reader: Box<dyn ReadSeek>,
+    spec: &InputSpec,
+    limits: &InputLimits,
+    sink: &mut dyn FnMut(Result<Document, InputError>),
+) {
+    let mut r = Reader {
+        input,
+        spec,
+        limits,
+        sink,
+    };
+    let top = Place::file(input);
+    if input.kind == InputKind::Unsupported || !spec.kinds.contains(&input.kind) {
+        let detail = format!("input kind {:?} is not read by this pipeline", input.kind);
+        r.fail(&top, None, InputErrorKind::UnsupportedKind, detail);
+        return;
+    }
+    match input.kind {
+        InputKind::Text => r.read_text_file(reader),
+        InputKind::Jsonl | InputKind::Csv => {
+            let mut buffered = BufReader::new(reader);
+            let result = if input.kind == InputKind::Jsonl {
+                r.parse_jsonl(&top, &mut buffered)
+            } else {
+                r.parse_csv(&top, &mut buffered)
+            };
+            if let Err(e) = result {
+                r.fail(
+                    &top,
+                    None,
+                    InputErrorKind::Unreadable,
+                    format!("read failed ({:?})", e.kind()),
+                );
+            }
+        }
+        InputKind::Tar | InputKind::TarGz | InputKind::Zip => {
+            let mut wanted = Wanted::new(&input.selection);
+            let mut walk = Walk::default();
+            let halt = match input.kind {
+                InputKind::Zip => r.read_zip(reader, &mut wanted, &mut walk),
+                kind => r.read_tar(reader, kind == InputKind::TarGz, &mut wanted, &mut walk),
+            };
+            r.finish_archive(&wanted, halt, &walk);
+        }
+        InputKind::Unsupported => {}
+    }
+}
+
+/// Where documents come from: the input itself, or one member of it.
+struct Place {
+    source_uri: String,
+    member: Option<String>,
+}
+
+impl Place {
+    fn file(input: &InputRef) -> Self {
+        Self {
+            source_uri: input.uri.clone(),
+            member: None,
+        }
+    }
+
+    fn member(input: &InputRef, name: &str) -> Self {
+        Self {
+            source_uri: format!("{}#{}", input.uri, name),
+            member: Some(name.to_string()),
+        }
+    }
+}
+
+/// Why an archive walk stopped before the archive's end. Listed members not reached by then
+/// get an error row of this kind.
+struct Halt {
+    kind: InputErrorKind,
+    why: &'static str,
+}
+
+/// Progress through one archive.
+#[derive(Default)]
+struct Walk {
+    /// Members turned into documents or error rows.
+    processed: usize,
+    /// Bytes inflated from members (zip); tar.gz is metered on the stream instead.
+    inflated: u64,
+}
+
+/// The members a read should yield, and which of them were found.
+struct Wanted<'s> {
+    listed: Option<&'s [String]>,
+    names: HashSet<&'s str>,
+    found: HashSet<String>,
+}
+
+impl<'s> Wanted<'s> {
+    fn new(selection: &'s Selection) -> Self {
+        match selection {
+            Selection::Whole => Self {
+                listed: None,
+                names: HashSet::new(),
+                found: HashSet::new(),
+            },
+            Selection::Members(names) => Self {
+                listed: Some(names),
+                names: names.iter().map(String::as_str).collect(),
+                found: HashSet::new(),
+            },
+        }
+    }
+
+    fn wants(&mut self, name: &str) -> bool {
+        if self.listed.is_none() {
+            return true;
+        }
+        let hit = self.names.contains(name);
+        if hit {
+            self.found.insert(name.to_string());
+        }
+        hit
+    }
+
+    /// Listed members not found, in listing order, each once.
+    fn missing(&self) -> Vec<&'s str> {
+        let mut seen = HashSet::new();
+        self.listed
+            .unwrap_or_default()
+            .iter()
+            .map(String::as_str)
+            .filter(|n| !self.found.contains(*n) && seen.insert(*n))
+            .collect()
+    }
+}
+
+/// Why reading a member into memory stopped.
+enum ReadFail {
+    /// A limit was reached; `stream` when the whole archive stream must stop too.
+    Limit {
+        kind: InputErrorKind,
+        detail: String,
+        stream: bool,
+    },
+    /// The bytes ran out or were corrupt.
+    Io { error: io::Error, read: u64 },
+}
+
+/// What a member's inflated bytes are measured against for the ratio limit.
+enum Compressed {
+    /// Not compressed (plain tar, stored zip member).
+    No,
+    /// The zip header's compressed size; the zip reader never reads past it.
+    Declared(u64),
+    /// Measured on a metered gzip stream, from this compressed offset.
+    Metered(u64),
+}
+
+/// Limits for reading one member into memory.
+struct Budget {
+    cap: u64,
+    /// Kind reported past `cap`: too large when stored, a bomb when inflated.
+    over_cap: InputErrorKind,
+    cap_name: &'static str,
+    /// Size the header declares; inflating past it means the header lied.
+    declared: Option<u64>,
+    compressed: Compressed,
+}
+
+struct Reader<'a, 's> {
+    input: &'a InputRef,
+    spec: &'a InputSpec,
+    limits: &'a InputLimits,
+    sink: &'s mut dyn FnMut(Result<Document, InputError>),
+}
+
+impl Reader<'_, '_> {
+    fn doc(&mut self, place: &Place, id: String, text: String) {
+        (self.sink)(Ok(Document {
+            id,
+            source_uri: place.source_uri.clone(),
+            input_sha256: self.input.sha256.clone(),
+            text,
+        }))
+    }
+
+    fn fail(
+        &mut self,
+        place: &Place,
+        record: Option<String>,
+        kind: InputErrorKind,
+        detail: impl Into<String>,
+    ) {
+        (self.sink)(Err(InputError {
+            source_uri: self.input.uri.clone(),
+            member: place.member.clone(),
+            record,
+            kind,
+            detail: detail.into(),
+        }))
+    }
+
+    // ---- plain files -------------------------------------------------------------------
+
+    fn read_text_file(&mut self, mut reader: Box<dyn ReadSeek>) {
+        let place = Place::file(self.input);
+        let limit = self.limits.max_document_bytes;
+        match read_capped(&mut reader, limit) {
+            Err(e) => self.fail(
+                &place,
+                None,
+                InputErrorKind::Unreadable,
+                format!("read failed ({:?})", e.kind()),
+            ),
+            Ok(None) => self.fail(
+                &place,
+                None,
+                InputErrorKind::TooLarge,
+                format!("file exceeds the document limit of {limit} bytes"),
+            ),
+            Ok(Some(bytes)) => match decode_text(bytes) {
+                Ok(text) => self.doc(&place, file_name(&self.input.uri).to_string(), text),
+                Err((kind, detail)) => self.fail(&place, None, kind, detail),
+            },
+        }
+    }
+
+    /// One JSON object per line. Returns only I/O errors of `r`; everything wrong with the
+    /// content becomes error rows.
+    fn parse_jsonl(&mut self, place: &Place, r: &mut dyn BufRead) -> io::Result<()> {
+        let head = r.fill_buf()?;
+        if head.is_empty() {
+            self.fail(place, None, InputErrorKind::Empty, "0 bytes");
+            return Ok(());
+        }
+        if head.starts_with(UTF8_BOM) {
+            r.consume(UTF8_BOM.len());
+        }
+        let head = r.fill_buf()?;
+        if let Some(&first) = head.iter().find(|b| !b.is_ascii_whitespace()) {
+            if first != b'{' {
+                let detail = format!(
+                    "not JSON Lines: first non-blank byte is not '{{'{}",
+                    format_hint(head)
+                );
+                self.fail(place, None, InputErrorKind::WrongFormat, detail);
+                return Ok(());
+            }
+        }
+
+        let cap = usize::try_from(self.limits.max_record_bytes()).unwrap_or(usize::MAX);
+        let mut buf = Vec::new();
+        let mut line_no = 0u64;
+        let mut records = 0u64;
+        loop {
+            let line = match read_line_capped(r, &mut buf, cap)? {
+                Line::Eof => break,
+                Line::TooLong(n) => {
+                    line_no += 1;
+                    records += 1;
+                    let detail = format!(
+                        "line {line_no} is {n} bytes, over the record limit of {cap} bytes"
+                    );
+                    self.fail(
+                        place,
+                        Some(line_no.to_string()),
+                        InputErrorKind::TooLarge,
+                        detail,
+                    );
+                    continue;
+                }
+                Line::Complete => {
+                    line_no += 1;
+                    trim_line_end(&buf)
+                }
+            };
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            records += 1;
+            let parsed = jsonl_record(line, line_no, self.spec)
+                .and_then(|(id, text)| checked_text(id, text, line_no, self.spec, self.limits));
+            match parsed {
+                Ok((id, text)) => self.doc(place, id, text),
+                Err(r) => self.reject(place, r),
+            }
+        }
+        if records == 0 {
+            self.fail(place, None, InputErrorKind::Empty, "no records");
+        }
+        Ok(())
+    }
+
+    /// Records with a header row naming the id and text columns. Returns only I/O errors of
+    /// `r`; everything wrong with the content becomes error rows.
+    fn parse_csv(&mut self, place: &Place, r: &mut dyn BufRead) -> io::Result<()> {
+        let head = r.fill_buf()?;
+        if head.is_empty() {
+            self.fail(place, None, InputErrorKind::Empty, "0 bytes");
+            return Ok(());
+        }
+        if let Some(problem) = binary_problem(head) {
+            self.fail(
+                place,
+                None,
+                InputErrorKind::WrongFormat,
+                format!("not CSV: {problem}"),
+            );
+            return Ok(());
+        }
+
+        let record_cap = self.limits.max_record_bytes();
+        let feed = Rc::new(FeedState::default());
+        feed.stop_at
+            .set(record_cap.saturating_add(CSV_BUFFER_BYTES as u64));
+        let mut csv = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(true)
+            .buffer_capacity(CSV_BUFFER_BYTES)
+            .from_reader(CsvFeed {
+                inner: r,
+                state: Rc::clone(&feed),
+            });
+
+        let header = match csv.byte_headers() {
+            Ok(h) => h.clone(),
+            Err(e) => return self.csv_failed(place, &feed, e, 1),
+        };
+        let column = |name: &str| {
+            header.iter().position(|h| {
+                let h = h.strip_prefix(UTF8_BOM).unwrap_or(h);
+                std::str::from_utf8(h).is_ok_and(|h| h.trim() == name)
+            })
+        };
+        if header.iter().all(|h| h.is_empty()) {
+            self.fail(place, None, InputErrorKind::Empty, "no header row");
+            return Ok(());
+        }
+        let spec = self.spec;
+        let (id_field, text_field) = (&spec.id_field, &spec.text_field);
+        let Some(text_col) = column(text_field) else {
+            self.fail(
+                place,
+                None,
+                InputErrorKind::MissingField,
+                format!("no {text_field:?} column in the header"),
+            );
+            return Ok(());
+        };
+        let Some(id_col) = column(id_field) else {
+            self.fail(
+                place,
+                None,
+                InputErrorKind::MissingField,
+                format!("no {id_field:?} column in the header"),
+            );
+            return Ok(());
+        };
+
+        let mut row = csv::ByteRecord::new();
+        let mut records = 0u64;
+        loop {
+            let next_line = csv.position().line();
+            match csv.read_byte_record(&mut row) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => return self.csv_failed(place, &feed, e, next_line),
+            }
+            feed.stop_at.set(
+                csv.position()
+                    .byte()
+                    .saturating_add(record_cap)
+                    .saturating_add(CSV_BUFFER_BYTES as u64),
+            );
+            records += 1;
+            let line = row.position().map_or(next_line, |p| p.line());
+            let parsed = csv_record(&row, (id_col, text_col), line, self.spec)
+                .and_then(|(id, text)| checked_text(id, text, line, self.spec, self.limits));
+            match parsed {
+                Ok((id, text)) => self.doc(place, id, text),
+                Err(r) => self.reject(place, r),
+            }
+        }
+        if records == 0 {
+            self.fail(
+                place,
+                None,
+                InputErrorKind::Empty,
+                "no records after the header",
+            );
+        }
+        Ok(())
+    }
+
+    fn csv_failed(
+        &mut self,
+        place: &Place,
+        feed: &FeedState,
+        e: csv::Error,
+        line: u64,
+    ) -> io::Result<()> {
+        let record = Some(line.to_string());
+        if feed.tripped.get() {
+            let detail = format!(
+                "record starting on line {line} exceeds the record limit of {} bytes; rest of the file not read",
+                self.limits.max_record_bytes()
+            );
+            self.fail(place, record, InputErrorKind::TooLarge, detail);
+            return Ok(());
+        }
+        match e.into_kind() {
+            csv::ErrorKind::Io(io) => Err(io),
+            // With `flexible` and byte records no parse error is expected; report without text.
+            _ => {
+                self.fail(
+                    place,
+                    record,
+                    InputErrorKind::MalformedRecord,
+                    format!("line {line}: CSV parse error"),
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn reject(&mut self, place: &Place, r: Reject) {
+        self.fail(place, Some(r.record), r.kind, r.detail);
+    }
+
+    // ---- archives ----------------------------------------------------------------------
+
+    /// Checks a member's name and whether it is wanted. `None`: skip it silently (a
+    /// directory, or not selected); `Some(Err)`: stop the archive.
+    fn admit(
+        &mut self,
+        name: &str,
+        wanted: &mut Wanted,
+        walk: &mut Walk,
+    ) -> Option<Result<Place, Halt>> {
+        if name.ends_with('/') || !wanted.wants(name) {
+            return None;
+        }
+        if walk.processed >= self.limits.max_members {
+            let detail = format!(
+                "archive has more than {} members; the rest are not read",
+                self.limits.max_members
+            );
+            self.fail(
+                &Place::file(self.input),
+                None,
+                InputErrorKind::TooLarge,
+                detail,
+            );
+            return Some(Err(Halt {
+                kind: InputErrorKind::TooLarge,
+                why: "archive member limit reached",
+            }));
+        }
+        walk.processed += 1;
+        Some(Ok(Place::member(self.input, name)))
+    }
+
+    /// The kind of a member by its extension, if the pipeline reads it; otherwise an error row.
+    fn member_kind(&mut self, place: &Place, name: &str) -> Option<InputKind> {
+        let kind = InputKind::from_name(name);
+        let problem = if kind.is_archive() {
+            format!("nested {kind:?} archive is not read")
+        } else if kind == InputKind::Unsupported {
+            "member extension is not a readable document kind".to_string()
+        } else if !self.spec.kinds.contains(&kind) {
+            format!("member kind {kind:?} is not read by this pipeline")
+        } else {
+            return Some(kind);
+        };
+        self.fail(place, None, InputErrorKind::UnsupportedKind, problem);
+        None
+    }
+
+    fn budget(
+        &self,
+        kind: InputKind,
+        inflated: bool,
+        declared: Option<u64>,
+        compressed: Compressed,
+    ) -> Budget {
+        let (doc, member) = (self.limits.max_document_bytes, self.limits.max_member_bytes);
+        let (cap, over_cap, cap_name) = if kind == InputKind::Text && doc < member {
+            (doc, InputErrorKind::TooLarge, "document limit")
+        } else if inflated {
+            (member, InputErrorKind::CompressionBomb, "member limit")
+        } else {
+            (member, InputErrorKind::TooLarge, "member limit")
+        };
+        Budget {
+            cap,
+            over_cap,
+            cap_name,
+            declared,
+            compressed,
+        }
+    }
+
+    fn parse_member(&mut self, place: &Place, name: &str, kind: InputKind, bytes: Vec<u8>) {
+        // Members are in memory, so the parsers' only error source (I/O) cannot occur.
+        let _ = match kind {
+            InputKind::Text => {
+                match decode_text(bytes) {
+                    Ok(text) => self.doc(place, name.to_string(), text),
+                    Err((kind, detail)) => self.fail(place, None, kind, detail),
+                }
+                Ok(())
+            }
+            InputKind::Jsonl => self.parse_jsonl(place, &mut bytes.as_slice()),
+            InputKind::Csv => self.parse_csv(place, &mut bytes.as_slice()),
+            other => {
+                self.fail(
+                    place,
+                    None,
+                    InputErrorKind::UnsupportedKind,
+                    format!("{other:?} member is not read"),
+                );
+                Ok(())
+            }
+        };
+    }
+
+    fn read_tar(
+        &mut self,
+        mut reader: Box<dyn ReadSeek>,
+        gzip: bool,
+        wanted: &mut Wanted,
+        walk: &mut Walk,
+    ) -> Option<Halt> {
+        let top = Place::file(self.input);
+        let head = sniff(&mut reader, TAR_BLOCK_BYTES as usize);
+        let head = match head {
+            Ok(h) if gzip && h.is_empty() => Err((InputErrorKind::Empty, "0 bytes".to_string())),
+            Ok(h) if gzip && !h.starts_with(b"\x1f\x8b") => Err((
+                InputErrorKind::WrongFormat,
+                format!("not gzip-compressed{}", format_hint(&h)),
+            )),
+            Ok(_) if gzip => sniff_gzip(&mut reader, TAR_BLOCK_BYTES as usize).map_err(|e| {
+                (
+                    InputErrorKind::TruncatedArchive,
+                    format!("gzip stream is corrupt at its start ({:?})", e.kind()),
+                )
+            }),
+            Ok(h) => Ok(h),
+            Err(e) => Err((
+                InputErrorKind::Unreadable,
+                format!("read failed ({:?})", e.kind()),
+            )),
+        };
+        if let Err((kind, detail)) = head.and_then(|h| check_tar_head(&h)) {
+            self.fail(&top, None, kind, detail);
+            return Some(Halt {
+                kind,
+                why: "archive could not be opened",
+            });
+        }
+
+        let meter = Rc::new(StreamMeter::new(gzip, self.limits));
+        if gzip {
+            let compressed = Metered {
+                inner: reader,
+                meter: Rc::clone(&meter),
+                side: Side::Compressed,
+            };
+            let decoder = flate2::bufread::GzDecoder::new(BufReader::with_capacity(
+                GZ_BUFFER_BYTES,
+                compressed,
+            ));
+            let stream = Metered {
+                inner: decoder,
+                meter: Rc::clone(&meter),
+                side: Side::Inflated,
+            };
+            let mut archive = tar::Archive::new(stream);
+            let entries = archive.entries();
+            self.walk_tar(entries, &meter, wanted, walk)
+        } else {
+            let stream = Metered {
+                inner: reader,
+                meter: Rc::clone(&meter),
+                side: Side::Inflated,
+            };
+            let mut archive = tar::Archive::new(stream);
+            let entries = archive.entries_with_seek();
+            self.walk_tar(entries, &meter, wanted, walk)
+        }
+    }
+
+    fn walk_tar<R: Read>(
+        &mut self,
+        entries: io::Result<tar::Entries<'_, R>>,
+        meter: &StreamMeter,
+        wanted: &mut Wanted,
+        walk: &mut Walk,
+    ) -> Option<Halt> {
+        let top = Place::file(self.input);
+        let mut entries = match entries {
+            Ok(e) => e,
+            Err(e) => return Some(self.stream_failed(&top, meter, &e, walk)),
+        };
+        // Data of the previous member that the tar reader will skip before the next header:
+        // read through on a gzip stream, seeked over (so not counted) on a plain tar.
+        let mut skip_left = 0u64;
+        loop {
+            let skip_read = if meter.gzip { skip_left } else { 0 };
+            meter.allow_header_bytes(skip_read.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
+            let next = entries.next();
+            meter.allow_header_bytes(u64::MAX);
+            let mut entry = match next {
+                None if meter.eof.get() => {
+                    let detail = format!(
+                        "archive ends without an end-of-archive marker after {} members",
+                        walk.processed
+                    );
+                    self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+                    return Some(Halt {
+                        kind: InputErrorKind::TruncatedArchive,
+                        why: "archive ends before this member",
+                    });
+                }
+                None => return None,
+                Some(Err(e)) => return Some(self.stream_failed(&top, meter, &e, walk)),
+                Some(Ok(entry)) => entry,
+            };
+            let size = entry.size();
+            let data_start = meter.inflated.get();
+            skip_left = size
+                .div_ceil(TAR_BLOCK_BYTES)
+                .saturating_mul(TAR_BLOCK_BYTES);
+
+            let entry_type = entry.header().entry_type();
+            if entry_type.is_dir() || entry_type.is_pax_global_extensions() {
+                continue;
+            }
+            let raw_name = entry.path_bytes();
+            let utf8_name = std::str::from_utf8(&raw_name).is_ok();
+            let name = String::from_utf8_lossy(&raw_name).into_owned();
+            let place = match self.admit(&name, wanted, walk) {
+                None => continue,
+                Some(Err(halt)) => return Some(halt),
+                Some(Ok(place)) => place,
+            };
+            if !utf8_name {
+                self.fail(
+                    &place,
+                    None,
+                    InputErrorKind::UnsafePath,
+                    "member name is not valid UTF-8",
+                );
+                continue;
+            }
+            if let Err(why) = check_member_name(&name) {
+                self.fail(&place, None, InputErrorKind::UnsafePath, why);
+                continue;
+            }
+            if entry_type.is_symlink() || entry_type.is_hard_link() {
+                let what = if entry_type.is_symlink() {
+                    "symbolic link"
+                } else {
+                    "hard link"
+                };
+                self.fail(
+                    &place,
+                    None,
+                    InputErrorKind::Link,
+                    format!("member is a {what}"),
+                );
+                continue;
+            }
+            if !(entry_type.is_file() || entry_type.is_contiguous()) {
+                let detail = format!("tar entry type {:?} is not a regular file", entry_type);
+                self.fail(&place, None, InputErrorKind::UnsupportedKind, detail);
+                continue;
+            }
+            let Some(kind) = self.member_kind(&place, &name) else {
+                continue;
+            };
+            let compressed = if meter.gzip {
+                Compressed::Metered(meter.compressed.get())
+            } else {
+                Compressed::No
+            };
+            let budget = self.budget(kind, meter.gzip, None, compressed);
+            if size > budget.cap {
+                let detail = format!(
+                    "member is {size} bytes, over the {} of {} bytes",
+                    budget.cap_name, budget.cap
+                );
+                self.fail(&place, None, budget.over_cap, detail);
+                continue;
+            }
+            let result = read_member(&mut entry, &budget, self.limits, Some(meter));
+            skip_left = skip_left.saturating_sub(meter.inflated.get() - data_start);
+            match result {
+                Ok(bytes) if (bytes.len() as u64) < size => {
+                    let detail = format!("member ends after {} of {size} bytes", bytes.len());
+                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
+                    return Some(Halt {
+                        kind: InputErrorKind::TruncatedArchive,
+                        why: "archive ends before this member",
+                    });
+                }
+                Ok(bytes) => self.parse_member(&place, &name, kind, bytes),
+                Err(ReadFail::Limit {
+                    kind,
+                    detail,
+                    stream,
+                }) => {
+                    self.fail(&place, None, kind, detail);
+                    if stream {
+                        return Some(Halt {
+                            kind,
+                            why: "archive stream stopped at a limit before this member",
+                        });
+                    }
+                }
+                Err(ReadFail::Io { error, read }) => {
+                    let detail = format!(
+                        "member data is truncated or corrupt after {read} of {size} bytes ({:?})",
+                        error.kind()
+                    );
+                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
+                    return Some(Halt {
+                        kind: InputErrorKind::TruncatedArchive,
+                        why: "archive ends before this member",
+                    });
+                }
+            }
+        }
+    }
+
+    /// The archive stream failed between members: a limit on the stream, or truncation.
+    fn stream_failed(
+        &mut self,
+        top: &Place,
+        meter: &StreamMeter,
+        e: &io::Error,
+        walk: &Walk,
+    ) -> Halt {
+        if let Some((kind, detail)) = meter.verdict.borrow().clone() {
+            self.fail(top, None, kind, detail);
+            return Halt {
+                kind,
+                why: "archive stream stopped at a limit before this member",
+            };
+        }
+        let detail = format!(
+            "archive is truncated or corrupt after {} members ({:?})",
+            walk.processed,
+            e.kind()
+        );
+        self.fail(top, None, InputErrorKind::TruncatedArchive, detail);
+        Halt {
+            kind: InputErrorKind::TruncatedArchive,
+            why: "archive ends before this member",
+        }
+    }
+
+    fn read_zip(
+        &mut self,
+        mut reader: Box<dyn ReadSeek>,
+        wanted: &mut Wanted,
+        walk: &mut Walk,
+    ) -> Option<Halt> {
+        let top = Place::file(self.input);
+        let head = match sniff(&mut reader, 4) {
+            Ok(h) => h,
+            Err(e) => {
+                self.fail(
+                    &top,
+                    None,
+                    InputErrorKind::Unreadable,
+                    format!("read failed ({:?})", e.kind()),
+                );
+                return Some(Halt {
+                    kind: InputErrorKind::Unreadable,
+                    why: "archive could not be read",
+                });
+            }
+        };
+        let is_zip = matches!(
+            head.as_slice(),
+            b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08"
+        );
+        if !is_zip {
+            let (kind, detail) = if head.is_empty() {
+                (InputErrorKind::Empty, "0 bytes".to_string())
+            } else {
+                (
+                    InputErrorKind::WrongFormat,
+                    format!("not a zip archive{}", format_hint(&head)),
+                )
+            };
+            self.fail(&top, None, kind, detail);
+            return Some(Halt {
+                kind,
+                why: "archive could not be opened",
+            });
+        }
+
+        let open = zip::ZipArchive::new(&mut reader).map_err(|e| zip_error_class(&e));
+        let mut archive = match open {
+            Ok(a) => a,
+            Err(class) => return self.read_zip_local_headers(reader, class, wanted, walk),
+        };
+        for index in 0..archive.len() {
+            let name = archive
+                .name_for_index(index)
+                .unwrap_or_default()
+                .to_string();
+            let place = match self.admit(&name, wanted, walk) {
+                None => continue,
+                Some(Err(halt)) => return Some(halt),
+                Some(Ok(place)) => place,
+            };
+            if let Err(why) = check_member_name(&name) {
+                self.fail(&place, None, InputErrorKind::UnsafePath, why);
+                continue;
+            }
+            let mut file = match archive.by_index(index) {
+                Ok(f) => f,
+                Err(zip::result::ZipError::UnsupportedArchive(why)) => {
+                    self.fail(
+                        &place,
+                        None,
+                        InputErrorKind::UnsupportedKind,
+                        format!("zip member: {why}"),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    let detail = format!("member header is corrupt ({})", zip_error_class(&e));
+                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
+                    continue;
+                }
+            };
+            if let Err(halt) = self.zip_member(&place, &name, &mut file, walk) {
+                return Some(halt);
+            }
+        }
+        None
+    }
+
+    /// A zip whose central directory (at its end) is missing or corrupt — typically a cut-off
+    /// upload — still has local headers before each member; read members from those until the
+    /// data runs out, so the members before the cut still yield documents.
+    fn read_zip_local_headers(
+        &mut self,
+        mut reader: Box<dyn ReadSeek>,
+        class: &'static str,
+        wanted: &mut Wanted,
+        walk: &mut Walk,
+    ) -> Option<Halt> {
+        let top = Place::file(self.input);
+        let truncated = Halt {
+            kind: InputErrorKind::TruncatedArchive,
+            why: "archive ends before this member",
+        };
+        let mut recovered = 0usize;
+        let mut halt = None;
+        if reader.seek(SeekFrom::Start(0)).is_ok() {
+            loop {
+                let mut file = match zip::read::read_zipfile_from_stream(&mut reader) {
+                    Ok(Some(f)) => f,
+                    Ok(None) | Err(_) => break,
+                };
+                let name = file.name().to_string();
+                let place = match self.admit(&name, wanted, walk) {
+                    None => continue,
+                    Some(Err(h)) => {
+                        halt = Some(h);
+                        break;
+                    }
+                    Some(Ok(place)) => place,
+                };
+                recovered += 1;
+                if let Err(why) = check_member_name(&name) {
+                    self.fail(&place, None, InputErrorKind::UnsafePath, why);
+                    continue;
+                }
+                if let Err(h) = self.zip_member(&place, &name, &mut file, walk) {
+                    halt = Some(h);
+                    break;
+                }
+            }
+        }
+        let detail = format!("zip central directory is unreadable ({class}); {recovered} members read from local headers");
+        self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+        halt.or(Some(truncated))
+    }
+
+    /// Reads one zip member after its name passed. `Err` stops the archive.
+    fn zip_member<R: Read>(
+        &mut self,
+        place: &Place,
+        name: &str,
+        file: &mut zip::read::ZipFile<'_, R>,
+        walk: &mut Walk,
+    ) -> Result<(), Halt> {
+        if file.is_symlink() {
+            self.fail(
+                place,
+                None,
+                InputErrorKind::Link,
+                "member is a symbolic link",
+            );
+            return Ok(());
+        }
+        let Some(kind) = self.member_kind(place, name) else {
+            return Ok(());
+        };
+        let (size, packed) = (file.size(), file.compressed_size());
+        let inflated = file.compression() != zip::CompressionMethod::Stored;
+        let compressed = if inflated {
+            Compressed::Declared(packed)
+        } else {
+            Compressed::No
+        };
+        let budget = self.budget(kind, inflated, Some(size), compressed);
+        let ratio = self.limits.max_inflate_ratio;
+        if inflated && size > RATIO_CHECK_MIN_BYTES && size > packed.saturating_mul(ratio) {
+            let detail = format!("member declares {size} bytes inflated from {packed}, over the {ratio}:1 ratio limit");
+            self.fail(place, None, InputErrorKind::CompressionBomb, detail);
+            return Ok(());
+        }
+        if size > budget.cap {
+            let detail = format!(
+                "member declares {size} bytes, over the {} of {} bytes",
+                budget.cap_name, budget.cap
+            );
+            self.fail(place, None, budget.over_cap, detail);
+            return Ok(());
+        }
+        let total_limit = self.limits.max_archive_inflated_bytes;
+        if walk.inflated.saturating_add(size) > total_limit {
+            let detail = format!("archive inflates past {total_limit} bytes");
+            self.fail(place, None, InputErrorKind::CompressionBomb, detail);
+            return Err(Halt {
+                kind: InputErrorKind::CompressionBomb,
+                why: "archive inflated-size limit reached",
+            });
+        }
+        match read_member(file, &budget, self.limits, None) {
+            Ok(bytes) => {
+                walk.inflated += bytes.len() as u64;
+                if (bytes.len() as u64) < size {
+                    let detail = format!(
+                        "member inflates to {} of its declared {size} bytes",
+                        bytes.len()
+                    );
+                    self.fail(place, None, InputErrorKind::TruncatedArchive, detail);
+                } else {
+                    self.parse_member(place, name, kind, bytes);
+                }
+            }
+            Err(ReadFail::Limit { kind, detail, .. }) => self.fail(place, None, kind, detail),
+            Err(ReadFail::Io { error, read }) => {
+                walk.inflated += read;
+                let detail = format!(
+                    "member data is truncated or corrupt after {read} bytes ({:?})",
+                    error.kind()
+                );
+                self.fail(place, None, InputErrorKind::TruncatedArchive, detail);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_archive(&mut self, wanted: &Wanted, halt: Option<Halt>, walk: &Walk) {
+        for name in wanted.missing() {
+            let place = Place::member(self.input, name);
+            match &halt {
+                Some(h) => self.fail(&place, None, h.kind, format!("member not read: {}", h.why)),
+                None => self.fail(
+                    &place,
+                    None,
+                    InputErrorKind::Unreadable,
+                    "member listed at planning time is not in the archive",
+                ),
+            }
+        }
+        if halt.is_none() && walk.processed == 0 && wanted.listed.is_none() {
+            self.fail(
+                &Place::file(self.input),
+                None,
+                InputErrorKind::Empty,
+                "archive holds no files",
+            );
+        }
+    }
+}
+
+// ---- records ---------------------------------------------------------------------------
+
+/// A record that cannot become a document: its id (or line number, before the id is known),
+/// and why.
+struct Reject {
+    record: String,
+    kind: InputErrorKind,
+    detail: String,
+}
+
+/// Parses one non-blank JSONL line into its id and text.
+fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<(String, String), Reject> {
+    let at_line = |kind, detail| Reject {
+        record: line_no.to_string(),
+        kind,
+        detail,
+    };
+    let text = std::str::from_utf8(line).map_err(|e| {
+        let detail = format!(
+            "line {line_no}: invalid UTF-8 at byte offset {} of the line",
+            e.valid_up_to()
+        );
+        at_line(InputErrorKind::InvalidUtf8, detail)
+    })?;
+    let mut object = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(o)) => o,
+        Ok(other) => {
+            let detail = format!(
+                "line {line_no}: record is a JSON {}, not an object",
+                json_type(&other)
+            );
+            return Err(at_line(InputErrorKind::MalformedRecord, detail));
+        }
+        Err(e) => {
+            // serde_json's messages can quote the input; report position and class only.
+            let detail = format!(
+                "line {line_no} column {}: JSON {:?} error",
+                e.column(),
+                e.classify()
+            );
+            return Err(at_line(InputErrorKind::MalformedRecord, detail));
+        }
+    };
+    let (id_field, text_field) = (&spec.id_field, &spec.text_field);
+    let id = match object.get(id_field) {
+        None | Some(Value::Null) => {
+            return Err(at_line(
+                InputErrorKind::MissingField,
+                format!("line {line_no}: no {id_field:?} field"),
+            ))
+        }
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(at_line(
+                InputErrorKind::MissingField,
+                format!("line {line_no}: {id_field:?} is empty"),
+            ))
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(other) => {
+            let detail = format!(
+                "line {line_no}: {id_field:?} is a JSON {}, expected string or number",
+                json_type(other)
+            );
+            return Err(at_line(InputErrorKind::MalformedRecord, detail));
+        }
+    };
+    let at_id = |kind, detail| Reject {
+        record: id.clone(),
+        kind,
+        detail,
+    };
+    let text = match object.remove(text_field) {
+        None | Some(Value::Null) => {
+            return Err(at_id(
+                InputErrorKind::MissingField,
+                format!("line {line_no}: no {text_field:?} field"),
+            ))
+        }
+        Some(Value::String(s)) => s,
+        Some(other) => {
+            let detail = format!(
+                "line {line_no}: {text_field:?} is a JSON {}, expected string",
+                json_type(&other)
+            );
+            return Err(at_id(InputErrorKind::MalformedRecord, detail));
+        }
+    };
+    Ok((id, text))
+}
+
+/// Takes the id and text out of one CSV row, given their column indexes.
+fn csv_record(
+    row: &csv::ByteRecord,
+    (id_col, text_col): (usize, usize),
+    line: u64,
+    spec: &InputSpec,
+) -> Result<(String, String), Reject> {
+    let (id_field, text_field) = (&spec.id_field, &spec.text_field);
+    let at_line = |kind, detail| Reject {
+        record: line.to_string(),
+        kind,
+        detail,
+    };
+    let short_row = |field: &str| {
+        format!(
+            "line {line}: row has {} fields, no {field:?} column",
+            row.len()
+        )
+    };
+    let bad_utf8 = |field: &str, e: std::str::Utf8Error| {
+        format!(
+            "line {line}: {field:?} has invalid UTF-8 at byte offset {}",
+            e.valid_up_to()
+        )
+    };
+    let id = match row.get(id_col).map(std::str::from_utf8) {
+        None => return Err(at_line(InputErrorKind::MissingField, short_row(id_field))),
+        Some(Err(e)) => return Err(at_line(InputErrorKind::InvalidUtf8, bad_utf8(id_field, e))),
+        Some(Ok(id)) if id.trim().is_empty() => {
+            return Err(at_line(
+                InputErrorKind::MissingField,
+                format!("line {line}: {id_field:?} is empty"),
+            ))
+        }
+        Some(Ok(id)) => id.to_string(),
+    };
+    let at_id = |kind, detail| Reject {
+        record: id.clone(),
+        kind,
+        detail,
+    };
+    let text = match row.get(text_col).map(std::str::from_utf8) {
+        None => return Err(at_id(InputErrorKind::MissingField, short_row(text_field))),
+        Some(Err(e)) => return Err(at_id(InputErrorKind::InvalidUtf8, bad_utf8(text_field, e))),
+        Some(Ok(text)) => text.to_string(),
+    };
+    Ok((id, text))
+}
+
+/// The checks every record's text passes once id and text are known.
+fn checked_text(
+    id: String,
+    text: String,
+    line: u64,
+    spec: &InputSpec,
+    limits: &InputLimits,
+) -> Result<(String, String), Reject> {
+    let limit = limits.max_document_bytes;
+    let (kind, detail) = if text.len() as u64 > limit {
+        let detail = format!(
+            "line {line}: text is {} bytes, over the document limit of {limit} bytes",
+            text.len()
+        );
+        (InputErrorKind::TooLarge, detail)
+    } else if text.trim().is_empty() {
+        (
+            InputErrorKind::Empty,
+            format!("line {line}: {:?} is empty", spec.text_field),
+        )
+    } else {
+        return Ok((id, text));
+    };
+    Err(Reject {
+        record: id,
+        kind,
+        detail,
+    })
+}
+
+// ---- bounded reading -------------------------------------------------------------------
+
+/// Reads at most `cap + 1` bytes: the extra byte tells "exactly at the limit" from "over it".
+/// `None` when the content is over `cap`.
+fn read_capped(r: &mut dyn Read, cap: u64) -> io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    r.take(cap.saturating_add(1)).read_to_end(&mut buf)?;
+    Ok((buf.len() as u64 <= cap).then_some(buf))
+}
+
+/// Copies a member into memory within its budget, checking after every chunk, so neither a
+/// large member nor a lying header gets more than `cap + 1` bytes into memory.
+fn read_member(
+    r: &mut dyn Read,
+    budget: &Budget,
+    limits: &InputLimits,
+    meter: Option<&StreamMeter>,
+) -> Result<Vec<u8>, ReadFail> {
+    let member_limit = |kind, detail| ReadFail::Limit {
+        kind,
+        detail,
+        stream: false,
+    };
+    let ratio = limits.max_inflate_ratio;
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; COPY_CHUNK_BYTES];
+    loop {
+        let room = (budget.cap + 1 - out.len() as u64).min(COPY_CHUNK_BYTES as u64) as usize;
+        let n = match r.read(&mut chunk[..room]) {
+            Ok(0) => return Ok(out),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => {
+                if let Some((kind, detail)) = meter.and_then(|m| m.verdict.borrow().clone()) {
+                    return Err(ReadFail::Limit {
+                        kind,
+                        detail,
+                        stream: true,
+                    });
+                }
+                return Err(ReadFail::Io {
+                    error,
+                    read: out.len() as u64,
+                });
+            }
+        };
+        out.extend_from_slice(&chunk[..n]);
+        let got = out.len() as u64;
+        if let Some(declared) = budget.declared.filter(|d| got > *d) {
+            let detail = format!("member inflates past its declared size of {declared} bytes");
+            return Err(member_limit(InputErrorKind::CompressionBomb, detail));
+        }
+        if got > budget.cap {
+            let detail = format!(
+                "member exceeds the {} of {} bytes",
+                budget.cap_name, budget.cap
+            );
+            return Err(member_limit(budget.over_cap, detail));
+        }
+        let packed = match budget.compressed {
+            Compressed::No => None,
+            Compressed::Declared(c) => Some(c),
+            Compressed::Metered(start) => {
+                meter.map(|m| m.compressed.get() - start + GZ_BUFFER_BYTES as u64)
+            }
+        };
+        if let Some(packed) =
+            packed.filter(|p| got > RATIO_CHECK_MIN_BYTES && got > p.saturating_mul(ratio))
+        {
+            let detail = format!("member inflates past {got} bytes from about {packed}, over the {ratio}:1 ratio limit");
+            return Err(member_limit(InputErrorKind::CompressionBomb, detail));
+        }
+    }
+}
+
+enum Line {
+    Eof,
+    Complete,
+    /// Over the cap; the line was consumed but not kept. Holds its length.
+    TooLong(u64),
+}
+
+/// Reads one line (with its `\n`) into `buf`, keeping at most `cap` bytes: a longer line is
+/// consumed to its end without being buffered.
+fn read_line_capped(r: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Result<Line> {
+    buf.clear();
+    let mut total = 0u64;
+    let mut over = false;
+    loop {
+        let available = r.fill_buf()?;
+        if available.is_empty() {
+            return Ok(match (total, over) {
+                (0, _) => Line::Eof,
+                (_, true) => Line::TooLong(total),
+                _ => Line::Complete,
+            });
+        }
+        let newline = available.iter().position(|&b| b == b'\n');
+        let take = newline.map_or(available.len(), |i| i + 1);
+        total += take as u64;
+        if !over && buf.len() + take > cap {
+            over = true;
+            buf.clear();
+        }
+        if !over {
+            buf.extend_from_slice(&available[..take]);
+        }
+        r.consume(take);
+        if newline.is_some() {
+            return Ok(if over {
+                Line::TooLong(total)
+            } else {
+                Line::Complete
+            });
+        }
+    }
+}
+
+fn trim_line_end(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+/// Reads up to `n` bytes from the start, then rewinds.
+fn sniff(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
+    r.seek(SeekFrom::Start(0))?;
+    let mut head = Vec::with_capacity(n);
+    r.take(n as u64).read_to_end(&mut head)?;
+    r.seek(SeekFrom::Start(0))?;
+    Ok(head)
+}
+
+/// Inflates up to `n` bytes from the start of a gzip stream, then rewinds.
+fn sniff_gzip(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
+    r.seek(SeekFrom::Start(0))?;
+    let mut head = Vec::with_capacity(n);
+    flate2::read::GzDecoder::new(&mut *r)
+        .take(n as u64)
+        .read_to_end(&mut head)?;
+    r.seek(SeekFrom::Start(0))?;
+    Ok(head)
+}
+
+// ---- stream metering -------------------------------------------------------------------
+
+/// Counts both sides of an archive stream, enforces the whole-stream limits, and bounds how
+/// much the tar reader may consume for headers. Shared by the readers stacked around the
+/// decoder; a tripped limit is kept in `verdict`, since the error itself passes through the
+/// tar and gzip readers.
+struct StreamMeter {
+    gzip: bool,
+    compressed: Cell<u64>,
+    inflated: Cell<u64>,
+    /// Bytes the inflated side may still deliver before the tar reader yields its next entry.
+    header_allowance: Cell<u64>,
+    eof: Cell<bool>,
+    verdict: RefCell<Option<(InputErrorKind, String)>>,
+    max_inflated: u64,
+    max_ratio: u64,
+}
+
+impl StreamMeter {
+    fn new(gzip: bool, limits: &InputLimits) -> Self {
+        Self {
+            gzip,
+            compressed: Cell::new(0),
+            inflated: Cell::new(0),
+            header_allowance: Cell::new(u64::MAX),
+            eof: Cell::new(false),
+            verdict: RefCell::new(None),
+            max_inflated: limits.max_archive_inflated_bytes,
+            max_ratio: limits.max_inflate_ratio,
+        }
+    }
+
+    fn allow_header_bytes(&self, n: u64) {
+        self.header_allowance.set(n);
+    }
+
+    fn trip(&self, kind: InputErrorKind, detail: String) -> io::Error {
+        self.verdict.borrow_mut().get_or_insert((kind, detail));
+        io::Error::other("archive stream limit reached")
+    }
+
+    /// Checks the inflated side after `n` more bytes.
+    fn on_inflated(&self, n: usize) -> io::Result<()> {
+        let inflated = self.inflated.get() + n as u64;
+        self.inflated.set(inflated);
+        self.header_allowance
+            .set(self.header_allowance.get().saturating_sub(n as u64));
+        if !self.gzip {
+            return Ok(());
+        }
+        if inflated > self.max_inflated {
+            return Err(self.trip(
+                InputErrorKind::CompressionBomb,
+                format!("archive inflates past {} bytes", self.max_inflated),
+            ));
+        }
+        let compressed = self.compressed.get();
+        if inflated > RATIO_CHECK_MIN_BYTES && inflated > compressed.saturating_mul(self.max_ratio)
+        {
+            let detail = format!(
+                "archive inflates {inflated} bytes from {compressed}, over the {}:1 ratio limit",
+                self.max_ratio
+            );
+            return Err(self.trip(InputErrorKind::CompressionBomb, detail));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Compressed,
+    Inflated,
+}
+
+/// A reader that reports to a [`StreamMeter`].
+struct Metered<R> {
+    inner: R,
+    meter: Rc<StreamMeter>,
+    side: Side,
+}
+
+impl<R: Read> Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let meter = &self.meter;
+        if meter.verdict.borrow().is_some() {
+            return Err(io::Error::other("archive stream limit reached"));
+        }
+        let buf = match self.side {
+            Side::Compressed => buf,
+            Side::Inflated => {
+                let allowance = meter.header_allowance.get();
+                if allowance == 0 {
+                    let detail = format!(
+                        "tar headers of one member exceed {TAR_HEADER_ALLOWANCE_BYTES} bytes"
+                    );
+                    return Err(meter.trip(InputErrorKind::TooLarge, detail));
+                }
+                let len = buf
+                    .len()
+                    .min(usize::try_from(allowance).unwrap_or(usize::MAX));
+                &mut buf[..len]
+            }
+        };
+        let n = self.inner.read(buf)?;
+        match self.side {
+            Side::Compressed => meter.compressed.set(meter.compressed.get() + n as u64),
+            Side::Inflated => {
+                if n == 0 && !buf.is_empty() {
+                    meter.eof.set(true);
+                }
+                meter.on_inflated(n)?;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Plain tar seeks over members it skips; seeking delivers no bytes, so nothing is counted.
+impl<R: Seek> Seek for Metered<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+#[derive(Default)]
+struct FeedState {
+    fed: Cell<u64>,
+    /// Offset the csv reader may not be fed past until the current record ends.
+    stop_at: Cell<u64>,
+    tripped: Cell<bool>,
+}
+
+/// Feeds the csv reader, refusing to feed one record past its cap: csv buffers a whole
+/// record, and a record that never ends (an unclosed quote) would otherwise grow without
+/// bound.
+struct CsvFeed<'r> {
+    inner: &'r mut dyn BufRead,
+    state: Rc<FeedState>,
+}
+
+impl Read for CsvFeed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (fed, stop_at) = (self.state.fed.get(), self.state.stop_at.get());
+        if fed >= stop_at {
+            self.state.tripped.set(true);
+            return Err(io::Error::other("csv record over the record limit"));
+        }
+        let len = buf
+            .len()
+            .min(usize::try_from(stop_at - fed).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..len])?;
+        self.state.fed.set(fed + n as u64);
+        Ok(n)
+    }
+}
+
+// ---- content checks --------------------------------------------------------------------
+
+/// Whole-file text: checks format, encoding and emptiness. Errors carry kind and detail.
+fn decode_text(bytes: Vec<u8>) -> Result<String, (InputErrorKind, String)> {
+    if bytes.is_empty() {
+        return Err((InputErrorKind::Empty, "0 bytes".into()));
+    }
+    if let Some(problem) = binary_problem(&bytes) {
+        return Err((InputErrorKind::WrongFormat, format!("not text: {problem}")));
+    }
+    let len = bytes.len();
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        (
+            InputErrorKind::InvalidUtf8,
+            format!("invalid UTF-8 at byte offset {offset}"),
+        )
+    })?;
+    let text = match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    };
+    if text.trim().is_empty() {
+        return Err((
+            InputErrorKind::Empty,
+            format!("only whitespace ({len} bytes)"),
+        ));
+    }
+    Ok(text)
+}
+
+/// A known binary format, or a NUL byte, in the first bytes of something meant to be text.
+fn binary_problem(head: &[u8]) -> Option<String> {
+    if let Some(format) = binary_format(head) {
+        return Some(format!("content is {format}"));
+    }
+    head.iter()
+        .position(|&b| b == 0)
+        .map(|offset| format!("binary content (NUL byte at offset {offset})"))
+}
+
+fn binary_format(head: &[u8]) -> Option<&'static str> {
+    BINARY_MAGICS
+        .iter()
+        .find(|(offset, magic, _)| head.get(*offset..offset + magic.len()) == Some(*magic))
+        .map(|(_, _, format)| *format)
+}
+
+/// ` (content looks like X)` for error details, naming a format, never quoting bytes.
+fn format_hint(head: &[u8]) -> String {
+    match binary_format(head) {
+        Some(format) => format!(" (content looks like {format})"),
+        None if !head.contains(&0) && std::str::from_utf8(head).is_ok() => {
+            " (content looks like text)".into()
+        }
+        None => String::new(),
+    }
+}
+
+/// Checks the first block of a tar stream (up to 512 bytes).
+fn check_tar_head(head: &[u8]) -> Result<(), (InputErrorKind, String)> {
+    let block = TAR_BLOCK_BYTES as usize;
+    if head.is_empty() {
+        return Err((InputErrorKind::Empty, "0 bytes".into()));
+    }
+    if head.len() < block {
+        if head.get(257..262) == Some(b"ustar") {
+            return Err((
+                InputErrorKind::TruncatedArchive,
+                "archive ends inside its first header".into(),
+            ));
+        }
+        let detail = format!(
+            "not a tar archive: {} bytes, shorter than one header{}",
+            head.len(),
+            format_hint(head)
+        );
+        return Err((InputErrorKind::WrongFormat, detail));
+    }
+    if head.iter().all(|&b| b == 0) {
+        return Ok(());
+    }
+    let header = tar::Header::from_byte_slice(&head[..block]);
+    // The checksum is the byte sum of the header with its own field counted as spaces.
+    let sum: u32 = head[..148]
+        .iter()
+        .chain(&head[156..block])
+        .map(|&b| u32::from(b))
+        .sum::<u32>()
+        + 8 * u32::from(b' ');
+    if header.cksum().ok() == Some(sum) {
+        return Ok(());
+    }
+    let detail = format!(
+        "not a tar archive: the first header's checksum does not match{}",
+        format_hint(head)
+    );
+    Err((InputErrorKind::WrongFormat, detail))
+}
+
+fn zip_error_class(e: &zip::result::ZipError) -> &'static str {
+    match e {
+        zip::result::ZipError::Io(_) => "i/o error",
+        zip::result::ZipError::InvalidArchive(_) => "invalid archive structure",
+        zip::result::ZipError::UnsupportedArchive(why) => why,
+        _ => "unreadable",
+    }
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The last path segment of a URI: the id of a whole-file document.
+fn file_name(uri: &str) -> &str {
+    uri.rsplit('/').next().unwrap_or(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+    use medbatch_schemas::Digest;
+    use std::io::{Cursor, Write};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tar::EntryType;
+    use zip::write::SimpleFileOptions;
+    use InputErrorKind as K;
+
+    /// Planted in test documents: no error detail may ever contain it.
+    const SECRET: &str = "Jane Doe";
+
+    fn spec() -> InputSpec {
+        InputSpec {
+            kinds: vec![
+                InputKind::Text,
+                InputKind::Jsonl,
+                InputKind::Csv,
+                InputKind::Tar,
+                InputKind::TarGz,
+                InputKind::Zip,
+            ],
+            id_field: "id".into(),
+            text_field: "text".into(),
+            max_document_bytes: 1 << 20,
+        }
+    }
+
+    fn limits() -> InputLimits {
+        InputLimits::from_spec(&spec())
+    }
+
+    #[derive(Default)]
+    struct Out {
+        docs: Vec<Document>,
+        errors: Vec<InputError>,
+    }
+
+    impl Out {
+        fn ids(&self) -> Vec<&str> {
+            self.docs.iter().map(|d| d.id.as_str()).collect()
+        }
+        fn kinds(&self) -> Vec<InputErrorKind> {
+            self.errors.iter().map(|e| e.kind).collect()
+        }
+        fn members(&self) -> Vec<Option<&str>> {
+            self.errors.iter().map(|e| e.member.as_deref()).collect()
+        }
+    }
+
+    fn input(uri: &str, bytes: &[u8], selection: Selection) -> InputRef {
+        InputRef {
+            uri: uri.into(),
+            size: bytes.len() as u64,
+            sha256: Digest::of_bytes(bytes),
+            kind: InputKind::from_name(uri),
+            selection,
+        }
+    }
+
+    fn read_from(
+        input: &InputRef,
+        reader: Box<dyn ReadSeek>,
+        spec: &InputSpec,
+        limits: &InputLimits,
+    ) -> Out {
+        let mut out = Out::default();
+        read_documents(input, reader, spec, limits, &mut |r| match r {
+            Ok(d) => out.docs.push(d),
+            Err(e) => out.errors.push(e),
+        });
+        for e in &out.errors {
+            assert!(
+                !e.detail.contains(SECRET),
+                "detail leaks document text: {e}"
+            );
+            assert_eq!(e.source_uri, input.uri);
+        }
+        out
+    }
+
+    fn read_with(uri: &str, bytes: Vec<u8>, selection: Selection, limits: &InputLimits) -> Out {
+        let input = input(uri, &bytes, selection);
+        read_from(&input, Box::new(Cursor::new(bytes)), &spec(), limits)
+    }
+
+    fn read(uri: &str, bytes: impl Into<Vec<u8>>) -> Out {
+        read_with(uri, bytes.into(), Selection::Whole, &limits())
+    }
+
+    /// A tar entry with raw name bytes: the tar crate's path setters refuse `..` and `/`.
+    fn raw_entry(b: &mut tar::Builder<Vec<u8>>, name: &str, kind: EntryType, data: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        if matches!(kind, EntryType::Symlink | EntryType::Link) {
+            h.set_link_name("notes/a.txt").unwrap();
+        }
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let kind = if name.ends_with('/') {
+                EntryType::Directory
+            } else {
+                EntryType::Regular
+            };
+            raw_entry(&mut b, name, kind, data);
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gz(bytes: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts =
+            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        for (name, data) in entries {
+            if name.ends_with('/') {
+                w.add_directory(*name, opts).unwrap();
+            } else {
+                w.start_file(*name, opts).unwrap();
+                w.write_all(data).unwrap();
+            }
+        }
+        w.finish().unwrap().into_inner()
+    }
+
+    /// Text that compresses about as badly as real notes, so archive cuts land mid-stream.
+    fn noisy_note(seed: u32, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+        let mut out = format!("{SECRET} note {seed}: ").into_bytes();
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            out.push(b'a' + (x % 26) as u8);
+        }
+        out
+    }
+
+    const JSONL: &[u8] = b"{\"id\":\"r1\",\"text\":\"Jane Doe, K 6.1\"}\n\n{\"id\":7,\"text\":\"Jane Doe, Na 140\"}\r\n";
+    const CSV: &[u8] = b"id,text,ward\nc1,\"Jane Doe, K 4.1\",A\nc2,\"two\nlines\",B\n";
+
+    #[test]
+    fn input_limits_from_spec() {
+        let mut s = spec();
+        s.max_document_bytes = 1234;
+        let l = InputLimits::from_spec(&s);
+        assert_eq!(l.max_document_bytes, 1234);
+        assert_eq!(l.max_inflate_ratio, DEFAULT_MAX_INFLATE_RATIO);
+        assert_eq!(l.max_member_bytes, DEFAULT_MAX_MEMBER_BYTES);
+    }
+
+    #[test]
+    fn input_text_file_is_one_document() {
+        let out = read(
+            "s3://bucket/notes/n1.txt",
+            "\u{feff}Jane Doe has a cough.\n",
+        );
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        let d = &out.docs[0];
+        assert_eq!(
+            (d.id.as_str(), d.source_uri.as_str()),
+            ("n1.txt", "s3://bucket/notes/n1.txt")
+        );
+        assert_eq!(d.text, "Jane Doe has a cough.\n");
+        assert_eq!(
+            d.input_sha256,
+            Digest::of_bytes("\u{feff}Jane Doe has a cough.\n".as_bytes())
+        );
+    }
+
+    #[test]
+    fn input_jsonl_records_become_documents() {
+        let out = read("file:///in/labs.jsonl", JSONL);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.ids(), ["r1", "7"]);
+        assert_eq!(out.docs[1].text, "Jane Doe, Na 140");
+        assert_eq!(out.docs[0].source_uri, "file:///in/labs.jsonl");
+    }
+
+    #[test]
+    fn input_csv_records_become_documents() {
+        let out = read("file:///in/labs.csv", CSV);
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.ids(), ["c1", "c2"]);
+        assert_eq!(out.docs[0].text, "Jane Doe, K 4.1");
+        assert_eq!(out.docs[1].text, "two\nlines");
+    }
+
+    fn mixed_members() -> Vec<(&'static str, &'static [u8])> {
+        vec![
+            ("notes/", b""),
+            ("notes/a.txt", b"Jane Doe, first note"),
+            ("b.jsonl", JSONL),
+            ("c.csv", CSV),
+        ]
+    }
+
+    fn assert_mixed(out: &Out, uri: &str) {
+        assert!(out.errors.is_empty(), "{:?}", out.errors);
+        assert_eq!(out.ids(), ["notes/a.txt", "r1", "7", "c1", "c2"]);
+        assert_eq!(out.docs[0].source_uri, format!("{uri}#notes/a.txt"));
+        assert_eq!(out.docs[1].source_uri, format!("{uri}#b.jsonl"));
+    }
+
+    #[test]
+    fn input_tar_members_are_read_by_extension() {
+        let uri = "file:///in/batch.tar";
+        let bytes = tar_of(&mixed_members());
+        let out = read(uri, bytes.clone());
+        assert_mixed(&out, uri);
+        assert_eq!(out.docs[0].input_sha256, Digest::of_bytes(&bytes));
+    }
+
+    #[test]
+    fn input_tar_gz_members_are_read_by_extension() {
+        let uri = "s3://b/batch.tar.gz";
+        assert_mixed(&read(uri, gz(&tar_of(&mixed_members()))), uri);
+    }
+
+    #[test]
+    fn input_zip_members_are_read_by_extension() {
+        let uri = "s3://b/batch.zip";
+        assert_mixed(&read(uri, zip_of(&mixed_members())), uri);
+    }
+
+    #[test]
+    fn input_selection_yields_listed_members_and_reports_missing() {
+        let members: &[(&str, &[u8])] = &[
+            ("a.txt", b"Jane Doe a"),
+            ("b.txt", b"Jane Doe b"),
+            ("c.txt", b"Jane Doe c"),
+        ];
+        let selection = Selection::Members(vec!["c.txt".into(), "a.txt".into(), "gone.txt".into()]);
+        for (uri, bytes) in [
+            ("x.tar", tar_of(members)),
+            ("x.tar.gz", gz(&tar_of(members))),
+            ("x.zip", zip_of(members)),
+        ] {
+            let out = read_with(uri, bytes, selection.clone(), &limits());
+            assert_eq!(out.ids(), ["a.txt", "c.txt"], "{uri}");
+            assert_eq!(out.kinds(), [K::Unreadable], "{uri}");
+            assert_eq!(out.members(), [Some("gone.txt")], "{uri}");
+        }
+    }
+
+    #[test]
+    fn input_empty_file_member_and_record() {
+        assert_eq!(read("e.txt", "").kinds(), [K::Empty]);
+        assert_eq!(read("w.txt", " \n\t\n").kinds(), [K::Empty]);
+        assert_eq!(read("e.jsonl", "\n\n").kinds(), [K::Empty]);
+        assert_eq!(read("e.csv", "").kinds(), [K::Empty]);
+        assert_eq!(read("e.tar", tar_of(&[])).kinds(), [K::Empty]);
+        assert_eq!(read("e.zip", "").kinds(), [K::Empty]);
+
+        let out = read(
+            "m.tar",
+            tar_of(&[("empty.txt", b""), ("good.txt", b"Jane Doe ok")]),
+        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["good.txt"], vec![K::Empty]));
+        assert_eq!(out.members(), [Some("empty.txt")]);
+
+        let out = read(
+            "r.jsonl",
+            "{\"id\":\"x\",\"text\":\"  \"}\n{\"id\":\"y\",\"text\":\"Jane Doe\"}\n",
+        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["y"], vec![K::Empty]));
+        assert_eq!(out.errors[0].record.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn input_invalid_utf8_reports_the_offset() {
+        let bad = b"Jane Doe \xff\xfe rest".to_vec();
+        let out = read("bad.txt", bad.clone());
+        assert_eq!(out.kinds(), [K::InvalidUtf8]);
+        assert!(
+            out.errors[0].detail.contains("offset 9"),
+            "{}",
+            out.errors[0].detail
+        );
+
+        let out = read(
+            "m.zip",
+            zip_of(&[("bad.txt", &bad), ("good.txt", b"Jane Doe ok")]),
+        );
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["good.txt"], vec![K::InvalidUtf8])
+        );
+
+        let mut jsonl = b"{\"id\":\"a\",\"text\":\"Jane Doe \xff\"}\n".to_vec();
+        jsonl.extend_from_slice(b"{\"id\":\"b\",\"text\":\"Jane Doe ok\"}\n");
+        let out = read("u.jsonl", jsonl);
+        assert_eq!((out.ids(), out.kinds()), (vec!["b"], vec![K::InvalidUtf8]));
+        assert!(
+            out.errors[0].detail.contains("offset 27"),
+            "{}",
+            out.errors[0].detail
+        );
+
+        let mut csv = b"id,text\n1,Jane Doe \xff\n".to_vec();
+        csv.extend_from_slice(b"2,Jane Doe ok\n");
+        let out = read("u.csv", csv);
+        assert_eq!((out.ids(), out.kinds()), (vec!["2"], vec![K::InvalidUtf8]));
+        assert!(
+            out.errors[0].detail.contains("offset 9"),
+            "{}",
+            out.errors[0].detail
+        );
+        assert_eq!(out.errors[0].record.as_deref(), Some("1"));
+    }
+
+    #[test]
+    fn input_malformed_jsonl_line_among_good_ones() {
+        let jsonl = "{\"id\":\"a\",\"text\":\"Jane Doe one\"}\n\
+                     {\"id\":\"b\",\"text\":\"Jane Doe, cut off\n\
+                     [\"Jane Doe\"]\n\
+                     {\"id\":\"d\",\"text\":\"Jane Doe four\"}\n";
+        let out = read("m.jsonl", jsonl);
+        assert_eq!(out.ids(), ["a", "d"]);
+        assert_eq!(out.kinds(), [K::MalformedRecord, K::MalformedRecord]);
+        let records: Vec<_> = out.errors.iter().map(|e| e.record.as_deref()).collect();
+        assert_eq!(records, [Some("2"), Some("3")]);
+    }
+
+    #[test]
+    fn input_missing_fields() {
+        let jsonl = "{\"text\":\"Jane Doe\"}\n{\"id\":\"q\"}\n{\"id\":true,\"text\":\"Jane Doe\"}\n{\"id\":\"ok\",\"text\":\"Jane Doe\"}\n";
+        let out = read("f.jsonl", jsonl);
+        assert_eq!(out.ids(), ["ok"]);
+        assert_eq!(
+            out.kinds(),
+            [K::MissingField, K::MissingField, K::MalformedRecord]
+        );
+        assert_eq!(out.errors[0].record.as_deref(), Some("1"));
+        assert_eq!(out.errors[1].record.as_deref(), Some("q"));
+
+        // No text column: one error for the whole file, however many rows.
+        let out = read("n.csv", "id,body\n1,Jane Doe\n2,Jane Doe\n");
+        assert_eq!((out.docs.len(), out.kinds()), (0, vec![K::MissingField]));
+        assert_eq!(out.errors[0].record, None);
+        assert_eq!(
+            read("n.csv", "key,text\n1,Jane Doe\n").kinds(),
+            [K::MissingField]
+        );
+
+        // A short row lacks the text field; its neighbours still come through.
+        let out = read("s.csv", "id,ward,text\n1,A\n2,B,Jane Doe ok\n");
+        assert_eq!((out.ids(), out.kinds()), (vec!["2"], vec![K::MissingField]));
+    }
+
+    #[test]
+    fn input_truncated_tar_gz_keeps_earlier_members() {
+        let notes: Vec<(String, Vec<u8>)> = (0..20)
+            .map(|i| (format!("n{i:02}.txt"), noisy_note(i, 4000)))
+            .collect();
+        let entries: Vec<(&str, &[u8])> = notes
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice()))
+            .collect();
+        let full = gz(&tar_of(&entries));
+        let out = read("cut.tar.gz", full[..full.len() / 2].to_vec());
+        assert_eq!(out.kinds(), [K::TruncatedArchive]);
+        assert!(
+            !out.docs.is_empty() && out.docs.len() < 20,
+            "{}",
+            out.docs.len()
+        );
+        let expected: Vec<String> = (0..out.docs.len())
+            .map(|i| format!("n{i:02}.txt"))
+            .collect();
+        assert_eq!(out.ids(), expected);
+
+        // Listed members past the cut each get a row.
+        let selection = Selection::Members(vec!["n00.txt".into(), "n19.txt".into()]);
+        let out = read_with(
+            "cut.tar.gz",
+            full[..full.len() / 2].to_vec(),
+            selection,
+            &limits(),
+        );
+        assert_eq!(out.ids(), ["n00.txt"]);
+        assert_eq!(out.kinds(), [K::TruncatedArchive, K::TruncatedArchive]);
+        assert_eq!(out.members().last(), Some(&Some("n19.txt")));
+    }
+
+    #[test]
+    fn input_truncated_tar_and_zip_keep_earlier_members() {
+        let a = noisy_note(1, 700);
+        let b = noisy_note(2, 700);
+        let tar = tar_of(&[("a.txt", &a), ("b.txt", &b)]);
+        // Cut inside b's data (a: 512 header + 1024 data; b's data starts at 2048).
+        let out = read("cut.tar", tar[..2300].to_vec());
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["a.txt"], vec![K::TruncatedArchive])
+        );
+        assert_eq!(out.members(), [Some("b.txt")]);
+        // Cut exactly at a block boundary: only the missing end-of-archive marker tells.
+        let out = read("cut.tar", tar[..1536].to_vec());
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["a.txt"], vec![K::TruncatedArchive])
+        );
+        assert_eq!(out.members(), [None]);
+
+        let zip = zip_of(&[("a.txt", &a), ("b.txt", &b)]);
+        let out = read("cut.zip", zip[..zip.len() - 40].to_vec());
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["a.txt", "b.txt"], vec![K::TruncatedArchive])
+        );
+        let out = read("cut.zip", zip[..zip.len() / 2].to_vec());
+        assert_eq!(out.kinds().last(), Some(&K::TruncatedArchive));
+        assert_eq!(out.ids(), ["a.txt"]);
+    }
+
+    #[test]
+    fn input_unsafe_member_names() {
+        let mut b = tar::Builder::new(Vec::new());
+        for name in [
+            "../evil.txt",
+            "/etc/passwd",
+            "notes/../../x.txt",
+            "..\\evil.txt",
+            "C:evil.txt",
+        ] {
+            raw_entry(&mut b, name, EntryType::Regular, b"Jane Doe");
+        }
+        raw_entry(&mut b, "good.txt", EntryType::Regular, b"Jane Doe ok");
+        let out = read("u.tar", b.into_inner().unwrap());
+        assert_eq!(out.ids(), ["good.txt"]);
+        assert_eq!(out.kinds(), [K::UnsafePath; 5]);
+        assert_eq!(
+            out.members()[..2],
+            [Some("../evil.txt"), Some("/etc/passwd")]
+        );
+
+        let out = read(
+            "u.zip",
+            zip_of(&[
+                ("../evil.txt", b"Jane Doe"),
+                ("/etc/passwd", b"x"),
+                ("good.txt", b"Jane Doe ok"),
+            ]),
+        );
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["good.txt"], vec![K::UnsafePath, K::UnsafePath])
+        );
+    }
+
+    #[test]
+    fn input_link_members() {
+        let mut b = tar::Builder::new(Vec::new());
+        raw_entry(&mut b, "notes/a.txt", EntryType::Regular, b"Jane Doe ok");
+        raw_entry(&mut b, "sym.txt", EntryType::Symlink, b"");
+        raw_entry(&mut b, "hard.txt", EntryType::Link, b"");
+        let out = read("l.tar", b.into_inner().unwrap());
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["notes/a.txt"], vec![K::Link, K::Link])
+        );
+
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = SimpleFileOptions::default();
+        w.add_symlink("sym.txt", "/etc/passwd", opts).unwrap();
+        w.start_file("good.txt", opts).unwrap();
+        w.write_all(b"Jane Doe ok").unwrap();
+        let out = read("l.zip", w.finish().unwrap().into_inner());
+        assert_eq!((out.ids(), out.kinds()), (vec!["good.txt"], vec![K::Link]));
+    }
+
+    /// Counts bytes handed out, to prove an oversized input is not read past its limit.
+    struct Counting {
+        inner: Cursor<Vec<u8>>,
+        read: Arc<AtomicU64>,
+    }
+
+    impl Read for Counting {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    impl Seek for Counting {
+        fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+            self.inner.seek(pos)
+        }
+    }
+
+    #[test]
+    fn input_too_large_documents_and_members() {
+        let mut small = spec();
+        small.max_document_bytes = 100;
+        let lim = InputLimits::from_spec(&small);
+
+        let read_count = Arc::new(AtomicU64::new(0));
+        let big = vec![b'a'; 10 << 20];
+        let reader = Counting {
+            inner: Cursor::new(big.clone()),
+            read: Arc::clone(&read_count),
+        };
+        let out = read_from(
+            &input("big.txt", &big, Selection::Whole),
+            Box::new(reader),
+            &small,
+            &lim,
+        );
+        assert_eq!(out.kinds(), [K::TooLarge]);
+        assert!(
+            read_count.load(Ordering::Relaxed) <= 101,
+            "read {} bytes",
+            read_count.load(Ordering::Relaxed)
+        );
+        assert_eq!(
+            read_with("ok.txt", vec![b'a'; 100], Selection::Whole, &lim).ids(),
+            ["ok.txt"]
+        );
+
+        let members: &[(&str, &[u8])] = &[("big.txt", &[b'a'; 101]), ("ok.txt", b"Jane Doe ok")];
+        for (uri, bytes) in [
+            ("t.tar", tar_of(members)),
+            ("t.tar.gz", gz(&tar_of(members))),
+            ("t.zip", zip_of(members)),
+        ] {
+            let out = read_with(uri, bytes, Selection::Whole, &lim);
+            assert_eq!(
+                (out.ids(), out.kinds()),
+                (vec!["ok.txt"], vec![K::TooLarge]),
+                "{uri}"
+            );
+        }
+
+        let jsonl = format!(
+            "{{\"id\":\"long\",\"text\":\"{}\"}}\n{{\"id\":\"ok\",\"text\":\"Jane Doe\"}}\n",
+            "a".repeat(101)
+        );
+        let out = read_with("r.jsonl", jsonl.into_bytes(), Selection::Whole, &lim);
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok"], vec![K::TooLarge]));
+        // A line past the record limit is skipped unparsed.
+        let huge = format!(
+            "{{\"id\":\"huge\",\"text\":\"{}\"}}\n{{\"id\":\"ok\",\"text\":\"Jane Doe\"}}\n",
+            "a".repeat(1 << 20)
+        );
+        let out = read_with("r.jsonl", huge.into_bytes(), Selection::Whole, &lim);
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok"], vec![K::TooLarge]));
+        assert_eq!(out.errors[0].record.as_deref(), Some("1"));
+
+        // A CSV record that never ends (an unclosed quote) stops the file at the record limit.
+        let csv = format!("id,text\n1,Jane Doe ok\n2,\"{}", "a".repeat(1 << 20));
+        let out = read_with("r.csv", csv.into_bytes(), Selection::Whole, &lim);
+        assert_eq!((out.ids(), out.kinds()), (vec!["1"], vec![K::TooLarge]));
+    }
+
+    #[test]
+    fn input_zip_bomb_by_declared_ratio() {
+        let zeros = vec![0u8; 10 << 20];
+        let out = read(
+            "bomb.zip",
+            zip_of(&[("zeros.txt", &zeros), ("ok.txt", b"Jane Doe ok")]),
+        );
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["ok.txt"], vec![K::CompressionBomb])
+        );
+        assert_eq!(out.members(), [Some("zeros.txt")]);
+    }
+
+    #[test]
+    fn input_zip_lying_header_is_caught_by_counting() {
+        let zeros = vec![b' '; 10 << 20];
+        let mut zip = zip_of(&[("zeros.txt", &zeros), ("ok.txt", b"Jane Doe ok")]);
+        // Make both headers of the first member claim 1000 bytes inflated: the declared ratio
+        // then looks harmless, and only counting while inflating catches it.
+        assert_eq!(&zip[..4], b"PK\x03\x04");
+        zip[22..26].copy_from_slice(&1000u32.to_le_bytes());
+        let central = zip.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        zip[central + 24..central + 28].copy_from_slice(&1000u32.to_le_bytes());
+        let out = read("liar.zip", zip);
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["ok.txt"], vec![K::CompressionBomb])
+        );
+        assert!(
+            out.errors[0].detail.contains("declared size"),
+            "{}",
+            out.errors[0].detail
+        );
+    }
+
+    #[test]
+    fn input_tar_gz_bombs() {
+        // The stream ratio stops the archive while the bomb member is inflated.
+        let spaces = vec![b' '; 10 << 20];
+        let tar = tar_of(&[
+            ("a.txt", b"Jane Doe ok"),
+            ("spaces.jsonl", &spaces),
+            ("c.txt", b"Jane Doe c"),
+        ]);
+        let out = read("bomb.tar.gz", gz(&tar));
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["a.txt"], vec![K::CompressionBomb])
+        );
+        assert_eq!(out.members(), [Some("spaces.jsonl")]);
+
+        // A member declaring more than the member limit is refused unread.
+        let mut lim = limits();
+        lim.max_member_bytes = 1000;
+        let big = noisy_note(3, 5000);
+        let tar = tar_of(&[("big.jsonl", &big), ("ok.txt", b"Jane Doe ok")]);
+        let out = read_with("m.tar.gz", gz(&tar), Selection::Whole, &lim);
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["ok.txt"], vec![K::CompressionBomb])
+        );
+    }
+
+    #[test]
+    fn input_wrong_format() {
+        let text = "Jane Doe: this is a plain note, whatever its name says.\n".repeat(20);
+        let pdf = b"%PDF-1.7\n1 0 obj Jane Doe".to_vec();
+        let mut dicom = vec![0u8; 128];
+        dicom.extend_from_slice(b"DICM");
+        let zip = zip_of(&[("a.txt", b"Jane Doe")]);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("really-text.zip", text.clone().into_bytes()),
+            ("really-text.tar.gz", text.clone().into_bytes()),
+            ("really-zip.tar.gz", zip.clone()),
+            ("really-text.tar", text.clone().into_bytes()),
+            ("short-text.tar", b"Jane Doe".to_vec()),
+            ("gzip-of-text.tar.gz", gz(text.as_bytes())),
+            ("report.txt", pdf.clone()),
+            ("image.txt", dicom),
+            ("nul.txt", b"Jane Doe\0\0\0".to_vec()),
+            ("zip.txt", zip),
+            ("rows.jsonl", b"id,text\n1,Jane Doe\n".to_vec()),
+            ("pdf.csv", pdf.clone()),
+        ];
+        for (uri, bytes) in cases {
+            let out = read(uri, bytes);
+            assert_eq!(
+                (out.docs.len(), out.kinds()),
+                (0, vec![K::WrongFormat]),
+                "{uri}: {:?}",
+                out.errors
+            );
+        }
+        let out = read(
+            "m.tar",
+            tar_of(&[("scan.txt", &pdf), ("ok.txt", b"Jane Doe ok")]),
+        );
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["ok.txt"], vec![K::WrongFormat])
+        );
+    }
+
+    #[test]
+    fn input_unsupported_kinds() {
+        let inner = zip_of(&[("a.txt", b"Jane Doe")]);
+        let tar = tar_of(&[
+            ("inner.zip", &inner),
+            ("scan.pdf", b"%PDF"),
+            ("rows.jsonl", JSONL),
+            ("ok.txt", b"Jane Doe ok"),
+        ]);
+        let out = read("n.tar", tar.clone());
+        assert_eq!(out.kinds(), [K::UnsupportedKind, K::UnsupportedKind]);
+        assert_eq!(out.ids(), ["r1", "7", "ok.txt"]);
+
+        // Members the pipeline does not accept, and inputs it does not accept.
+        let mut only_text = spec();
+        only_text.kinds = vec![InputKind::Tar, InputKind::Text];
+        let out = read_from(
+            &input("n.tar", &tar, Selection::Whole),
+            Box::new(Cursor::new(tar)),
+            &only_text,
+            &limits(),
+        );
+        assert_eq!(out.kinds(), [K::UnsupportedKind; 3]);
+        assert_eq!(out.ids(), ["ok.txt"]);
+        let out = read_from(
+            &input("a.jsonl", JSONL, Selection::Whole),
+            Box::new(Cursor::new(JSONL)),
+            &only_text,
+            &limits(),
+        );
+        assert_eq!(out.kinds(), [K::UnsupportedKind]);
+        assert_eq!(read("scan.pdf", "%PDF").kinds(), [K::UnsupportedKind]);
+    }
+
+    #[test]
+    fn input_member_count_limit() {
+        let mut lim = limits();
+        lim.max_members = 2;
+        let tar = tar_of(&[
+            ("a.txt", b"Jane Doe a"),
+            ("b.txt", b"Jane Doe b"),
+            ("c.txt", b"Jane Doe c"),
+        ]);
+        let out = read_with("many.tar", tar, Selection::Whole, &lim);
+        assert_eq!(
+            (out.ids(), out.kinds()),
+            (vec!["a.txt", "b.txt"], vec![K::TooLarge])
+        );
+        assert_eq!(out.members(), [None]);
+    }
+
+    #[test]
+    fn input_oversized_tar_header_is_refused() {
+        // A GNU long-name record the tar crate would buffer whole: 2 MiB of name, after a
+        // large member that is skipped (seeked over in a tar, inflated through in a tar.gz).
+        let mut b = tar::Builder::new(Vec::new());
+        raw_entry(&mut b, "a.txt", EntryType::Regular, b"Jane Doe ok");
+        raw_entry(
+            &mut b,
+            "big.bin",
+            EntryType::Regular,
+            &noisy_note(5, 3 << 20),
+        );
+        raw_entry(
+            &mut b,
+            "././@LongLink",
+            EntryType::GNULongName,
+            &vec![b'n'; 2 << 20],
+        );
+        raw_entry(&mut b, "b.txt", EntryType::Regular, b"Jane Doe b");
+        let tar = b.into_inner().unwrap();
+        for (uri, bytes) in [("long.tar", tar.clone()), ("long.tar.gz", gz(&tar))] {
+            let out = read(uri, bytes);
+            assert_eq!(out.ids(), ["a.txt"], "{uri}");
+            assert_eq!(out.kinds(), [K::UnsupportedKind, K::TooLarge], "{uri}");
+        }
+    }
+}

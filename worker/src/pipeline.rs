@@ -1,0 +1,119 @@
+//! Loading a pipeline folder: spec, prompt template, answer schema, digest.
+
+use medbatch_schemas::{Digest, PipelineRef, PipelineSpec};
+use sha2::{Digest as _, Sha256};
+use std::path::{Path, PathBuf};
+
+/// Placeholder rendered into the template to find where per-item text starts; everything
+/// before it is the prompt prefix shared by all items.
+const ITEM_MARKER: &str = "\u{0}MEDBATCH_ITEM\u{0}";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("pipeline {0}: not found (give a folder name under pipelines/ or a path)")]
+    NotFound(String),
+    #[error("pipeline {path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+/// A pipeline ready to run.
+#[derive(Debug, Clone)]
+pub struct LoadedPipeline {
+    pub dir: PathBuf,
+    pub spec: PipelineSpec,
+    pub template: String,
+    pub schema: serde_json::Value,
+    pub digest: Digest,
+}
+
+/// A rendered prompt and the length of its shared prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    pub text: String,
+    pub shared_prefix_len: usize,
+}
+
+impl LoadedPipeline {
+    /// Resolves `name_or_path`: an existing folder, else `pipelines/NAME` under the current
+    /// directory or next to the executable's repository.
+    pub fn resolve(name_or_path: &str) -> Result<PathBuf, PipelineError> {
+        let direct = PathBuf::from(name_or_path);
+        if direct.join("pipeline.toml").is_file() {
+            return Ok(direct);
+        }
+        let is_name = !name_or_path.contains('/') && !name_or_path.contains('\\') && !name_or_path.starts_with('.');
+        if is_name {
+            let mut roots = vec![PathBuf::from("pipelines")];
+            if let Some(dir) = option_env!("CARGO_MANIFEST_DIR") {
+                roots.push(Path::new(dir).join("..").join("pipelines"));
+            }
+            for r in roots {
+                let p = r.join(name_or_path);
+                if p.join("pipeline.toml").is_file() {
+                    return Ok(p);
+                }
+            }
+        }
+        Err(PipelineError::NotFound(name_or_path.to_string()))
+    }
+
+    pub fn load(name_or_path: &str) -> Result<Self, PipelineError> {
+        let dir = Self::resolve(name_or_path)?;
+        let shown = dir.display().to_string();
+        let invalid = |reason: String| PipelineError::Invalid { path: shown.clone(), reason };
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
+        let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
+        let template = read(&spec.prompt.template)?;
+        let schema: serde_json::Value =
+            serde_json::from_str(&read(&spec.prompt.schema)?).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        let digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
+        let p = Self { dir, spec, template, schema, digest };
+        p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
+        Ok(p)
+    }
+
+    pub fn reference(&self) -> PipelineRef {
+        PipelineRef { name: self.spec.name.clone(), version: self.spec.version.clone(), digest: self.digest.clone() }
+    }
+
+    /// Renders the prompt template with `line` (the item text).
+    pub fn render(&self, line: &str) -> Result<RenderedPrompt, minijinja::Error> {
+        let env = minijinja::Environment::new();
+        let tmpl = env.template_from_str(&self.template)?;
+        let with_marker = tmpl.render(minijinja::context! { line => ITEM_MARKER })?;
+        let shared_prefix_len = with_marker.find(ITEM_MARKER).unwrap_or(0);
+        Ok(RenderedPrompt { text: with_marker.replace(ITEM_MARKER, line), shared_prefix_len })
+    }
+}
+
+/// Digest of every file in the pipeline folder (sorted relative paths and contents), so a
+/// changed prompt or schema changes the digest recorded on every row.
+pub fn digest_dir(dir: &Path) -> std::io::Result<Digest> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == "__pycache__" {
+                continue;
+            }
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        let rel = f.strip_prefix(dir).unwrap_or(&f).to_string_lossy().replace('\\', "/");
+        h.update(rel.as_bytes());
+        h.update([0]);
+        let bytes = std::fs::read(&f)?;
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    Ok(Digest::from_sha256(h.finalize()))
+}
