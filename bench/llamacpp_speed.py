@@ -6,7 +6,9 @@
 #   tg128: generated tokens/s for 128 greedy single-token evals after a 16-token prompt
 #          (argmax of the last logits in numpy, no sampler), fresh context each run.
 # Each is the median of RUNS runs. Before each run the script records the 1-minute load
-# average and the share of CPU time used over the last second; the machine is shared, so
+# average (which counts this script's own threads from the previous run) and the share of CPU
+# time used over the last second, and during each run the share of CPU time other processes
+# took (/proc/stat busy time minus this process's CPU time). The machine is shared, so
 # numbers taken under foreign load are low (5-8x slower has been seen) and should be rerun.
 # Each run first waits up to BENCH_IDLE_WAIT_S (default 180) seconds for CPU use < 10%.
 #

@@ -11,12 +11,18 @@ use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-/// Below this margin between the best and second-best logit, the two implementations'
-/// rounding may legitimately pick different tokens; comparison of a continuation stops there.
-const NEAR_TIE: f64 = 0.05;
-/// Largest difference allowed between our first-step logits and llama.cpp's (both quantize
-/// activations, but accumulate in different orders).
-const LOGIT_TOLERANCE: f32 = 0.25;
+/// Below this margin between llama.cpp's best and second-best logit, the two implementations
+/// may legitimately pick different tokens, and comparison of a continuation stops there.
+/// On this model any f16 rounding moves logits by about 0.15 on average (llama.cpp itself
+/// moves that much between an f16 and an f32 KV cache; `medbatch debug logits --dump` and
+/// the README next to the fixtures show how it was measured), so the threshold is about
+/// three times that.
+const NEAR_TIE: f64 = 0.5;
+/// Largest difference allowed between our first-step logits and llama.cpp's for its ten
+/// best tokens (same reasoning as `NEAR_TIE`; the largest difference seen over the whole
+/// vocabulary is about 1.0, the mean about 0.15). With dequantized weights and f32 numerics
+/// the engine matches transformers to 1e-3 on the same model (see docs/benchmarks.md).
+const LOGIT_TOLERANCE: f32 = 1.0;
 /// Continuations must agree for at least this many tokens on at least `MIN_LONG_PROMPTS`.
 const MIN_MATCHED: usize = 32;
 const MIN_LONG_PROMPTS: usize = 5;
@@ -134,11 +140,20 @@ fn first_step_logits_close_to_llama_cpp() {
         let prompt = ids(&c["prompt_ids"]);
         let logits = e.all_logits(&prompt).expect("logits");
         let last = logits.last().unwrap();
-        for pair in c["first_logits_top10"].as_array().unwrap() {
-            let id = pair[0].as_u64().unwrap() as usize;
-            let want = pair[1].as_f64().unwrap() as f32;
+        let top: Vec<(usize, f32)> = c["first_logits_top10"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap() as usize, p[1].as_f64().unwrap() as f32))
+            .collect();
+        for &(id, want) in &top {
             let got = last[id];
             assert!((got - want).abs() <= LOGIT_TOLERANCE, "{name}: logit of {id} is {got}, llama.cpp {want}");
+        }
+        let ours_best = (0..last.len()).max_by(|&a, &b| last[a].total_cmp(&last[b])).unwrap();
+        let margin = f64::from(top[0].1 - top[1].1);
+        if margin >= NEAR_TIE {
+            assert_eq!(ours_best, top[0].0, "{name}: first token differs from llama.cpp");
         }
     }
 }

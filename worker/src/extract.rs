@@ -77,6 +77,9 @@ pub async fn extract_document(doc: &Document, pipeline: &LoadedPipeline, engine:
             }
         };
         let chat = spec.prompt.format == PromptFormat::Chat;
+        // A prompt may end inside the answer (the template writes its opening so the model only
+        // continues it); the answer parsed is then that opening plus the generated text.
+        let primer = if !chat && rendered.text.ends_with(labreport::ANSWER_PRIMER) { labreport::ANSWER_PRIMER } else { "" };
         let prompt = if chat { medbatch_engine::Engine::chat_prompt(&rendered.text) } else { rendered.text };
         let req = GenerateRequest {
             shared_prefix_len: if chat { 0 } else { rendered.shared_prefix_len },
@@ -97,7 +100,7 @@ pub async fn extract_document(doc: &Document, pipeline: &LoadedPipeline, engine:
         out.tokens_out += generation.ids.len() as u64;
         out.engine_ms += generation.engine_ms;
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
-        match labreport::parse_answer(&generation.text, &c) {
+        match labreport::parse_answer(&format!("{primer}{}", generation.text), &c) {
             Ok(item) => out.rows.push(row(item, tin, tout)),
             Err(e) => {
                 let truncated = generation.finish == Finish::Length;

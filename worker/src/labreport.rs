@@ -736,11 +736,13 @@ fn is_prose(s: &str) -> bool {
     words.len() >= PROSE_MIN_WORDS && words.iter().any(|w| PROSE_WORDS.contains(&w.as_str()))
 }
 
-/// Whether `next` continues a wrapped prose line `prev`: `prev` does not end a sentence and
-/// `next` does not start one.
+/// Whether `next` continues a wrapped prose line `prev`: `prev` does not end a sentence,
+/// `next` does not start one, and `next` is not a result line of its own (`pH 6.5`,
+/// `eGFR: 52 mL/min` start in lower case too).
 fn continues(prev: &str, next: &str) -> bool {
     !prev.trim_end().ends_with(['.', '!', '?', ':', ';'])
         && next.trim_start().starts_with(|c: char| c.is_lowercase() || c.is_ascii_digit() || c == '(')
+        && (is_prose(next) || !looks_like_result(next))
 }
 
 /// Cuts a document into candidate result lines and phrases, outside the `claimed` spans
@@ -960,7 +962,7 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     };
     let [test, value, unit, ref_low, ref_high, flag] = ANSWER_FIELDS.map(|f| field_text(&object, f));
     let (test, unit, ref_low, ref_high, flag) = (test?, unit?, ref_low?, ref_high?, flag?);
-    let (value, unit) = split_glued_unit(value?.ok_or(AnswerError::MissingValue)?, unit);
+    let (value, glued_unit) = split_glued_unit(value?.ok_or(AnswerError::MissingValue)?);
     let value_numeric = parse_value(&value);
 
     let text = candidate.text.as_str();
@@ -971,7 +973,8 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let after = &text[value_end..];
 
     let test = choose_test(test, text, before);
-    let unit = unit.and_then(|u| unit_token(after, &u));
+    // A unit the model copied together with the value is the better witness.
+    let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
     let (ref_low, ref_high) = match parse_range(after) {
         (None, None) => model_bounds(ref_low, ref_high, after),
         read => read,
@@ -1017,14 +1020,14 @@ fn byte_offset(s: &str, line: usize, column: usize) -> usize {
 static GLUED_UNIT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(&format!(r"^([-−]?{NUM})\s*([\p{{L}}%µ/].*)$")).unwrap());
 
-/// `"255 x10^3/uL"` → value `255`, and the rest as the unit when the answer gave none.
-fn split_glued_unit(value: String, unit: Option<String>) -> (String, Option<String>) {
+/// `"255 x10^3/uL"` → value `255` and unit `x10^3/uL`; other values unchanged.
+fn split_glued_unit(value: String) -> (String, Option<String>) {
     if parse_value(&value).is_some() {
-        return (value, unit);
+        return (value, None);
     }
     match GLUED_UNIT.captures(&value) {
-        Some(c) => (c[1].to_string(), unit.or_else(|| Some(c[2].trim().to_string()))),
-        None => (value, unit),
+        Some(c) => (c[1].to_string(), Some(c[2].trim().to_string())),
+        None => (value, None),
     }
 }
 
@@ -1144,10 +1147,16 @@ fn unit_token(after: &str, unit: &str) -> Option<String> {
         })
 }
 
-/// The model's reference bounds, each kept only if that number is printed after the value;
-/// a reversed pair is put in order.
+/// The model's reference bounds, each kept only if that number is printed after the value
+/// on its own (not the `10` or `9` of `x10^9/L`); a reversed pair is put in order.
 fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Option<f64>, Option<f64>) {
-    let printed: Vec<f64> = NUMBER.find_iter(after).filter_map(|m| parse_value(m.as_str())).collect();
+    let standalone = |m: &regex::Match| {
+        let before = after[..m.start()].chars().next_back();
+        let next = after[m.end()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '^') && !next.is_some_and(|c| c.is_alphabetic() || c == '^')
+    };
+    let printed: Vec<f64> =
+        NUMBER.find_iter(after).filter(standalone).filter_map(|m| parse_value(m.as_str())).collect();
     let bound = |b: Option<String>| {
         b.as_deref().and_then(parse_value).filter(|v| printed.iter().any(|p| (p - v.abs()).abs() <= f64::EPSILON * p.max(1.0)))
     };
@@ -1468,6 +1477,11 @@ The troponin I was negative. Glucose, fasting, was 108 mg/dL.";
         assert_eq!(c[0].text, "On admission the potassium was elevated at 5.9  mmol/L");
         assert_eq!(c[0].end - c[0].start, c[0].text.chars().count());
         assert_eq!(span_text(text, c[1].start, c[1].end), "the sodium was 139 mmol/L");
+        // A result line after unfinished prose stays a line of its own.
+        let text = "Urine was collected and tested with the following results
+pH 6.5 5.0-8.0
+";
+        assert_eq!(texts(&segment(text, &[])), vec!["pH 6.5 5.0-8.0"]);
     }
 
     #[test]
@@ -1648,6 +1662,23 @@ The troponin I was negative. Glucose, fasting, was 108 mg/dL.";
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.value.as_deref(), item.value_numeric), (Some("255"), Some(255.0)));
         assert_eq!(item.unit.as_deref(), Some("x10^3/uL"));
+    }
+
+    #[test]
+    fn answer_glued_unit_beats_the_unit_field_and_exponents_are_not_bounds() {
+        let c = cand("Serum iron 7 umol/L (ref 10-30) L");
+        let a = r#"{"test":"Iron","value":"7 umol/L","unit":"mmol/L","ref_low":"10","ref_high":"30","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value.as_deref(), item.unit.as_deref()), (Some("7"), Some("umol/L")));
+        assert_eq!(item.flag, Some(Flag::Low));
+        let c = cand("Transferrin saturation 8 % (ref 20-50) L");
+        let a = r#"{"test":"Transferrin","value":"8%","unit":"L"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.unit.as_deref()), (Some("Transferrin saturation"), Some("%")));
+        let c = cand("White cell count was 14.2 x10^9/L with neutrophilia");
+        let a = r#"{"test":"White cell count","value":"14.2","unit":"x10^9/L","ref_low":"9","ref_high":"10"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
     }
 
     #[test]
