@@ -83,3 +83,66 @@ pub async fn commit_run(
         .map(Some)
         .map_err(|e| CoordinatorError::Corrupt { key: mkey, reason: e.to_string() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan_run, PlanConfig};
+    use medbatch_connectors::store::LocalStore;
+    use medbatch_schemas::{Digest, ModelRef, OutputPart, PipelineRef, RunId};
+
+    #[tokio::test]
+    async fn manifest_only_when_every_job_is_done_and_written_once() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), "x").unwrap();
+        std::fs::write(d.path().join("b.txt"), "y").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(out.path()).unwrap();
+        let plan = plan_run(&PlanConfig {
+            run_id: RunId::new("r").unwrap(),
+            pipeline: PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") },
+            model: ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
+            output: "/out".into(),
+            inputs: vec![d.path().to_str().unwrap().into()],
+        })
+        .unwrap();
+        let complete = |i: usize| Completion {
+            schema_version: JOB_SCHEMA_VERSION,
+            run_id: plan.run_id.clone(),
+            job_id: plan.jobs[i].job_id.clone(),
+            parts: vec![OutputPart {
+                table: "t".into(),
+                key: format!("t/run_id=r/part-{}.parquet", plan.jobs[i].job_id),
+                rows: 3,
+                bytes: 10,
+                sha256: Digest::of_bytes(b"part"),
+            }],
+            documents_ok: 1,
+            documents_failed: 0,
+            error_rows: 0,
+            tokens_in: 5,
+            tokens_out: 2,
+            engine_ms: 1,
+            wall_ms: 1,
+            worker_id: "w".into(),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let put = |i: usize| {
+            let c = complete(i);
+            let key = done_key(&c.run_id, &c.job_id);
+            let store = store.clone();
+            async move { store.put(&key, serde_json::to_vec(&c).unwrap().into()).await.unwrap() }
+        };
+        put(0).await;
+        assert!(commit_run(&plan, &store, "t1").await.unwrap().is_none());
+        assert!(!store.exists(&success_key(&plan.run_id)).await.unwrap());
+        put(1).await;
+        let m = commit_run(&plan, &store, "t1").await.unwrap().unwrap();
+        assert_eq!((m.jobs, m.parts.len(), m.tokens_in), (2, 2, 10));
+        assert!(store.exists(&success_key(&plan.run_id)).await.unwrap());
+        // Committing again returns the stored manifest unchanged.
+        assert_eq!(commit_run(&plan, &store, "t2").await.unwrap().unwrap(), m);
+        let p = run_progress(&plan, &store).await.unwrap();
+        assert_eq!((p.jobs_done, p.rows), (2, 6));
+    }
+}

@@ -148,3 +148,73 @@ pub async fn publish_pending(
     }
     Ok((published, done))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medbatch_connectors::queue::InProcessQueue;
+    use medbatch_connectors::store::LocalStore;
+
+    fn cfg(inputs: Vec<String>, run: &str) -> PlanConfig {
+        PlanConfig {
+            run_id: RunId::new(run).unwrap(),
+            pipeline: PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") },
+            model: ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
+            output: "/out".into(),
+            inputs,
+        }
+    }
+
+    fn write_tar(path: &std::path::Path, n: usize) {
+        let mut b = tar::Builder::new(std::fs::File::create(path).unwrap());
+        for i in 0..n {
+            let data = format!("doc {i}");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("r{i:03}.txt"), data.as_bytes()).unwrap();
+        }
+        b.finish().unwrap();
+    }
+
+    #[test]
+    fn replanning_gives_the_same_jobs_and_archives_split_by_members() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), "x").unwrap();
+        write_tar(&d.path().join("b.tar"), MEMBERS_PER_JOB + 3);
+        let arg = d.path().to_str().unwrap().to_string();
+        let p1 = plan_run(&cfg(vec![arg.clone(), format!("{arg}/a.txt")], "r")).unwrap();
+        let p2 = plan_run(&cfg(vec![arg.clone()], "r")).unwrap();
+        assert_eq!(p1, p2, "the same file named twice is one input; planning is deterministic");
+        assert_eq!(p1.files, 2);
+        assert_eq!(p1.jobs.len(), 3, "one text job, two archive jobs");
+        assert_eq!(p1.units, 1 + MEMBERS_PER_JOB as u64 + 3);
+        let p3 = plan_run(&cfg(vec![arg], "other")).unwrap();
+        assert_ne!(p1.jobs[0].job_id, p3.jobs[0].job_id, "job ids depend on the run id");
+        assert!(matches!(plan_run(&cfg(vec!["/nonexistent/x".into()], "r")), Err(CoordinatorError::Input(_))));
+    }
+
+    #[tokio::test]
+    async fn publishing_is_resumable_and_refuses_a_different_plan() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.txt"), "x").unwrap();
+        std::fs::write(d.path().join("b.txt"), "y").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(out.path()).unwrap();
+        let plan = plan_run(&cfg(vec![d.path().to_str().unwrap().into()], "r")).unwrap();
+        let q = InProcessQueue::new();
+        let (published, done) = publish_pending(&plan, &store, &q).await.unwrap();
+        assert_eq!((published.len(), done), (2, 0));
+        // One job finishes; planning again publishes only the other.
+        let j = &plan.jobs[0];
+        store.put(&done_key(&j.run_id, &j.job_id), bytes::Bytes::from_static(b"{}")).await.unwrap();
+        let q2 = InProcessQueue::new();
+        let (published, done) = publish_pending(&plan, &store, &q2).await.unwrap();
+        assert_eq!((published, done), (vec![plan.jobs[1].job_id.clone()], 1));
+        // Same run id, different inputs: refused.
+        std::fs::write(d.path().join("c.txt"), "z").unwrap();
+        let other = plan_run(&cfg(vec![d.path().to_str().unwrap().into()], "r")).unwrap();
+        assert!(matches!(publish_pending(&other, &store, &q2).await, Err(CoordinatorError::PlanMismatch { .. })));
+    }
+}

@@ -205,3 +205,85 @@ pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, ParquetOutError> {
     w.close()?;
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::labreport::{Flag, Method};
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, UInt32Type};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    fn prov() -> JobProvenance {
+        JobProvenance {
+            job_id: "j".into(),
+            run_id: "r".into(),
+            pipeline: "lab-report".into(),
+            pipeline_digest: "pd".into(),
+            model_id: "m".into(),
+            model_digest: "md".into(),
+            generated_at_us: 1_700_000_000_000_000,
+        }
+    }
+
+    fn read(bytes: Vec<u8>) -> RecordBatch {
+        let mut r = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap().build().unwrap();
+        r.next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn lab_rows_round_trip_through_parquet() {
+        let item = LabItem {
+            test: Some("Potassium".into()),
+            value: Some("<0.27".into()),
+            value_numeric: None,
+            unit: Some("mmol/L".into()),
+            ref_low: Some(3.5),
+            ref_high: None,
+            flag: Some(Flag::High),
+            evidence_start: 3,
+            evidence_end: 40,
+            method: Method::Model,
+        };
+        let rows = vec![LabRow {
+            document_id: "d1".into(),
+            source_uri: "file:///x.txt".into(),
+            input_sha256: "abc".into(),
+            item,
+            tokens_in: 12,
+            tokens_out: 7,
+        }];
+        let batch = read(to_parquet(&lab_results_batch(&rows, &prov()).unwrap()).unwrap());
+        assert_eq!(batch.schema(), lab_results_schema());
+        assert_eq!(batch.num_rows(), 1);
+        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
+        assert_eq!(col("value").as_string::<i32>().value(0), "<0.27");
+        assert!(col("value_numeric").is_null(0));
+        assert_eq!(col("ref_low").as_primitive::<Float64Type>().value(0), 3.5);
+        assert!(col("ref_high").is_null(0));
+        assert_eq!(col("evidence_end").as_primitive::<UInt32Type>().value(0), 40);
+        let flag = arrow::compute::cast(&col("flag"), &arrow::datatypes::DataType::Utf8).unwrap();
+        assert_eq!(flag.as_string::<i32>().value(0), "high");
+        assert_eq!(col("run_id").as_string::<i32>().value(0), "r");
+    }
+
+    #[test]
+    fn error_rows_round_trip_through_parquet() {
+        let rows = vec![ErrorRow {
+            source_uri: "file:///a.tar.gz".into(),
+            member: Some("../evil.txt".into()),
+            record: None,
+            document_id: None,
+            stage: "input",
+            reason: "unsafe_path".into(),
+            detail: "member name climbs out with '..'".into(),
+            evidence: None,
+            input_sha256: None,
+        }];
+        let batch = read(to_parquet(&errors_batch(&rows, &prov()).unwrap()).unwrap());
+        assert_eq!(batch.schema(), errors_schema());
+        let member = batch.column_by_name("member").unwrap();
+        assert_eq!(member.as_string::<i32>().value(0), "../evil.txt");
+        assert!(batch.column_by_name("evidence_start").unwrap().is_null(0));
+    }
+}
