@@ -121,7 +121,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             WorkerEvent::DocumentsFound { job_id, count } => {
                 progress.found(count, planned_units.get(&job_id).copied().unwrap_or(1))
             }
-            WorkerEvent::DocumentDone { ok, tokens_out } => progress.document(ok, tokens_out),
+            WorkerEvent::DocumentDone { ok } => progress.document(ok),
+            WorkerEvent::Generated { tokens } => progress.generated(tokens),
             WorkerEvent::JobDone { .. } => {}
             WorkerEvent::JobFailed { job_id, reason } => failures.push(format!("job {job_id}: {reason}")),
         }
@@ -146,7 +147,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         progress.tokens_out as f64 / wall.max(1e-3)
     );
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
-    println!("  wall time  {wall:.1} s");
+    println!(
+        "  wall time  {wall:.1} s ({:.2} documents/s){}",
+        progress.done as f64 / wall.max(1e-3),
+        crate::bench::peak_rss_mib().map(|m| format!(", peak memory {m:.0} MiB")).unwrap_or_default()
+    );
     println!("  output     {}", out_root.join(table).join(format!("run_id={run_id}")).display());
     match manifest {
         Some(_) => {

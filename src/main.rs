@@ -20,7 +20,11 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "medbatch", version, about = "Run MedGemma (Gemma 3) pipelines over hospital archives and write analysis-ready Parquet")]
+#[command(
+    name = "medbatch",
+    version,
+    about = "Run MedGemma (Gemma 3) pipelines over hospital archives and write analysis-ready Parquet"
+)]
 struct Cli {
     /// Log filter (tracing syntax, e.g. `info` or `medbatch_worker=debug`). Logs go to
     /// stderr and never contain document text.

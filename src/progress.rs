@@ -22,8 +22,10 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             b.set_style(
-                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} documents  {msg}  ETA {eta}")
-                    .expect("valid template"),
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} documents  {msg}  ETA {eta}",
+                )
+                .expect("valid template"),
             );
             b.enable_steady_tick(Duration::from_millis(200));
             b
@@ -47,13 +49,23 @@ impl Progress {
         }
     }
 
-    pub fn document(&mut self, ok: bool, tokens_out: u64) {
+    pub fn generated(&mut self, tokens: u64) {
+        self.tokens_out += tokens;
+        if let Some(b) = &self.bar {
+            b.set_message(self.message());
+        }
+    }
+
+    fn message(&self) -> String {
+        format!("{:.1} tok/s  {} failed", self.tokens_per_s(), self.failed)
+    }
+
+    pub fn document(&mut self, ok: bool) {
         self.done += 1;
         if !ok {
             self.failed += 1;
         }
-        self.tokens_out += tokens_out;
-        let msg = format!("{:.1} tok/s  {} failed", self.tokens_per_s(), self.failed);
+        let msg = self.message();
         match &self.bar {
             Some(b) => {
                 b.set_position(self.done);

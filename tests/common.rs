@@ -13,7 +13,8 @@ pub fn repo_root() -> PathBuf {
 /// The demo model; the tests fail (never skip) when it is missing.
 pub fn demo_model() -> PathBuf {
     let p = std::env::var_os("MEDBATCH_DEMO_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/medbatch/models/gemma-3-270m-q4_k_m.gguf")
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/medbatch/models/gemma-3-270m-q4_k_m.gguf")
     });
     assert!(p.is_file(), "demo model missing at {}: run `bash infra/fetch-demo-model.sh`", p.display());
     p
@@ -47,11 +48,13 @@ pub fn read_parquet_dir(dir: &Path) -> (usize, Vec<String>, Vec<arrow::record_ba
     let mut rows = 0;
     let mut names = Vec::new();
     let mut batches = Vec::new();
-    let mut files: Vec<PathBuf> = walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
+    let mut files: Vec<PathBuf> =
+        walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "parquet")).collect();
     files.sort();
     for f in files {
         let file = std::fs::File::open(&f).unwrap();
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
         for b in reader {
             let b = b.unwrap();
             if names.is_empty() {

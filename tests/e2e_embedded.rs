@@ -20,7 +20,19 @@ fn demo_run_writes_parquet_that_both_readers_agree_on_and_reruns_do_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let out_s = out.to_str().unwrap();
-    let o = medbatch(&["run", "lab-report", "examples/lab-reports", "--out", out_s, "--model", model.to_str().unwrap(), "--run-id", "e2e", "--workers", "2"]);
+    let o = medbatch(&[
+        "run",
+        "lab-report",
+        "examples/lab-reports",
+        "--out",
+        out_s,
+        "--model",
+        model.to_str().unwrap(),
+        "--run-id",
+        "e2e",
+        "--workers",
+        "2",
+    ]);
     let stdout = text(&o.stdout);
     assert!(o.status.success(), "exit {:?}\nstdout:\n{stdout}\nstderr:\n{}", o.status, text(&o.stderr));
     assert!(stdout.contains("lab_results/run_id=e2e"), "summary does not say where the Parquet went:\n{stdout}");
@@ -39,7 +51,22 @@ fn demo_run_writes_parquet_that_both_readers_agree_on_and_reruns_do_nothing() {
     let (rows, names, batches) = read_parquet_dir(&out.join("lab_results"));
     assert_eq!(rows as u64, manifest_rows);
     assert!(rows >= 40, "only {rows} lab results from the examples");
-    for c in ["document_id", "source_uri", "test", "value", "value_numeric", "unit", "ref_low", "ref_high", "flag", "evidence_start", "evidence_end", "run_id", "job_id", "model_digest"] {
+    for c in [
+        "document_id",
+        "source_uri",
+        "test",
+        "value",
+        "value_numeric",
+        "unit",
+        "ref_low",
+        "ref_high",
+        "flag",
+        "evidence_start",
+        "evidence_end",
+        "run_id",
+        "job_id",
+        "model_digest",
+    ] {
         assert!(names.iter().any(|n| n == c), "missing column {c}: {names:?}");
     }
     // Deterministic parsers handled the HL7 and table reports; the model the rest.
@@ -48,7 +75,9 @@ fn demo_run_writes_parquet_that_both_readers_agree_on_and_reruns_do_nothing() {
         assert!(methods.iter().any(|x| x.as_deref() == Some(m)), "no rows by {m}");
     }
     let flags = string_column(&batches, "flag");
-    assert!(flags.iter().all(|f| f.as_deref().is_none_or(|f| ["low", "high", "normal", "abnormal", "critical"].contains(&f))));
+    assert!(flags
+        .iter()
+        .all(|f| f.as_deref().is_none_or(|f| ["low", "high", "normal", "abnormal", "critical"].contains(&f))));
 
     // pyarrow reads the same table independently.
     let script = format!(
@@ -61,7 +90,10 @@ fn demo_run_writes_parquet_that_both_readers_agree_on_and_reruns_do_nothing() {
     assert!(py.status.success(), "pyarrow failed: {}", text(&py.stderr));
     let v: serde_json::Value = serde_json::from_slice(&py.stdout).unwrap();
     assert_eq!(v["rows"].as_u64().unwrap() as usize, rows);
-    let ours: Vec<serde_json::Value> = string_column(&batches, "value").into_iter().map(|s| s.map_or(serde_json::Value::Null, serde_json::Value::String)).collect();
+    let ours: Vec<serde_json::Value> = string_column(&batches, "value")
+        .into_iter()
+        .map(|s| s.map_or(serde_json::Value::Null, serde_json::Value::String))
+        .collect();
     let mut theirs: Vec<serde_json::Value> = v["values"].as_array().unwrap().clone();
     let mut ours_sorted = ours.clone();
     let key = |x: &serde_json::Value| x.to_string();
@@ -70,8 +102,19 @@ fn demo_run_writes_parquet_that_both_readers_agree_on_and_reruns_do_nothing() {
     assert_eq!(ours_sorted, theirs);
 
     // A rerun with the same run id does no finished job again and leaves the output alone.
-    let before: Vec<_> = walk(&out).into_iter().map(|p| (p.clone(), std::fs::metadata(&p).unwrap().modified().unwrap())).collect();
-    let o2 = medbatch(&["run", "lab-report", "examples/lab-reports", "--out", out_s, "--model", model.to_str().unwrap(), "--run-id", "e2e"]);
+    let before: Vec<_> =
+        walk(&out).into_iter().map(|p| (p.clone(), std::fs::metadata(&p).unwrap().modified().unwrap())).collect();
+    let o2 = medbatch(&[
+        "run",
+        "lab-report",
+        "examples/lab-reports",
+        "--out",
+        out_s,
+        "--model",
+        model.to_str().unwrap(),
+        "--run-id",
+        "e2e",
+    ]);
     assert!(o2.status.success(), "{}", text(&o2.stderr));
     assert!(text(&o2.stderr).contains("(0 to do"), "{}", text(&o2.stderr));
     for (p, t) in before {
@@ -117,14 +160,30 @@ fn bad_inputs_become_error_rows_and_the_run_goes_on() {
     std::fs::write(inp.join("good.txt"), good).unwrap();
     std::fs::write(inp.join("empty.txt"), "").unwrap();
     std::fs::write(inp.join("latin1.txt"), b"Glucose 5,4 mmol/l \xe9lev\xe9\n").unwrap();
-    std::fs::write(inp.join("records.jsonl"), format!("{{\"id\": \"r1\", \"text\": {}}}\n{{not json\n{{\"id\": \"r3\", \"text\": {}}}\n", serde_json::json!(good), serde_json::json!(good))).unwrap();
+    std::fs::write(
+        inp.join("records.jsonl"),
+        format!(
+            "{{\"id\": \"r1\", \"text\": {}}}\n{{not json\n{{\"id\": \"r3\", \"text\": {}}}\n",
+            serde_json::json!(good),
+            serde_json::json!(good)
+        ),
+    )
+    .unwrap();
     std::fs::write(inp.join("notext.csv"), "id,body\n1,Sodium 139\n").unwrap();
     std::fs::write(inp.join("fake.zip"), "this is not a zip archive\n").unwrap();
     std::fs::write(inp.join("binary.txt"), b"%PDF-1.7\n\x00\x01\x02binary").unwrap();
     std::fs::write(inp.join("huge.txt"), "Sodium 139 mmol/L\n".repeat(70_000)).unwrap();
-    tar_gz(&inp.join("traversal.tar.gz"), &[("../evil.txt", good.as_bytes()), ("/etc/passwd.txt", good.as_bytes()), ("ok.txt", good.as_bytes())], Some(("link.txt", "/etc/passwd")));
+    tar_gz(
+        &inp.join("traversal.tar.gz"),
+        &[("../evil.txt", good.as_bytes()), ("/etc/passwd.txt", good.as_bytes()), ("ok.txt", good.as_bytes())],
+        Some(("link.txt", "/etc/passwd")),
+    );
     // A truncated archive: the first half of a valid one.
-    tar_gz(&inp.join("whole.tar.gz"), &[("a.txt", good.repeat(400).as_bytes()), ("b.txt", good.repeat(400).as_bytes())], None);
+    tar_gz(
+        &inp.join("whole.tar.gz"),
+        &[("a.txt", good.repeat(400).as_bytes()), ("b.txt", good.repeat(400).as_bytes())],
+        None,
+    );
     let whole = std::fs::read(inp.join("whole.tar.gz")).unwrap();
     std::fs::write(inp.join("truncated.tar.gz"), &whole[..whole.len() / 2]).unwrap();
     std::fs::remove_file(inp.join("whole.tar.gz")).unwrap();
@@ -141,7 +200,17 @@ fn bad_inputs_become_error_rows_and_the_run_goes_on() {
     }
 
     let out = dir.path().join("out");
-    let o = medbatch(&["run", "lab-report", inp.to_str().unwrap(), "--out", out.to_str().unwrap(), "--model", model.to_str().unwrap(), "--run-id", "bad"]);
+    let o = medbatch(&[
+        "run",
+        "lab-report",
+        inp.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--run-id",
+        "bad",
+    ]);
     assert!(o.status.success(), "stdout:\n{}\nstderr:\n{}", text(&o.stdout), text(&o.stderr));
     let (_, _, errs) = read_parquet_dir(&out.join("_errors"));
     let reasons = string_column(&errs, "reason");
@@ -149,7 +218,8 @@ fn bad_inputs_become_error_rows_and_the_run_goes_on() {
     let members = string_column(&errs, "member");
     let details = string_column(&errs, "detail");
     let find = |file: &str, reason: &str| {
-        (0..reasons.len()).any(|i| sources[i].as_deref().unwrap_or("").ends_with(file) && reasons[i].as_deref() == Some(reason))
+        (0..reasons.len())
+            .any(|i| sources[i].as_deref().unwrap_or("").ends_with(file) && reasons[i].as_deref() == Some(reason))
     };
     for (file, reason) in [
         ("empty.txt", "empty"),
@@ -164,7 +234,11 @@ fn bad_inputs_become_error_rows_and_the_run_goes_on() {
         ("truncated.tar.gz", "truncated_archive"),
         ("bomb.zip", "compression_bomb"),
     ] {
-        assert!(find(file, reason), "no {reason} error row for {file}: {:?}", reasons.iter().zip(&sources).collect::<Vec<_>>());
+        assert!(
+            find(file, reason),
+            "no {reason} error row for {file}: {:?}",
+            reasons.iter().zip(&sources).collect::<Vec<_>>()
+        );
     }
     assert!(members.iter().flatten().any(|m| m.contains("../evil.txt")), "{members:?}");
     // Error details never carry document text.
@@ -188,9 +262,15 @@ fn runs_that_cannot_start_fail_with_one_line() {
     let out = dir.path().join("o");
     let out_s = out.to_str().unwrap();
     let cases: [(&[&str], &str); 4] = [
-        (&["run", "lab-report", "examples/lab-reports", "--out", out_s, "--model", "/nonexistent/model.gguf"], "not found"),
+        (
+            &["run", "lab-report", "examples/lab-reports", "--out", out_s, "--model", "/nonexistent/model.gguf"],
+            "not found",
+        ),
         (&["run", "no-such-pipeline", "examples/lab-reports", "--out", out_s, "--model", "demo"], "no-such-pipeline"),
-        (&["run", "lab-report", "examples/lab-reports", "--out", "/proc/medbatch-out", "--model", "demo"], "/proc/medbatch-out"),
+        (
+            &["run", "lab-report", "examples/lab-reports", "--out", "/proc/medbatch-out", "--model", "demo"],
+            "/proc/medbatch-out",
+        ),
         (&["run", "lab-report", "examples/lab-reports", "--out", out_s, "--run-id", "../x"], "invalid run id"),
     ];
     for (args, needle) in cases {

@@ -62,19 +62,11 @@ impl Listing {
     }
 
     fn complete(members: Vec<MemberInfo>) -> Self {
-        Self {
-            members,
-            truncated: false,
-            stop: None,
-        }
+        Self { members, truncated: false, stop: None }
     }
 
     fn stopped(members: Vec<MemberInfo>, why: ListStop) -> Self {
-        Self {
-            members,
-            truncated: true,
-            stop: Some(why),
-        }
+        Self { members, truncated: true, stop: Some(why) }
     }
 }
 
@@ -114,32 +106,19 @@ pub fn list_members(kind: InputKind, mut reader: Box<dyn ReadSeek>) -> Result<Li
     }
     match kind {
         InputKind::Zip => {
-            if !matches!(
-                head.as_slice(),
-                b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08"
-            ) {
+            if !matches!(head.as_slice(), b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08") {
                 return Err(ListError::WrongFormat { expected: "zip" });
             }
             Ok(list_zip(reader))
         }
         InputKind::TarGz => {
             if !head.starts_with(b"\x1f\x8b") {
-                return Err(ListError::WrongFormat {
-                    expected: "gzip-compressed tar",
-                });
+                return Err(ListError::WrongFormat { expected: "gzip-compressed tar" });
             }
             let meter = Rc::new(Meter::new(true));
-            let compressed = Metered {
-                inner: reader,
-                meter: Rc::clone(&meter),
-                compressed_side: true,
-            };
+            let compressed = Metered { inner: reader, meter: Rc::clone(&meter), compressed_side: true };
             let decoder = flate2::bufread::GzDecoder::new(BufReader::new(compressed));
-            let stream = Metered {
-                inner: decoder,
-                meter: Rc::clone(&meter),
-                compressed_side: false,
-            };
+            let stream = Metered { inner: decoder, meter: Rc::clone(&meter), compressed_side: false };
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries();
             Ok(walk_tar(entries, &meter))
@@ -149,11 +128,7 @@ pub fn list_members(kind: InputKind, mut reader: Box<dyn ReadSeek>) -> Result<Li
                 return Err(ListError::WrongFormat { expected: "tar" });
             }
             let meter = Rc::new(Meter::new(false));
-            let stream = Metered {
-                inner: reader,
-                meter: Rc::clone(&meter),
-                compressed_side: false,
-            };
+            let stream = Metered { inner: reader, meter: Rc::clone(&meter), compressed_side: false };
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries_with_seek();
             Ok(walk_tar(entries, &meter))
@@ -172,14 +147,8 @@ fn walk_tar<R: Read>(entries: io::Result<tar::Entries<'_, R>>, meter: &Meter) ->
         // Listing never reads member data, so before the next header the tar reader skips
         // exactly the previous member's padded data: read through on a gzip stream, seeked
         // over (so not counted) on a plain tar.
-        let skip = if meter.gzip {
-            previous_size.div_ceil(TAR_BLOCK_BYTES) * TAR_BLOCK_BYTES
-        } else {
-            0
-        };
-        meter
-            .header_allowance
-            .set(skip.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
+        let skip = if meter.gzip { previous_size.div_ceil(TAR_BLOCK_BYTES) * TAR_BLOCK_BYTES } else { 0 };
+        meter.header_allowance.set(skip.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
         let entry = match entries.next() {
             None if meter.eof.get() => return Listing::stopped(members, ListStop::Truncated),
             None => return Listing::complete(members),
@@ -198,10 +167,7 @@ fn walk_tar<R: Read>(entries: io::Result<tar::Entries<'_, R>>, meter: &Meter) ->
         if members.len() >= LIST_MAX_MEMBERS {
             return Listing::stopped(members, ListStop::TooManyMembers);
         }
-        members.push(MemberInfo {
-            name,
-            size: previous_size,
-        });
+        members.push(MemberInfo { name, size: previous_size });
     }
 }
 
@@ -213,10 +179,7 @@ fn list_zip(mut reader: Box<dyn ReadSeek>) -> Listing {
         return list_zip_local_headers(reader);
     };
     for index in 0..archive.len() {
-        let name = archive
-            .name_for_index(index)
-            .unwrap_or_default()
-            .to_string();
+        let name = archive.name_for_index(index).unwrap_or_default().to_string();
         if name.ends_with('/') {
             continue;
         }
@@ -241,10 +204,7 @@ fn list_zip_local_headers(mut reader: Box<dyn ReadSeek>) -> Listing {
             if members.len() >= LIST_MAX_MEMBERS {
                 return Listing::stopped(members, ListStop::TooManyMembers);
             }
-            members.push(MemberInfo {
-                name: file.name().to_string(),
-                size: file.size(),
-            });
+            members.push(MemberInfo { name: file.name().to_string(), size: file.size() });
         }
     }
     Listing::stopped(members, ListStop::Truncated)
@@ -262,12 +222,8 @@ fn starts_like_tar(head: &[u8]) -> bool {
         return true;
     }
     // The checksum is the byte sum of the header with its own field counted as spaces.
-    let sum: u32 = head[..148]
-        .iter()
-        .chain(&head[156..block])
-        .map(|&b| u32::from(b))
-        .sum::<u32>()
-        + 8 * u32::from(b' ');
+    let sum: u32 =
+        head[..148].iter().chain(&head[156..block]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
     tar::Header::from_byte_slice(&head[..block]).cksum().ok() == Some(sum)
 }
 
@@ -331,9 +287,7 @@ impl<R: Read> Read for Metered<R> {
         if allowance == 0 {
             return Err(io::Error::other("tar headers exceed the listing allowance"));
         }
-        let len = buf
-            .len()
-            .min(usize::try_from(allowance).unwrap_or(usize::MAX));
+        let len = buf.len().min(usize::try_from(allowance).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..len])?;
         if n == 0 && len > 0 {
             m.eof.set(true);
@@ -341,8 +295,8 @@ impl<R: Read> Read for Metered<R> {
         let inflated = m.inflated.get() + n as u64;
         m.inflated.set(inflated);
         m.header_allowance.set(allowance - n as u64);
-        let over_ratio = inflated > RATIO_CHECK_MIN_BYTES
-            && inflated > m.compressed.get().saturating_mul(LIST_MAX_INFLATE_RATIO);
+        let over_ratio =
+            inflated > RATIO_CHECK_MIN_BYTES && inflated > m.compressed.get().saturating_mul(LIST_MAX_INFLATE_RATIO);
         if m.gzip && (inflated > LIST_MAX_INFLATED_BYTES || over_ratio) {
             m.inflate_limit_hit.set(true);
             return Err(io::Error::other("archive inflates past the listing limits"));
@@ -386,12 +340,7 @@ mod tests {
     fn sample_tar() -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         raw_entry(&mut b, "notes/", tar::EntryType::Directory, b"");
-        raw_entry(
-            &mut b,
-            "notes/a.txt",
-            tar::EntryType::Regular,
-            b"first note",
-        );
+        raw_entry(&mut b, "notes/a.txt", tar::EntryType::Regular, b"first note");
         raw_entry(&mut b, "../evil.txt", tar::EntryType::Regular, b"x");
         raw_entry(&mut b, "link.txt", tar::EntryType::Symlink, b"");
         raw_entry(&mut b, "b.jsonl", tar::EntryType::Regular, &[b'{'; 3000]);
@@ -412,10 +361,7 @@ mod tests {
     fn archive_lists_tar_members_including_unsafe_and_links() {
         let l = list_members(InputKind::Tar, boxed(sample_tar())).unwrap();
         assert!(!l.truncated);
-        assert_eq!(
-            names(&l),
-            ["notes/a.txt", "../evil.txt", "link.txt", "b.jsonl"]
-        );
+        assert_eq!(names(&l), ["notes/a.txt", "../evil.txt", "link.txt", "b.jsonl"]);
         assert_eq!(l.members[0].size, 10);
         assert_eq!(l.members[3].size, 3000);
     }
@@ -441,16 +387,7 @@ mod tests {
         assert!(!l.truncated);
         assert_eq!(
             l.members,
-            [
-                MemberInfo {
-                    name: "d/a.txt".into(),
-                    size: 5
-                },
-                MemberInfo {
-                    name: "../evil.txt".into(),
-                    size: 1
-                }
-            ]
+            [MemberInfo { name: "d/a.txt".into(), size: 5 }, MemberInfo { name: "../evil.txt".into(), size: 1 }]
         );
 
         // Cut off: the central directory is gone, the local headers still list a prefix.
@@ -465,20 +402,15 @@ mod tests {
         let mut b = tar::Builder::new(Vec::new());
         for i in 0..20 {
             // Incompressible-ish data so that the cut lands among the members.
-            let data: Vec<u8> = (0..4000u32)
-                .map(|j| (j.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8)
-                .collect();
+            let data: Vec<u8> =
+                (0..4000u32).map(|j| (j.wrapping_mul(2654435761).wrapping_add(i) >> 13) as u8).collect();
             raw_entry(&mut b, &format!("n{i}.txt"), tar::EntryType::Regular, &data);
         }
         let full = gz(&b.into_inner().unwrap());
         let cut = full[..full.len() / 2].to_vec();
         let l = list_members(InputKind::TarGz, boxed(cut)).unwrap();
         assert_eq!(l.stop, Some(ListStop::Truncated));
-        assert!(
-            !l.members.is_empty() && l.members.len() < 20,
-            "{}",
-            l.members.len()
-        );
+        assert!(!l.members.is_empty() && l.members.len() < 20, "{}", l.members.len());
         assert_eq!(l.members[0].name, "n0.txt");
     }
 
@@ -496,12 +428,7 @@ mod tests {
     fn archive_tar_gz_bomb_stops_listing() {
         let mut b = tar::Builder::new(Vec::new());
         raw_entry(&mut b, "a.txt", tar::EntryType::Regular, b"ok");
-        raw_entry(
-            &mut b,
-            "zeros.txt",
-            tar::EntryType::Regular,
-            &vec![0u8; 10 << 20],
-        );
+        raw_entry(&mut b, "zeros.txt", tar::EntryType::Regular, &vec![0u8; 10 << 20]);
         raw_entry(&mut b, "c.txt", tar::EntryType::Regular, b"ok");
         let l = list_members(InputKind::TarGz, boxed(gz(&b.into_inner().unwrap()))).unwrap();
         assert_eq!(l.stop, Some(ListStop::InflateLimit));
@@ -512,17 +439,10 @@ mod tests {
     fn archive_oversized_tar_header_stops_listing() {
         // A 2 MiB GNU long name, after a member large enough to hide it if seeking over the
         // member counted towards the header allowance.
-        let big: Vec<u8> = (0..3u32 << 20)
-            .map(|j| (j.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let big: Vec<u8> = (0..3u32 << 20).map(|j| (j.wrapping_mul(2654435761) >> 13) as u8).collect();
         let mut b = tar::Builder::new(Vec::new());
         raw_entry(&mut b, "big.bin", tar::EntryType::Regular, &big);
-        raw_entry(
-            &mut b,
-            "././@LongLink",
-            tar::EntryType::GNULongName,
-            &vec![b'n'; 2 << 20],
-        );
+        raw_entry(&mut b, "././@LongLink", tar::EntryType::GNULongName, &vec![b'n'; 2 << 20]);
         raw_entry(&mut b, "after.txt", tar::EntryType::Regular, b"x");
         let tar = b.into_inner().unwrap();
         for (kind, bytes) in [(InputKind::Tar, tar.clone()), (InputKind::TarGz, gz(&tar))] {
@@ -535,22 +455,10 @@ mod tests {
     #[test]
     fn archive_wrong_format_and_kinds() {
         let text = b"just some text, not an archive".to_vec();
-        assert!(matches!(
-            list_members(InputKind::Zip, boxed(text.clone())),
-            Err(ListError::WrongFormat { .. })
-        ));
-        assert!(matches!(
-            list_members(InputKind::TarGz, boxed(text.clone())),
-            Err(ListError::WrongFormat { .. })
-        ));
-        assert!(matches!(
-            list_members(InputKind::Tar, boxed(text.clone())),
-            Err(ListError::WrongFormat { .. })
-        ));
-        assert!(matches!(
-            list_members(InputKind::Text, boxed(text)),
-            Err(ListError::NotAnArchive(InputKind::Text))
-        ));
+        assert!(matches!(list_members(InputKind::Zip, boxed(text.clone())), Err(ListError::WrongFormat { .. })));
+        assert!(matches!(list_members(InputKind::TarGz, boxed(text.clone())), Err(ListError::WrongFormat { .. })));
+        assert!(matches!(list_members(InputKind::Tar, boxed(text.clone())), Err(ListError::WrongFormat { .. })));
+        assert!(matches!(list_members(InputKind::Text, boxed(text)), Err(ListError::NotAnArchive(InputKind::Text))));
         let empty = list_members(InputKind::Tar, boxed(Vec::new())).unwrap();
         assert!(!empty.truncated && empty.members.is_empty());
     }

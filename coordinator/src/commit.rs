@@ -32,7 +32,8 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
         p.documents_ok += c.documents_ok;
         p.documents_failed += c.documents_failed;
         p.error_rows += c.error_rows;
-        p.rows += c.parts.iter().filter(|x| x.table != medbatch_schemas::tables::ERRORS_TABLE).map(|x| x.rows).sum::<u64>();
+        p.rows +=
+            c.parts.iter().filter(|x| x.table != medbatch_schemas::tables::ERRORS_TABLE).map(|x| x.rows).sum::<u64>();
         p.tokens_in += c.tokens_in;
         p.tokens_out += c.tokens_out;
         p.completions.push(c);

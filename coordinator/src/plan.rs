@@ -87,8 +87,7 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
                     let names: Vec<String> = listing.members.into_iter().map(|m| m.name).collect();
                     if !names.is_empty() && complete {
                         units += names.len() as u64;
-                        selections =
-                            names.chunks(MEMBERS_PER_JOB).map(|c| Selection::Members(c.to_vec())).collect();
+                        selections = names.chunks(MEMBERS_PER_JOB).map(|c| Selection::Members(c.to_vec())).collect();
                     } else {
                         units += 1;
                     }

@@ -197,7 +197,12 @@ impl Engine {
             let oldest = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].last_used).unwrap_or(0);
             self.prefixes.swap_remove(oldest);
         }
-        self.prefixes.push(PrefixEntry { text: prefix.to_string(), ids: ids.clone(), cache: cache.clone(), last_used: self.clock });
+        self.prefixes.push(PrefixEntry {
+            text: prefix.to_string(),
+            ids: ids.clone(),
+            cache: cache.clone(),
+            last_used: self.clock,
+        });
         Ok((ids, cache))
     }
 

@@ -28,8 +28,8 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, EngineError> {
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| EngineError::Load(format!("cannot open {}: {e}", path.display())))?;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| EngineError::Load(format!("cannot open {}: {e}", path.display())))?;
         let content = Content::read(&mut file)
             .map_err(|e| EngineError::Load(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         Ok(Self { content, file })
@@ -92,8 +92,7 @@ impl GgufFile {
             Some("linear") => self.meta_f64(&k("rope.scaling.factor")).unwrap_or(1.0),
             _ => 1.0,
         };
-        let query_pre_attn_scalar =
-            if layers == GEMMA3_27B_LAYERS { (hidden / heads) as f64 } else { head_dim as f64 };
+        let query_pre_attn_scalar = if layers == GEMMA3_27B_LAYERS { (hidden / heads) as f64 } else { head_dim as f64 };
         Ok(TextConfig {
             vocab_size: vocab,
             hidden_size: hidden,
@@ -146,9 +145,7 @@ impl GgufFile {
             _ => vec![0.0; tokens.len()],
         };
         let types: Vec<TokenType> = match self.meta("tokenizer.ggml.token_type") {
-            Some(Value::Array(a)) => {
-                a.iter().map(|v| TokenType::from_gguf(value_i32(v).unwrap_or(1))).collect()
-            }
+            Some(Value::Array(a)) => a.iter().map(|v| TokenType::from_gguf(value_i32(v).unwrap_or(1))).collect(),
             _ => vec![TokenType::Normal; tokens.len()],
         };
         let opt = |key: &str| self.meta(key).and_then(value_u32);

@@ -7,11 +7,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 enum Command {
-    Generate {
-        req: GenerateRequest,
-        span: tracing::Span,
-        reply: oneshot::Sender<Result<Generation, EngineError>>,
-    },
+    Generate { req: GenerateRequest, span: tracing::Span, reply: oneshot::Sender<Result<Generation, EngineError>> },
 }
 
 /// A cloneable handle to the engine thread.

@@ -131,10 +131,7 @@ impl PartialOrd for Bigram {
 impl Ord for Bigram {
     /// Max-heap order: higher score first, then the leftmost pair.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .partial_cmp(&other.score)
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| other.left.cmp(&self.left))
+        self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal).then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -161,10 +158,8 @@ impl SpmTokenizer {
         }
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&i| {
-                matches!(
-                    v.types[i as usize],
-                    TokenType::Control | TokenType::UserDefined | TokenType::Unknown
-                ) && !v.tokens[i as usize].is_empty()
+                matches!(v.types[i as usize], TokenType::Control | TokenType::UserDefined | TokenType::Unknown)
+                    && !v.tokens[i as usize].is_empty()
             })
             .collect();
         specials.sort_by(|&a, &b| v.tokens[b as usize].len().cmp(&v.tokens[a as usize].len()));
@@ -340,14 +335,7 @@ impl SpmTokenizer {
         }
     }
 
-    fn try_add_bigram(
-        &self,
-        text: &str,
-        symbols: &[Symbol],
-        left: usize,
-        right: usize,
-        heap: &mut BinaryHeap<Bigram>,
-    ) {
+    fn try_add_bigram(&self, text: &str, symbols: &[Symbol], left: usize, right: usize, heap: &mut BinaryHeap<Bigram>) {
         let (l, r) = (symbols[left], symbols[right]);
         let merged = &text[l.start..r.start + r.len];
         if let Some(&id) = self.index.get(merged) {
@@ -394,10 +382,8 @@ mod tests {
 
     fn toy() -> SpmTokenizer {
         // A toy vocabulary: ids 0..3 special, then pieces with scores, then bytes.
-        let mut tokens: Vec<String> = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<b>"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut tokens: Vec<String> =
+            ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<b>"].iter().map(|s| s.to_string()).collect();
         let mut types = vec![
             TokenType::Control,
             TokenType::Control,
@@ -407,7 +393,8 @@ mod tests {
             TokenType::UserDefined,
         ];
         let mut scores = vec![0.0; tokens.len()];
-        for (t, s) in [("a", -1.0), ("b", -1.0), ("c", -1.0), ("ab", -2.0), ("bc", -0.5), ("▁", -1.0), ("▁a", -3.0)] {
+        for (t, s) in [("a", -1.0), ("b", -1.0), ("c", -1.0), ("ab", -2.0), ("bc", -0.5), ("▁", -1.0), ("▁a", -3.0)]
+        {
             tokens.push(t.into());
             types.push(TokenType::Normal);
             scores.push(s);

@@ -74,7 +74,9 @@ fn tokenization_matches_llama_cpp() {
     for c in cases {
         let name = c["name"].as_str().unwrap();
         let text = c["text"].as_str().unwrap();
-        for (field, bos, special) in [("ids_no_bos", false, false), ("ids_with_bos", true, false), ("ids_special", false, true)] {
+        for (field, bos, special) in
+            [("ids_no_bos", false, false), ("ids_with_bos", true, false), ("ids_special", false, true)]
+        {
             let want = ids(&c[field]);
             let got = tok.encode(text, bos, special);
             if got != want {
@@ -123,13 +125,21 @@ fn greedy_continuations_match_llama_cpp() {
         let got = e.greedy_ids(&prompt, comparable).expect("generate");
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         report.push(format!("{name}: {same}/{comparable} tokens identical (reference {})", want.len()));
-        assert_eq!(&got[..comparable.min(got.len())], &want[..comparable.min(got.len())], "{name}: continuation differs from llama.cpp at token {same}");
+        assert_eq!(
+            &got[..comparable.min(got.len())],
+            &want[..comparable.min(got.len())],
+            "{name}: continuation differs from llama.cpp at token {same}"
+        );
         if comparable >= MIN_MATCHED {
             long_matches += 1;
         }
     }
     eprintln!("{}", report.join("\n"));
-    assert!(long_matches >= MIN_LONG_PROMPTS, "only {long_matches} prompts compared over >= {MIN_MATCHED} tokens:\n{}", report.join("\n"));
+    assert!(
+        long_matches >= MIN_LONG_PROMPTS,
+        "only {long_matches} prompts compared over >= {MIN_MATCHED} tokens:\n{}",
+        report.join("\n")
+    );
 }
 
 #[test]

@@ -25,10 +25,7 @@ impl std::fmt::Debug for Document {
             .field("id", &self.id)
             .field("source_uri", &self.source_uri)
             .field("text_len", &self.text.len())
-            .field(
-                "text_sha256",
-                &Digest::of_bytes(self.text.as_bytes()).short().to_string(),
-            )
+            .field("text_sha256", &Digest::of_bytes(self.text.as_bytes()).short().to_string())
             .finish()
     }
 }
@@ -168,14 +165,7 @@ mod tests {
 
     #[test]
     fn member_names_accepted() {
-        for ok in [
-            "a.txt",
-            "notes/2024/a.txt",
-            "./a.txt",
-            "a..b.txt",
-            "dir/.hidden",
-            "visit 10:30.txt",
-        ] {
+        for ok in ["a.txt", "notes/2024/a.txt", "./a.txt", "a..b.txt", "dir/.hidden", "visit 10:30.txt"] {
             assert_eq!(check_member_name(ok), Ok(()), "{ok}");
         }
     }

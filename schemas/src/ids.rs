@@ -66,8 +66,7 @@ impl JobId {
 
     /// Accepts an id read back from storage or the queue; it must look like a derived id.
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == JOB_ID_HEX_LEN && s.chars().all(|c| c.is_ascii_hexdigit()))
-            .then(|| Self(s.to_string()))
+        (s.len() == JOB_ID_HEX_LEN && s.chars().all(|c| c.is_ascii_hexdigit())).then(|| Self(s.to_string()))
     }
 
     pub fn as_str(&self) -> &str {

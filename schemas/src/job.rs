@@ -28,13 +28,7 @@ impl Job {
     }
 
     /// Builds a job with its id derived from the run id and the inputs.
-    pub fn new(
-        run_id: RunId,
-        pipeline: PipelineRef,
-        model: ModelRef,
-        inputs: Vec<InputRef>,
-        output: String,
-    ) -> Self {
+    pub fn new(run_id: RunId, pipeline: PipelineRef, model: ModelRef, inputs: Vec<InputRef>, output: String) -> Self {
         let job_id = JobId::derive(&run_id, &Self::canonical_inputs(&inputs));
         Self { schema_version: JOB_SCHEMA_VERSION, run_id, job_id, pipeline, model, inputs, output, attempt: 1 }
     }

@@ -16,7 +16,6 @@ pub mod tables;
 pub use document::{Document, InputError, InputErrorKind};
 pub use ids::{Digest, JobId, RunId};
 pub use job::{
-    Completion, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef, Selection,
-    JOB_SCHEMA_VERSION,
+    Completion, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef, Selection, JOB_SCHEMA_VERSION,
 };
 pub use pipeline::{PipelineSpec, SpecError};

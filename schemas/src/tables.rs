@@ -136,9 +136,25 @@ mod tests {
     fn lab_results_has_required_columns() {
         let s = lab_results_schema();
         for c in [
-            "document_id", "source_uri", "test", "value", "value_numeric", "unit", "ref_low",
-            "ref_high", "flag", "evidence_start", "evidence_end", "run_id", "job_id",
-            "pipeline_digest", "model_id", "model_digest", "generated_at", "tokens_in", "tokens_out",
+            "document_id",
+            "source_uri",
+            "test",
+            "value",
+            "value_numeric",
+            "unit",
+            "ref_low",
+            "ref_high",
+            "flag",
+            "evidence_start",
+            "evidence_end",
+            "run_id",
+            "job_id",
+            "pipeline_digest",
+            "model_id",
+            "model_digest",
+            "generated_at",
+            "tokens_in",
+            "tokens_out",
         ] {
             assert!(s.field_with_name(c).is_ok(), "missing {c}");
         }

@@ -97,9 +97,7 @@ impl InputLimits {
     }
 
     fn max_record_bytes(&self) -> u64 {
-        self.max_document_bytes
-            .saturating_mul(RECORD_OVERHEAD_FACTOR)
-            .saturating_add(RECORD_SLACK_BYTES)
+        self.max_document_bytes.saturating_mul(RECORD_OVERHEAD_FACTOR).saturating_add(RECORD_SLACK_BYTES)
     }
 }
 
@@ -115,12 +113,7 @@ pub fn read_documents(
     limits: &InputLimits,
     sink: &mut dyn FnMut(Result<Document, InputError>),
 ) {
-    let mut r = Reader {
-        input,
-        spec,
-        limits,
-        sink,
-    };
+    let mut r = Reader { input, spec, limits, sink };
     let top = Place::file(input);
     if input.kind == InputKind::Unsupported || !spec.kinds.contains(&input.kind) {
         let detail = format!("input kind {:?} is not read by this pipeline", input.kind);
@@ -137,12 +130,7 @@ pub fn read_documents(
                 r.parse_csv(&top, &mut buffered)
             };
             if let Err(e) = result {
-                r.fail(
-                    &top,
-                    None,
-                    InputErrorKind::Unreadable,
-                    format!("read failed ({:?})", e.kind()),
-                );
+                r.fail(&top, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()));
             }
         }
         InputKind::Tar | InputKind::TarGz | InputKind::Zip => {
@@ -166,17 +154,11 @@ struct Place {
 
 impl Place {
     fn file(input: &InputRef) -> Self {
-        Self {
-            source_uri: input.uri.clone(),
-            member: None,
-        }
+        Self { source_uri: input.uri.clone(), member: None }
     }
 
     fn member(input: &InputRef, name: &str) -> Self {
-        Self {
-            source_uri: format!("{}#{}", input.uri, name),
-            member: Some(name.to_string()),
-        }
+        Self { source_uri: format!("{}#{}", input.uri, name), member: Some(name.to_string()) }
     }
 }
 
@@ -206,16 +188,10 @@ struct Wanted<'s> {
 impl<'s> Wanted<'s> {
     fn new(selection: &'s Selection) -> Self {
         match selection {
-            Selection::Whole => Self {
-                listed: None,
-                names: HashSet::new(),
-                found: HashSet::new(),
-            },
-            Selection::Members(names) => Self {
-                listed: Some(names),
-                names: names.iter().map(String::as_str).collect(),
-                found: HashSet::new(),
-            },
+            Selection::Whole => Self { listed: None, names: HashSet::new(), found: HashSet::new() },
+            Selection::Members(names) => {
+                Self { listed: Some(names), names: names.iter().map(String::as_str).collect(), found: HashSet::new() }
+            }
         }
     }
 
@@ -245,11 +221,7 @@ impl<'s> Wanted<'s> {
 /// Why reading a member into memory stopped.
 enum ReadFail {
     /// A limit was reached; `stream` when the whole archive stream must stop too.
-    Limit {
-        kind: InputErrorKind,
-        detail: String,
-        stream: bool,
-    },
+    Limit { kind: InputErrorKind, detail: String, stream: bool },
     /// The bytes ran out or were corrupt.
     Io { error: io::Error, read: u64 },
 }
@@ -292,13 +264,7 @@ impl Reader<'_, '_> {
         }))
     }
 
-    fn fail(
-        &mut self,
-        place: &Place,
-        record: Option<String>,
-        kind: InputErrorKind,
-        detail: impl Into<String>,
-    ) {
+    fn fail(&mut self, place: &Place, record: Option<String>, kind: InputErrorKind, detail: impl Into<String>) {
         (self.sink)(Err(InputError {
             source_uri: self.input.uri.clone(),
             member: place.member.clone(),
@@ -314,12 +280,7 @@ impl Reader<'_, '_> {
         let place = Place::file(self.input);
         let limit = self.limits.max_document_bytes;
         match read_capped(&mut reader, limit) {
-            Err(e) => self.fail(
-                &place,
-                None,
-                InputErrorKind::Unreadable,
-                format!("read failed ({:?})", e.kind()),
-            ),
+            Err(e) => self.fail(&place, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind())),
             Ok(None) => self.fail(
                 &place,
                 None,
@@ -347,10 +308,7 @@ impl Reader<'_, '_> {
         let head = r.fill_buf()?;
         if let Some(&first) = head.iter().find(|b| !b.is_ascii_whitespace()) {
             if first != b'{' {
-                let detail = format!(
-                    "not JSON Lines: first non-blank byte is not '{{'{}",
-                    format_hint(head)
-                );
+                let detail = format!("not JSON Lines: first non-blank byte is not '{{'{}", format_hint(head));
                 self.fail(place, None, InputErrorKind::WrongFormat, detail);
                 return Ok(());
             }
@@ -366,15 +324,8 @@ impl Reader<'_, '_> {
                 Line::TooLong(n) => {
                     line_no += 1;
                     records += 1;
-                    let detail = format!(
-                        "line {line_no} is {n} bytes, over the record limit of {cap} bytes"
-                    );
-                    self.fail(
-                        place,
-                        Some(line_no.to_string()),
-                        InputErrorKind::TooLarge,
-                        detail,
-                    );
+                    let detail = format!("line {line_no} is {n} bytes, over the record limit of {cap} bytes");
+                    self.fail(place, Some(line_no.to_string()), InputErrorKind::TooLarge, detail);
                     continue;
                 }
                 Line::Complete => {
@@ -408,27 +359,18 @@ impl Reader<'_, '_> {
             return Ok(());
         }
         if let Some(problem) = binary_problem(head) {
-            self.fail(
-                place,
-                None,
-                InputErrorKind::WrongFormat,
-                format!("not CSV: {problem}"),
-            );
+            self.fail(place, None, InputErrorKind::WrongFormat, format!("not CSV: {problem}"));
             return Ok(());
         }
 
         let record_cap = self.limits.max_record_bytes();
         let feed = Rc::new(FeedState::default());
-        feed.stop_at
-            .set(record_cap.saturating_add(CSV_BUFFER_BYTES as u64));
+        feed.stop_at.set(record_cap.saturating_add(CSV_BUFFER_BYTES as u64));
         let mut csv = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(true)
             .buffer_capacity(CSV_BUFFER_BYTES)
-            .from_reader(CsvFeed {
-                inner: r,
-                state: Rc::clone(&feed),
-            });
+            .from_reader(CsvFeed { inner: r, state: Rc::clone(&feed) });
 
         let header = match csv.byte_headers() {
             Ok(h) => h.clone(),
@@ -447,21 +389,11 @@ impl Reader<'_, '_> {
         let spec = self.spec;
         let (id_field, text_field) = (&spec.id_field, &spec.text_field);
         let Some(text_col) = column(text_field) else {
-            self.fail(
-                place,
-                None,
-                InputErrorKind::MissingField,
-                format!("no {text_field:?} column in the header"),
-            );
+            self.fail(place, None, InputErrorKind::MissingField, format!("no {text_field:?} column in the header"));
             return Ok(());
         };
         let Some(id_col) = column(id_field) else {
-            self.fail(
-                place,
-                None,
-                InputErrorKind::MissingField,
-                format!("no {id_field:?} column in the header"),
-            );
+            self.fail(place, None, InputErrorKind::MissingField, format!("no {id_field:?} column in the header"));
             return Ok(());
         };
 
@@ -474,12 +406,7 @@ impl Reader<'_, '_> {
                 Ok(true) => {}
                 Err(e) => return self.csv_failed(place, &feed, e, next_line),
             }
-            feed.stop_at.set(
-                csv.position()
-                    .byte()
-                    .saturating_add(record_cap)
-                    .saturating_add(CSV_BUFFER_BYTES as u64),
-            );
+            feed.stop_at.set(csv.position().byte().saturating_add(record_cap).saturating_add(CSV_BUFFER_BYTES as u64));
             records += 1;
             let line = row.position().map_or(next_line, |p| p.line());
             let parsed = csv_record(&row, (id_col, text_col), line, self.spec)
@@ -490,23 +417,12 @@ impl Reader<'_, '_> {
             }
         }
         if records == 0 {
-            self.fail(
-                place,
-                None,
-                InputErrorKind::Empty,
-                "no records after the header",
-            );
+            self.fail(place, None, InputErrorKind::Empty, "no records after the header");
         }
         Ok(())
     }
 
-    fn csv_failed(
-        &mut self,
-        place: &Place,
-        feed: &FeedState,
-        e: csv::Error,
-        line: u64,
-    ) -> io::Result<()> {
+    fn csv_failed(&mut self, place: &Place, feed: &FeedState, e: csv::Error, line: u64) -> io::Result<()> {
         let record = Some(line.to_string());
         if feed.tripped.get() {
             let detail = format!(
@@ -520,12 +436,7 @@ impl Reader<'_, '_> {
             csv::ErrorKind::Io(io) => Err(io),
             // With `flexible` and byte records no parse error is expected; report without text.
             _ => {
-                self.fail(
-                    place,
-                    record,
-                    InputErrorKind::MalformedRecord,
-                    format!("line {line}: CSV parse error"),
-                );
+                self.fail(place, record, InputErrorKind::MalformedRecord, format!("line {line}: CSV parse error"));
                 Ok(())
             }
         }
@@ -539,30 +450,14 @@ impl Reader<'_, '_> {
 
     /// Checks a member's name and whether it is wanted. `None`: skip it silently (a
     /// directory, or not selected); `Some(Err)`: stop the archive.
-    fn admit(
-        &mut self,
-        name: &str,
-        wanted: &mut Wanted,
-        walk: &mut Walk,
-    ) -> Option<Result<Place, Halt>> {
+    fn admit(&mut self, name: &str, wanted: &mut Wanted, walk: &mut Walk) -> Option<Result<Place, Halt>> {
         if name.ends_with('/') || !wanted.wants(name) {
             return None;
         }
         if walk.processed >= self.limits.max_members {
-            let detail = format!(
-                "archive has more than {} members; the rest are not read",
-                self.limits.max_members
-            );
-            self.fail(
-                &Place::file(self.input),
-                None,
-                InputErrorKind::TooLarge,
-                detail,
-            );
-            return Some(Err(Halt {
-                kind: InputErrorKind::TooLarge,
-                why: "archive member limit reached",
-            }));
+            let detail = format!("archive has more than {} members; the rest are not read", self.limits.max_members);
+            self.fail(&Place::file(self.input), None, InputErrorKind::TooLarge, detail);
+            return Some(Err(Halt { kind: InputErrorKind::TooLarge, why: "archive member limit reached" }));
         }
         walk.processed += 1;
         Some(Ok(Place::member(self.input, name)))
@@ -584,13 +479,7 @@ impl Reader<'_, '_> {
         None
     }
 
-    fn budget(
-        &self,
-        kind: InputKind,
-        inflated: bool,
-        declared: Option<u64>,
-        compressed: Compressed,
-    ) -> Budget {
+    fn budget(&self, kind: InputKind, inflated: bool, declared: Option<u64>, compressed: Compressed) -> Budget {
         let (doc, member) = (self.limits.max_document_bytes, self.limits.max_member_bytes);
         let (cap, over_cap, cap_name) = if kind == InputKind::Text && doc < member {
             (doc, InputErrorKind::TooLarge, "document limit")
@@ -599,13 +488,7 @@ impl Reader<'_, '_> {
         } else {
             (member, InputErrorKind::TooLarge, "member limit")
         };
-        Budget {
-            cap,
-            over_cap,
-            cap_name,
-            declared,
-            compressed,
-        }
+        Budget { cap, over_cap, cap_name, declared, compressed }
     }
 
     fn parse_member(&mut self, place: &Place, name: &str, kind: InputKind, bytes: Vec<u8>) {
@@ -621,12 +504,7 @@ impl Reader<'_, '_> {
             InputKind::Jsonl => self.parse_jsonl(place, &mut bytes.as_slice()),
             InputKind::Csv => self.parse_csv(place, &mut bytes.as_slice()),
             other => {
-                self.fail(
-                    place,
-                    None,
-                    InputErrorKind::UnsupportedKind,
-                    format!("{other:?} member is not read"),
-                );
+                self.fail(place, None, InputErrorKind::UnsupportedKind, format!("{other:?} member is not read"));
                 Ok(())
             }
         };
@@ -643,55 +521,30 @@ impl Reader<'_, '_> {
         let head = sniff(&mut reader, TAR_BLOCK_BYTES as usize);
         let head = match head {
             Ok(h) if gzip && h.is_empty() => Err((InputErrorKind::Empty, "0 bytes".to_string())),
-            Ok(h) if gzip && !h.starts_with(b"\x1f\x8b") => Err((
-                InputErrorKind::WrongFormat,
-                format!("not gzip-compressed{}", format_hint(&h)),
-            )),
+            Ok(h) if gzip && !h.starts_with(b"\x1f\x8b") => {
+                Err((InputErrorKind::WrongFormat, format!("not gzip-compressed{}", format_hint(&h))))
+            }
             Ok(_) if gzip => sniff_gzip(&mut reader, TAR_BLOCK_BYTES as usize).map_err(|e| {
-                (
-                    InputErrorKind::TruncatedArchive,
-                    format!("gzip stream is corrupt at its start ({:?})", e.kind()),
-                )
+                (InputErrorKind::TruncatedArchive, format!("gzip stream is corrupt at its start ({:?})", e.kind()))
             }),
             Ok(h) => Ok(h),
-            Err(e) => Err((
-                InputErrorKind::Unreadable,
-                format!("read failed ({:?})", e.kind()),
-            )),
+            Err(e) => Err((InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()))),
         };
         if let Err((kind, detail)) = head.and_then(|h| check_tar_head(&h)) {
             self.fail(&top, None, kind, detail);
-            return Some(Halt {
-                kind,
-                why: "archive could not be opened",
-            });
+            return Some(Halt { kind, why: "archive could not be opened" });
         }
 
         let meter = Rc::new(StreamMeter::new(gzip, self.limits));
         if gzip {
-            let compressed = Metered {
-                inner: reader,
-                meter: Rc::clone(&meter),
-                side: Side::Compressed,
-            };
-            let decoder = flate2::bufread::GzDecoder::new(BufReader::with_capacity(
-                GZ_BUFFER_BYTES,
-                compressed,
-            ));
-            let stream = Metered {
-                inner: decoder,
-                meter: Rc::clone(&meter),
-                side: Side::Inflated,
-            };
+            let compressed = Metered { inner: reader, meter: Rc::clone(&meter), side: Side::Compressed };
+            let decoder = flate2::bufread::GzDecoder::new(BufReader::with_capacity(GZ_BUFFER_BYTES, compressed));
+            let stream = Metered { inner: decoder, meter: Rc::clone(&meter), side: Side::Inflated };
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries();
             self.walk_tar(entries, &meter, wanted, walk)
         } else {
-            let stream = Metered {
-                inner: reader,
-                meter: Rc::clone(&meter),
-                side: Side::Inflated,
-            };
+            let stream = Metered { inner: reader, meter: Rc::clone(&meter), side: Side::Inflated };
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries_with_seek();
             self.walk_tar(entries, &meter, wanted, walk)
@@ -720,10 +573,8 @@ impl Reader<'_, '_> {
             meter.allow_header_bytes(u64::MAX);
             let mut entry = match next {
                 None if meter.eof.get() => {
-                    let detail = format!(
-                        "archive ends without an end-of-archive marker after {} members",
-                        walk.processed
-                    );
+                    let detail =
+                        format!("archive ends without an end-of-archive marker after {} members", walk.processed);
                     self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
                     return Some(Halt {
                         kind: InputErrorKind::TruncatedArchive,
@@ -736,9 +587,7 @@ impl Reader<'_, '_> {
             };
             let size = entry.size();
             let data_start = meter.inflated.get();
-            skip_left = size
-                .div_ceil(TAR_BLOCK_BYTES)
-                .saturating_mul(TAR_BLOCK_BYTES);
+            skip_left = size.div_ceil(TAR_BLOCK_BYTES).saturating_mul(TAR_BLOCK_BYTES);
 
             let entry_type = entry.header().entry_type();
             if entry_type.is_dir() || entry_type.is_pax_global_extensions() {
@@ -753,12 +602,7 @@ impl Reader<'_, '_> {
                 Some(Ok(place)) => place,
             };
             if !utf8_name {
-                self.fail(
-                    &place,
-                    None,
-                    InputErrorKind::UnsafePath,
-                    "member name is not valid UTF-8",
-                );
+                self.fail(&place, None, InputErrorKind::UnsafePath, "member name is not valid UTF-8");
                 continue;
             }
             if let Err(why) = check_member_name(&name) {
@@ -766,17 +610,8 @@ impl Reader<'_, '_> {
                 continue;
             }
             if entry_type.is_symlink() || entry_type.is_hard_link() {
-                let what = if entry_type.is_symlink() {
-                    "symbolic link"
-                } else {
-                    "hard link"
-                };
-                self.fail(
-                    &place,
-                    None,
-                    InputErrorKind::Link,
-                    format!("member is a {what}"),
-                );
+                let what = if entry_type.is_symlink() { "symbolic link" } else { "hard link" };
+                self.fail(&place, None, InputErrorKind::Link, format!("member is a {what}"));
                 continue;
             }
             if !(entry_type.is_file() || entry_type.is_contiguous()) {
@@ -787,17 +622,10 @@ impl Reader<'_, '_> {
             let Some(kind) = self.member_kind(&place, &name) else {
                 continue;
             };
-            let compressed = if meter.gzip {
-                Compressed::Metered(meter.compressed.get())
-            } else {
-                Compressed::No
-            };
+            let compressed = if meter.gzip { Compressed::Metered(meter.compressed.get()) } else { Compressed::No };
             let budget = self.budget(kind, meter.gzip, None, compressed);
             if size > budget.cap {
-                let detail = format!(
-                    "member is {size} bytes, over the {} of {} bytes",
-                    budget.cap_name, budget.cap
-                );
+                let detail = format!("member is {size} bytes, over the {} of {} bytes", budget.cap_name, budget.cap);
                 self.fail(&place, None, budget.over_cap, detail);
                 continue;
             }
@@ -813,17 +641,10 @@ impl Reader<'_, '_> {
                     });
                 }
                 Ok(bytes) => self.parse_member(&place, &name, kind, bytes),
-                Err(ReadFail::Limit {
-                    kind,
-                    detail,
-                    stream,
-                }) => {
+                Err(ReadFail::Limit { kind, detail, stream }) => {
                     self.fail(&place, None, kind, detail);
                     if stream {
-                        return Some(Halt {
-                            kind,
-                            why: "archive stream stopped at a limit before this member",
-                        });
+                        return Some(Halt { kind, why: "archive stream stopped at a limit before this member" });
                     }
                 }
                 Err(ReadFail::Io { error, read }) => {
@@ -842,72 +663,34 @@ impl Reader<'_, '_> {
     }
 
     /// The archive stream failed between members: a limit on the stream, or truncation.
-    fn stream_failed(
-        &mut self,
-        top: &Place,
-        meter: &StreamMeter,
-        e: &io::Error,
-        walk: &Walk,
-    ) -> Halt {
+    fn stream_failed(&mut self, top: &Place, meter: &StreamMeter, e: &io::Error, walk: &Walk) -> Halt {
         if let Some((kind, detail)) = meter.verdict.borrow().clone() {
             self.fail(top, None, kind, detail);
-            return Halt {
-                kind,
-                why: "archive stream stopped at a limit before this member",
-            };
+            return Halt { kind, why: "archive stream stopped at a limit before this member" };
         }
-        let detail = format!(
-            "archive is truncated or corrupt after {} members ({:?})",
-            walk.processed,
-            e.kind()
-        );
+        let detail = format!("archive is truncated or corrupt after {} members ({:?})", walk.processed, e.kind());
         self.fail(top, None, InputErrorKind::TruncatedArchive, detail);
-        Halt {
-            kind: InputErrorKind::TruncatedArchive,
-            why: "archive ends before this member",
-        }
+        Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" }
     }
 
-    fn read_zip(
-        &mut self,
-        mut reader: Box<dyn ReadSeek>,
-        wanted: &mut Wanted,
-        walk: &mut Walk,
-    ) -> Option<Halt> {
+    fn read_zip(&mut self, mut reader: Box<dyn ReadSeek>, wanted: &mut Wanted, walk: &mut Walk) -> Option<Halt> {
         let top = Place::file(self.input);
         let head = match sniff(&mut reader, 4) {
             Ok(h) => h,
             Err(e) => {
-                self.fail(
-                    &top,
-                    None,
-                    InputErrorKind::Unreadable,
-                    format!("read failed ({:?})", e.kind()),
-                );
-                return Some(Halt {
-                    kind: InputErrorKind::Unreadable,
-                    why: "archive could not be read",
-                });
+                self.fail(&top, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()));
+                return Some(Halt { kind: InputErrorKind::Unreadable, why: "archive could not be read" });
             }
         };
-        let is_zip = matches!(
-            head.as_slice(),
-            b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08"
-        );
+        let is_zip = matches!(head.as_slice(), b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08");
         if !is_zip {
             let (kind, detail) = if head.is_empty() {
                 (InputErrorKind::Empty, "0 bytes".to_string())
             } else {
-                (
-                    InputErrorKind::WrongFormat,
-                    format!("not a zip archive{}", format_hint(&head)),
-                )
+                (InputErrorKind::WrongFormat, format!("not a zip archive{}", format_hint(&head)))
             };
             self.fail(&top, None, kind, detail);
-            return Some(Halt {
-                kind,
-                why: "archive could not be opened",
-            });
+            return Some(Halt { kind, why: "archive could not be opened" });
         }
 
         let open = zip::ZipArchive::new(&mut reader).map_err(|e| zip_error_class(&e));
@@ -916,10 +699,7 @@ impl Reader<'_, '_> {
             Err(class) => return self.read_zip_local_headers(reader, class, wanted, walk),
         };
         for index in 0..archive.len() {
-            let name = archive
-                .name_for_index(index)
-                .unwrap_or_default()
-                .to_string();
+            let name = archive.name_for_index(index).unwrap_or_default().to_string();
             let place = match self.admit(&name, wanted, walk) {
                 None => continue,
                 Some(Err(halt)) => return Some(halt),
@@ -932,12 +712,7 @@ impl Reader<'_, '_> {
             let mut file = match archive.by_index(index) {
                 Ok(f) => f,
                 Err(zip::result::ZipError::UnsupportedArchive(why)) => {
-                    self.fail(
-                        &place,
-                        None,
-                        InputErrorKind::UnsupportedKind,
-                        format!("zip member: {why}"),
-                    );
+                    self.fail(&place, None, InputErrorKind::UnsupportedKind, format!("zip member: {why}"));
                     continue;
                 }
                 Err(e) => {
@@ -964,10 +739,7 @@ impl Reader<'_, '_> {
         walk: &mut Walk,
     ) -> Option<Halt> {
         let top = Place::file(self.input);
-        let truncated = Halt {
-            kind: InputErrorKind::TruncatedArchive,
-            why: "archive ends before this member",
-        };
+        let truncated = Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" };
         let mut recovered = 0usize;
         let mut halt = None;
         if reader.seek(SeekFrom::Start(0)).is_ok() {
@@ -996,7 +768,8 @@ impl Reader<'_, '_> {
                 }
             }
         }
-        let detail = format!("zip central directory is unreadable ({class}); {recovered} members read from local headers");
+        let detail =
+            format!("zip central directory is unreadable ({class}); {recovered} members read from local headers");
         self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
         halt.or(Some(truncated))
     }
@@ -1010,12 +783,7 @@ impl Reader<'_, '_> {
         walk: &mut Walk,
     ) -> Result<(), Halt> {
         if file.is_symlink() {
-            self.fail(
-                place,
-                None,
-                InputErrorKind::Link,
-                "member is a symbolic link",
-            );
+            self.fail(place, None, InputErrorKind::Link, "member is a symbolic link");
             return Ok(());
         }
         let Some(kind) = self.member_kind(place, name) else {
@@ -1023,11 +791,7 @@ impl Reader<'_, '_> {
         };
         let (size, packed) = (file.size(), file.compressed_size());
         let inflated = file.compression() != zip::CompressionMethod::Stored;
-        let compressed = if inflated {
-            Compressed::Declared(packed)
-        } else {
-            Compressed::No
-        };
+        let compressed = if inflated { Compressed::Declared(packed) } else { Compressed::No };
         let budget = self.budget(kind, inflated, Some(size), compressed);
         let ratio = self.limits.max_inflate_ratio;
         if inflated && size > RATIO_CHECK_MIN_BYTES && size > packed.saturating_mul(ratio) {
@@ -1036,10 +800,7 @@ impl Reader<'_, '_> {
             return Ok(());
         }
         if size > budget.cap {
-            let detail = format!(
-                "member declares {size} bytes, over the {} of {} bytes",
-                budget.cap_name, budget.cap
-            );
+            let detail = format!("member declares {size} bytes, over the {} of {} bytes", budget.cap_name, budget.cap);
             self.fail(place, None, budget.over_cap, detail);
             return Ok(());
         }
@@ -1047,19 +808,13 @@ impl Reader<'_, '_> {
         if walk.inflated.saturating_add(size) > total_limit {
             let detail = format!("archive inflates past {total_limit} bytes");
             self.fail(place, None, InputErrorKind::CompressionBomb, detail);
-            return Err(Halt {
-                kind: InputErrorKind::CompressionBomb,
-                why: "archive inflated-size limit reached",
-            });
+            return Err(Halt { kind: InputErrorKind::CompressionBomb, why: "archive inflated-size limit reached" });
         }
         match read_member(file, &budget, self.limits, None) {
             Ok(bytes) => {
                 walk.inflated += bytes.len() as u64;
                 if (bytes.len() as u64) < size {
-                    let detail = format!(
-                        "member inflates to {} of its declared {size} bytes",
-                        bytes.len()
-                    );
+                    let detail = format!("member inflates to {} of its declared {size} bytes", bytes.len());
                     self.fail(place, None, InputErrorKind::TruncatedArchive, detail);
                 } else {
                     self.parse_member(place, name, kind, bytes);
@@ -1068,10 +823,7 @@ impl Reader<'_, '_> {
             Err(ReadFail::Limit { kind, detail, .. }) => self.fail(place, None, kind, detail),
             Err(ReadFail::Io { error, read }) => {
                 walk.inflated += read;
-                let detail = format!(
-                    "member data is truncated or corrupt after {read} bytes ({:?})",
-                    error.kind()
-                );
+                let detail = format!("member data is truncated or corrupt after {read} bytes ({:?})", error.kind());
                 self.fail(place, None, InputErrorKind::TruncatedArchive, detail);
             }
         }
@@ -1092,12 +844,7 @@ impl Reader<'_, '_> {
             }
         }
         if halt.is_none() && walk.processed == 0 && wanted.listed.is_none() {
-            self.fail(
-                &Place::file(self.input),
-                None,
-                InputErrorKind::Empty,
-                "archive holds no files",
-            );
+            self.fail(&Place::file(self.input), None, InputErrorKind::Empty, "archive holds no files");
         }
     }
 }
@@ -1114,79 +861,47 @@ struct Reject {
 
 /// Parses one non-blank JSONL line into its id and text.
 fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<(String, String), Reject> {
-    let at_line = |kind, detail| Reject {
-        record: line_no.to_string(),
-        kind,
-        detail,
-    };
+    let at_line = |kind, detail| Reject { record: line_no.to_string(), kind, detail };
     let text = std::str::from_utf8(line).map_err(|e| {
-        let detail = format!(
-            "line {line_no}: invalid UTF-8 at byte offset {} of the line",
-            e.valid_up_to()
-        );
+        let detail = format!("line {line_no}: invalid UTF-8 at byte offset {} of the line", e.valid_up_to());
         at_line(InputErrorKind::InvalidUtf8, detail)
     })?;
     let mut object = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(o)) => o,
         Ok(other) => {
-            let detail = format!(
-                "line {line_no}: record is a JSON {}, not an object",
-                json_type(&other)
-            );
+            let detail = format!("line {line_no}: record is a JSON {}, not an object", json_type(&other));
             return Err(at_line(InputErrorKind::MalformedRecord, detail));
         }
         Err(e) => {
             // serde_json's messages can quote the input; report position and class only.
-            let detail = format!(
-                "line {line_no} column {}: JSON {:?} error",
-                e.column(),
-                e.classify()
-            );
+            let detail = format!("line {line_no} column {}: JSON {:?} error", e.column(), e.classify());
             return Err(at_line(InputErrorKind::MalformedRecord, detail));
         }
     };
     let (id_field, text_field) = (&spec.id_field, &spec.text_field);
     let id = match object.get(id_field) {
         None | Some(Value::Null) => {
-            return Err(at_line(
-                InputErrorKind::MissingField,
-                format!("line {line_no}: no {id_field:?} field"),
-            ))
+            return Err(at_line(InputErrorKind::MissingField, format!("line {line_no}: no {id_field:?} field")))
         }
         Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err(at_line(
-                InputErrorKind::MissingField,
-                format!("line {line_no}: {id_field:?} is empty"),
-            ))
+            return Err(at_line(InputErrorKind::MissingField, format!("line {line_no}: {id_field:?} is empty")))
         }
         Some(Value::String(s)) => s.clone(),
         Some(Value::Number(n)) => n.to_string(),
         Some(other) => {
-            let detail = format!(
-                "line {line_no}: {id_field:?} is a JSON {}, expected string or number",
-                json_type(other)
-            );
+            let detail =
+                format!("line {line_no}: {id_field:?} is a JSON {}, expected string or number", json_type(other));
             return Err(at_line(InputErrorKind::MalformedRecord, detail));
         }
     };
-    let at_id = |kind, detail| Reject {
-        record: id.clone(),
-        kind,
-        detail,
-    };
+    let at_id = |kind, detail| Reject { record: id.clone(), kind, detail };
     let text = match object.remove(text_field) {
         None | Some(Value::Null) => {
-            return Err(at_id(
-                InputErrorKind::MissingField,
-                format!("line {line_no}: no {text_field:?} field"),
-            ))
+            return Err(at_id(InputErrorKind::MissingField, format!("line {line_no}: no {text_field:?} field")))
         }
         Some(Value::String(s)) => s,
         Some(other) => {
-            let detail = format!(
-                "line {line_no}: {text_field:?} is a JSON {}, expected string",
-                json_type(&other)
-            );
+            let detail = format!("line {line_no}: {text_field:?} is a JSON {}, expected string", json_type(&other));
             return Err(at_id(InputErrorKind::MalformedRecord, detail));
         }
     };
@@ -1201,39 +916,20 @@ fn csv_record(
     spec: &InputSpec,
 ) -> Result<(String, String), Reject> {
     let (id_field, text_field) = (&spec.id_field, &spec.text_field);
-    let at_line = |kind, detail| Reject {
-        record: line.to_string(),
-        kind,
-        detail,
-    };
-    let short_row = |field: &str| {
-        format!(
-            "line {line}: row has {} fields, no {field:?} column",
-            row.len()
-        )
-    };
+    let at_line = |kind, detail| Reject { record: line.to_string(), kind, detail };
+    let short_row = |field: &str| format!("line {line}: row has {} fields, no {field:?} column", row.len());
     let bad_utf8 = |field: &str, e: std::str::Utf8Error| {
-        format!(
-            "line {line}: {field:?} has invalid UTF-8 at byte offset {}",
-            e.valid_up_to()
-        )
+        format!("line {line}: {field:?} has invalid UTF-8 at byte offset {}", e.valid_up_to())
     };
     let id = match row.get(id_col).map(std::str::from_utf8) {
         None => return Err(at_line(InputErrorKind::MissingField, short_row(id_field))),
         Some(Err(e)) => return Err(at_line(InputErrorKind::InvalidUtf8, bad_utf8(id_field, e))),
         Some(Ok(id)) if id.trim().is_empty() => {
-            return Err(at_line(
-                InputErrorKind::MissingField,
-                format!("line {line}: {id_field:?} is empty"),
-            ))
+            return Err(at_line(InputErrorKind::MissingField, format!("line {line}: {id_field:?} is empty")))
         }
         Some(Ok(id)) => id.to_string(),
     };
-    let at_id = |kind, detail| Reject {
-        record: id.clone(),
-        kind,
-        detail,
-    };
+    let at_id = |kind, detail| Reject { record: id.clone(), kind, detail };
     let text = match row.get(text_col).map(std::str::from_utf8) {
         None => return Err(at_id(InputErrorKind::MissingField, short_row(text_field))),
         Some(Err(e)) => return Err(at_id(InputErrorKind::InvalidUtf8, bad_utf8(text_field, e))),
@@ -1252,24 +948,14 @@ fn checked_text(
 ) -> Result<(String, String), Reject> {
     let limit = limits.max_document_bytes;
     let (kind, detail) = if text.len() as u64 > limit {
-        let detail = format!(
-            "line {line}: text is {} bytes, over the document limit of {limit} bytes",
-            text.len()
-        );
+        let detail = format!("line {line}: text is {} bytes, over the document limit of {limit} bytes", text.len());
         (InputErrorKind::TooLarge, detail)
     } else if text.trim().is_empty() {
-        (
-            InputErrorKind::Empty,
-            format!("line {line}: {:?} is empty", spec.text_field),
-        )
+        (InputErrorKind::Empty, format!("line {line}: {:?} is empty", spec.text_field))
     } else {
         return Ok((id, text));
     };
-    Err(Reject {
-        record: id,
-        kind,
-        detail,
-    })
+    Err(Reject { record: id, kind, detail })
 }
 
 // ---- bounded reading -------------------------------------------------------------------
@@ -1290,11 +976,7 @@ fn read_member(
     limits: &InputLimits,
     meter: Option<&StreamMeter>,
 ) -> Result<Vec<u8>, ReadFail> {
-    let member_limit = |kind, detail| ReadFail::Limit {
-        kind,
-        detail,
-        stream: false,
-    };
+    let member_limit = |kind, detail| ReadFail::Limit { kind, detail, stream: false };
     let ratio = limits.max_inflate_ratio;
     let mut out = Vec::new();
     let mut chunk = vec![0u8; COPY_CHUNK_BYTES];
@@ -1306,16 +988,9 @@ fn read_member(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
                 if let Some((kind, detail)) = meter.and_then(|m| m.verdict.borrow().clone()) {
-                    return Err(ReadFail::Limit {
-                        kind,
-                        detail,
-                        stream: true,
-                    });
+                    return Err(ReadFail::Limit { kind, detail, stream: true });
                 }
-                return Err(ReadFail::Io {
-                    error,
-                    read: out.len() as u64,
-                });
+                return Err(ReadFail::Io { error, read: out.len() as u64 });
             }
         };
         out.extend_from_slice(&chunk[..n]);
@@ -1325,23 +1000,17 @@ fn read_member(
             return Err(member_limit(InputErrorKind::CompressionBomb, detail));
         }
         if got > budget.cap {
-            let detail = format!(
-                "member exceeds the {} of {} bytes",
-                budget.cap_name, budget.cap
-            );
+            let detail = format!("member exceeds the {} of {} bytes", budget.cap_name, budget.cap);
             return Err(member_limit(budget.over_cap, detail));
         }
         let packed = match budget.compressed {
             Compressed::No => None,
             Compressed::Declared(c) => Some(c),
-            Compressed::Metered(start) => {
-                meter.map(|m| m.compressed.get() - start + GZ_BUFFER_BYTES as u64)
-            }
+            Compressed::Metered(start) => meter.map(|m| m.compressed.get() - start + GZ_BUFFER_BYTES as u64),
         };
-        if let Some(packed) =
-            packed.filter(|p| got > RATIO_CHECK_MIN_BYTES && got > p.saturating_mul(ratio))
-        {
-            let detail = format!("member inflates past {got} bytes from about {packed}, over the {ratio}:1 ratio limit");
+        if let Some(packed) = packed.filter(|p| got > RATIO_CHECK_MIN_BYTES && got > p.saturating_mul(ratio)) {
+            let detail =
+                format!("member inflates past {got} bytes from about {packed}, over the {ratio}:1 ratio limit");
             return Err(member_limit(InputErrorKind::CompressionBomb, detail));
         }
     }
@@ -1381,11 +1050,7 @@ fn read_line_capped(r: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::R
         }
         r.consume(take);
         if newline.is_some() {
-            return Ok(if over {
-                Line::TooLong(total)
-            } else {
-                Line::Complete
-            });
+            return Ok(if over { Line::TooLong(total) } else { Line::Complete });
         }
     }
 }
@@ -1408,9 +1073,7 @@ fn sniff(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
 fn sniff_gzip(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
     r.seek(SeekFrom::Start(0))?;
     let mut head = Vec::with_capacity(n);
-    flate2::read::GzDecoder::new(&mut *r)
-        .take(n as u64)
-        .read_to_end(&mut head)?;
+    flate2::read::GzDecoder::new(&mut *r).take(n as u64).read_to_end(&mut head)?;
     r.seek(SeekFrom::Start(0))?;
     Ok(head)
 }
@@ -1460,20 +1123,16 @@ impl StreamMeter {
     fn on_inflated(&self, n: usize) -> io::Result<()> {
         let inflated = self.inflated.get() + n as u64;
         self.inflated.set(inflated);
-        self.header_allowance
-            .set(self.header_allowance.get().saturating_sub(n as u64));
+        self.header_allowance.set(self.header_allowance.get().saturating_sub(n as u64));
         if !self.gzip {
             return Ok(());
         }
         if inflated > self.max_inflated {
-            return Err(self.trip(
-                InputErrorKind::CompressionBomb,
-                format!("archive inflates past {} bytes", self.max_inflated),
-            ));
+            return Err(self
+                .trip(InputErrorKind::CompressionBomb, format!("archive inflates past {} bytes", self.max_inflated)));
         }
         let compressed = self.compressed.get();
-        if inflated > RATIO_CHECK_MIN_BYTES && inflated > compressed.saturating_mul(self.max_ratio)
-        {
+        if inflated > RATIO_CHECK_MIN_BYTES && inflated > compressed.saturating_mul(self.max_ratio) {
             let detail = format!(
                 "archive inflates {inflated} bytes from {compressed}, over the {}:1 ratio limit",
                 self.max_ratio
@@ -1508,14 +1167,10 @@ impl<R: Read> Read for Metered<R> {
             Side::Inflated => {
                 let allowance = meter.header_allowance.get();
                 if allowance == 0 {
-                    let detail = format!(
-                        "tar headers of one member exceed {TAR_HEADER_ALLOWANCE_BYTES} bytes"
-                    );
+                    let detail = format!("tar headers of one member exceed {TAR_HEADER_ALLOWANCE_BYTES} bytes");
                     return Err(meter.trip(InputErrorKind::TooLarge, detail));
                 }
-                let len = buf
-                    .len()
-                    .min(usize::try_from(allowance).unwrap_or(usize::MAX));
+                let len = buf.len().min(usize::try_from(allowance).unwrap_or(usize::MAX));
                 &mut buf[..len]
             }
         };
@@ -1563,9 +1218,7 @@ impl Read for CsvFeed<'_> {
             self.state.tripped.set(true);
             return Err(io::Error::other("csv record over the record limit"));
         }
-        let len = buf
-            .len()
-            .min(usize::try_from(stop_at - fed).unwrap_or(usize::MAX));
+        let len = buf.len().min(usize::try_from(stop_at - fed).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..len])?;
         self.state.fed.set(fed + n as u64);
         Ok(n)
@@ -1585,20 +1238,14 @@ fn decode_text(bytes: Vec<u8>) -> Result<String, (InputErrorKind, String)> {
     let len = bytes.len();
     let text = String::from_utf8(bytes).map_err(|e| {
         let offset = e.utf8_error().valid_up_to();
-        (
-            InputErrorKind::InvalidUtf8,
-            format!("invalid UTF-8 at byte offset {offset}"),
-        )
+        (InputErrorKind::InvalidUtf8, format!("invalid UTF-8 at byte offset {offset}"))
     })?;
     let text = match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
         None => text,
     };
     if text.trim().is_empty() {
-        return Err((
-            InputErrorKind::Empty,
-            format!("only whitespace ({len} bytes)"),
-        ));
+        return Err((InputErrorKind::Empty, format!("only whitespace ({len} bytes)")));
     }
     Ok(text)
 }
@@ -1608,9 +1255,7 @@ fn binary_problem(head: &[u8]) -> Option<String> {
     if let Some(format) = binary_format(head) {
         return Some(format!("content is {format}"));
     }
-    head.iter()
-        .position(|&b| b == 0)
-        .map(|offset| format!("binary content (NUL byte at offset {offset})"))
+    head.iter().position(|&b| b == 0).map(|offset| format!("binary content (NUL byte at offset {offset})"))
 }
 
 fn binary_format(head: &[u8]) -> Option<&'static str> {
@@ -1624,9 +1269,7 @@ fn binary_format(head: &[u8]) -> Option<&'static str> {
 fn format_hint(head: &[u8]) -> String {
     match binary_format(head) {
         Some(format) => format!(" (content looks like {format})"),
-        None if !head.contains(&0) && std::str::from_utf8(head).is_ok() => {
-            " (content looks like text)".into()
-        }
+        None if !head.contains(&0) && std::str::from_utf8(head).is_ok() => " (content looks like text)".into(),
         None => String::new(),
     }
 }
@@ -1639,16 +1282,9 @@ fn check_tar_head(head: &[u8]) -> Result<(), (InputErrorKind, String)> {
     }
     if head.len() < block {
         if head.get(257..262) == Some(b"ustar") {
-            return Err((
-                InputErrorKind::TruncatedArchive,
-                "archive ends inside its first header".into(),
-            ));
+            return Err((InputErrorKind::TruncatedArchive, "archive ends inside its first header".into()));
         }
-        let detail = format!(
-            "not a tar archive: {} bytes, shorter than one header{}",
-            head.len(),
-            format_hint(head)
-        );
+        let detail = format!("not a tar archive: {} bytes, shorter than one header{}", head.len(), format_hint(head));
         return Err((InputErrorKind::WrongFormat, detail));
     }
     if head.iter().all(|&b| b == 0) {
@@ -1656,19 +1292,12 @@ fn check_tar_head(head: &[u8]) -> Result<(), (InputErrorKind, String)> {
     }
     let header = tar::Header::from_byte_slice(&head[..block]);
     // The checksum is the byte sum of the header with its own field counted as spaces.
-    let sum: u32 = head[..148]
-        .iter()
-        .chain(&head[156..block])
-        .map(|&b| u32::from(b))
-        .sum::<u32>()
-        + 8 * u32::from(b' ');
+    let sum: u32 =
+        head[..148].iter().chain(&head[156..block]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
     if header.cksum().ok() == Some(sum) {
         return Ok(());
     }
-    let detail = format!(
-        "not a tar archive: the first header's checksum does not match{}",
-        format_hint(head)
-    );
+    let detail = format!("not a tar archive: the first header's checksum does not match{}", format_hint(head));
     Err((InputErrorKind::WrongFormat, detail))
 }
 
@@ -1761,22 +1390,14 @@ mod tests {
         }
     }
 
-    fn read_from(
-        input: &InputRef,
-        reader: Box<dyn ReadSeek>,
-        spec: &InputSpec,
-        limits: &InputLimits,
-    ) -> Out {
+    fn read_from(input: &InputRef, reader: Box<dyn ReadSeek>, spec: &InputSpec, limits: &InputLimits) -> Out {
         let mut out = Out::default();
         read_documents(input, reader, spec, limits, &mut |r| match r {
             Ok(d) => out.docs.push(d),
             Err(e) => out.errors.push(e),
         });
         for e in &out.errors {
-            assert!(
-                !e.detail.contains(SECRET),
-                "detail leaks document text: {e}"
-            );
+            assert!(!e.detail.contains(SECRET), "detail leaks document text: {e}");
             assert_eq!(e.source_uri, input.uri);
         }
         out
@@ -1808,11 +1429,7 @@ mod tests {
     fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, data) in entries {
-            let kind = if name.ends_with('/') {
-                EntryType::Directory
-            } else {
-                EntryType::Regular
-            };
+            let kind = if name.ends_with('/') { EntryType::Directory } else { EntryType::Regular };
             raw_entry(&mut b, name, kind, data);
         }
         b.into_inner().unwrap()
@@ -1826,8 +1443,7 @@ mod tests {
 
     fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
-        let opts =
-            SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        let opts = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
         for (name, data) in entries {
             if name.ends_with('/') {
                 w.add_directory(*name, opts).unwrap();
@@ -1852,7 +1468,8 @@ mod tests {
         out
     }
 
-    const JSONL: &[u8] = b"{\"id\":\"r1\",\"text\":\"Jane Doe, K 6.1\"}\n\n{\"id\":7,\"text\":\"Jane Doe, Na 140\"}\r\n";
+    const JSONL: &[u8] =
+        b"{\"id\":\"r1\",\"text\":\"Jane Doe, K 6.1\"}\n\n{\"id\":7,\"text\":\"Jane Doe, Na 140\"}\r\n";
     const CSV: &[u8] = b"id,text,ward\nc1,\"Jane Doe, K 4.1\",A\nc2,\"two\nlines\",B\n";
 
     #[test]
@@ -1867,21 +1484,12 @@ mod tests {
 
     #[test]
     fn input_text_file_is_one_document() {
-        let out = read(
-            "s3://bucket/notes/n1.txt",
-            "\u{feff}Jane Doe has a cough.\n",
-        );
+        let out = read("s3://bucket/notes/n1.txt", "\u{feff}Jane Doe has a cough.\n");
         assert!(out.errors.is_empty(), "{:?}", out.errors);
         let d = &out.docs[0];
-        assert_eq!(
-            (d.id.as_str(), d.source_uri.as_str()),
-            ("n1.txt", "s3://bucket/notes/n1.txt")
-        );
+        assert_eq!((d.id.as_str(), d.source_uri.as_str()), ("n1.txt", "s3://bucket/notes/n1.txt"));
         assert_eq!(d.text, "Jane Doe has a cough.\n");
-        assert_eq!(
-            d.input_sha256,
-            Digest::of_bytes("\u{feff}Jane Doe has a cough.\n".as_bytes())
-        );
+        assert_eq!(d.input_sha256, Digest::of_bytes("\u{feff}Jane Doe has a cough.\n".as_bytes()));
     }
 
     #[test]
@@ -1903,12 +1511,7 @@ mod tests {
     }
 
     fn mixed_members() -> Vec<(&'static str, &'static [u8])> {
-        vec![
-            ("notes/", b""),
-            ("notes/a.txt", b"Jane Doe, first note"),
-            ("b.jsonl", JSONL),
-            ("c.csv", CSV),
-        ]
+        vec![("notes/", b""), ("notes/a.txt", b"Jane Doe, first note"), ("b.jsonl", JSONL), ("c.csv", CSV)]
     }
 
     fn assert_mixed(out: &Out, uri: &str) {
@@ -1941,17 +1544,10 @@ mod tests {
 
     #[test]
     fn input_selection_yields_listed_members_and_reports_missing() {
-        let members: &[(&str, &[u8])] = &[
-            ("a.txt", b"Jane Doe a"),
-            ("b.txt", b"Jane Doe b"),
-            ("c.txt", b"Jane Doe c"),
-        ];
+        let members: &[(&str, &[u8])] = &[("a.txt", b"Jane Doe a"), ("b.txt", b"Jane Doe b"), ("c.txt", b"Jane Doe c")];
         let selection = Selection::Members(vec!["c.txt".into(), "a.txt".into(), "gone.txt".into()]);
-        for (uri, bytes) in [
-            ("x.tar", tar_of(members)),
-            ("x.tar.gz", gz(&tar_of(members))),
-            ("x.zip", zip_of(members)),
-        ] {
+        for (uri, bytes) in [("x.tar", tar_of(members)), ("x.tar.gz", gz(&tar_of(members))), ("x.zip", zip_of(members))]
+        {
             let out = read_with(uri, bytes, selection.clone(), &limits());
             assert_eq!(out.ids(), ["a.txt", "c.txt"], "{uri}");
             assert_eq!(out.kinds(), [K::Unreadable], "{uri}");
@@ -1968,17 +1564,11 @@ mod tests {
         assert_eq!(read("e.tar", tar_of(&[])).kinds(), [K::Empty]);
         assert_eq!(read("e.zip", "").kinds(), [K::Empty]);
 
-        let out = read(
-            "m.tar",
-            tar_of(&[("empty.txt", b""), ("good.txt", b"Jane Doe ok")]),
-        );
+        let out = read("m.tar", tar_of(&[("empty.txt", b""), ("good.txt", b"Jane Doe ok")]));
         assert_eq!((out.ids(), out.kinds()), (vec!["good.txt"], vec![K::Empty]));
         assert_eq!(out.members(), [Some("empty.txt")]);
 
-        let out = read(
-            "r.jsonl",
-            "{\"id\":\"x\",\"text\":\"  \"}\n{\"id\":\"y\",\"text\":\"Jane Doe\"}\n",
-        );
+        let out = read("r.jsonl", "{\"id\":\"x\",\"text\":\"  \"}\n{\"id\":\"y\",\"text\":\"Jane Doe\"}\n");
         assert_eq!((out.ids(), out.kinds()), (vec!["y"], vec![K::Empty]));
         assert_eq!(out.errors[0].record.as_deref(), Some("x"));
     }
@@ -1988,40 +1578,22 @@ mod tests {
         let bad = b"Jane Doe \xff\xfe rest".to_vec();
         let out = read("bad.txt", bad.clone());
         assert_eq!(out.kinds(), [K::InvalidUtf8]);
-        assert!(
-            out.errors[0].detail.contains("offset 9"),
-            "{}",
-            out.errors[0].detail
-        );
+        assert!(out.errors[0].detail.contains("offset 9"), "{}", out.errors[0].detail);
 
-        let out = read(
-            "m.zip",
-            zip_of(&[("bad.txt", &bad), ("good.txt", b"Jane Doe ok")]),
-        );
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["good.txt"], vec![K::InvalidUtf8])
-        );
+        let out = read("m.zip", zip_of(&[("bad.txt", &bad), ("good.txt", b"Jane Doe ok")]));
+        assert_eq!((out.ids(), out.kinds()), (vec!["good.txt"], vec![K::InvalidUtf8]));
 
         let mut jsonl = b"{\"id\":\"a\",\"text\":\"Jane Doe \xff\"}\n".to_vec();
         jsonl.extend_from_slice(b"{\"id\":\"b\",\"text\":\"Jane Doe ok\"}\n");
         let out = read("u.jsonl", jsonl);
         assert_eq!((out.ids(), out.kinds()), (vec!["b"], vec![K::InvalidUtf8]));
-        assert!(
-            out.errors[0].detail.contains("offset 27"),
-            "{}",
-            out.errors[0].detail
-        );
+        assert!(out.errors[0].detail.contains("offset 27"), "{}", out.errors[0].detail);
 
         let mut csv = b"id,text\n1,Jane Doe \xff\n".to_vec();
         csv.extend_from_slice(b"2,Jane Doe ok\n");
         let out = read("u.csv", csv);
         assert_eq!((out.ids(), out.kinds()), (vec!["2"], vec![K::InvalidUtf8]));
-        assert!(
-            out.errors[0].detail.contains("offset 9"),
-            "{}",
-            out.errors[0].detail
-        );
+        assert!(out.errors[0].detail.contains("offset 9"), "{}", out.errors[0].detail);
         assert_eq!(out.errors[0].record.as_deref(), Some("1"));
     }
 
@@ -2043,10 +1615,7 @@ mod tests {
         let jsonl = "{\"text\":\"Jane Doe\"}\n{\"id\":\"q\"}\n{\"id\":true,\"text\":\"Jane Doe\"}\n{\"id\":\"ok\",\"text\":\"Jane Doe\"}\n";
         let out = read("f.jsonl", jsonl);
         assert_eq!(out.ids(), ["ok"]);
-        assert_eq!(
-            out.kinds(),
-            [K::MissingField, K::MissingField, K::MalformedRecord]
-        );
+        assert_eq!(out.kinds(), [K::MissingField, K::MissingField, K::MalformedRecord]);
         assert_eq!(out.errors[0].record.as_deref(), Some("1"));
         assert_eq!(out.errors[1].record.as_deref(), Some("q"));
 
@@ -2054,10 +1623,7 @@ mod tests {
         let out = read("n.csv", "id,body\n1,Jane Doe\n2,Jane Doe\n");
         assert_eq!((out.docs.len(), out.kinds()), (0, vec![K::MissingField]));
         assert_eq!(out.errors[0].record, None);
-        assert_eq!(
-            read("n.csv", "key,text\n1,Jane Doe\n").kinds(),
-            [K::MissingField]
-        );
+        assert_eq!(read("n.csv", "key,text\n1,Jane Doe\n").kinds(), [K::MissingField]);
 
         // A short row lacks the text field; its neighbours still come through.
         let out = read("s.csv", "id,ward,text\n1,A\n2,B,Jane Doe ok\n");
@@ -2066,34 +1632,18 @@ mod tests {
 
     #[test]
     fn input_truncated_tar_gz_keeps_earlier_members() {
-        let notes: Vec<(String, Vec<u8>)> = (0..20)
-            .map(|i| (format!("n{i:02}.txt"), noisy_note(i, 4000)))
-            .collect();
-        let entries: Vec<(&str, &[u8])> = notes
-            .iter()
-            .map(|(n, d)| (n.as_str(), d.as_slice()))
-            .collect();
+        let notes: Vec<(String, Vec<u8>)> = (0..20).map(|i| (format!("n{i:02}.txt"), noisy_note(i, 4000))).collect();
+        let entries: Vec<(&str, &[u8])> = notes.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
         let full = gz(&tar_of(&entries));
         let out = read("cut.tar.gz", full[..full.len() / 2].to_vec());
         assert_eq!(out.kinds(), [K::TruncatedArchive]);
-        assert!(
-            !out.docs.is_empty() && out.docs.len() < 20,
-            "{}",
-            out.docs.len()
-        );
-        let expected: Vec<String> = (0..out.docs.len())
-            .map(|i| format!("n{i:02}.txt"))
-            .collect();
+        assert!(!out.docs.is_empty() && out.docs.len() < 20, "{}", out.docs.len());
+        let expected: Vec<String> = (0..out.docs.len()).map(|i| format!("n{i:02}.txt")).collect();
         assert_eq!(out.ids(), expected);
 
         // Listed members past the cut each get a row.
         let selection = Selection::Members(vec!["n00.txt".into(), "n19.txt".into()]);
-        let out = read_with(
-            "cut.tar.gz",
-            full[..full.len() / 2].to_vec(),
-            selection,
-            &limits(),
-        );
+        let out = read_with("cut.tar.gz", full[..full.len() / 2].to_vec(), selection, &limits());
         assert_eq!(out.ids(), ["n00.txt"]);
         assert_eq!(out.kinds(), [K::TruncatedArchive, K::TruncatedArchive]);
         assert_eq!(out.members().last(), Some(&Some("n19.txt")));
@@ -2106,25 +1656,16 @@ mod tests {
         let tar = tar_of(&[("a.txt", &a), ("b.txt", &b)]);
         // Cut inside b's data (a: 512 header + 1024 data; b's data starts at 2048).
         let out = read("cut.tar", tar[..2300].to_vec());
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["a.txt"], vec![K::TruncatedArchive])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["a.txt"], vec![K::TruncatedArchive]));
         assert_eq!(out.members(), [Some("b.txt")]);
         // Cut exactly at a block boundary: only the missing end-of-archive marker tells.
         let out = read("cut.tar", tar[..1536].to_vec());
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["a.txt"], vec![K::TruncatedArchive])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["a.txt"], vec![K::TruncatedArchive]));
         assert_eq!(out.members(), [None]);
 
         let zip = zip_of(&[("a.txt", &a), ("b.txt", &b)]);
         let out = read("cut.zip", zip[..zip.len() - 40].to_vec());
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["a.txt", "b.txt"], vec![K::TruncatedArchive])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["a.txt", "b.txt"], vec![K::TruncatedArchive]));
         let out = read("cut.zip", zip[..zip.len() / 2].to_vec());
         assert_eq!(out.kinds().last(), Some(&K::TruncatedArchive));
         assert_eq!(out.ids(), ["a.txt"]);
@@ -2133,36 +1674,18 @@ mod tests {
     #[test]
     fn input_unsafe_member_names() {
         let mut b = tar::Builder::new(Vec::new());
-        for name in [
-            "../evil.txt",
-            "/etc/passwd",
-            "notes/../../x.txt",
-            "..\\evil.txt",
-            "C:evil.txt",
-        ] {
+        for name in ["../evil.txt", "/etc/passwd", "notes/../../x.txt", "..\\evil.txt", "C:evil.txt"] {
             raw_entry(&mut b, name, EntryType::Regular, b"Jane Doe");
         }
         raw_entry(&mut b, "good.txt", EntryType::Regular, b"Jane Doe ok");
         let out = read("u.tar", b.into_inner().unwrap());
         assert_eq!(out.ids(), ["good.txt"]);
         assert_eq!(out.kinds(), [K::UnsafePath; 5]);
-        assert_eq!(
-            out.members()[..2],
-            [Some("../evil.txt"), Some("/etc/passwd")]
-        );
+        assert_eq!(out.members()[..2], [Some("../evil.txt"), Some("/etc/passwd")]);
 
-        let out = read(
-            "u.zip",
-            zip_of(&[
-                ("../evil.txt", b"Jane Doe"),
-                ("/etc/passwd", b"x"),
-                ("good.txt", b"Jane Doe ok"),
-            ]),
-        );
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["good.txt"], vec![K::UnsafePath, K::UnsafePath])
-        );
+        let out =
+            read("u.zip", zip_of(&[("../evil.txt", b"Jane Doe"), ("/etc/passwd", b"x"), ("good.txt", b"Jane Doe ok")]));
+        assert_eq!((out.ids(), out.kinds()), (vec!["good.txt"], vec![K::UnsafePath, K::UnsafePath]));
     }
 
     #[test]
@@ -2172,10 +1695,7 @@ mod tests {
         raw_entry(&mut b, "sym.txt", EntryType::Symlink, b"");
         raw_entry(&mut b, "hard.txt", EntryType::Link, b"");
         let out = read("l.tar", b.into_inner().unwrap());
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["notes/a.txt"], vec![K::Link, K::Link])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["notes/a.txt"], vec![K::Link, K::Link]));
 
         let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
         let opts = SimpleFileOptions::default();
@@ -2214,45 +1734,21 @@ mod tests {
 
         let read_count = Arc::new(AtomicU64::new(0));
         let big = vec![b'a'; 10 << 20];
-        let reader = Counting {
-            inner: Cursor::new(big.clone()),
-            read: Arc::clone(&read_count),
-        };
-        let out = read_from(
-            &input("big.txt", &big, Selection::Whole),
-            Box::new(reader),
-            &small,
-            &lim,
-        );
+        let reader = Counting { inner: Cursor::new(big.clone()), read: Arc::clone(&read_count) };
+        let out = read_from(&input("big.txt", &big, Selection::Whole), Box::new(reader), &small, &lim);
         assert_eq!(out.kinds(), [K::TooLarge]);
-        assert!(
-            read_count.load(Ordering::Relaxed) <= 101,
-            "read {} bytes",
-            read_count.load(Ordering::Relaxed)
-        );
-        assert_eq!(
-            read_with("ok.txt", vec![b'a'; 100], Selection::Whole, &lim).ids(),
-            ["ok.txt"]
-        );
+        assert!(read_count.load(Ordering::Relaxed) <= 101, "read {} bytes", read_count.load(Ordering::Relaxed));
+        assert_eq!(read_with("ok.txt", vec![b'a'; 100], Selection::Whole, &lim).ids(), ["ok.txt"]);
 
         let members: &[(&str, &[u8])] = &[("big.txt", &[b'a'; 101]), ("ok.txt", b"Jane Doe ok")];
-        for (uri, bytes) in [
-            ("t.tar", tar_of(members)),
-            ("t.tar.gz", gz(&tar_of(members))),
-            ("t.zip", zip_of(members)),
-        ] {
+        for (uri, bytes) in [("t.tar", tar_of(members)), ("t.tar.gz", gz(&tar_of(members))), ("t.zip", zip_of(members))]
+        {
             let out = read_with(uri, bytes, Selection::Whole, &lim);
-            assert_eq!(
-                (out.ids(), out.kinds()),
-                (vec!["ok.txt"], vec![K::TooLarge]),
-                "{uri}"
-            );
+            assert_eq!((out.ids(), out.kinds()), (vec!["ok.txt"], vec![K::TooLarge]), "{uri}");
         }
 
-        let jsonl = format!(
-            "{{\"id\":\"long\",\"text\":\"{}\"}}\n{{\"id\":\"ok\",\"text\":\"Jane Doe\"}}\n",
-            "a".repeat(101)
-        );
+        let jsonl =
+            format!("{{\"id\":\"long\",\"text\":\"{}\"}}\n{{\"id\":\"ok\",\"text\":\"Jane Doe\"}}\n", "a".repeat(101));
         let out = read_with("r.jsonl", jsonl.into_bytes(), Selection::Whole, &lim);
         assert_eq!((out.ids(), out.kinds()), (vec!["ok"], vec![K::TooLarge]));
         // A line past the record limit is skipped unparsed.
@@ -2273,14 +1769,8 @@ mod tests {
     #[test]
     fn input_zip_bomb_by_declared_ratio() {
         let zeros = vec![0u8; 10 << 20];
-        let out = read(
-            "bomb.zip",
-            zip_of(&[("zeros.txt", &zeros), ("ok.txt", b"Jane Doe ok")]),
-        );
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["ok.txt"], vec![K::CompressionBomb])
-        );
+        let out = read("bomb.zip", zip_of(&[("zeros.txt", &zeros), ("ok.txt", b"Jane Doe ok")]));
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok.txt"], vec![K::CompressionBomb]));
         assert_eq!(out.members(), [Some("zeros.txt")]);
     }
 
@@ -2295,31 +1785,17 @@ mod tests {
         let central = zip.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
         zip[central + 24..central + 28].copy_from_slice(&1000u32.to_le_bytes());
         let out = read("liar.zip", zip);
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["ok.txt"], vec![K::CompressionBomb])
-        );
-        assert!(
-            out.errors[0].detail.contains("declared size"),
-            "{}",
-            out.errors[0].detail
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok.txt"], vec![K::CompressionBomb]));
+        assert!(out.errors[0].detail.contains("declared size"), "{}", out.errors[0].detail);
     }
 
     #[test]
     fn input_tar_gz_bombs() {
         // The stream ratio stops the archive while the bomb member is inflated.
         let spaces = vec![b' '; 10 << 20];
-        let tar = tar_of(&[
-            ("a.txt", b"Jane Doe ok"),
-            ("spaces.jsonl", &spaces),
-            ("c.txt", b"Jane Doe c"),
-        ]);
+        let tar = tar_of(&[("a.txt", b"Jane Doe ok"), ("spaces.jsonl", &spaces), ("c.txt", b"Jane Doe c")]);
         let out = read("bomb.tar.gz", gz(&tar));
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["a.txt"], vec![K::CompressionBomb])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["a.txt"], vec![K::CompressionBomb]));
         assert_eq!(out.members(), [Some("spaces.jsonl")]);
 
         // A member declaring more than the member limit is refused unread.
@@ -2328,10 +1804,7 @@ mod tests {
         let big = noisy_note(3, 5000);
         let tar = tar_of(&[("big.jsonl", &big), ("ok.txt", b"Jane Doe ok")]);
         let out = read_with("m.tar.gz", gz(&tar), Selection::Whole, &lim);
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["ok.txt"], vec![K::CompressionBomb])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok.txt"], vec![K::CompressionBomb]));
     }
 
     #[test]
@@ -2357,32 +1830,17 @@ mod tests {
         ];
         for (uri, bytes) in cases {
             let out = read(uri, bytes);
-            assert_eq!(
-                (out.docs.len(), out.kinds()),
-                (0, vec![K::WrongFormat]),
-                "{uri}: {:?}",
-                out.errors
-            );
+            assert_eq!((out.docs.len(), out.kinds()), (0, vec![K::WrongFormat]), "{uri}: {:?}", out.errors);
         }
-        let out = read(
-            "m.tar",
-            tar_of(&[("scan.txt", &pdf), ("ok.txt", b"Jane Doe ok")]),
-        );
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["ok.txt"], vec![K::WrongFormat])
-        );
+        let out = read("m.tar", tar_of(&[("scan.txt", &pdf), ("ok.txt", b"Jane Doe ok")]));
+        assert_eq!((out.ids(), out.kinds()), (vec!["ok.txt"], vec![K::WrongFormat]));
     }
 
     #[test]
     fn input_unsupported_kinds() {
         let inner = zip_of(&[("a.txt", b"Jane Doe")]);
-        let tar = tar_of(&[
-            ("inner.zip", &inner),
-            ("scan.pdf", b"%PDF"),
-            ("rows.jsonl", JSONL),
-            ("ok.txt", b"Jane Doe ok"),
-        ]);
+        let tar =
+            tar_of(&[("inner.zip", &inner), ("scan.pdf", b"%PDF"), ("rows.jsonl", JSONL), ("ok.txt", b"Jane Doe ok")]);
         let out = read("n.tar", tar.clone());
         assert_eq!(out.kinds(), [K::UnsupportedKind, K::UnsupportedKind]);
         assert_eq!(out.ids(), ["r1", "7", "ok.txt"]);
@@ -2390,20 +1848,11 @@ mod tests {
         // Members the pipeline does not accept, and inputs it does not accept.
         let mut only_text = spec();
         only_text.kinds = vec![InputKind::Tar, InputKind::Text];
-        let out = read_from(
-            &input("n.tar", &tar, Selection::Whole),
-            Box::new(Cursor::new(tar)),
-            &only_text,
-            &limits(),
-        );
+        let out = read_from(&input("n.tar", &tar, Selection::Whole), Box::new(Cursor::new(tar)), &only_text, &limits());
         assert_eq!(out.kinds(), [K::UnsupportedKind; 3]);
         assert_eq!(out.ids(), ["ok.txt"]);
-        let out = read_from(
-            &input("a.jsonl", JSONL, Selection::Whole),
-            Box::new(Cursor::new(JSONL)),
-            &only_text,
-            &limits(),
-        );
+        let out =
+            read_from(&input("a.jsonl", JSONL, Selection::Whole), Box::new(Cursor::new(JSONL)), &only_text, &limits());
         assert_eq!(out.kinds(), [K::UnsupportedKind]);
         assert_eq!(read("scan.pdf", "%PDF").kinds(), [K::UnsupportedKind]);
     }
@@ -2412,16 +1861,9 @@ mod tests {
     fn input_member_count_limit() {
         let mut lim = limits();
         lim.max_members = 2;
-        let tar = tar_of(&[
-            ("a.txt", b"Jane Doe a"),
-            ("b.txt", b"Jane Doe b"),
-            ("c.txt", b"Jane Doe c"),
-        ]);
+        let tar = tar_of(&[("a.txt", b"Jane Doe a"), ("b.txt", b"Jane Doe b"), ("c.txt", b"Jane Doe c")]);
         let out = read_with("many.tar", tar, Selection::Whole, &lim);
-        assert_eq!(
-            (out.ids(), out.kinds()),
-            (vec!["a.txt", "b.txt"], vec![K::TooLarge])
-        );
+        assert_eq!((out.ids(), out.kinds()), (vec!["a.txt", "b.txt"], vec![K::TooLarge]));
         assert_eq!(out.members(), [None]);
     }
 
@@ -2431,18 +1873,8 @@ mod tests {
         // large member that is skipped (seeked over in a tar, inflated through in a tar.gz).
         let mut b = tar::Builder::new(Vec::new());
         raw_entry(&mut b, "a.txt", EntryType::Regular, b"Jane Doe ok");
-        raw_entry(
-            &mut b,
-            "big.bin",
-            EntryType::Regular,
-            &noisy_note(5, 3 << 20),
-        );
-        raw_entry(
-            &mut b,
-            "././@LongLink",
-            EntryType::GNULongName,
-            &vec![b'n'; 2 << 20],
-        );
+        raw_entry(&mut b, "big.bin", EntryType::Regular, &noisy_note(5, 3 << 20));
+        raw_entry(&mut b, "././@LongLink", EntryType::GNULongName, &vec![b'n'; 2 << 20]);
         raw_entry(&mut b, "b.txt", EntryType::Regular, b"Jane Doe b");
         let tar = b.into_inner().unwrap();
         for (uri, bytes) in [("long.tar", tar.clone()), ("long.tar.gz", gz(&tar))] {

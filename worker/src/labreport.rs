@@ -53,9 +53,8 @@ impl Flag {
             // A bare asterisk is the usual "outside reference" marker without direction.
             return Some(Flag::Abnormal);
         }
-        let s = raw
-            .trim_matches(|c: char| matches!(c, '*' | '(' | ')' | '[' | ']') || c.is_whitespace())
-            .to_uppercase();
+        let s =
+            raw.trim_matches(|c: char| matches!(c, '*' | '(' | ')' | '[' | ']') || c.is_whitespace()).to_uppercase();
         if s.contains("CRIT") || s.contains("PANIC") || s.contains("!!") {
             return Some(Flag::Critical);
         }
@@ -108,6 +107,13 @@ pub struct LabItem {
     pub evidence_end: usize,
     pub method: Method,
 }
+
+/// A character span `(start, end)` of the document, end exclusive.
+pub type Span = (usize, usize);
+
+/// What a deterministic parser read: its items, and the spans it claimed (never to be sent
+/// to the model).
+pub type Parsed = (Vec<LabItem>, Vec<Span>);
 
 /// A piece of the document the model is asked about: one result line or prose phrase.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -175,8 +181,7 @@ fn normalize_separators(body: &str) -> Option<String> {
             // Both separators: the last one is the decimal mark, the other groups thousands.
             let (dec, group) = if body.rfind('.') > body.rfind(',') { ('.', ',') } else { (',', '.') };
             let (int, frac) = body.rsplit_once(dec)?;
-            (grouped(int, group) && !frac.contains(group))
-                .then(|| format!("{}.{frac}", int.replace(group, "")))
+            (grouped(int, group) && !frac.contains(group)).then(|| format!("{}.{frac}", int.replace(group, "")))
         }
     }
 }
@@ -184,15 +189,12 @@ fn normalize_separators(body: &str) -> Option<String> {
 /// A number as it appears in text: digits with `.`/`,` separators.
 const NUM: &str = r"\d+(?:[.,]\d+)*";
 
-static RANGE_BOTH: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"(?i)([-−]?{NUM})\s*(?:-|–|—|\.\.|\bto\b|\bbis\b)\s*([-−]?{NUM})")).unwrap()
-});
-static RANGE_UPPER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"(?i)(?:<=|≤|<|\bup to\b|\bbelow\b|\bless than\b)\s*({NUM})")).unwrap()
-});
-static RANGE_LOWER: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(&format!(r"(?i)(?:>=|≥|>|\babove\b|\bgreater than\b)\s*({NUM})")).unwrap()
-});
+static RANGE_BOTH: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"(?i)([-−]?{NUM})\s*(?:-|–|—|\.\.|\bto\b|\bbis\b)\s*([-−]?{NUM})")).unwrap());
+static RANGE_UPPER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"(?i)(?:<=|≤|<|\bup to\b|\bbelow\b|\bless than\b)\s*({NUM})")).unwrap());
+static RANGE_LOWER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"(?i)(?:>=|≥|>|\babove\b|\bgreater than\b)\s*({NUM})")).unwrap());
 
 /// Reads a reference range: `12.0-15.5`, `12.0 - 15.5`, `12,0–15,5`, `3.5 to 5.1`,
 /// `(ref 3.5-5.1 mmol/L)` → both bounds; `<5`, `≤5`, `up to 5` → upper only; `>60`, `≥60` →
@@ -304,7 +306,7 @@ fn split_lines(text: &str) -> Vec<Line<'_>> {
     lines
 }
 
-fn overlaps_any(spans: &[(usize, usize)], start: usize, end: usize) -> bool {
+fn overlaps_any(spans: &[Span], start: usize, end: usize) -> bool {
     spans.iter().any(|&(s, e)| s < end && start < e)
 }
 
@@ -322,15 +324,16 @@ struct Hl7Delimiters {
 }
 
 impl Hl7Delimiters {
-    const DEFAULT: Self =
-        Self { field: '|', component: '^', repetition: '~', escape: '\\', subcomponent: '&' };
+    const DEFAULT: Self = Self { field: '|', component: '^', repetition: '~', escape: '\\', subcomponent: '&' };
 
     fn from_lines(lines: &[Line]) -> Self {
         let Some(msh) = lines.iter().map(|l| l.text.trim_start()).find(|t| t.starts_with("MSH")) else {
             return Self::DEFAULT;
         };
         let mut rest = msh[3..].chars();
-        let Some(field) = rest.next() else { return Self::DEFAULT };
+        let Some(field) = rest.next() else {
+            return Self::DEFAULT;
+        };
         let enc: Vec<char> = rest.take_while(|&c| c != field).collect();
         let d = Self::DEFAULT;
         Self {
@@ -390,7 +393,7 @@ const HL7_WITHDRAWN_STATUSES: [&str; 2] = ["D", "W"];
 /// OBX-8 through [`compute_flag`] (computed from value and range when OBX-8 is empty).
 /// Evidence is the segment's span. Every segment of the message (MSH, PID, NTE, ...) is
 /// claimed, so no part of it reaches the model. `None` when there is no OBX segment.
-pub fn parse_hl7_obx(text: &str) -> Option<(Vec<LabItem>, Vec<(usize, usize)>)> {
+pub fn parse_hl7_obx(text: &str) -> Option<Parsed> {
     let lines = split_lines(text);
     let delims = Hl7Delimiters::from_lines(&lines);
     let mut items = Vec::new();
@@ -462,8 +465,7 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<La
 /// commas and free text make comma tables ambiguous.
 const TABLE_DELIMITERS: [char; 3] = ['|', '\t', ';'];
 
-const TEST_HEADERS: &[&str] =
-    &["test", "tests", "test name", "analyte", "component", "parameter", "investigation"];
+const TEST_HEADERS: &[&str] = &["test", "tests", "test name", "analyte", "component", "parameter", "investigation"];
 const VALUE_HEADERS: &[&str] = &["result", "results", "value", "result value"];
 const UNIT_HEADERS: &[&str] = &["unit", "units"];
 const RANGE_HEADERS: &[&str] = &[
@@ -510,13 +512,8 @@ fn header_columns(line: &str) -> Option<(char, Columns)> {
             .collect();
         let find = |set: &[&str]| names.iter().position(|n| set.contains(&n.as_str()));
         if let (Some(test), Some(value)) = (find(TEST_HEADERS), find(VALUE_HEADERS)) {
-            let columns = Columns {
-                test,
-                value,
-                unit: find(UNIT_HEADERS),
-                range: find(RANGE_HEADERS),
-                flag: find(FLAG_HEADERS),
-            };
+            let columns =
+                Columns { test, value, unit: find(UNIT_HEADERS), range: find(RANGE_HEADERS), flag: find(FLAG_HEADERS) };
             return Some((delim, columns));
         }
     }
@@ -526,8 +523,7 @@ fn header_columns(line: &str) -> Option<(char, Columns)> {
 /// `|---|:---:|` and `====` rows under a header.
 fn is_separator_row(line: &str) -> bool {
     let t = line.trim();
-    t.contains(['-', '='])
-        && t.chars().all(|c| matches!(c, '-' | '=' | ':' | '+' | '|' | ';' | '\t' | ' '))
+    t.contains(['-', '=']) && t.chars().all(|c| matches!(c, '-' | '=' | ':' | '+' | '|' | ';' | '\t' | ' '))
 }
 
 /// Reads tables whose cells are separated by `|`, tabs or `;` and whose header row names
@@ -537,7 +533,7 @@ fn is_separator_row(line: &str) -> bool {
 /// row lines are claimed; evidence is the row's span. Fixed-width whitespace tables are
 /// not read here: their columns are guesses, so they go to the model line by line.
 /// `None` when no table with at least one row is found.
-pub fn parse_delimited_table(text: &str) -> Option<(Vec<LabItem>, Vec<(usize, usize)>)> {
+pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
     let lines = split_lines(text);
     let mut items = Vec::new();
     let mut claimed = Vec::new();
@@ -650,31 +646,135 @@ static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
 static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{L}[\p{L}\d]*").unwrap());
 
 /// A line that starts with a one-letter analyte and a number (`K 4.1`, `P: 1.1`).
-static ONE_LETTER_TEST: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^\s*[A-Z]\s*[:=]?\s+[-−]?\d").unwrap());
+static ONE_LETTER_TEST: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\s*[A-Z]\s*[:=]?\s+[-−]?\d").unwrap());
 
 /// Words that cannot be a test name: units, range and flag vocabulary, small words.
 const NOT_TEST_WORDS: &[&str] = &[
-    "mg", "dl", "ml", "mmol", "µmol", "umol", "nmol", "pmol", "mol", "meq", "iu", "miu", "fl",
-    "pg", "ng", "µg", "ug", "mcg", "µl", "ul", "nl", "pl", "hpf", "lpf", "min", "sec", "mm", "cm",
-    "kg", "m2", "x10", "mosm", "mosmol", "cells", "per", "hr", "hrs", "ref", "reference", "range",
-    "normal", "interval", "to", "and", "or", "of", "the", "was", "were", "is", "at", "in", "on",
-    "by", "up", "high", "low", "hi", "lo", "hh", "ll", "flag", "result", "results", "units",
-    "unit", "value", "critical", "abnormal", "abn", "bis",
+    "mg",
+    "dl",
+    "ml",
+    "mmol",
+    "µmol",
+    "umol",
+    "nmol",
+    "pmol",
+    "mol",
+    "meq",
+    "iu",
+    "miu",
+    "fl",
+    "pg",
+    "ng",
+    "µg",
+    "ug",
+    "mcg",
+    "µl",
+    "ul",
+    "nl",
+    "pl",
+    "hpf",
+    "lpf",
+    "min",
+    "sec",
+    "mm",
+    "cm",
+    "kg",
+    "m2",
+    "x10",
+    "mosm",
+    "mosmol",
+    "cells",
+    "per",
+    "hr",
+    "hrs",
+    "ref",
+    "reference",
+    "range",
+    "normal",
+    "interval",
+    "to",
+    "and",
+    "or",
+    "of",
+    "the",
+    "was",
+    "were",
+    "is",
+    "at",
+    "in",
+    "on",
+    "by",
+    "up",
+    "high",
+    "low",
+    "hi",
+    "lo",
+    "hh",
+    "ll",
+    "flag",
+    "result",
+    "results",
+    "units",
+    "unit",
+    "value",
+    "critical",
+    "abnormal",
+    "abn",
+    "bis",
 ];
 
 /// Lines made only of these words are table headers.
 const HEADER_WORDS: &[&str] = &[
-    "test", "tests", "name", "analyte", "component", "parameter", "result", "results", "value",
-    "units", "unit", "reference", "ref", "range", "interval", "normal", "flag", "flags", "status",
-    "comment", "comments", "previous", "specimen", "method",
+    "test",
+    "tests",
+    "name",
+    "analyte",
+    "component",
+    "parameter",
+    "result",
+    "results",
+    "value",
+    "units",
+    "unit",
+    "reference",
+    "ref",
+    "range",
+    "interval",
+    "normal",
+    "flag",
+    "flags",
+    "status",
+    "comment",
+    "comments",
+    "previous",
+    "specimen",
+    "method",
 ];
 
 /// Words that mark running text rather than a table or label line.
 const PROSE_WORDS: &[&str] = &[
-    "was", "were", "is", "are", "has", "had", "showed", "shows", "remained", "remains",
-    "improved", "elevated", "raised", "decreased", "increased", "noted", "revealed", "the", "with",
-    "which", "and", "but",
+    "was",
+    "were",
+    "is",
+    "are",
+    "has",
+    "had",
+    "showed",
+    "shows",
+    "remained",
+    "remains",
+    "improved",
+    "elevated",
+    "raised",
+    "decreased",
+    "increased",
+    "noted",
+    "revealed",
+    "the",
+    "with",
+    "which",
+    "and",
+    "but",
 ];
 /// Fewest words for a line to be read as prose.
 const PROSE_MIN_WORDS: usize = 6;
@@ -682,10 +782,40 @@ const PROSE_MIN_WORDS: usize = 6;
 /// Words that open a phrase continuing the previous one ("..., below the reference range
 /// of 12.0-15.5"); such a phrase is joined to the previous instead of standing alone.
 const CONTINUATION_WORDS: &[&str] = &[
-    "below", "above", "within", "outside", "up", "down", "from", "previously", "compared",
-    "versus", "vs", "than", "which", "consistent", "reference", "ref", "normal", "range",
-    "rising", "falling", "unchanged", "stable", "after", "before", "on", "by", "in", "at", "was",
-    "were", "is", "are", "i.e.", "e.g.",
+    "below",
+    "above",
+    "within",
+    "outside",
+    "up",
+    "down",
+    "from",
+    "previously",
+    "compared",
+    "versus",
+    "vs",
+    "than",
+    "which",
+    "consistent",
+    "reference",
+    "ref",
+    "normal",
+    "range",
+    "rising",
+    "falling",
+    "unchanged",
+    "stable",
+    "after",
+    "before",
+    "on",
+    "by",
+    "in",
+    "at",
+    "was",
+    "were",
+    "is",
+    "are",
+    "i.e.",
+    "e.g.",
 ];
 /// A phrase without a value of at most this many words (a bare test name, as in
 /// "Glucose, fasting, was 108") is carried into the next phrase instead of dropped.
@@ -693,9 +823,8 @@ const CARRY_MAX_WORDS: usize = 3;
 
 /// Splits clauses of a sentence: `, and`, `and`, `but`, `while`, `whereas`, commas followed
 /// by a space (decimal commas have none) and semicolons.
-static PHRASE_SPLIT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i),?\s+(?:and|but|while|whereas)\s+|,\s+|;\s*").unwrap()
-});
+static PHRASE_SPLIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i),?\s+(?:and|but|while|whereas)\s+|,\s+|;\s*").unwrap());
 
 fn lowercase_words(s: &str) -> impl Iterator<Item = String> + '_ {
     WORD.find_iter(s).map(|m| m.as_str().to_lowercase())
@@ -710,8 +839,7 @@ fn has_value(s: &str) -> bool {
 fn has_test_word(s: &str) -> bool {
     let stripped = QUALITATIVE.replace_all(s, " ");
     ONE_LETTER_TEST.is_match(s)
-        || lowercase_words(&stripped)
-            .any(|w| w.chars().count() >= 2 && !NOT_TEST_WORDS.contains(&w.as_str()))
+        || lowercase_words(&stripped).any(|w| w.chars().count() >= 2 && !NOT_TEST_WORDS.contains(&w.as_str()))
 }
 
 fn looks_like_result(s: &str) -> bool {
@@ -752,10 +880,10 @@ fn continues(prev: &str, next: &str) -> bool {
 /// qualitative word such as negative/trace/detected) and a test-like word (not a unit or
 /// range word), and is not a header, identification, date, address, signature, comment or
 /// superseded-value line. Multi-column lines stay one candidate. Prose (lines of at least
-/// [`PROSE_MIN_WORDS`] words with verbs or conjunctions, joined with wrapped continuation
+/// `PROSE_MIN_WORDS` words with verbs or conjunctions, joined with wrapped continuation
 /// lines) is split into sentences, then into phrases at `and`/commas/semicolons, so
 /// "Potassium was 5.9 mmol/L (3.5-5.1) and sodium 139 mmol/L" gives two candidates.
-pub fn segment(text: &str, claimed: &[(usize, usize)]) -> Vec<Candidate> {
+pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
     let lines = split_lines(text);
     let usable = |l: &Line| {
         !l.text.trim().is_empty() && !overlaps_any(claimed, l.start, l.char_end()) && !is_non_result_line(l.text)
@@ -809,8 +937,8 @@ fn sentence_ranges(block: &str) -> Vec<(usize, usize)> {
     out
 }
 
-/// Byte ranges of the phrases of one sentence, joined per [`CONTINUATION_WORDS`] and
-/// [`CARRY_MAX_WORDS`].
+/// Byte ranges of the phrases of one sentence, joined per `CONTINUATION_WORDS` and
+/// `CARRY_MAX_WORDS`.
 fn phrase_ranges(block: &str, (s0, s1): (usize, usize)) -> Vec<(usize, usize)> {
     let sentence = &block[s0..s1];
     let mut pieces = Vec::new();
@@ -861,11 +989,7 @@ fn prose_candidates(block: &str, block_start: usize) -> Vec<Candidate> {
                 continue;
             }
             let start = block_start + block[..a].chars().count();
-            out.push(Candidate {
-                start,
-                end: start + t.chars().count(),
-                text: t.replace(['\r', '\n'], " "),
-            });
+            out.push(Candidate { start, end: start + t.chars().count(), text: t.replace(['\r', '\n'], " ") });
         }
     }
     out
@@ -894,8 +1018,8 @@ const MAX_LABEL_WORDS: usize = 5;
 /// (a lower-case `a` or `l` is a word), words need not. `N` is left out: a normal flag
 /// adds nothing the range does not say, and `N` is too often something else.
 const PRINTED_FLAG_TOKENS: &[&str] = &[
-    "H", "L", "HH", "LL", "A", "AA", "HIGH", "LOW", "CRIT", "CRITICAL", "PANIC", "ABN",
-    "ABNORMAL", "↑", "↓", "↑↑", "↓↓", "*", "!!",
+    "H", "L", "HH", "LL", "A", "AA", "HIGH", "LOW", "CRIT", "CRITICAL", "PANIC", "ABN", "ABNORMAL", "↑", "↓", "↑↑",
+    "↓↓", "*", "!!",
 ];
 
 /// Why a model answer gives no row. Messages carry positions and field names only.
@@ -937,14 +1061,14 @@ impl AnswerError {
 ///   copied from the examples or invented), and so does a bound of a printed range. A
 ///   value with a unit glued on (`255 x10^3/uL`, `8%`) is split. The row keeps the value
 ///   as printed; `value_numeric` is [`parse_value`] of it.
-/// - test: the label printed before the value ([`label_before`]) unless the model names a
-///   different printed test ([`choose_test`]); none when neither is printed.
+/// - test: the label printed before the value (`label_before`) unless the model names a
+///   different printed test (`choose_test`); none when neither is printed.
 /// - unit: kept if it occurs after the value, widened to the whole printed token
 ///   (`x10^9` → `x10^9/L`); otherwise none.
 /// - range: [`parse_range`] of the text after the value; only when that finds nothing,
 ///   the model's bounds, each kept if it occurs after the value (swapped if reversed).
 /// - flag: the model's flag if it occurs in the candidate and is a known flag, else a flag
-///   printed after the value ([`PRINTED_FLAG_TOKENS`]); then [`compute_flag`].
+///   printed after the value (`PRINTED_FLAG_TOKENS`); then [`compute_flag`].
 pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, AnswerError> {
     let lead = answer.len() - answer.trim_start().len();
     let body = &answer[lead..];
@@ -979,8 +1103,7 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         (None, None) => model_bounds(ref_low, ref_high, after),
         read => read,
     };
-    let model_flag =
-        flag.filter(|f| Flag::from_printed(f).is_some() && find_token(text, f, true).is_some());
+    let model_flag = flag.filter(|f| Flag::from_printed(f).is_some() && find_token(text, f, true).is_some());
     let printed = model_flag.or_else(|| printed_flag_after(after));
     Ok(LabItem {
         test,
@@ -1055,7 +1178,7 @@ fn find_value(text: &str, value: &str, numeric: Option<f64>) -> Option<(usize, u
     })
 }
 
-/// Byte span of the first occurrence of `needle` as a token ([`token_spans`]).
+/// Byte span of the first occurrence of `needle` as a token (`token_spans`).
 fn find_token(haystack: &str, needle: &str, short_case_sensitive: bool) -> Option<(usize, usize)> {
     token_spans(haystack, needle, short_case_sensitive).into_iter().next()
 }
@@ -1072,7 +1195,9 @@ fn token_spans(haystack: &str, needle: &str, short_case_sensitive: bool) -> Vec<
     }
     let ignore_case = !(short_case_sensitive && needle.chars().count() <= SHORT_CHARS);
     let pattern = format!("{}{}", if ignore_case { "(?i)" } else { "" }, regex::escape(needle));
-    let Ok(re) = Regex::new(&pattern) else { return Vec::new() };
+    let Ok(re) = Regex::new(&pattern) else {
+        return Vec::new();
+    };
     // A neighbour joins the match if it is alphanumeric, or a decimal or thousands mark
     // with a digit beyond it.
     let joins = |c: Option<char>, beyond: Option<char>| {
@@ -1089,7 +1214,7 @@ fn token_spans(haystack: &str, needle: &str, short_case_sensitive: bool) -> Vec<
 
 /// The test name printed before the value: `Chloride ....... ` → `Chloride`,
 /// `AMENDED: Potassium ` → `Potassium`, `The troponin I was ` → `troponin I`. `None` when
-/// that text is longer than [`MAX_LABEL_WORDS`] or has no letter.
+/// that text is longer than `MAX_LABEL_WORDS` or has no letter.
 fn label_before(before: &str) -> Option<String> {
     let separators = |c: char| c.is_whitespace() || matches!(c, ':' | '.' | '=' | ',' | '…' | '-');
     let label = before.trim_end_matches(separators);
@@ -1106,9 +1231,27 @@ fn label_before(before: &str) -> Option<String> {
 
 /// Words of running text that end a test name (`Potassium was ...`, `Hemoglobin of ...`).
 const LABEL_END_WORDS: &[&str] = &[
-    "was", "were", "is", "are", "has", "had", "showed", "shows", "remained", "remains",
-    "improved", "elevated", "raised", "decreased", "increased", "rose", "fell", "measured",
-    "at", "of", "to",
+    "was",
+    "were",
+    "is",
+    "are",
+    "has",
+    "had",
+    "showed",
+    "shows",
+    "remained",
+    "remains",
+    "improved",
+    "elevated",
+    "raised",
+    "decreased",
+    "increased",
+    "rose",
+    "fell",
+    "measured",
+    "at",
+    "of",
+    "to",
 ];
 const ARTICLES: &[&str] = &["the", "a", "an"];
 
@@ -1136,15 +1279,11 @@ fn unit_token(after: &str, unit: &str) -> Option<String> {
         return None;
     }
     let needle = unit.to_lowercase();
-    after
-        .split_whitespace()
-        .map(trim)
-        .find(|token| token.to_lowercase().contains(&needle))
-        .filter(|token| {
-            Flag::from_printed(token).is_none()
-                && parse_value(token).is_none()
-                && token.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/')
-        })
+    after.split_whitespace().map(trim).find(|token| token.to_lowercase().contains(&needle)).filter(|token| {
+        Flag::from_printed(token).is_none()
+            && parse_value(token).is_none()
+            && token.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/')
+    })
 }
 
 /// The model's reference bounds, each kept only if that number is printed after the value
@@ -1158,7 +1297,9 @@ fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Opti
     let printed: Vec<f64> =
         NUMBER.find_iter(after).filter(standalone).filter_map(|m| parse_value(m.as_str())).collect();
     let bound = |b: Option<String>| {
-        b.as_deref().and_then(parse_value).filter(|v| printed.iter().any(|p| (p - v.abs()).abs() <= f64::EPSILON * p.max(1.0)))
+        b.as_deref()
+            .and_then(parse_value)
+            .filter(|v| printed.iter().any(|p| (p - v.abs()).abs() <= f64::EPSILON * p.max(1.0)))
     };
     match (bound(low), bound(high)) {
         (Some(l), Some(h)) if l > h => (Some(h), Some(l)),
@@ -1166,7 +1307,7 @@ fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Opti
     }
 }
 
-/// The first flag printed after the value ([`PRINTED_FLAG_TOKENS`]).
+/// The first flag printed after the value (`PRINTED_FLAG_TOKENS`).
 fn printed_flag_after(after: &str) -> Option<String> {
     after
         .split_whitespace()
@@ -1549,7 +1690,8 @@ pH 6.5 5.0-8.0
     #[test]
     fn answer_ranges_must_be_grounded() {
         let c = cand("Sodium 139 mmol/L");
-        let a = r#"{"test": "Sodium", "value": "139", "unit": "mmol/L", "ref_low": "135", "ref_high": "145", "flag": "N"}"#;
+        let a =
+            r#"{"test": "Sodium", "value": "139", "unit": "mmol/L", "ref_low": "135", "ref_high": "145", "flag": "N"}"#;
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
     }
@@ -1558,7 +1700,10 @@ pH 6.5 5.0-8.0
     fn answer_errors() {
         let c = cand("Sodium 139 mmol/L");
         let e = parse_answer("Sodium is 139", &c).unwrap_err();
-        assert_eq!((e.label(), e.to_string()), ("unparseable_answer", "answer is not a JSON object (at byte 0)".into()));
+        assert_eq!(
+            (e.label(), e.to_string()),
+            ("unparseable_answer", "answer is not a JSON object (at byte 0)".into())
+        );
         let e = parse_answer(r#"{"test": "Sodium", "value": 139 "unit""#, &c).unwrap_err();
         assert_eq!(e, AnswerError::NotJson { at: 32 });
         let e = parse_answer(r#"{"test": "Sodium", "value": "13"#, &c).unwrap_err();
@@ -1582,7 +1727,8 @@ pH 6.5 5.0-8.0
     #[test]
     fn answer_qualitative_value() {
         let c = cand("Nitrite              Positive         Negative     A");
-        let a = r#"{"test": "Nitrite", "value": "Positive", "unit": null, "ref_low": null, "ref_high": null, "flag": "A"}"#;
+        let a =
+            r#"{"test": "Nitrite", "value": "Positive", "unit": null, "ref_low": null, "ref_high": null, "flag": "A"}"#;
         let item = parse_answer(a, &c).unwrap();
         assert_eq!(item.value_numeric, None);
         assert_eq!(item.flag, Some(Flag::Abnormal));
@@ -1658,7 +1804,8 @@ pH 6.5 5.0-8.0
     #[test]
     fn answer_value_with_glued_unit_is_split() {
         let c = cand("Platelets ............. 255 x10^3/uL   [150 - 450]");
-        let a = r#"{"test":"Platelets","value":"255 x10^3/uL","unit":"uL","ref_low":"150","ref_high":"450","flag":null}"#;
+        let a =
+            r#"{"test":"Platelets","value":"255 x10^3/uL","unit":"uL","ref_low":"150","ref_high":"450","flag":null}"#;
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.value.as_deref(), item.value_numeric), (Some("255"), Some(255.0)));
         assert_eq!(item.unit.as_deref(), Some("x10^3/uL"));
@@ -1700,7 +1847,10 @@ pH 6.5 5.0-8.0
         let c2 = cand("WBC                  25-50 /hpf       0-5          H");
         let a = r#"{"test":"WBC","value":"25-50","unit":"/hpf","ref_low":"0","ref_high":"5","flag":"H"}"#;
         let item = parse_answer(a, &c2).unwrap();
-        assert_eq!((item.value_numeric, item.ref_low, item.ref_high, item.flag), (None, Some(0.0), Some(5.0), Some(Flag::High)));
+        assert_eq!(
+            (item.value_numeric, item.ref_low, item.ref_high, item.flag),
+            (None, Some(0.0), Some(5.0), Some(Flag::High))
+        );
         // The same number in the other decimal notation is grounded.
         let a = r#"{"test":"Hämoglobin","value":"12.1","unit":"g/dl","ref_low":"12,0","ref_high":"16,0","flag":null}"#;
         let item = parse_answer(a, &c).unwrap();
@@ -1745,8 +1895,7 @@ pH 6.5 5.0-8.0
     #[test]
     fn schema_lists_the_answer_fields() {
         let schema: Value = serde_json::from_str(SCHEMA).unwrap();
-        let required: Vec<&str> =
-            schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        let required: Vec<&str> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
         assert_eq!(required, ANSWER_FIELDS);
         for f in ANSWER_FIELDS {
             assert!(schema["properties"][f].is_object(), "{f}");
@@ -1820,7 +1969,10 @@ pH 6.5 5.0-8.0
             if name.ends_with(".jsonl") {
                 for line in content.lines() {
                     let record: Value = serde_json::from_str(line).unwrap();
-                    docs.push((format!("{name}#{}", record["id"].as_str().unwrap()), record["text"].as_str().unwrap().into()));
+                    docs.push((
+                        format!("{name}#{}", record["id"].as_str().unwrap()),
+                        record["text"].as_str().unwrap().into(),
+                    ));
                 }
             } else if name.ends_with(".csv") {
                 for record in csv::Reader::from_reader(content.as_bytes()).records() {
@@ -1862,47 +2014,5 @@ pH 6.5 5.0-8.0
             model_lines += candidates.len();
         }
         assert!(model_lines > 60, "{model_lines}");
-    }
-
-    /// Prints every model candidate of the example reports as one JSON object per line
-    /// (`{"doc", "start", "end", "line"}`), the input of
-    /// `pipelines/lab-report/tools/try_prompt.py --candidates`. Run with
-    /// `cargo test --release -p medbatch-worker dump_example_candidates -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "prints candidates for prompt tuning"]
-    fn dump_example_candidates() {
-        for (name, report) in example_documents() {
-            let mut claimed = Vec::new();
-            for parser in [parse_hl7_obx, parse_delimited_table] {
-                claimed.extend(parser(&report).map(|(_, spans)| spans).unwrap_or_default());
-            }
-            for c in segment(&report, &claimed) {
-                let record = serde_json::json!({"doc": name, "start": c.start, "end": c.end, "line": c.text});
-                println!("CANDIDATE {record}");
-            }
-        }
-    }
-
-    /// Parses recorded model answers (JSONL of `{"doc", "start", "end", "line", "answer"}`
-    /// from `try_prompt.py --answers-out`, path in `LABREPORT_ANSWERS`) and prints one
-    /// `ITEM {"doc", "start", "item" | "error"}` line each, for `try_prompt.py --score-items`.
-    #[test]
-    #[ignore = "scores recorded model answers for prompt tuning"]
-    fn parse_model_answers() {
-        let path = std::env::var("LABREPORT_ANSWERS").expect("set LABREPORT_ANSWERS to an answers JSONL file");
-        let records = std::fs::read_to_string(path).unwrap();
-        for line in records.lines().filter(|l| !l.trim().is_empty()) {
-            let r: Value = serde_json::from_str(line).unwrap();
-            let text = r["line"].as_str().unwrap().to_string();
-            let start = r["start"].as_u64().unwrap() as usize;
-            let c = Candidate { start, end: start + text.chars().count(), text };
-            let out = match parse_answer(r["answer"].as_str().unwrap(), &c) {
-                Ok(it) => serde_json::json!({"doc": r["doc"], "start": start, "item": {
-                    "test": it.test, "value": it.value, "unit": it.unit, "ref_low": it.ref_low,
-                    "ref_high": it.ref_high, "flag": it.flag.map(Flag::as_str)}}),
-                Err(e) => serde_json::json!({"doc": r["doc"], "start": start, "error": e.label()}),
-            };
-            println!("ITEM {out}");
-        }
     }
 }

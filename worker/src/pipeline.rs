@@ -64,8 +64,8 @@ impl LoadedPipeline {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
         let template = read(&spec.prompt.template)?;
-        let schema: serde_json::Value =
-            serde_json::from_str(&read(&spec.prompt.schema)?).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        let schema: serde_json::Value = serde_json::from_str(&read(&spec.prompt.schema)?)
+            .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         let digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
         let p = Self { dir, spec, template, schema, digest };
         p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;

@@ -5,21 +5,10 @@ Renders ../prompt.j2 for each candidate line, runs the GGUF greedily with llama.
 (llama-cpp-python) the way the pipeline does (stop at the first newline, 64 new tokens),
 and prints line -> answer. With --gold it scores the answers as the model gave them.
 
-Candidates come from the Rust segmentation when given with --candidates (one JSON object
-per line with "doc", "start", "end", "line"):
-
-    cargo test --release -p medbatch-worker dump_example_candidates -- --ignored --nocapture \\
-      | sed -n 's/^CANDIDATE //p' > /tmp/lab_candidates.jsonl
-
-and otherwise from a simple line split of examples/lab-reports/*.txt.
-
-To score what the pipeline keeps (after labreport::parse_answer grounds and repairs the
-answers), write the answers with --answers-out, parse them in Rust and score the items:
-
-    try_prompt.py --candidates C.jsonl --answers-out /tmp/answers.jsonl
-    LABREPORT_ANSWERS=/tmp/answers.jsonl cargo test --release -p medbatch-worker \\
-      parse_model_answers -- --ignored --nocapture | sed -n 's/^ITEM //p' > /tmp/items.jsonl
-    try_prompt.py --score-items /tmp/items.jsonl --gold G.jsonl
+Candidates come from --candidates (JSONL, one object per line with "doc", "start", "end",
+"line") and otherwise from a simple line split of examples/lab-reports/*.txt. Answers can be
+written with --answers-out; --score-items scores items (JSONL of {"doc", "start", "item"})
+against --gold without running the model.
 
 Gold: JSONL with doc, start and the expected test, value, unit, ref_low, ref_high.
 Needs llama-cpp-python and jinja2 (both in ~/.cache/medbatch/refvenv). Prints document
