@@ -72,7 +72,11 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         tg_short.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
         eprintln!("run {}/{runs}: pp {:.1} tok/s, tg {:.1} / {:.1} tok/s", r + 1, pp[r], tg_long[r], tg_short[r]);
     }
-    let threads = candle_core::utils::get_num_threads();
+    // candle's CPU kernels honour CANDLE_NUM_THREADS, else use every core.
+    let threads = std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(candle_core::utils::get_num_threads);
     let (pp, tgl, tgs) = (median(pp), median(tg_long), median(tg_short));
     println!(
         "{}",
