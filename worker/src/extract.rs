@@ -56,8 +56,11 @@ pub async fn extract_document(
             claimed.extend(spans);
         }
     }
+    let lines = labreport::segment(&doc.text, &claimed);
     let candidates: Vec<Candidate> = match spec.extraction.unit {
-        ExtractionUnit::Line => labreport::segment(&doc.text, &claimed),
+        ExtractionUnit::Line => lines.clone(),
+        // The model reads the whole report; its answers are grounded on the lines below.
+        ExtractionUnit::Document if lines.is_empty() => Vec::new(),
         ExtractionUnit::Document => {
             let n = doc.text.chars().count();
             vec![Candidate { start: 0, end: n, text: doc.text.clone() }]
@@ -108,16 +111,23 @@ pub async fn extract_document(
         on_generated(generation.ids.len() as u64);
         out.engine_ms += generation.engine_ms;
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
-        match labreport::parse_answer(&format!("{primer}{}", generation.text), &c) {
-            Ok(item) => out.rows.push(row(item, tin, tout)),
-            Err(e) => {
-                let truncated = generation.finish == Finish::Length;
-                let mut r = err(e.label().to_string(), e.to_string());
-                r.stage = "parse";
-                if truncated {
-                    r.detail.push_str(" (answer cut off at max_new_tokens)");
+        let answer = format!("{primer}{}", generation.text);
+        let truncated = generation.finish == Finish::Length;
+        let results = match spec.extraction.unit {
+            ExtractionUnit::Line => vec![labreport::parse_answer(&answer, &c)],
+            ExtractionUnit::Document => labreport::parse_document_answer(&answer, &lines),
+        };
+        for result in results {
+            match result {
+                Ok(item) => out.rows.push(row(item, tin, tout)),
+                Err(e) => {
+                    let mut r = err(e.label().to_string(), e.to_string());
+                    r.stage = "parse";
+                    if truncated {
+                        r.detail.push_str(" (answer cut off at max_new_tokens)");
+                    }
+                    out.errors.push(r);
                 }
-                out.errors.push(r);
             }
         }
     }

@@ -1161,6 +1161,57 @@ static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUM).unwrap());
 /// Occurrences strictly inside a printed reference range do not count, so a bound the
 /// model copied as the value (`12` or `12,0` from `12,0–16,0`) is not grounded; a value
 /// that is itself range-shaped (`25-50` cells per field) still is.
+/// Turns a whole-report answer — a JSON array of answer objects, as larger models give when
+/// the pipeline says `extraction.unit = "document"` — into items. Each object is grounded on
+/// one of `lines` (the report's candidate lines, from [`segment`]) with [`parse_answer`]:
+/// first a line not yet used that names the object's test, then any line not yet used,
+/// then any line. An object no line bears out is an error ([`AnswerError::UngroundedValue`]),
+/// so invented results never become rows.
+pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<LabItem, AnswerError>> {
+    let Some(open) = answer.find('[') else {
+        return vec![Err(AnswerError::NotJson { at: 0 })];
+    };
+    let mut stream = serde_json::Deserializer::from_str(&answer[open..]).into_iter::<Vec<Value>>();
+    let objects = match stream.next() {
+        Some(Ok(objects)) => objects,
+        Some(Err(e)) if e.is_eof() => return vec![Err(AnswerError::Truncated { at: answer.len() })],
+        _ => return vec![Err(AnswerError::NotJson { at: open })],
+    };
+    let mut used = vec![false; lines.len()];
+    let mut out = Vec::with_capacity(objects.len());
+    for object in objects {
+        let Value::Object(map) = &object else {
+            out.push(Err(AnswerError::NotJson { at: open }));
+            continue;
+        };
+        let test = map.get("test").and_then(Value::as_str).unwrap_or("").to_lowercase();
+        let text = object.to_string();
+        let names_test = |c: &Candidate| !test.is_empty() && c.text.to_lowercase().contains(&test);
+        let passes: [&dyn Fn(usize) -> bool; 3] = [&|i| !used[i] && names_test(&lines[i]), &|i| !used[i], &|_| true];
+        let mut found = None;
+        'search: for pass in passes {
+            for i in 0..lines.len() {
+                if pass(i) {
+                    if let Ok(item) = parse_answer(&text, &lines[i]) {
+                        found = Some((i, item));
+                        break 'search;
+                    }
+                }
+            }
+        }
+        match found {
+            Some((i, item)) => {
+                used[i] = true;
+                out.push(Ok(item));
+            }
+            None => out.push(Err(parse_answer(&text, &Candidate { start: 0, end: 0, text: String::new() })
+                .err()
+                .unwrap_or(AnswerError::UngroundedValue))),
+        }
+    }
+    out
+}
+
 fn find_value(text: &str, value: &str, numeric: Option<f64>) -> Option<(usize, usize)> {
     let ranges: Vec<(usize, usize)> = [&*RANGE_BOTH, &*RANGE_UPPER, &*RANGE_LOWER]
         .iter()
@@ -1833,6 +1884,25 @@ pH 6.5 5.0-8.0
         let c = cand("Potassium        6.8 mmol/L    (3.5-5.1)     HH  CRITICAL");
         let a = r#"{"test":"Potassium","value":"6.8","unit":"mmol/L","ref_low":"3.5","ref_high":"5.1","flag":null}"#;
         assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::Critical));
+    }
+
+    #[test]
+    fn document_answers_are_grounded_line_by_line() {
+        let report = "Sodium 139 mmol/L (135-145)\nPotassium 5.9 mmol/L (3.5-5.1) H\n";
+        let lines = segment(report, &[]);
+        let answer = r#"Here: [{"test":"Potassium","value":"5.9","unit":"mmol/L","ref_low":"3.5","ref_high":"5.1","flag":"H"},
+            {"test":"Sodium","value":"139","unit":"mmol/L","ref_low":null,"ref_high":null,"flag":null},
+            {"test":"Glucose","value":"5.5","unit":"mmol/L","ref_low":null,"ref_high":null,"flag":null}]"#;
+        let items = parse_document_answer(answer, &lines);
+        assert_eq!(items.len(), 3);
+        let k = items[0].as_ref().unwrap();
+        assert_eq!((k.test.as_deref(), k.flag), (Some("Potassium"), Some(Flag::High)));
+        assert_eq!(k.evidence_start, lines[1].start);
+        let na = items[1].as_ref().unwrap();
+        assert_eq!((na.ref_low, na.ref_high, na.evidence_start), (Some(135.0), Some(145.0), lines[0].start));
+        assert_eq!(items[2].as_ref().unwrap_err(), &AnswerError::UngroundedValue);
+        assert_eq!(parse_document_answer("no json", &lines)[0].as_ref().unwrap_err().label(), "unparseable_answer");
+        assert_eq!(parse_document_answer("[{\"test\":", &lines)[0].as_ref().unwrap_err().label(), "truncated_answer");
     }
 
     #[test]

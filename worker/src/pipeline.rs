@@ -76,13 +76,15 @@ impl LoadedPipeline {
         PipelineRef { name: self.spec.name.clone(), version: self.spec.version.clone(), digest: self.digest.clone() }
     }
 
-    /// Renders the prompt template with `line` (the item text).
-    pub fn render(&self, line: &str) -> Result<RenderedPrompt, minijinja::Error> {
+    /// Renders the prompt template with the item text: a candidate line, or the whole
+    /// document when the pipeline extracts per document. Templates see it as `line` and as
+    /// `document`.
+    pub fn render(&self, item: &str) -> Result<RenderedPrompt, minijinja::Error> {
         let env = minijinja::Environment::new();
         let tmpl = env.template_from_str(&self.template)?;
-        let with_marker = tmpl.render(minijinja::context! { line => ITEM_MARKER })?;
+        let with_marker = tmpl.render(minijinja::context! { line => ITEM_MARKER, document => ITEM_MARKER })?;
         let shared_prefix_len = with_marker.find(ITEM_MARKER).unwrap_or(0);
-        Ok(RenderedPrompt { text: with_marker.replace(ITEM_MARKER, line), shared_prefix_len })
+        Ok(RenderedPrompt { text: with_marker.replace(ITEM_MARKER, item), shared_prefix_len })
     }
 }
 
