@@ -119,3 +119,41 @@ pub fn digest_dir(dir: &Path) -> std::io::Result<Digest> {
     }
     Ok(Digest::from_sha256(h.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medbatch_schemas::pipeline::{ExtractionUnit, PromptFormat};
+
+    fn pipelines_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines")
+    }
+
+    #[test]
+    fn shipped_pipelines_load_and_render() {
+        let line = LoadedPipeline::load(pipelines_dir().join("lab-report").to_str().unwrap()).unwrap();
+        let r = line.render("Sodium 139 mmol/L").unwrap();
+        assert!(r.shared_prefix_len > 0 && r.text[r.shared_prefix_len..].starts_with("Sodium 139 mmol/L"));
+        assert_eq!(line.render("x").unwrap().text[..r.shared_prefix_len], r.text[..r.shared_prefix_len]);
+        let doc = LoadedPipeline::load(pipelines_dir().join("lab-report-document").to_str().unwrap()).unwrap();
+        assert_eq!((doc.spec.extraction.unit, doc.spec.prompt.format), (ExtractionUnit::Document, PromptFormat::Chat));
+        assert!(doc.render("REPORT TEXT").unwrap().text.contains("REPORT TEXT"));
+        assert_eq!(doc.spec.output.table, line.spec.output.table);
+        assert!(matches!(LoadedPipeline::load("no-such-pipeline"), Err(PipelineError::NotFound(_))));
+    }
+
+    #[test]
+    fn digest_covers_every_file() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["pipeline.toml", "prompt.j2", "schema.json"] {
+            std::fs::copy(pipelines_dir().join("lab-report").join(f), d.path().join(f)).unwrap();
+        }
+        let a = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap();
+        std::fs::write(d.path().join("prompt.j2"), "Line: {{ line }}\nJSON: {\"test\":\"").unwrap();
+        let b = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap();
+        assert_ne!(a.digest, b.digest);
+        std::fs::write(d.path().join("schema.json"), "not json").unwrap();
+        let err = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("schema.json"), "{err}");
+    }
+}
