@@ -12,7 +12,7 @@ Platelets 250 x10^9/L. The patient reports no fever, chills or weight loss. ";
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Model: a Gemma 3 GGUF file, or `demo`.
+    /// Model: a Gemma 3 GGUF file, a checkpoint folder, or `demo`.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
     /// Prompt length for the prefill measurement.
@@ -42,7 +42,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let engine = model_path::load_engine(&args.model)?;
     let tok = &engine.tokenizer;
-    let mut ids = vec![tok.special.bos];
+    let mut ids = vec![tok.special().bos];
     while ids.len() < args.prompt_tokens {
         ids.extend(tok.encode(FILLER, false, false));
     }

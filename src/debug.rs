@@ -75,12 +75,12 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
         }
         DebugCommand::Generate { model, chat, max_tokens, prompt } => {
             let mut engine = model_path::load_engine(&model)?;
-            let prompt = if chat { medbatch_engine::Engine::chat_prompt(&prompt) } else { prompt };
             let g = engine.generate(&medbatch_engine::GenerateRequest {
                 prompt,
+                chat,
                 shared_prefix_len: 0,
                 add_bos: true,
-                parse_special: chat,
+                parse_special: false,
                 max_new_tokens: max_tokens,
                 stop: Vec::new(),
             })?;

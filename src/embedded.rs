@@ -26,7 +26,8 @@ pub struct RunArgs {
     /// Output directory.
     #[arg(long, env = "MEDBATCH_OUT")]
     pub out: PathBuf,
-    /// Model: a Gemma 3 GGUF file, or `demo` for the cached Gemma 3 270M demo model.
+    /// Model: a Gemma 3 GGUF file, a Hugging Face checkpoint folder, or `demo` for the cached
+    /// Gemma 3 270M demo model.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
     /// Worker tasks. They share one engine thread; more than one overlaps input reading and

@@ -18,7 +18,7 @@ pub fn demo_model_path() -> PathBuf {
     base.join("models").join(DEMO_MODEL_FILE)
 }
 
-/// Resolves a `--model` argument to a GGUF file.
+/// Resolves a `--model` argument to a GGUF file or a checkpoint folder.
 pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
     if arg == "demo" {
         let path = demo_model_path();
@@ -34,8 +34,8 @@ pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
     if !path.exists() {
         bail!("model {} not found", path.display());
     }
-    if path.is_dir() {
-        bail!("model {}: checkpoint folders (safetensors) are not supported yet; give a GGUF file", path.display());
+    if path.is_dir() && !path.join("config.json").is_file() {
+        bail!("model {}: a checkpoint folder needs config.json (or give a GGUF file)", path.display());
     }
     path.canonicalize().with_context(|| format!("model {}", path.display()))
 }
@@ -43,7 +43,7 @@ pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
 /// Resolves and loads a model; the demo model's digest is checked.
 pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
     let path = resolve(arg)?;
-    let engine = medbatch_engine::Engine::load_gguf(&path, None)?;
+    let engine = medbatch_engine::Engine::load(&path)?;
     if arg == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
         bail!(
             "demo model at {} has sha256 {}, expected {DEMO_MODEL_SHA256}; delete it and fetch it again",

@@ -1,8 +1,9 @@
 //! A loaded model with its tokenizer: prompt handling and greedy decoding.
 
 use crate::gguf::GgufFile;
+use crate::hf::ChatTemplate;
 use crate::model::{Gemma3, Logits, NumericOptions, SeqCache};
-use crate::tokenizer::SpmTokenizer;
+use crate::text_tokenizer::{HfTokenizer, Tokenizer};
 use crate::EngineError;
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -31,8 +32,13 @@ pub struct ModelInfo {
 /// One generation request. Decoding is greedy: the same request gives the same answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GenerateRequest {
-    /// The complete prompt text.
+    /// The complete prompt text, or the user message when `chat` is set.
     pub prompt: String,
+    /// Wrap `prompt` as one user turn in the model's chat format (its chat template when the
+    /// checkpoint has one, else Gemma's turn format); BOS and special-token parsing then
+    /// follow the template, and `add_bos`, `parse_special` and `shared_prefix_len` are
+    /// ignored.
+    pub chat: bool,
     /// Length in bytes of a prefix of `prompt` shared by many requests; its KV cache is
     /// computed once and reused. 0 disables reuse.
     pub shared_prefix_len: usize,
@@ -79,11 +85,45 @@ struct PrefixEntry {
 /// engine thread owns it (see [`crate::service`]).
 pub struct Engine {
     pub model: Gemma3,
-    pub tokenizer: SpmTokenizer,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
     pub info: ModelInfo,
     stop_ids: Vec<u32>,
     prefixes: Vec<PrefixEntry>,
     clock: u64,
+}
+
+/// Bytes hashed from each end of a weight file for a checkpoint's fingerprint.
+const FINGERPRINT_SAMPLE: u64 = 1 << 20;
+
+/// A digest identifying a checkpoint folder without reading tens of gigabytes: SHA-256 over
+/// config.json, the index, and for each weight file its name, size, and its first and last
+/// MiB (the safetensors header, with every tensor's name, dtype and offsets, is at the start).
+pub fn checkpoint_fingerprint(dir: &Path) -> std::io::Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut h = Sha256::new();
+    for f in ["config.json", "model.safetensors.index.json"] {
+        if let Ok(b) = std::fs::read(dir.join(f)) {
+            h.update(f.as_bytes());
+            h.update(&b);
+        }
+    }
+    let files = crate::hf::weight_files(dir).map_err(|e| std::io::Error::other(e.to_string()))?;
+    for p in files {
+        let mut f = std::fs::File::open(&p)?;
+        let size = f.metadata()?.len();
+        h.update(p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(size.to_le_bytes());
+        let mut buf = vec![0u8; FINGERPRINT_SAMPLE.min(size) as usize];
+        f.read_exact(&mut buf)?;
+        h.update(&buf);
+        if size > FINGERPRINT_SAMPLE {
+            f.seek(SeekFrom::Start(size - FINGERPRINT_SAMPLE.min(size)))?;
+            f.read_exact(&mut buf)?;
+            h.update(&buf);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// SHA-256 of a file, streamed.
@@ -124,13 +164,64 @@ impl Engine {
         };
         let mut stop_ids = vec![tokenizer.special.eos];
         stop_ids.extend(tokenizer.special.end_of_turn);
-        Ok(Self { model, tokenizer, info, stop_ids, prefixes: Vec::new(), clock: 0 })
+        Ok(Self {
+            model,
+            tokenizer: Tokenizer::Spm(tokenizer),
+            chat_template: None,
+            info,
+            stop_ids,
+            prefixes: Vec::new(),
+            clock: 0,
+        })
     }
 
-    /// Gemma's turn format for one user message, ready for generation (BOS is added by the
-    /// tokenizer; the prompt must be encoded with `parse_special`).
-    pub fn chat_prompt(user: &str) -> String {
-        format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+    /// Loads a Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json,
+    /// chat template), computing in f32 on the CPU.
+    pub fn load_checkpoint(dir: &Path) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
+        let cfg = crate::hf::read_config(dir)?;
+        let model = crate::hf::load_model(dir, &cfg, &device)?;
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::Hf(HfTokenizer::from_file(&tok_path)?);
+        let chat_template = ChatTemplate::find(dir)?;
+        let digest = checkpoint_fingerprint(dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+        let info = ModelInfo {
+            id: dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            digest,
+            architecture: cfg.architecture.clone(),
+            num_layers: model.cfg.num_layers,
+            vocab_size: model.cfg.vocab_size,
+            context_length: model.cfg.max_position_embeddings,
+        };
+        let mut stop_ids = cfg.eos_token_ids.clone();
+        stop_ids.extend(tokenizer.special().end_of_turn);
+        stop_ids.push(tokenizer.special().eos);
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(Self { model, tokenizer, chat_template, info, stop_ids, prefixes: Vec::new(), clock: 0 })
+    }
+
+    /// Loads a GGUF file or a checkpoint folder.
+    pub fn load(path: &Path) -> Result<Self, EngineError> {
+        if path.is_dir() {
+            Self::load_checkpoint(path)
+        } else {
+            Self::load_gguf(path, None)
+        }
+    }
+
+    /// A prompt for one user message in the model's turn format, and whether BOS must still
+    /// be added when tokenizing it. A checkpoint's own chat template is rendered when it has
+    /// one (it writes BOS itself, so none is added: no double BOS); otherwise Gemma's turn
+    /// format is used. The prompt must be encoded with `parse_special`.
+    pub fn chat_prompt(&self, user: &str) -> Result<(String, bool), EngineError> {
+        match &self.chat_template {
+            Some(t) => {
+                let messages = serde_json::json!([{ "role": "user", "content": user }]);
+                Ok((t.render(&messages)?, !t.writes_bos()))
+            }
+            None => Ok((format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"), true)),
+        }
     }
 
     /// Runs `ids` into `cache` in chunks; returns the last position's logits.
@@ -208,6 +299,18 @@ impl Engine {
 
     /// Serves one request.
     pub fn generate(&mut self, req: &GenerateRequest) -> Result<Generation, EngineError> {
+        if req.chat {
+            let (prompt, add_bos) = self.chat_prompt(&req.prompt)?;
+            let wrapped = GenerateRequest {
+                prompt,
+                chat: false,
+                add_bos,
+                parse_special: true,
+                shared_prefix_len: 0,
+                ..req.clone()
+            };
+            return self.generate(&wrapped);
+        }
         let started = Instant::now();
         let ids = self.tokenizer.encode(&req.prompt, req.add_bos, req.parse_special);
         if ids.is_empty() {

@@ -1,6 +1,7 @@
 //! The medbatch inference engine: Gemma 3 / MedGemma on candle.
 //!
-//! It owns model loading (GGUF today; safetensors checkpoints next), the tokenizer, the
+//! It owns model loading (GGUF files and Hugging Face safetensors checkpoints), tokenizers
+//! and chat templates, the
 //! per-sequence KV caches, greedy decoding with stop conditions, reuse of a cached prompt
 //! prefix, and the engine thread that async callers talk to through [`EngineHandle`].
 //! It never touches queues, object stores or output files.
@@ -8,8 +9,11 @@
 pub mod config;
 pub mod engine;
 pub mod gguf;
+pub mod hf;
+pub mod hf_config;
 pub mod model;
 pub mod service;
+pub mod text_tokenizer;
 pub mod tokenizer;
 
 pub use engine::{Engine, Finish, GenerateRequest, Generation, ModelInfo};

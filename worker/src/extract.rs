@@ -90,12 +90,12 @@ pub async fn extract_document(
         // continues it); the answer parsed is then that opening plus the generated text.
         let primer =
             if !chat && rendered.text.ends_with(labreport::ANSWER_PRIMER) { labreport::ANSWER_PRIMER } else { "" };
-        let prompt = if chat { medbatch_engine::Engine::chat_prompt(&rendered.text) } else { rendered.text };
         let req = GenerateRequest {
-            shared_prefix_len: if chat { 0 } else { rendered.shared_prefix_len },
-            prompt,
+            shared_prefix_len: rendered.shared_prefix_len,
+            prompt: rendered.text,
+            chat,
             add_bos: true,
-            parse_special: chat,
+            parse_special: false,
             max_new_tokens: spec.generation.max_new_tokens,
             stop: spec.generation.stop.clone(),
         };

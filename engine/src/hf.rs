@@ -1,0 +1,257 @@
+//! Loading Hugging Face Gemma 3 / MedGemma checkpoints: safetensors weights (single file or
+//! sharded with `model.safetensors.index.json`), under any of the three weight-name layouts,
+//! the tokenizer (`tokenizer.json`) and the chat template.
+//!
+//! | layout | embedding key |
+//! |---|---|
+//! | original Gemma 3 / MedGemma 1 multimodal uploads | `language_model.model.embed_tokens.weight` |
+//! | transformers ≥ 4.52 / 5.x multimodal saves | `model.language_model.embed_tokens.weight` |
+//! | text-only `Gemma3ForCausalLM` | `model.embed_tokens.weight` |
+//!
+//! Norm weights are stored as `w` and applied as `1 + w` (computed in f32); the embedding
+//! scale `sqrt(hidden)` is rounded to the weights' dtype, as transformers does.
+
+use crate::hf_config::{parse_config, CheckpointConfig};
+use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm};
+use crate::EngineError;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+const EMBED_KEYS: [(&str, &str); 3] = [
+    ("model.language_model.", "model.language_model.embed_tokens.weight"),
+    ("language_model.model.", "language_model.model.embed_tokens.weight"),
+    ("model.", "model.embed_tokens.weight"),
+];
+const LM_HEAD_KEYS: [&str; 2] = ["lm_head.weight", "language_model.lm_head.weight"];
+
+fn load_err(what: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(what.to_string())
+}
+
+/// The safetensors files of a checkpoint folder: those named by the index, else
+/// `model.safetensors`, else every `*.safetensors` file.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| load_err(format!("{}: {e}", index.display())))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| load_err(format!("{}: {e}", index.display())))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| load_err(format!("{}: no weight_map", index.display())))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        let mut out = Vec::new();
+        for f in files {
+            if f.contains('/') || f.contains("..") {
+                return Err(load_err(format!("{}: shard name {f:?} leaves the folder", index.display())));
+            }
+            let p = dir.join(f);
+            if !p.is_file() {
+                return Err(load_err(format!("shard {} named by the index is missing", p.display())));
+            }
+            out.push(p);
+        }
+        return Ok(out);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| load_err(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    all.sort();
+    if all.is_empty() {
+        return Err(load_err(format!("{}: no safetensors weights", dir.display())));
+    }
+    Ok(all)
+}
+
+/// Reads `config.json` of a checkpoint folder.
+pub fn read_config(dir: &Path) -> Result<CheckpointConfig, EngineError> {
+    let p = dir.join("config.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| load_err(format!("{}: {e}", p.display())))?;
+    parse_config(&text)
+}
+
+struct Weights {
+    st: MmapedSafetensors,
+    prefix: &'static str,
+    device: Device,
+}
+
+impl Weights {
+    fn get(&self, name: &str) -> Result<Tensor, EngineError> {
+        self.st.load(name, &self.device).map_err(|e| load_err(format!("tensor {name}: {e}")))
+    }
+
+    fn f32(&self, name: &str) -> Result<Tensor, EngineError> {
+        self.get(&format!("{}{name}", self.prefix))?.to_dtype(DType::F32).map_err(load_err)
+    }
+
+    fn linear(&self, name: &str) -> Result<Linear, EngineError> {
+        Ok(Linear::Dense(self.f32(name)?))
+    }
+
+    fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, EngineError> {
+        let w = (self.f32(name)? + 1.0).map_err(load_err)?;
+        Ok(RmsNorm::new(w, eps))
+    }
+}
+
+/// `sqrt(hidden)` as the weights' dtype represents it.
+fn embed_scale(hidden: usize, dtype: DType) -> f64 {
+    let s = (hidden as f64).sqrt();
+    match dtype {
+        DType::BF16 => half::bf16::from_f64(s).to_f64(),
+        DType::F16 => half::f16::from_f64(s).to_f64(),
+        _ => s as f32 as f64,
+    }
+}
+
+/// Loads the text decoder of a checkpoint folder, computing in f32 on the CPU.
+pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Gemma3, EngineError> {
+    let files = weight_files(dir)?;
+    // SAFETY: the files are memory-mapped read-only; medbatch never writes them, and a file
+    // changed underneath a running worker is outside what it can guard against.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(load_err)?;
+    let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let (prefix, embed_key) = EMBED_KEYS
+        .iter()
+        .find(|(_, k)| names.contains(*k))
+        .copied()
+        .ok_or_else(|| load_err(format!("{}: no embed_tokens weight under a known layout", dir.display())))?;
+    let w = Weights { st, prefix, device: device.clone() };
+    let t = &cfg.text;
+    let eps = t.rms_norm_eps;
+    let embed_raw = w.get(embed_key)?;
+    let stored_dtype = embed_raw.dtype();
+    let embed = embed_raw.to_dtype(DType::F32).map_err(load_err)?;
+    let (rows, cols) = embed.dims2().map_err(load_err)?;
+    if cols != t.hidden_size || rows < t.vocab_size.min(rows) {
+        return Err(load_err(format!("embedding is {rows}x{cols}, config says hidden {}", t.hidden_size)));
+    }
+    let lm_head = match (cfg.tie_word_embeddings, LM_HEAD_KEYS.iter().find(|k| names.contains(**k))) {
+        (true, _) => Linear::Dense(embed.clone()),
+        (false, Some(k)) => Linear::Dense(w.get(k)?.to_dtype(DType::F32).map_err(load_err)?),
+        (false, None) => return Err(load_err("tie_word_embeddings is false but the checkpoint has no lm_head.weight")),
+    };
+    let mut layers = Vec::with_capacity(t.num_layers);
+    for i in 0..t.num_layers {
+        let p = |s: &str| format!("layers.{i}.{s}.weight");
+        layers.push(Layer {
+            input_norm: w.norm(&p("input_layernorm"), eps)?,
+            attn: Attention {
+                q: w.linear(&p("self_attn.q_proj"))?,
+                k: w.linear(&p("self_attn.k_proj"))?,
+                v: w.linear(&p("self_attn.v_proj"))?,
+                o: w.linear(&p("self_attn.o_proj"))?,
+                q_norm: w.norm(&p("self_attn.q_norm"), eps)?,
+                k_norm: w.norm(&p("self_attn.k_norm"), eps)?,
+            },
+            post_attn_norm: w.norm(&p("post_attention_layernorm"), eps)?,
+            pre_ff_norm: w.norm(&p("pre_feedforward_layernorm"), eps)?,
+            mlp: Mlp {
+                gate: w.linear(&p("mlp.gate_proj"))?,
+                up: w.linear(&p("mlp.up_proj"))?,
+                down: w.linear(&p("mlp.down_proj"))?,
+            },
+            post_ff_norm: w.norm(&p("post_feedforward_layernorm"), eps)?,
+        });
+    }
+    let norm = w.norm("norm.weight", eps)?;
+    Ok(Gemma3 {
+        cfg: t.clone(),
+        embed: Embedding::Dense(embed),
+        embed_scale: embed_scale(t.hidden_size, stored_dtype),
+        layers,
+        norm,
+        lm_head,
+        numeric: NumericOptions { f16_attention: false, f16_gelu: false },
+        device: device.clone(),
+    })
+}
+
+/// A chat template (Jinja) from `chat_template.jinja` or `tokenizer_config.json`.
+#[derive(Clone, Debug)]
+pub struct ChatTemplate {
+    source: String,
+    bos_token: String,
+    eos_token: String,
+}
+
+impl ChatTemplate {
+    /// Finds the checkpoint's template: `chat_template.jinja`, else the `chat_template` of
+    /// `tokenizer_config.json` (a string, or a list of named templates: `default` is used).
+    pub fn find(dir: &Path) -> Result<Option<Self>, EngineError> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| load_err(format!("{}: {e}", cfg_path.display())))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token = |key: &str, default: &str| match cfg.get(key) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(v) => v.get("content").and_then(|c| c.as_str()).unwrap_or(default).to_string(),
+            None => default.to_string(),
+        };
+        let source = match std::fs::read_to_string(dir.join("chat_template.jinja")) {
+            Ok(s) => Some(s),
+            Err(_) => match cfg.get("chat_template") {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string),
+                _ => None,
+            },
+        };
+        Ok(source.map(|source| Self {
+            source,
+            bos_token: token("bos_token", "<bos>"),
+            eos_token: token("eos_token", "<eos>"),
+        }))
+    }
+
+    /// Renders `messages` (`{"role", "content"}` objects) with the generation prompt.
+    pub fn render(&self, messages: &serde_json::Value) -> Result<String, EngineError> {
+        let mut env = minijinja::Environment::new();
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        let tmpl =
+            env.template_from_str(&self.source).map_err(|e| EngineError::Request(format!("chat template: {e}")))?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+            add_generation_prompt => true,
+        })
+        .map_err(|e| EngineError::Request(format!("chat template: {e}")))
+    }
+
+    /// Whether the rendered text carries BOS itself (then it must be tokenized without
+    /// adding another).
+    pub fn writes_bos(&self) -> bool {
+        self.source.contains("bos_token")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embed_scale_rounds_to_the_weight_dtype() {
+        assert_eq!(embed_scale(3072, DType::BF16), 55.5);
+        assert_eq!(embed_scale(5376, DType::BF16), 73.5);
+        assert_eq!(embed_scale(2560, DType::BF16), 50.5);
+        assert!((embed_scale(640, DType::F32) - 25.298_221).abs() < 1e-5);
+    }
+}

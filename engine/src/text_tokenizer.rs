@@ -1,0 +1,77 @@
+//! The tokenizer a model comes with: built from GGUF metadata, or a Hugging Face
+//! `tokenizer.json` read by the `tokenizers` crate.
+
+use crate::tokenizer::{SpecialIds, SpmTokenizer};
+use crate::EngineError;
+use std::path::Path;
+
+/// A `tokenizer.json` tokenizer with the ids a Gemma model needs.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    pub special: SpecialIds,
+}
+
+impl HfTokenizer {
+    pub fn from_file(path: &Path) -> Result<Self, EngineError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let id = |t: &str| inner.token_to_id(t);
+        let special = SpecialIds {
+            bos: id("<bos>").unwrap_or(2),
+            eos: id("<eos>").unwrap_or(1),
+            pad: id("<pad>"),
+            unk: id("<unk>"),
+            start_of_turn: id("<start_of_turn>"),
+            end_of_turn: id("<end_of_turn>"),
+        };
+        Ok(Self { inner, special })
+    }
+}
+
+/// Either kind of tokenizer, behind one interface.
+pub enum Tokenizer {
+    Spm(SpmTokenizer),
+    Hf(HfTokenizer),
+}
+
+impl Tokenizer {
+    pub fn special(&self) -> &SpecialIds {
+        match self {
+            Self::Spm(t) => &t.special,
+            Self::Hf(t) => &t.special,
+        }
+    }
+
+    /// Token ids of `text`. `add_special` adds BOS as the tokenizer is configured to;
+    /// `parse_special` lets control tokens be written in the text (a `tokenizer.json`
+    /// always recognizes its added tokens, so it ignores this flag).
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        match self {
+            Self::Spm(t) => t.encode(text, add_special, parse_special),
+            Self::Hf(t) => t.inner.encode(text, add_special).map(|e| e.get_ids().to_vec()).unwrap_or_default(),
+        }
+    }
+
+    /// Text of `ids`; control tokens are rendered only with `special`.
+    pub fn decode(&self, ids: &[u32], special: bool) -> String {
+        match self {
+            Self::Spm(t) => t.decode(ids, special),
+            Self::Hf(t) => t.inner.decode(ids, !special).unwrap_or_default(),
+        }
+    }
+
+    /// Bytes of one token (control tokens only with `special`).
+    pub fn token_bytes(&self, id: u32, special: bool) -> Vec<u8> {
+        match self {
+            Self::Spm(t) => t.token_bytes(id, special),
+            Self::Hf(t) => t.inner.decode(&[id], !special).map(String::into_bytes).unwrap_or_default(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Spm(t) => t.vocab_size(),
+            Self::Hf(t) => t.inner.get_vocab_size(true),
+        }
+    }
+}
