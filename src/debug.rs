@@ -1,6 +1,8 @@
-//! `medbatch debug`: look inside the engine (token ids, greedy continuations).
+//! `medbatch debug`: look inside the engine (token ids, logits, greedy continuations), so
+//! anyone can hold it against a reference implementation.
 
 use crate::model_path;
+use medbatch_engine::model::NumericOptions;
 use std::process::ExitCode;
 
 #[derive(clap::Subcommand)]
@@ -17,33 +19,60 @@ pub enum DebugCommand {
         special: bool,
         text: String,
     },
-    /// Logits at the last position of a prompt given as token ids; prints the top entries as
-    /// JSON, and writes every logit (little-endian f32) to `--dump` if given.
+    /// Logits of the last position of a prompt given as token ids (every position with
+    /// `--all`): `{"logits": [...]}`.
     Logits {
         #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
         model: String,
         /// Comma-separated prompt token ids (BOS included if wanted).
         #[arg(long, value_delimiter = ',', required = true)]
         tokens: Vec<u32>,
-        #[arg(long, default_value_t = 10)]
-        top: usize,
-        /// Reference numerics: `llamacpp` (f16 KV and GELU table, the GGUF default) or `f32`.
-        #[arg(long, default_value = "llamacpp")]
+        /// Every position's logits, as a list of lists.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON (the only output format; accepted for scripts that pass it).
+        #[arg(long)]
+        json: bool,
+        /// Print only the `top` highest logits of the last position, as `[[id, logit], ...]`.
+        #[arg(long)]
+        top: Option<usize>,
+        /// Numerics: `default` (the model's own: llama.cpp's for GGUF, f32 for checkpoints),
+        /// `f32`, `f16-attention` or `f16-gelu`.
+        #[arg(long, default_value = "default")]
         numeric: String,
+        /// Also write the last position's logits (little-endian f32) to this file.
         #[arg(long)]
         dump: Option<std::path::PathBuf>,
     },
-    /// Greedy continuation of a prompt; prints the text and the ids as JSON.
+    /// Greedy continuation: of a text (`{"text", "ids", ...}`), or of token ids with
+    /// `--tokens` (`{"tokens": [...]}`).
     Generate {
         #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
         model: String,
-        /// Wrap the prompt in Gemma's turn format (for instruction-tuned models).
+        /// Wrap the text in the model's chat format (for instruction-tuned models).
         #[arg(long)]
         chat: bool,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: u32,
-        prompt: String,
+        /// Comma-separated prompt token ids instead of a text.
+        #[arg(long, value_delimiter = ',')]
+        tokens: Option<Vec<u32>>,
+        #[arg(long, alias = "max-tokens", default_value_t = 32)]
+        max_new_tokens: u32,
+        /// Print JSON (the only output format).
+        #[arg(long)]
+        json: bool,
+        prompt: Option<String>,
     },
+}
+
+fn numeric(name: &str, default: NumericOptions) -> anyhow::Result<NumericOptions> {
+    Ok(match name {
+        "default" => default,
+        "llamacpp" => NumericOptions { f16_attention: true, f16_gelu: true },
+        "f32" => NumericOptions { f16_attention: false, f16_gelu: false },
+        "f16-attention" => NumericOptions { f16_attention: true, f16_gelu: false },
+        "f16-gelu" => NumericOptions { f16_attention: false, f16_gelu: true },
+        other => anyhow::bail!("--numeric {other:?}: use default, llamacpp, f32, f16-attention or f16-gelu"),
+    })
 }
 
 pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
@@ -53,41 +82,52 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
             let ids = engine.tokenizer.encode(&text, !no_bos, special);
             println!("{}", serde_json::to_string(&ids)?);
         }
-        DebugCommand::Logits { model, tokens, top, numeric, dump } => {
+        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump } => {
             let mut engine = model_path::load_engine(&model)?;
-            engine.model.numeric = match numeric.as_str() {
-                "llamacpp" => medbatch_engine::model::NumericOptions { f16_attention: true, f16_gelu: true },
-                "f32" => medbatch_engine::model::NumericOptions { f16_attention: false, f16_gelu: false },
-                "f16-attention" => medbatch_engine::model::NumericOptions { f16_attention: true, f16_gelu: false },
-                "f16-gelu" => medbatch_engine::model::NumericOptions { f16_attention: false, f16_gelu: true },
-                other => anyhow::bail!("--numeric {other:?}: use llamacpp or f32"),
-            };
+            engine.model.numeric = numeric(&num, engine.model.numeric)?;
+            anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
             let rows = engine.all_logits(&tokens)?;
             let last = rows.last().expect("at least one token");
-            let mut order: Vec<usize> = (0..last.len()).collect();
-            order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
-            let best: Vec<_> = order.iter().take(top).map(|&i| serde_json::json!([i, last[i]])).collect();
-            println!("{}", serde_json::json!({ "top": best }));
             if let Some(p) = dump {
                 let bytes: Vec<u8> = last.iter().flat_map(|x| x.to_le_bytes()).collect();
                 std::fs::write(&p, bytes)?;
             }
+            match top {
+                Some(k) => {
+                    let mut order: Vec<usize> = (0..last.len()).collect();
+                    order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
+                    let best: Vec<_> = order.iter().take(k).map(|&i| serde_json::json!([i, last[i]])).collect();
+                    println!("{}", serde_json::json!({ "top": best }));
+                }
+                None if all => println!("{}", serde_json::json!({ "logits": rows })),
+                None => println!("{}", serde_json::json!({ "logits": last })),
+            }
         }
-        DebugCommand::Generate { model, chat, max_tokens, prompt } => {
+        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, prompt } => {
             let mut engine = model_path::load_engine(&model)?;
-            let g = engine.generate(&medbatch_engine::GenerateRequest {
-                prompt,
-                chat,
-                shared_prefix_len: 0,
-                add_bos: true,
-                parse_special: false,
-                max_new_tokens: max_tokens,
-                stop: Vec::new(),
-            })?;
-            println!(
-                "{}",
-                serde_json::json!({ "text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens, "finish": format!("{:?}", g.finish), "engine_ms": g.engine_ms })
-            );
+            match (tokens, prompt) {
+                (Some(ids), None) => {
+                    anyhow::ensure!(!ids.is_empty(), "--tokens is empty");
+                    let out = engine.greedy_ids(&ids, max_new_tokens as usize)?;
+                    println!("{}", serde_json::json!({ "tokens": out }));
+                }
+                (None, Some(prompt)) => {
+                    let g = engine.generate(&medbatch_engine::GenerateRequest {
+                        prompt,
+                        chat,
+                        shared_prefix_len: 0,
+                        add_bos: true,
+                        parse_special: false,
+                        max_new_tokens,
+                        stop: Vec::new(),
+                    })?;
+                    println!(
+                        "{}",
+                        serde_json::json!({ "text": g.text, "ids": g.ids, "prompt_tokens": g.prompt_tokens, "finish": format!("{:?}", g.finish), "engine_ms": g.engine_ms })
+                    );
+                }
+                _ => anyhow::bail!("give either a prompt text or --tokens"),
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

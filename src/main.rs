@@ -8,6 +8,7 @@ mod bench;
 mod debug;
 mod embedded;
 mod model_path;
+mod models;
 mod progress;
 
 use clap::{Parser, Subcommand};
@@ -49,9 +50,12 @@ enum Command {
     Run(embedded::RunArgs),
     /// Measure prompt and generation speed of a model on this machine.
     Bench(bench::BenchArgs),
-    /// Inspect the engine: tokenize, generate.
+    /// Inspect the engine: tokenize, logits, generate.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
+    /// Inspect models without loading them.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Run(args) => embedded::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Debug(cmd) => debug::main(cmd),
+        Command::Models(cmd) => models::main(cmd),
     };
     match result {
         Ok(code) => code,

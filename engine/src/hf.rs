@@ -255,3 +255,40 @@ mod tests {
         assert!((embed_scale(640, DType::F32) - 25.298_221).abs() < 1e-5);
     }
 }
+
+/// Largest safetensors header accepted (the format allows 100 MB; real ones are ~100 KB).
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Stored weight bytes per dtype, from the headers of a checkpoint's safetensors files (the
+/// weights themselves are not read). `None` when the folder has no weight files.
+pub fn weight_bytes_by_dtype(dir: &Path) -> Result<Option<std::collections::BTreeMap<String, u64>>, EngineError> {
+    use std::io::Read;
+    let Ok(files) = weight_files(dir) else { return Ok(None) };
+    let mut out = std::collections::BTreeMap::new();
+    for p in files {
+        let err = |e: &dyn std::fmt::Display| load_err(format!("{}: {e}", p.display()));
+        let mut f = std::fs::File::open(&p).map_err(|e| err(&e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).map_err(|e| err(&e))?;
+        let n = u64::from_le_bytes(len);
+        if n > MAX_SAFETENSORS_HEADER {
+            return Err(err(&"safetensors header too large"));
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).map_err(|e| err(&e))?;
+        let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| err(&e))?;
+        for (name, t) in v.as_object().into_iter().flatten() {
+            if name == "__metadata__" {
+                continue;
+            }
+            let dtype = t.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_string();
+            let off = t.get("data_offsets").and_then(|o| o.as_array());
+            let bytes = match off.map(|o| (o.first().and_then(|x| x.as_u64()), o.get(1).and_then(|x| x.as_u64()))) {
+                Some((Some(a), Some(b))) if b >= a => b - a,
+                _ => return Err(err(&format!("tensor {name} has no data_offsets"))),
+            };
+            *out.entry(dtype).or_insert(0) += bytes;
+        }
+    }
+    Ok(Some(out))
+}

@@ -7,6 +7,7 @@
 //! It never touches queues, object stores or output files.
 
 pub mod config;
+pub mod describe;
 pub mod engine;
 pub mod gguf;
 pub mod hf;
