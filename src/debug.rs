@@ -120,6 +120,7 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                         parse_special: false,
                         max_new_tokens,
                         stop: Vec::new(),
+                        sampling: medbatch_engine::sampling::Sampling::greedy(),
                     })?;
                     println!(
                         "{}",

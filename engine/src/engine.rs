@@ -3,6 +3,7 @@
 use crate::gguf::GgufFile;
 use crate::hf::ChatTemplate;
 use crate::model::{Gemma3, Logits, NumericOptions, SeqCache};
+use crate::sampling::{pick, Sampling, SplitMix64};
 use crate::text_tokenizer::{HfTokenizer, Tokenizer};
 use crate::EngineError;
 use candle_core::{Device, Tensor};
@@ -30,7 +31,7 @@ pub struct ModelInfo {
 }
 
 /// One generation request. Decoding is greedy: the same request gives the same answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GenerateRequest {
     /// The complete prompt text, or the user message when `chat` is set.
     pub prompt: String,
@@ -49,6 +50,8 @@ pub struct GenerateRequest {
     pub max_new_tokens: u32,
     /// Generation stops when the text contains one of these; the text is cut before it.
     pub stop: Vec<String>,
+    /// Greedy unless a temperature is set; the seed makes sampling reproducible.
+    pub sampling: Sampling,
 }
 
 /// Why generation ended.
@@ -338,10 +341,12 @@ impl Engine {
         }
         let mut logits = self.prefill(&ids[reused..], &mut cache)?;
         let mut out: Vec<u32> = Vec::new();
+        let mut rng = SplitMix64::new(req.sampling.seed);
         let mut finish = Finish::Length;
         let mut text = String::new();
         for _ in 0..req.max_new_tokens {
-            let next = Self::argmax(&logits)?;
+            let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+            let next = pick(&row, &req.sampling, &mut rng);
             if self.stop_ids.contains(&next) {
                 finish = Finish::Eos;
                 break;

@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod hf;
 pub mod hf_config;
 pub mod model;
+pub mod sampling;
 pub mod service;
 pub mod text_tokenizer;
 pub mod tokenizer;

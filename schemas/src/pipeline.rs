@@ -104,7 +104,8 @@ pub enum PromptFormat {
     Chat,
 }
 
-/// Generation settings. Decoding is greedy, so output is deterministic.
+/// Generation settings. Decoding is greedy unless `temperature` > 0; sampling is seeded
+/// from the job id, so a rerun reproduces its output either way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationSpec {
@@ -113,12 +114,25 @@ pub struct GenerationSpec {
     /// Extra stop strings, besides the model's end-of-turn and end-of-sequence tokens.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// 0 (the default) is greedy decoding.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Sample among the `top_k` most likely tokens (0 = no limit).
+    #[serde(default)]
+    pub top_k: usize,
+    /// Sample within the smallest set of tokens reaching this probability (1 = no limit).
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
 }
 
 impl Default for GenerationSpec {
     fn default() -> Self {
-        Self { max_new_tokens: default_max_new_tokens(), stop: Vec::new() }
+        Self { max_new_tokens: default_max_new_tokens(), stop: Vec::new(), temperature: 0.0, top_k: 0, top_p: 1.0 }
     }
+}
+
+fn default_top_p() -> f32 {
+    1.0
 }
 
 /// How an extraction pipeline splits a document before the model sees it.
@@ -207,6 +221,10 @@ impl PipelineSpec {
         if self.input.kinds.is_empty() {
             return Err(SpecError::Invalid("input.kinds is empty".into()));
         }
+        let g = &self.generation;
+        if !(g.temperature >= 0.0 && g.temperature.is_finite()) || !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return Err(SpecError::Invalid("generation: temperature must be >= 0 and top_p in (0, 1]".into()));
+        }
         if self.generation.max_new_tokens == 0 {
             return Err(SpecError::Invalid("generation.max_new_tokens must be > 0".into()));
         }
@@ -245,10 +263,20 @@ mod tests {
     }
 
     #[test]
+    fn sampling_settings() {
+        let s = PipelineSpec::from_toml(&format!("{MIN}\n[generation]\ntemperature = 0.7\ntop_k = 40\ntop_p = 0.9\n"))
+            .unwrap();
+        assert_eq!((s.generation.temperature, s.generation.top_k, s.generation.top_p), (0.7, 40, 0.9));
+        assert_eq!(PipelineSpec::from_toml(MIN).unwrap().generation.temperature, 0.0);
+        assert!(PipelineSpec::from_toml(&format!("{MIN}\n[generation]\ntop_p = 0.0\n")).is_err());
+        assert!(PipelineSpec::from_toml(&format!("{MIN}\n[generation]\ntemperature = -1.0\n")).is_err());
+    }
+
+    #[test]
     fn rejects_bad_table_and_unknown_keys() {
         let bad = MIN.replace("table = \"rows\"", "table = \"../x\"");
         assert!(PipelineSpec::from_toml(&bad).is_err());
-        let unk = format!("{MIN}\n[generation]\ntemperature = 1.0\n");
+        let unk = format!("{MIN}\n[generation]\nbeam_width = 4\n");
         assert!(PipelineSpec::from_toml(&unk).is_err());
     }
 }

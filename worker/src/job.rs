@@ -194,7 +194,9 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
             Ok(doc) => {
                 let span = tracing::info_span!("document", document_id = %doc.id);
                 let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
-                let r = extract_document(&doc, &ctx.pipeline, &ctx.engine, &on_generated).instrument(span).await;
+                let r = extract_document(&doc, &ctx.pipeline, &ctx.engine, job_seed(job), &on_generated)
+                    .instrument(span)
+                    .await;
                 tokens_in += r.tokens_in;
                 tokens_out += r.tokens_out;
                 engine_ms += r.engine_ms;
@@ -245,6 +247,12 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     ctx.store.put_if_absent(&marker, Bytes::from(marker_bytes)).await?;
     tracing::info!(rows = rows.len(), error_rows = errors.len(), tokens_out, "job done");
     Ok(false)
+}
+
+/// The job's sampling seed: the first 64 bits of its id (itself a digest of the run id and
+/// the job's inputs).
+fn job_seed(job: &Job) -> u64 {
+    u64::from_str_radix(&job.job_id.as_str()[..16], 16).unwrap_or(0)
 }
 
 async fn write_part(
