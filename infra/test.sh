@@ -12,4 +12,14 @@ export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON
 # kernels several-fold.
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 
-cargo test --release --workspace "$@"
+# Unit and integration tests (the crates have no doc tests), then one closing line with the
+# totals over every test binary.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --release --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

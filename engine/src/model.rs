@@ -189,6 +189,13 @@ impl SeqCache {
     }
 }
 
+/// One sequence's part of a batched forward pass.
+pub struct BatchItem<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    pub logits: Logits,
+}
+
 /// Which positions' logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -252,24 +259,48 @@ impl Gemma3 {
     /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
     /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
     pub fn forward(&self, ids: &[u32], cache: &mut SeqCache, which: Logits) -> candle_core::Result<Tensor> {
-        let t = ids.len();
-        if t == 0 {
+        let mut out = self.forward_batch(&mut [BatchItem { ids, cache, logits: which }])?;
+        Ok(out.pop().expect("one item"))
+    }
+
+    /// Runs the next tokens of several sequences in one pass: their rows are packed through
+    /// the embedding, projections, norms and MLP; attention runs per sequence with its own
+    /// positions, window and cache. Returns each item's logits (`[1, vocab]` or
+    /// `[n, vocab]`), in order. Every row is computed as it would be alone.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Vec<Tensor>> {
+        if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
             candle_core::bail!("forward called with no tokens");
         }
         let cfg = &self.cfg;
-        let pos0 = cache.pos;
-        let ids_t = Tensor::new(ids, &self.device)?;
-        let mut x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
         let hd = cfg.head_dim;
-        let rope = Rope {
-            local: rope_tables(pos0..pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
-            global: rope_tables(pos0..pos0 + t, hd, cfg.rope_global_base, cfg.rope_global_factor, &self.device)?,
-        };
+        let all_ids: Vec<u32> = items.iter().flat_map(|b| b.ids.iter().copied()).collect();
+        let ids_t = Tensor::new(all_ids.as_slice(), &self.device)?;
+        let mut x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
+        let mut ropes = Vec::with_capacity(items.len());
+        for b in items.iter() {
+            let (pos0, t) = (b.cache.pos, b.ids.len());
+            ropes.push(Rope {
+                local: rope_tables(pos0..pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
+                global: rope_tables(pos0..pos0 + t, hd, cfg.rope_global_base, cfg.rope_global_factor, &self.device)?,
+            });
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", i).entered();
             let residual = x.clone();
             let h = layer.input_norm.forward(&x)?;
-            let h = self.attention(i, &layer.attn, &h, &mut cache.layers[i], pos0, &rope)?;
+            let a = &layer.attn;
+            let (q, k, v) = (a.q.forward(&h)?, a.k.forward(&h)?, a.v.forward(&h)?);
+            let mut outs = Vec::with_capacity(items.len());
+            let mut off = 0;
+            for (b, rope) in items.iter_mut().zip(&ropes) {
+                let t = b.ids.len();
+                let (qb, kb, vb) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
+                let pos0 = b.cache.pos;
+                outs.push(self.attention(i, a, (&qb, &kb, &vb), &mut b.cache.layers[i], pos0, rope)?);
+                off += t;
+            }
+            let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
+            let h = a.o.forward(&out)?;
             let h = layer.post_attn_norm.forward(&h)?;
             x = (residual + h)?;
             let residual = x.clone();
@@ -280,37 +311,59 @@ impl Gemma3 {
             let h = layer.post_ff_norm.forward(&h)?;
             x = (residual + h)?;
         }
-        cache.pos = pos0 + t;
-        let x = match which {
-            Logits::Last => x.narrow(0, t - 1, 1)?,
-            Logits::All => x,
-        };
+        // Only the rows whose logits are wanted go through the output head.
+        let mut rows = Vec::with_capacity(items.len());
+        let mut counts = Vec::with_capacity(items.len());
+        let mut off = 0;
+        for b in items.iter_mut() {
+            let t = b.ids.len();
+            b.cache.pos += t;
+            match b.logits {
+                Logits::Last => {
+                    rows.push(x.narrow(0, off + t - 1, 1)?);
+                    counts.push(1);
+                }
+                Logits::All => {
+                    rows.push(x.narrow(0, off, t)?);
+                    counts.push(t);
+                }
+            }
+            off += t;
+        }
+        let x = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
         let x = self.norm.forward(&x)?;
         let mut logits = self.lm_head.forward(&x.contiguous()?)?;
         if let Some(cap) = cfg.final_logit_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        Ok(logits)
+        let mut out = Vec::with_capacity(counts.len());
+        let mut off = 0;
+        for n in counts {
+            out.push(logits.narrow(0, off, n)?);
+            off += n;
+        }
+        Ok(out)
     }
 
+    /// Attention of one sequence's new rows (`q`, `k`, `v` already projected).
     fn attention(
         &self,
         layer_idx: usize,
         a: &Attention,
-        x: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
         lc: &mut LayerCache,
         pos0: usize,
         rope: &Rope,
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
-        let t = x.dim(0)?;
+        let t = q.dim(0)?;
         let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let is_global = cfg.layer_is_global[layer_idx];
         let (cos, sin) = if is_global { &rope.global } else { &rope.local };
 
-        let q = a.q.forward(x)?.reshape((t, h, hd))?;
-        let k = a.k.forward(x)?.reshape((t, kvh, hd))?;
-        let v = a.v.forward(x)?.reshape((t, kvh, hd))?;
+        let q = q.reshape((t, h, hd))?;
+        let k = k.reshape((t, kvh, hd))?;
+        let v = v.reshape((t, kvh, hd))?;
         let q = a.q_norm.forward(&q)?.transpose(0, 1)?.contiguous()?;
         let k = a.k_norm.forward(&k)?.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
@@ -364,7 +417,7 @@ impl Gemma3 {
         lc.k = Some(k_all);
         lc.v = Some(v_all);
         lc.start = start;
-        a.o.forward(&out)
+        Ok(out)
     }
 
     fn gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
