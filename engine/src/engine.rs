@@ -2,7 +2,7 @@
 
 use crate::gguf::GgufFile;
 use crate::hf::ChatTemplate;
-use crate::model::{Gemma3, Logits, NumericOptions, SeqCache};
+use crate::model::{BatchItem, Gemma3, Logits, NumericOptions, SeqCache, LOCAL_CACHE_SLACK};
 use crate::sampling::{pick, Sampling, SplitMix64};
 use crate::text_tokenizer::{HfTokenizer, Tokenizer};
 use crate::EngineError;
@@ -300,8 +300,8 @@ impl Engine {
         Ok((ids, cache))
     }
 
-    /// Serves one request.
-    pub fn generate(&mut self, req: &GenerateRequest) -> Result<Generation, EngineError> {
+    /// Tokenizes a request and sets up its sequence (reusing a cached prompt prefix).
+    pub fn admit(&mut self, req: &GenerateRequest) -> Result<Active, EngineError> {
         if req.chat {
             let (prompt, add_bos) = self.chat_prompt(&req.prompt)?;
             let wrapped = GenerateRequest {
@@ -312,9 +312,8 @@ impl Engine {
                 shared_prefix_len: 0,
                 ..req.clone()
             };
-            return self.generate(&wrapped);
+            return self.admit(&wrapped);
         }
-        let started = Instant::now();
         let ids = self.tokenizer.encode(&req.prompt, req.add_bos, req.parse_special);
         if ids.is_empty() {
             return Err(EngineError::Request("prompt has no tokens".into()));
@@ -339,37 +338,172 @@ impl Engine {
                 reused = common;
             }
         }
-        let mut logits = self.prefill(&ids[reused..], &mut cache)?;
-        let mut out: Vec<u32> = Vec::new();
-        let mut rng = SplitMix64::new(req.sampling.seed);
-        let mut finish = Finish::Length;
-        let mut text = String::new();
-        for _ in 0..req.max_new_tokens {
-            let row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-            let next = pick(&row, &req.sampling, &mut rng);
-            if self.stop_ids.contains(&next) {
-                finish = Finish::Eos;
-                break;
-            }
-            out.push(next);
-            text = self.tokenizer.decode(&out, false);
-            if let Some(cut) = req.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                text.truncate(cut);
-                finish = Finish::Stop;
-                break;
-            }
-            if out.len() == req.max_new_tokens as usize {
-                break;
-            }
-            logits = self.model.forward(&[next], &mut cache, Logits::Last)?;
-        }
-        Ok(Generation {
-            text,
-            ids: out,
-            prompt_tokens: ids.len() as u32,
-            reused_tokens: reused as u32,
-            finish,
-            engine_ms: started.elapsed().as_millis() as u64,
+        Ok(Active {
+            rng: SplitMix64::new(req.sampling.seed),
+            req: req.clone(),
+            next_prefill: reused,
+            reused,
+            ids,
+            cache,
+            pending: None,
+            out: Vec::new(),
+            text: String::new(),
+            started: Instant::now(),
+            finish: None,
         })
+    }
+
+    /// KV bytes a sequence will hold at its longest (prompt plus all new tokens), for
+    /// admission against a memory budget.
+    pub fn projected_kv_bytes(&self, a: &Active) -> u64 {
+        let cfg = &self.model.cfg;
+        let len = (a.ids.len() + a.req.max_new_tokens as usize) as u64;
+        let per_layer_token = 2 * cfg.kv_dim() as u64 * 4;
+        let local_len = len.min((cfg.sliding_window + LOCAL_CACHE_SLACK) as u64);
+        cfg.layer_is_global.iter().map(|&g| per_layer_token * if g { len } else { local_len }).sum()
+    }
+
+    /// One step of continuous batching: every active sequence advances by one forward pass
+    /// — a prompt chunk (prompt tokens of all sequences together within `token_budget`) or
+    /// one generated token. Sequences that finish get their `finish` set.
+    pub fn step(&mut self, active: &mut [Active], token_budget: usize) -> Result<(), EngineError> {
+        let mut budget = token_budget.max(1);
+        let mut plan: Vec<(usize, usize, usize, bool)> = Vec::new(); // (index, from, to, wants logits)
+        for (i, a) in active.iter().enumerate() {
+            if a.finish.is_some() {
+                continue;
+            }
+            if a.next_prefill < a.ids.len() {
+                if budget == 0 {
+                    continue;
+                }
+                let to = (a.next_prefill + budget).min(a.ids.len());
+                budget -= to - a.next_prefill;
+                plan.push((i, a.next_prefill, to, to == a.ids.len()));
+            } else if a.pending.is_some() {
+                plan.push((i, 0, 0, true));
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        let logits = {
+            let mut pending_tok: Vec<[u32; 1]> = Vec::with_capacity(plan.len());
+            for &(i, _, _, _) in &plan {
+                pending_tok.push([active[i].pending.unwrap_or(0)]);
+            }
+            let mut by_index: Vec<Option<&mut Active>> = active.iter_mut().map(Some).collect();
+            let mut items = Vec::with_capacity(plan.len());
+            for (k, &(i, from, to, wants)) in plan.iter().enumerate() {
+                let a = by_index[i].take().expect("each sequence once");
+                let ids: &[u32] = if to > from { &a.ids[from..to] } else { &pending_tok[k] };
+                items.push(BatchItem {
+                    ids,
+                    cache: &mut a.cache,
+                    logits: if wants { Logits::Last } else { Logits::None },
+                });
+            }
+            self.model.forward_batch(&mut items)?
+        };
+        for (&(i, from, to, _), l) in plan.iter().zip(logits) {
+            let a = &mut active[i];
+            if to > from {
+                a.next_prefill = to;
+            }
+            let Some(l) = l else { continue };
+            let row: Vec<f32> = l.flatten_all()?.to_vec1()?;
+            let next = pick(&row, &a.req.sampling, &mut a.rng);
+            a.pending = None;
+            if self.stop_ids.contains(&next) {
+                a.finish = Some(Finish::Eos);
+                continue;
+            }
+            a.out.push(next);
+            a.text = self.tokenizer.decode(&a.out, false);
+            if let Some(cut) = a.req.stop.iter().filter_map(|s| a.text.find(s.as_str())).min() {
+                a.text.truncate(cut);
+                a.finish = Some(Finish::Stop);
+            } else if a.out.len() >= a.req.max_new_tokens as usize {
+                a.finish = Some(Finish::Length);
+            } else {
+                a.pending = Some(next);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one request.
+    pub fn generate(&mut self, req: &GenerateRequest) -> Result<Generation, EngineError> {
+        let mut out = self.generate_batch(std::slice::from_ref(req));
+        out.pop().expect("one result")
+    }
+
+    /// Serves several requests together with continuous batching; results in order.
+    pub fn generate_batch(&mut self, reqs: &[GenerateRequest]) -> Vec<Result<Generation, EngineError>> {
+        let mut results: Vec<Option<Result<Generation, EngineError>>> = (0..reqs.len()).map(|_| None).collect();
+        let mut active = Vec::new();
+        let mut slots = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            match self.admit(r) {
+                Ok(a) if r.max_new_tokens == 0 => results[i] = Some(Ok(a.into_generation())),
+                Ok(a) => {
+                    active.push(a);
+                    slots.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        while active.iter().any(|a| a.finish.is_none()) {
+            if let Err(e) = self.step(&mut active, PREFILL_CHUNK) {
+                for &i in &slots {
+                    results[i].get_or_insert_with(|| Err(EngineError::Compute(e.to_string())));
+                }
+                break;
+            }
+        }
+        for (a, i) in active.into_iter().zip(slots) {
+            if results[i].is_none() {
+                results[i] = Some(Ok(a.into_generation()));
+            }
+        }
+        results.into_iter().map(|r| r.expect("every request answered")).collect()
+    }
+}
+
+/// A sequence being served: its prompt, cache and output so far.
+pub struct Active {
+    pub req: GenerateRequest,
+    ids: Vec<u32>,
+    next_prefill: usize,
+    reused: usize,
+    cache: SeqCache,
+    /// The token sampled last, to be fed at the next step.
+    pending: Option<u32>,
+    out: Vec<u32>,
+    text: String,
+    rng: SplitMix64,
+    started: Instant,
+    pub finish: Option<Finish>,
+}
+
+impl Active {
+    pub fn is_done(&self) -> bool {
+        self.finish.is_some()
+    }
+
+    /// KV bytes the sequence holds now.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            text: self.text,
+            ids: self.out,
+            prompt_tokens: self.ids.len() as u32,
+            reused_tokens: self.reused as u32,
+            finish: self.finish.unwrap_or(Finish::Length),
+            engine_ms: self.started.elapsed().as_millis() as u64,
+        }
     }
 }

@@ -203,6 +203,8 @@ pub enum Logits {
     Last,
     /// Every position of the chunk (parity tests).
     All,
+    /// None (a prompt chunk that does not end the prompt).
+    None,
 }
 
 fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
@@ -260,14 +262,14 @@ impl Gemma3 {
     /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
     pub fn forward(&self, ids: &[u32], cache: &mut SeqCache, which: Logits) -> candle_core::Result<Tensor> {
         let mut out = self.forward_batch(&mut [BatchItem { ids, cache, logits: which }])?;
-        Ok(out.pop().expect("one item"))
+        out.pop().flatten().ok_or_else(|| candle_core::Error::Msg("no logits requested".into()))
     }
 
     /// Runs the next tokens of several sequences in one pass: their rows are packed through
     /// the embedding, projections, norms and MLP; attention runs per sequence with its own
-    /// positions, window and cache. Returns each item's logits (`[1, vocab]` or
-    /// `[n, vocab]`), in order. Every row is computed as it would be alone.
-    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Vec<Tensor>> {
+    /// positions, window and cache. Returns each item's logits (`[1, vocab]`, `[n, vocab]`,
+    /// or none), in order. Every row is computed as it would be alone.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Vec<Option<Tensor>>> {
         if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
             candle_core::bail!("forward called with no tokens");
         }
@@ -327,8 +329,12 @@ impl Gemma3 {
                     rows.push(x.narrow(0, off, t)?);
                     counts.push(t);
                 }
+                Logits::None => counts.push(0),
             }
             off += t;
+        }
+        if rows.is_empty() {
+            return Ok(counts.iter().map(|_| None).collect());
         }
         let x = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
         let x = self.norm.forward(&x)?;
@@ -339,7 +345,7 @@ impl Gemma3 {
         let mut out = Vec::with_capacity(counts.len());
         let mut off = 0;
         for n in counts {
-            out.push(logits.narrow(0, off, n)?);
+            out.push(if n == 0 { None } else { Some(logits.narrow(0, off, n)?) });
             off += n;
         }
         Ok(out)
