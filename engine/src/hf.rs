@@ -221,6 +221,15 @@ impl ChatTemplate {
 
     /// Renders `messages` (`{"role", "content"}` objects) with the generation prompt.
     pub fn render(&self, messages: &serde_json::Value) -> Result<String, EngineError> {
+        self.render_with(messages, true)
+    }
+
+    /// Renders `messages`, with or without the generation prompt.
+    pub fn render_with(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, EngineError> {
         let mut env = minijinja::Environment::new();
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -231,7 +240,7 @@ impl ChatTemplate {
             messages => messages,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
-            add_generation_prompt => true,
+            add_generation_prompt => add_generation_prompt,
         })
         .map_err(|e| EngineError::Request(format!("chat template: {e}")))
     }
