@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_connectors::store::{LocalStore, ObjectStore};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
+use medbatch_engine::service::ServiceLimits;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
@@ -34,6 +35,10 @@ pub struct RunArgs {
     /// output writing with generation.
     #[arg(long, env = "MEDBATCH_WORKERS", default_value_t = 2)]
     pub workers: usize,
+    /// Sequences the engine generates at once (continuous batching); 1 serves requests one
+    /// at a time.
+    #[arg(long, env = "MEDBATCH_MAX_SEQUENCES", default_value_t = medbatch_engine::service::DEFAULT_MAX_SEQUENCES)]
+    pub max_sequences: usize,
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
     #[arg(long, env = "MEDBATCH_RUN_ID")]
     pub run_id: Option<String>,
@@ -64,7 +69,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     eprintln!("medbatch: loading model {model_arg}");
     let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
     let info = engine.info.clone();
-    let engine = EngineHandle::spawn(engine);
+    let limits = ServiceLimits { max_sequences: args.max_sequences.max(1), ..ServiceLimits::default() };
+    let engine = EngineHandle::spawn_with(engine, limits);
     tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
 
     let cfg = PlanConfig {

@@ -17,7 +17,7 @@
 //! buffer is sized to the full context up front.
 
 use crate::config::TextConfig;
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{k_quants, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 use std::sync::Arc;
 
@@ -27,18 +27,92 @@ pub const LOCAL_CACHE_SLACK: usize = 256;
 
 /// A linear layer (no bias) whose weight is quantized (GGUF) or dense.
 pub enum Linear {
+    /// Quantized blocks multiplied row by row (see [`QuantBlocks`]).
+    Blocks(QuantBlocks),
+    /// Quantized types without a row-wise kernel here: candle's own quantized matmul.
     Quant(QMatMul),
     Dense(Tensor),
 }
 
+/// Quantized weight blocks `[out, in]`, multiplied with candle's per-row kernel: each
+/// activation row is quantized on its own (Q8_0 blocks for Q8_0/Q4_0 weights, Q8_K for
+/// k-quants, as llama.cpp does) and dotted with every weight row.
+///
+/// Why not candle's `QMatMul`: on x86 it switches to repacked tile kernels by batch size
+/// and CPU features, which quantize activations differently (Q8_K even for Q8_0 weights)
+/// and so make a row's result depend on how many rows share the call — a batched sequence
+/// would not get the tokens it gets alone, and results would differ between machines.
+pub struct QuantBlocks {
+    n: usize,
+    k: usize,
+    blocks: BlockData,
+}
+
+enum BlockData {
+    Q4_0(Vec<k_quants::BlockQ4_0>),
+    Q8_0(Vec<k_quants::BlockQ8_0>),
+    Q4K(Vec<k_quants::BlockQ4K>),
+    Q5K(Vec<k_quants::BlockQ5K>),
+    Q6K(Vec<k_quants::BlockQ6K>),
+}
+
+impl QuantBlocks {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (m, k) = x.dims2()?;
+        if k != self.k {
+            candle_core::bail!("linear layer takes {} inputs, got {k}", self.k);
+        }
+        let x = x.contiguous()?;
+        let lhs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut dst = vec![0f32; m * self.n];
+        let mkn = (m, k, self.n);
+        match &self.blocks {
+            BlockData::Q4_0(b) => k_quants::matmul(mkn, &lhs, b, &mut dst)?,
+            BlockData::Q8_0(b) => k_quants::matmul(mkn, &lhs, b, &mut dst)?,
+            BlockData::Q4K(b) => k_quants::matmul(mkn, &lhs, b, &mut dst)?,
+            BlockData::Q5K(b) => k_quants::matmul(mkn, &lhs, b, &mut dst)?,
+            BlockData::Q6K(b) => k_quants::matmul(mkn, &lhs, b, &mut dst)?,
+        }
+        Tensor::from_vec(dst, (m, self.n), x.device())
+    }
+}
+
+/// Copies GGUF block bytes into properly aligned blocks.
+fn blocks_of<T: k_quants::GgmlType>(bytes: &[u8]) -> candle_core::Result<Vec<T>> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() % size != 0 {
+        candle_core::bail!("tensor size is not a whole number of {size}-byte blocks");
+    }
+    let n = bytes.len() / size;
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    // SAFETY: the block types are plain old data (integers and f16 scales) laid out as in
+    // ggml; `v` has capacity for `n` blocks, exactly `bytes.len()` bytes, all written here.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len());
+        v.set_len(n);
+    }
+    Ok(v)
+}
+
 impl Linear {
     pub fn from_qtensor(t: Arc<QTensor>) -> candle_core::Result<Self> {
-        Ok(Self::Quant(QMatMul::from_arc(t)?))
+        let (n, k) = t.shape().dims2()?;
+        let data = t.data()?;
+        let blocks = match t.dtype() {
+            GgmlDType::Q4_0 => BlockData::Q4_0(blocks_of(&data)?),
+            GgmlDType::Q8_0 => BlockData::Q8_0(blocks_of(&data)?),
+            GgmlDType::Q4K => BlockData::Q4K(blocks_of(&data)?),
+            GgmlDType::Q5K => BlockData::Q5K(blocks_of(&data)?),
+            GgmlDType::Q6K => BlockData::Q6K(blocks_of(&data)?),
+            _ => return Ok(Self::Quant(QMatMul::from_arc(t)?)),
+        };
+        Ok(Self::Blocks(QuantBlocks { n, k, blocks }))
     }
 
-    /// `x`: `[n, in]` f32 → `[n, out]`.
+    /// `x`: `[m, in]` f32 → `[m, out]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            Self::Blocks(b) => b.forward(x),
             Self::Quant(q) => q.forward(x),
             Self::Dense(w) => x.matmul(&w.t()?),
         }

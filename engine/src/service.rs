@@ -1,13 +1,49 @@
 //! The engine thread. The model owns a thread: async code sends it a command carrying its
 //! tracing span and a reply channel, and never blocks the runtime on tensor work.
+//!
+//! The thread serves requests with continuous batching: every step runs one forward pass
+//! over all active sequences (prompt chunks and single generated tokens packed together);
+//! new requests join between steps and finished ones leave. Admission is bounded by a
+//! number of sequences and by the KV-cache memory the admitted sequences can grow to.
 
-use crate::engine::{Engine, GenerateRequest, Generation, ModelInfo};
+use crate::engine::{Active, Engine, GenerateRequest, Generation, ModelInfo, PREFILL_CHUNK};
 use crate::EngineError;
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use tokio::sync::oneshot;
 
+/// How much the engine thread serves at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceLimits {
+    /// Sequences in flight at most.
+    pub max_sequences: usize,
+    /// KV-cache bytes the admitted sequences may grow to (at their full length); one
+    /// sequence is always admitted, whatever its size.
+    pub kv_budget_bytes: u64,
+    /// Prompt tokens per forward pass, over all sequences (longer prompts are prefilled
+    /// in chunks across steps).
+    pub prefill_tokens_per_step: usize,
+}
+
+/// Default sequences in flight: enough to keep a CPU or a GPU busy with small prompts.
+pub const DEFAULT_MAX_SEQUENCES: usize = 64;
+/// Default KV budget: 2 GiB.
+pub const DEFAULT_KV_BUDGET_BYTES: u64 = 2 << 30;
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        Self {
+            max_sequences: DEFAULT_MAX_SEQUENCES,
+            kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES,
+            prefill_tokens_per_step: PREFILL_CHUNK,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Generation, EngineError>>;
+
 enum Command {
-    Generate { req: GenerateRequest, span: tracing::Span, reply: oneshot::Sender<Result<Generation, EngineError>> },
+    Generate { req: GenerateRequest, span: tracing::Span, reply: Reply },
 }
 
 /// A cloneable handle to the engine thread.
@@ -17,27 +53,93 @@ pub struct EngineHandle {
     info: ModelInfo,
 }
 
+struct InFlight {
+    seq: Active,
+    projected_kv: u64,
+    span: tracing::Span,
+    reply: Reply,
+}
+
+fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits) {
+    let mut waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)> = VecDeque::new();
+    let mut flying: Vec<InFlight> = Vec::new();
+    loop {
+        if flying.is_empty() && waiting.is_empty() {
+            match rx.recv() {
+                Ok(Command::Generate { req, span, reply }) => waiting.push_back((req, span, reply)),
+                Err(_) => return,
+            }
+        }
+        while let Ok(Command::Generate { req, span, reply }) = rx.try_recv() {
+            waiting.push_back((req, span, reply));
+        }
+        // Admit while there is room.
+        while flying.len() < limits.max_sequences.max(1) {
+            let Some((req, span, reply)) = waiting.pop_front() else { break };
+            let admitted = {
+                let _g = span.enter();
+                engine.admit(&req)
+            };
+            match admitted {
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+                Ok(seq) if req.max_new_tokens == 0 => {
+                    let _ = reply.send(Ok(seq.into_generation()));
+                }
+                Ok(seq) => {
+                    let projected_kv = engine.projected_kv_bytes(&seq);
+                    let in_use: u64 = flying.iter().map(|f| f.projected_kv).sum();
+                    if !flying.is_empty() && in_use + projected_kv > limits.kv_budget_bytes {
+                        // Wait for memory; the sequence is set up again when admitted.
+                        waiting.push_front((req, span, reply));
+                        break;
+                    }
+                    flying.push(InFlight { seq, projected_kv, span, reply });
+                }
+            }
+        }
+        if flying.is_empty() {
+            continue;
+        }
+        let mut seqs: Vec<Active> = Vec::with_capacity(flying.len());
+        let mut meta = Vec::with_capacity(flying.len());
+        for f in flying.drain(..) {
+            seqs.push(f.seq);
+            meta.push((f.projected_kv, f.span, f.reply));
+        }
+        let stepped = {
+            let _s = tracing::trace_span!("engine_step", sequences = seqs.len()).entered();
+            engine.step(&mut seqs, limits.prefill_tokens_per_step)
+        };
+        for (seq, (projected_kv, span, reply)) in seqs.into_iter().zip(meta) {
+            match &stepped {
+                Err(e) => {
+                    let _ = reply.send(Err(EngineError::Compute(e.to_string())));
+                }
+                Ok(()) if seq.is_done() => {
+                    // The caller may have gone away; nothing to do then.
+                    let _ = reply.send(Ok(seq.into_generation()));
+                }
+                Ok(()) => flying.push(InFlight { seq, projected_kv, span, reply }),
+            }
+        }
+    }
+}
+
 impl EngineHandle {
     /// Moves `engine` onto its own thread and returns a handle to it. The thread ends when
     /// every handle is dropped.
     pub fn spawn(engine: Engine) -> Self {
+        Self::spawn_with(engine, ServiceLimits::default())
+    }
+
+    pub fn spawn_with(engine: Engine, limits: ServiceLimits) -> Self {
         let info = engine.info.clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("medbatch-engine".into())
-            .spawn(move || {
-                let mut engine = engine;
-                while let Ok(cmd) = rx.recv() {
-                    match cmd {
-                        Command::Generate { req, span, reply } => {
-                            let _g = span.entered();
-                            let out = engine.generate(&req);
-                            // The caller may have gone away; nothing to do then.
-                            let _ = reply.send(out);
-                        }
-                    }
-                }
-            })
+            .spawn(move || serve(engine, rx, limits))
             .expect("spawn engine thread");
         Self { tx, info }
     }
@@ -46,7 +148,7 @@ impl EngineHandle {
         &self.info
     }
 
-    /// Generates on the engine thread.
+    /// Generates on the engine thread, batched with whatever else is in flight.
     pub async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.tx

@@ -8,6 +8,7 @@ use medbatch_engine::sampling::Sampling;
 use medbatch_engine::{EngineHandle, Finish, GenerateRequest};
 use medbatch_schemas::pipeline::{ExtractionUnit, ParserKind, PromptFormat};
 use medbatch_schemas::Document;
+use tracing::Instrument;
 
 /// Rows and error rows produced from one document, with the tokens spent.
 #[derive(Debug, Default)]
@@ -16,6 +17,7 @@ pub struct DocumentResult {
     pub errors: Vec<ErrorRow>,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Wall time of the model phase (its requests run concurrently, batched).
     pub engine_ms: u64,
 }
 
@@ -80,26 +82,19 @@ pub async fn extract_document(
             vec![Candidate { start: 0, end: n, text: doc.text.clone() }]
         }
     };
+    // Every candidate is sent at once: the engine batches them (and other documents' lines)
+    // into shared forward passes. Answers are then read in candidate order.
+    let chat = spec.prompt.format == PromptFormat::Chat;
+    let model_started = std::time::Instant::now();
+    let mut pending = Vec::with_capacity(candidates.len());
     for c in candidates {
-        let err = |reason: String, detail: String| ErrorRow {
-            source_uri: doc.source_uri.clone(),
-            member: None,
-            record: None,
-            document_id: Some(doc.id.clone()),
-            stage: "model",
-            reason,
-            detail,
-            evidence: Some((u32_of(c.start), u32_of(c.end))),
-            input_sha256: Some(doc.input_sha256.to_string()),
-        };
         let rendered = match pipeline.render(&c.text) {
             Ok(r) => r,
             Err(e) => {
-                out.errors.push(err("prompt_render".into(), format!("template error: {}", e.kind())));
+                pending.push((c, "", Err(("prompt_render".to_string(), format!("template error: {}", e.kind())))));
                 continue;
             }
         };
-        let chat = spec.prompt.format == PromptFormat::Chat;
         // A prompt may end inside the answer (the template writes its opening so the model only
         // continues it); the answer parsed is then that opening plus the generated text.
         let primer =
@@ -119,17 +114,43 @@ pub async fn extract_document(
                 seed: item_seed(job_seed, &doc.id, c.start),
             },
         };
-        let generation = match engine.generate(req).await {
-            Ok(g) => g,
-            Err(e) => {
+        let engine = engine.clone();
+        let task = tokio::spawn(async move { engine.generate(req).await }.in_current_span());
+        pending.push((c, primer, Ok(task)));
+    }
+    for (c, primer, task) in pending {
+        let err = |reason: String, detail: String| ErrorRow {
+            source_uri: doc.source_uri.clone(),
+            member: None,
+            record: None,
+            document_id: Some(doc.id.clone()),
+            stage: "model",
+            reason,
+            detail,
+            evidence: Some((u32_of(c.start), u32_of(c.end))),
+            input_sha256: Some(doc.input_sha256.to_string()),
+        };
+        let task = match task {
+            Ok(t) => t,
+            Err((reason, detail)) => {
+                out.errors.push(err(reason, detail));
+                continue;
+            }
+        };
+        let generation = match task.await {
+            Ok(Ok(g)) => g,
+            Ok(Err(e)) => {
                 out.errors.push(err(e.label().into(), e.to_string()));
+                continue;
+            }
+            Err(e) => {
+                out.errors.push(err("engine_task".into(), format!("generation task failed: {e}")));
                 continue;
             }
         };
         out.tokens_in += u64::from(generation.prompt_tokens);
         out.tokens_out += generation.ids.len() as u64;
         on_generated(generation.ids.len() as u64);
-        out.engine_ms += generation.engine_ms;
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
         let answer = format!("{primer}{}", generation.text);
         let truncated = generation.finish == Finish::Length;
@@ -151,5 +172,6 @@ pub async fn extract_document(
             }
         }
     }
+    out.engine_ms = model_started.elapsed().as_millis() as u64;
     out
 }
