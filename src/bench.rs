@@ -2,7 +2,7 @@
 //! measured the way llama.cpp's pp/tg figures are, so the two can be compared.
 
 use crate::model_path;
-use medbatch_engine::model::Logits;
+use medbatch_engine::model::{BatchItem, Logits};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -24,6 +24,9 @@ pub struct BenchArgs {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Sequences run together (packed in each forward pass); speeds are aggregate tokens/s.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -49,27 +52,50 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     ids.truncate(args.prompt_tokens);
     let runs = args.runs.max(1);
     let (mut pp, mut tg_long, mut tg_short) = (Vec::new(), Vec::new(), Vec::new());
+    let batch = args.batch.max(1);
     for r in 0..runs {
-        let mut cache = engine.model.new_cache();
+        // Prefill `batch` prompts of `prompt_tokens` in one packed pass per chunk.
+        let mut caches: Vec<_> = (0..batch).map(|_| engine.model.new_cache()).collect();
         let t = Instant::now();
-        let mut logits = engine.prefill(&ids, &mut cache)?;
-        pp.push(ids.len() as f64 / t.elapsed().as_secs_f64());
+        let mut logits = Vec::new();
+        for chunk_start in (0..ids.len()).step_by(medbatch_engine::engine::PREFILL_CHUNK) {
+            let chunk = &ids[chunk_start..(chunk_start + medbatch_engine::engine::PREFILL_CHUNK).min(ids.len())];
+            let mut items: Vec<BatchItem> =
+                caches.iter_mut().map(|cache| BatchItem { ids: chunk, cache, logits: Logits::Last }).collect();
+            logits = engine.model.forward_batch(&mut items)?;
+        }
+        pp.push((batch * ids.len()) as f64 / t.elapsed().as_secs_f64());
         // Generation after the long prompt (context prompt_tokens → prompt_tokens + gen).
         let t = Instant::now();
         for _ in 0..args.gen_tokens {
-            let next = argmax(&logits)?;
-            logits = engine.model.forward(&[next], &mut cache, Logits::Last)?;
+            let next: Vec<[u32; 1]> =
+                logits.iter().map(|l| argmax(l.as_ref().expect("logits"))).collect::<anyhow::Result<Vec<u32>>>()?.into_iter().map(|n| [n]).collect();
+            let mut items: Vec<BatchItem> = next
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
+                .collect();
+            logits = engine.model.forward_batch(&mut items)?;
         }
-        tg_long.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        tg_long.push((batch * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
         // Generation after a short prompt.
-        let mut cache = engine.model.new_cache();
-        let mut logits = engine.prefill(&ids[..16.min(ids.len())], &mut cache)?;
+        let short = &ids[..16.min(ids.len())];
+        let mut caches: Vec<_> = (0..batch).map(|_| engine.model.new_cache()).collect();
+        let mut items: Vec<BatchItem> =
+            caches.iter_mut().map(|cache| BatchItem { ids: short, cache, logits: Logits::Last }).collect();
+        let mut logits = engine.model.forward_batch(&mut items)?;
         let t = Instant::now();
         for _ in 0..args.gen_tokens {
-            let next = argmax(&logits)?;
-            logits = engine.model.forward(&[next], &mut cache, Logits::Last)?;
+            let next: Vec<[u32; 1]> =
+                logits.iter().map(|l| argmax(l.as_ref().expect("logits"))).collect::<anyhow::Result<Vec<u32>>>()?.into_iter().map(|n| [n]).collect();
+            let mut items: Vec<BatchItem> = next
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
+                .collect();
+            logits = engine.model.forward_batch(&mut items)?;
         }
-        tg_short.push(args.gen_tokens as f64 / t.elapsed().as_secs_f64());
+        tg_short.push((batch * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
         eprintln!("run {}/{runs}: pp {:.1} tok/s, tg {:.1} / {:.1} tok/s", r + 1, pp[r], tg_long[r], tg_short[r]);
     }
     // candle's CPU kernels honour CANDLE_NUM_THREADS, else use every core.
@@ -86,6 +112,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "runs": runs,
+            "batch": batch,
             "pp_tok_s": (pp * 10.0).round() / 10.0,
             "tg_tok_s_after_prompt": (tgl * 10.0).round() / 10.0,
             "tg_tok_s_short_ctx": (tgs * 10.0).round() / 10.0,
@@ -93,7 +120,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         })
     );
     println!(
-        "pp{}: {pp:.1} tok/s; tg{}: {tgl:.1} tok/s (ctx {}→{}), {tgs:.1} tok/s (short ctx); {threads} threads",
+        "batch {batch}: pp{}: {pp:.1} tok/s; tg{}: {tgl:.1} tok/s (ctx {}→{}), {tgs:.1} tok/s (short ctx); {threads} threads",
         args.prompt_tokens,
         args.gen_tokens,
         args.prompt_tokens,
