@@ -67,34 +67,16 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         pp.push((batch * ids.len()) as f64 / t.elapsed().as_secs_f64());
         // Generation after the long prompt (context prompt_tokens → prompt_tokens + gen).
         let t = Instant::now();
-        for _ in 0..args.gen_tokens {
-            let next: Vec<[u32; 1]> =
-                logits.iter().map(|l| argmax(l.as_ref().expect("logits"))).collect::<anyhow::Result<Vec<u32>>>()?.into_iter().map(|n| [n]).collect();
-            let mut items: Vec<BatchItem> = next
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
-                .collect();
-            logits = engine.model.forward_batch(&mut items)?;
-        }
+        decode_steps(&engine.model, &mut caches, logits, args.gen_tokens)?;
         tg_long.push((batch * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
         // Generation after a short prompt.
         let short = &ids[..16.min(ids.len())];
         let mut caches: Vec<_> = (0..batch).map(|_| engine.model.new_cache()).collect();
         let mut items: Vec<BatchItem> =
             caches.iter_mut().map(|cache| BatchItem { ids: short, cache, logits: Logits::Last }).collect();
-        let mut logits = engine.model.forward_batch(&mut items)?;
+        let logits = engine.model.forward_batch(&mut items)?;
         let t = Instant::now();
-        for _ in 0..args.gen_tokens {
-            let next: Vec<[u32; 1]> =
-                logits.iter().map(|l| argmax(l.as_ref().expect("logits"))).collect::<anyhow::Result<Vec<u32>>>()?.into_iter().map(|n| [n]).collect();
-            let mut items: Vec<BatchItem> = next
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
-                .collect();
-            logits = engine.model.forward_batch(&mut items)?;
-        }
+        decode_steps(&engine.model, &mut caches, logits, args.gen_tokens)?;
         tg_short.push((batch * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
         eprintln!("run {}/{runs}: pp {:.1} tok/s, tg {:.1} / {:.1} tok/s", r + 1, pp[r], tg_long[r], tg_short[r]);
     }
@@ -127,6 +109,28 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         args.prompt_tokens + args.gen_tokens
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `steps` greedy decode steps for every sequence at once, starting from `logits`.
+fn decode_steps(
+    model: &medbatch_engine::model::Gemma3,
+    caches: &mut [medbatch_engine::model::SeqCache],
+    mut logits: Vec<Option<candle_core::Tensor>>,
+    steps: usize,
+) -> anyhow::Result<()> {
+    for _ in 0..steps {
+        let next = logits
+            .iter()
+            .map(|l| argmax(l.as_ref().expect("logits")).map(|n| [n]))
+            .collect::<anyhow::Result<Vec<[u32; 1]>>>()?;
+        let mut items: Vec<BatchItem> = next
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
+            .collect();
+        logits = model.forward_batch(&mut items)?;
+    }
+    Ok(())
 }
 
 fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
