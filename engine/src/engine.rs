@@ -169,7 +169,7 @@ impl Engine {
         stop_ids.extend(tokenizer.special.end_of_turn);
         Ok(Self {
             model,
-            tokenizer: Tokenizer::Spm(tokenizer),
+            tokenizer: Tokenizer::Spm(Box::new(tokenizer)),
             chat_template: None,
             info,
             stop_ids,
@@ -185,7 +185,7 @@ impl Engine {
         let cfg = crate::hf::read_config(dir)?;
         let model = crate::hf::load_model(dir, &cfg, &device)?;
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::Hf(HfTokenizer::from_file(&tok_path)?);
+        let tokenizer = Tokenizer::Hf(Box::new(HfTokenizer::from_file(&tok_path)?));
         let chat_template = ChatTemplate::find(dir)?;
         let digest = checkpoint_fingerprint(dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
         let info = ModelInfo {

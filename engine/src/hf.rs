@@ -252,19 +252,6 @@ impl ChatTemplate {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embed_scale_rounds_to_the_weight_dtype() {
-        assert_eq!(embed_scale(3072, DType::BF16), 55.5);
-        assert_eq!(embed_scale(5376, DType::BF16), 73.5);
-        assert_eq!(embed_scale(2560, DType::BF16), 50.5);
-        assert!((embed_scale(640, DType::F32) - 25.298_221).abs() < 1e-5);
-    }
-}
-
 /// Largest safetensors header accepted (the format allows 100 MB; real ones are ~100 KB).
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
@@ -300,4 +287,17 @@ pub fn weight_bytes_by_dtype(dir: &Path) -> Result<Option<std::collections::BTre
         }
     }
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embed_scale_rounds_to_the_weight_dtype() {
+        assert_eq!(embed_scale(3072, DType::BF16), 55.5);
+        assert_eq!(embed_scale(5376, DType::BF16), 73.5);
+        assert_eq!(embed_scale(2560, DType::BF16), 50.5);
+        assert!((embed_scale(640, DType::F32) - 25.298_221).abs() < 1e-5);
+    }
 }

@@ -80,7 +80,7 @@ impl QuantBlocks {
 /// Copies GGUF block bytes into properly aligned blocks.
 fn blocks_of<T: k_quants::GgmlType>(bytes: &[u8]) -> candle_core::Result<Vec<T>> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         candle_core::bail!("tensor size is not a whole number of {size}-byte blocks");
     }
     let n = bytes.len() / size;

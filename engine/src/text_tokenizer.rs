@@ -30,8 +30,8 @@ impl HfTokenizer {
 
 /// Either kind of tokenizer, behind one interface.
 pub enum Tokenizer {
-    Spm(SpmTokenizer),
-    Hf(HfTokenizer),
+    Spm(Box<SpmTokenizer>),
+    Hf(Box<HfTokenizer>),
 }
 
 impl Tokenizer {

@@ -68,3 +68,56 @@ fn batched_generation_equals_one_at_a_time() {
     assert!(alone[5].prompt_tokens > 512, "the long prompt spans several prefill chunks");
     assert!(alone[1].reused_tokens > 0, "the shared prefix was reused");
 }
+
+/// The engine thread under tight limits (two sequences, a KV budget smaller than two
+/// sequences) still answers every request, each as it would be answered alone.
+#[test]
+fn engine_thread_respects_limits_and_answers_like_alone() {
+    use medbatch_engine::service::{EngineHandle, ServiceLimits};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf");
+    let ckpt = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(root.join("models/gqa_window").join(f), ckpt.path().join(f)).unwrap();
+    }
+    std::fs::copy(root.join("tokenizer/tokenizer.json"), ckpt.path().join("tokenizer.json")).unwrap();
+    let reqs: Vec<GenerateRequest> = (0..6)
+        .map(|i| GenerateRequest {
+            prompt: "The patient has a mild fever. ".repeat(i + 1),
+            chat: false,
+            shared_prefix_len: 0,
+            add_bos: true,
+            parse_special: false,
+            max_new_tokens: 5 + i as u32,
+            stop: Vec::new(),
+            sampling: Default::default(),
+        })
+        .collect();
+    let mut alone_engine = Engine::load(ckpt.path()).unwrap();
+    let alone: Vec<_> = reqs.iter().map(|r| alone_engine.generate(r).unwrap()).collect();
+    let longest = alone_engine.admit(&reqs[5]).unwrap();
+    let one_seq_kv = alone_engine.projected_kv_bytes(&longest);
+    let limits =
+        ServiceLimits { max_sequences: 2, kv_budget_bytes: one_seq_kv + one_seq_kv / 2, prefill_tokens_per_step: 8 };
+    let handle = EngineHandle::spawn_with(Engine::load(ckpt.path()).unwrap(), limits);
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let served = rt.block_on(async {
+        // All six in flight at once; the thread admits two at a time.
+        let tasks: Vec<_> = reqs
+            .iter()
+            .cloned()
+            .map(|r| {
+                let h = handle.clone();
+                tokio::spawn(async move { h.generate(r).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    for (i, (a, b)) in alone.iter().zip(&served).enumerate() {
+        assert_eq!(a.ids, b.ids, "request {i}");
+        assert_eq!(a.finish, b.finish, "request {i}");
+    }
+}

@@ -222,7 +222,7 @@ impl PipelineSpec {
             return Err(SpecError::Invalid("input.kinds is empty".into()));
         }
         let g = &self.generation;
-        if !(g.temperature >= 0.0 && g.temperature.is_finite()) || !(g.top_p > 0.0 && g.top_p <= 1.0) {
+        if !(g.temperature >= 0.0 && g.temperature.is_finite() && g.top_p > 0.0 && g.top_p <= 1.0) {
             return Err(SpecError::Invalid("generation: temperature must be >= 0 and top_p in (0, 1]".into()));
         }
         if self.generation.max_new_tokens == 0 {

@@ -1190,9 +1190,9 @@ pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<La
         let passes: [&dyn Fn(usize) -> bool; 3] = [&|i| !used[i] && names_test(&lines[i]), &|i| !used[i], &|_| true];
         let mut found = None;
         'search: for pass in passes {
-            for i in 0..lines.len() {
+            for (i, line) in lines.iter().enumerate() {
                 if pass(i) {
-                    if let Ok(item) = parse_answer(&text, &lines[i]) {
+                    if let Ok(item) = parse_answer(&text, line) {
                         found = Some((i, item));
                         break 'search;
                     }
