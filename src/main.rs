@@ -7,6 +7,7 @@
 mod bench;
 mod debug;
 mod embedded;
+mod eval;
 mod model_path;
 mod models;
 mod progress;
@@ -48,6 +49,8 @@ enum LogFormat {
 enum Command {
     /// Run a pipeline over inputs in this process (coordinator, in-process queue, workers).
     Run(embedded::RunArgs),
+    /// Score a run's output against a gold set: per-field precision, recall, F1.
+    Eval(eval::EvalArgs),
     /// Measure prompt and generation speed of a model on this machine.
     Bench(bench::BenchArgs),
     /// Inspect the engine: tokenize, logits, generate.
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => embedded::main(args),
         Command::Bench(args) => bench::main(args),
+        Command::Eval(args) => eval::main(args),
         Command::Debug(cmd) => debug::main(cmd),
         Command::Models(cmd) => models::main(cmd),
     };

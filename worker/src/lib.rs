@@ -6,6 +6,7 @@
 //! the completion marker, and only then acknowledges the job ([`job`]). Bad input becomes
 //! error rows; the job still completes.
 
+pub mod eval;
 pub mod extract;
 pub mod input;
 pub mod job;

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Check the lab-report gold files against their reports (no dependencies).
+
+For every gold/<name>.json: document_id names reports/<document_id>; every evidence is an
+exact substring of the report, occurring exactly once; every value occurs inside its
+evidence; evidence spans (first occurrence) of one document do not overlap; fields have
+the documented types; a flag left to computation agrees with value and range.
+Also checks that no (test, value) pair of prompt.j2 or examples/lab-reports/ is reused.
+Exit status 1 on any problem.
+"""
+import json
+import pathlib
+import re
+import sys
+
+EVAL = pathlib.Path(__file__).resolve().parent
+PIPELINE = EVAL.parent
+REPO = PIPELINE.parent.parent
+FLAGS = {"low", "high", "normal", "abnormal", "critical", None}
+KEYS = ["test", "value", "unit", "ref_low", "ref_high", "flag", "evidence"]
+
+
+def norm_test(s):
+    return re.sub(r"[\s.,]", "", s).lower()
+
+
+def norm_value(s):
+    return re.sub(r"\s", "", s.strip().lower().replace(",", "."))
+
+
+def main():
+    problems = []
+    reports = sorted(p.name for p in (EVAL / "reports").glob("*.txt"))
+    golds = sorted((EVAL / "gold").glob("*.json"))
+    if [g.stem + ".txt" for g in golds] != reports:
+        problems.append(f"reports and gold files differ: {reports} vs {[g.name for g in golds]}")
+    # (test, value) pairs the prompt examples and the example reports use.
+    used = set()
+    prompt = (PIPELINE / "prompt.j2").read_text(encoding="utf-8")
+    for m in re.finditer(r'JSON: (\{.*\})', prompt):
+        if "{{" not in m.group(1):
+            a = json.loads(m.group(1))
+            used.add((norm_test(a["test"]), norm_value(a["value"])))
+    example_text = "\n".join(p.read_text(encoding="utf-8") for p in (REPO / "examples/lab-reports").glob("*"))
+    total = 0
+    for g in golds:
+        doc = json.loads(g.read_text(encoding="utf-8"))
+        name = doc.get("document_id")
+        if name != g.stem + ".txt":
+            problems.append(f"{g.name}: document_id {name!r}")
+            continue
+        text = (EVAL / "reports" / name).read_text(encoding="utf-8")
+        spans = []
+        for i, r in enumerate(doc["results"]):
+            where = f"{name}#{i} {r.get('test')!r}"
+            if list(r) != KEYS:
+                problems.append(f"{where}: keys {list(r)}")
+            ev, value = r["evidence"], r["value"]
+            if not isinstance(value, str) or not isinstance(r["test"], str):
+                problems.append(f"{where}: test/value not strings")
+            if r["unit"] is not None and not isinstance(r["unit"], str):
+                problems.append(f"{where}: unit not string/null")
+            for k in ("ref_low", "ref_high"):
+                if r[k] is not None and not isinstance(r[k], (int, float)):
+                    problems.append(f"{where}: {k} not a number/null")
+            if r["flag"] not in FLAGS:
+                problems.append(f"{where}: flag {r['flag']!r}")
+            n = text.count(ev)
+            if n != 1:
+                problems.append(f"{where}: evidence occurs {n} times")
+                continue
+            if value not in ev:
+                problems.append(f"{where}: value {value!r} not in evidence")
+            if r["test"].lower() not in ev.lower():
+                problems.append(f"{where}: test not in evidence")
+            if r["unit"] is not None and r["unit"] not in ev:
+                problems.append(f"{where}: unit not in evidence")
+            start = text.find(ev)
+            spans.append((start, start + len(ev), where))
+            if re.fullmatch(r"-?\d+(?:[.,]\d+)?", value):
+                v = float(value.replace(",", "."))
+                lo, hi = r["ref_low"], r["ref_high"]
+                if lo is not None or hi is not None:
+                    c = "low" if lo is not None and v < lo else "high" if hi is not None and v > hi else "normal"
+                    if r["flag"] in ("low", "high", "normal") and r["flag"] != c:
+                        problems.append(f"{where}: flag {r['flag']} but value/range say {c}")
+            key = (norm_test(r["test"]), norm_value(value))
+            if key in used:
+                problems.append(f"{where}: (test, value) used in prompt.j2")
+            if re.search(re.escape(r["test"]) + r"\W{1,40}?" + re.escape(value) + r"(?![\d.,])", example_text, re.I):
+                problems.append(f"{where}: (test, value) occurs in examples/lab-reports")
+            total += 1
+        spans.sort()
+        for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
+            if s2 < e1:
+                problems.append(f"{w1} and {w2}: evidence spans overlap")
+        print(f"{name}: {len(doc['results'])} results")
+    print(f"total: {total} gold results in {len(golds)} documents")
+    for p in problems:
+        print("PROBLEM:", p)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+//! `medbatch eval`: score a run's output against a pipeline's gold set.
+
+use anyhow::Context;
+use medbatch_worker::eval::{load_gold, load_predictions, render_table, score};
+use medbatch_worker::LoadedPipeline;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Pipeline (folder name under pipelines/ or a path): names the table to score.
+    pub pipeline: String,
+    /// Gold set folder (`reports/` and `gold/`); defaults to the pipeline's `eval/`.
+    #[arg(long)]
+    pub gold: Option<PathBuf>,
+    /// Output root of the run to score (the `--out` of `medbatch run`).
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// Score only this run's partition (default: every run under --pred).
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = LoadedPipeline::load(&args.pipeline)?;
+    let gold_dir = args.gold.unwrap_or_else(|| pipeline.dir.join("eval"));
+    let gold = load_gold(&gold_dir)?;
+    let (pred, errors) = load_predictions(&args.pred, &pipeline.spec.output.table, args.run_id.as_deref())
+        .with_context(|| format!("reading the run under {}", args.pred.display()))?;
+    let report = score(&gold, &pred, errors);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}

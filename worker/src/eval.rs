@@ -1,0 +1,379 @@
+//! Scoring a run's `lab_results` against a gold set (`pipelines/lab-report/eval/`).
+//!
+//! Gold: `gold/NAME.json` = `{"document_id", "results": [{test, value, unit, ref_low,
+//! ref_high, flag, evidence}]}` with the report in `reports/NAME.txt`. Rows and gold items
+//! are matched per document, one-to-one and greedily in document order, when the row's
+//! evidence span overlaps the gold evidence (its first occurrence in the report) and their
+//! normalized values are equal. The rules are documented in
+//! `pipelines/lab-report/eval/README.md`.
+
+use arrow::array::{Array, AsArray};
+use arrow::datatypes::{DataType, Float64Type, UInt32Type};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Scored fields, in report order.
+pub const FIELDS: [&str; 6] = ["test", "value", "unit", "ref_low", "ref_high", "flag"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{path}: {reason}")]
+    Gold { path: String, reason: String },
+    #[error("predictions {path}: {reason}")]
+    Pred { path: String, reason: String },
+}
+
+/// One result, gold or predicted.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub test: Option<String>,
+    pub value: Option<String>,
+    pub unit: Option<String>,
+    pub ref_low: Option<f64>,
+    pub ref_high: Option<f64>,
+    pub flag: Option<String>,
+    /// Gold only: the evidence text.
+    #[serde(default)]
+    pub evidence: Option<String>,
+    /// Character span of the evidence in the document.
+    #[serde(skip)]
+    pub span: (usize, usize),
+}
+
+#[derive(Deserialize)]
+struct GoldFile {
+    document_id: String,
+    results: Vec<Item>,
+}
+
+/// Gold items per document id.
+pub fn load_gold(dir: &Path) -> Result<BTreeMap<String, Vec<Item>>, EvalError> {
+    let gold_dir = dir.join("gold");
+    let err = |p: &Path, reason: String| EvalError::Gold { path: p.display().to_string(), reason };
+    let mut entries: Vec<_> = std::fs::read_dir(&gold_dir)
+        .map_err(|e| err(&gold_dir, e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    entries.sort();
+    let mut out = BTreeMap::new();
+    for p in entries {
+        let g: GoldFile = serde_json::from_slice(&std::fs::read(&p).map_err(|e| err(&p, e.to_string()))?)
+            .map_err(|e| err(&p, e.to_string()))?;
+        let report = dir.join("reports").join(&g.document_id);
+        let text = std::fs::read_to_string(&report).map_err(|e| err(&report, e.to_string()))?;
+        let mut items = g.results;
+        for it in &mut items {
+            let ev = it.evidence.clone().unwrap_or_default();
+            let at = text
+                .find(&ev)
+                .filter(|_| !ev.is_empty())
+                .ok_or_else(|| err(&p, "an evidence string is not in the report".into()))?;
+            let start = text[..at].chars().count();
+            it.span = (start, start + ev.chars().count());
+        }
+        out.insert(g.document_id, items);
+    }
+    if out.is_empty() {
+        return Err(err(&gold_dir, "no gold files".into()));
+    }
+    Ok(out)
+}
+
+fn norm_value(s: &str) -> String {
+    s.trim().to_lowercase().replace(',', ".").chars().filter(|c| !c.is_whitespace()).collect()
+}
+
+fn norm_test(s: &str) -> String {
+    s.to_lowercase().chars().filter(|c| !c.is_whitespace() && !matches!(c, '.' | ',')).collect()
+}
+
+fn field_eq(field: &str, a: &Item, b: &Item) -> bool {
+    let num = |x: Option<f64>, y: Option<f64>| match (x, y) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-9,
+        (None, None) => true,
+        _ => false,
+    };
+    let text = |x: &Option<String>, y: &Option<String>, f: fn(&str) -> String| match (x, y) {
+        (Some(x), Some(y)) => f(x) == f(y),
+        (None, None) => true,
+        _ => false,
+    };
+    match field {
+        "test" => text(&a.test, &b.test, norm_test),
+        "value" => text(&a.value, &b.value, norm_value),
+        "unit" => text(&a.unit, &b.unit, norm_value),
+        "ref_low" => num(a.ref_low, b.ref_low),
+        "ref_high" => num(a.ref_high, b.ref_high),
+        _ => text(&a.flag, &b.flag, norm_value),
+    }
+}
+
+fn has(field: &str, a: &Item) -> bool {
+    match field {
+        "test" => a.test.is_some(),
+        "value" => a.value.is_some(),
+        "unit" => a.unit.is_some(),
+        "ref_low" => a.ref_low.is_some(),
+        "ref_high" => a.ref_high.is_some(),
+        _ => a.flag.is_some(),
+    }
+}
+
+/// Per-field scores.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct FieldScore {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+}
+
+/// The whole evaluation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub documents: usize,
+    pub gold_items: usize,
+    pub predicted_rows: usize,
+    pub matched: usize,
+    pub item_precision: f64,
+    pub item_recall: f64,
+    pub item_f1: f64,
+    pub exact_match_rate: f64,
+    pub fields: BTreeMap<String, FieldScore>,
+    pub error_rows: usize,
+    pub error_row_rate: f64,
+}
+
+fn ratio(a: usize, b: usize) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+fn f1(p: f64, r: f64) -> f64 {
+    if p + r == 0.0 {
+        0.0
+    } else {
+        2.0 * p * r / (p + r)
+    }
+}
+
+/// Scores predicted rows (per document id, in any order) against the gold set. Rows of
+/// documents outside the gold set are ignored.
+pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Item>>, error_rows: usize) -> Report {
+    let mut r = Report { documents: gold.len(), error_rows, ..Default::default() };
+    let mut correct: BTreeMap<&str, (usize, usize, usize)> = FIELDS.iter().map(|f| (*f, (0, 0, 0))).collect(); // (correct, predicted non-null, gold non-null)
+    let mut exact = 0;
+    for (doc, gold_items) in gold {
+        r.gold_items += gold_items.len();
+        let mut rows: Vec<&Item> = pred.get(doc).map(|v| v.iter().collect()).unwrap_or_default();
+        rows.sort_by_key(|i| i.span);
+        r.predicted_rows += rows.len();
+        let mut used = vec![false; rows.len()];
+        let mut gold_items: Vec<&Item> = gold_items.iter().collect();
+        gold_items.sort_by_key(|g| g.span);
+        for g in gold_items {
+            for f in FIELDS {
+                if has(f, g) {
+                    correct.get_mut(f).expect("field").2 += 1;
+                }
+            }
+            let found = rows
+                .iter()
+                .enumerate()
+                .position(|(i, p)| !used[i] && p.span.0 < g.span.1 && g.span.0 < p.span.1 && field_eq("value", p, g));
+            if let Some(i) = found {
+                used[i] = true;
+                r.matched += 1;
+                let mut all = true;
+                for f in FIELDS {
+                    let ok = field_eq(f, rows[i], g);
+                    all &= ok;
+                    if ok && has(f, rows[i]) {
+                        correct.get_mut(f).expect("field").0 += 1;
+                    }
+                }
+                exact += usize::from(all);
+            }
+        }
+        for p in &rows {
+            for f in FIELDS {
+                if has(f, p) {
+                    correct.get_mut(f).expect("field").1 += 1;
+                }
+            }
+        }
+    }
+    r.item_precision = ratio(r.matched, r.predicted_rows);
+    r.item_recall = ratio(r.matched, r.gold_items);
+    r.item_f1 = f1(r.item_precision, r.item_recall);
+    r.exact_match_rate = ratio(exact, r.gold_items);
+    r.error_row_rate = ratio(error_rows, error_rows + r.predicted_rows);
+    for (f, (c, p, g)) in correct {
+        let (precision, recall) = (ratio(c, p), ratio(c, g));
+        r.fields.insert(f.to_string(), FieldScore { precision, recall, f1: f1(precision, recall) });
+    }
+    r
+}
+
+fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn partition_ok(p: &Path, run_id: Option<&str>) -> bool {
+    run_id.is_none_or(|r| p.components().any(|c| c.as_os_str().to_string_lossy() == format!("run_id={r}")))
+}
+
+/// Reads predicted rows (`OUT/lab_results`) and counts model/parse error rows
+/// (`OUT/_errors`), of one run or of all runs under `out`.
+pub fn load_predictions(
+    out: &Path,
+    table: &str,
+    run_id: Option<&str>,
+) -> Result<(BTreeMap<String, Vec<Item>>, usize), EvalError> {
+    let err = |p: &Path, reason: String| EvalError::Pred { path: p.display().to_string(), reason };
+    let mut pred: BTreeMap<String, Vec<Item>> = BTreeMap::new();
+    let tdir = out.join(table);
+    let files: Vec<_> = parquet_files(&tdir).into_iter().filter(|p| partition_ok(p, run_id)).collect();
+    if files.is_empty() {
+        return Err(err(&tdir, "no Parquet parts (wrong --pred or --run-id?)".into()));
+    }
+    for f in files {
+        let file = std::fs::File::open(&f).map_err(|e| err(&f, e.to_string()))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| err(&f, e.to_string()))?;
+        for batch in reader {
+            let b = batch.map_err(|e| err(&f, e.to_string()))?;
+            let col = |n: &str| b.column_by_name(n).cloned().ok_or_else(|| err(&f, format!("no column {n}")));
+            let s = |n: &str| -> Result<arrow::array::ArrayRef, EvalError> {
+                arrow::compute::cast(&col(n)?, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))
+            };
+            let (doc, test, value, unit, flag) = (s("document_id")?, s("test")?, s("value")?, s("unit")?, s("flag")?);
+            let (lo, hi) = (col("ref_low")?, col("ref_high")?);
+            let (es, ee) = (col("evidence_start")?, col("evidence_end")?);
+            let text = |a: &arrow::array::ArrayRef, i: usize| {
+                let a = a.as_string::<i32>();
+                (!a.is_null(i)).then(|| a.value(i).to_string())
+            };
+            let num = |a: &arrow::array::ArrayRef, i: usize| {
+                let a = a.as_primitive::<Float64Type>();
+                (!a.is_null(i)).then(|| a.value(i))
+            };
+            for i in 0..b.num_rows() {
+                let item = Item {
+                    test: text(&test, i),
+                    value: text(&value, i),
+                    unit: text(&unit, i),
+                    ref_low: num(&lo, i),
+                    ref_high: num(&hi, i),
+                    flag: text(&flag, i),
+                    evidence: None,
+                    span: (
+                        es.as_primitive::<UInt32Type>().value(i) as usize,
+                        ee.as_primitive::<UInt32Type>().value(i) as usize,
+                    ),
+                };
+                pred.entry(text(&doc, i).unwrap_or_default()).or_default().push(item);
+            }
+        }
+    }
+    let mut errors = 0;
+    for f in
+        parquet_files(&out.join(medbatch_schemas::tables::ERRORS_TABLE)).into_iter().filter(|p| partition_ok(p, run_id))
+    {
+        let file = std::fs::File::open(&f).map_err(|e| err(&f, e.to_string()))?;
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .and_then(|b| b.build())
+            .map_err(|e| err(&f, e.to_string()))?;
+        for batch in reader {
+            let b = batch.map_err(|e| err(&f, e.to_string()))?;
+            let stage = b.column_by_name("stage").ok_or_else(|| err(&f, "no column stage".into()))?;
+            let stage = arrow::compute::cast(stage, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))?;
+            let stage = stage.as_string::<i32>();
+            errors += (0..stage.len()).filter(|&i| matches!(stage.value(i), "model" | "parse")).count();
+        }
+    }
+    Ok((pred, errors))
+}
+
+/// The report as a table.
+pub fn render_table(r: &Report) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "documents {}  gold items {}  predicted rows {}  matched {}\n",
+        r.documents, r.gold_items, r.predicted_rows, r.matched
+    ));
+    s.push_str(&format!(
+        "items      precision {:.3}  recall {:.3}  F1 {:.3}  exact-match rate {:.3}\n",
+        r.item_precision, r.item_recall, r.item_f1, r.exact_match_rate
+    ));
+    s.push_str(&format!("error rows {} (rate {:.3})\n", r.error_rows, r.error_row_rate));
+    s.push_str("field      precision  recall  F1\n");
+    for f in FIELDS {
+        let x = &r.fields[f];
+        s.push_str(&format!("{f:<10} {:>9.3}  {:>6.3}  {:.3}\n", x.precision, x.recall, x.f1));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(test: &str, value: &str, span: (usize, usize), flag: Option<&str>) -> Item {
+        Item {
+            test: Some(test.into()),
+            value: Some(value.into()),
+            unit: Some("mmol/L".into()),
+            ref_low: Some(3.5),
+            ref_high: Some(5.1),
+            flag: flag.map(str::to_string),
+            evidence: None,
+            span,
+        }
+    }
+
+    #[test]
+    fn scoring_rules() {
+        let mut gold = BTreeMap::new();
+        gold.insert(
+            "d".to_string(),
+            vec![item("Potassium", "5,9", (0, 30), Some("high")), item("Sodium", "139", (31, 60), None)],
+        );
+        let mut pred = BTreeMap::new();
+        // Matches the first gold item (decimal comma vs point), wrong flag; an invented row.
+        pred.insert(
+            "d".to_string(),
+            vec![item("potassium", "5.9", (2, 28), Some("low")), item("Glucose", "5.5", (70, 80), None)],
+        );
+        let r = score(&gold, &pred, 1);
+        assert_eq!((r.gold_items, r.predicted_rows, r.matched), (2, 2, 1));
+        assert_eq!((r.item_precision, r.item_recall), (0.5, 0.5));
+        assert_eq!(r.exact_match_rate, 0.0);
+        assert_eq!(r.fields["test"].recall, 0.5);
+        assert_eq!(r.fields["flag"].precision, 0.0);
+        assert_eq!(r.fields["flag"].recall, 0.0);
+        assert!((r.error_row_rate - 1.0 / 3.0).abs() < 1e-12);
+        // A perfect prediction scores 1 everywhere.
+        let r = score(&gold, &gold, 0);
+        assert_eq!((r.item_f1, r.exact_match_rate, r.fields["unit"].f1), (1.0, 1.0, 1.0));
+    }
+}
