@@ -237,6 +237,17 @@ fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Every record batch of one Parquet file.
+fn read_batches(f: &Path) -> Result<Vec<arrow::record_batch::RecordBatch>, EvalError> {
+    let err = |reason: String| EvalError::Pred { path: f.display().to_string(), reason };
+    let file = std::fs::File::open(f).map_err(|e| err(e.to_string()))?;
+    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(e.to_string()))?
+        .map(|b| b.map_err(|e| err(e.to_string())))
+        .collect()
+}
+
 fn partition_ok(p: &Path, run_id: Option<&str>) -> bool {
     run_id.is_none_or(|r| p.components().any(|c| c.as_os_str().to_string_lossy() == format!("run_id={r}")))
 }
@@ -256,12 +267,7 @@ pub fn load_predictions(
         return Err(err(&tdir, "no Parquet parts (wrong --pred or --run-id?)".into()));
     }
     for f in files {
-        let file = std::fs::File::open(&f).map_err(|e| err(&f, e.to_string()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| err(&f, e.to_string()))?;
-        for batch in reader {
-            let b = batch.map_err(|e| err(&f, e.to_string()))?;
+        for b in read_batches(&f)? {
             let col = |n: &str| b.column_by_name(n).cloned().ok_or_else(|| err(&f, format!("no column {n}")));
             let s = |n: &str| -> Result<arrow::array::ArrayRef, EvalError> {
                 arrow::compute::cast(&col(n)?, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))
@@ -299,12 +305,7 @@ pub fn load_predictions(
     for f in
         parquet_files(&out.join(medbatch_schemas::tables::ERRORS_TABLE)).into_iter().filter(|p| partition_ok(p, run_id))
     {
-        let file = std::fs::File::open(&f).map_err(|e| err(&f, e.to_string()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| err(&f, e.to_string()))?;
-        for batch in reader {
-            let b = batch.map_err(|e| err(&f, e.to_string()))?;
+        for b in read_batches(&f)? {
             let stage = b.column_by_name("stage").ok_or_else(|| err(&f, "no column stage".into()))?;
             let stage = arrow::compute::cast(stage, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))?;
             let stage = stage.as_string::<i32>();
