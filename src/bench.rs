@@ -121,8 +121,8 @@ fn decode_steps(
     for _ in 0..steps {
         let next = logits
             .iter()
-            .map(|l| argmax(l.as_ref().expect("logits")).map(|n| [n]))
-            .collect::<anyhow::Result<Vec<[u32; 1]>>>()?;
+            .map(|l| medbatch_engine::Engine::argmax(l.as_ref().expect("logits")).map(|n| [n]))
+            .collect::<Result<Vec<[u32; 1]>, _>>()?;
         let mut items: Vec<BatchItem> = next
             .iter()
             .zip(caches.iter_mut())
@@ -131,9 +131,4 @@ fn decode_steps(
         logits = model.forward_batch(&mut items)?;
     }
     Ok(())
-}
-
-fn argmax(logits: &candle_core::Tensor) -> anyhow::Result<u32> {
-    let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    Ok(v.iter().enumerate().fold(0usize, |b, (i, &x)| if x > v[b] { i } else { b }) as u32)
 }

@@ -236,15 +236,9 @@ impl Engine {
         logits.ok_or_else(|| EngineError::Request("empty prompt".into()))
     }
 
-    fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
-        let v: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let mut best = 0usize;
-        for (i, &x) in v.iter().enumerate() {
-            if x > v[best] {
-                best = i;
-            }
-        }
-        Ok(best as u32)
+    /// The greedy choice from a `[1, vocab]` logits tensor.
+    pub fn argmax(logits: &Tensor) -> Result<u32, EngineError> {
+        Ok(crate::sampling::argmax(&logits.flatten_all()?.to_vec1::<f32>()?))
     }
 
     /// Greedy continuation of `prompt_ids` for up to `max_new` tokens, stopping after an

@@ -63,8 +63,9 @@ struct InFlight {
 fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits) {
     let mut waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)> = VecDeque::new();
     let mut flying: Vec<InFlight> = Vec::new();
+    let mut parked: Option<InFlight> = None;
     loop {
-        if flying.is_empty() && waiting.is_empty() {
+        if flying.is_empty() && waiting.is_empty() && parked.is_none() {
             match rx.recv() {
                 Ok(Command::Generate { req, span, reply }) => waiting.push_back((req, span, reply)),
                 Err(_) => return,
@@ -73,31 +74,36 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
         while let Ok(Command::Generate { req, span, reply }) = rx.try_recv() {
             waiting.push_back((req, span, reply));
         }
-        // Admit while there is room.
+        // Admit while there is room. A sequence set up but waiting for KV memory is parked
+        // with its prompt already tokenized, and admitted first once memory frees up.
         while flying.len() < limits.max_sequences.max(1) {
-            let Some((req, span, reply)) = waiting.pop_front() else { break };
-            let admitted = {
-                let _g = span.enter();
-                engine.admit(&req)
-            };
-            match admitted {
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                }
-                Ok(seq) if req.max_new_tokens == 0 => {
-                    let _ = reply.send(Ok(seq.into_generation()));
-                }
-                Ok(seq) => {
-                    let projected_kv = engine.projected_kv_bytes(&seq);
-                    let in_use: u64 = flying.iter().map(|f| f.projected_kv).sum();
-                    if !flying.is_empty() && in_use + projected_kv > limits.kv_budget_bytes {
-                        // Wait for memory; the sequence is set up again when admitted.
-                        waiting.push_front((req, span, reply));
-                        break;
+            let next = match parked.take() {
+                Some(p) => p,
+                None => {
+                    let Some((req, span, reply)) = waiting.pop_front() else { break };
+                    let admitted = {
+                        let _g = span.enter();
+                        engine.admit(&req)
+                    };
+                    match admitted {
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                        Ok(seq) if req.max_new_tokens == 0 => {
+                            let _ = reply.send(Ok(seq.into_generation()));
+                            continue;
+                        }
+                        Ok(seq) => InFlight { projected_kv: engine.projected_kv_bytes(&seq), seq, span, reply },
                     }
-                    flying.push(InFlight { seq, projected_kv, span, reply });
                 }
+            };
+            let in_use: u64 = flying.iter().map(|f| f.projected_kv).sum();
+            if !flying.is_empty() && in_use + next.projected_kv > limits.kv_budget_bytes {
+                parked = Some(next);
+                break;
             }
+            flying.push(next);
         }
         if flying.is_empty() {
             continue;

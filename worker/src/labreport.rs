@@ -751,8 +751,8 @@ const HEADER_WORDS: &[&str] = &[
     "method",
 ];
 
-/// Words that mark running text rather than a table or label line.
-const PROSE_WORDS: &[&str] = &[
+/// Verbs that report a result in running text (`Potassium was ...`, `sodium remained ...`).
+const RESULT_VERBS: &[&str] = &[
     "was",
     "were",
     "is",
@@ -768,14 +768,13 @@ const PROSE_WORDS: &[&str] = &[
     "raised",
     "decreased",
     "increased",
-    "noted",
-    "revealed",
-    "the",
-    "with",
-    "which",
-    "and",
-    "but",
 ];
+/// Other words that mark running text rather than a table or label line.
+const PROSE_WORDS: &[&str] = &["noted", "revealed", "the", "with", "which", "and", "but"];
+
+fn is_prose_word(w: &str) -> bool {
+    RESULT_VERBS.contains(&w) || PROSE_WORDS.contains(&w)
+}
 /// Fewest words for a line to be read as prose.
 const PROSE_MIN_WORDS: usize = 6;
 
@@ -861,7 +860,7 @@ fn is_non_result_line(s: &str) -> bool {
 
 fn is_prose(s: &str) -> bool {
     let words: Vec<String> = lowercase_words(s).collect();
-    words.len() >= PROSE_MIN_WORDS && words.iter().any(|w| PROSE_WORDS.contains(&w.as_str()))
+    words.len() >= PROSE_MIN_WORDS && words.iter().any(|w| is_prose_word(w.as_str()))
 }
 
 /// Whether `next` continues a wrapped prose line `prev`: `prev` does not end a sentence,
@@ -1272,7 +1271,7 @@ fn label_before(before: &str) -> Option<String> {
     // A prefix such as "AMENDED:" or "Result:" names the line, not the test.
     let label = label.rsplit_once(':').map_or(label, |(_, rest)| rest);
     let words: Vec<&str> = label.split_whitespace().collect();
-    let end = words.iter().position(|w| LABEL_END_WORDS.contains(&w.to_lowercase().as_str())).unwrap_or(words.len());
+    let end = words.iter().position(|w| ends_label(&w.to_lowercase())).unwrap_or(words.len());
     let start = usize::from(words.first().is_some_and(|w| ARTICLES.contains(&w.to_lowercase().as_str())));
     let words = &words[start.min(end)..end];
     let label = words.join(" ");
@@ -1280,30 +1279,13 @@ fn label_before(before: &str) -> Option<String> {
     (label.chars().any(char::is_alphabetic) && words.len() <= MAX_LABEL_WORDS).then(|| label.to_string())
 }
 
-/// Words of running text that end a test name (`Potassium was ...`, `Hemoglobin of ...`).
-const LABEL_END_WORDS: &[&str] = &[
-    "was",
-    "were",
-    "is",
-    "are",
-    "has",
-    "had",
-    "showed",
-    "shows",
-    "remained",
-    "remains",
-    "improved",
-    "elevated",
-    "raised",
-    "decreased",
-    "increased",
-    "rose",
-    "fell",
-    "measured",
-    "at",
-    "of",
-    "to",
-];
+/// Words besides [`RESULT_VERBS`] that end a test name in running text
+/// (`Hemoglobin of ...`, `CRP rose to ...`).
+const LABEL_END_WORDS: &[&str] = &["rose", "fell", "measured", "at", "of", "to"];
+
+fn ends_label(w: &str) -> bool {
+    RESULT_VERBS.contains(&w) || LABEL_END_WORDS.contains(&w)
+}
 const ARTICLES: &[&str] = &["the", "a", "an"];
 
 /// The test: the printed label before the value when it and the model's test contain one
