@@ -121,6 +121,7 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                         max_new_tokens,
                         stop: Vec::new(),
                         sampling: medbatch_engine::sampling::Sampling::greedy(),
+                        grammar: None,
                     })?;
                     println!(
                         "{}",

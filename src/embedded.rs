@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
     #[arg(long, env = "MEDBATCH_RUN_ID")]
     pub run_id: Option<String>,
+    /// Decode free text instead of under the pipeline's answer grammar (for comparison:
+    /// answers may then fail to parse or quote text that is not in the document).
+    #[arg(long)]
+    pub unconstrained: bool,
 }
 
 fn new_run_id() -> String {
@@ -60,7 +64,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         bail!("--workers must be at least 1");
     }
     let run_id = RunId::new(args.run_id.clone().unwrap_or_else(new_run_id))?;
-    let pipeline = Arc::new(LoadedPipeline::load(&args.pipeline)?);
+    let mut pipeline = LoadedPipeline::load(&args.pipeline)?;
+    if args.unconstrained {
+        pipeline = pipeline.unconstrained();
+    }
+    let pipeline = Arc::new(pipeline);
     let store = LocalStore::create(&args.out).with_context(|| format!("output {}", args.out.display()))?;
     let out_root = store.root().canonicalize().unwrap_or_else(|_| store.root().to_path_buf());
     let store: Arc<dyn ObjectStore> = Arc::new(store);

@@ -1,5 +1,6 @@
 //! A loaded model with its tokenizer: prompt handling and greedy decoding.
 
+use crate::constrain::{Grammar, GuidanceFactory, SeqMatcher};
 use crate::gguf::GgufFile;
 use crate::hf::ChatTemplate;
 use crate::model::{BatchItem, Gemma3, Logits, NumericOptions, SeqCache, LOCAL_CACHE_SLACK};
@@ -10,6 +11,7 @@ use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 /// Cached prompt prefixes kept at once (pipelines use one or two shared prefixes).
@@ -52,6 +54,10 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Greedy unless a temperature is set; the seed makes sampling reproducible.
     pub sampling: Sampling,
+    /// When set, every token is drawn from those the grammar allows and generation ends
+    /// when the grammar is complete (stop strings are then not used): the text always
+    /// parses unless it is cut by `max_new_tokens` (finish `Length`).
+    pub grammar: Option<Grammar>,
 }
 
 /// Why generation ended.
@@ -63,6 +69,21 @@ pub enum Finish {
     Stop,
     /// `max_new_tokens` reached.
     Length,
+    /// The grammar could not continue (a parser error); the text is incomplete.
+    Grammar,
+}
+
+/// Counters of the decoding loop, for benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecodeStats {
+    /// Forward passes that produced at least one sampled token.
+    pub steps: u64,
+    /// Wall time of those passes, including sampling and masks.
+    pub step_ns: u64,
+    /// Grammar masks computed (one per constrained sequence per token).
+    pub masks: u64,
+    /// Time spent computing and applying them.
+    pub mask_ns: u64,
 }
 
 /// The result of a request.
@@ -88,12 +109,15 @@ struct PrefixEntry {
 /// engine thread owns it (see [`crate::service`]).
 pub struct Engine {
     pub model: Gemma3,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub info: ModelInfo,
     stop_ids: Vec<u32>,
     prefixes: Vec<PrefixEntry>,
     clock: u64,
+    /// Grammar compiler over this vocabulary, built at the first constrained request.
+    guidance: OnceLock<Arc<GuidanceFactory>>,
+    pub stats: DecodeStats,
 }
 
 /// Bytes hashed from each end of a weight file for a checkpoint's fingerprint.
@@ -169,12 +193,14 @@ impl Engine {
         stop_ids.extend(tokenizer.special.end_of_turn);
         Ok(Self {
             model,
-            tokenizer: Tokenizer::Spm(Box::new(tokenizer)),
+            tokenizer: Arc::new(Tokenizer::Spm(Box::new(tokenizer))),
             chat_template: None,
             info,
             stop_ids,
             prefixes: Vec::new(),
             clock: 0,
+            guidance: OnceLock::new(),
+            stats: DecodeStats::default(),
         })
     }
 
@@ -201,7 +227,17 @@ impl Engine {
         stop_ids.push(tokenizer.special().eos);
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Self { model, tokenizer, chat_template, info, stop_ids, prefixes: Vec::new(), clock: 0 })
+        Ok(Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
+            info,
+            stop_ids,
+            prefixes: Vec::new(),
+            clock: 0,
+            guidance: OnceLock::new(),
+            stats: DecodeStats::default(),
+        })
     }
 
     /// Loads a GGUF file or a checkpoint folder.
@@ -294,6 +330,15 @@ impl Engine {
         Ok((ids, cache))
     }
 
+    /// The grammar compiler for this model's vocabulary (built on first use).
+    pub fn guidance(&self) -> Result<Arc<GuidanceFactory>, EngineError> {
+        if let Some(g) = self.guidance.get() {
+            return Ok(g.clone());
+        }
+        let g = Arc::new(GuidanceFactory::new(self.tokenizer.clone(), self.model.cfg.vocab_size, &self.stop_ids)?);
+        Ok(self.guidance.get_or_init(|| g).clone())
+    }
+
     /// Tokenizes a request and sets up its sequence (reusing a cached prompt prefix).
     pub fn admit(&mut self, req: &GenerateRequest) -> Result<Active, EngineError> {
         if req.chat {
@@ -320,6 +365,10 @@ impl Engine {
                 req.max_new_tokens
             )));
         }
+        let matcher = match &req.grammar {
+            Some(g) => Some(self.guidance()?.matcher(g)?),
+            None => None,
+        };
         let mut cache = self.model.new_cache();
         let mut reused = 0usize;
         if req.shared_prefix_len > 0 && req.prompt.is_char_boundary(req.shared_prefix_len) {
@@ -344,6 +393,7 @@ impl Engine {
             text: String::new(),
             started: Instant::now(),
             finish: None,
+            matcher,
         })
     }
 
@@ -381,6 +431,8 @@ impl Engine {
         if plan.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
+        let samples = plan.iter().filter(|p| p.3).count();
         let logits = {
             let mut pending_tok: Vec<[u32; 1]> = Vec::with_capacity(plan.len());
             for &(i, _, _, _) in &plan {
@@ -405,15 +457,40 @@ impl Engine {
                 a.next_prefill = to;
             }
             let Some(l) = l else { continue };
-            let row: Vec<f32> = l.flatten_all()?.to_vec1()?;
-            let next = pick(&row, &a.req.sampling, &mut a.rng);
+            let mut row: Vec<f32> = l.flatten_all()?.to_vec1()?;
             a.pending = None;
+            if let Some(m) = a.matcher.as_mut() {
+                let t = Instant::now();
+                let allowed = match (m.mask(), self.guidance.get()) {
+                    (Ok(mask), Some(g)) => g.apply_mask(&mask, &mut row),
+                    _ => false,
+                };
+                self.stats.masks += 1;
+                self.stats.mask_ns += t.elapsed().as_nanos() as u64;
+                if !allowed {
+                    a.finish = Some(Finish::Grammar);
+                    continue;
+                }
+            }
+            let next = pick(&row, &a.req.sampling, &mut a.rng);
             if self.stop_ids.contains(&next) {
                 a.finish = Some(Finish::Eos);
                 continue;
             }
             a.out.push(next);
             a.text = self.tokenizer.decode(&a.out, false);
+            if let Some(m) = a.matcher.as_mut() {
+                if m.consume(next).is_err() {
+                    a.finish = Some(Finish::Grammar);
+                } else if m.is_stopped() {
+                    a.finish = Some(Finish::Stop);
+                } else if a.out.len() >= a.req.max_new_tokens as usize {
+                    a.finish = Some(Finish::Length);
+                } else {
+                    a.pending = Some(next);
+                }
+                continue;
+            }
             if let Some(cut) = a.req.stop.iter().filter_map(|s| a.text.find(s.as_str())).min() {
                 a.text.truncate(cut);
                 a.finish = Some(Finish::Stop);
@@ -422,6 +499,10 @@ impl Engine {
             } else {
                 a.pending = Some(next);
             }
+        }
+        if samples > 0 {
+            self.stats.steps += 1;
+            self.stats.step_ns += started.elapsed().as_nanos() as u64;
         }
         Ok(())
     }
@@ -478,6 +559,7 @@ pub struct Active {
     rng: SplitMix64,
     started: Instant,
     pub finish: Option<Finish>,
+    matcher: Option<SeqMatcher>,
 }
 
 impl Active {

@@ -7,6 +7,7 @@
 //! It never touches queues, object stores or output files.
 
 pub mod config;
+pub mod constrain;
 pub mod describe;
 pub mod engine;
 pub mod gguf;
@@ -18,6 +19,7 @@ pub mod service;
 pub mod text_tokenizer;
 pub mod tokenizer;
 
+pub use constrain::Grammar;
 pub use engine::{Engine, Finish, GenerateRequest, Generation, ModelInfo};
 pub use service::EngineHandle;
 
@@ -33,6 +35,9 @@ pub enum EngineError {
     /// The request is invalid (empty prompt, prompt longer than the context).
     #[error("invalid request: {0}")]
     Request(String),
+    /// A grammar could not be compiled or could not continue.
+    #[error("grammar: {0}")]
+    Grammar(String),
     /// The engine thread is gone.
     #[error("engine stopped")]
     Stopped,
@@ -51,6 +56,7 @@ impl EngineError {
             Self::Load(_) => "model_load",
             Self::Compute(_) => "inference",
             Self::Request(_) => "invalid_request",
+            Self::Grammar(_) => "grammar",
             Self::Stopped => "engine_stopped",
         }
     }

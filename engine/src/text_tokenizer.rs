@@ -1,7 +1,8 @@
 //! The tokenizer a model comes with: built from GGUF metadata, or a Hugging Face
 //! `tokenizer.json` read by the `tokenizers` crate.
 
-use crate::tokenizer::{SpecialIds, SpmTokenizer};
+use crate::constrain::{piece_bytes, TrieWord};
+use crate::tokenizer::{SpecialIds, SpmTokenizer, TokenType};
 use crate::EngineError;
 use std::path::Path;
 
@@ -9,6 +10,8 @@ use std::path::Path;
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
     pub special: SpecialIds,
+    /// Added tokens marked special (control tokens such as `<start_of_turn>`).
+    control: std::collections::HashSet<u32>,
 }
 
 impl HfTokenizer {
@@ -24,7 +27,9 @@ impl HfTokenizer {
             start_of_turn: id("<start_of_turn>"),
             end_of_turn: id("<end_of_turn>"),
         };
-        Ok(Self { inner, special })
+        let control =
+            inner.get_added_tokens_decoder().into_iter().filter(|(_, t)| t.special).map(|(id, _)| id).collect();
+        Ok(Self { inner, special, control })
     }
 }
 
@@ -65,6 +70,30 @@ impl Tokenizer {
         match self {
             Self::Spm(t) => t.token_bytes(id, special),
             Self::Hf(t) => t.inner.decode(&[id], !special).map(String::into_bytes).unwrap_or_default(),
+        }
+    }
+
+    /// How token `id` appears in text, for grammars: its bytes, or the name of a control
+    /// token; None for an id the tokenizer does not have. Both sources are SentencePiece
+    /// vocabularies (`▁` for spaces, `<0xNN>` byte fallback), as Gemma's are.
+    pub fn text_piece(&self, id: u32) -> Option<TrieWord> {
+        match self {
+            Self::Spm(t) => {
+                let piece = t.id_to_token(id)?;
+                Some(match t.token_type(id)? {
+                    TokenType::Control | TokenType::Unknown | TokenType::Unused => TrieWord::Special(piece.to_string()),
+                    TokenType::UserDefined => TrieWord::Text(piece.as_bytes().to_vec()),
+                    TokenType::Normal | TokenType::Byte => TrieWord::Text(piece_bytes(piece)),
+                })
+            }
+            Self::Hf(t) => {
+                let piece = t.inner.id_to_token(id)?;
+                Some(if t.control.contains(&id) {
+                    TrieWord::Special(piece)
+                } else {
+                    TrieWord::Text(piece_bytes(&piece))
+                })
+            }
         }
     }
 

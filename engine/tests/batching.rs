@@ -37,6 +37,7 @@ fn requests() -> Vec<GenerateRequest> {
             max_new_tokens: 12 + 6 * i as u32,
             stop: Vec::new(),
             sampling: Default::default(),
+            grammar: None,
         })
         .collect();
     // A prompt longer than the 512-token window and the per-step prefill budget.
@@ -50,6 +51,7 @@ fn requests() -> Vec<GenerateRequest> {
         max_new_tokens: 24,
         stop: Vec::new(),
         sampling: Default::default(),
+        grammar: None,
     });
     reqs
 }
@@ -90,6 +92,7 @@ fn engine_thread_respects_limits_and_answers_like_alone() {
             max_new_tokens: 5 + i as u32,
             stop: Vec::new(),
             sampling: Default::default(),
+            grammar: None,
         })
         .collect();
     let mut alone_engine = Engine::load(ckpt.path()).unwrap();

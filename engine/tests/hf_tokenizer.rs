@@ -79,6 +79,7 @@ fn a_checkpoint_folder_serves_chat_requests_with_its_template() {
             max_new_tokens: 4,
             stop: Vec::new(),
             sampling: Default::default(),
+            grammar: None,
         })
         .unwrap();
     assert!(g.ids.len() <= 4);

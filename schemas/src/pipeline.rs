@@ -123,16 +123,33 @@ pub struct GenerationSpec {
     /// Sample within the smallest set of tokens reaching this probability (1 = no limit).
     #[serde(default = "default_top_p")]
     pub top_p: f32,
+    /// Decode under the answer schema's grammar (the default): every answer parses and
+    /// validates, `copy` fields are substrings of the text the model reads, and an answer
+    /// cut off by `max_new_tokens` is an error row `truncated`. `false` decodes free text
+    /// (until a stop string) and parses whatever comes.
+    #[serde(default = "default_true")]
+    pub constrained: bool,
 }
 
 impl Default for GenerationSpec {
     fn default() -> Self {
-        Self { max_new_tokens: default_max_new_tokens(), stop: Vec::new(), temperature: 0.0, top_k: 0, top_p: 1.0 }
+        Self {
+            max_new_tokens: default_max_new_tokens(),
+            stop: Vec::new(),
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            constrained: true,
+        }
     }
 }
 
 fn default_top_p() -> f32 {
     1.0
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How an extraction pipeline splits a document before the model sees it.

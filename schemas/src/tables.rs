@@ -78,6 +78,11 @@ pub fn lab_results_schema() -> Arc<Schema> {
         // How the row was obtained: a deterministic parser (`hl7_obx`, `delimited_table`) or
         // the model (`model`).
         Field::new("method", dict_utf8(), false),
+        // How the value was found in the evidence text: `exact`, `normalized` (case, spacing,
+        // decimal comma), `fuzzy`, or `none` (not found: kept, flagged, not to be trusted).
+        Field::new("alignment", dict_utf8(), false),
+        // The value is not in the document but is in the prompt's examples.
+        Field::new("from_examples", DataType::Boolean, false),
     ];
     fields.extend(provenance_fields());
     Arc::new(Schema::new(fields))

@@ -96,9 +96,24 @@ pub async fn extract_document(
             }
         };
         // A prompt may end inside the answer (the template writes its opening so the model only
-        // continues it); the answer parsed is then that opening plus the generated text.
-        let primer =
-            if !chat && rendered.text.ends_with(labreport::ANSWER_PRIMER) { labreport::ANSWER_PRIMER } else { "" };
+        // continues it); the answer parsed is then that opening plus the generated text. A
+        // constrained answer is decoded whole, under the schema's grammar over this segment.
+        let grammar = if spec.generation.constrained {
+            match crate::grammar::answer_grammar(&pipeline.schema, &c.text) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    pending.push((c, "", Err(("grammar".to_string(), format!("answer grammar: {e}")))));
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let primer = if grammar.is_none() && !chat && rendered.text.ends_with(labreport::ANSWER_PRIMER) {
+            labreport::ANSWER_PRIMER
+        } else {
+            ""
+        };
         let req = GenerateRequest {
             shared_prefix_len: rendered.shared_prefix_len,
             prompt: rendered.text,
@@ -113,6 +128,7 @@ pub async fn extract_document(
                 top_p: spec.generation.top_p,
                 seed: item_seed(job_seed, &doc.id, c.start),
             },
+            grammar,
         };
         let engine = engine.clone();
         let task = tokio::spawn(async move { engine.generate(req).await }.in_current_span());
@@ -139,6 +155,11 @@ pub async fn extract_document(
         };
         let generation = match task.await {
             Ok(Ok(g)) => g,
+            // Grammar messages can quote the segment the grammar copies from: never passed on.
+            Ok(Err(e @ medbatch_engine::EngineError::Grammar(_))) => {
+                out.errors.push(err(e.label().into(), "the answer grammar was rejected by the decoder".into()));
+                continue;
+            }
             Ok(Err(e)) => {
                 out.errors.push(err(e.label().into(), e.to_string()));
                 continue;
@@ -154,6 +175,15 @@ pub async fn extract_document(
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
         let answer = format!("{primer}{}", generation.text);
         let truncated = generation.finish == Finish::Length;
+        if spec.generation.constrained && generation.finish != Finish::Stop && generation.finish != Finish::Eos {
+            // A constrained answer is complete or it is not written: never a broken row.
+            let (reason, detail) = match generation.finish {
+                Finish::Grammar => ("grammar", "the decoder could not continue the answer grammar".to_string()),
+                _ => ("truncated", format!("answer cut off at max_new_tokens ({})", spec.generation.max_new_tokens)),
+            };
+            out.errors.push(err(reason.into(), detail));
+            continue;
+        }
         let results = match spec.extraction.unit {
             ExtractionUnit::Line => vec![labreport::parse_answer(&answer, &c)],
             ExtractionUnit::Document => labreport::parse_document_answer(&answer, &lines),

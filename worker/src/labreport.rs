@@ -15,6 +15,7 @@
 //! text, the unit of the `evidence_start`/`evidence_end` columns. Nothing here does I/O or
 //! calls the model, and no error message carries document text (it would be PHI in logs).
 
+use crate::grounding::Alignment;
 use regex::Regex;
 use serde_json::{Map, Value};
 use std::sync::LazyLock;
@@ -106,6 +107,11 @@ pub struct LabItem {
     pub evidence_start: usize,
     pub evidence_end: usize,
     pub method: Method,
+    /// How the value was found in the evidence: exactly, normalized (`5.4` for `5,4`), or
+    /// not at all (`none`: kept, flagged, not trusted).
+    pub alignment: Alignment,
+    /// The value is not in the document but is in the prompt's examples: copied from them.
+    pub from_examples: bool,
 }
 
 /// A character span `(start, end)` of the document, end exclusive.
@@ -454,6 +460,8 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<La
         evidence_start: start,
         evidence_end: end,
         method: Method::Hl7Obx,
+        alignment: Alignment::Exact,
+        from_examples: false,
     })
 }
 
@@ -578,6 +586,8 @@ fn table_item(cells: &[&str], cols: &Columns, start: usize, end: usize) -> Optio
         evidence_start: start,
         evidence_end: end,
         method: Method::DelimitedTable,
+        alignment: Alignment::Exact,
+        from_examples: false,
     })
 }
 
@@ -1032,8 +1042,6 @@ pub enum AnswerError {
     BadField { field: &'static str, found: &'static str },
     #[error("answer has no value")]
     MissingValue,
-    #[error("answer value does not occur in the candidate text")]
-    UngroundedValue,
 }
 
 impl AnswerError {
@@ -1044,7 +1052,6 @@ impl AnswerError {
             AnswerError::Truncated { .. } => "truncated_answer",
             AnswerError::BadField { .. } => "bad_answer_field",
             AnswerError::MissingValue => "missing_value",
-            AnswerError::UngroundedValue => "ungrounded_value",
         }
     }
 }
@@ -1056,8 +1063,8 @@ impl AnswerError {
 /// trusted unless the candidate text bears it out:
 ///
 /// - value: must occur in the candidate as a token of its own, or as the same number
-///   (`5.4` for `5,4`); otherwise the answer is refused ([`AnswerError::UngroundedValue`]:
-///   copied from the examples or invented), and so does a bound of a printed range. A
+///   (`5.4` for `5,4`); otherwise the item is kept as answered with `alignment = none`
+///   (copied from the examples or invented), and so is a bound of a printed range. A
 ///   value with a unit glued on (`255 x10^3/uL`, `8%`) is split. The row keeps the value
 ///   as printed; `value_numeric` is [`parse_value`] of it.
 /// - test: the label printed before the value (`label_before`) unless the model names a
@@ -1089,7 +1096,10 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let value_numeric = parse_value(&value);
 
     let text = candidate.text.as_str();
-    let (value_start, value_end) = find_value(text, &value, value_numeric).ok_or(AnswerError::UngroundedValue)?;
+    let Some((value_start, value_end)) = find_value(text, &value, value_numeric) else {
+        return Ok(ungrounded_item(candidate, test, value, unit, flag));
+    };
+    let alignment = if text[value_start..value_end] == value { Alignment::Exact } else { Alignment::Normalized };
     // The row keeps the value as printed (`0,92` where the model wrote `0.92`).
     let value = text[value_start..value_end].to_string();
     let before = &text[..value_start];
@@ -1115,7 +1125,34 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         evidence_start: candidate.start,
         evidence_end: candidate.end,
         method: Method::Model,
+        alignment,
+        from_examples: false,
     })
+}
+
+/// An answer whose value the candidate does not bear out: kept as the model gave it,
+/// flagged `alignment = none`, with nothing read from the text (no range, no computed flag).
+fn ungrounded_item(
+    candidate: &Candidate,
+    test: Option<String>,
+    value: String,
+    unit: Option<String>,
+    flag: Option<String>,
+) -> LabItem {
+    LabItem {
+        test,
+        value_numeric: parse_value(&value),
+        value: Some(value),
+        unit,
+        ref_low: None,
+        ref_high: None,
+        flag: flag.as_deref().and_then(Flag::from_printed),
+        evidence_start: candidate.start,
+        evidence_end: candidate.end,
+        method: Method::Model,
+        alignment: Alignment::None,
+        from_examples: false,
+    }
 }
 
 fn field_text(object: &Map<String, Value>, field: &'static str) -> Result<Option<String>, AnswerError> {
@@ -1164,8 +1201,8 @@ static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUM).unwrap());
 /// the pipeline says `extraction.unit = "document"` — into items. Each object is grounded on
 /// one of `lines` (the report's candidate lines, from [`segment`]) with [`parse_answer`]:
 /// first a line not yet used that names the object's test, then any line not yet used,
-/// then any line. An object no line bears out is an error ([`AnswerError::UngroundedValue`]),
-/// so invented results never become rows.
+/// then any line. An object no line bears out is kept with `alignment = none` and an empty
+/// evidence span, so invented results are flagged, never trusted nor silently dropped.
 pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<LabItem, AnswerError>> {
     let Some(open) = answer.find('[') else {
         return vec![Err(AnswerError::NotJson { at: 0 })];
@@ -1192,8 +1229,10 @@ pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<La
             for (i, line) in lines.iter().enumerate() {
                 if pass(i) {
                     if let Ok(item) = parse_answer(&text, line) {
-                        found = Some((i, item));
-                        break 'search;
+                        if item.alignment != Alignment::None {
+                            found = Some((i, item));
+                            break 'search;
+                        }
                     }
                 }
             }
@@ -1203,9 +1242,8 @@ pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<La
                 used[i] = true;
                 out.push(Ok(item));
             }
-            None => out.push(Err(parse_answer(&text, &Candidate { start: 0, end: 0, text: String::new() })
-                .err()
-                .unwrap_or(AnswerError::UngroundedValue))),
+            // No line bears it out: kept, flagged `alignment = none`, with an empty span.
+            None => out.push(parse_answer(&text, &Candidate { start: 0, end: 0, text: String::new() })),
         }
     }
     out
@@ -1749,10 +1787,10 @@ pH 6.5 5.0-8.0
         assert_eq!(e.label(), "bad_answer_field");
         assert!(e.to_string().contains("`value` is an array"));
         // Copied from a few-shot example or invented.
-        let e = parse_answer(r#"{"test": "Lipase", "value": "88"}"#, &c).unwrap_err();
-        assert_eq!(e, AnswerError::UngroundedValue);
+        let it = parse_answer(r#"{"test": "Lipase", "value": "88"}"#, &c).unwrap();
+        assert_eq!((it.alignment, it.value.as_deref(), it.ref_high), (Alignment::None, Some("88"), None));
         // Error messages never repeat document or answer text.
-        for e in [AnswerError::NotJson { at: 3 }, AnswerError::UngroundedValue, AnswerError::MissingValue] {
+        for e in [AnswerError::NotJson { at: 3 }, AnswerError::MissingValue] {
             assert!(!e.to_string().contains("Sodium"));
         }
     }
@@ -1882,7 +1920,8 @@ pH 6.5 5.0-8.0
         assert_eq!(k.evidence_start, lines[1].start);
         let na = items[1].as_ref().unwrap();
         assert_eq!((na.ref_low, na.ref_high, na.evidence_start), (Some(135.0), Some(145.0), lines[0].start));
-        assert_eq!(items[2].as_ref().unwrap_err(), &AnswerError::UngroundedValue);
+        let glucose = items[2].as_ref().unwrap();
+        assert_eq!((glucose.alignment, glucose.evidence_start, glucose.evidence_end), (Alignment::None, 0, 0));
         assert_eq!(parse_document_answer("no json", &lines)[0].as_ref().unwrap_err().label(), "unparseable_answer");
         assert_eq!(parse_document_answer("[{\"test\":", &lines)[0].as_ref().unwrap_err().label(), "truncated_answer");
     }
@@ -1892,9 +1931,9 @@ pH 6.5 5.0-8.0
         // "12" is not a token of "12,1" nor equal to 12.1.
         let c = cand("Hämoglobin          12,1   g/dl       12,0–16,0");
         let a = r#"{"test":"Hämoglobin","value":"12","unit":"g/dl","ref_low":"12","ref_high":"16","flag":"H"}"#;
-        assert_eq!(parse_answer(a, &c).unwrap_err(), AnswerError::UngroundedValue);
+        assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
         let a = r#"{"test":"Hämoglobin","value":"12,0","unit":"g/dl"}"#;
-        assert_eq!(parse_answer(a, &c).unwrap_err(), AnswerError::UngroundedValue);
+        assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
         // A range-shaped value is its own token, not a bound.
         let c2 = cand("WBC                  25-50 /hpf       0-5          H");
         let a = r#"{"test":"WBC","value":"25-50","unit":"/hpf","ref_low":"0","ref_high":"5","flag":"H"}"#;
@@ -1991,10 +2030,9 @@ pH 6.5 5.0-8.0
         for (line, answer) in &shots {
             assert!(answer.starts_with(ANSWER_PRIMER), "{answer}");
             let object: Map<String, Value> = serde_json::from_str(answer).unwrap();
+            // In the schema's order: the answer grammar writes properties in that order.
             let keys: Vec<&str> = object.keys().map(String::as_str).collect();
-            let mut expected = ANSWER_FIELDS.to_vec();
-            expected.sort_unstable();
-            assert_eq!(keys, expected, "{answer}");
+            assert_eq!(keys, ANSWER_FIELDS.to_vec(), "{answer}");
             let c = Candidate { start: 0, end: line.chars().count(), text: line.clone() };
             parse_answer(answer, &c).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert!(looks_like_result(line), "{line}");

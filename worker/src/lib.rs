@@ -8,6 +8,8 @@
 
 pub mod eval;
 pub mod extract;
+pub mod grammar;
+pub mod grounding;
 pub mod input;
 pub mod job;
 pub mod labreport;

@@ -3,7 +3,8 @@
 
 use crate::labreport::LabItem;
 use arrow::array::{
-    ArrayRef, Float64Builder, StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder, UInt32Builder,
+    ArrayRef, BooleanBuilder, Float64Builder, StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder,
+    UInt32Builder,
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
@@ -77,6 +78,8 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
     let mut ev_start = UInt32Builder::with_capacity(n);
     let mut ev_end = UInt32Builder::with_capacity(n);
     let mut method = StringDictionaryBuilder::<Int32Type>::new();
+    let mut alignment = StringDictionaryBuilder::<Int32Type>::new();
+    let mut from_examples = BooleanBuilder::with_capacity(n);
     let mut source_uri = StringBuilder::new();
     let mut input_sha256 = StringBuilder::new();
     let mut tokens_in = UInt32Builder::with_capacity(n);
@@ -99,6 +102,8 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
         ev_start.append_value(to_u32(it.evidence_start));
         ev_end.append_value(to_u32(it.evidence_end));
         method.append_value(it.method.as_str());
+        alignment.append_value(it.alignment.as_str());
+        from_examples.append_value(it.from_examples);
         source_uri.append_value(&r.source_uri);
         input_sha256.append_value(&r.input_sha256);
         tokens_in.append_value(r.tokens_in);
@@ -116,6 +121,8 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
         Arc::new(ev_start.finish()),
         Arc::new(ev_end.finish()),
         Arc::new(method.finish()),
+        Arc::new(alignment.finish()),
+        Arc::new(from_examples.finish()),
         Arc::new(source_uri.finish()),
         Arc::new(input_sha256.finish()),
     ];
@@ -209,6 +216,7 @@ pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, ParquetOutError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grounding::Alignment;
     use crate::labreport::{Flag, Method};
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, UInt32Type};
@@ -244,6 +252,8 @@ mod tests {
             evidence_start: 3,
             evidence_end: 40,
             method: Method::Model,
+            alignment: Alignment::Normalized,
+            from_examples: false,
         };
         let rows = vec![LabRow {
             document_id: "d1".into(),

@@ -66,6 +66,9 @@ impl LoadedPipeline {
         let template = read(&spec.prompt.template)?;
         let schema: serde_json::Value = serde_json::from_str(&read(&spec.prompt.schema)?)
             .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        if spec.generation.constrained {
+            crate::grammar::check_schema(&schema).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        }
         let digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
         let p = Self { dir, spec, template, schema, digest };
         p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
@@ -74,6 +77,19 @@ impl LoadedPipeline {
 
     pub fn reference(&self) -> PipelineRef {
         PipelineRef { name: self.spec.name.clone(), version: self.spec.version.clone(), digest: self.digest.clone() }
+    }
+
+    /// The same pipeline decoding free text instead of under its answer grammar (to measure
+    /// what the grammar changes); the digest changes with it, so the two never share a run.
+    pub fn unconstrained(mut self) -> Self {
+        if self.spec.generation.constrained {
+            self.spec.generation.constrained = false;
+            let mut h = Sha256::new();
+            h.update(self.digest.to_string().as_bytes());
+            h.update(b"\0generation.constrained=false");
+            self.digest = Digest::from_sha256(h.finalize());
+        }
+        self
     }
 
     /// Renders the prompt template with the item text: a candidate line, or the whole

@@ -1,0 +1,236 @@
+//! The grammar an answer is decoded under, from the pipeline's JSON schema.
+//!
+//! Without `copy` fields the schema itself is the grammar. A string property marked
+//! `"copy": true` may only take a substring of the source segment (the line or document the
+//! model reads), so it cannot be invented: the schema is then written as a Lark grammar in
+//! which copy fields are llguidance substring terminals over that segment's text and every
+//! other value is the schema's own sub-schema (`%json`). Answers are compact JSON (no
+//! whitespace between tokens), as the prompts' examples are written.
+
+use medbatch_engine::Grammar;
+use serde_json::{json, Map, Value};
+
+/// Why a schema cannot be turned into a grammar.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("schema {pointer}: {reason}")]
+pub struct SchemaGrammarError {
+    /// JSON pointer of the offending sub-schema.
+    pub pointer: String,
+    pub reason: String,
+}
+
+/// Whether any sub-schema is marked `copy`.
+pub fn has_copy_fields(schema: &Value) -> bool {
+    match schema {
+        Value::Object(m) => m.get("copy") == Some(&Value::Bool(true)) || m.values().any(has_copy_fields),
+        Value::Array(a) => a.iter().any(has_copy_fields),
+        _ => false,
+    }
+}
+
+/// Checks once, at pipeline load, that the schema can be decoded under (copy fields only on
+/// string properties of objects whose properties are all required, inside objects/arrays).
+pub fn check_schema(schema: &Value) -> Result<(), SchemaGrammarError> {
+    let mut b = LarkBuilder::new("");
+    b.value(schema, "").map(|_| ())
+}
+
+/// The grammar for one answer about `source` (the text copy fields may copy from).
+pub fn answer_grammar(schema: &Value, source: &str) -> Result<Grammar, SchemaGrammarError> {
+    if !has_copy_fields(schema) {
+        return Ok(Grammar::JsonSchema(compact(schema)));
+    }
+    let mut b = LarkBuilder::new(source);
+    let top = b.value(schema, "")?;
+    let mut lark = format!("start: {top}\n");
+    for r in &b.rules {
+        lark.push_str(r);
+        lark.push('\n');
+    }
+    Ok(Grammar::Lark(lark))
+}
+
+/// The schema with llguidance's option for compact JSON, `copy` markers removed.
+fn compact(schema: &Value) -> Value {
+    let mut s = strip_copy(schema);
+    if let Value::Object(m) = &mut s {
+        m.insert("x-guidance".into(), json!({ "whitespace_flexible": false }));
+    }
+    s
+}
+
+fn strip_copy(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter().filter(|(k, _)| k.as_str() != "copy").map(|(k, v)| (k.clone(), strip_copy(v))).collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(strip_copy).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A Lark string literal for `text` (Lark's literals take JSON's escapes).
+fn literal(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes")
+}
+
+struct LarkBuilder {
+    /// Each character of the source as it appears inside a JSON string.
+    chunks: Vec<String>,
+    rules: Vec<String>,
+    copy_rule: Option<String>,
+}
+
+impl LarkBuilder {
+    fn new(source: &str) -> Self {
+        let chunks = source
+            .chars()
+            .map(|c| {
+                let quoted = serde_json::to_string(&c.to_string()).expect("a string serializes");
+                quoted[1..quoted.len() - 1].to_string()
+            })
+            .collect();
+        Self { chunks, rules: Vec::new(), copy_rule: None }
+    }
+
+    fn rule(&mut self, body: String) -> String {
+        let name = format!("r{}", self.rules.len());
+        self.rules.push(format!("{name}: {body}"));
+        name
+    }
+
+    /// The rule for a JSON string that is a substring of the source.
+    fn copy_string(&mut self) -> String {
+        if let Some(r) = &self.copy_rule {
+            return r.clone();
+        }
+        let chunks = serde_json::to_string(&self.chunks).expect("strings serialize");
+        // One terminal: the quotes and the substring lex together.
+        self.rules.push(format!("COPY: \"\\\"\" %regex {{ \"substring_chunks\": {chunks} }} \"\\\"\""));
+        self.copy_rule = Some("COPY".into());
+        "COPY".into()
+    }
+
+    /// The Lark expression for a value matching `schema` (at JSON pointer `at`).
+    fn value(&mut self, schema: &Value, at: &str) -> Result<String, SchemaGrammarError> {
+        let err = |reason: &str| SchemaGrammarError {
+            pointer: if at.is_empty() { "/".into() } else { at.into() },
+            reason: reason.into(),
+        };
+        if !has_copy_fields(schema) {
+            let s = serde_json::to_string(&compact(schema)).expect("a schema serializes");
+            return Ok(self.rule(format!("%json {s}")));
+        }
+        let m = schema.as_object().ok_or_else(|| err("a schema must be an object"))?;
+        let types: Vec<&str> = match m.get("type") {
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        let nullable = types.contains(&"null");
+        if m.get("copy") == Some(&Value::Bool(true)) {
+            if !types.contains(&"string") {
+                return Err(err("`copy` applies to string fields only"));
+            }
+            if types.iter().any(|t| !matches!(*t, "string" | "null")) {
+                return Err(err("a `copy` field may be a string or null, nothing else"));
+            }
+            let copy = self.copy_string();
+            return Ok(if nullable { self.rule(format!("{copy} | \"null\"")) } else { copy });
+        }
+        let body = if types.contains(&"object") || m.contains_key("properties") {
+            self.object(m, at, &err)?
+        } else if types.contains(&"array") || m.contains_key("items") {
+            let items = m.get("items").ok_or_else(|| err("an array holding copy fields needs `items`"))?;
+            if m.contains_key("minItems") || m.contains_key("maxItems") {
+                return Err(err("arrays holding copy fields cannot bound their length"));
+            }
+            let item = self.value(items, &format!("{at}/items"))?;
+            format!("\"[\" ({item} (\",\" {item})*)? \"]\"")
+        } else {
+            return Err(err("`copy` fields must sit in objects or arrays"));
+        };
+        Ok(if nullable { self.rule(format!("{body} | \"null\"")) } else { self.rule(body) })
+    }
+
+    fn object(
+        &mut self,
+        m: &Map<String, Value>,
+        at: &str,
+        err: &dyn Fn(&str) -> SchemaGrammarError,
+    ) -> Result<String, SchemaGrammarError> {
+        let props =
+            m.get("properties").and_then(Value::as_object).ok_or_else(|| err("an object needs `properties`"))?;
+        let required: Vec<&str> = m
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(missing) = props.keys().find(|k| !required.contains(&k.as_str())) {
+            return Err(err(&format!(
+                "every property of an object holding copy fields must be required (`{missing}` is not); \
+                 make it nullable instead"
+            )));
+        }
+        let mut parts = Vec::new();
+        for (i, (k, v)) in props.iter().enumerate() {
+            let key = serde_json::to_string(k).expect("a key serializes");
+            let sep = if i == 0 { "" } else { "," };
+            let value = self.value(v, &format!("{at}/properties/{k}"))?;
+            parts.push(format!("{} {value}", literal(&format!("{sep}{key}:"))));
+        }
+        Ok(format!("\"{{\" {} \"}}\"", parts.join(" ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_schema() -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "test": { "type": ["string", "null"], "copy": true },
+                "value": { "type": "string", "copy": true },
+                "n": { "type": "integer" }
+            },
+            "required": ["test", "value", "n"],
+            "additionalProperties": false
+        })
+    }
+
+    #[test]
+    fn schema_without_copy_fields_is_its_own_grammar() {
+        let s = json!({ "type": "object", "properties": { "a": { "type": "string" } } });
+        let Grammar::JsonSchema(g) = answer_grammar(&s, "text").unwrap() else { panic!("json schema expected") };
+        assert_eq!(g["x-guidance"]["whitespace_flexible"], false);
+        assert_eq!(g["properties"], s["properties"]);
+    }
+
+    #[test]
+    fn copy_fields_become_substring_terminals() {
+        let Grammar::Lark(g) = answer_grammar(&line_schema(), "Na \"x\" 140").unwrap() else { panic!("lark expected") };
+        assert!(g.starts_with("start: r"), "{g}");
+        assert!(g.contains(r#""substring_chunks": ["N","a"," ","\\\"","x","\\\""," ","1","4","0"]"#), "{g}");
+        assert!(g.contains(r#"COPY | "null""#), "{g}");
+        assert!(g.contains(r#"",\"n\":" r"#), "{g}");
+        assert!(g.contains("%json {"), "{g}");
+        assert!(!g.contains("\"copy\""), "{g}");
+    }
+
+    #[test]
+    fn unsupported_copy_placements_are_named() {
+        let mut s = line_schema();
+        s["required"] = json!(["test", "value"]);
+        let e = check_schema(&s).unwrap_err();
+        assert_eq!(e.pointer, "/");
+        assert!(e.reason.contains("`n` is not"), "{e}");
+        let s =
+            json!({ "type": "object", "properties": { "v": { "type": "number", "copy": true } }, "required": ["v"] });
+        assert_eq!(check_schema(&s).unwrap_err().pointer, "/properties/v");
+        let s = json!({ "type": "array", "items": { "type": "string", "copy": true }, "maxItems": 3 });
+        assert!(check_schema(&s).unwrap_err().reason.contains("bound"));
+        assert!(check_schema(&line_schema()).is_ok());
+    }
+}
