@@ -124,7 +124,9 @@ fn json_schema_answers_parse_and_validate_batched_as_alone() {
     let valid_free = engine
         .generate_batch(&free)
         .into_iter()
-        .filter(|g| serde_json::from_str::<Value>(&g.as_ref().unwrap().text).ok().is_some_and(|v| check_note(&v).is_ok()))
+        .filter(|g| {
+            serde_json::from_str::<Value>(&g.as_ref().unwrap().text).ok().is_some_and(|v| check_note(&v).is_ok())
+        })
         .count();
     assert!(valid_free < NOTES.len(), "every free answer already valid: the test shows nothing");
 }

@@ -1,6 +1,7 @@
 //! Extraction of one document: deterministic parsers first, then the model on the
 //! candidate lines left over.
 
+use crate::grounding::Alignment;
 use crate::labreport::{self, Candidate};
 use crate::parquet_out::{ErrorRow, LabRow};
 use crate::pipeline::LoadedPipeline;
@@ -85,6 +86,9 @@ pub async fn extract_document(
     // Every candidate is sent at once: the engine batches them (and other documents' lines)
     // into shared forward passes. Answers are then read in candidate order.
     let chat = spec.prompt.format == PromptFormat::Chat;
+    // The prompt's shared part (instructions and examples), to tell answers copied from the
+    // examples from invented ones.
+    let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
     let model_started = std::time::Instant::now();
     let mut pending = Vec::with_capacity(candidates.len());
     for c in candidates {
@@ -190,7 +194,15 @@ pub async fn extract_document(
         };
         for result in results {
             match result {
-                Ok(item) => out.rows.push(row(item, tin, tout)),
+                Ok(mut item) => {
+                    if item.alignment == Alignment::None {
+                        let copied = |s: &Option<String>| {
+                            s.as_deref().is_some_and(|s| examples.contains(s) && !doc.text.contains(s))
+                        };
+                        item.from_examples = copied(&item.value) || copied(&item.test);
+                    }
+                    out.rows.push(row(item, tin, tout))
+                }
                 Err(e) => {
                     let mut r = err(e.label().to_string(), e.to_string());
                     r.stage = "parse";

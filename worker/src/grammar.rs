@@ -1,11 +1,13 @@
 //! The grammar an answer is decoded under, from the pipeline's JSON schema.
 //!
-//! Without `copy` fields the schema itself is the grammar. A string property marked
-//! `"copy": true` may only take a substring of the source segment (the line or document the
-//! model reads), so it cannot be invented: the schema is then written as a Lark grammar in
-//! which copy fields are llguidance substring terminals over that segment's text and every
-//! other value is the schema's own sub-schema (`%json`). Answers are compact JSON (no
-//! whitespace between tokens), as the prompts' examples are written.
+//! The grammar is Lark in llguidance's dialect. Without `copy` fields it is the schema itself
+//! (`%json`). A string property marked `"copy": true` may only take a substring of the source
+//! segment (the line or document the model reads), so it cannot be invented: objects and
+//! arrays holding copy fields are written out as Lark rules in which copy fields are
+//! substring terminals over that segment's text and every other value is the schema's own
+//! sub-schema (`%json`). Answers are compact JSON (no whitespace between tokens), as the
+//! prompts' examples are written, after at most one space: a raw prompt ends with `JSON:`
+//! and SentencePiece vocabularies write the space and the brace as one token (` {"`).
 
 use medbatch_engine::Grammar;
 use serde_json::{json, Map, Value};
@@ -37,12 +39,9 @@ pub fn check_schema(schema: &Value) -> Result<(), SchemaGrammarError> {
 
 /// The grammar for one answer about `source` (the text copy fields may copy from).
 pub fn answer_grammar(schema: &Value, source: &str) -> Result<Grammar, SchemaGrammarError> {
-    if !has_copy_fields(schema) {
-        return Ok(Grammar::JsonSchema(compact(schema)));
-    }
-    let mut b = LarkBuilder::new(source);
+    let mut b = LarkBuilder::new(if has_copy_fields(schema) { source } else { "" });
     let top = b.value(schema, "")?;
-    let mut lark = format!("start: {top}\n");
+    let mut lark = format!("start: \" \"? {top}\n");
     for r in &b.rules {
         lark.push_str(r);
         lark.push('\n');
@@ -81,12 +80,59 @@ struct LarkBuilder {
     copy_rule: Option<String>,
 }
 
+/// The pieces a copy field is cut from: words, numbers (with their decimal point or
+/// comma), runs of whitespace, and every other character alone. A copy is a run of whole
+/// pieces, so it can take `12,0` out of `12,0–16,0` or `250` out of `[<250]`, but never `9`
+/// out of `9,8` or `Hämo` out of `Hämoglobin`.
+pub fn copy_pieces(source: &str) -> Vec<&str> {
+    #[derive(PartialEq)]
+    enum Class {
+        Word,
+        Number,
+        Space,
+        Other,
+    }
+    let class = |c: char| {
+        if c.is_ascii_digit() {
+            Class::Number
+        } else if c.is_alphanumeric() || c == '_' {
+            Class::Word
+        } else if c.is_whitespace() {
+            Class::Space
+        } else {
+            Class::Other
+        }
+    };
+    let chars: Vec<(usize, char)> = source.char_indices().collect();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for (k, &(i, c)) in chars.iter().enumerate() {
+        if k == 0 {
+            continue;
+        }
+        let prev = chars[k - 1].1;
+        let decimal = |a: char, b: Option<char>| a.is_ascii_digit() && b.is_some_and(|b| b.is_ascii_digit());
+        // `.`/`,` between digits stays inside the number.
+        let inside_number = (matches!(c, '.' | ',') && decimal(prev, chars.get(k + 1).map(|x| x.1)))
+            || (c.is_ascii_digit() && matches!(prev, '.' | ',') && k >= 2 && chars[k - 2].1.is_ascii_digit());
+        let same = !inside_number && class(c) == class(prev) && class(c) != Class::Other;
+        if !(same || inside_number) {
+            pieces.push(&source[start..i]);
+            start = i;
+        }
+    }
+    if !source.is_empty() {
+        pieces.push(&source[start..]);
+    }
+    pieces
+}
+
 impl LarkBuilder {
     fn new(source: &str) -> Self {
-        let chunks = source
-            .chars()
-            .map(|c| {
-                let quoted = serde_json::to_string(&c.to_string()).expect("a string serializes");
+        let chunks = copy_pieces(source)
+            .into_iter()
+            .map(|p| {
+                let quoted = serde_json::to_string(p).expect("a string serializes");
                 quoted[1..quoted.len() - 1].to_string()
             })
             .collect();
@@ -203,20 +249,54 @@ mod tests {
     #[test]
     fn schema_without_copy_fields_is_its_own_grammar() {
         let s = json!({ "type": "object", "properties": { "a": { "type": "string" } } });
-        let Grammar::JsonSchema(g) = answer_grammar(&s, "text").unwrap() else { panic!("json schema expected") };
-        assert_eq!(g["x-guidance"]["whitespace_flexible"], false);
-        assert_eq!(g["properties"], s["properties"]);
+        let Grammar::Lark(g) = answer_grammar(&s, "text").unwrap() else { panic!("lark expected") };
+        let (start, rule) = g.split_once('\n').unwrap();
+        assert_eq!(start, "start: \" \"? r0");
+        let embedded: Value = serde_json::from_str(rule.strip_prefix("r0: %json ").unwrap()).unwrap();
+        assert_eq!(embedded["x-guidance"]["whitespace_flexible"], false);
+        assert_eq!(embedded["properties"], s["properties"]);
+        assert!(!g.contains("text"));
     }
 
     #[test]
     fn copy_fields_become_substring_terminals() {
         let Grammar::Lark(g) = answer_grammar(&line_schema(), "Na \"x\" 140").unwrap() else { panic!("lark expected") };
-        assert!(g.starts_with("start: r"), "{g}");
-        assert!(g.contains(r#""substring_chunks": ["N","a"," ","\\\"","x","\\\""," ","1","4","0"]"#), "{g}");
+        assert!(g.starts_with("start: \" \"? r"), "{g}");
+        assert!(g.contains(r#""substring_chunks": ["Na"," ","\\\"","x","\\\""," ","140"]"#), "{g}");
         assert!(g.contains(r#"COPY | "null""#), "{g}");
         assert!(g.contains(r#"",\"n\":" r"#), "{g}");
         assert!(g.contains("%json {"), "{g}");
         assert!(!g.contains("\"copy\""), "{g}");
+    }
+
+    #[test]
+    fn copies_are_cut_at_word_and_number_boundaries() {
+        assert_eq!(
+            copy_pieces("Hämoglobin   12,1 g/dl 12,0–16,0 [<250] 1.2.3"),
+            [
+                "Hämoglobin",
+                "   ",
+                "12,1",
+                " ",
+                "g",
+                "/",
+                "dl",
+                " ",
+                "12,0",
+                "–",
+                "16,0",
+                " ",
+                "[",
+                "<",
+                "250",
+                "]",
+                " ",
+                "1.2.3"
+            ]
+        );
+        assert_eq!(copy_pieces("5.9mmol/L, x10^9"), ["5.9", "mmol", "/", "L", ",", " ", "x", "10", "^", "9"]);
+        assert_eq!(copy_pieces("a"), ["a"]);
+        assert!(copy_pieces("").is_empty());
     }
 
     #[test]

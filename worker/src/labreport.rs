@@ -2000,13 +2000,14 @@ pH 6.5 5.0-8.0
     }
 
     #[test]
-    fn prompt_prefix_is_shared_and_ends_with_the_primer() {
+    fn prompt_prefix_is_shared_and_ends_before_the_answer() {
         let a = render("Sodium 139 mmol/L");
         let b = render("Kalium 3,4 mmol/l {{ x }}");
         let prefix = &PROMPT[..PROMPT.find("{{ line }}").unwrap()];
         assert!(a.starts_with(prefix) && b.starts_with(prefix));
-        assert!(a.ends_with(&format!("Line: Sodium 139 mmol/L\nJSON: {ANSWER_PRIMER}")));
-        assert!(b.ends_with(&format!("Line: Kalium 3,4 mmol/l {{{{ x }}}}\nJSON: {ANSWER_PRIMER}")));
+        // The answer grammar writes the whole object, after one space (` {"` is one token).
+        assert!(a.ends_with("Line: Sodium 139 mmol/L\nJSON:"));
+        assert!(b.ends_with("Line: Kalium 3,4 mmol/l {{ x }}\nJSON:"));
     }
 
     /// The few-shot examples, as (line, answer) pairs.
@@ -2034,7 +2035,12 @@ pH 6.5 5.0-8.0
             let keys: Vec<&str> = object.keys().map(String::as_str).collect();
             assert_eq!(keys, ANSWER_FIELDS.to_vec(), "{answer}");
             let c = Candidate { start: 0, end: line.chars().count(), text: line.clone() };
-            parse_answer(answer, &c).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let item = parse_answer(answer, &c).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(item.alignment, Alignment::Exact, "{line}");
+            // Every field is a copy field: the examples copy from their line too.
+            for v in object.values().filter_map(Value::as_str) {
+                assert!(line.contains(v), "{v:?} is not in {line:?}");
+            }
             assert!(looks_like_result(line), "{line}");
         }
     }
