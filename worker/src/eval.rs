@@ -39,6 +39,23 @@ pub struct Item {
     /// Character span of the evidence in the document.
     #[serde(skip)]
     pub span: (usize, usize),
+    /// Predictions only: how the value was found in its evidence (`exact`, `normalized`,
+    /// `fuzzy`, `none`), when the table says.
+    #[serde(skip)]
+    pub alignment: Option<String>,
+    /// Predictions only: the row came from the model (not a deterministic parser).
+    #[serde(skip)]
+    pub from_model: bool,
+}
+
+/// What the error table says about a run's answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorCounts {
+    /// Error rows of the model and parse stages.
+    pub rows: usize,
+    /// Model answers that did not become a row: unparseable, cut off (`truncated`), or
+    /// stopped by the grammar.
+    pub invalid_answers: usize,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +160,13 @@ pub struct Report {
     pub fields: BTreeMap<String, FieldScore>,
     pub error_rows: usize,
     pub error_row_rate: f64,
+    /// Model answers that parsed into a row, over all model answers.
+    pub schema_valid_rate: f64,
+    /// Rows whose value was found in their evidence (alignment other than `none`), over
+    /// rows that say.
+    pub grounding_rate: f64,
+    /// Rows flagged `alignment = none`.
+    pub ungrounded_rows: usize,
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -163,8 +187,10 @@ fn f1(p: f64, r: f64) -> f64 {
 
 /// Scores predicted rows (per document id, in any order) against the gold set. Rows of
 /// documents outside the gold set are ignored.
-pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Item>>, error_rows: usize) -> Report {
+pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Item>>, errors: ErrorCounts) -> Report {
+    let error_rows = errors.rows;
     let mut r = Report { documents: gold.len(), error_rows, ..Default::default() };
+    let (mut aligned, mut model_rows) = (0, 0);
     let mut correct: BTreeMap<&str, (usize, usize, usize)> = FIELDS.iter().map(|f| (*f, (0, 0, 0))).collect(); // (correct, predicted non-null, gold non-null)
     let mut exact = 0;
     for (doc, gold_items) in gold {
@@ -200,6 +226,11 @@ pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Ite
             }
         }
         for p in &rows {
+            model_rows += usize::from(p.from_model);
+            if let Some(a) = &p.alignment {
+                aligned += 1;
+                r.ungrounded_rows += usize::from(a == "none");
+            }
             for f in FIELDS {
                 if has(f, p) {
                     correct.get_mut(f).expect("field").1 += 1;
@@ -212,6 +243,8 @@ pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Ite
     r.item_f1 = f1(r.item_precision, r.item_recall);
     r.exact_match_rate = ratio(exact, r.gold_items);
     r.error_row_rate = ratio(error_rows, error_rows + r.predicted_rows);
+    r.schema_valid_rate = ratio(model_rows, model_rows + errors.invalid_answers);
+    r.grounding_rate = ratio(aligned - r.ungrounded_rows, aligned);
     for (f, (c, p, g)) in correct {
         let (precision, recall) = (ratio(c, p), ratio(c, g));
         r.fields.insert(f.to_string(), FieldScore { precision, recall, f1: f1(precision, recall) });
@@ -258,7 +291,7 @@ pub fn load_predictions(
     out: &Path,
     table: &str,
     run_id: Option<&str>,
-) -> Result<(BTreeMap<String, Vec<Item>>, usize), EvalError> {
+) -> Result<(BTreeMap<String, Vec<Item>>, ErrorCounts), EvalError> {
     let err = |p: &Path, reason: String| EvalError::Pred { path: p.display().to_string(), reason };
     let mut pred: BTreeMap<String, Vec<Item>> = BTreeMap::new();
     let tdir = out.join(table);
@@ -275,6 +308,10 @@ pub fn load_predictions(
             let (doc, test, value, unit, flag) = (s("document_id")?, s("test")?, s("value")?, s("unit")?, s("flag")?);
             let (lo, hi) = (col("ref_low")?, col("ref_high")?);
             let (es, ee) = (col("evidence_start")?, col("evidence_end")?);
+            // Tables written before these columns existed read as unknown.
+            let alignment = b.column_by_name("alignment").map(|a| arrow::compute::cast(a, &DataType::Utf8)).transpose();
+            let alignment = alignment.map_err(|e| err(&f, e.to_string()))?;
+            let method = s("method")?;
             let text = |a: &arrow::array::ArrayRef, i: usize| {
                 let a = a.as_string::<i32>();
                 (!a.is_null(i)).then(|| a.value(i).to_string())
@@ -296,12 +333,14 @@ pub fn load_predictions(
                         es.as_primitive::<UInt32Type>().value(i) as usize,
                         ee.as_primitive::<UInt32Type>().value(i) as usize,
                     ),
+                    alignment: alignment.as_ref().and_then(|a| text(a, i)),
+                    from_model: text(&method, i).as_deref() == Some("model"),
                 };
                 pred.entry(text(&doc, i).unwrap_or_default()).or_default().push(item);
             }
         }
     }
-    let mut errors = 0;
+    let mut errors = ErrorCounts::default();
     for f in
         parquet_files(&out.join(medbatch_schemas::tables::ERRORS_TABLE)).into_iter().filter(|p| partition_ok(p, run_id))
     {
@@ -309,7 +348,14 @@ pub fn load_predictions(
             let stage = b.column_by_name("stage").ok_or_else(|| err(&f, "no column stage".into()))?;
             let stage = arrow::compute::cast(stage, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))?;
             let stage = stage.as_string::<i32>();
-            errors += (0..stage.len()).filter(|&i| matches!(stage.value(i), "model" | "parse")).count();
+            let reason = b.column_by_name("reason").ok_or_else(|| err(&f, "no column reason".into()))?;
+            let reason = arrow::compute::cast(reason, &DataType::Utf8).map_err(|e| err(&f, e.to_string()))?;
+            let reason = reason.as_string::<i32>();
+            for i in 0..stage.len() {
+                let (st, re) = (stage.value(i), reason.value(i));
+                errors.rows += usize::from(matches!(st, "model" | "parse"));
+                errors.invalid_answers += usize::from(st == "parse" || matches!(re, "truncated" | "grammar"));
+            }
         }
     }
     Ok((pred, errors))
@@ -327,6 +373,10 @@ pub fn render_table(r: &Report) -> String {
         r.item_precision, r.item_recall, r.item_f1, r.exact_match_rate
     ));
     s.push_str(&format!("error rows {} (rate {:.3})\n", r.error_rows, r.error_row_rate));
+    s.push_str(&format!(
+        "answers    schema-valid rate {:.3}  grounding rate {:.3}  ungrounded rows {}\n",
+        r.schema_valid_rate, r.grounding_rate, r.ungrounded_rows
+    ));
     s.push_str("field      precision  recall  F1\n");
     for f in FIELDS {
         let x = &r.fields[f];
@@ -349,6 +399,8 @@ mod tests {
             flag: flag.map(str::to_string),
             evidence: None,
             span,
+            alignment: Some("exact".into()),
+            from_model: true,
         }
     }
 
@@ -365,7 +417,8 @@ mod tests {
             "d".to_string(),
             vec![item("potassium", "5.9", (2, 28), Some("low")), item("Glucose", "5.5", (70, 80), None)],
         );
-        let r = score(&gold, &pred, 1);
+        pred.get_mut("d").unwrap()[1].alignment = Some("none".into());
+        let r = score(&gold, &pred, ErrorCounts { rows: 1, invalid_answers: 1 });
         assert_eq!((r.gold_items, r.predicted_rows, r.matched), (2, 2, 1));
         assert_eq!((r.item_precision, r.item_recall), (0.5, 0.5));
         assert_eq!(r.exact_match_rate, 0.0);
@@ -373,8 +426,10 @@ mod tests {
         assert_eq!(r.fields["flag"].precision, 0.0);
         assert_eq!(r.fields["flag"].recall, 0.0);
         assert!((r.error_row_rate - 1.0 / 3.0).abs() < 1e-12);
+        assert!((r.schema_valid_rate - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!((r.grounding_rate, r.ungrounded_rows), (0.5, 1));
         // A perfect prediction scores 1 everywhere.
-        let r = score(&gold, &gold, 0);
+        let r = score(&gold, &gold, ErrorCounts::default());
         assert_eq!((r.item_f1, r.exact_match_rate, r.fields["unit"].f1), (1.0, 1.0, 1.0));
     }
 }
