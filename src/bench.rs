@@ -27,6 +27,11 @@ pub struct BenchArgs {
     /// Sequences run together (packed in each forward pass); speeds are aggregate tokens/s.
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Measure the cost of constrained decoding instead: `batch` lab-report answers decoded
+    /// together under their grammars (the pipeline's schema, copy fields over each line),
+    /// reporting grammar-mask time per token against the decode step.
+    #[arg(long)]
+    pub grammar: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,6 +49,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let engine = model_path::load_engine(&args.model)?;
+    if args.grammar {
+        return grammar_bench(engine, &args);
+    }
     let tok = &engine.tokenizer;
     let mut ids = vec![tok.special().bos];
     while ids.len() < args.prompt_tokens {
@@ -131,4 +139,93 @@ fn decode_steps(
         logits = model.forward_batch(&mut items)?;
     }
     Ok(())
+}
+
+/// Result lines the grammar benchmark decodes (a few layouts, repeated to fill the batch).
+const BENCH_LINES: [&str; 8] = [
+    "Sodium                   139      mmol/L     135-145",
+    "Kalium 3,4 mmol/l (3,5 - 5,1) L",
+    "Hemoglobin A1c ........ 7.9 %  [4.0-5.6]  HIGH",
+    "Troponin I was 0.31 ng/mL (normal <0.04)",
+    "CRP                      48.2     mg/L       <5.0         H",
+    "Urine protein            2+       Negative",
+    "Harnstoff                9,8      mg/dl      2,4–5,7      H",
+    "TSH 0.02 mIU/L (0.4-4.0) L",
+];
+
+/// Decodes `batch` constrained answers together, several times, and reports the grammar
+/// masks' share of the decode steps (prefill excluded).
+fn grammar_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let pipeline = medbatch_worker::pipeline::LoadedPipeline::load("lab-report")?;
+    let batch = args.batch.max(1);
+    let t = Instant::now();
+    engine.guidance()?;
+    let trie_ms = t.elapsed().as_secs_f64() * 1e3;
+    let reqs = (0..batch)
+        .map(|i| {
+            let line = BENCH_LINES[i % BENCH_LINES.len()];
+            let r = pipeline.render(line)?;
+            Ok(medbatch_engine::GenerateRequest {
+                prompt: r.text,
+                chat: false,
+                shared_prefix_len: r.shared_prefix_len,
+                add_bos: true,
+                parse_special: false,
+                max_new_tokens: pipeline.spec.generation.max_new_tokens,
+                stop: Vec::new(),
+                sampling: Default::default(),
+                grammar: Some(medbatch_worker::grammar::answer_grammar(&pipeline.schema, line)?),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (mut shares, mut mask_us, mut step_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..args.runs.max(1) {
+        let mut active = reqs.iter().map(|q| engine.admit(q)).collect::<Result<Vec<_>, _>>()?;
+        // Prefill (and the first token) first; then only decode steps are counted.
+        while active.iter().any(|a| a.generated() == 0 && !a.is_done()) {
+            engine.step(&mut active, medbatch_engine::engine::PREFILL_CHUNK)?;
+        }
+        engine.stats = Default::default();
+        let started = Instant::now();
+        while active.iter().any(|a| !a.is_done()) {
+            engine.step(&mut active, medbatch_engine::engine::PREFILL_CHUNK)?;
+        }
+        let s = engine.stats;
+        let tokens: usize = active.iter().map(|a| a.generated()).sum();
+        let share = s.mask_ns as f64 / s.step_ns.max(1) as f64;
+        shares.push(share);
+        mask_us.push(s.mask_ns as f64 / s.masks.max(1) as f64 / 1e3);
+        step_ms.push(s.step_ns as f64 / s.steps.max(1) as f64 / 1e6);
+        eprintln!(
+            "run {}/{}: {} decode steps, {} masks, {tokens} tokens in {:.1} s; mask {:.0} µs/token, step {:.1} ms, share {:.2}%",
+            r + 1,
+            args.runs.max(1),
+            s.steps,
+            s.masks,
+            started.elapsed().as_secs_f64(),
+            mask_us[r],
+            step_ms[r],
+            share * 100.0
+        );
+    }
+    let (share, mask_us, step_ms) = (median(shares), median(mask_us), median(step_ms));
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": engine.info.id,
+            "vocab": engine.model.cfg.vocab_size,
+            "batch": batch,
+            "runs": args.runs.max(1),
+            "grammar_setup_ms": trie_ms.round(),
+            "mask_us_per_token": mask_us.round(),
+            "decode_step_ms": (step_ms * 10.0).round() / 10.0,
+            "mask_share_of_step": (share * 1000.0).round() / 1000.0,
+        })
+    );
+    println!(
+        "batch {batch}: grammar mask {mask_us:.0} µs per token over a {}-token vocabulary; decode step {step_ms:.1} ms; masks are {:.1}% of the step",
+        engine.model.cfg.vocab_size,
+        share * 100.0
+    );
+    Ok(ExitCode::SUCCESS)
 }

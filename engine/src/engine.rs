@@ -567,6 +567,11 @@ impl Active {
         self.finish.is_some()
     }
 
+    /// Tokens generated so far (0 while the prompt is still being read).
+    pub fn generated(&self) -> usize {
+        self.out.len() + usize::from(self.pending.is_some() && self.out.is_empty())
+    }
+
     /// KV bytes the sequence holds now.
     pub fn kv_bytes(&self) -> usize {
         self.cache.bytes()
