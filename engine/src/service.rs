@@ -7,9 +7,10 @@
 //! number of sequences and by the KV-cache memory the admitted sequences can grow to.
 
 use crate::engine::{Active, Engine, GenerateRequest, Generation, ModelInfo, PREFILL_CHUNK};
+use crate::text_tokenizer::Tokenizer;
 use crate::EngineError;
 use std::collections::VecDeque;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use tokio::sync::oneshot;
 
 /// How much the engine thread serves at once.
@@ -51,6 +52,7 @@ enum Command {
 pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
 }
 
 struct InFlight {
@@ -142,16 +144,22 @@ impl EngineHandle {
 
     pub fn spawn_with(engine: Engine, limits: ServiceLimits) -> Self {
         let info = engine.info.clone();
+        let tokenizer = engine.tokenizer.clone();
         let (tx, rx) = mpsc::channel::<Command>();
         std::thread::Builder::new()
             .name("medbatch-engine".into())
             .spawn(move || serve(engine, rx, limits))
             .expect("spawn engine thread");
-        Self { tx, info }
+        Self { tx, info, tokenizer }
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The model's tokenizer, to measure text in tokens without a round trip to the engine.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
     }
 
     /// Generates on the engine thread, batched with whatever else is in flight.

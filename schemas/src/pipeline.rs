@@ -24,6 +24,9 @@ pub enum Task {
     Extract,
     /// Free text (reports, summaries).
     Generate,
+    /// Rows are the answer schema's objects, with columns derived from the schema: one row
+    /// per document, or one per element of the array property `output.items`.
+    Structured,
 }
 
 /// The whole spec.
@@ -73,6 +76,15 @@ pub struct OutputSpec {
     /// One row per document, or one per extracted item.
     #[serde(default)]
     pub rows: RowMode,
+    /// `structured` pipelines with one row per item: the answer's array property whose
+    /// elements (objects) are the rows.
+    #[serde(default)]
+    pub items: Option<String>,
+    /// `structured` pipelines: the row's string property quoting its evidence; it is
+    /// aligned to character offsets of the document (`evidence_start`, `evidence_end`,
+    /// `alignment`).
+    #[serde(default)]
+    pub evidence: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,12 +176,32 @@ pub struct ExtractionSpec {
     /// document (large models).
     #[serde(default)]
     pub unit: ExtractionUnit,
+    /// Input budget of one prompt, in tokens of document text: a longer document is read in
+    /// chunks of whole lines up to this size (whole-document pipelines).
+    #[serde(default = "default_chunk_tokens")]
+    pub chunk_tokens: usize,
+    /// Tokens of text each chunk repeats from the end of the one before.
+    #[serde(default = "default_chunk_overlap")]
+    pub chunk_overlap_tokens: usize,
 }
 
 impl Default for ExtractionSpec {
     fn default() -> Self {
-        Self { parsers: Vec::new(), unit: ExtractionUnit::Line }
+        Self {
+            parsers: Vec::new(),
+            unit: ExtractionUnit::Line,
+            chunk_tokens: default_chunk_tokens(),
+            chunk_overlap_tokens: default_chunk_overlap(),
+        }
     }
+}
+
+fn default_chunk_tokens() -> usize {
+    4096
+}
+
+fn default_chunk_overlap() -> usize {
+    256
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,8 @@ use tracing::Instrument;
 #[derive(Debug, Default)]
 pub struct DocumentResult {
     pub rows: Vec<LabRow>,
+    /// Rows of `structured` pipelines.
+    pub records: Vec<crate::structured::Record>,
     pub errors: Vec<ErrorRow>,
     pub tokens_in: u64,
     pub tokens_out: u64,
@@ -23,7 +25,7 @@ pub struct DocumentResult {
 }
 
 /// A seed per (job, document, item): stable across reruns and machines.
-fn item_seed(job_seed: u64, document_id: &str, start: usize) -> u64 {
+pub(crate) fn item_seed(job_seed: u64, document_id: &str, start: usize) -> u64 {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(job_seed.to_le_bytes());
@@ -33,7 +35,7 @@ fn item_seed(job_seed: u64, document_id: &str, start: usize) -> u64 {
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
-fn u32_of(n: usize) -> u32 {
+pub(crate) fn u32_of(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 

@@ -188,11 +188,29 @@ impl LarkBuilder {
             self.object(m, at, &err)?
         } else if types.contains(&"array") || m.contains_key("items") {
             let items = m.get("items").ok_or_else(|| err("an array holding copy fields needs `items`"))?;
-            if m.contains_key("minItems") || m.contains_key("maxItems") {
-                return Err(err("arrays holding copy fields cannot bound their length"));
+            let count = |k: &str| match m.get(k) {
+                None => Ok(None),
+                Some(v) => v.as_u64().map(Some).ok_or_else(|| err(&format!("`{k}` must be a whole number"))),
+            };
+            let (min, max) = (count("minItems")?.unwrap_or(0), count("maxItems")?);
+            if max.is_some_and(|max| max < min) {
+                return Err(err("`maxItems` is below `minItems`"));
             }
             let item = self.value(items, &format!("{at}/items"))?;
-            format!("\"[\" ({item} (\",\" {item})*)? \"]\"")
+            // The first item, then `rest` more: `{a,b}` repetitions of `, item`.
+            let a = min.max(1) - 1;
+            let rest = match max {
+                Some(0) => None,
+                Some(1) => Some(String::new()),
+                Some(max) => Some(format!(" (\",\" {item}){{{a},{}}}", max - 1)),
+                None if a == 0 => Some(format!(" (\",\" {item})*")),
+                None => Some(format!(" (\",\" {item}){{{a},}}")),
+            };
+            match rest {
+                None => "\"[\" \"]\"".to_string(),
+                Some(rest) if min == 0 => format!("\"[\" ({item}{rest})? \"]\""),
+                Some(rest) => format!("\"[\" {item}{rest} \"]\""),
+            }
         } else {
             return Err(err("`copy` fields must sit in objects or arrays"));
         };
@@ -270,6 +288,23 @@ mod tests {
     }
 
     #[test]
+    fn arrays_of_copies_keep_their_length_bounds() {
+        let arr = |extra: Value| {
+            let mut s = json!({ "type": "array", "items": { "type": "string", "copy": true } });
+            s.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let Grammar::Lark(g) = answer_grammar(&s, "a b").unwrap() else { panic!("lark expected") };
+            let rule = g.lines().find(|l| l.starts_with('r') && l.contains("\"[\"")).unwrap();
+            rule.split_once(": ").unwrap().1.to_string()
+        };
+        assert_eq!(arr(json!({})), r#""[" (COPY ("," COPY)*)? "]""#);
+        assert_eq!(arr(json!({ "maxItems": 3 })), r#""[" (COPY ("," COPY){0,2})? "]""#);
+        assert_eq!(arr(json!({ "minItems": 2, "maxItems": 4 })), r#""[" COPY ("," COPY){1,3} "]""#);
+        assert_eq!(arr(json!({ "minItems": 2 })), r#""[" COPY ("," COPY){1,} "]""#);
+        assert_eq!(arr(json!({ "maxItems": 1 })), r#""[" (COPY)? "]""#);
+        assert_eq!(arr(json!({ "maxItems": 0 })), r#""[" "]""#);
+    }
+
+    #[test]
     fn copies_are_cut_at_word_and_number_boundaries() {
         assert_eq!(
             copy_pieces("Hämoglobin   12,1 g/dl 12,0–16,0 [<250] 1.2.3"),
@@ -309,8 +344,8 @@ mod tests {
         let s =
             json!({ "type": "object", "properties": { "v": { "type": "number", "copy": true } }, "required": ["v"] });
         assert_eq!(check_schema(&s).unwrap_err().pointer, "/properties/v");
-        let s = json!({ "type": "array", "items": { "type": "string", "copy": true }, "maxItems": 3 });
-        assert!(check_schema(&s).unwrap_err().reason.contains("bound"));
+        let s = json!({ "type": "array", "items": { "type": "string", "copy": true }, "minItems": 3, "maxItems": 2 });
+        assert!(check_schema(&s).unwrap_err().reason.contains("below"));
         assert!(check_schema(&line_schema()).is_ok());
     }
 }

@@ -72,11 +72,19 @@ pub fn align(quote: &str, source: &str) -> Option<Located> {
     }
     let (i, j, dist) = best_substring(&nq_chars, &ns_chars)?;
     let similarity = 1.0 - dist as f64 / nq_chars.len() as f64;
-    (similarity >= FUZZY_THRESHOLD && j > i).then(|| Located {
-        start: map[i],
-        end: map[j - 1] + 1,
-        alignment: Alignment::Fuzzy,
-    })
+    if similarity < FUZZY_THRESHOLD || j <= i {
+        return None;
+    }
+    // A fuzzy span never ends or starts inside a word of the source.
+    let src: Vec<char> = source.chars().collect();
+    let (mut start, mut end) = (map[i], map[j - 1] + 1);
+    while start > 0 && src[start - 1].is_alphanumeric() && src[start].is_alphanumeric() {
+        start -= 1;
+    }
+    while end < src.len() && src[end - 1].is_alphanumeric() && src[end].is_alphanumeric() {
+        end += 1;
+    }
+    Some(Located { start, end, alignment: Alignment::Fuzzy })
 }
 
 /// Lower-cased text with whitespace runs as one space and decimal commas as points, and

@@ -180,6 +180,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     let docs = read.iter().filter(|r| r.is_ok()).count() as u64;
     ctx.emit(WorkerEvent::DocumentsFound { job_id: job.job_id.to_string(), count: read.len() as u64 });
     let mut rows: Vec<LabRow> = Vec::new();
+    let mut records: Vec<crate::structured::Record> = Vec::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
     let (mut tokens_in, mut tokens_out, mut engine_ms) = (0u64, 0u64, 0u64);
     let mut documents_failed = 0u64;
@@ -194,14 +195,27 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
             Ok(doc) => {
                 let span = tracing::info_span!("document", document_id = %doc.id);
                 let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
-                let r = extract_document(&doc, &ctx.pipeline, &ctx.engine, job_seed(job), &on_generated)
+                let r = if ctx.pipeline.spec.task == medbatch_schemas::pipeline::Task::Structured {
+                    crate::structured::extract_structured(
+                        &doc,
+                        &ctx.pipeline,
+                        &ctx.engine,
+                        job_seed(job),
+                        &on_generated,
+                    )
                     .instrument(span)
-                    .await;
+                    .await
+                } else {
+                    extract_document(&doc, &ctx.pipeline, &ctx.engine, job_seed(job), &on_generated)
+                        .instrument(span)
+                        .await
+                };
                 tokens_in += r.tokens_in;
                 tokens_out += r.tokens_out;
                 engine_ms += r.engine_ms;
                 ctx.emit(WorkerEvent::DocumentDone { ok: true });
                 rows.extend(r.rows);
+                records.extend(r.records);
                 errors.extend(r.errors);
             }
         }
@@ -221,6 +235,10 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     if !rows.is_empty() {
         let bytes = to_parquet(&lab_results_batch(&rows, &prov)?)?;
         parts.push(write_part(ctx, &table, job, bytes, rows.len() as u64).await?);
+    }
+    if !records.is_empty() {
+        let bytes = to_parquet(&crate::structured::records_batch(&ctx.pipeline, &records, &prov)?)?;
+        parts.push(write_part(ctx, &table, job, bytes, records.len() as u64).await?);
     }
     if !errors.is_empty() {
         let bytes = to_parquet(&errors_batch(&errors, &prov)?)?;

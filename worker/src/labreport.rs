@@ -1097,7 +1097,21 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
 
     let text = candidate.text.as_str();
     let Some((value_start, value_end)) = find_value(text, &value, value_numeric) else {
-        return Ok(ungrounded_item(candidate, test, value, unit, flag));
+        // A word value may still be printed with other case or spacing, or misspelt by the
+        // model (`Not detectd`): kept as printed, flagged by how it was found. Numbers must
+        // be the printed token.
+        let found = value_numeric
+            .is_none()
+            .then(|| crate::grounding::align(&value, text))
+            .flatten()
+            .filter(|l| matches!(l.alignment, Alignment::Normalized | Alignment::Fuzzy));
+        return Ok(match found {
+            Some(l) => {
+                let printed: String = text.chars().skip(l.start).take(l.end - l.start).collect();
+                LabItem { alignment: l.alignment, ..ungrounded_item(candidate, test, printed, unit, flag) }
+            }
+            None => ungrounded_item(candidate, test, value, unit, flag),
+        });
     };
     let alignment = if text[value_start..value_end] == value { Alignment::Exact } else { Alignment::Normalized };
     // The row keeps the value as printed (`0,92` where the model wrote `0.92`).
@@ -1789,6 +1803,10 @@ pH 6.5 5.0-8.0
         // Copied from a few-shot example or invented.
         let it = parse_answer(r#"{"test": "Lipase", "value": "88"}"#, &c).unwrap();
         assert_eq!((it.alignment, it.value.as_deref(), it.ref_high), (Alignment::None, Some("88"), None));
+        // A misspelt word value is found fuzzily and kept as printed.
+        let q = cand("Bence Jones protein      Not detected     Not detected");
+        let it = parse_answer(r#"{"test": "Bence Jones protein", "value": "Not detectd"}"#, &q).unwrap();
+        assert_eq!((it.alignment, it.value.as_deref()), (Alignment::Fuzzy, Some("Not detected")));
         // Error messages never repeat document or answer text.
         for e in [AnswerError::NotJson { at: 3 }, AnswerError::MissingValue] {
             assert!(!e.to_string().contains("Sodium"));

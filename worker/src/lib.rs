@@ -6,6 +6,7 @@
 //! the completion marker, and only then acknowledges the job ([`job`]). Bad input becomes
 //! error rows; the job still completes.
 
+pub mod chunk;
 pub mod eval;
 pub mod extract;
 pub mod grammar;
@@ -15,6 +16,7 @@ pub mod job;
 pub mod labreport;
 pub mod parquet_out;
 pub mod pipeline;
+pub mod structured;
 
 pub use job::{run_worker, WorkerContext, WorkerEvent};
 pub use pipeline::LoadedPipeline;

@@ -58,6 +58,8 @@ pub enum ParquetOutError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    #[error("output schema: {0}")]
+    Schema(String),
 }
 
 fn to_u32(n: usize) -> u32 {
@@ -133,7 +135,7 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
 }
 
 /// Columns job_id, run_id, pipeline, pipeline_digest, model_id, model_digest, generated_at.
-fn job_columns(n: usize, p: &JobProvenance) -> Vec<ArrayRef> {
+pub(crate) fn job_columns(n: usize, p: &JobProvenance) -> Vec<ArrayRef> {
     let repeat = |s: &str| -> ArrayRef {
         let mut b = StringBuilder::with_capacity(n, n * s.len());
         for _ in 0..n {

@@ -66,6 +66,10 @@ impl LoadedPipeline {
         let template = read(&spec.prompt.template)?;
         let schema: serde_json::Value = serde_json::from_str(&read(&spec.prompt.schema)?)
             .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        if spec.task == medbatch_schemas::pipeline::Task::Structured {
+            crate::structured::check_pipeline(&schema, &spec.output)
+                .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        }
         if spec.generation.constrained {
             crate::grammar::check_schema(&schema).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }

@@ -1,0 +1,533 @@
+//! `structured` pipelines: the answer schema's objects become rows, with Arrow columns
+//! derived from the schema (string, number, integer, boolean, string enums as dictionaries,
+//! arrays as lists, objects as structs; nullable unless required and not `null`-typed), one
+//! row per document or one per element of the array property `output.items`.
+//!
+//! The model reads the whole document, in token-budgeted chunks when it is long
+//! ([`crate::chunk`]); rows from all chunks are merged, those with the same evidence span
+//! kept once, and evidence offsets mapped back to the whole document.
+
+use crate::chunk::chunk_by_tokens;
+use crate::extract::{item_seed, u32_of, DocumentResult};
+use crate::grounding::{align, Alignment, Located};
+use crate::parquet_out::{job_columns, ErrorRow, JobProvenance, ParquetOutError};
+use crate::pipeline::LoadedPipeline;
+use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema};
+use arrow::record_batch::RecordBatch;
+use medbatch_engine::sampling::Sampling;
+use medbatch_engine::{EngineHandle, Finish, GenerateRequest};
+use medbatch_schemas::pipeline::{OutputSpec, PromptFormat, RowMode};
+use medbatch_schemas::Document;
+use serde_json::Value;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Why a schema cannot be turned into columns.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("schema {pointer}: {reason}")]
+pub struct ColumnsError {
+    pub pointer: String,
+    pub reason: String,
+}
+
+fn dict_utf8() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8))
+}
+
+/// The schema of one row: the answer object, or the object items of `output.items`.
+pub fn row_schema<'a>(schema: &'a Value, output: &OutputSpec) -> Result<&'a Value, ColumnsError> {
+    let err = |pointer: &str, reason: &str| ColumnsError { pointer: pointer.into(), reason: reason.into() };
+    match output.rows {
+        RowMode::PerDocument => Ok(schema),
+        RowMode::PerItem => {
+            let items = output.items.as_deref().ok_or_else(|| err("/", "rows = \"per_item\" needs output.items"))?;
+            let at = format!("/properties/{items}");
+            let arr = schema.pointer(&at).ok_or_else(|| err(&at, "no such property (output.items)"))?;
+            arr.get("items").ok_or_else(|| err(&at, "output.items must name an array property with `items`"))
+        }
+    }
+}
+
+/// The columns a row schema (an object) maps to, in property order.
+pub fn schema_fields(row: &Value) -> Result<Vec<Field>, ColumnsError> {
+    match column_type(row, "")? {
+        (DataType::Struct(fields), _) => Ok(fields.iter().map(|f| f.as_ref().clone()).collect()),
+        _ => Err(ColumnsError { pointer: "/".into(), reason: "a row must be an object".into() }),
+    }
+}
+
+/// Arrow type of a sub-schema, and whether it admits null.
+fn column_type(s: &Value, at: &str) -> Result<(DataType, bool), ColumnsError> {
+    let err = |reason: String| ColumnsError { pointer: if at.is_empty() { "/".into() } else { at.into() }, reason };
+    let m = s.as_object().ok_or_else(|| err("a schema must be an object".into()))?;
+    if let Some(e) = m.get("enum").and_then(Value::as_array) {
+        let nullable = e.iter().any(Value::is_null);
+        if e.iter().all(|v| v.is_string() || v.is_null()) {
+            return Ok((dict_utf8(), nullable));
+        }
+        return Err(err("only enums of strings map to a column".into()));
+    }
+    let mut types: Vec<&str> = match m.get("type") {
+        Some(Value::String(t)) => vec![t.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ if m.get("const").is_some_and(Value::is_string) => vec!["string"],
+        _ => return Err(err("needs a `type` (or a string `enum`)".into())),
+    };
+    let nullable = types.contains(&"null");
+    types.retain(|t| *t != "null");
+    if types.len() == 2 && types.contains(&"integer") && types.contains(&"number") {
+        types = vec!["number"];
+    }
+    let [t] = types[..] else {
+        return Err(err(format!("types {types:?}: one column holds one type")));
+    };
+    let dt = match t {
+        "string" => DataType::Utf8,
+        "number" => DataType::Float64,
+        "integer" => DataType::Int64,
+        "boolean" => DataType::Boolean,
+        "array" => {
+            let items = m.get("items").ok_or_else(|| err("an array needs `items`".into()))?;
+            let (it, it_null) = column_type(items, &format!("{at}/items"))?;
+            DataType::List(Arc::new(Field::new("item", it, it_null)))
+        }
+        "object" => {
+            let props = m
+                .get("properties")
+                .and_then(Value::as_object)
+                .ok_or_else(|| err("an object needs `properties`".into()))?;
+            let required: Vec<&str> = m
+                .get("required")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let mut fields = Vec::with_capacity(props.len());
+            for (k, v) in props {
+                let (ft, fnull) = column_type(v, &format!("{at}/properties/{k}"))?;
+                fields.push(Field::new(k, ft, fnull || !required.contains(&k.as_str())));
+            }
+            DataType::Struct(Fields::from(fields))
+        }
+        other => return Err(err(format!("type {other:?} has no column type"))),
+    };
+    Ok((dt, nullable))
+}
+
+/// The type with dictionaries replaced by their values (what the JSON decoder reads).
+fn plain(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Dictionary(_, v) => v.as_ref().clone(),
+        DataType::List(f) => DataType::List(Arc::new(f.as_ref().clone().with_data_type(plain(f.data_type())))),
+        DataType::Struct(fs) => {
+            DataType::Struct(fs.iter().map(|f| f.as_ref().clone().with_data_type(plain(f.data_type()))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// Checks at pipeline load that a `structured` pipeline's schema maps to columns.
+pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), ColumnsError> {
+    let row = row_schema(schema, output)?;
+    let fields = schema_fields(row)?;
+    if let Some(ev) = &output.evidence {
+        let f = fields.iter().find(|f| f.name() == ev).ok_or_else(|| ColumnsError {
+            pointer: "/".into(),
+            reason: format!("output.evidence names `{ev}`, which the row does not have"),
+        })?;
+        if f.data_type() != &DataType::Utf8 {
+            return Err(ColumnsError {
+                pointer: "/".into(),
+                reason: format!("output.evidence `{ev}` must be a string"),
+            });
+        }
+    }
+    for reserved in RESERVED {
+        if fields.iter().any(|f| f.name() == reserved) {
+            return Err(ColumnsError {
+                pointer: "/".into(),
+                reason: format!("property `{reserved}` is a column medbatch adds"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Columns medbatch adds to every structured row.
+const RESERVED: [&str; 9] = [
+    "document_id",
+    "item_index",
+    "evidence_start",
+    "evidence_end",
+    "alignment",
+    "from_examples",
+    "source_uri",
+    "input_sha256",
+    "tokens_in",
+];
+
+/// One row of a structured table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Record {
+    pub document_id: String,
+    pub source_uri: String,
+    pub input_sha256: String,
+    /// Position among the document's rows (per-item tables).
+    pub item_index: u32,
+    /// The row object, as the model answered it.
+    pub value: Value,
+    /// Where its evidence quote was found in the document.
+    pub evidence: Option<Located>,
+    /// The quote is not in the document but is in the prompt's examples.
+    pub from_examples: bool,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+}
+
+/// The Arrow schema of a structured pipeline's table.
+pub fn table_schema(pipeline: &LoadedPipeline) -> Result<Arc<Schema>, ColumnsError> {
+    let row = row_schema(&pipeline.schema, &pipeline.spec.output)?;
+    let mut fields = vec![Field::new("document_id", DataType::Utf8, false)];
+    if pipeline.spec.output.rows == RowMode::PerItem {
+        fields.push(Field::new("item_index", DataType::UInt32, false));
+    }
+    fields.extend(schema_fields(row)?);
+    fields.extend([
+        Field::new("evidence_start", DataType::UInt32, true),
+        Field::new("evidence_end", DataType::UInt32, true),
+        Field::new("alignment", dict_utf8(), true),
+        Field::new("from_examples", DataType::Boolean, false),
+        Field::new("source_uri", DataType::Utf8, false),
+        Field::new("input_sha256", DataType::Utf8, false),
+    ]);
+    fields.extend(medbatch_schemas::tables::provenance_fields().into_iter().skip(2));
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Builds a structured table's batch from its records.
+pub fn records_batch(
+    pipeline: &LoadedPipeline,
+    records: &[Record],
+    prov: &JobProvenance,
+) -> Result<RecordBatch, ParquetOutError> {
+    let schema = table_schema(pipeline).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+    let row =
+        row_schema(&pipeline.schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+    let fields = schema_fields(row).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+    let n = records.len();
+    // The schema's columns, decoded from the row objects by arrow-json (dictionaries as
+    // strings, then cast).
+    let plain_fields: Vec<Field> = fields.iter().map(|f| f.clone().with_data_type(plain(f.data_type()))).collect();
+    let mut decoder = arrow_json::ReaderBuilder::new(Arc::new(Schema::new(plain_fields))).build_decoder()?;
+    let values: Vec<&Value> = records.iter().map(|r| &r.value).collect();
+    decoder.serialize(&values)?;
+    let decoded = decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(Arc::new(Schema::empty())));
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
+    let mut doc = StringBuilder::new();
+    let mut index = UInt32Builder::with_capacity(n);
+    let (mut ev_start, mut ev_end) = (UInt32Builder::with_capacity(n), UInt32Builder::with_capacity(n));
+    let mut alignment = StringDictionaryBuilder::<Int32Type>::new();
+    let mut from_examples = BooleanBuilder::with_capacity(n);
+    let (mut uri, mut sha) = (StringBuilder::new(), StringBuilder::new());
+    let (mut tin, mut tout) = (UInt32Builder::with_capacity(n), UInt32Builder::with_capacity(n));
+    for r in records {
+        doc.append_value(&r.document_id);
+        index.append_value(r.item_index);
+        match r.evidence {
+            Some(l) if l.alignment != Alignment::None => {
+                ev_start.append_value(u32_of(l.start));
+                ev_end.append_value(u32_of(l.end));
+            }
+            _ => {
+                ev_start.append_null();
+                ev_end.append_null();
+            }
+        }
+        match (&pipeline.spec.output.evidence, r.evidence) {
+            (None, _) => alignment.append_null(),
+            (Some(_), Some(l)) => {
+                alignment.append_value(l.alignment.as_str());
+            }
+            (Some(_), None) => {
+                alignment.append_value(Alignment::None.as_str());
+            }
+        }
+        from_examples.append_value(r.from_examples);
+        uri.append_value(&r.source_uri);
+        sha.append_value(&r.input_sha256);
+        tin.append_value(r.tokens_in);
+        tout.append_value(r.tokens_out);
+    }
+    cols.push(Arc::new(doc.finish()));
+    if pipeline.spec.output.rows == RowMode::PerItem {
+        cols.push(Arc::new(index.finish()));
+    }
+    for (i, f) in fields.iter().enumerate() {
+        let c = if n == 0 { arrow::array::new_empty_array(f.data_type()) } else { decoded.column(i).clone() };
+        cols.push(arrow::compute::cast(&c, f.data_type())?);
+    }
+    cols.push(Arc::new(ev_start.finish()));
+    cols.push(Arc::new(ev_end.finish()));
+    cols.push(Arc::new(alignment.finish()));
+    cols.push(Arc::new(from_examples.finish()));
+    cols.push(Arc::new(uri.finish()));
+    cols.push(Arc::new(sha.finish()));
+    cols.extend(job_columns(n, prov));
+    cols.push(Arc::new(tin.finish()));
+    cols.push(Arc::new(tout.finish()));
+    Ok(RecordBatch::try_new(schema, cols)?)
+}
+
+/// Reads `doc` with the model and returns its rows (per document or per item), error rows
+/// for answers that are cut off or do not parse, and the tokens spent.
+pub async fn extract_structured(
+    doc: &Document,
+    pipeline: &LoadedPipeline,
+    engine: &EngineHandle,
+    job_seed: u64,
+    on_generated: &(dyn Fn(u64) + Sync),
+) -> DocumentResult {
+    let spec = &pipeline.spec;
+    let mut out = DocumentResult::default();
+    let err = |stage: &'static str, reason: &str, detail: String, span: Option<(usize, usize)>| ErrorRow {
+        source_uri: doc.source_uri.clone(),
+        member: None,
+        record: None,
+        document_id: Some(doc.id.clone()),
+        stage,
+        reason: reason.into(),
+        detail,
+        evidence: span.map(|(s, e)| (u32_of(s), u32_of(e))),
+        input_sha256: Some(doc.input_sha256.to_string()),
+    };
+    let tokenizer = engine.tokenizer();
+    let count = |s: &str| tokenizer.encode(s, false, false).len();
+    let chunks = chunk_by_tokens(&doc.text, spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens, &count);
+    if spec.output.rows == RowMode::PerDocument && chunks.len() > 1 {
+        let tokens = count(&doc.text);
+        out.errors.push(err(
+            "input",
+            "document_too_long",
+            format!(
+                "{tokens} tokens exceed extraction.chunk_tokens = {}; a per-document pipeline reads a document in one prompt",
+                spec.extraction.chunk_tokens
+            ),
+            None,
+        ));
+        return out;
+    }
+    let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
+    let started = std::time::Instant::now();
+    let mut pending = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let prepared =
+            pipeline.render(&chunk.text).map_err(|e| ("prompt_render", format!("template error: {}", e.kind())));
+        let prepared = prepared.and_then(|r| {
+            let grammar = if spec.generation.constrained {
+                Some(
+                    crate::grammar::answer_grammar(&pipeline.schema, &chunk.text)
+                        .map_err(|e| ("grammar", format!("answer grammar: {e}")))?,
+                )
+            } else {
+                None
+            };
+            Ok(GenerateRequest {
+                shared_prefix_len: r.shared_prefix_len,
+                prompt: r.text,
+                chat: spec.prompt.format == PromptFormat::Chat,
+                add_bos: true,
+                parse_special: false,
+                max_new_tokens: spec.generation.max_new_tokens,
+                stop: spec.generation.stop.clone(),
+                sampling: Sampling {
+                    temperature: spec.generation.temperature,
+                    top_k: spec.generation.top_k,
+                    top_p: spec.generation.top_p,
+                    seed: item_seed(job_seed, &doc.id, chunk.start),
+                },
+                grammar,
+            })
+        });
+        let task = prepared.map(|req| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.generate(req).await }.in_current_span())
+        });
+        pending.push((chunk, task));
+    }
+    let mut seen_spans: Vec<(usize, usize)> = Vec::new();
+    let mut index = 0u32;
+    for (chunk, task) in pending {
+        let span = Some((chunk.start, chunk.end));
+        let generation = match task {
+            Err((reason, detail)) => {
+                out.errors.push(err("model", reason, detail, span));
+                continue;
+            }
+            Ok(task) => match task.await {
+                Ok(Ok(g)) => g,
+                Ok(Err(e @ medbatch_engine::EngineError::Grammar(_))) => {
+                    out.errors.push(err(
+                        "model",
+                        e.label(),
+                        "the answer grammar was rejected by the decoder".into(),
+                        span,
+                    ));
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    out.errors.push(err("model", e.label(), e.to_string(), span));
+                    continue;
+                }
+                Err(e) => {
+                    out.errors.push(err("model", "engine_task", format!("generation task failed: {e}"), span));
+                    continue;
+                }
+            },
+        };
+        out.tokens_in += u64::from(generation.prompt_tokens);
+        out.tokens_out += generation.ids.len() as u64;
+        on_generated(generation.ids.len() as u64);
+        let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
+        if spec.generation.constrained && !matches!(generation.finish, Finish::Stop | Finish::Eos) {
+            let (reason, detail) = match generation.finish {
+                Finish::Grammar => ("grammar", "the decoder could not continue the answer grammar".to_string()),
+                _ => ("truncated", format!("answer cut off at max_new_tokens ({})", spec.generation.max_new_tokens)),
+            };
+            out.errors.push(err("model", reason, detail, span));
+            continue;
+        }
+        let answer = match first_json_value(&generation.text) {
+            Some(v) => v,
+            None => {
+                let reason =
+                    if generation.finish == Finish::Length { "truncated_answer" } else { "unparseable_answer" };
+                out.errors.push(err("parse", reason, "the answer is not a JSON value".into(), span));
+                continue;
+            }
+        };
+        let rows: Vec<Value> = match (spec.output.rows, spec.output.items.as_deref()) {
+            (RowMode::PerItem, Some(items)) => match answer.get(items) {
+                Some(Value::Array(a)) => a.clone(),
+                _ => {
+                    out.errors.push(err("parse", "bad_answer_field", format!("`{items}` is not an array"), span));
+                    continue;
+                }
+            },
+            _ => vec![answer],
+        };
+        for row in rows {
+            if !row.is_object() {
+                out.errors.push(err("parse", "bad_answer_field", "a row is not an object".into(), span));
+                continue;
+            }
+            let (evidence, from_examples) = match spec.output.evidence.as_deref() {
+                None => (None, false),
+                Some(k) => {
+                    let quote = row.get(k).and_then(Value::as_str).unwrap_or("");
+                    let found = align(quote, &chunk.text).map(|l| Located {
+                        start: l.start + chunk.start,
+                        end: l.end + chunk.start,
+                        ..l
+                    });
+                    let copied = found.is_none()
+                        && !quote.trim().is_empty()
+                        && examples.contains(quote.trim())
+                        && !doc.text.contains(quote.trim());
+                    (Some(found.unwrap_or(Located { start: 0, end: 0, alignment: Alignment::None })), copied)
+                }
+            };
+            // Chunks overlap: a row whose evidence was already found is the same row.
+            if let Some(l) = evidence.filter(|l| l.alignment != Alignment::None) {
+                if seen_spans.contains(&(l.start, l.end)) {
+                    continue;
+                }
+                seen_spans.push((l.start, l.end));
+            }
+            out.records.push(Record {
+                document_id: doc.id.clone(),
+                source_uri: doc.source_uri.clone(),
+                input_sha256: doc.input_sha256.to_string(),
+                item_index: index,
+                value: row,
+                evidence,
+                from_examples,
+                tokens_in: tin,
+                tokens_out: tout,
+            });
+            index += 1;
+        }
+    }
+    out.engine_ms = started.elapsed().as_millis() as u64;
+    out
+}
+
+/// The first JSON value in `text` (leading whitespace skipped; what follows ignored).
+fn first_json_value(text: &str) -> Option<Value> {
+    serde_json::Deserializer::from_str(text.trim_start()).into_iter::<Value>().next()?.ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn all_types() -> Value {
+        json!({
+            "type": "object",
+            "properties": {
+                "age": { "type": "integer" },
+                "weight": { "type": ["number", "null"] },
+                "dose": { "type": ["integer", "number"] },
+                "smoker": { "type": "boolean" },
+                "sex": { "enum": ["female", "male", null] },
+                "summary": { "type": "string" },
+                "conditions": { "type": "array", "items": { "type": "string" } },
+                "vitals": {
+                    "type": "object",
+                    "properties": { "hr": { "type": "integer" }, "bp": { "type": ["string", "null"] } },
+                    "required": ["hr"]
+                },
+                "note": { "type": "string" }
+            },
+            "required": ["age", "weight", "dose", "smoker", "sex", "summary", "conditions", "vitals"]
+        })
+    }
+
+    #[test]
+    fn every_json_type_maps_to_a_column() {
+        let f = schema_fields(&all_types()).unwrap();
+        let t = |n: &str| f.iter().find(|x| x.name() == n).map(|x| (x.data_type().clone(), x.is_nullable())).unwrap();
+        assert_eq!(t("age"), (DataType::Int64, false));
+        assert_eq!(t("weight"), (DataType::Float64, true));
+        assert_eq!(t("dose"), (DataType::Float64, false));
+        assert_eq!(t("smoker"), (DataType::Boolean, false));
+        assert_eq!(t("sex"), (dict_utf8(), true));
+        assert_eq!(t("summary"), (DataType::Utf8, false));
+        assert_eq!(t("conditions"), (DataType::List(Arc::new(Field::new("item", DataType::Utf8, false))), false));
+        let DataType::Struct(v) = t("vitals").0 else { panic!("struct expected") };
+        assert_eq!((v[0].name().as_str(), v[0].is_nullable(), v[1].is_nullable()), ("hr", false, true));
+        // Not required: nullable.
+        assert_eq!(t("note"), (DataType::Utf8, true));
+        assert_eq!(f.iter().map(|x| x.name().as_str()).collect::<Vec<_>>()[..3], ["age", "weight", "dose"]);
+    }
+
+    #[test]
+    fn schemas_without_a_column_type_are_refused_with_their_place() {
+        let e = schema_fields(&json!({ "type": "object", "properties": { "x": { "type": ["string", "number"] } } }));
+        assert_eq!(e.unwrap_err().pointer, "/properties/x");
+        let e = schema_fields(&json!({ "type": "object", "properties": { "x": { "anyOf": [] } } }));
+        assert!(e.unwrap_err().reason.contains("type"));
+        assert!(schema_fields(&json!({ "type": "array", "items": {} })).is_err());
+        let out = OutputSpec { table: "t".into(), rows: RowMode::PerItem, items: None, evidence: None };
+        assert!(row_schema(&all_types(), &out).unwrap_err().reason.contains("output.items"));
+        let out = OutputSpec { items: Some("conditions".into()), ..out };
+        assert!(check_pipeline(&all_types(), &out).unwrap_err().reason.contains("object"));
+    }
+
+    #[test]
+    fn first_json_value_skips_space_and_ignores_the_rest() {
+        assert_eq!(first_json_value(" {\"a\":1}\nmore"), Some(json!({ "a": 1 })));
+        assert_eq!(first_json_value("{\"a\":"), None);
+        assert_eq!(first_json_value("no"), None);
+    }
+}
