@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Makes the Python environment the tests use to read Parquet back independently (pyarrow),
-# cached outside the repository. Prints the interpreter's path on stdout.
+# Makes the Python environment the tests use to read Parquet back independently (pyarrow)
+# and to validate rows against JSON schemas independently (jsonschema), cached outside the
+# repository. Prints the interpreter's path on stdout.
 set -euo pipefail
 
 CACHE="${MEDBATCH_CACHE:-$HOME/.cache/medbatch}"
 VENV="$CACHE/pyenv"
 PYARROW_VERSION=22.0.0
+JSONSCHEMA_VERSION=4.25.1
 
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV" >&2
@@ -13,5 +15,9 @@ fi
 if ! "$VENV/bin/python" -c "import pyarrow, sys; sys.exit(pyarrow.__version__ != '$PYARROW_VERSION')" 2>/dev/null; then
   echo "installing pyarrow==$PYARROW_VERSION into $VENV..." >&2
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "pyarrow==$PYARROW_VERSION" >&2
+fi
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('jsonschema') != '$JSONSCHEMA_VERSION')" 2>/dev/null; then
+  echo "installing jsonschema==$JSONSCHEMA_VERSION into $VENV..." >&2
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "jsonschema==$JSONSCHEMA_VERSION" >&2
 fi
 echo "$VENV/bin/python"
