@@ -80,9 +80,15 @@ pub async fn extract_document(
         ExtractionUnit::Line => lines.clone(),
         // The model reads the whole report; its answers are grounded on the lines below.
         ExtractionUnit::Document if lines.is_empty() => Vec::new(),
+        // Long reports are read in token-budgeted chunks of whole lines.
         ExtractionUnit::Document => {
-            let n = doc.text.chars().count();
-            vec![Candidate { start: 0, end: n, text: doc.text.clone() }]
+            let tokenizer = engine.tokenizer();
+            let count = |s: &str| tokenizer.encode(s, false, false).len();
+            let (budget, overlap) = (spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens);
+            crate::chunk::chunk_by_tokens(&doc.text, budget, overlap, &count)
+                .into_iter()
+                .map(|c| Candidate { start: c.start, end: c.end, text: c.text })
+                .collect()
         }
     };
     // Every candidate is sent at once: the engine batches them (and other documents' lines)
@@ -192,7 +198,12 @@ pub async fn extract_document(
         }
         let results = match spec.extraction.unit {
             ExtractionUnit::Line => vec![labreport::parse_answer(&answer, &c)],
-            ExtractionUnit::Document => labreport::parse_document_answer(&answer, &lines),
+            ExtractionUnit::Document => {
+                // Grounded on the lines of this chunk only.
+                let inside: Vec<Candidate> =
+                    lines.iter().filter(|l| l.start >= c.start && l.end <= c.end).cloned().collect();
+                labreport::parse_document_answer(&answer, &inside)
+            }
         };
         for result in results {
             match result {
@@ -203,7 +214,15 @@ pub async fn extract_document(
                         };
                         item.from_examples = copied(&item.value) || copied(&item.test);
                     }
-                    out.rows.push(row(item, tin, tout))
+                    // Overlapping chunks read some lines twice: one row per line and value.
+                    let seen = out.rows.iter().any(|r| {
+                        r.item.alignment != Alignment::None
+                            && (r.item.evidence_start, r.item.evidence_end, &r.item.value)
+                                == (item.evidence_start, item.evidence_end, &item.value)
+                    });
+                    if !seen {
+                        out.rows.push(row(item, tin, tout))
+                    }
                 }
                 Err(e) => {
                     let mut r = err(e.label().to_string(), e.to_string());
