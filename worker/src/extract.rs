@@ -210,7 +210,7 @@ pub async fn extract_document(
                 Ok(mut item) => {
                     if item.alignment == Alignment::None {
                         let copied = |s: &Option<String>| {
-                            s.as_deref().is_some_and(|s| examples.contains(s) && !doc.text.contains(s))
+                            s.as_deref().is_some_and(|s| crate::grounding::from_examples(s, &examples, &doc.text))
                         };
                         item.from_examples = copied(&item.value) || copied(&item.test);
                     }

@@ -87,6 +87,13 @@ pub fn align(quote: &str, source: &str) -> Option<Located> {
     Some(Located { start, end, alignment: Alignment::Fuzzy })
 }
 
+/// Whether a quote that was not found in the document was copied from the prompt's
+/// examples: it occurs there (trimmed, non-empty) and nowhere in the document.
+pub fn from_examples(quote: &str, examples: &str, document: &str) -> bool {
+    let q = quote.trim();
+    !q.is_empty() && examples.contains(q) && !document.contains(q)
+}
+
 /// Lower-cased text with whitespace runs as one space and decimal commas as points, and
 /// for each of its characters the index of the source character it came from.
 fn normalize(s: &str) -> (String, Vec<usize>) {
@@ -185,6 +192,17 @@ mod tests {
         let span: String = SRC.chars().skip(l.start).take(l.end - l.start).collect();
         assert!(span.starts_with("CREATININE") || span.starts_with("REATININE"), "{span}");
         assert!(span.ends_with("mg/dL"), "{span}");
+    }
+
+    #[test]
+    fn quotes_copied_from_the_examples_are_told_apart() {
+        let examples = "Line: Lipase 88 U/L 13-60 H\nJSON: {\"test\":\"Lipase\",\"value\":\"88\"}";
+        assert!(from_examples("Lipase", examples, SRC));
+        assert!(from_examples(" 88 ", examples, SRC));
+        // In the document too, or nowhere: not a copy from the examples.
+        assert!(!from_examples("13", examples, SRC));
+        assert!(!from_examples("Amylase", examples, SRC));
+        assert!(!from_examples("  ", examples, SRC));
     }
 
     #[test]

@@ -429,10 +429,7 @@ pub async fn extract_structured(
                         end: l.end + chunk.start,
                         ..l
                     });
-                    let copied = found.is_none()
-                        && !quote.trim().is_empty()
-                        && examples.contains(quote.trim())
-                        && !doc.text.contains(quote.trim());
+                    let copied = found.is_none() && crate::grounding::from_examples(quote, &examples, &doc.text);
                     (Some(found.unwrap_or(Located { start: 0, end: 0, alignment: Alignment::None })), copied)
                 }
             };
