@@ -191,17 +191,27 @@ impl Engine {
         };
         let mut stop_ids = vec![tokenizer.special.eos];
         stop_ids.extend(tokenizer.special.end_of_turn);
-        Ok(Self {
+        Ok(Self::assemble(model, Tokenizer::Spm(Box::new(tokenizer)), None, info, stop_ids))
+    }
+
+    fn assemble(
+        model: Gemma3,
+        tokenizer: Tokenizer,
+        chat_template: Option<ChatTemplate>,
+        info: ModelInfo,
+        stop_ids: Vec<u32>,
+    ) -> Self {
+        Self {
             model,
-            tokenizer: Arc::new(Tokenizer::Spm(Box::new(tokenizer))),
-            chat_template: None,
+            tokenizer: Arc::new(tokenizer),
+            chat_template,
             info,
             stop_ids,
             prefixes: Vec::new(),
             clock: 0,
             guidance: OnceLock::new(),
             stats: DecodeStats::default(),
-        })
+        }
     }
 
     /// Loads a Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json,
@@ -227,17 +237,7 @@ impl Engine {
         stop_ids.push(tokenizer.special().eos);
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Self {
-            model,
-            tokenizer: Arc::new(tokenizer),
-            chat_template,
-            info,
-            stop_ids,
-            prefixes: Vec::new(),
-            clock: 0,
-            guidance: OnceLock::new(),
-            stats: DecodeStats::default(),
-        })
+        Ok(Self::assemble(model, tokenizer, chat_template, info, stop_ids))
     }
 
     /// Loads a GGUF file or a checkpoint folder.

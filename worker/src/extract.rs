@@ -6,8 +6,8 @@ use crate::labreport::{self, Candidate};
 use crate::parquet_out::{ErrorRow, LabRow};
 use crate::pipeline::LoadedPipeline;
 use medbatch_engine::sampling::Sampling;
-use medbatch_engine::{EngineHandle, Finish, GenerateRequest};
-use medbatch_schemas::pipeline::{ExtractionUnit, ParserKind, PromptFormat};
+use medbatch_engine::{EngineError, EngineHandle, Finish, GenerateRequest, Generation};
+use medbatch_schemas::pipeline::{ExtractionUnit, GenerationSpec, ParserKind, PromptFormat};
 use medbatch_schemas::Document;
 use tracing::Instrument;
 
@@ -37,6 +37,31 @@ pub(crate) fn item_seed(job_seed: u64, document_id: &str, start: usize) -> u64 {
 
 pub(crate) fn u32_of(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The answer of a spawned request, or an error row's reason and detail. Grammar messages can
+/// quote the segment the grammar copies from: they are never passed on.
+pub(crate) async fn awaited(
+    task: tokio::task::JoinHandle<Result<Generation, EngineError>>,
+) -> Result<Generation, (&'static str, String)> {
+    match task.await {
+        Ok(Ok(g)) => Ok(g),
+        Ok(Err(e @ EngineError::Grammar(_))) => {
+            Err((e.label(), "the answer grammar was rejected by the decoder".into()))
+        }
+        Ok(Err(e)) => Err((e.label(), e.to_string())),
+        Err(e) => Err(("engine_task", format!("generation task failed: {e}"))),
+    }
+}
+
+/// Why a constrained answer is not complete (it is then an error row, never a broken row).
+pub(crate) fn incomplete(spec: &GenerationSpec, g: &Generation) -> Option<(&'static str, String)> {
+    match g.finish {
+        _ if !spec.constrained => None,
+        Finish::Stop | Finish::Eos => None,
+        Finish::Grammar => Some(("grammar", "the decoder could not continue the answer grammar".into())),
+        Finish::Length => Some(("truncated", format!("answer cut off at max_new_tokens ({})", spec.max_new_tokens))),
+    }
 }
 
 /// Extracts lab results from `doc`.
@@ -165,19 +190,10 @@ pub async fn extract_document(
                 continue;
             }
         };
-        let generation = match task.await {
-            Ok(Ok(g)) => g,
-            // Grammar messages can quote the segment the grammar copies from: never passed on.
-            Ok(Err(e @ medbatch_engine::EngineError::Grammar(_))) => {
-                out.errors.push(err(e.label().into(), "the answer grammar was rejected by the decoder".into()));
-                continue;
-            }
-            Ok(Err(e)) => {
-                out.errors.push(err(e.label().into(), e.to_string()));
-                continue;
-            }
-            Err(e) => {
-                out.errors.push(err("engine_task".into(), format!("generation task failed: {e}")));
+        let generation = match awaited(task).await {
+            Ok(g) => g,
+            Err((reason, detail)) => {
+                out.errors.push(err(reason.into(), detail));
                 continue;
             }
         };
@@ -187,12 +203,7 @@ pub async fn extract_document(
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
         let answer = format!("{primer}{}", generation.text);
         let truncated = generation.finish == Finish::Length;
-        if spec.generation.constrained && generation.finish != Finish::Stop && generation.finish != Finish::Eos {
-            // A constrained answer is complete or it is not written: never a broken row.
-            let (reason, detail) = match generation.finish {
-                Finish::Grammar => ("grammar", "the decoder could not continue the answer grammar".to_string()),
-                _ => ("truncated", format!("answer cut off at max_new_tokens ({})", spec.generation.max_new_tokens)),
-            };
+        if let Some((reason, detail)) = incomplete(&spec.generation, &generation) {
             out.errors.push(err(reason.into(), detail));
             continue;
         }

@@ -8,7 +8,7 @@
 //! kept once, and evidence offsets mapped back to the whole document.
 
 use crate::chunk::chunk_by_tokens;
-use crate::extract::{item_seed, u32_of, DocumentResult};
+use crate::extract::{awaited, incomplete, item_seed, u32_of, DocumentResult};
 use crate::grounding::{align, Alignment, Located};
 use crate::parquet_out::{job_columns, ErrorRow, JobProvenance, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
@@ -363,23 +363,10 @@ pub async fn extract_structured(
                 out.errors.push(err("model", reason, detail, span));
                 continue;
             }
-            Ok(task) => match task.await {
-                Ok(Ok(g)) => g,
-                Ok(Err(e @ medbatch_engine::EngineError::Grammar(_))) => {
-                    out.errors.push(err(
-                        "model",
-                        e.label(),
-                        "the answer grammar was rejected by the decoder".into(),
-                        span,
-                    ));
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    out.errors.push(err("model", e.label(), e.to_string(), span));
-                    continue;
-                }
-                Err(e) => {
-                    out.errors.push(err("model", "engine_task", format!("generation task failed: {e}"), span));
+            Ok(task) => match awaited(task).await {
+                Ok(g) => g,
+                Err((reason, detail)) => {
+                    out.errors.push(err("model", reason, detail, span));
                     continue;
                 }
             },
@@ -388,11 +375,7 @@ pub async fn extract_structured(
         out.tokens_out += generation.ids.len() as u64;
         on_generated(generation.ids.len() as u64);
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
-        if spec.generation.constrained && !matches!(generation.finish, Finish::Stop | Finish::Eos) {
-            let (reason, detail) = match generation.finish {
-                Finish::Grammar => ("grammar", "the decoder could not continue the answer grammar".to_string()),
-                _ => ("truncated", format!("answer cut off at max_new_tokens ({})", spec.generation.max_new_tokens)),
-            };
+        if let Some((reason, detail)) = incomplete(&spec.generation, &generation) {
             out.errors.push(err("model", reason, detail, span));
             continue;
         }
