@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The test command: fetches what the tests need (the demo model, pyarrow), then runs every
-# test of the workspace in the release profile (the same build as the binary).
+# The test command: fetches or starts what the tests need (the demo model, pyarrow and
+# jsonschema, a running RabbitMQ), then runs every test of the workspace in the release
+# profile (the same build as the binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MEDBATCH_DEMO_GGUF="$(bash infra/fetch-demo-model.sh)"
 MEDBATCH_PYTHON="$(bash infra/python-env.sh)"
-export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON
+# The queue tests talk to a real RabbitMQ (started here when it is down).
+MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
+export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL
 # Tests run concurrently (several test threads and binaries, each with a model): one compute
 # thread each keeps 2-core machines from oversubscription, which slows candle's synchronized
 # kernels several-fold.

@@ -8,6 +8,7 @@
 //!
 //! [`inputs`] opens and lists input files. The implementation is chosen once, at start-up.
 
+pub mod amqp;
 pub mod inputs;
 pub mod queue;
 pub mod store;

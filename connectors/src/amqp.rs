@@ -1,0 +1,443 @@
+//! The job queue over RabbitMQ (AMQP 0-9-1, lapin).
+//!
+//! Objects (infra/amqp-topology.json, declared idempotently at every connect): a durable
+//! direct exchange; per model a durable quorum queue bound with the model's routing key, with
+//! a delivery limit and a dead-letter exchange; a fanout dead-letter exchange and its queue.
+//! Publishing waits for the broker's confirm of each persistent message. Consumers ack
+//! manually, with a prefetch sized to what the worker takes at once; a job is acked only
+//! after its outputs are durable. When the connection drops, the queue reconnects with
+//! exponential backoff and carries on (unacked deliveries come back from the broker).
+//! `amqps://` URLs use TLS, with the platform's roots and an optional CA file.
+
+use crate::queue::{Acker, Delivery, JobQueue, QueueError};
+use async_trait::async_trait;
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::tcp::OwnedTLSConfig;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ExchangeKind};
+use medbatch_schemas::Job;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The broker objects medbatch uses (infra/amqp-topology.json).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Topology {
+    pub exchange: String,
+    pub queue_prefix: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    /// Deliveries of one job before the broker dead-letters it.
+    pub delivery_limit: u32,
+}
+
+impl Default for Topology {
+    /// The shipped infra/amqp-topology.json.
+    fn default() -> Self {
+        serde_json::from_str(include_str!("../../infra/amqp-topology.json")).expect("shipped topology parses")
+    }
+}
+
+impl Topology {
+    /// The same objects with `suffix` appended to every name (isolated test runs).
+    pub fn with_suffix(&self, suffix: &str) -> Self {
+        Self {
+            exchange: format!("{}{suffix}", self.exchange),
+            queue_prefix: format!("{}{suffix}.", self.queue_prefix.trim_end_matches('.')),
+            dead_letter_exchange: format!("{}{suffix}", self.dead_letter_exchange),
+            dead_letter_queue: format!("{}{suffix}", self.dead_letter_queue),
+            delivery_limit: self.delivery_limit,
+        }
+    }
+
+    /// Queue of the jobs for one model.
+    pub fn queue(&self, route: &str) -> String {
+        format!("{}{route}", self.queue_prefix)
+    }
+}
+
+/// The routing key of a model: the first 16 hex digits of its digest.
+pub fn model_route(model_digest: &str) -> String {
+    model_digest.chars().take(16).collect()
+}
+
+/// How to reach the broker.
+#[derive(Clone, Debug)]
+pub struct AmqpConfig {
+    /// `amqp://` or `amqps://` URL (credentials, host, port, vhost, `?heartbeat=`).
+    pub url: String,
+    /// PEM file with the CA that signed the broker's certificate (amqps).
+    pub ca_file: Option<PathBuf>,
+    pub topology: Topology,
+    /// Unacknowledged deliveries the broker sends a consumer ahead.
+    pub prefetch: u16,
+    /// Heartbeat interval in seconds when the URL does not set one.
+    pub heartbeat_s: u16,
+    /// Reconnect attempts before giving up (backoff doubles from 0.5 s to 30 s).
+    pub reconnect_attempts: u32,
+    /// Name the connection shows in the broker's management tools.
+    pub connection_name: String,
+}
+
+impl AmqpConfig {
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_string(),
+            ca_file: None,
+            topology: Topology::default(),
+            prefetch: 4,
+            heartbeat_s: 30,
+            reconnect_attempts: 12,
+            connection_name: "medbatch".into(),
+        }
+    }
+
+    /// The URL with user and password masked, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// `amqp://user:secret@host/` → `amqp://user:***@host/`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn broker(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Broker(e.to_string())
+}
+
+/// A live connection with its publishing channel (confirm mode).
+struct Live {
+    conn: Connection,
+    publish: Channel,
+}
+
+/// The consuming side: its channel and consumer stream.
+struct Consuming {
+    channel: Channel,
+    consumer: Consumer,
+    tag: String,
+}
+
+/// A job queue on RabbitMQ for one model's jobs (`route`).
+pub struct RabbitQueue {
+    config: AmqpConfig,
+    route: String,
+    live: Mutex<Option<Live>>,
+    consuming: Mutex<Option<Consuming>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl RabbitQueue {
+    /// Connects and declares the topology for `route` (a model's routing key).
+    pub async fn connect(config: AmqpConfig, route: &str) -> Result<Self, QueueError> {
+        let q = Self {
+            config,
+            route: route.to_string(),
+            live: Mutex::new(None),
+            consuming: Mutex::new(None),
+            closed: Arc::new(AtomicBool::new(false)),
+        };
+        {
+            let mut live = q.live.lock().await;
+            *live = Some(q.open().await?);
+        }
+        Ok(q)
+    }
+
+    fn url(&self) -> String {
+        let u = &self.config.url;
+        if u.contains("heartbeat=") {
+            return u.clone();
+        }
+        let sep = if u.contains('?') { '&' } else { '?' };
+        format!("{u}{sep}heartbeat={}", self.config.heartbeat_s)
+    }
+
+    async fn open(&self) -> Result<Live, QueueError> {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: match &self.config.ca_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| QueueError::Broker(format!("CA file {}: {e}", p.display())))?,
+                ),
+                None => None,
+            },
+        };
+        let runtime = lapin::runtime::default_runtime().map_err(broker)?;
+        let props = ConnectionProperties::default().with_connection_name(self.config.connection_name.as_str().into());
+        let conn = Connection::connect_with_config(&self.url(), props, tls, runtime)
+            .await
+            .map_err(|e| QueueError::Broker(format!("connecting to {}: {e}", self.config.redacted_url())))?;
+        let publish = conn.create_channel().await.map_err(broker)?;
+        declare(&publish, &self.config.topology, &self.route).await?;
+        publish.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker)?;
+        Ok(Live { conn, publish })
+    }
+
+    /// Runs `f` until it succeeds, reconnecting with backoff after connection errors.
+    async fn with_reconnect<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, QueueError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, QueueError>>,
+    {
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < self.config.reconnect_attempts && !self.closed.load(Ordering::SeqCst) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, delay_ms = delay.as_millis() as u64, "{what} failed; reconnecting");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                    *self.consuming.lock().await = None;
+                    let mut live = self.live.lock().await;
+                    *live = self.open().await.ok();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// No more deliveries: the consumer is cancelled and `next` returns `None`.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(c) = self.consuming.lock().await.take() {
+            let _ = c.channel.basic_cancel(c.tag.as_str().into(), BasicCancelOptions::default()).await;
+        }
+    }
+
+    /// Messages waiting in this model's queue and in the dead-letter queue.
+    pub async fn depths(&self) -> Result<(u32, u32), QueueError> {
+        let live = self.live.lock().await;
+        let live = live.as_ref().ok_or(QueueError::Closed)?;
+        let ch = live.conn.create_channel().await.map_err(broker)?;
+        let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+        let t = &self.config.topology;
+        let jobs = ch.queue_declare(t.queue(&self.route).as_str().into(), passive, FieldTable::default()).await;
+        let dead = ch.queue_declare(t.dead_letter_queue.as_str().into(), passive, FieldTable::default()).await;
+        let _ = ch.close(200, "done".into()).await;
+        Ok((jobs.map_err(broker)?.message_count(), dead.map_err(broker)?.message_count()))
+    }
+
+    async fn publish_once(&self, job: &Job) -> Result<(), QueueError> {
+        let live = self.live.lock().await;
+        let live = live.as_ref().ok_or_else(|| QueueError::Broker("not connected".into()))?;
+        let payload = serde_json::to_vec(job).map_err(broker)?;
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(job.job_id.to_string().into());
+        let route = model_route(job.model.digest.as_str());
+        let confirm = live
+            .publish
+            .basic_publish(
+                self.config.topology.exchange.as_str().into(),
+                route.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &payload,
+                props,
+            )
+            .await
+            .map_err(broker)?
+            .await
+            .map_err(broker)?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(QueueError::Broker(format!("no queue is bound for model route {route}"))),
+            Confirmation::Nack(_) => Err(QueueError::Broker("the broker refused the job (nack)".into())),
+            Confirmation::NotRequested => Err(QueueError::Broker("publisher confirms are off".into())),
+        }
+    }
+
+    async fn consume(&self) -> Result<(), QueueError> {
+        let mut consuming = self.consuming.lock().await;
+        if consuming.is_some() {
+            return Ok(());
+        }
+        let live = self.live.lock().await;
+        let live = live.as_ref().ok_or_else(|| QueueError::Broker("not connected".into()))?;
+        let channel = live.conn.create_channel().await.map_err(broker)?;
+        channel.basic_qos(self.config.prefetch.max(1), BasicQosOptions::default()).await.map_err(broker)?;
+        let tag = format!("medbatch-{}", std::process::id());
+        let consumer = channel
+            .basic_consume(
+                self.config.topology.queue(&self.route).as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broker)?;
+        *consuming = Some(Consuming { channel, consumer, tag });
+        Ok(())
+    }
+
+    async fn next_once(&self) -> Result<Option<Delivery>, QueueError> {
+        loop {
+            if self.closed.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            self.consume().await?;
+            let item = {
+                let mut consuming = self.consuming.lock().await;
+                let c = consuming.as_mut().expect("consuming");
+                tokio::select! {
+                    item = c.consumer.next() => item,
+                    // Re-check `closed` now and then.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            };
+            let d = match item {
+                None if self.closed.load(Ordering::SeqCst) => return Ok(None),
+                None => return Err(QueueError::Broker("the consumer was cancelled by the broker".into())),
+                Some(Err(e)) => return Err(broker(e)),
+                Some(Ok(d)) => d,
+            };
+            // Deliveries after the first carry the broker's count of earlier ones.
+            let earlier = d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delivery-count").cloned())
+                .and_then(|v| match v {
+                    AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+                    AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+                    AMQPValue::LongUInt(n) => Some(n),
+                    AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            match serde_json::from_slice::<Job>(&d.data) {
+                Ok(mut job) => {
+                    job.attempt = earlier + 1;
+                    return Ok(Some(Delivery::new(job, Box::new(RabbitAcker { acker: d.acker }))));
+                }
+                Err(e) => {
+                    // Never a job: straight to the dead-letter queue, and on to the next.
+                    tracing::error!(error = %e, bytes = d.data.len(), "undecodable message dead-lettered");
+                    let _ = d.acker.nack(BasicNackOptions { requeue: false, ..Default::default() }).await;
+                }
+            }
+        }
+    }
+}
+
+/// Declares the exchanges and queues for `route` (idempotent; refuses objects that exist
+/// with other arguments, naming them).
+async fn declare(ch: &Channel, t: &Topology, route: &str) -> Result<(), QueueError> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    fn exists(what: &str) -> impl Fn(lapin::Error) -> QueueError + '_ {
+        move |e| QueueError::Broker(format!("declaring {what}: {e}"))
+    }
+    ch.exchange_declare(t.exchange.as_str().into(), ExchangeKind::Direct, durable, FieldTable::default())
+        .await
+        .map_err(exists(&t.exchange))?;
+    ch.exchange_declare(t.dead_letter_exchange.as_str().into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await
+        .map_err(exists(&t.dead_letter_exchange))?;
+    let qopts = QueueDeclareOptions { durable: true, ..Default::default() };
+    let mut quorum = FieldTable::default();
+    quorum.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    ch.queue_declare(t.dead_letter_queue.as_str().into(), qopts, quorum.clone())
+        .await
+        .map_err(exists(&t.dead_letter_queue))?;
+    ch.queue_bind(
+        t.dead_letter_queue.as_str().into(),
+        t.dead_letter_exchange.as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(broker)?;
+    let queue = t.queue(route);
+    let mut args = quorum;
+    args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(t.delivery_limit)));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(t.dead_letter_exchange.as_str().into()));
+    ch.queue_declare(queue.as_str().into(), qopts, args).await.map_err(exists(&queue))?;
+    ch.queue_bind(
+        queue.as_str().into(),
+        t.exchange.as_str().into(),
+        route.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(broker)?;
+    Ok(())
+}
+
+struct RabbitAcker {
+    acker: lapin::Acker,
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    // A delivery whose channel is gone cannot be settled; the broker returns it to the
+    // queue by itself. That is not an error of the job: its redelivery finds the completion
+    // marker and is acknowledged without work (or, for a nack, is simply delivered again).
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        if let Err(e) = self.acker.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %e, "ack lost with its channel; the broker will redeliver the job");
+        }
+        Ok(())
+    }
+
+    async fn nack(self: Box<Self>, _job: Job, requeue: bool) -> Result<(), QueueError> {
+        if let Err(e) = self.acker.nack(BasicNackOptions { requeue, ..Default::default() }).await {
+            tracing::warn!(error = %e, "nack lost with its channel; the broker will redeliver the job");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobQueue for RabbitQueue {
+    async fn publish(&self, job: &Job) -> Result<(), QueueError> {
+        self.with_reconnect("publish", || self.publish_once(job)).await
+    }
+
+    async fn next(&self) -> Result<Option<Delivery>, QueueError> {
+        self.with_reconnect("consume", || self.next_once()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_topology_and_names() {
+        let t = Topology::default();
+        assert_eq!(t.delivery_limit, 3);
+        assert_eq!(t.queue("abc"), "medbatch.jobs.abc");
+        let s = t.with_suffix("-t1");
+        assert_eq!((s.exchange.as_str(), s.queue("abc")), ("medbatch.jobs-t1", "medbatch.jobs-t1.abc".to_string()));
+        assert_eq!(model_route("0123456789abcdef0123"), "0123456789abcdef");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert_eq!(redact_url("amqps://u:p@w@host/"), "amqps://u:***@host/");
+        assert_eq!(redact_url("amqp://host/"), "amqp://host/");
+    }
+}
