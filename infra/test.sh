@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The test command: fetches or starts what the tests need (the demo model, pyarrow and
-# jsonschema, a running RabbitMQ), then runs every test of the workspace in the release
+# jsonschema, a running RabbitMQ, a local S3 server), then runs every test of the workspace in the release
 # profile (the same build as the binary).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MEDBATCH_DEMO_GGUF="$(bash infra/fetch-demo-model.sh)"
 MEDBATCH_PYTHON="$(bash infra/python-env.sh)"
-# The queue tests talk to a real RabbitMQ (started here when it is down).
+# The queue tests talk to a real RabbitMQ (started here when it is down), the store tests to
+# a local S3-compatible server (built once, started here), through the SDK's variables.
 MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
+bash infra/s3-server.sh start >/dev/null
+eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
 export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL
 # Tests run concurrently (several test threads and binaries, each with a model): one compute
 # thread each keeps 2-core machines from oversubscription, which slows candle's synchronized

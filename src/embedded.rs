@@ -5,6 +5,7 @@ use crate::model_path;
 use crate::progress::Progress;
 use anyhow::{bail, Context};
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
+use medbatch_connectors::s3::S3Store;
 use medbatch_connectors::store::{LocalStore, ObjectStore};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
 use medbatch_engine::service::ServiceLimits;
@@ -12,7 +13,7 @@ use medbatch_engine::EngineHandle;
 use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,9 +25,13 @@ pub struct RunArgs {
     /// Inputs: files, folders, or .tar/.tar.gz/.zip archives of .txt, .jsonl or .csv.
     #[arg(required = true)]
     pub inputs: Vec<String>,
-    /// Output directory.
+    /// Output: a directory, or `s3://bucket/prefix` (S3 or an S3-compatible server).
     #[arg(long, env = "MEDBATCH_OUT")]
-    pub out: PathBuf,
+    pub out: String,
+    /// S3 endpoint URL (default: the AWS SDK's `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else
+    /// AWS itself).
+    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
     /// Model: a Gemma 3 GGUF file, a Hugging Face checkpoint folder, or `demo` for the cached
     /// Gemma 3 270M demo model.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
@@ -69,9 +74,17 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         pipeline = pipeline.unconstrained();
     }
     let pipeline = Arc::new(pipeline);
-    let store = LocalStore::create(&args.out).with_context(|| format!("output {}", args.out.display()))?;
-    let out_root = store.root().canonicalize().unwrap_or_else(|_| store.root().to_path_buf());
-    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let (store, out_root): (Arc<dyn ObjectStore>, String) = if args.out.starts_with("s3://") {
+        let s = S3Store::connect(&args.out, args.s3_endpoint.as_deref())
+            .await
+            .with_context(|| format!("output {}", args.out))?;
+        let root = s.location();
+        (Arc::new(s), root)
+    } else {
+        let s = LocalStore::create(Path::new(&args.out)).with_context(|| format!("output {}", args.out))?;
+        let root = s.root().canonicalize().unwrap_or_else(|_| s.root().to_path_buf());
+        (Arc::new(s), root.display().to_string())
+    };
 
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
@@ -85,7 +98,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         run_id: run_id.clone(),
         pipeline: pipeline.reference(),
         model: ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? },
-        output: out_root.display().to_string(),
+        output: out_root.clone(),
         inputs: args.inputs.clone(),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
@@ -167,10 +180,10 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         progress.done as f64 / wall.max(1e-3),
         crate::bench::peak_rss_mib().map(|m| format!(", peak memory {m:.0} MiB")).unwrap_or_default()
     );
-    println!("  output     {}", out_root.join(table).join(format!("run_id={run_id}")).display());
+    println!("  output     {out_root}/{table}/run_id={run_id}");
     match manifest {
         Some(_) => {
-            println!("  manifest   {}", out_root.join(tables::manifest_key(&run_id)).display());
+            println!("  manifest   {out_root}/{}", tables::manifest_key(&run_id));
             Ok(ExitCode::SUCCESS)
         }
         None => {

@@ -11,4 +11,5 @@
 pub mod amqp;
 pub mod inputs;
 pub mod queue;
+pub mod s3;
 pub mod store;

@@ -11,6 +11,9 @@ pub enum StoreError {
     InvalidKey(String),
     #[error("{op} {key}: {source}")]
     Io { op: &'static str, key: String, source: std::io::Error },
+    /// A remote store's answer (after its retries).
+    #[error("{op} {key}: {message}")]
+    Remote { op: &'static str, key: String, message: String },
 }
 
 /// A flat key space of immutable-once-written objects. Keys are `/`-separated relative

@@ -1,0 +1,125 @@
+//! The S3 store against a real S3-compatible server (`infra/s3-server.sh`: s3s-fs on
+//! 127.0.0.1). `infra/test.sh` starts it and exports the SDK's standard variables
+//! (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`). A server
+//! that cannot be reached fails the tests.
+
+use bytes::Bytes;
+use medbatch_connectors::s3::{S3Store, MULTIPART_THRESHOLD};
+use medbatch_connectors::store::{ObjectStore, StoreError};
+use std::sync::Arc;
+
+fn endpoint() -> String {
+    std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL: run the tests through `bash infra/test.sh`")
+}
+
+/// A fresh bucket for one test, and a store under a prefix in it.
+async fn store(test: &str) -> S3Store {
+    let bucket = format!("medbatch-{test}-{}", std::process::id());
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+    let client = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+    client
+        .create_bucket()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("create bucket at {}: {e:?}", endpoint()));
+    S3Store::connect(&format!("s3://{bucket}/out/run"), None).await.unwrap()
+}
+
+/// Empties and deletes the test's bucket.
+async fn drop_bucket(s: &S3Store) {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest()).load().await;
+    let client = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+    let bucket = &s.location_parts().bucket;
+    let mut pages = client.list_objects_v2().bucket(bucket).into_paginator().send();
+    while let Some(page) = pages.next().await {
+        for o in page.unwrap().contents() {
+            client.delete_object().bucket(bucket).key(o.key().unwrap()).send().await.unwrap();
+        }
+    }
+    client.delete_bucket().bucket(bucket).send().await.unwrap();
+}
+
+#[tokio::test]
+async fn objects_round_trip_and_list_sorted_across_pages() {
+    let s = store("roundtrip").await;
+    assert_eq!(s.location().split('/').next_back(), Some("run"));
+    assert_eq!(s.get("missing.json").await.unwrap(), None);
+    assert!(!s.exists("missing.json").await.unwrap());
+    s.put("_runs/r/plan.json", Bytes::from_static(b"{\"a\":1}")).await.unwrap();
+    assert_eq!(s.get("_runs/r/plan.json").await.unwrap().unwrap(), Bytes::from_static(b"{\"a\":1}"));
+    assert!(s.exists("_runs/r/plan.json").await.unwrap());
+    // Replacing is allowed with put.
+    s.put("_runs/r/plan.json", Bytes::from_static(b"{\"a\":2}")).await.unwrap();
+    assert_eq!(&s.get("_runs/r/plan.json").await.unwrap().unwrap()[..], b"{\"a\":2}");
+    // More keys than one listing page (1000) holds.
+    let keys: Vec<String> = (0..1100).map(|i| format!("_runs/r/done/{i:05}.json")).collect();
+    let s = Arc::new(s);
+    let mut tasks = Vec::new();
+    for chunk in keys.chunks(100) {
+        let (s, chunk) = (s.clone(), chunk.to_vec());
+        tasks.push(tokio::spawn(async move {
+            for k in chunk {
+                s.put(&k, Bytes::from_static(b"{}")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let listed = s.list("_runs/r/done/").await.unwrap();
+    assert_eq!(listed, keys);
+    assert_eq!(s.list("_runs/r/").await.unwrap().len(), 1101);
+    assert!(matches!(s.put("../x", Bytes::new()).await, Err(StoreError::InvalidKey(_))));
+    drop_bucket(&s).await;
+}
+
+#[tokio::test]
+async fn conditional_writes_only_write_what_is_absent() {
+    let s = store("conditional").await;
+    assert!(s.put_if_absent("_runs/r/done/j.json", Bytes::from_static(b"first")).await.unwrap());
+    assert!(!s.put_if_absent("_runs/r/done/j.json", Bytes::from_static(b"second")).await.unwrap());
+    assert_eq!(&s.get("_runs/r/done/j.json").await.unwrap().unwrap()[..], b"first");
+    // Writers one after another: only the first writes. (s3s-fs does not serialize
+    // conditional writes that arrive at the same instant, as S3 does, so racing writers
+    // are not tested here.)
+    let mut won = Vec::new();
+    for i in 0..4u8 {
+        won.push(s.put_if_absent("_runs/r/_SUCCESS", Bytes::from(vec![i])).await.unwrap());
+    }
+    assert_eq!(won, [true, false, false, false]);
+    assert_eq!(&s.get("_runs/r/_SUCCESS").await.unwrap().unwrap()[..], [0]);
+    drop_bucket(&s).await;
+}
+
+#[tokio::test]
+async fn large_objects_go_up_in_parts() {
+    let s = store("multipart").await;
+    let big: Vec<u8> = (0..MULTIPART_THRESHOLD + (3 << 20)).map(|i| (i * 31 % 251) as u8).collect();
+    s.put("lab_results/run_id=r/part-j.parquet", Bytes::from(big.clone())).await.unwrap();
+    let back = s.get("lab_results/run_id=r/part-j.parquet").await.unwrap().unwrap();
+    assert_eq!(back.len(), big.len());
+    assert!(back[..] == big[..]);
+    drop_bucket(&s).await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_refused_and_errors_name_the_key_but_no_secret() {
+    let s = store("creds").await;
+    // The server checks signatures: a client with a wrong secret is refused.
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new("medbatch-test", "wrong-secret", None, None, "test"))
+        .load()
+        .await;
+    let client = aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&conf).force_path_style(true).build());
+    let denied = client.put_object().bucket(&s.location_parts().bucket).key("x").body(Bytes::new().into()).send().await;
+    assert!(denied.is_err(), "the server accepted a wrong signature");
+    // Through the store: a bucket that does not exist is named in the error, the secret is not.
+    let absent = format!("s3://medbatch-absent-{}/p", std::process::id());
+    let missing = S3Store::connect(&absent, None).await.unwrap();
+    let e = missing.list("_runs/").await.unwrap_err().to_string();
+    assert!(e.contains(&format!("{absent}/_runs/")), "{e}");
+    let secret = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap();
+    assert!(!secret.is_empty() && !e.contains(&secret), "{e}");
+    drop_bucket(&s).await;
+}
