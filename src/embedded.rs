@@ -5,15 +5,12 @@ use crate::model_path;
 use crate::progress::Progress;
 use anyhow::{bail, Context};
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
-use medbatch_connectors::s3::S3Store;
-use medbatch_connectors::store::{LocalStore, ObjectStore};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
 use medbatch_engine::service::ServiceLimits;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
@@ -74,17 +71,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         pipeline = pipeline.unconstrained();
     }
     let pipeline = Arc::new(pipeline);
-    let (store, out_root): (Arc<dyn ObjectStore>, String) = if args.out.starts_with("s3://") {
-        let s = S3Store::connect(&args.out, args.s3_endpoint.as_deref())
-            .await
-            .with_context(|| format!("output {}", args.out))?;
-        let root = s.location();
-        (Arc::new(s), root)
-    } else {
-        let s = LocalStore::create(Path::new(&args.out)).with_context(|| format!("output {}", args.out))?;
-        let root = s.root().canonicalize().unwrap_or_else(|_| s.root().to_path_buf());
-        (Arc::new(s), root.display().to_string())
-    };
+    let (store, out_root) = crate::status::open_store(&args.out, args.s3_endpoint.as_deref()).await?;
 
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");

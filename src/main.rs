@@ -11,6 +11,7 @@ mod eval;
 mod model_path;
 mod models;
 mod progress;
+mod status;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -49,6 +50,8 @@ enum LogFormat {
 enum Command {
     /// Run a pipeline over inputs in this process (coordinator, in-process queue, workers).
     Run(embedded::RunArgs),
+    /// Where a run stands: jobs planned and done, rows, tokens/s, ETA (from its output).
+    Status(status::StatusArgs),
     /// Score a run's output against a gold set: per-field precision, recall, F1.
     Eval(eval::EvalArgs),
     /// Measure prompt and generation speed of a model on this machine.
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
         Command::Run(args) => embedded::main(args),
         Command::Bench(args) => bench::main(args),
         Command::Eval(args) => eval::main(args),
+        Command::Status(args) => status::main(args),
         Command::Debug(cmd) => debug::main(cmd),
         Command::Models(cmd) => models::main(cmd),
     };

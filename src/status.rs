@@ -1,0 +1,155 @@
+//! `medbatch status OUT --run-id ID`: where a run stands, read from its output alone (plan,
+//! completion markers, manifest), so it answers from any machine, during and after the run;
+//! with `--amqp`, also the jobs waiting in the model's queue and the dead-lettered ones.
+
+use anyhow::Context;
+use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue};
+use medbatch_connectors::s3::S3Store;
+use medbatch_connectors::store::{LocalStore, ObjectStore};
+use medbatch_coordinator::commit::run_progress;
+use medbatch_coordinator::plan::PlannedRun;
+use medbatch_schemas::tables::{manifest_key, plan_key};
+use medbatch_schemas::RunId;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// The run's output root: a directory or `s3://bucket/prefix`.
+    pub out: String,
+    #[arg(long)]
+    pub run_id: String,
+    /// Also ask the broker for queued and dead-lettered jobs of the run's model.
+    #[arg(long, env = "MEDBATCH_AMQP_URL")]
+    pub amqp: Option<String>,
+    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Opens an output root: a local directory (created if needed) or an S3 location. Returns
+/// the store and how to show its root.
+pub async fn open_store(out: &str, s3_endpoint: Option<&str>) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
+    if out.starts_with("s3://") {
+        let s = S3Store::connect(out, s3_endpoint).await.with_context(|| format!("output {out}"))?;
+        let root = s.location();
+        Ok((Arc::new(s), root))
+    } else {
+        let s = LocalStore::create(Path::new(out)).with_context(|| format!("output {out}"))?;
+        let root = s.root().canonicalize().unwrap_or_else(|_| s.root().to_path_buf());
+        Ok((Arc::new(s), root.display().to_string()))
+    }
+}
+
+pub fn main(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    rt.block_on(run(args))
+}
+
+/// Seconds between two RFC 3339 times.
+fn seconds_between(a: &str, b: &str) -> Option<f64> {
+    let a = chrono::DateTime::parse_from_rfc3339(a).ok()?;
+    let b = chrono::DateTime::parse_from_rfc3339(b).ok()?;
+    Some((b - a).num_milliseconds() as f64 / 1000.0)
+}
+
+async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let run_id = RunId::new(args.run_id.clone())?;
+    if !args.out.starts_with("s3://") && !Path::new(&args.out).is_dir() {
+        anyhow::bail!("no output at {}", args.out);
+    }
+    let (store, root) = open_store(&args.out, args.s3_endpoint.as_deref()).await?;
+    let plan_bytes = store
+        .get(&plan_key(&run_id))
+        .await?
+        .with_context(|| format!("no run {run_id} under {root} (no {})", plan_key(&run_id)))?;
+    let plan: PlannedRun =
+        serde_json::from_slice(&plan_bytes).with_context(|| format!("reading {}", plan_key(&run_id)))?;
+    let progress = run_progress(&plan, store.as_ref()).await?;
+    let committed = store.exists(&manifest_key(&run_id)).await?;
+    // Throughput over the span of finished jobs: from the first job's start to the last finish.
+    let mut starts = Vec::new();
+    let mut ends = Vec::new();
+    for c in &progress.completions {
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&c.finished_at) {
+            ends.push(t);
+            starts.push(t - chrono::Duration::milliseconds(c.wall_ms as i64));
+        }
+    }
+    let span_s = match (starts.iter().min(), ends.iter().max()) {
+        (Some(a), Some(b)) => seconds_between(&a.to_rfc3339(), &b.to_rfc3339()).unwrap_or(0.0),
+        _ => 0.0,
+    };
+    let remaining = progress.jobs_planned - progress.jobs_done;
+    let tokens_per_s = if span_s > 0.0 { progress.tokens_out as f64 / span_s } else { 0.0 };
+    let eta_s = (progress.jobs_done > 0 && remaining > 0 && span_s > 0.0)
+        .then(|| span_s / progress.jobs_done as f64 * remaining as f64);
+    let broker = match &args.amqp {
+        None => None,
+        Some(url) => {
+            let q = RabbitQueue::connect(AmqpConfig::new(url), &model_route(plan.model.digest.as_str())).await?;
+            Some(q.depths().await?)
+        }
+    };
+    let state = if committed {
+        "committed"
+    } else if remaining == 0 {
+        "done, not committed"
+    } else {
+        "running"
+    };
+    if args.json {
+        let v = serde_json::json!({
+            "run_id": run_id.to_string(),
+            "output": root,
+            "state": state,
+            "pipeline": plan.pipeline.name,
+            "model": plan.model.id,
+            "jobs_planned": progress.jobs_planned,
+            "jobs_done": progress.jobs_done,
+            "jobs_remaining": remaining,
+            "jobs_queued": broker.map(|b| b.0),
+            "dead_lettered": broker.map(|b| b.1),
+            "documents_ok": progress.documents_ok,
+            "documents_failed": progress.documents_failed,
+            "rows": progress.rows,
+            "error_rows": progress.error_rows,
+            "tokens_in": progress.tokens_in,
+            "tokens_out": progress.tokens_out,
+            "tokens_per_s": (tokens_per_s * 10.0).round() / 10.0,
+            "eta_s": eta_s.map(f64::round),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("run {run_id} ({} pipeline, model {}): {state}", plan.pipeline.name, plan.model.id);
+        println!("  output     {root}");
+        println!("  jobs       {}/{} done, {remaining} to go", progress.jobs_done, progress.jobs_planned);
+        if let Some((queued, dead)) = broker {
+            println!("  broker     {queued} queued, {dead} dead-lettered (model queue)");
+        }
+        println!("  documents  {} ok, {} failed", progress.documents_ok, progress.documents_failed);
+        println!("  rows       {} ({} error rows)", progress.rows, progress.error_rows);
+        println!(
+            "  tokens     {} in, {} out ({tokens_per_s:.1} generated tokens/s)",
+            progress.tokens_in, progress.tokens_out
+        );
+        if let Some(eta) = eta_s {
+            println!("  eta        {eta:.0} s at the rate so far");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_between_rfc3339_times() {
+        assert_eq!(seconds_between("2026-11-29T10:00:00.000Z", "2026-11-29T10:01:30.500Z"), Some(90.5));
+        assert_eq!(seconds_between("x", "2026-11-29T10:00:00Z"), None);
+    }
+}
