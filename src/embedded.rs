@@ -50,7 +50,7 @@ pub struct RunArgs {
     pub unconstrained: bool,
 }
 
-fn new_run_id() -> String {
+pub fn new_run_id() -> String {
     let now = chrono::Utc::now();
     format!("run-{}-{:04x}", now.format("%Y%m%dT%H%M%SZ"), now.timestamp_subsec_micros() & 0xffff)
 }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod debug;
+mod distributed;
 mod embedded;
 mod eval;
 mod model_path;
@@ -50,6 +51,10 @@ enum LogFormat {
 enum Command {
     /// Run a pipeline over inputs in this process (coordinator, in-process queue, workers).
     Run(embedded::RunArgs),
+    /// Plan a run and publish its jobs to RabbitMQ, then follow it and commit it.
+    Submit(distributed::SubmitArgs),
+    /// Serve one model's jobs from RabbitMQ until stopped (SIGTERM finishes the jobs in hand).
+    Work(distributed::WorkArgs),
     /// Where a run stands: jobs planned and done, rows, tokens/s, ETA (from its output).
     Status(status::StatusArgs),
     /// Score a run's output against a gold set: per-field precision, recall, F1.
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::main(args),
         Command::Eval(args) => eval::main(args),
         Command::Status(args) => status::main(args),
+        Command::Submit(args) => distributed::submit(args),
+        Command::Work(args) => distributed::work(args),
         Command::Debug(cmd) => debug::main(cmd),
         Command::Models(cmd) => models::main(cmd),
     };

@@ -53,3 +53,20 @@ pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
     }
     Ok(engine)
 }
+
+/// What identifies `--model` in jobs (file or folder name, and digest) without loading it:
+/// the file's SHA-256, or a checkpoint folder's fingerprint, as the engine computes them.
+pub fn model_ref(arg: &str) -> anyhow::Result<medbatch_schemas::ModelRef> {
+    let path = resolve(arg)?;
+    let digest = if path.is_dir() {
+        medbatch_engine::engine::checkpoint_fingerprint(&path)
+    } else {
+        medbatch_engine::engine::file_sha256(&path)
+    }
+    .with_context(|| format!("model {}", path.display()))?;
+    if arg == "demo" && digest != DEMO_MODEL_SHA256 {
+        bail!("demo model at {} has sha256 {digest}, expected {DEMO_MODEL_SHA256}", path.display());
+    }
+    let id = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(medbatch_schemas::ModelRef { id, digest: medbatch_schemas::Digest::parse(&digest).context("model digest")? })
+}

@@ -15,23 +15,29 @@ pub struct Progress {
     pub done: u64,
     pub failed: u64,
     pub tokens_out: u64,
+    unit: &'static str,
 }
 
 impl Progress {
     pub fn new(total: u64) -> Self {
+        Self::counting(total, "documents")
+    }
+
+    /// A progress display counting `unit`s (`documents`, `jobs`).
+    pub fn counting(total: u64, unit: &'static str) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             b.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} documents  {msg}  ETA {eta}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{pos}}/{{len}} {unit}  {{msg}}  ETA {{eta}}"
+                ))
                 .expect("valid template"),
             );
             b.enable_steady_tick(Duration::from_millis(200));
             b
         });
         let now = Instant::now();
-        Self { bar, started: now, last_line: now, total, done: 0, failed: 0, tokens_out: 0 }
+        Self { bar, started: now, last_line: now, total, done: 0, failed: 0, tokens_out: 0, unit }
     }
 
     pub fn tokens_per_s(&self) -> f64 {
@@ -65,6 +71,20 @@ impl Progress {
         if !ok {
             self.failed += 1;
         }
+        self.show();
+    }
+
+    /// Sets the counts from a fresh reading (units done, tokens generated so far).
+    pub fn set(&mut self, done: u64, tokens_out: u64) {
+        let changed = done != self.done;
+        self.done = done;
+        self.tokens_out = tokens_out;
+        if changed || self.bar.is_some() {
+            self.show();
+        }
+    }
+
+    fn show(&mut self) {
         let msg = self.message();
         match &self.bar {
             Some(b) => {
@@ -74,7 +94,7 @@ impl Progress {
             None => {
                 if self.last_line.elapsed() >= PLAIN_INTERVAL || self.done == self.total {
                     self.last_line = Instant::now();
-                    eprintln!("progress: {}/{} documents, {msg}", self.done, self.total);
+                    eprintln!("progress: {}/{} {}, {msg}", self.done, self.total, self.unit);
                 }
             }
         }

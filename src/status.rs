@@ -3,7 +3,7 @@
 //! with `--amqp`, also the jobs waiting in the model's queue and the dead-lettered ones.
 
 use anyhow::Context;
-use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue};
+use medbatch_connectors::amqp::{model_route, RabbitQueue};
 use medbatch_connectors::s3::S3Store;
 use medbatch_connectors::store::{LocalStore, ObjectStore};
 use medbatch_coordinator::commit::run_progress;
@@ -90,7 +90,11 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let broker = match &args.amqp {
         None => None,
         Some(url) => {
-            let q = RabbitQueue::connect(AmqpConfig::new(url), &model_route(plan.model.digest.as_str())).await?;
+            let q = RabbitQueue::connect(
+                crate::distributed::amqp_config(url, None),
+                &model_route(plan.model.digest.as_str()),
+            )
+            .await?;
             Some(q.depths().await?)
         }
     };

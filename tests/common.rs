@@ -97,3 +97,19 @@ pub fn string_column(batches: &[arrow::record_batch::RecordBatch], name: &str) -
     }
     out
 }
+
+/// Runs a Python snippet with pyarrow's S3 filesystem `fs` pointed at the test server.
+pub fn py_s3(body: &str) -> serde_json::Value {
+    let endpoint =
+        std::env::var("AWS_ENDPOINT_URL").expect("AWS_ENDPOINT_URL: run the tests through `bash infra/test.sh`");
+    let script = format!(
+        "import json, os, pyarrow.fs as pafs, pyarrow.dataset as ds\n\
+         e = os.environ['AWS_ENDPOINT_URL'].split('://')\n\
+         fs = pafs.S3FileSystem(endpoint_override=e[1], scheme=e[0], access_key=os.environ['AWS_ACCESS_KEY_ID'],\n\
+             secret_key=os.environ['AWS_SECRET_ACCESS_KEY'], region='us-east-1', allow_bucket_creation=True, allow_bucket_deletion=True)\n\
+         {body}\n"
+    );
+    let o = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "pyarrow against {endpoint}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

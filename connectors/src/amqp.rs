@@ -298,7 +298,8 @@ impl RabbitQueue {
             self.consume().await?;
             let item = {
                 let mut consuming = self.consuming.lock().await;
-                let c = consuming.as_mut().expect("consuming");
+                // `close` (or a reconnect) may have taken the consumer meanwhile.
+                let Some(c) = consuming.as_mut() else { continue };
                 tokio::select! {
                     item = c.consumer.next() => item,
                     // Re-check `closed` now and then.

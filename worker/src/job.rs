@@ -97,7 +97,7 @@ pub async fn run_worker(
     Ok(done)
 }
 
-async fn handle_delivery(
+pub async fn handle_delivery(
     delivery: Delivery,
     ctx: &WorkerContext,
 ) -> Result<(), medbatch_connectors::queue::QueueError> {

@@ -1,0 +1,270 @@
+//! `medbatch submit` and `medbatch work`: a run over RabbitMQ, with output on S3 or a shared
+//! directory. `submit` plans and publishes (resumable: rerun it with the same run id), then
+//! follows the run's completion markers and commits it; `work` serves one model's queue
+//! until stopped.
+
+use crate::status::open_store;
+use crate::{model_path, progress::Progress};
+use anyhow::Context;
+use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
+use medbatch_connectors::queue::JobQueue;
+use medbatch_connectors::store::ObjectStore;
+use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
+use medbatch_engine::service::ServiceLimits;
+use medbatch_engine::EngineHandle;
+use medbatch_schemas::{Job, RunId};
+use medbatch_worker::job::{handle_delivery, WorkerContext};
+use medbatch_worker::pipeline::LoadedPipeline;
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// The broker settings shared by `submit`, `work` and `status`.
+pub fn amqp_config(url: &str, ca_file: Option<&std::path::Path>) -> AmqpConfig {
+    let mut c = AmqpConfig::new(url);
+    c.ca_file = ca_file.map(|p| p.to_path_buf());
+    // A namespace for the broker objects, so that separate deployments (or test runs) can
+    // share one broker.
+    if let Ok(ns) = std::env::var("MEDBATCH_AMQP_NAMESPACE") {
+        if !ns.is_empty() {
+            c.topology = Topology::default().with_suffix(&format!("-{ns}"));
+        }
+    }
+    c
+}
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// Pipeline: a folder name under pipelines/ or a path to one.
+    pub pipeline: String,
+    /// Inputs: files, folders, or archives (paths every worker can read).
+    #[arg(required = true)]
+    pub inputs: Vec<String>,
+    /// Output root: `s3://bucket/prefix` or a directory every worker can write.
+    #[arg(long, env = "MEDBATCH_OUT")]
+    pub out: String,
+    /// Broker URL (`amqp://` or `amqps://`).
+    #[arg(long, env = "MEDBATCH_AMQP_URL")]
+    pub amqp: String,
+    /// CA certificate (PEM) for `amqps://`.
+    #[arg(long, env = "MEDBATCH_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
+    /// The model the workers serve (its digest routes the jobs); read, not loaded.
+    #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
+    pub model: String,
+    /// Run id; reusing one resumes that run (nothing planned twice, finished jobs skipped).
+    #[arg(long, env = "MEDBATCH_RUN_ID")]
+    pub run_id: Option<String>,
+    /// Publish and return instead of following the run.
+    #[arg(long)]
+    pub detach: bool,
+    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct WorkArgs {
+    /// Broker URL (`amqp://` or `amqps://`).
+    #[arg(long, env = "MEDBATCH_AMQP_URL")]
+    pub amqp: String,
+    #[arg(long, env = "MEDBATCH_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
+    /// Model: a GGUF file, a checkpoint folder, or `demo`. The worker takes only jobs for it.
+    #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
+    pub model: String,
+    /// Jobs worked on at once (their requests share the engine's batches).
+    #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
+    pub concurrency: usize,
+    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+}
+
+pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    rt.block_on(run_submit(args))
+}
+
+async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let run_id = RunId::new(args.run_id.clone().unwrap_or_else(crate::embedded::new_run_id))?;
+    let pipeline = LoadedPipeline::load(&args.pipeline)?;
+    let (store, root) = open_store(&args.out, args.s3_endpoint.as_deref()).await?;
+    let model_arg = args.model.clone();
+    let model = tokio::task::spawn_blocking(move || model_path::model_ref(&model_arg)).await??;
+    let cfg = PlanConfig {
+        run_id: run_id.clone(),
+        pipeline: pipeline.reference(),
+        model: model.clone(),
+        output: root.clone(),
+        inputs: args.inputs.clone(),
+    };
+    let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    let queue = RabbitQueue::connect(
+        amqp_config(&args.amqp, args.amqp_ca_file.as_deref()),
+        &model_route(model.digest.as_str()),
+    )
+    .await?;
+    let t = Instant::now();
+    let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
+    eprintln!(
+        "medbatch: run {run_id}: {} input files, {} jobs ({} published in {:.1} s, {already} already done), model {}",
+        plan.files,
+        plan.jobs.len(),
+        published.len(),
+        t.elapsed().as_secs_f64(),
+        model.id
+    );
+    if args.detach {
+        println!("run {run_id} submitted; follow it with: medbatch status {root} --run-id {run_id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Follow the completion markers; workers may be anywhere.
+    let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
+    let manifest = loop {
+        let p = run_progress(&plan, store.as_ref()).await?;
+        bar.set(p.jobs_done, p.tokens_out);
+        if p.jobs_done == p.jobs_planned {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            break commit_run(&plan, store.as_ref(), &now).await?;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    bar.finish();
+    let p = run_progress(&plan, store.as_ref()).await?;
+    println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, model.id);
+    println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
+    println!("  documents  {} ok, {} failed", p.documents_ok, p.documents_failed);
+    println!("  rows       {} ({} error rows)", p.rows, p.error_rows);
+    println!("  wall time  {:.1} s", started.elapsed().as_secs_f64());
+    println!("  output     {root}/{}/run_id={run_id}", pipeline.spec.output.table);
+    if manifest.is_some() {
+        println!("  manifest   {root}/{}", medbatch_schemas::tables::manifest_key(&run_id));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pipelines and output stores of the jobs a worker sees, opened once each.
+struct Resolver {
+    engine: EngineHandle,
+    s3_endpoint: Option<String>,
+    worker_id: String,
+    pipelines: Mutex<HashMap<String, Arc<LoadedPipeline>>>,
+    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl Resolver {
+    async fn context(&self, job: &Job, slot: usize) -> anyhow::Result<WorkerContext> {
+        let pipeline = {
+            let mut p = self.pipelines.lock().await;
+            match p.get(&job.pipeline.name) {
+                Some(x) => x.clone(),
+                None => {
+                    let loaded = Arc::new(LoadedPipeline::load(&job.pipeline.name)?);
+                    p.insert(job.pipeline.name.clone(), loaded.clone());
+                    loaded
+                }
+            }
+        };
+        let store = {
+            let mut s = self.stores.lock().await;
+            match s.get(&job.output) {
+                Some(x) => x.clone(),
+                None => {
+                    let (opened, _) = open_store(&job.output, self.s3_endpoint.as_deref()).await?;
+                    s.insert(job.output.clone(), opened.clone());
+                    opened
+                }
+            }
+        };
+        Ok(WorkerContext {
+            store,
+            engine: self.engine.clone(),
+            pipeline,
+            worker_id: format!("{}-{slot}", self.worker_id),
+            events: None,
+        })
+    }
+}
+
+pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    rt.block_on(run_work(args))
+}
+
+async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
+    let concurrency = args.concurrency.max(1);
+    let model_arg = args.model.clone();
+    eprintln!("medbatch: loading model {model_arg}");
+    let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
+    let info = engine.info.clone();
+    let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
+    let mut cfg = amqp_config(&args.amqp, args.amqp_ca_file.as_deref());
+    cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+    let route = model_route(&info.digest);
+    let queue = Arc::new(RabbitQueue::connect(cfg, &route).await?);
+    eprintln!(
+        "medbatch: worker for model {} (route {route}) on {}, {concurrency} at once",
+        info.id,
+        queue_url(&args.amqp)
+    );
+    // SIGTERM or Ctrl-C: take no new job; the jobs in hand finish (or go back to the queue
+    // when the process is killed harder).
+    let stopper = queue.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("medbatch: stopping: finishing the jobs in hand");
+        stopper.close().await;
+    });
+    let resolver = Arc::new(Resolver {
+        engine,
+        s3_endpoint: args.s3_endpoint.clone(),
+        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        pipelines: Mutex::new(HashMap::new()),
+        stores: Mutex::new(HashMap::new()),
+    });
+    let mut tasks = Vec::new();
+    for slot in 0..concurrency {
+        let (queue, resolver) = (queue.clone(), resolver.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut handled = 0u64;
+            while let Some(delivery) = queue.next().await? {
+                let span = tracing::info_span!("job", job_id = %delivery.job.job_id, run_id = %delivery.job.run_id, attempt = delivery.job.attempt);
+                match resolver.context(&delivery.job, slot).await {
+                    Ok(ctx) => {
+                        use tracing::Instrument;
+                        handle_delivery(delivery, &ctx).instrument(span).await?;
+                    }
+                    Err(e) => {
+                        // Another worker may have the pipeline or reach the output; after
+                        // the delivery limit the job is dead-lettered.
+                        tracing::warn!(error = %format!("{e:#}"), "cannot take the job; returning it");
+                        delivery.nack(true).await?;
+                    }
+                }
+                handled += 1;
+            }
+            Ok::<u64, medbatch_connectors::queue::QueueError>(handled)
+        }));
+    }
+    let mut handled = 0;
+    for t in tasks {
+        handled += t.await.context("worker task")??;
+    }
+    eprintln!("medbatch: worker stopped after {handled} deliveries");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn queue_url(url: &str) -> String {
+    medbatch_connectors::amqp::redact_url(url)
+}

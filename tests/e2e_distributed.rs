@@ -1,0 +1,103 @@
+//! End-to-end: a distributed run. Two `medbatch work` processes serve the real RabbitMQ
+//! (in a namespace of their own), `medbatch submit` plans, publishes and follows the run,
+//! the output goes to the local S3-compatible server; the result equals an embedded run over
+//! the same inputs, every job is in the manifest once, and SIGTERM stops the workers cleanly.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Command, Stdio};
+
+const INPUTS: [&str; 3] = [
+    "examples/lab-reports/hl7-oru.txt",
+    "examples/lab-reports/liver-pipe-table.txt",
+    "examples/lab-reports/chemistry-colon-lines.txt",
+];
+
+fn worker(namespace: &str, model: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(["work", "--model", model, "--concurrency", "2"])
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", namespace)
+        .env("MEDBATCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
+    let model = demo_model();
+    let model = model.to_str().unwrap();
+    std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
+    let namespace = format!("e2e-{}", std::process::id());
+    let bucket = format!("medbatch-dist-{}", std::process::id());
+    py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
+    let mut workers = vec![worker(&namespace, model), worker(&namespace, model)];
+
+    let out = format!("s3://{bucket}/runs");
+    let mut args = vec!["submit", "lab-report"];
+    args.extend_from_slice(&INPUTS);
+    args.extend_from_slice(&["--out", &out, "--model", model, "--run-id", "dist"]);
+    let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(&args)
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    let stdout = text(&submitted.stdout);
+    // Stop the workers whatever happened: SIGTERM, then they finish and exit.
+    for w in &workers {
+        Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+    }
+    let mut worker_logs = Vec::new();
+    for w in workers.drain(..) {
+        let o = w.wait_with_output().unwrap();
+        worker_logs.push((o.status, text(&o.stderr)));
+    }
+    assert!(submitted.status.success(), "{stdout}\n{}\n{worker_logs:?}", text(&submitted.stderr));
+    for (status, log) in &worker_logs {
+        assert!(status.success(), "worker exit {status:?}: {log}");
+        assert!(log.contains("worker stopped after"), "{log}");
+    }
+    assert!(stdout.contains("3/3 done"), "{stdout}");
+
+    // The same inputs, embedded.
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("out");
+    let mut args = vec!["run", "lab-report"];
+    args.extend_from_slice(&INPUTS);
+    args.extend_from_slice(&["--out", local.to_str().unwrap(), "--model", model, "--run-id", "dist"]);
+    assert!(medbatch(&args).status.success());
+    let (local_rows, _, _) = read_parquet_dir(&local.join("lab_results"));
+
+    let got = py_s3(&format!(
+        "sel = fs.get_file_info(pafs.FileSelector('{bucket}/runs/lab_results', recursive=True))\n\
+         files = [f.path for f in sel if f.type == pafs.FileType.File]\n\
+         t = ds.dataset(files, filesystem=fs, format='parquet').to_table()\n\
+         m = json.loads(fs.open_input_stream('{bucket}/runs/_runs/dist/manifest.json').read())\n\
+         keys = [p['key'] for p in m['parts']]\n\
+         print(json.dumps({{'rows': t.num_rows, 'keys': keys, 'jobs': m['jobs'], 'row_jobs': len(set(t.column('job_id').to_pylist()))}}))"
+    ));
+    assert_eq!(got["rows"].as_u64().unwrap() as usize, local_rows);
+    // Every job once in the manifest: three jobs, no part key twice, rows from all three.
+    assert_eq!(got["jobs"], 3);
+    let keys = got["keys"].as_array().unwrap();
+    let mut unique = keys.clone();
+    unique.sort_by_key(|k| k.to_string());
+    unique.dedup();
+    assert_eq!(unique.len(), keys.len(), "a part repeats in the manifest: {keys:?}");
+    assert_eq!(got["row_jobs"], 3);
+    // Status from the output, with the broker: committed, nothing queued.
+    let o = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(["status", &out, "--run-id", "dist", "--json"])
+        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["state"], "committed");
+    assert_eq!(s["jobs_queued"], 0);
+    py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
+}
