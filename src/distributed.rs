@@ -35,6 +35,26 @@ pub fn amqp_config(url: &str, ca_file: Option<&std::path::Path>) -> AmqpConfig {
     c
 }
 
+/// How to reach the broker (`submit`, `work`).
+#[derive(clap::Args)]
+pub struct BrokerArgs {
+    /// Broker URL (`amqp://` or `amqps://`).
+    #[arg(long, env = "MEDBATCH_AMQP_URL")]
+    pub amqp: String,
+    /// CA certificate (PEM) for `amqps://`.
+    #[arg(long, env = "MEDBATCH_AMQP_CA_FILE")]
+    pub amqp_ca_file: Option<std::path::PathBuf>,
+    /// S3 endpoint URL (default: the AWS SDK's endpoint variables, else AWS).
+    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+}
+
+impl BrokerArgs {
+    fn config(&self) -> AmqpConfig {
+        amqp_config(&self.amqp, self.amqp_ca_file.as_deref())
+    }
+}
+
 #[derive(clap::Args)]
 pub struct SubmitArgs {
     /// Pipeline: a folder name under pipelines/ or a path to one.
@@ -45,12 +65,8 @@ pub struct SubmitArgs {
     /// Output root: `s3://bucket/prefix` or a directory every worker can write.
     #[arg(long, env = "MEDBATCH_OUT")]
     pub out: String,
-    /// Broker URL (`amqp://` or `amqps://`).
-    #[arg(long, env = "MEDBATCH_AMQP_URL")]
-    pub amqp: String,
-    /// CA certificate (PEM) for `amqps://`.
-    #[arg(long, env = "MEDBATCH_AMQP_CA_FILE")]
-    pub amqp_ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// The model the workers serve (its digest routes the jobs); read, not loaded.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
@@ -60,25 +76,18 @@ pub struct SubmitArgs {
     /// Publish and return instead of following the run.
     #[arg(long)]
     pub detach: bool,
-    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
 }
 
 #[derive(clap::Args)]
 pub struct WorkArgs {
-    /// Broker URL (`amqp://` or `amqps://`).
-    #[arg(long, env = "MEDBATCH_AMQP_URL")]
-    pub amqp: String,
-    #[arg(long, env = "MEDBATCH_AMQP_CA_FILE")]
-    pub amqp_ca_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Model: a GGUF file, a checkpoint folder, or `demo`. The worker takes only jobs for it.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
     /// Jobs worked on at once (their requests share the engine's batches).
     #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
-    #[arg(long, env = "MEDBATCH_S3_ENDPOINT")]
-    pub s3_endpoint: Option<String>,
 }
 
 fn hostname() -> String {
@@ -94,7 +103,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let run_id = RunId::new(args.run_id.clone().unwrap_or_else(crate::embedded::new_run_id))?;
     let pipeline = LoadedPipeline::load(&args.pipeline)?;
-    let (store, root) = open_store(&args.out, args.s3_endpoint.as_deref()).await?;
+    let (store, root) = open_store(&args.out, args.broker.s3_endpoint.as_deref()).await?;
     let model_arg = args.model.clone();
     let model = tokio::task::spawn_blocking(move || model_path::model_ref(&model_arg)).await??;
     let cfg = PlanConfig {
@@ -105,11 +114,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         inputs: args.inputs.clone(),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
-    let queue = RabbitQueue::connect(
-        amqp_config(&args.amqp, args.amqp_ca_file.as_deref()),
-        &model_route(model.digest.as_str()),
-    )
-    .await?;
+    let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
     eprintln!(
@@ -204,14 +209,14 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
     let info = engine.info.clone();
     let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
-    let mut cfg = amqp_config(&args.amqp, args.amqp_ca_file.as_deref());
+    let mut cfg = args.broker.config();
     cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let route = model_route(&info.digest);
     let queue = Arc::new(RabbitQueue::connect(cfg, &route).await?);
     eprintln!(
         "medbatch: worker for model {} (route {route}) on {}, {concurrency} at once",
         info.id,
-        queue_url(&args.amqp)
+        queue_url(&args.broker.amqp)
     );
     // SIGTERM or Ctrl-C: take no new job; the jobs in hand finish (or go back to the queue
     // when the process is killed harder).
@@ -228,7 +233,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     });
     let resolver = Arc::new(Resolver {
         engine,
-        s3_endpoint: args.s3_endpoint.clone(),
+        s3_endpoint: args.broker.s3_endpoint.clone(),
         worker_id: format!("{}-{}", hostname(), std::process::id()),
         pipelines: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),

@@ -113,3 +113,18 @@ pub fn py_s3(body: &str) -> serde_json::Value {
     assert!(o.status.success(), "pyarrow against {endpoint}: {}", text(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
 }
+
+/// Runs `inputs` through the lab-report pipeline in this process's embedded mode into a
+/// temporary folder; returns the rows of `lab_results` (row count and batches).
+pub fn embedded_lab_rows(inputs: &[&str], run_id: &str) -> (usize, Vec<arrow::record_batch::RecordBatch>) {
+    let model = demo_model();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("out");
+    let mut args = vec!["run", "lab-report"];
+    args.extend_from_slice(inputs);
+    args.extend_from_slice(&["--out", local.to_str().unwrap(), "--model", model.to_str().unwrap(), "--run-id", run_id]);
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (rows, _, batches) = read_parquet_dir(&local.join("lab_results"));
+    (rows, batches)
+}

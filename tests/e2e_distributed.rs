@@ -64,13 +64,7 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     assert!(stdout.contains("3/3 done"), "{stdout}");
 
     // The same inputs, embedded.
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("out");
-    let mut args = vec!["run", "lab-report"];
-    args.extend_from_slice(&INPUTS);
-    args.extend_from_slice(&["--out", local.to_str().unwrap(), "--model", model, "--run-id", "dist"]);
-    assert!(medbatch(&args).status.success());
-    let (local_rows, _, _) = read_parquet_dir(&local.join("lab_results"));
+    let (local_rows, _) = embedded_lab_rows(&INPUTS, "dist");
 
     let got = py_s3(&format!(
         "sel = fs.get_file_info(pafs.FileSelector('{bucket}/runs/lab_results', recursive=True))\n\

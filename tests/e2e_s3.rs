@@ -24,13 +24,7 @@ fn a_run_written_to_s3_reads_back_with_pyarrow_like_the_local_one() {
     assert!(o.status.success(), "{stdout}\n{}", text(&o.stderr));
     assert!(stdout.contains(&format!("{uri}/lab_results/run_id=s3")), "{stdout}");
 
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join("out");
-    let mut args = vec!["run", "lab-report"];
-    args.extend_from_slice(&inputs);
-    args.extend_from_slice(&["--out", local.to_str().unwrap(), "--model", model.to_str().unwrap(), "--run-id", "s3"]);
-    assert!(medbatch(&args).status.success());
-    let (local_rows, _, batches) = read_parquet_dir(&local.join("lab_results"));
+    let (local_rows, batches) = embedded_lab_rows(&inputs, "s3");
 
     let got = py_s3(&format!(
         "sel = fs.get_file_info(pafs.FileSelector('{bucket}/runs/lab_results', recursive=True))\n\
