@@ -63,6 +63,9 @@ impl Topology {
     }
 }
 
+/// Publishes in flight at once (confirms awaited per window).
+pub const PUBLISH_WINDOW: usize = 256;
+
 /// The routing key of a model: the first 16 hex digits of its digest.
 pub fn model_route(model_digest: &str) -> String {
     model_digest.chars().take(16).collect()
@@ -237,34 +240,44 @@ impl RabbitQueue {
         Ok((jobs.map_err(broker)?.message_count(), dead.map_err(broker)?.message_count()))
     }
 
-    async fn publish_once(&self, job: &Job) -> Result<(), QueueError> {
+    /// Sends every job, then waits for every confirm: all or an error (after which the
+    /// caller publishes the batch again; a job published twice is harmless, as a finished
+    /// job's redelivery is acknowledged without work).
+    async fn publish_once(&self, jobs: &[Job]) -> Result<(), QueueError> {
         let live = self.live.lock().await;
         let live = live.as_ref().ok_or_else(|| QueueError::Broker("not connected".into()))?;
-        let payload = serde_json::to_vec(job).map_err(broker)?;
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(job.job_id.to_string().into());
-        let route = model_route(job.model.digest.as_str());
-        let confirm = live
-            .publish
-            .basic_publish(
-                self.config.topology.exchange.as_str().into(),
-                route.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &payload,
-                props,
-            )
-            .await
-            .map_err(broker)?
-            .await
-            .map_err(broker)?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(QueueError::Broker(format!("no queue is bound for model route {route}"))),
-            Confirmation::Nack(_) => Err(QueueError::Broker("the broker refused the job (nack)".into())),
-            Confirmation::NotRequested => Err(QueueError::Broker("publisher confirms are off".into())),
+        let mut pending = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let payload = serde_json::to_vec(job).map_err(broker)?;
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(job.job_id.to_string().into());
+            let route = model_route(job.model.digest.as_str());
+            let confirm = live
+                .publish
+                .basic_publish(
+                    self.config.topology.exchange.as_str().into(),
+                    route.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &payload,
+                    props,
+                )
+                .await
+                .map_err(broker)?;
+            pending.push((route, confirm));
         }
+        for (route, confirm) in pending {
+            match confirm.await.map_err(broker)? {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(QueueError::Broker(format!("no queue is bound for model route {route}")))
+                }
+                Confirmation::Nack(_) => return Err(QueueError::Broker("the broker refused a job (nack)".into())),
+                Confirmation::NotRequested => return Err(QueueError::Broker("publisher confirms are off".into())),
+            }
+        }
+        Ok(())
     }
 
     async fn consume(&self) -> Result<(), QueueError> {
@@ -413,7 +426,14 @@ impl Acker for RabbitAcker {
 #[async_trait]
 impl JobQueue for RabbitQueue {
     async fn publish(&self, job: &Job) -> Result<(), QueueError> {
-        self.with_reconnect("publish", || self.publish_once(job)).await
+        self.with_reconnect("publish", || self.publish_once(std::slice::from_ref(job))).await
+    }
+
+    async fn publish_batch(&self, jobs: &[Job]) -> Result<(), QueueError> {
+        for window in jobs.chunks(PUBLISH_WINDOW) {
+            self.with_reconnect("publish", || self.publish_once(window)).await?;
+        }
+        Ok(())
     }
 
     async fn next(&self) -> Result<Option<Delivery>, QueueError> {

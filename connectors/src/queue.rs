@@ -52,6 +52,14 @@ pub trait Acker: Send {
 pub trait JobQueue: Send + Sync {
     /// Publishes a job; returns once the queue has accepted it durably.
     async fn publish(&self, job: &Job) -> Result<(), QueueError>;
+    /// Publishes jobs; returns once the queue has accepted all of them durably. Queues that
+    /// can have several publishes in flight do so.
+    async fn publish_batch(&self, jobs: &[Job]) -> Result<(), QueueError> {
+        for j in jobs {
+            self.publish(j).await?;
+        }
+        Ok(())
+    }
     /// The next delivery, or `None` once the queue is closed and drained.
     async fn next(&self) -> Result<Option<Delivery>, QueueError>;
 }

@@ -5,7 +5,7 @@ use crate::CoordinatorError;
 use medbatch_connectors::inputs::{self, FoundInput};
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
-use medbatch_schemas::tables::{done_key, plan_key};
+use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
 use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -136,16 +136,14 @@ pub async fn publish_pending(
             return Err(CoordinatorError::PlanMismatch { run_id: plan.run_id.to_string() });
         }
     }
-    let (mut published, mut done) = (Vec::new(), 0);
-    for job in &plan.jobs {
-        if store.exists(&done_key(&job.run_id, &job.job_id)).await? {
-            done += 1;
-            continue;
-        }
-        queue.publish(job).await?;
-        published.push(job.job_id.clone());
-    }
-    Ok((published, done))
+    // One listing of the markers rather than a request per job.
+    let markers: std::collections::HashSet<String> =
+        store.list(&done_prefix(&plan.run_id)).await?.into_iter().collect();
+    let (pending, done): (Vec<&Job>, Vec<&Job>) =
+        plan.jobs.iter().partition(|j| !markers.contains(&done_key(&j.run_id, &j.job_id)));
+    let pending: Vec<Job> = pending.into_iter().cloned().collect();
+    queue.publish_batch(&pending).await?;
+    Ok((pending.into_iter().map(|j| j.job_id).collect(), done.len()))
 }
 
 #[cfg(test)]
