@@ -131,14 +131,19 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     // Follow the completion markers; workers may be anywhere.
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
+    // One listing of the markers per poll (not a read of each); the markers are read once,
+    // when all are there, to commit.
+    let planned: std::collections::HashSet<String> =
+        plan.jobs.iter().map(|j| medbatch_schemas::tables::done_key(&j.run_id, &j.job_id)).collect();
     let manifest = loop {
-        let p = run_progress(&plan, store.as_ref()).await?;
-        bar.set(p.jobs_done, p.tokens_out);
-        if p.jobs_done == p.jobs_planned {
+        let listed = store.list(&medbatch_schemas::tables::done_prefix(&run_id)).await?;
+        let done = listed.iter().filter(|k| planned.contains(*k)).count() as u64;
+        bar.set(done, 0);
+        if done == plan.jobs.len() as u64 {
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             break commit_run(&plan, store.as_ref(), &now).await?;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     };
     bar.finish();
     let p = run_progress(&plan, store.as_ref()).await?;

@@ -63,6 +63,9 @@ impl Progress {
     }
 
     fn message(&self) -> String {
+        if self.tokens_out == 0 && self.unit != "documents" {
+            return format!("{} failed", self.failed);
+        }
         format!("{:.1} tok/s  {} failed", self.tokens_per_s(), self.failed)
     }
 
