@@ -39,6 +39,27 @@ pub(crate) fn u32_of(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The engine request for one rendered prompt, with the pipeline's generation settings.
+pub(crate) fn model_request(
+    pipeline: &LoadedPipeline,
+    rendered: crate::pipeline::RenderedPrompt,
+    seed: u64,
+    grammar: Option<medbatch_engine::Grammar>,
+) -> GenerateRequest {
+    let g = &pipeline.spec.generation;
+    GenerateRequest {
+        shared_prefix_len: rendered.shared_prefix_len,
+        prompt: rendered.text,
+        chat: pipeline.spec.prompt.format == PromptFormat::Chat,
+        add_bos: true,
+        parse_special: false,
+        max_new_tokens: g.max_new_tokens,
+        stop: g.stop.clone(),
+        sampling: Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed },
+        grammar,
+    }
+}
+
 /// The answer of a spawned request, or an error row's reason and detail. Grammar messages can
 /// quote the segment the grammar copies from: they are never passed on.
 pub(crate) async fn awaited(
@@ -151,22 +172,7 @@ pub async fn extract_document(
         } else {
             ""
         };
-        let req = GenerateRequest {
-            shared_prefix_len: rendered.shared_prefix_len,
-            prompt: rendered.text,
-            chat,
-            add_bos: true,
-            parse_special: false,
-            max_new_tokens: spec.generation.max_new_tokens,
-            stop: spec.generation.stop.clone(),
-            sampling: Sampling {
-                temperature: spec.generation.temperature,
-                top_k: spec.generation.top_k,
-                top_p: spec.generation.top_p,
-                seed: item_seed(job_seed, &doc.id, c.start),
-            },
-            grammar,
-        };
+        let req = model_request(pipeline, rendered, item_seed(job_seed, &doc.id, c.start), grammar);
         let engine = engine.clone();
         let task = tokio::spawn(async move { engine.generate(req).await }.in_current_span());
         pending.push((c, primer, Ok(task)));

@@ -8,16 +8,15 @@
 //! kept once, and evidence offsets mapped back to the whole document.
 
 use crate::chunk::chunk_by_tokens;
-use crate::extract::{awaited, incomplete, item_seed, u32_of, DocumentResult};
+use crate::extract::{awaited, incomplete, item_seed, model_request, u32_of, DocumentResult};
 use crate::grounding::{align, Alignment, Located};
 use crate::parquet_out::{job_columns, ErrorRow, JobProvenance, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
 use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema};
 use arrow::record_batch::RecordBatch;
-use medbatch_engine::sampling::Sampling;
-use medbatch_engine::{EngineHandle, Finish, GenerateRequest};
-use medbatch_schemas::pipeline::{OutputSpec, PromptFormat, RowMode};
+use medbatch_engine::{EngineHandle, Finish};
+use medbatch_schemas::pipeline::{OutputSpec, RowMode};
 use medbatch_schemas::Document;
 use serde_json::Value;
 use std::sync::Arc;
@@ -331,22 +330,7 @@ pub async fn extract_structured(
             } else {
                 None
             };
-            Ok(GenerateRequest {
-                shared_prefix_len: r.shared_prefix_len,
-                prompt: r.text,
-                chat: spec.prompt.format == PromptFormat::Chat,
-                add_bos: true,
-                parse_special: false,
-                max_new_tokens: spec.generation.max_new_tokens,
-                stop: spec.generation.stop.clone(),
-                sampling: Sampling {
-                    temperature: spec.generation.temperature,
-                    top_k: spec.generation.top_k,
-                    top_p: spec.generation.top_p,
-                    seed: item_seed(job_seed, &doc.id, chunk.start),
-                },
-                grammar,
-            })
+            Ok(model_request(pipeline, r, item_seed(job_seed, &doc.id, chunk.start), grammar))
         });
         let task = prepared.map(|req| {
             let engine = engine.clone();
