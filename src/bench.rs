@@ -266,6 +266,7 @@ async fn publish_bench(n: u32, url: &str) -> anyhow::Result<ExitCode> {
                 sha256: Digest::of_bytes(&i.to_le_bytes()),
                 kind: InputKind::TarGz,
                 selection: Selection::Whole,
+                etag: None,
             };
             Job::new(run.clone(), pipeline.clone(), model.clone(), vec![input], "s3://bucket/out".into())
         })

@@ -7,6 +7,7 @@ use crate::status::open_store;
 use crate::{model_path, progress::Progress};
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
+use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
@@ -25,6 +26,9 @@ use tokio::sync::Mutex;
 pub fn amqp_config(url: &str, ca_file: Option<&std::path::Path>) -> AmqpConfig {
     let mut c = AmqpConfig::new(url);
     c.ca_file = ca_file.map(|p| p.to_path_buf());
+    // Operators (and `rabbitmqctl list_connections client_properties`) see which process a
+    // connection belongs to.
+    c.connection_name = format!("medbatch pid {}", std::process::id());
     // A namespace for the broker objects, so that separate deployments (or test runs) can
     // share one broker.
     if let Ok(ns) = std::env::var("MEDBATCH_AMQP_NAMESPACE") {
@@ -88,11 +92,18 @@ pub struct WorkArgs {
     /// Jobs worked on at once (their requests share the engine's batches).
     #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
+    /// A folder of pipeline folders to serve from, searched before the built-in `pipelines/`
+    /// (a job names its pipeline; its digest must match the folder's, or the job goes back).
+    #[arg(long, env = "MEDBATCH_PIPELINES")]
+    pub pipelines: Option<std::path::PathBuf>,
 }
 
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
 }
+
+/// Consecutive failed reads of the output `submit` waits out while following (2 s apart).
+const STORE_FAILURES_TOLERATED: u32 = 90;
 
 pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
@@ -112,6 +123,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         model: model.clone(),
         output: root.clone(),
         inputs: args.inputs.clone(),
+        source: InputSource::with_s3(args.broker.s3_endpoint.clone()),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
@@ -135,17 +147,79 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     // when all are there, to commit.
     let planned: std::collections::HashSet<String> =
         plan.jobs.iter().map(|j| medbatch_schemas::tables::done_key(&j.run_id, &j.job_id)).collect();
+    let marker_of: HashMap<String, String> = plan
+        .jobs
+        .iter()
+        .map(|j| (j.job_id.to_string(), medbatch_schemas::tables::done_key(&j.run_id, &j.job_id)))
+        .collect();
+    let mut polls = 0u64;
+    let mut store_failures = 0u32;
+    let mut dead: Vec<medbatch_connectors::amqp::DeadJob> = Vec::new();
     let manifest = loop {
-        let listed = store.list(&medbatch_schemas::tables::done_prefix(&run_id)).await?;
-        let done = listed.iter().filter(|k| planned.contains(*k)).count() as u64;
+        // A storage hiccup while following is waited out (the SDK has retried already);
+        // only a store unreachable for minutes ends the command (the run goes on).
+        let listed = match store.list(&medbatch_schemas::tables::done_prefix(&run_id)).await {
+            Ok(l) => {
+                store_failures = 0;
+                l
+            }
+            Err(e) if store_failures < STORE_FAILURES_TOLERATED => {
+                store_failures += 1;
+                tracing::warn!(error = %e, "reading the completion markers failed; trying again");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let listed: std::collections::HashSet<&String> = listed.iter().filter(|k| planned.contains(*k)).collect();
+        let done = listed.len() as u64;
         bar.set(done, 0);
         if done == plan.jobs.len() as u64 {
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            break commit_run(&plan, store.as_ref(), &now).await?;
+            match commit_run(&plan, store.as_ref(), &now).await {
+                Ok(m) => break m,
+                Err(e) if store_failures < STORE_FAILURES_TOLERATED => {
+                    store_failures += 1;
+                    tracing::warn!(error = %e, "committing the run failed; trying again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        // Every few seconds, look for jobs of the run in the dead-letter queue: when every
+        // job left is there, no worker will finish them and following is over.
+        if polls % 5 == 4 {
+            match queue.dead_letters(crate::status::DEAD_LETTER_SCAN).await {
+                Ok(d) => {
+                    dead = d
+                        .of_run(run_id.as_str())
+                        .into_iter()
+                        .filter(|j| marker_of.get(&j.job_id).is_some_and(|k| !listed.contains(k)))
+                        .collect()
+                }
+                // The broker away for a moment: the run goes on; look again later.
+                Err(e) => tracing::warn!(error = %e, "could not look at the dead-letter queue"),
+            }
+            if !dead.is_empty() && done + dead.len() as u64 >= plan.jobs.len() as u64 {
+                break None;
+            }
+        }
+        polls += 1;
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
     bar.finish();
+    if manifest.is_none() {
+        eprintln!("medbatch: run {run_id}: {} jobs were dead-lettered after the delivery limit:", dead.len());
+        for j in &dead {
+            eprintln!("  job {} ({})", j.job_id, j.reason);
+        }
+        eprintln!(
+            "medbatch: the other jobs are done. The workers' logs say why these failed; once fixed, \
+             `medbatch submit` with --run-id {run_id} publishes them again and commits the run."
+        );
+        return Ok(ExitCode::from(3));
+    }
     let p = run_progress(&plan, store.as_ref()).await?;
     println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, model.id);
     println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
@@ -163,6 +237,8 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 struct Resolver {
     engine: EngineHandle,
     s3_endpoint: Option<String>,
+    inputs: InputSource,
+    pipeline_dir: Option<std::path::PathBuf>,
     worker_id: String,
     pipelines: Mutex<HashMap<String, Arc<LoadedPipeline>>>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
@@ -175,7 +251,13 @@ impl Resolver {
             match p.get(&job.pipeline.name) {
                 Some(x) => x.clone(),
                 None => {
-                    let loaded = Arc::new(LoadedPipeline::load(&job.pipeline.name)?);
+                    let name = &job.pipeline.name;
+                    let local = self.pipeline_dir.as_ref().map(|d| d.join(name)).filter(|d| d.is_dir());
+                    let loaded = match local {
+                        Some(dir) => LoadedPipeline::load(&dir.to_string_lossy())?,
+                        None => LoadedPipeline::load(name)?,
+                    };
+                    let loaded = Arc::new(loaded);
                     p.insert(job.pipeline.name.clone(), loaded.clone());
                     loaded
                 }
@@ -198,6 +280,7 @@ impl Resolver {
             pipeline,
             worker_id: format!("{}-{slot}", self.worker_id),
             events: None,
+            inputs: self.inputs.clone(),
         })
     }
 }
@@ -239,6 +322,8 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let resolver = Arc::new(Resolver {
         engine,
         s3_endpoint: args.broker.s3_endpoint.clone(),
+        inputs: InputSource::with_s3(args.broker.s3_endpoint.clone()),
+        pipeline_dir: args.pipelines.clone(),
         worker_id: format!("{}-{}", hostname(), std::process::id()),
         pipelines: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),

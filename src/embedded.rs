@@ -4,6 +4,7 @@
 use crate::model_path;
 use crate::progress::Progress;
 use anyhow::{bail, Context};
+use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
 use medbatch_engine::service::ServiceLimits;
@@ -81,12 +82,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let engine = EngineHandle::spawn_with(engine, limits);
     tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
 
+    let source = InputSource::with_s3(args.s3_endpoint.clone());
     let cfg = PlanConfig {
         run_id: run_id.clone(),
         pipeline: pipeline.reference(),
         model: ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? },
         output: out_root.clone(),
         inputs: args.inputs.clone(),
+        source: source.clone(),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
     let queue = InProcessQueue::new();
@@ -124,6 +127,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             pipeline: pipeline.clone(),
             worker_id: format!("{}-{}", hostname(), i),
             events: Some(tx.clone()),
+            inputs: source.clone(),
         };
         tasks.push(tokio::spawn(run_worker(queue.clone(), ctx)));
     }

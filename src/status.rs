@@ -44,6 +44,17 @@ pub async fn open_store(out: &str, s3_endpoint: Option<&str>) -> anyhow::Result<
     }
 }
 
+/// Dead-lettered messages looked at to find a run's jobs.
+pub const DEAD_LETTER_SCAN: usize = 10_000;
+
+/// What the broker says about a run.
+struct Broker {
+    queued: u32,
+    dead_total: u32,
+    dead_jobs: Vec<medbatch_connectors::amqp::DeadJob>,
+    scanned_all: bool,
+}
+
 pub fn main(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
     rt.block_on(run(args))
@@ -84,6 +95,7 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         _ => 0.0,
     };
     let remaining = progress.jobs_planned - progress.jobs_done;
+    let jobs_with_errors = progress.completions.iter().filter(|c| c.error_rows > 0).count();
     let tokens_per_s = if span_s > 0.0 { progress.tokens_out as f64 / span_s } else { 0.0 };
     let eta_s = (progress.jobs_done > 0 && remaining > 0 && span_s > 0.0)
         .then(|| span_s / progress.jobs_done as f64 * remaining as f64);
@@ -95,11 +107,21 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
                 &model_route(plan.model.digest.as_str()),
             )
             .await?;
-            Some(q.depths().await?)
+            let (queued, dead_total) = q.depths().await?;
+            // Dead-lettered jobs of this run that never finished (a job can finish on its
+            // last delivery and still be dead-lettered if its acknowledgement was lost).
+            let done =
+                progress.completions.iter().map(|c| c.job_id.to_string()).collect::<std::collections::HashSet<_>>();
+            let dead = q.dead_letters(DEAD_LETTER_SCAN).await?;
+            let dead_jobs: Vec<_> =
+                dead.of_run(run_id.as_str()).into_iter().filter(|j| !done.contains(&j.job_id)).collect();
+            Some(Broker { queued, dead_total, dead_jobs, scanned_all: dead.remaining == 0 })
         }
     };
     let state = if committed {
         "committed"
+    } else if broker.as_ref().is_some_and(|b| !b.dead_jobs.is_empty() && b.dead_jobs.len() as u64 >= remaining) {
+        "stalled: every job left is dead-lettered"
     } else if remaining == 0 {
         "done, not committed"
     } else {
@@ -115,8 +137,11 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "jobs_planned": progress.jobs_planned,
             "jobs_done": progress.jobs_done,
             "jobs_remaining": remaining,
-            "jobs_queued": broker.map(|b| b.0),
-            "dead_lettered": broker.map(|b| b.1),
+            "jobs_with_errors": jobs_with_errors,
+            "jobs_queued": broker.as_ref().map(|b| b.queued),
+            "jobs_dead_lettered": broker.as_ref().map(|b| b.dead_jobs.len()),
+            "dead_lettered_jobs": broker.as_ref().map(|b| b.dead_jobs.iter().map(|j| serde_json::json!({"job_id": j.job_id, "reason": j.reason})).collect::<Vec<_>>()),
+            "dead_letter_queue": broker.as_ref().map(|b| b.dead_total),
             "documents_ok": progress.documents_ok,
             "documents_failed": progress.documents_failed,
             "rows": progress.rows,
@@ -130,9 +155,21 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         println!("run {run_id} ({} pipeline, model {}): {state}", plan.pipeline.name, plan.model.id);
         println!("  output     {root}");
-        println!("  jobs       {}/{} done, {remaining} to go", progress.jobs_done, progress.jobs_planned);
-        if let Some((queued, dead)) = broker {
-            println!("  broker     {queued} queued, {dead} dead-lettered (model queue)");
+        println!(
+            "  jobs       {}/{} done ({jobs_with_errors} with error rows), {remaining} to go",
+            progress.jobs_done, progress.jobs_planned
+        );
+        if let Some(b) = &broker {
+            println!(
+                "  broker     {} queued (model queue), {} dead-lettered of this run ({} in the dead-letter queue{})",
+                b.queued,
+                b.dead_jobs.len(),
+                b.dead_total,
+                if b.scanned_all { "" } else { "; only the first part looked at" }
+            );
+            for j in &b.dead_jobs {
+                println!("  dead       job {} ({})", j.job_id, j.reason);
+            }
         }
         println!("  documents  {} ok, {} failed", progress.documents_ok, progress.documents_failed);
         println!("  rows       {} ({} error rows)", progress.rows, progress.error_rows);

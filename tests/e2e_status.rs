@@ -52,7 +52,7 @@ fn status_reports_a_finished_run_and_one_with_jobs_to_go() {
     assert_eq!((s["jobs_done"].as_u64(), s["jobs_remaining"].as_u64()), (Some(1), Some(1)));
     assert!(s["eta_s"].is_number(), "{s}");
     let table = medbatch(&["status", out_s, "--run-id", "st"]);
-    assert!(text(&table.stdout).contains("1/2 done, 1 to go"), "{}", text(&table.stdout));
+    assert!(text(&table.stdout).contains("1/2 done (0 with error rows), 1 to go"), "{}", text(&table.stdout));
 
     // A run that is not there is a one-line error.
     let o = medbatch(&["status", out_s, "--run-id", "other"]);

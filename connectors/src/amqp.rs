@@ -13,8 +13,8 @@ use crate::queue::{Acker, Delivery, JobQueue, QueueError};
 use async_trait::async_trait;
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
@@ -122,6 +122,37 @@ pub fn redact_url(url: &str) -> String {
 
 fn broker(e: impl std::fmt::Display) -> QueueError {
     QueueError::Broker(e.to_string())
+}
+
+/// A dead-lettered job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadJob {
+    pub run_id: String,
+    pub job_id: String,
+    /// Why the broker dead-lettered it (`delivery_limit`, `rejected`, ...).
+    pub reason: String,
+}
+
+/// What [`RabbitQueue::dead_letters`] saw in the dead-letter queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetters {
+    pub jobs: Vec<DeadJob>,
+    /// Messages that are not jobs.
+    pub other: usize,
+    /// Messages looked at.
+    pub scanned: usize,
+    /// Messages left in the queue after the last one looked at (beyond the limit).
+    pub remaining: u32,
+}
+
+impl DeadLetters {
+    /// The dead-lettered jobs of one run, by job id (a job dead-lettered twice counts once).
+    pub fn of_run(&self, run_id: &str) -> Vec<DeadJob> {
+        let mut jobs: Vec<DeadJob> = self.jobs.iter().filter(|j| j.run_id == run_id).cloned().collect();
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        jobs.dedup_by(|a, b| a.job_id == b.job_id);
+        jobs
+    }
 }
 
 /// A live connection with its publishing channel (confirm mode).
@@ -238,6 +269,56 @@ impl RabbitQueue {
         let dead = ch.queue_declare(t.dead_letter_queue.as_str().into(), passive, FieldTable::default()).await;
         let _ = ch.close(200, "done".into()).await;
         Ok((jobs.map_err(broker)?.message_count(), dead.map_err(broker)?.message_count()))
+    }
+
+    /// Looks at up to `max` messages of the dead-letter queue without removing them: each is
+    /// taken unacknowledged on a channel of its own, read, and returned to the queue when the
+    /// channel closes. Jobs are identified by run and job id; other messages by their size.
+    pub async fn dead_letters(&self, max: usize) -> Result<DeadLetters, QueueError> {
+        self.with_reconnect("reading the dead-letter queue", || self.dead_letters_once(max)).await
+    }
+
+    async fn dead_letters_once(&self, max: usize) -> Result<DeadLetters, QueueError> {
+        let live = self.live.lock().await;
+        let live = live.as_ref().ok_or(QueueError::Closed)?;
+        let ch = live.conn.create_channel().await.map_err(broker)?;
+        let mut out = DeadLetters::default();
+        let queue = self.config.topology.dead_letter_queue.as_str();
+        while out.scanned < max {
+            let got = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(broker)?;
+            let Some(m) = got else { break };
+            out.scanned += 1;
+            let reason = m
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-death").cloned())
+                .and_then(|v| match v {
+                    AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
+                    _ => None,
+                })
+                .and_then(|first| match first {
+                    AMQPValue::FieldTable(t) => t.inner().get("reason").cloned(),
+                    _ => None,
+                })
+                .and_then(|r| match r {
+                    AMQPValue::LongString(s) => Some(s.to_string()),
+                    AMQPValue::ShortString(s) => Some(s.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "unknown".into());
+            match serde_json::from_slice::<Job>(&m.delivery.data) {
+                Ok(job) => {
+                    out.jobs.push(DeadJob { run_id: job.run_id.to_string(), job_id: job.job_id.to_string(), reason })
+                }
+                Err(_) => out.other += 1,
+            }
+            out.remaining = m.message_count;
+        }
+        // Closing the channel returns every message taken above to the queue.
+        let _ = ch.close(200, "peeked".into()).await;
+        Ok(out)
     }
 
     /// Sends every job, then waits for every confirm: all or an error (after which the

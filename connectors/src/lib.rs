@@ -6,10 +6,11 @@
 //! - [`store::ObjectStore`]: where output parts, completion markers and manifests go.
 //!   [`store::LocalStore`] writes a directory; S3 serves distributed runs.
 //!
-//! [`inputs`] opens and lists input files. The implementation is chosen once, at start-up.
+//! [`inputs`] lists and opens input files, local or on S3 ([`s3_input`]).
 
 pub mod amqp;
 pub mod inputs;
 pub mod queue;
 pub mod s3;
+pub mod s3_input;
 pub mod store;

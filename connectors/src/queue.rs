@@ -175,6 +175,7 @@ mod tests {
                 sha256: Digest::of_bytes(b"x"),
                 kind: medbatch_schemas::InputKind::Text,
                 selection: medbatch_schemas::Selection::Whole,
+                etag: None,
             }],
             "/out".into(),
         )

@@ -62,6 +62,44 @@ pub fn needs_path_style(endpoint: &str) -> bool {
     host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// An S3 client from the SDK's standard configuration (credentials, region, endpoint
+/// variables), `endpoint` overriding the endpoint; path-style for IP/localhost endpoints.
+pub async fn client(endpoint: Option<&str>) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+    if let Some(e) = endpoint {
+        loader = loader.endpoint_url(e);
+    }
+    let sdk = loader.load().await;
+    let mut conf = aws_sdk_s3::config::Builder::from(&sdk);
+    if sdk.region().is_none() {
+        conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
+    }
+    let endpoint = endpoint
+        .map(str::to_string)
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
+        .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
+    if endpoint.as_deref().is_some_and(needs_path_style) {
+        conf = conf.force_path_style(true);
+    }
+    aws_sdk_s3::Client::from_conf(conf.build())
+}
+
+/// A short reason from an SDK error, without credentials or request details.
+pub(crate) fn sdk_message<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    e: &SdkError<E, R>,
+) -> String {
+    match e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            format!("{} ({})", err.message().unwrap_or("service error"), err.code().unwrap_or("no code"))
+        }
+        SdkError::TimeoutError(_) => "timed out".into(),
+        SdkError::DispatchFailure(d) => format!("could not reach the endpoint ({d:?})").chars().take(300).collect(),
+        other => format!("{other}"),
+    }
+}
+
 /// A store under an S3 location.
 #[derive(Clone, Debug)]
 pub struct S3Store {
@@ -75,24 +113,7 @@ impl S3Store {
     pub async fn connect(uri: &str, endpoint: Option<&str>) -> Result<Self, StoreError> {
         let loc = S3Location::parse(uri)
             .ok_or_else(|| StoreError::InvalidKey(format!("{uri} (expected s3://bucket/prefix)")))?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
-        if let Some(e) = endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        let sdk = loader.load().await;
-        let mut conf = aws_sdk_s3::config::Builder::from(&sdk);
-        if sdk.region().is_none() {
-            conf = conf.region(aws_sdk_s3::config::Region::new("us-east-1"));
-        }
-        let endpoint = endpoint
-            .map(str::to_string)
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL_S3").ok())
-            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
-        if endpoint.as_deref().is_some_and(needs_path_style) {
-            conf = conf.force_path_style(true);
-        }
-        Ok(Self { client: aws_sdk_s3::Client::from_conf(conf.build()), loc })
+        Ok(Self { client: client(endpoint).await, loc })
     }
 
     pub fn location_parts(&self) -> &S3Location {
@@ -105,15 +126,7 @@ impl S3Store {
         key: &str,
         e: SdkError<E, R>,
     ) -> StoreError {
-        let message = match &e {
-            SdkError::ServiceError(s) => {
-                let err = s.err();
-                format!("{} ({})", err.message().unwrap_or("service error"), err.code().unwrap_or("no code"))
-            }
-            SdkError::TimeoutError(_) => "timed out".into(),
-            SdkError::DispatchFailure(d) => format!("could not reach the endpoint ({d:?})").chars().take(300).collect(),
-            other => format!("{other}"),
-        };
+        let message = sdk_message(&e);
         StoreError::Remote { op, key: format!("s3://{}/{}", self.loc.bucket, self.loc.key(key)), message }
     }
 
@@ -255,6 +268,18 @@ impl ObjectStore for S3Store {
         }
         keys.sort();
         Ok(keys)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.loc.bucket)
+            .key(self.loc.key(key))
+            .send()
+            .await
+            .map_err(|e| self.err("delete", key, e))?;
+        Ok(())
     }
 }
 

@@ -31,6 +31,8 @@ pub trait ObjectStore: Send + Sync {
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
     /// Keys under `prefix`, sorted.
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// Removes the object at `key`; removing an absent object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
 }
 
 /// Validates a key: relative, `/`-separated, no empty, `.` or `..` segments.
@@ -185,6 +187,15 @@ impl ObjectStore for LocalStore {
         .await
         .expect("list task")
     }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Self::io("delete", key)(e)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -205,6 +216,9 @@ mod tests {
         assert_eq!(s.list("a/").await.unwrap().len(), 2);
         assert!(s.get("nope").await.unwrap().is_none());
         assert!(!s.exists("nope").await.unwrap());
+        s.delete("a/x").await.unwrap();
+        s.delete("a/x").await.unwrap();
+        assert!(!s.exists("a/x").await.unwrap());
     }
 
     #[test]

@@ -26,6 +26,7 @@ fn job(n: u32) -> Job {
             sha256: Digest::of_bytes(b"x"),
             kind: InputKind::Text,
             selection: Selection::Whole,
+            etag: None,
         }],
         "/out".into(),
     )
@@ -90,17 +91,35 @@ async fn published_jobs_are_confirmed_and_each_delivered_once_across_consumers()
     }
     let (ready, dead) = publisher.depths().await.unwrap();
     assert_eq!((ready, dead), (n, 0));
-    // Two consumers share the queue.
-    let a = RabbitQueue::connect(c.clone(), &route).await.unwrap();
-    let b = RabbitQueue::connect(c.clone(), &route).await.unwrap();
-    let mut seen = BTreeSet::new();
-    for k in 0..n {
-        let d = next_job(if k % 2 == 0 { &a } else { &b }).await;
-        assert_eq!(d.job.attempt, 1);
-        assert!(seen.insert(d.job.job_id.to_string()), "{} delivered twice", d.job.job_id);
-        d.ack().await.unwrap();
+    // Two consumers share the queue, each taking what the broker gives it (a consumer holds
+    // up to its prefetch, so which one gets how many is the broker's choice).
+    let a = std::sync::Arc::new(RabbitQueue::connect(c.clone(), &route).await.unwrap());
+    let b = std::sync::Arc::new(RabbitQueue::connect(c.clone(), &route).await.unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut consumers = Vec::new();
+    for q in [a.clone(), b.clone()] {
+        let seen = seen.clone();
+        consumers.push(tokio::spawn(async move {
+            let mut taken = 0;
+            while seen.lock().unwrap().len() < n as usize {
+                assert!(std::time::Instant::now() < deadline, "not every job delivered within 60 s");
+                let Ok(d) = tokio::time::timeout(Duration::from_millis(300), q.next()).await else { continue };
+                let d = d.expect("no broker error").expect("queue open");
+                assert_eq!(d.job.attempt, 1);
+                assert!(seen.lock().unwrap().insert(d.job.job_id.to_string()), "{} delivered twice", d.job.job_id);
+                d.ack().await.unwrap();
+                taken += 1;
+            }
+            taken
+        }));
     }
-    assert_eq!(seen.len(), n as usize);
+    let mut total = 0;
+    for t in consumers {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, n as usize);
+    assert_eq!(seen.lock().unwrap().len(), n as usize);
     wait_for_depths(&publisher, (0, 0)).await;
     a.close().await;
     assert!(a.next().await.unwrap().is_none());
@@ -119,6 +138,15 @@ async fn returned_jobs_come_back_counted_then_go_to_the_dead_letter_queue() {
         d.nack(true).await.unwrap();
     }
     wait_for_depths(&q, (0, 1)).await;
+    // Looking at the dead-letter queue finds the job with the broker's reason, and leaves it.
+    let seen = q.dead_letters(100).await.unwrap();
+    let j = job(1);
+    let dead = seen.of_run(j.run_id.as_str());
+    assert_eq!(dead.len(), 1, "{seen:?}");
+    assert_eq!((dead[0].job_id.as_str(), dead[0].reason.as_str()), (j.job_id.as_str(), "delivery_limit"));
+    assert!(seen.of_run("another-run").is_empty());
+    wait_for_depths(&q, (0, 1)).await;
+    assert_eq!(q.dead_letters(100).await.unwrap().of_run(j.run_id.as_str()), dead, "a second look sees the same");
     cleanup(&c, &route).await;
 }
 
@@ -196,4 +224,116 @@ async fn an_unreachable_broker_is_an_error_naming_it_without_the_password() {
     let e = RabbitQueue::connect(c, "x").await.err().expect("no broker on port 1").to_string();
     assert!(e.contains("127.0.0.1:1"), "{e}");
     assert!(!e.contains("sekrit"), "{e}");
+}
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+    assert!(o.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_ca_file_reaches_the_broker_over_tls() {
+    // A CA of the test's own and a certificate for localhost signed by it; a TLS proxy
+    // (Python's ssl module) in front of the broker presents it.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=medbatch test CA",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    let plain = url();
+    let target = plain.split('@').nth(1).and_then(|h| h.split('/').next()).unwrap_or("127.0.0.1:5672").to_string();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/tls_proxy.py");
+    let mut proxy = std::process::Command::new("python3")
+        .arg(&script)
+        .args([d.join("server.pem"), d.join("server.key")])
+        .arg(&target)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(proxy.stdout.take().unwrap()), &mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("proxy port: {line:?}"));
+    let creds = plain.split("://").nth(1).and_then(|r| r.split('@').next()).unwrap_or("guest:guest").to_string();
+    let tls_url = format!("amqps://{creds}@localhost:{port}/%2f");
+
+    // With the CA file: a job goes through the broker over TLS.
+    let (mut c, route) = config("tls");
+    c.url = tls_url.clone();
+    c.reconnect_attempts = 0;
+    c.ca_file = Some(d.join("ca.pem"));
+    let q = RabbitQueue::connect(c.clone(), &route).await.expect("amqps with the CA file");
+    q.publish(&job(1)).await.unwrap();
+    let got = next_job(&q).await;
+    assert_eq!(got.job.job_id, job(1).job_id);
+    got.ack().await.unwrap();
+
+    // Without it the broker's certificate is not trusted: an error naming the broker, not
+    // the password.
+    let mut untrusted = c.clone();
+    untrusted.ca_file = None;
+    let e = RabbitQueue::connect(untrusted, &route).await.err().expect("an unknown CA is refused").to_string();
+    assert!(e.contains(&format!("localhost:{port}")), "{e}");
+    let password = creds.split(':').nth(1).unwrap_or("guest");
+    assert!(!e.contains(&format!(":{password}@")), "{e}");
+    // A CA file that does not exist is named.
+    let mut missing = c.clone();
+    missing.ca_file = Some(d.join("nope.pem"));
+    let e = RabbitQueue::connect(missing, &route).await.err().expect("missing CA file").to_string();
+    assert!(e.contains("nope.pem"), "{e}");
+
+    cleanup(&c, &route).await;
+    proxy.kill().ok();
+    proxy.wait().ok();
 }

@@ -123,3 +123,99 @@ async fn wrong_credentials_are_refused_and_errors_name_the_key_but_no_secret() {
     assert!(!secret.is_empty() && !e.contains(&secret), "{e}");
     drop_bucket(&s).await;
 }
+
+/// The bytes of a test object: a pattern that differs at every offset within 251 bytes.
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8 ^ (i / 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_are_listed_and_streamed_with_ranged_reads() {
+    use medbatch_connectors::inputs::InputSource;
+    use medbatch_connectors::s3::{client, S3Location};
+    use medbatch_connectors::s3_input::{list_objects, S3Reader, SKIP_THROUGH_BYTES};
+    use std::io::{Read, Seek, SeekFrom};
+
+    let s = store("inputs").await;
+    let bucket = s.location_parts().bucket.clone();
+    let data = pattern(5 << 20);
+    // Keys relative to the store's prefix `out/run`.
+    s.put("archive/big.bin", Bytes::from(data.clone())).await.unwrap();
+    s.put("archive/sub/a.txt", Bytes::from_static(b"a")).await.unwrap();
+    s.put("archive/.hidden/x.txt", Bytes::from_static(b"x")).await.unwrap();
+    s.put("archive-other/y.txt", Bytes::from_static(b"y")).await.unwrap();
+
+    // A prefix is a folder (hidden entries and sibling prefixes left out); a key is itself.
+    let source = InputSource::with_s3(None);
+    let folder = format!("s3://{bucket}/out/run/archive");
+    let (src, f) = (source.clone(), folder.clone());
+    let found = tokio::task::spawn_blocking(move || src.expand(&f)).await.unwrap().unwrap();
+    let uris: Vec<_> = found.iter().map(|f| f.uri.clone()).collect();
+    assert_eq!(uris, vec![format!("{folder}/big.bin"), format!("{folder}/sub/a.txt")]);
+    assert_eq!(found[0].size, data.len() as u64);
+    assert!(found[0].etag.is_some());
+    let (src, key) = (source.clone(), format!("{folder}/sub/a.txt"));
+    let one = tokio::task::spawn_blocking(move || src.expand(&key)).await.unwrap().unwrap();
+    assert_eq!(one.len(), 1);
+    let (src, missing) = (source.clone(), format!("s3://{bucket}/nothing-here"));
+    let none = tokio::task::spawn_blocking(move || src.expand(&missing)).await.unwrap().unwrap();
+    assert!(none.is_empty());
+
+    // Sequential reads in odd sizes come from one request; a short skip forward reads
+    // through it; a seek back or far ahead starts a new ranged request.
+    let c = client(None).await;
+    let loc = S3Location::parse(&format!("{folder}/big.bin")).unwrap();
+    let object = list_objects(&c, &loc).await.unwrap().remove(0);
+    let handle = tokio::runtime::Handle::current();
+    let (d, obj, h) = (data.clone(), object.clone(), handle.clone());
+    let c2 = c.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut r = S3Reader::new(c2.clone(), h.clone(), obj.clone());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 70_001];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got == d, "sequential read differs");
+        assert_eq!(r.requests(), 1);
+
+        let mut r = S3Reader::new(c2, h, obj);
+        let mut small = [0u8; 1000];
+        r.read_exact(&mut small).unwrap();
+        assert_eq!(&small[..], &d[..1000]);
+        r.seek(SeekFrom::Current(SKIP_THROUGH_BYTES as i64 / 2)).unwrap();
+        r.read_exact(&mut small).unwrap();
+        let at = 2000 + SKIP_THROUGH_BYTES as usize / 2;
+        assert_eq!(&small[..], &d[at - 1000..at]);
+        assert_eq!(r.requests(), 1, "a short skip reads through the open stream");
+        r.seek(SeekFrom::End(-1000)).unwrap();
+        r.read_exact(&mut small).unwrap();
+        assert_eq!(&small[..], &d[d.len() - 1000..]);
+        assert_eq!(r.read(&mut small).unwrap(), 0, "end of object");
+        r.seek(SeekFrom::Start(10)).unwrap();
+        r.read_exact(&mut small).unwrap();
+        assert_eq!(&small[..], &d[10..1010]);
+        assert_eq!(r.requests(), 3, "far and backward seeks are new ranged requests");
+    })
+    .await
+    .unwrap();
+
+    // The object replaced after listing: reading with the listed ETag fails, naming the
+    // object and why.
+    s.put("archive/big.bin", Bytes::from(pattern(1000))).await.unwrap();
+    let (src, uri, etag) = (source.clone(), object.uri(), object.etag.clone());
+    let err = tokio::task::spawn_blocking(move || {
+        let mut r = src.open(&uri, 5 << 20, etag.as_deref()).unwrap();
+        let mut b = [0u8; 10];
+        r.read(&mut b).unwrap_err()
+    })
+    .await
+    .unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("big.bin") && msg.contains("changed since"), "{msg}");
+    drop_bucket(&s).await;
+}

@@ -16,9 +16,8 @@ use std::cell::Cell;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
-/// What listing needs from an input: bytes, and seeking (zip's directory is at the end).
-pub trait ReadSeek: Read + Seek + Send {}
-impl<T: Read + Seek + Send> ReadSeek for T {}
+/// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
+pub use medbatch_connectors::inputs::ReadSeek;
 
 /// Most entries listed from one archive; past this the listing stops (a header flood, not
 /// notes). Ten times the worker's default member limit for one read.

@@ -3,7 +3,7 @@
 use crate::plan::PlannedRun;
 use crate::CoordinatorError;
 use medbatch_connectors::store::ObjectStore;
-use medbatch_schemas::tables::{done_key, manifest_key, success_key};
+use medbatch_schemas::tables::{done_key, manifest_key, run_table_prefix, success_key, ERRORS_TABLE};
 use medbatch_schemas::{Completion, Manifest, JOB_SCHEMA_VERSION};
 
 /// Where a run stands, from its completion markers.
@@ -61,6 +61,7 @@ pub async fn commit_run(
     }
     let mut parts: Vec<_> = progress.completions.iter().flat_map(|c| c.parts.iter().cloned()).collect();
     parts.sort_by(|a, b| a.key.cmp(&b.key));
+    remove_stray_parts(plan, store, &parts).await?;
     let manifest = Manifest {
         schema_version: JOB_SCHEMA_VERSION,
         run_id: plan.run_id.clone(),
@@ -85,6 +86,33 @@ pub async fn commit_run(
         .map_err(|e| CoordinatorError::Corrupt { key: mkey, reason: e.to_string() })
 }
 
+/// Removes the run's parts that no completion marker names: those of attempts that lost a
+/// race with a duplicate delivery, or died between writing a part and its marker. Returns
+/// how many were removed.
+pub async fn remove_stray_parts(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    parts: &[medbatch_schemas::OutputPart],
+) -> Result<usize, CoordinatorError> {
+    let named: std::collections::HashSet<&str> = parts.iter().map(|p| p.key.as_str()).collect();
+    let mut tables: Vec<&str> = parts.iter().map(|p| p.table.as_str()).collect();
+    tables.push(ERRORS_TABLE);
+    tables.sort_unstable();
+    tables.dedup();
+    let mut removed = 0;
+    for table in tables {
+        for key in store.list(&run_table_prefix(table, &plan.run_id)).await? {
+            let file = key.rsplit('/').next().unwrap_or_default();
+            if file.starts_with("part-") && file.ends_with(".parquet") && !named.contains(key.as_str()) {
+                tracing::info!(key = %key, "removing a part no completion marker names");
+                store.delete(&key).await?;
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +133,7 @@ mod tests {
             model: ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
             output: "/out".into(),
             inputs: vec![d.path().to_str().unwrap().into()],
+            source: medbatch_connectors::inputs::InputSource::local(),
         })
         .unwrap();
         let complete = |i: usize| Completion {
@@ -138,9 +167,22 @@ mod tests {
         assert!(commit_run(&plan, &store, "t1").await.unwrap().is_none());
         assert!(!store.exists(&success_key(&plan.run_id)).await.unwrap());
         put(1).await;
+        // The parts the markers name, parts of attempts no marker names, another run's part.
+        let stray = ["t/run_id=r/part-lost-0a0b0c0d.parquet", "_errors/run_id=r/part-lost-0a0b0c0d.parquet"];
+        let kept =
+            [complete(0).parts[0].key.clone(), complete(1).parts[0].key.clone(), "t/run_id=q/part-x.parquet".into()];
+        for k in stray.iter().map(|k| k.to_string()).chain(kept.iter().cloned()) {
+            store.put(&k, bytes::Bytes::from_static(b"PAR1")).await.unwrap();
+        }
         let m = commit_run(&plan, &store, "t1").await.unwrap().unwrap();
         assert_eq!((m.jobs, m.parts.len(), m.tokens_in), (2, 2, 10));
         assert!(store.exists(&success_key(&plan.run_id)).await.unwrap());
+        for k in stray {
+            assert!(!store.exists(k).await.unwrap(), "{k} should be removed");
+        }
+        for k in &kept {
+            assert!(store.exists(k).await.unwrap(), "{k} should be kept");
+        }
         // Committing again returns the stored manifest unchanged.
         assert_eq!(commit_run(&plan, &store, "t2").await.unwrap().unwrap(), m);
         let p = run_progress(&plan, &store).await.unwrap();

@@ -2,7 +2,7 @@
 
 use crate::archive;
 use crate::CoordinatorError;
-use medbatch_connectors::inputs::{self, FoundInput};
+use medbatch_connectors::inputs::{self, FoundInput, InputSource};
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
@@ -23,8 +23,10 @@ pub struct PlanConfig {
     pub model: ModelRef,
     /// Output root as given by the user (recorded in each job).
     pub output: String,
-    /// Input arguments: files, folders, archives.
+    /// Input arguments: files, folders, archives, local or `s3://`.
     pub inputs: Vec<String>,
+    /// Where the inputs are read from.
+    pub source: InputSource,
 }
 
 /// The stored plan `_runs/RUN/plan.json`: every job of the run. Planning again with the same
@@ -42,8 +44,9 @@ pub struct PlannedRun {
     pub units: u64,
 }
 
-fn sha256_file(f: &FoundInput) -> Result<Digest, CoordinatorError> {
-    let mut file = inputs::open(&f.uri)?;
+/// SHA-256 of an input's bytes (an S3 object is streamed through once).
+fn sha256_file(source: &InputSource, f: &FoundInput) -> Result<Digest, CoordinatorError> {
+    let mut file = source.open(&f.uri, f.size, f.etag.as_deref())?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
@@ -61,7 +64,7 @@ fn sha256_file(f: &FoundInput) -> Result<Digest, CoordinatorError> {
 pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     let mut found = Vec::new();
     for arg in &cfg.inputs {
-        let files = inputs::expand(arg)?;
+        let files = cfg.source.expand(arg)?;
         if files.is_empty() {
             return Err(CoordinatorError::NoInputs(arg.clone()));
         }
@@ -74,15 +77,22 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     let mut jobs = Vec::new();
     let mut units = 0u64;
     for f in &found {
-        let sha256 = sha256_file(f)?;
+        let sha256 = sha256_file(&cfg.source, f)?;
         let kind = InputKind::from_name(&f.uri);
-        let base = InputRef { uri: f.uri.clone(), size: f.size, sha256, kind, selection: Selection::Whole };
+        let base = InputRef {
+            uri: f.uri.clone(),
+            size: f.size,
+            sha256,
+            kind,
+            selection: Selection::Whole,
+            etag: f.etag.clone(),
+        };
         let mut selections = vec![Selection::Whole];
         if kind.is_archive() {
             // A listing that fails leaves the whole archive to one job, whose worker reports
             // the damage as error rows.
-            if let Ok(file) = inputs::open(&f.uri) {
-                if let Ok(listing) = archive::list_members(kind, Box::new(file)) {
+            if let Ok(file) = cfg.source.open(&f.uri, f.size, f.etag.as_deref()) {
+                if let Ok(listing) = archive::list_members(kind, file) {
                     let complete = !listing.truncated;
                     let names: Vec<String> = listing.members.into_iter().map(|m| m.name).collect();
                     if !names.is_empty() && complete {
@@ -159,6 +169,7 @@ mod tests {
             model: ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
             output: "/out".into(),
             inputs,
+            source: InputSource::local(),
         }
     }
 

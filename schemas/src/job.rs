@@ -113,6 +113,11 @@ pub struct InputRef {
     pub sha256: Digest,
     pub kind: InputKind,
     pub selection: Selection,
+    /// The object's version tag when the input is in an object store (S3's ETag): a worker
+    /// reads exactly that version or reports the input as changed. Absent for local files
+    /// (and then not serialized, so their job ids stay the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// One Parquet part written by a job.
@@ -188,6 +193,7 @@ mod tests {
             sha256: Digest::of_bytes(b"abc"),
             kind: InputKind::Text,
             selection: Selection::Whole,
+            etag: None,
         }];
         let p = PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") };
         let m = ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") };

@@ -12,9 +12,16 @@ pub const ERRORS_TABLE: &str = "_errors";
 /// Name of the lab-report results table.
 pub const LAB_RESULTS_TABLE: &str = "lab_results";
 
-/// Key of a job's Parquet part: `TABLE/run_id=RUN/part-JOB.parquet`.
-pub fn part_key(table: &str, run_id: &crate::RunId, job_id: &crate::JobId) -> String {
-    format!("{table}/run_id={run_id}/part-{job_id}.parquet")
+/// Key of a job's Parquet part: `TABLE/run_id=RUN/part-JOB-ATTEMPT.parquet`, where `ATTEMPT`
+/// tags one attempt at the job. Two deliveries of a job that race each write their own part;
+/// the completion marker, written once, names the parts that count, and committing the run
+/// removes the others, so no reader ever sees both.
+pub fn part_key(table: &str, run_id: &crate::RunId, job_id: &crate::JobId, attempt_tag: &str) -> String {
+    format!("{table}/run_id={run_id}/part-{job_id}-{attempt_tag}.parquet")
+}
+/// Prefix of a run's parts in a table.
+pub fn run_table_prefix(table: &str, run_id: &crate::RunId) -> String {
+    format!("{table}/run_id={run_id}/")
 }
 /// Key of a job's completion marker: `_runs/RUN/done/JOB.json`.
 pub fn done_key(run_id: &crate::RunId, job_id: &crate::JobId) -> String {
@@ -131,7 +138,8 @@ mod tests {
     fn layout_keys() {
         let r = RunId::new("r1").unwrap();
         let j = JobId::derive(&r, "x");
-        assert_eq!(part_key("lab_results", &r, &j), format!("lab_results/run_id=r1/part-{j}.parquet"));
+        assert_eq!(part_key("lab_results", &r, &j, "a1b2"), format!("lab_results/run_id=r1/part-{j}-a1b2.parquet"));
+        assert!(part_key("t", &r, &j, "a").starts_with(&run_table_prefix("t", &r)));
         assert_eq!(done_key(&r, &j), format!("_runs/r1/done/{j}.json"));
         assert_eq!(manifest_key(&r), "_runs/r1/manifest.json");
         assert_eq!(success_key(&r), "_runs/r1/_SUCCESS");

@@ -21,10 +21,8 @@ use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
-/// What the reader needs from an input: bytes, and seeking for zip's central directory and for
-/// sniffing the first bytes before choosing a decoder.
-pub trait ReadSeek: Read + Seek + Send {}
-impl<T: Read + Seek + Send> ReadSeek for T {}
+/// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
+pub use medbatch_connectors::inputs::ReadSeek;
 
 /// 64 MiB: a JSONL/CSV member may hold many notes, but hundreds of MiB in one member is a
 /// bomb or a misrouted dump, and members are held in memory while parsed.
@@ -1387,6 +1385,7 @@ mod tests {
             sha256: Digest::of_bytes(bytes),
             kind: InputKind::from_name(uri),
             selection,
+            etag: None,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct WorkerContext {
     pub pipeline: Arc<LoadedPipeline>,
     pub worker_id: String,
     pub events: Option<UnboundedSender<WorkerEvent>>,
+    /// Where inputs are read from (local files, S3).
+    pub inputs: medbatch_connectors::inputs::InputSource,
 }
 
 impl WorkerContext {
@@ -137,6 +139,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         tracing::info!("already done; acknowledging without work");
         return Ok(true);
     }
+    tracing::info!(inputs = job.inputs.len(), "job started");
     let info = ctx.engine.info();
     if job.model.digest.as_str() != info.digest {
         return Err(JobError::WrongTarget {
@@ -156,13 +159,14 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     // Read every input on a blocking thread; documents and input errors come back in order.
     let spec = ctx.pipeline.spec.input.clone();
     let inputs = job.inputs.clone();
+    let source = ctx.inputs.clone();
     let read = tokio::task::spawn_blocking(move || {
         let limits = InputLimits::from_spec(&spec);
         let mut items: Vec<Result<Document, InputError>> = Vec::new();
         for input in &inputs {
             let mut sink = |r| items.push(r);
-            match medbatch_connectors::inputs::open(&input.uri) {
-                Ok(f) => read_documents(input, Box::new(f), &spec, &limits, &mut sink),
+            match source.open(&input.uri, input.size, input.etag.as_deref()) {
+                Ok(f) => read_documents(input, f, &spec, &limits, &mut sink),
                 Err(e) => sink(Err(InputError {
                     source_uri: input.uri.clone(),
                     member: None,
@@ -232,17 +236,18 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     };
     let mut parts = Vec::new();
     let table = ctx.pipeline.spec.output.table.clone();
+    let tag = attempt_tag(job, &ctx.worker_id);
     if !rows.is_empty() {
         let bytes = to_parquet(&lab_results_batch(&rows, &prov)?)?;
-        parts.push(write_part(ctx, &table, job, bytes, rows.len() as u64).await?);
+        parts.push(write_part(ctx, &table, job, &tag, bytes, rows.len() as u64).await?);
     }
     if !records.is_empty() {
         let bytes = to_parquet(&crate::structured::records_batch(&ctx.pipeline, &records, &prov)?)?;
-        parts.push(write_part(ctx, &table, job, bytes, records.len() as u64).await?);
+        parts.push(write_part(ctx, &table, job, &tag, bytes, records.len() as u64).await?);
     }
     if !errors.is_empty() {
         let bytes = to_parquet(&errors_batch(&errors, &prov)?)?;
-        parts.push(write_part(ctx, ERRORS_TABLE, job, bytes, errors.len() as u64).await?);
+        parts.push(write_part(ctx, ERRORS_TABLE, job, &tag, bytes, errors.len() as u64).await?);
     }
     let completion = Completion {
         schema_version: JOB_SCHEMA_VERSION,
@@ -260,9 +265,16 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
     };
     let marker_bytes = serde_json::to_vec_pretty(&completion).expect("completion serializes");
-    // The marker is written after the parts and only once: a racing duplicate delivery that
-    // finished first keeps its marker, and its parts are byte-for-byte the same keys.
-    ctx.store.put_if_absent(&marker, Bytes::from(marker_bytes)).await?;
+    // The marker is written after the parts and only once. A racing duplicate delivery that
+    // finished first keeps its marker and its parts; this attempt's parts are then removed
+    // (committing the run would remove them too, should this process die first).
+    if !ctx.store.put_if_absent(&marker, Bytes::from(marker_bytes)).await? {
+        tracing::info!("another delivery of the job finished first; removing this attempt's parts");
+        for p in &completion.parts {
+            ctx.store.delete(&p.key).await?;
+        }
+        return Ok(true);
+    }
     tracing::info!(rows = rows.len(), error_rows = errors.len(), tokens_out, "job done");
     Ok(false)
 }
@@ -273,14 +285,23 @@ fn job_seed(job: &Job) -> u64 {
     u64::from_str_radix(&job.job_id.as_str()[..16], 16).unwrap_or(0)
 }
 
+/// Tags this attempt's parts (see [`part_key`]): eight hex digits of a digest of the worker,
+/// the delivery attempt, the process and the time, so two attempts never share a key.
+fn attempt_tag(job: &Job, worker_id: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let seed = format!("{worker_id}\0{}\0{}\0{now}", job.attempt, std::process::id());
+    Digest::of_bytes(seed.as_bytes()).as_str()[..8].to_string()
+}
+
 async fn write_part(
     ctx: &WorkerContext,
     table: &str,
     job: &Job,
+    tag: &str,
     bytes: Vec<u8>,
     rows: u64,
 ) -> Result<OutputPart, JobError> {
-    let key = part_key(table, &job.run_id, &job.job_id);
+    let key = part_key(table, &job.run_id, &job.job_id, tag);
     let part = OutputPart {
         table: table.to_string(),
         key: key.clone(),
