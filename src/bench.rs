@@ -40,6 +40,11 @@ pub struct BenchArgs {
     pub publish: Option<u32>,
     #[arg(long, env = "MEDBATCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp: String,
+    /// Measure image preprocessing instead: this many images through the Gemma 3 processor
+    /// path to 896×896 `pixel_values` (a 2,048×2,500 grey radiograph-sized image and a
+    /// 640×480 colour JPEG), timing decode, resize and normalise separately. Needs no model.
+    #[arg(long, value_name = "IMAGES")]
+    pub images: Option<u32>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -56,6 +61,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(n) = args.images {
+        return image_bench(n.max(1));
+    }
     if let Some(n) = args.publish {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return rt.block_on(publish_bench(n.max(1), &args.amqp));
@@ -320,5 +328,58 @@ async fn publish_bench(n: u32, url: &str) -> anyhow::Result<ExitCode> {
     println!(
         "publishing {n} jobs ({payload_bytes} bytes each): medbatch {ours:.0} jobs/s (confirmed in windows of 256); raw lapin {raw:.0} msgs/s into a quorum queue (confirms awaited at the end)"
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Encodes a synthetic image (smooth gradients and edges, like a scan) with the `image` crate.
+fn synthetic_image(width: u32, height: u32, gray: bool, format: image::ImageFormat) -> anyhow::Result<Vec<u8>> {
+    let value = |x: u32, y: u32, c: u32| {
+        let v = 127.0 + 90.0 * ((x as f64 * 0.013 + c as f64).sin() * (y as f64 * 0.009).cos());
+        (v + if (x / 37 + y / 29).is_multiple_of(2) { 20.0 } else { 0.0 }) as u8
+    };
+    let img = if gray {
+        image::DynamicImage::ImageLuma8(image::GrayImage::from_fn(width, height, |x, y| image::Luma([value(x, y, 0)])))
+    } else {
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(width, height, |x, y| {
+            image::Rgb([value(x, y, 0), value(x, y, 1), value(x, y, 2)])
+        }))
+    };
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format)?;
+    Ok(out.into_inner())
+}
+
+fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
+    use medbatch_engine::image::{decode, normalize, resize_bilinear, ImageConfig};
+    let cfg = ImageConfig::default();
+    let inputs = [
+        ("2048x2500 grey PNG", synthetic_image(2048, 2500, true, image::ImageFormat::Png)?),
+        ("640x480 colour JPEG", synthetic_image(640, 480, false, image::ImageFormat::Jpeg)?),
+    ];
+    println!("image preprocessing to {0}x{0} pixel_values, {n} images each, one thread", cfg.size);
+    for (name, bytes) in &inputs {
+        let (mut t_decode, mut t_resize, mut t_norm) = (0.0, 0.0, 0.0);
+        let mut checksum = 0f64;
+        for _ in 0..n {
+            let t = Instant::now();
+            let img = decode(bytes)?;
+            t_decode += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let r = resize_bilinear(&img, cfg.size, cfg.size);
+            t_resize += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let v = normalize(&r, &cfg);
+            t_norm += t.elapsed().as_secs_f64();
+            checksum += f64::from(v[v.len() / 2]);
+        }
+        let total = t_decode + t_resize + t_norm;
+        println!(
+            "  {name:<20} {:>6.1} images/s   decode {:>6.1} ms  resize {:>6.1} ms  normalise {:>5.1} ms  (per image; checksum {checksum:.3})",
+            f64::from(n) / total,
+            t_decode * 1e3 / f64::from(n),
+            t_resize * 1e3 / f64::from(n),
+            t_norm * 1e3 / f64::from(n),
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

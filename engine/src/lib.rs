@@ -13,6 +13,7 @@ pub mod engine;
 pub mod gguf;
 pub mod hf;
 pub mod hf_config;
+pub mod image;
 pub mod model;
 pub mod sampling;
 pub mod service;
