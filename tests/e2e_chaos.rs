@@ -258,8 +258,10 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
     assert!(submitted.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains(&format!("{DOCS}/{DOCS} done")), "{stdout}");
     // "N input files, N jobs (P published in T s, D already done)": some were done already.
-    let published = stderr.split(" published in").next().and_then(|s| s.rsplit('(').next()).and_then(|n| n.parse::<usize>().ok());
-    let already = stderr.split(" already done").next().and_then(|s| s.rsplit(", ").next()).and_then(|n| n.parse::<usize>().ok());
+    let published =
+        stderr.split(" published in").next().and_then(|s| s.rsplit('(').next()).and_then(|n| n.parse::<usize>().ok());
+    let already =
+        stderr.split(" already done").next().and_then(|s| s.rsplit(", ").next()).and_then(|n| n.parse::<usize>().ok());
     let (published, already) = (published.expect(&stderr), already.expect(&stderr));
     assert_eq!(published + already, DOCS, "{stderr}");
     assert!(already >= 150, "{stderr}");
