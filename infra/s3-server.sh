@@ -41,8 +41,10 @@ start() {
     return
   fi
   mkdir -p "$DATA"
-  nohup "$BIN" --host 127.0.0.1 --port "$PORT" --access-key "$ACCESS_KEY" --secret-key "$SECRET_KEY" "$DATA" \
-    >"$LOG" 2>&1 &
+  # The server runs from its own folder: it resolves paths against its working directory,
+  # which must outlive the checkout (or test folder) that started it.
+  (cd "$ROOT" && exec nohup "$BIN" --host 127.0.0.1 --port "$PORT" --access-key "$ACCESS_KEY" \
+    --secret-key "$SECRET_KEY" "$DATA" >"$LOG" 2>&1) &
   echo $! >"$PIDFILE"
   for _ in $(seq 1 100); do
     answers && break
