@@ -7,12 +7,14 @@ cd "$(dirname "$0")/.."
 
 MEDBATCH_DEMO_GGUF="$(bash infra/fetch-demo-model.sh)"
 MEDBATCH_PYTHON="$(bash infra/python-env.sh)"
+# Real DICOM files nobody here wrote: the test files inside pydicom's wheel.
+MEDBATCH_PYDICOM_DATA="$("$MEDBATCH_PYTHON" -c 'import pathlib, pydicom; print(pathlib.Path(pydicom.__file__).parent / "data" / "test_files")')"
 # The queue tests talk to a real RabbitMQ (started here when it is down), the store tests to
 # a local S3-compatible server (built once, started here), through the SDK's variables.
 MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
 bash infra/s3-server.sh start >/dev/null
 eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
-export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL
+export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DATA
 # Tests run concurrently (several test threads and binaries, each with a model): one compute
 # thread each keeps 2-core machines from oversubscription, which slows candle's synchronized
 # kernels several-fold.

@@ -7,6 +7,7 @@
 //! error rows; the job still completes.
 
 pub mod chunk;
+pub mod dicom;
 pub mod eval;
 pub mod extract;
 pub mod grammar;
