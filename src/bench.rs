@@ -45,6 +45,12 @@ pub struct BenchArgs {
     /// 640×480 colour JPEG), timing decode, resize and normalise separately. Needs no model.
     #[arg(long, value_name = "IMAGES")]
     pub images: Option<u32>,
+    /// Measure DICOM decoding instead: every file under this folder is read (headers, then
+    /// pixels), grouped into series by SeriesInstanceUID, and each series turned into 8-bit
+    /// slices (CT: the three windows; otherwise min–max over the series), `--runs` times.
+    /// Needs no model.
+    #[arg(long, value_name = "FOLDER")]
+    pub dicom: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -61,6 +67,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(dir) = &args.dicom {
+        return dicom_bench(dir, args.runs.max(1));
+    }
     if let Some(n) = args.images {
         return image_bench(n.max(1));
     }
@@ -381,5 +390,83 @@ fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
             t_norm * 1e3 / f64::from(n),
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn dicom_bench(dir: &std::path::Path, runs: usize) -> anyhow::Result<ExitCode> {
+    use medbatch_worker::dicom::{ct_rgb, minmax_u8, read_frames, read_header, rescaled};
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    let mut times = Vec::new();
+    let (mut series_n, mut decoded, mut skipped, mut pixels) = (0usize, 0usize, 0usize, 0u64);
+    for _ in 0..runs {
+        let t = Instant::now();
+        // Group by series from headers alone, then decode series by series.
+        let mut series: std::collections::BTreeMap<String, Vec<(i64, std::path::PathBuf)>> = Default::default();
+        skipped = 0;
+        for f in &files {
+            match read_header(f) {
+                Ok(h) if h.rows > 0 && !h.series_uid.is_empty() => {
+                    series.entry(h.series_uid.clone()).or_default().push((h.instance_number.unwrap_or(0), f.clone()))
+                }
+                _ => skipped += 1,
+            }
+        }
+        (series_n, decoded, pixels) = (0, 0, 0);
+        for (_, mut members) in series {
+            members.sort();
+            let mut slices = Vec::new();
+            let mut ct = false;
+            for (_, p) in &members {
+                let Ok(fr) = read_frames(p) else { continue };
+                if fr.samples_per_pixel != 1 {
+                    continue;
+                }
+                ct = fr.header.modality == "CT";
+                for frame in &fr.frames {
+                    pixels += frame.len() as u64;
+                    slices.push(rescaled(frame, &fr.header));
+                }
+                decoded += 1;
+            }
+            if slices.is_empty() {
+                continue;
+            }
+            let out: usize = if ct {
+                slices.iter().map(|s| ct_rgb(s).len()).sum()
+            } else {
+                minmax_u8(&slices).iter().map(Vec::len).sum()
+            };
+            std::hint::black_box(out);
+            series_n += 1;
+        }
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let s = median(times);
+    println!(
+        "{} files under {}: {series_n} greyscale series from {decoded} files ({skipped} not DICOM or without pixels), \
+         {:.1} Mpixels",
+        files.len(),
+        dir.display(),
+        pixels as f64 / 1e6
+    );
+    println!(
+        "  {:.3} s per pass (median of {runs}): {:.1} series/s, {:.1} files/s, {:.1} Mpixels/s",
+        s,
+        series_n as f64 / s,
+        decoded as f64 / s,
+        pixels as f64 / 1e6 / s
+    );
     Ok(ExitCode::SUCCESS)
 }
