@@ -145,12 +145,11 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
     // One listing of the markers per poll (not a read of each); the markers are read once,
     // when all are there, to commit.
-    let planned: std::collections::HashSet<String> =
-        plan.jobs.iter().map(|j| medbatch_schemas::tables::done_key(&j.run_id, &j.job_id)).collect();
-    let marker_of: HashMap<String, String> = plan
+    // Each planned job's marker key, and the job it marks.
+    let job_of_marker: HashMap<String, String> = plan
         .jobs
         .iter()
-        .map(|j| (j.job_id.to_string(), medbatch_schemas::tables::done_key(&j.run_id, &j.job_id)))
+        .map(|j| (medbatch_schemas::tables::done_key(&j.run_id, &j.job_id), j.job_id.to_string()))
         .collect();
     let mut polls = 0u64;
     let mut store_failures = 0u32;
@@ -171,8 +170,9 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             }
             Err(e) => return Err(e.into()),
         };
-        let listed: std::collections::HashSet<&String> = listed.iter().filter(|k| planned.contains(*k)).collect();
-        let done = listed.len() as u64;
+        let done_jobs: std::collections::HashSet<&str> =
+            listed.iter().filter_map(|k| job_of_marker.get(k)).map(String::as_str).collect();
+        let done = done_jobs.len() as u64;
         bar.set(done, 0);
         if done == plan.jobs.len() as u64 {
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -195,7 +195,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
                     dead = d
                         .of_run(run_id.as_str())
                         .into_iter()
-                        .filter(|j| marker_of.get(&j.job_id).is_some_and(|k| !listed.contains(k)))
+                        .filter(|j| !done_jobs.contains(j.job_id.as_str()))
                         .collect()
                 }
                 // The broker away for a moment: the run goes on; look again later.
