@@ -98,7 +98,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         for chunk_start in (0..ids.len()).step_by(medbatch_engine::engine::PREFILL_CHUNK) {
             let chunk = &ids[chunk_start..(chunk_start + medbatch_engine::engine::PREFILL_CHUNK).min(ids.len())];
             let mut items: Vec<BatchItem> =
-                caches.iter_mut().map(|cache| BatchItem { ids: chunk, cache, logits: Logits::Last }).collect();
+                caches.iter_mut().map(|cache| BatchItem::text(chunk, cache, Logits::Last)).collect();
             logits = engine.model.forward_batch(&mut items)?;
         }
         pp.push((batch * ids.len()) as f64 / t.elapsed().as_secs_f64());
@@ -110,7 +110,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let short = &ids[..16.min(ids.len())];
         let mut caches: Vec<_> = (0..batch).map(|_| engine.model.new_cache()).collect();
         let mut items: Vec<BatchItem> =
-            caches.iter_mut().map(|cache| BatchItem { ids: short, cache, logits: Logits::Last }).collect();
+            caches.iter_mut().map(|cache| BatchItem::text(short, cache, Logits::Last)).collect();
         let logits = engine.model.forward_batch(&mut items)?;
         let t = Instant::now();
         decode_steps(&engine.model, &mut caches, logits, args.gen_tokens)?;
@@ -160,11 +160,8 @@ fn decode_steps(
             .iter()
             .map(|l| medbatch_engine::Engine::argmax(l.as_ref().expect("logits")).map(|n| [n]))
             .collect::<Result<Vec<[u32; 1]>, _>>()?;
-        let mut items: Vec<BatchItem> = next
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
-            .collect();
+        let mut items: Vec<BatchItem> =
+            next.iter().zip(caches.iter_mut()).map(|(ids, cache)| BatchItem::text(ids, cache, Logits::Last)).collect();
         logits = model.forward_batch(&mut items)?;
     }
     Ok(())
@@ -204,6 +201,7 @@ fn grammar_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyho
                 stop: Vec::new(),
                 sampling: Default::default(),
                 grammar: Some(medbatch_worker::grammar::answer_grammar(&pipeline.schema, line)?),
+                images: Vec::new(),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -43,6 +43,11 @@ pub enum DebugCommand {
         /// Also write the last position's logits (little-endian f32) to this file.
         #[arg(long)]
         dump: Option<std::path::PathBuf>,
+        /// An image (PNG or JPEG) for a multimodal model; repeat for several. `--tokens` holds
+        /// each image as a run of `<image_soft_token>` ids (between `<start_of_image>` and
+        /// `<end_of_image>`), and the i-th image fills the i-th run.
+        #[arg(long = "image")]
+        images: Vec<std::path::PathBuf>,
     },
     /// Greedy continuation: of a text (`{"text", "ids", ...}`), or of token ids with
     /// `--tokens` (`{"tokens": [...]}`).
@@ -60,6 +65,11 @@ pub enum DebugCommand {
         /// Print JSON (the only output format).
         #[arg(long)]
         json: bool,
+        /// An image (PNG or JPEG) for a multimodal model; repeat for several. With `--tokens`
+        /// the i-th image fills the i-th run of `<image_soft_token>` ids; with a text, the
+        /// i-th `<start_of_image>` written in it.
+        #[arg(long = "image")]
+        images: Vec<std::path::PathBuf>,
         prompt: Option<String>,
     },
 }
@@ -75,6 +85,18 @@ fn numeric(name: &str, default: NumericOptions) -> anyhow::Result<NumericOptions
     })
 }
 
+/// Decodes the images given on the command line.
+fn read_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::sync::Arc<medbatch_engine::image::Rgb8>>> {
+    paths
+        .iter()
+        .map(|p| {
+            let bytes = std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let img = medbatch_engine::image::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            Ok(std::sync::Arc::new(img))
+        })
+        .collect()
+}
+
 pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         DebugCommand::Tokenize { model, no_bos, special, text } => {
@@ -82,11 +104,12 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
             let ids = engine.tokenizer.encode(&text, !no_bos, special);
             println!("{}", serde_json::to_string(&ids)?);
         }
-        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump } => {
+        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump, images } => {
             let mut engine = model_path::load_engine(&model)?;
             engine.model.numeric = numeric(&num, engine.model.numeric)?;
             anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
-            let rows = engine.all_logits(&tokens)?;
+            let image_rows = engine.encode_images(&read_images(&images)?)?;
+            let rows = engine.all_logits_with(&tokens, image_rows.as_ref())?;
             let last = rows.last().expect("at least one token");
             if let Some(p) = dump {
                 let bytes: Vec<u8> = last.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -103,12 +126,14 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                 None => println!("{}", serde_json::json!({ "logits": last })),
             }
         }
-        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, prompt } => {
+        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, images, prompt } => {
             let mut engine = model_path::load_engine(&model)?;
+            let images = read_images(&images)?;
             match (tokens, prompt) {
                 (Some(ids), None) => {
                     anyhow::ensure!(!ids.is_empty(), "--tokens is empty");
-                    let out = engine.greedy_ids(&ids, max_new_tokens as usize)?;
+                    let image_rows = engine.encode_images(&images)?;
+                    let out = engine.greedy_ids_with(&ids, image_rows.as_ref(), max_new_tokens as usize)?;
                     println!("{}", serde_json::json!({ "tokens": out }));
                 }
                 (None, Some(prompt)) => {
@@ -117,11 +142,12 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                         chat,
                         shared_prefix_len: 0,
                         add_bos: true,
-                        parse_special: false,
+                        parse_special: !images.is_empty(),
                         max_new_tokens,
                         stop: Vec::new(),
                         sampling: medbatch_engine::sampling::Sampling::greedy(),
                         grammar: None,
+                        images,
                     })?;
                     println!(
                         "{}",

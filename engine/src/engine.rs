@@ -3,9 +3,11 @@
 use crate::constrain::{Grammar, GuidanceFactory, SeqMatcher};
 use crate::gguf::GgufFile;
 use crate::hf::ChatTemplate;
+use crate::image::{ImageConfig, Rgb8};
 use crate::model::{BatchItem, Gemma3, Logits, NumericOptions, SeqCache, LOCAL_CACHE_SLACK};
 use crate::sampling::{pick, Sampling, SplitMix64};
 use crate::text_tokenizer::{HfTokenizer, Tokenizer};
+use crate::vision::VisionTower;
 use crate::EngineError;
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
@@ -58,7 +60,17 @@ pub struct GenerateRequest {
     /// when the grammar is complete (stop strings are then not used): the text always
     /// parses unless it is cut by `max_new_tokens` (finish `Length`).
     pub grammar: Option<Grammar>,
+    /// Images for a multimodal model, in order: the i-th fills the i-th `<start_of_image>`
+    /// written in `prompt`, which is expanded as transformers' Gemma 3 processor does
+    /// (`"\n\n<start_of_image>"`, one `<image_soft_token>` per image row, `"<end_of_image>\n\n"`).
+    /// The prompt is then always read with control tokens parsed.
+    pub images: Vec<Arc<Rgb8>>,
 }
+
+/// Gemma 3's image marker, written in prompts where an image goes.
+pub const START_OF_IMAGE: &str = "<start_of_image>";
+const IMAGE_SOFT_TOKEN: &str = "<image_soft_token>";
+const END_OF_IMAGE: &str = "<end_of_image>";
 
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +121,11 @@ struct PrefixEntry {
 /// engine thread owns it (see [`crate::service`]).
 pub struct Engine {
     pub model: Gemma3,
+    /// The vision tower and projector of a multimodal checkpoint.
+    pub vision: Option<VisionTower>,
+    /// How images are prepared for the tower (size from the tower, the rest from
+    /// `preprocessor_config.json` when the checkpoint has one).
+    pub image_config: ImageConfig,
     pub tokenizer: Arc<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     pub info: ModelInfo,
@@ -191,18 +208,25 @@ impl Engine {
         };
         let mut stop_ids = vec![tokenizer.special.eos];
         stop_ids.extend(tokenizer.special.end_of_turn);
-        Ok(Self::assemble(model, Tokenizer::Spm(Box::new(tokenizer)), None, info, stop_ids))
+        Ok(Self::assemble(model, None, Tokenizer::Spm(Box::new(tokenizer)), None, info, stop_ids))
     }
 
     fn assemble(
         model: Gemma3,
+        vision: Option<VisionTower>,
         tokenizer: Tokenizer,
         chat_template: Option<ChatTemplate>,
         info: ModelInfo,
         stop_ids: Vec<u32>,
     ) -> Self {
+        let image_config = ImageConfig {
+            size: vision.as_ref().map(|v| v.cfg.image_size).unwrap_or(ImageConfig::default().size),
+            ..ImageConfig::default()
+        };
         Self {
             model,
+            vision,
+            image_config,
             tokenizer: Arc::new(tokenizer),
             chat_template,
             info,
@@ -220,6 +244,7 @@ impl Engine {
         let device = Device::Cpu;
         let cfg = crate::hf::read_config(dir)?;
         let model = crate::hf::load_model(dir, &cfg, &device)?;
+        let vision = crate::hf::load_vision(dir, &cfg, &device)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::Hf(Box::new(HfTokenizer::from_file(&tok_path)?));
         let chat_template = ChatTemplate::find(dir)?;
@@ -237,7 +262,65 @@ impl Engine {
         stop_ids.push(tokenizer.special().eos);
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(Self::assemble(model, tokenizer, chat_template, info, stop_ids))
+        let mut engine = Self::assemble(model, vision, tokenizer, chat_template, info, stop_ids);
+        if engine.vision.is_some() {
+            engine.image_config = crate::image::read_preprocessor_config(dir, engine.image_config.size)?;
+            engine.check_image_tokens()?;
+        }
+        Ok(engine)
+    }
+
+    /// Checks that the tokenizer reads Gemma's image markers as the config's ids, so that
+    /// prompts written with `<start_of_image>` expand correctly.
+    fn check_image_tokens(&self) -> Result<(), EngineError> {
+        let v = &self.vision.as_ref().expect("vision tower").cfg;
+        for (text, id) in
+            [(START_OF_IMAGE, v.boi_token_id), (IMAGE_SOFT_TOKEN, v.image_token_id), (END_OF_IMAGE, v.eoi_token_id)]
+        {
+            let got = self.tokenizer.encode(text, false, true);
+            if got != [id] {
+                return Err(EngineError::Load(format!(
+                    "the tokenizer reads {text} as {got:?}, but config.json gives its id as {id}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Soft tokens one image takes in the prompt (`None` for text-only models).
+    pub fn image_tokens(&self) -> Option<usize> {
+        self.vision.as_ref().map(|v| v.cfg.mm_tokens_per_image)
+    }
+
+    /// The image rows of `images` for the text decoder, `[images × tokens, hidden]`.
+    pub fn encode_images(&self, images: &[Arc<Rgb8>]) -> Result<Option<Tensor>, EngineError> {
+        if images.is_empty() {
+            return Ok(None);
+        }
+        let tower = self.vision.as_ref().ok_or_else(|| {
+            EngineError::Request(format!("{} has no vision tower; it cannot read images", self.info.id))
+        })?;
+        let mut rows = Vec::with_capacity(images.len());
+        for img in images {
+            let _span = tracing::debug_span!("vision_tower").entered();
+            rows.push(tower.encode(&crate::image::pixel_values(img, &self.image_config))?);
+        }
+        Ok(Some(Tensor::cat(&rows, 0)?))
+    }
+
+    /// `prompt` with every `<start_of_image>` expanded to the full image block.
+    fn expand_images(&self, prompt: &str, images: usize) -> Result<String, EngineError> {
+        let n = self.image_tokens().ok_or_else(|| {
+            EngineError::Request(format!("{} has no vision tower; it cannot read images", self.info.id))
+        })?;
+        let markers = prompt.matches(START_OF_IMAGE).count();
+        if markers != images {
+            return Err(EngineError::Request(format!(
+                "the prompt has {markers} {START_OF_IMAGE} markers for {images} images"
+            )));
+        }
+        let block = format!("\n\n{START_OF_IMAGE}{}{END_OF_IMAGE}\n\n", IMAGE_SOFT_TOKEN.repeat(n));
+        Ok(prompt.replace(START_OF_IMAGE, &block))
     }
 
     /// Loads a GGUF file or a checkpoint folder.
@@ -253,10 +336,28 @@ impl Engine {
     /// be added when tokenizing it. A checkpoint's own chat template is rendered when it has
     /// one (it writes BOS itself, so none is added: no double BOS); otherwise Gemma's turn
     /// format is used. The prompt must be encoded with `parse_special`.
+    ///
+    /// A message with `<start_of_image>` markers is given to the template as a list of text
+    /// and image items, split at the markers, as a multimodal chat is: the template trims
+    /// each text item and writes the marker for each image.
     pub fn chat_prompt(&self, user: &str) -> Result<(String, bool), EngineError> {
         match &self.chat_template {
             Some(t) => {
-                let messages = serde_json::json!([{ "role": "user", "content": user }]);
+                let content = if user.contains(START_OF_IMAGE) {
+                    let mut items = Vec::new();
+                    for (i, piece) in user.split(START_OF_IMAGE).enumerate() {
+                        if i > 0 {
+                            items.push(serde_json::json!({ "type": "image" }));
+                        }
+                        if !piece.is_empty() {
+                            items.push(serde_json::json!({ "type": "text", "text": piece }));
+                        }
+                    }
+                    serde_json::Value::Array(items)
+                } else {
+                    serde_json::Value::String(user.to_string())
+                };
+                let messages = serde_json::json!([{ "role": "user", "content": content }]);
                 Ok((t.render(&messages)?, !t.writes_bos()))
             }
             None => Ok((format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n"), true)),
@@ -265,11 +366,34 @@ impl Engine {
 
     /// Runs `ids` into `cache` in chunks; returns the last position's logits.
     pub fn prefill(&self, ids: &[u32], cache: &mut SeqCache) -> Result<Tensor, EngineError> {
-        let mut logits = None;
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            logits = Some(self.model.forward(chunk, cache, Logits::Last)?);
+        let mut out = self.prefill_with(ids, None, cache, Logits::Last, PREFILL_CHUNK)?;
+        out.pop().ok_or_else(|| EngineError::Request("empty prompt".into()))
+    }
+
+    /// Runs `ids` (with `images`: rows for its image soft tokens, in order) into `cache` in
+    /// chunks of about `chunk` tokens that never split an image; returns each chunk's logits.
+    pub fn prefill_with(
+        &self,
+        ids: &[u32],
+        images: Option<&Tensor>,
+        cache: &mut SeqCache,
+        which: Logits,
+        chunk: usize,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        let soft = self.model.image_token_id;
+        let mut out = Vec::new();
+        let mut from = 0;
+        while from < ids.len() {
+            let to = chunk_end(ids, from, chunk, soft);
+            let rows = image_rows(ids, from, to, soft, images)?;
+            let mut item =
+                [BatchItem { ids: &ids[from..to], cache: &mut *cache, logits: which, images: rows.as_ref() }];
+            if let Some(l) = self.model.forward_batch(&mut item)?.pop().flatten() {
+                out.push(l);
+            }
+            from = to;
         }
-        logits.ok_or_else(|| EngineError::Request("empty prompt".into()))
+        Ok(out)
     }
 
     /// The greedy choice from a `[1, vocab]` logits tensor.
@@ -280,8 +404,21 @@ impl Engine {
     /// Greedy continuation of `prompt_ids` for up to `max_new` tokens, stopping after an
     /// end-of-sequence or end-of-turn token (which is included). Used by fidelity tests.
     pub fn greedy_ids(&self, prompt_ids: &[u32], max_new: usize) -> Result<Vec<u32>, EngineError> {
+        self.greedy_ids_with(prompt_ids, None, max_new)
+    }
+
+    /// [`Self::greedy_ids`] with image rows for the prompt's soft tokens.
+    pub fn greedy_ids_with(
+        &self,
+        prompt_ids: &[u32],
+        images: Option<&Tensor>,
+        max_new: usize,
+    ) -> Result<Vec<u32>, EngineError> {
         let mut cache = self.model.new_cache();
-        let mut logits = self.prefill(prompt_ids, &mut cache)?;
+        let mut logits = self
+            .prefill_with(prompt_ids, images, &mut cache, Logits::Last, PREFILL_CHUNK)?
+            .pop()
+            .ok_or_else(|| EngineError::Request("empty prompt".into()))?;
         let mut out = Vec::with_capacity(max_new);
         for _ in 0..max_new {
             let next = Self::argmax(&logits)?;
@@ -296,10 +433,14 @@ impl Engine {
 
     /// Logits at every position of `ids` (a fresh sequence), `[n, vocab]`.
     pub fn all_logits(&self, ids: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.all_logits_with(ids, None)
+    }
+
+    /// [`Self::all_logits`] with image rows for the prompt's soft tokens.
+    pub fn all_logits_with(&self, ids: &[u32], images: Option<&Tensor>) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut cache = self.model.new_cache();
         let mut rows = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(PREFILL_CHUNK) {
-            let l = self.model.forward(chunk, &mut cache, Logits::All)?;
+        for l in self.prefill_with(ids, images, &mut cache, Logits::All, PREFILL_CHUNK)? {
             rows.extend(l.to_vec2::<f32>()?);
         }
         Ok(rows)
@@ -339,6 +480,17 @@ impl Engine {
         Ok(self.guidance.get_or_init(|| g).clone())
     }
 
+    /// The token ids a request's prompt is read as (not wrapped in the chat format): its
+    /// `<start_of_image>` markers expanded when it carries images.
+    pub fn prompt_ids(&self, req: &GenerateRequest) -> Result<Vec<u32>, EngineError> {
+        Ok(if req.images.is_empty() {
+            self.tokenizer.encode(&req.prompt, req.add_bos, req.parse_special)
+        } else {
+            let text = self.expand_images(&req.prompt, req.images.len())?;
+            self.tokenizer.encode(&text, req.add_bos, true)
+        })
+    }
+
     /// Tokenizes a request and sets up its sequence (reusing a cached prompt prefix).
     pub fn admit(&mut self, req: &GenerateRequest) -> Result<Active, EngineError> {
         if req.chat {
@@ -353,7 +505,7 @@ impl Engine {
             };
             return self.admit(&wrapped);
         }
-        let ids = self.tokenizer.encode(&req.prompt, req.add_bos, req.parse_special);
+        let ids = self.prompt_ids(req)?;
         if ids.is_empty() {
             return Err(EngineError::Request("prompt has no tokens".into()));
         }
@@ -369,12 +521,21 @@ impl Engine {
             Some(g) => Some(self.guidance()?.matcher(g)?),
             None => None,
         };
+        let image_rows = self.encode_images(&req.images)?;
         let mut cache = self.model.new_cache();
         let mut reused = 0usize;
         if req.shared_prefix_len > 0 && req.prompt.is_char_boundary(req.shared_prefix_len) {
             let (pids, pcache) = self.prefix_cache(&req.prompt[..req.shared_prefix_len], req)?;
-            // Tokens can merge across the prefix boundary, so reuse the common token prefix.
-            let common = pids.iter().zip(&ids).take_while(|(a, b)| a == b).count().min(ids.len() - 1);
+            // Tokens can merge across the prefix boundary, so reuse the common token prefix,
+            // and never past the first image (its rows are not in the cached prefix).
+            let first_image = self.model.image_token_id.and_then(|t| ids.iter().position(|&x| x == t));
+            let common = pids
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(ids.len() - 1)
+                .min(first_image.unwrap_or(usize::MAX));
             let mut c = pcache;
             if common > 0 && c.truncate(common, &self.model.cfg)? {
                 cache = c;
@@ -387,6 +548,7 @@ impl Engine {
             next_prefill: reused,
             reused,
             ids,
+            image_rows,
             cache,
             pending: None,
             out: Vec::new(),
@@ -421,8 +583,8 @@ impl Engine {
                 if budget == 0 {
                     continue;
                 }
-                let to = (a.next_prefill + budget).min(a.ids.len());
-                budget -= to - a.next_prefill;
+                let to = chunk_end(&a.ids, a.next_prefill, budget, self.model.image_token_id);
+                budget = budget.saturating_sub(to - a.next_prefill);
                 plan.push((i, a.next_prefill, to, to == a.ids.len()));
             } else if a.pending.is_some() {
                 plan.push((i, 0, 0, true));
@@ -438,6 +600,12 @@ impl Engine {
             for &(i, _, _, _) in &plan {
                 pending_tok.push([active[i].pending.unwrap_or(0)]);
             }
+            let soft = self.model.image_token_id;
+            let mut rows = Vec::with_capacity(plan.len());
+            for &(i, from, to, _) in &plan {
+                let a = &active[i];
+                rows.push(if to > from { image_rows(&a.ids, from, to, soft, a.image_rows.as_ref())? } else { None });
+            }
             let mut by_index: Vec<Option<&mut Active>> = active.iter_mut().map(Some).collect();
             let mut items = Vec::with_capacity(plan.len());
             for (k, &(i, from, to, wants)) in plan.iter().enumerate() {
@@ -447,6 +615,7 @@ impl Engine {
                     ids,
                     cache: &mut a.cache,
                     logits: if wants { Logits::Last } else { Logits::None },
+                    images: rows[k].as_ref(),
                 });
             }
             self.model.forward_batch(&mut items)?
@@ -455,6 +624,9 @@ impl Engine {
             let a = &mut active[i];
             if to > from {
                 a.next_prefill = to;
+                if to == a.ids.len() {
+                    a.image_rows = None;
+                }
             }
             let Some(l) = l else { continue };
             let mut row: Vec<f32> = l.flatten_all()?.to_vec1()?;
@@ -549,6 +721,8 @@ impl Engine {
 pub struct Active {
     pub req: GenerateRequest,
     ids: Vec<u32>,
+    /// Rows for the prompt's image soft tokens, until the prompt has been read.
+    image_rows: Option<Tensor>,
     next_prefill: usize,
     reused: usize,
     cache: SeqCache,
@@ -586,5 +760,69 @@ impl Active {
             finish: self.finish.unwrap_or(Finish::Length),
             engine_ms: self.started.elapsed().as_millis() as u64,
         }
+    }
+}
+
+/// The end of a prompt chunk starting at `from` of about `budget` tokens that does not split
+/// a run of image soft tokens: a run that would be cut is left for the next chunk, or taken
+/// whole when the chunk would otherwise be empty.
+pub fn chunk_end(ids: &[u32], from: usize, budget: usize, soft: Option<u32>) -> usize {
+    let mut to = (from + budget.max(1)).min(ids.len());
+    let Some(soft) = soft else { return to };
+    if to < ids.len() && ids[to - 1] == soft && ids[to] == soft {
+        let mut start = to - 1;
+        while start > from && ids[start - 1] == soft {
+            start -= 1;
+        }
+        if start > from {
+            to = start;
+        } else {
+            while to < ids.len() && ids[to] == soft {
+                to += 1;
+            }
+        }
+    }
+    to
+}
+
+/// The rows of `images` for the soft tokens in `ids[from..to]`.
+fn image_rows(
+    ids: &[u32],
+    from: usize,
+    to: usize,
+    soft: Option<u32>,
+    images: Option<&Tensor>,
+) -> Result<Option<Tensor>, EngineError> {
+    let Some(soft) = soft else { return Ok(None) };
+    let count = ids[from..to].iter().filter(|&&t| t == soft).count();
+    if count == 0 {
+        return Ok(None);
+    }
+    let images = images.ok_or_else(|| EngineError::Request(format!("{count} image soft tokens but no image")))?;
+    let before = ids[..from].iter().filter(|&&t| t == soft).count();
+    if before + count > images.dim(0)? {
+        return Err(EngineError::Request(format!(
+            "the prompt holds {} image soft tokens, the images give {} rows",
+            ids.iter().filter(|&&t| t == soft).count(),
+            images.dim(0)?
+        )));
+    }
+    Ok(Some(images.narrow(0, before, count)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_never_split_an_image() {
+        let s = 9;
+        let ids = [1, 2, 9, 9, 9, 9, 3, 4, 9, 9, 5];
+        assert_eq!(chunk_end(&ids, 0, 4, Some(s)), 2, "a run cut at 4 moves to the next chunk");
+        assert_eq!(chunk_end(&ids, 2, 2, Some(s)), 6, "a run at the chunk start is taken whole");
+        assert_eq!(chunk_end(&ids, 0, 6, Some(s)), 6);
+        assert_eq!(chunk_end(&ids, 6, 3, Some(s)), 8);
+        assert_eq!(chunk_end(&ids, 0, 4, None), 4);
+        assert_eq!(chunk_end(&ids, 10, 4, Some(s)), 11);
     }
 }

@@ -225,6 +225,9 @@ impl GgufFile {
             norm,
             lm_head,
             numeric,
+            // Gemma 3 GGUF files hold the text decoder only (llama.cpp keeps the vision
+            // tower in a separate projector file).
+            image_token_id: None,
             device: device.clone(),
         })
     }

@@ -13,6 +13,7 @@
 
 use crate::hf_config::{parse_config, CheckpointConfig};
 use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm};
+use crate::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
 use crate::EngineError;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,11 @@ const EMBED_KEYS: [(&str, &str); 3] = [
     ("model.", "model.embed_tokens.weight"),
 ];
 const LM_HEAD_KEYS: [&str; 2] = ["lm_head.weight", "language_model.lm_head.weight"];
+/// Where the vision tower's weights live: Google's uploads (`vision_tower.vision_model.*`),
+/// transformers 5.x in memory, and transformers 5.x saves (which drop `vision_model.`).
+const VISION_PREFIXES: [&str; 4] =
+    ["vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower."];
+const PROJECTOR_PREFIXES: [&str; 2] = ["multi_modal_projector.", "model.multi_modal_projector."];
 
 fn load_err(what: impl std::fmt::Display) -> EngineError {
     EngineError::Load(what.to_string())
@@ -114,13 +120,96 @@ fn embed_scale(hidden: usize, dtype: DType) -> f64 {
     }
 }
 
-/// Loads the text decoder of a checkpoint folder, computing in f32 on the CPU.
-pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Gemma3, EngineError> {
+fn open_weights(dir: &Path) -> Result<(MmapedSafetensors, BTreeSet<String>), EngineError> {
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; medbatch never writes them, and a file
     // changed underneath a running worker is outside what it can guard against.
     let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(load_err)?;
     let names: BTreeSet<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    Ok((st, names))
+}
+
+/// Loads the vision tower and projector of a multimodal checkpoint (`None` for a text-only
+/// one), computing in f32 on the CPU.
+pub fn load_vision(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Option<VisionTower>, EngineError> {
+    let Some(vc) = cfg.vision.clone() else { return Ok(None) };
+    VisionTower::check_shape(&vc).map_err(|e| load_err(format!("config.json: {e}")))?;
+    let (st, names) = open_weights(dir)?;
+    let find = |prefixes: &[&'static str], probe: &str| {
+        prefixes.iter().copied().find(|p| names.contains(&format!("{p}{probe}")))
+    };
+    let vp = find(&VISION_PREFIXES, "embeddings.patch_embedding.weight").ok_or_else(|| {
+        load_err(format!("{}: config has a vision_config but no vision tower weights", dir.display()))
+    })?;
+    let pp = find(&PROJECTOR_PREFIXES, "mm_input_projection_weight")
+        .ok_or_else(|| load_err(format!("{}: no multi_modal_projector weights", dir.display())))?;
+    let get = |name: String| -> Result<Tensor, EngineError> {
+        st.load(&name, device).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| load_err(format!("tensor {name}: {e}")))
+    };
+    let eps = vc.layer_norm_eps;
+    let ln = |p: &str| -> Result<LayerNorm, EngineError> {
+        Ok(LayerNorm { weight: get(format!("{vp}{p}.weight"))?, bias: get(format!("{vp}{p}.bias"))?, eps })
+    };
+    let lin = |p: &str| -> Result<BiasLinear, EngineError> {
+        Ok(BiasLinear { weight: get(format!("{vp}{p}.weight"))?, bias: get(format!("{vp}{p}.bias"))? })
+    };
+    let conv = get(format!("{vp}embeddings.patch_embedding.weight"))?;
+    let expect = [vc.hidden_size, vc.num_channels, vc.patch_size, vc.patch_size];
+    if conv.dims() != expect {
+        return Err(load_err(format!("patch embedding is {:?}, config says {expect:?}", conv.dims())));
+    }
+    let patch = BiasLinear {
+        weight: conv.reshape((vc.hidden_size, vc.num_channels * vc.patch_size * vc.patch_size)).map_err(load_err)?,
+        bias: get(format!("{vp}embeddings.patch_embedding.bias"))?,
+    };
+    let position = get(format!("{vp}embeddings.position_embedding.weight"))?;
+    let patches = (vc.image_size / vc.patch_size).pow(2);
+    if position.dims() != [patches, vc.hidden_size] {
+        return Err(load_err(format!(
+            "position table is {:?}, expected [{patches}, {}]",
+            position.dims(),
+            vc.hidden_size
+        )));
+    }
+    let mut layers = Vec::with_capacity(vc.num_layers);
+    for i in 0..vc.num_layers {
+        let p = |s: &str| format!("encoder.layers.{i}.{s}");
+        layers.push(VisionLayer {
+            layer_norm1: ln(&p("layer_norm1"))?,
+            q: lin(&p("self_attn.q_proj"))?,
+            k: lin(&p("self_attn.k_proj"))?,
+            v: lin(&p("self_attn.v_proj"))?,
+            out: lin(&p("self_attn.out_proj"))?,
+            layer_norm2: ln(&p("layer_norm2"))?,
+            fc1: lin(&p("mlp.fc1"))?,
+            fc2: lin(&p("mlp.fc2"))?,
+        });
+    }
+    let norm_w = (get(format!("{pp}mm_soft_emb_norm.weight"))? + 1.0).map_err(load_err)?;
+    let projection = get(format!("{pp}mm_input_projection_weight"))?;
+    if projection.dims() != [vc.hidden_size, cfg.text.hidden_size] {
+        return Err(load_err(format!(
+            "mm_input_projection_weight is {:?}, expected [{}, {}]",
+            projection.dims(),
+            vc.hidden_size,
+            cfg.text.hidden_size
+        )));
+    }
+    Ok(Some(VisionTower {
+        post_layernorm: ln("post_layernorm")?,
+        soft_emb_norm: RmsNorm::new(norm_w, eps),
+        projection,
+        patch,
+        position,
+        layers,
+        cfg: vc,
+        device: device.clone(),
+    }))
+}
+
+/// Loads the text decoder of a checkpoint folder, computing in f32 on the CPU.
+pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Gemma3, EngineError> {
+    let (st, names) = open_weights(dir)?;
     let (prefix, embed_key) = EMBED_KEYS
         .iter()
         .find(|(_, k)| names.contains(*k))
@@ -173,6 +262,7 @@ pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result
         norm,
         lm_head,
         numeric: NumericOptions { f16_attention: false, f16_gelu: false },
+        image_token_id: cfg.vision.as_ref().map(|v| v.image_token_id),
         device: device.clone(),
     })
 }

@@ -29,16 +29,47 @@ const DEFAULT_QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
 const DEFAULT_SLIDING_WINDOW: usize = 4096;
 const DEFAULT_MAX_POSITIONS: usize = 131_072;
 
-/// Vision tower settings of a multimodal checkpoint (SigLIP), for parameter counts.
+/// Vision side of a multimodal checkpoint: the SigLIP tower (`vision_config`) and the image
+/// token settings kept at the top level of `config.json`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VisionConfig {
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
+    pub num_heads: usize,
     pub image_size: usize,
     pub patch_size: usize,
     pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    /// Soft tokens per image after pooling (a square number).
     pub mm_tokens_per_image: usize,
+    /// `<image_soft_token>`: the placeholder each image row replaces.
+    pub image_token_id: u32,
+    /// `<start_of_image>`, written where an image goes.
+    pub boi_token_id: u32,
+    /// `<end_of_image>`.
+    pub eoi_token_id: u32,
+}
+
+impl VisionConfig {
+    /// The tower of Gemma 3 4B/12B/27B and every MedGemma multimodal model: SigLIP 896/14,
+    /// 27 layers, 256 soft tokens per image.
+    pub fn siglip_896() -> Self {
+        Self {
+            hidden_size: 1152,
+            intermediate_size: 4304,
+            num_layers: 27,
+            num_heads: 16,
+            image_size: 896,
+            patch_size: 14,
+            num_channels: 3,
+            layer_norm_eps: 1e-6,
+            mm_tokens_per_image: 256,
+            image_token_id: 262_144,
+            boi_token_id: 255_999,
+            eoi_token_id: 256_000,
+        }
+    }
 }
 
 /// A parsed checkpoint config.
@@ -205,15 +236,35 @@ pub fn parse_config(json: &str) -> Result<CheckpointConfig, EngineError> {
         .find_map(|k| t.get(*k).or_else(|| root.get(*k)).and_then(Value::as_str))
         .map(str::to_string);
     let vision = match root.get("vision_config").filter(|v| v.is_object()) {
-        Some(v) => Some(VisionConfig {
-            hidden_size: get_usize(v, "hidden_size", 1152)?,
-            intermediate_size: get_usize(v, "intermediate_size", 4304)?,
-            num_layers: get_usize(v, "num_hidden_layers", 27)?,
-            image_size: get_usize(v, "image_size", 896)?,
-            patch_size: get_usize(v, "patch_size", 14)?,
-            num_channels: get_usize(v, "num_channels", 3)?,
-            mm_tokens_per_image: get_usize(&root, "mm_tokens_per_image", 256)?,
-        }),
+        Some(v) => {
+            let d = VisionConfig::siglip_896();
+            let act = v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu_pytorch_tanh");
+            if !matches!(act, "gelu_pytorch_tanh" | "gelu_tanh") {
+                return Err(bad(format!("vision hidden_act {act:?} is not supported (SigLIP uses gelu_pytorch_tanh)")));
+            }
+            if v.get("vision_use_head").and_then(Value::as_bool).unwrap_or(false) {
+                return Err(bad("vision_use_head is set; Gemma 3's tower has no pooling head"));
+            }
+            // Older configs name the token ids `*_index`, newer ones `*_id`.
+            let token = |a: &str, b: &str, default: u32| -> Result<u32, EngineError> {
+                let key = if root.get(a).is_some_and(|x| !x.is_null()) { a } else { b };
+                Ok(get_usize(&root, key, default as usize)? as u32)
+            };
+            Some(VisionConfig {
+                hidden_size: get_usize(v, "hidden_size", d.hidden_size)?,
+                intermediate_size: get_usize(v, "intermediate_size", d.intermediate_size)?,
+                num_layers: get_usize(v, "num_hidden_layers", d.num_layers)?,
+                num_heads: get_usize(v, "num_attention_heads", d.num_heads)?,
+                image_size: get_usize(v, "image_size", d.image_size)?,
+                patch_size: get_usize(v, "patch_size", d.patch_size)?,
+                num_channels: get_usize(v, "num_channels", d.num_channels)?,
+                layer_norm_eps: get_f64(v, "layer_norm_eps")?.unwrap_or(d.layer_norm_eps),
+                mm_tokens_per_image: get_usize(&root, "mm_tokens_per_image", d.mm_tokens_per_image)?,
+                image_token_id: token("image_token_index", "image_token_id", d.image_token_id)?,
+                boi_token_id: token("boi_token_index", "boi_token_id", d.boi_token_id)?,
+                eoi_token_id: token("eoi_token_index", "eoi_token_id", d.eoi_token_id)?,
+            })
+        }
         None => None,
     };
     let eos_token_ids = match t.get("eos_token_id").or_else(|| root.get("eos_token_id")) {
@@ -243,7 +294,8 @@ mod tests {
         assert_eq!(t.layer_is_global.iter().filter(|g| **g).count(), 5);
         assert!(t.layer_is_global[5] && !t.layer_is_global[4]);
         assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
-        assert!(c.vision.is_some() && c.tie_word_embeddings);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.vision, Some(VisionConfig::siglip_896()));
     }
 
     #[test]

@@ -64,6 +64,63 @@ impl Default for ImageConfig {
     }
 }
 
+/// The processor settings of a checkpoint folder (`preprocessor_config.json`), `size` when
+/// the file is absent or does not say. Only what Gemma 3's processor does is accepted: a
+/// bilinear resize to a square, rescale and normalise (pan-and-scan is refused).
+pub fn read_preprocessor_config(dir: &std::path::Path, size: usize) -> Result<ImageConfig, crate::EngineError> {
+    let p = dir.join("preprocessor_config.json");
+    let mut cfg = ImageConfig { size, ..ImageConfig::default() };
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cfg),
+        Err(e) => return Err(crate::EngineError::Load(format!("{}: {e}", p.display()))),
+    };
+    let bad = |m: String| crate::EngineError::Load(format!("{}: {m}", p.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let flag = |k: &str| v.get(k).and_then(serde_json::Value::as_bool);
+    if flag("do_pan_and_scan") == Some(true) {
+        return Err(bad("do_pan_and_scan is not supported".into()));
+    }
+    if flag("do_resize") == Some(false) || flag("do_rescale") == Some(false) || flag("do_normalize") == Some(false) {
+        return Err(bad("only processors that resize, rescale and normalise are supported".into()));
+    }
+    if let Some(r) = v.get("resample").and_then(serde_json::Value::as_u64) {
+        if r != 2 {
+            return Err(bad(format!("resample {r} is not supported (Gemma 3 uses 2, bilinear)")));
+        }
+    }
+    if let Some(s) = v.get("size") {
+        let h = s.get("height").and_then(serde_json::Value::as_u64);
+        let w = s.get("width").and_then(serde_json::Value::as_u64);
+        match (h, w) {
+            (Some(h), Some(w)) if h == w => cfg.size = h as usize,
+            (None, None) => {}
+            _ => return Err(bad(format!("size {s} is not a square height/width"))),
+        }
+    }
+    if cfg.size != size {
+        return Err(bad(format!("images of {} pixels do not fit a vision tower of {size}", cfg.size)));
+    }
+    if let Some(f) = v.get("rescale_factor").and_then(serde_json::Value::as_f64) {
+        cfg.rescale_factor = f as f32;
+    }
+    let triple = |k: &str, into: &mut [f32; 3]| -> Result<(), crate::EngineError> {
+        match v.get(k) {
+            None | Some(serde_json::Value::Null) => Ok(()),
+            Some(serde_json::Value::Array(a)) if a.len() == 3 && a.iter().all(|x| x.is_number()) => {
+                for (o, x) in into.iter_mut().zip(a) {
+                    *o = x.as_f64().unwrap_or_default() as f32;
+                }
+                Ok(())
+            }
+            Some(other) => Err(bad(format!("{k} {other} is not three numbers"))),
+        }
+    };
+    triple("image_mean", &mut cfg.mean)?;
+    triple("image_std", &mut cfg.std)?;
+    Ok(cfg)
+}
+
 /// Decodes PNG or JPEG bytes to RGB as the processor converts images: RGB kept, grey
 /// replicated, transparency composited over white.
 pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {

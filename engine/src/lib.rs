@@ -19,6 +19,7 @@ pub mod sampling;
 pub mod service;
 pub mod text_tokenizer;
 pub mod tokenizer;
+pub mod vision;
 
 pub use constrain::Grammar;
 pub use engine::{Engine, Finish, GenerateRequest, Generation, ModelInfo};

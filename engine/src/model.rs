@@ -201,6 +201,10 @@ pub struct Gemma3 {
     pub norm: RmsNorm,
     pub lm_head: Linear,
     pub numeric: NumericOptions,
+    /// `<image_soft_token>` of a multimodal checkpoint: positions holding it take the rows of
+    /// an image instead of an embedding, and each run of them attends to itself both ways
+    /// while the prompt is read. `None` for text-only models.
+    pub image_token_id: Option<u32>,
     pub device: Device,
 }
 
@@ -268,6 +272,16 @@ pub struct BatchItem<'a> {
     pub ids: &'a [u32],
     pub cache: &'a mut SeqCache,
     pub logits: Logits,
+    /// Rows for the image soft tokens among `ids`, in order (`[count, hidden]`); required
+    /// when `ids` holds any. A run of soft tokens must not be split between passes.
+    pub images: Option<&'a Tensor>,
+}
+
+impl<'a> BatchItem<'a> {
+    /// An item without images.
+    pub fn text(ids: &'a [u32], cache: &'a mut SeqCache, logits: Logits) -> Self {
+        Self { ids, cache, logits, images: None }
+    }
 }
 
 /// Which positions' logits a forward pass returns.
@@ -335,7 +349,7 @@ impl Gemma3 {
     /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
     /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
     pub fn forward(&self, ids: &[u32], cache: &mut SeqCache, which: Logits) -> candle_core::Result<Tensor> {
-        let mut out = self.forward_batch(&mut [BatchItem { ids, cache, logits: which }])?;
+        let mut out = self.forward_batch(&mut [BatchItem::text(ids, cache, which)])?;
         out.pop().flatten().ok_or_else(|| candle_core::Error::Msg("no logits requested".into()))
     }
 
@@ -350,8 +364,9 @@ impl Gemma3 {
         let cfg = &self.cfg;
         let hd = cfg.head_dim;
         let all_ids: Vec<u32> = items.iter().flat_map(|b| b.ids.iter().copied()).collect();
-        let ids_t = Tensor::new(all_ids.as_slice(), &self.device)?;
-        let mut x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
+        let mut x = self.embed_with_images(items, &all_ids)?;
+        // Image runs of each item (prefill only: a single-token step never holds an image).
+        let groups: Vec<Vec<Option<u32>>> = items.iter().map(|b| self.image_groups(b.ids)).collect();
         let mut ropes = Vec::with_capacity(items.len());
         for b in items.iter() {
             let (pos0, t) = (b.cache.pos, b.ids.len());
@@ -368,11 +383,11 @@ impl Gemma3 {
             let (q, k, v) = (a.q.forward(&h)?, a.k.forward(&h)?, a.v.forward(&h)?);
             let mut outs = Vec::with_capacity(items.len());
             let mut off = 0;
-            for (b, rope) in items.iter_mut().zip(&ropes) {
+            for ((b, rope), g) in items.iter_mut().zip(&ropes).zip(&groups) {
                 let t = b.ids.len();
                 let (qb, kb, vb) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
                 let pos0 = b.cache.pos;
-                outs.push(self.attention(i, a, (&qb, &kb, &vb), &mut b.cache.layers[i], pos0, rope)?);
+                outs.push(self.attention(i, a, (&qb, &kb, &vb), &mut b.cache.layers[i], pos0, rope, g)?);
                 off += t;
             }
             let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
@@ -425,7 +440,82 @@ impl Gemma3 {
         Ok(out)
     }
 
-    /// Attention of one sequence's new rows (`q`, `k`, `v` already projected).
+    /// The scaled embeddings of every item's ids, with image rows in place of the image soft
+    /// tokens (not scaled: transformers scatters the projected image features after the
+    /// embedding scale).
+    fn embed_with_images(&self, items: &[BatchItem<'_>], all_ids: &[u32]) -> candle_core::Result<Tensor> {
+        let soft = self.image_token_id;
+        // A soft-token id outside the vocabulary (tiny test vocabularies) is looked up as 0,
+        // as transformers does; its row is replaced anyway.
+        let lookup: Vec<u32> =
+            all_ids.iter().map(|&t| if Some(t) == soft && t as usize >= self.cfg.vocab_size { 0 } else { t }).collect();
+        let ids_t = Tensor::new(lookup.as_slice(), &self.device)?;
+        let x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
+        let Some(soft) = soft else { return Ok(x) };
+        if !all_ids.contains(&soft) {
+            return Ok(x);
+        }
+        // Rows of `x` followed by every image row; each position picks its row by index.
+        let n = all_ids.len();
+        let mut table = vec![x];
+        let mut index = Vec::with_capacity(n);
+        let (mut off, mut extra) = (0usize, n);
+        for b in items {
+            let count = b.ids.iter().filter(|&&t| t == soft).count();
+            let rows = match (count, b.images) {
+                (0, _) => 0,
+                (c, Some(img)) if img.dim(0)? == c => {
+                    table.push(img.to_dtype(DType::F32)?);
+                    c
+                }
+                (c, Some(img)) => {
+                    candle_core::bail!("{c} image soft tokens in the prompt, {} image rows given", img.dim(0)?)
+                }
+                (c, None) => candle_core::bail!("{c} image soft tokens in the prompt but no image given"),
+            };
+            let mut k = 0;
+            for (j, &t) in b.ids.iter().enumerate() {
+                if t == soft {
+                    index.push((extra + k) as u32);
+                    k += 1;
+                } else {
+                    index.push((off + j) as u32);
+                }
+            }
+            off += b.ids.len();
+            extra += rows;
+        }
+        let table = Tensor::cat(&table, 0)?;
+        table.index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)
+    }
+
+    /// For each position of a prompt chunk, the image run it belongs to (numbered from 0
+    /// within the chunk), or `None` for text.
+    fn image_groups(&self, ids: &[u32]) -> Vec<Option<u32>> {
+        let Some(soft) = self.image_token_id else { return Vec::new() };
+        if ids.len() < 2 || !ids.contains(&soft) {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut run = 0u32;
+        for (i, &t) in ids.iter().enumerate() {
+            if t != soft {
+                out.push(None);
+                continue;
+            }
+            if i > 0 && ids[i - 1] != soft && out.iter().any(Option::is_some) {
+                run += 1;
+            }
+            out.push(Some(run));
+        }
+        out
+    }
+
+    /// Attention of one sequence's new rows (`q`, `k`, `v` already projected). `groups`
+    /// gives the image run of each new row (empty when there is none): rows of one run see
+    /// each other both ways (within the sliding window on local layers, which bounds only
+    /// how far back a key may be), as transformers' mask does at prefill.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer_idx: usize,
@@ -434,6 +524,7 @@ impl Gemma3 {
         lc: &mut LayerCache,
         pos0: usize,
         rope: &Rope,
+        groups: &[Option<u32>],
     ) -> candle_core::Result<Tensor> {
         let cfg = &self.cfg;
         let t = q.dim(0)?;
@@ -472,9 +563,12 @@ impl Gemma3 {
         let mut mask = Vec::with_capacity(t * s);
         for i in 0..t {
             let qp = pos0 + i;
+            let group = groups.get(i).copied().flatten();
             for j in 0..s {
                 let kp = start + j;
-                let visible = kp <= qp && (is_global || qp - kp < cfg.sliding_window);
+                let same_image = group.is_some() && kp >= pos0 && groups[kp - pos0] == group;
+                let in_window = is_global || kp + cfg.sliding_window > qp;
+                let visible = in_window && (kp <= qp || same_image);
                 mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
             }
         }

@@ -38,6 +38,7 @@ fn requests() -> Vec<GenerateRequest> {
             stop: Vec::new(),
             sampling: Default::default(),
             grammar: None,
+            images: Vec::new(),
         })
         .collect();
     // A prompt longer than the 512-token window and the per-step prefill budget.
@@ -52,6 +53,7 @@ fn requests() -> Vec<GenerateRequest> {
         stop: Vec::new(),
         sampling: Default::default(),
         grammar: None,
+        images: Vec::new(),
     });
     reqs
 }
@@ -93,6 +95,7 @@ fn engine_thread_respects_limits_and_answers_like_alone() {
             stop: Vec::new(),
             sampling: Default::default(),
             grammar: None,
+            images: Vec::new(),
         })
         .collect();
     let mut alone_engine = Engine::load(ckpt.path()).unwrap();

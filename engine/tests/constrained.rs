@@ -30,6 +30,7 @@ fn request(prompt: &str, grammar: Grammar, max_new_tokens: u32) -> GenerateReque
         stop: vec!["\n".into()],
         sampling: Default::default(),
         grammar: Some(grammar),
+        images: Vec::new(),
     }
 }
 

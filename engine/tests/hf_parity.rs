@@ -130,7 +130,7 @@ fn greedy_continuations_match_transformers_alone_and_batched() {
         let mut items: Vec<BatchItem> = prompt_ids
             .iter()
             .zip(caches.iter_mut())
-            .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::All })
+            .map(|(ids, cache)| BatchItem::text(ids, cache, Logits::All))
             .collect();
         let first = model.forward_batch(&mut items).unwrap();
         for (k, l) in first.iter().enumerate() {
@@ -147,7 +147,7 @@ fn greedy_continuations_match_transformers_alone_and_batched() {
             let mut items: Vec<BatchItem> = next
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(ids, cache)| BatchItem { ids, cache, logits: Logits::Last })
+                .map(|(ids, cache)| BatchItem::text(ids, cache, Logits::Last))
                 .collect();
             let logits = model.forward_batch(&mut items).unwrap();
             next = logits.iter().map(|l| [argmax(&rows(l.as_ref().unwrap())[0])]).collect();

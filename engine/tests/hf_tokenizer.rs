@@ -80,6 +80,7 @@ fn a_checkpoint_folder_serves_chat_requests_with_its_template() {
             stop: Vec::new(),
             sampling: Default::default(),
             grammar: None,
+            images: Vec::new(),
         })
         .unwrap();
     assert!(g.ids.len() <= 4);

@@ -57,6 +57,7 @@ pub(crate) fn model_request(
         stop: g.stop.clone(),
         sampling: Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed },
         grammar,
+        images: Vec::new(),
     }
 }
 

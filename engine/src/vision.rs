@@ -1,0 +1,210 @@
+//! The image side of `Gemma3ForConditionalGeneration` (MedGemma 4B, 1.5 4B, 27B multimodal):
+//! a SigLIP vision transformer without its pooling head, and Gemma 3's multi-modal projector.
+//!
+//! ```text
+//! pixels [3, S, S] → patches (conv k = s = patch, with bias) [P², D] + position table
+//!   → L × { x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x)))) } → post LayerNorm
+//!   → average pool of the P×P grid to T×T (T² = mm_tokens_per_image)
+//!   → RMSNorm with (1 + w) → × mm_input_projection_weight [D, text hidden]
+//! ```
+//! The result is one row per image soft token, scattered into the embedded prompt (after
+//! the embedding scale, so image rows are not scaled).
+//!
+//! Written on candle-core rather than taken from candle-transformers' `siglip`: that module
+//! fits the weights but pulls in candle-nn and every model of candle-transformers for about a
+//! hundred lines, runs its softmax in the weights' dtype (transformers upcasts to f32), and
+//! materialises all heads' 4096×4096 score matrices at once (1 GiB per layer at MedGemma's
+//! shape). Here the scores are computed a few heads at a time.
+
+use crate::hf_config::VisionConfig;
+use crate::model::RmsNorm;
+use candle_core::{Device, Tensor, D};
+
+/// Score matrices of one attention group are kept under this many bytes.
+const SCORE_BUDGET_BYTES: usize = 256 << 20;
+
+/// LayerNorm with bias (biased variance, as torch computes it), in f32.
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+/// A linear layer with bias: `weight` `[out, in]`, `bias` `[out]`.
+pub struct BiasLinear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl BiasLinear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+pub struct VisionLayer {
+    pub layer_norm1: LayerNorm,
+    pub q: BiasLinear,
+    pub k: BiasLinear,
+    pub v: BiasLinear,
+    pub out: BiasLinear,
+    pub layer_norm2: LayerNorm,
+    pub fc1: BiasLinear,
+    pub fc2: BiasLinear,
+}
+
+/// The vision tower and the projector of a multimodal checkpoint.
+pub struct VisionTower {
+    pub cfg: VisionConfig,
+    /// Patch embedding as a matrix `[hidden, channels·patch·patch]` (the conv kernel
+    /// flattened in (channel, row, column) order) and its bias.
+    pub patch: BiasLinear,
+    /// `[patches, hidden]`, patches in row-major order.
+    pub position: Tensor,
+    pub layers: Vec<VisionLayer>,
+    pub post_layernorm: LayerNorm,
+    /// The projector's `mm_soft_emb_norm`, `1 + w` resolved.
+    pub soft_emb_norm: RmsNorm,
+    /// `mm_input_projection_weight`, `[vision hidden, text hidden]` (used as is, not
+    /// transposed).
+    pub projection: Tensor,
+    pub device: Device,
+}
+
+impl VisionTower {
+    /// Patches along one side of the image.
+    pub fn patches_per_side(&self) -> usize {
+        self.cfg.image_size / self.cfg.patch_size
+    }
+
+    /// Soft tokens per image along one side (the pooled grid).
+    pub fn tokens_per_side(&self) -> usize {
+        (self.cfg.mm_tokens_per_image as f64).sqrt().round() as usize
+    }
+
+    /// Checks that the shapes fit together (square token grid dividing the patch grid).
+    pub fn check_shape(cfg: &VisionConfig) -> Result<(), String> {
+        let side = (cfg.mm_tokens_per_image as f64).sqrt().round() as usize;
+        let patches = cfg.image_size / cfg.patch_size.max(1);
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
+            return Err(format!("image size {} is not a multiple of patch size {}", cfg.image_size, cfg.patch_size));
+        }
+        if side * side != cfg.mm_tokens_per_image || side == 0 || !patches.is_multiple_of(side) {
+            return Err(format!(
+                "mm_tokens_per_image {} is not a square whose side divides the {patches}×{patches} patch grid",
+                cfg.mm_tokens_per_image
+            ));
+        }
+        if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) {
+            return Err(format!("vision hidden size {} is not a multiple of {} heads", cfg.hidden_size, cfg.num_heads));
+        }
+        Ok(())
+    }
+
+    /// The soft-token embeddings of one image given as `pixel_values` (CHW f32 of
+    /// `image_size`², already resized and normalised): `[mm_tokens_per_image, text hidden]`.
+    pub fn encode(&self, pixel_values: &[f32]) -> candle_core::Result<Tensor> {
+        let c = &self.cfg;
+        let (s, p, ch) = (c.image_size, c.patch_size, c.num_channels);
+        if pixel_values.len() != ch * s * s {
+            candle_core::bail!("pixel values hold {} numbers, the tower takes {ch}×{s}×{s}", pixel_values.len());
+        }
+        let n = self.patches_per_side();
+        // [C, n, p, n, p] → [n(row), n(col), C, p, p] → one row per patch.
+        let px = Tensor::from_slice(pixel_values, (ch, n, p, n, p), &self.device)?;
+        let rows = px.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n * n, ch * p * p))?;
+        let mut x = self.patch.forward(&rows)?.broadcast_add(&self.position)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("vision_layer", i).entered();
+            let h = layer.layer_norm1.forward(&x)?;
+            let h = self.attention(layer, &h)?;
+            x = (x + layer.out.forward(&h)?)?;
+            let h = layer.layer_norm2.forward(&x)?;
+            let h = layer.fc2.forward(&layer.fc1.forward(&h)?.gelu()?)?;
+            x = (x + h)?;
+        }
+        let x = self.post_layernorm.forward(&x)?;
+        self.project(&x)
+    }
+
+    /// Multi-head self-attention over all patches (no mask), a few heads at a time.
+    fn attention(&self, layer: &VisionLayer, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, hidden) = x.dims2()?;
+        let heads = self.cfg.num_heads;
+        let hd = hidden / heads;
+        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
+        let q = (split(layer.q.forward(x)?)? * (hd as f64).powf(-0.5))?;
+        let k = split(layer.k.forward(x)?)?;
+        let v = split(layer.v.forward(x)?)?;
+        let group = (SCORE_BUDGET_BYTES / (n * n * 4).max(1)).clamp(1, heads);
+        let mut outs = Vec::with_capacity(heads.div_ceil(group));
+        for h0 in (0..heads).step_by(group) {
+            let g = group.min(heads - h0);
+            let (qg, kg, vg) = (q.narrow(0, h0, g)?, k.narrow(0, h0, g)?, v.narrow(0, h0, g)?);
+            let scores = qg.matmul(&kg.t()?)?;
+            let max = scores.max_keepdim(D::Minus1)?;
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            outs.push(probs.matmul(&vg)?);
+        }
+        let out = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 0)? };
+        out.transpose(0, 1)?.reshape((n, hidden))
+    }
+
+    /// Average-pools the patch grid to the token grid, normalises and projects.
+    fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let n = self.patches_per_side();
+        let t = self.tokens_per_side();
+        let k = n / t;
+        let d = x.dim(1)?;
+        let pooled = (x.reshape((t, k, t, k, d))?.sum(3)?.sum(1)? / (k * k) as f64)?.reshape((t * t, d))?;
+        self.soft_emb_norm.forward(&pooled)?.matmul(&self.projection)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_matches_formula() {
+        let dev = Device::Cpu;
+        let ln = LayerNorm {
+            weight: Tensor::new(&[1f32, 2.0, 0.5], &dev).unwrap(),
+            bias: Tensor::new(&[0f32, 1.0, -1.0], &dev).unwrap(),
+            eps: 1e-6,
+        };
+        let y = ln.forward(&Tensor::new(&[[1f32, 2.0, 6.0]], &dev).unwrap()).unwrap();
+        let got = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mean = 3.0f32;
+        let var = ((1.0f32 - mean).powi(2) + (2.0f32 - mean).powi(2) + (6.0f32 - mean).powi(2)) / 3.0;
+        let sd = (var + 1e-6).sqrt();
+        let want = [(1.0 - mean) / sd, (2.0 - mean) / sd * 2.0 + 1.0, (6.0 - mean) / sd * 0.5 - 1.0];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn shapes_must_pool_evenly() {
+        let mut cfg = VisionConfig::siglip_896();
+        assert!(VisionTower::check_shape(&cfg).is_ok());
+        cfg.mm_tokens_per_image = 255;
+        assert!(VisionTower::check_shape(&cfg).is_err());
+        cfg.mm_tokens_per_image = 9; // 3 does not divide 64
+        assert!(VisionTower::check_shape(&cfg).is_err());
+        cfg.mm_tokens_per_image = 256;
+        cfg.patch_size = 15;
+        assert!(VisionTower::check_shape(&cfg).is_err());
+    }
+}
