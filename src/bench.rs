@@ -51,6 +51,14 @@ pub struct BenchArgs {
     /// Needs no model.
     #[arg(long, value_name = "FOLDER")]
     pub dicom: Option<std::path::PathBuf>,
+    /// Measure the vision tower instead: a random-weight SigLIP of MedGemma's real shape
+    /// (896/14, 27 layers, hidden 1152, 16 heads; projector to MedGemma 4B's 2,560) in f32
+    /// on the CPU, `--runs` images through tower and projector. Needs no model.
+    #[arg(long)]
+    pub vision_tower: bool,
+    /// With `--vision-tower`: the text width the projector maps to (2,560 for 4B, 5,376 for 27B).
+    #[arg(long, default_value_t = 2560)]
+    pub text_hidden: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -67,6 +75,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.vision_tower {
+        return vision_bench(args.runs.max(1), args.text_hidden);
+    }
     if let Some(dir) = &args.dicom {
         return dicom_bench(dir, args.runs.max(1));
     }
@@ -388,6 +399,95 @@ fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
             t_norm * 1e3 / f64::from(n),
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A random-weight tower of MedGemma's shape: weights N(0, 1/fan_in), norms near one, so
+/// activations keep a realistic scale through 27 layers.
+fn random_tower(text_hidden: usize) -> anyhow::Result<medbatch_engine::vision::VisionTower> {
+    use candle_core::{Device, Tensor};
+    use medbatch_engine::model::RmsNorm;
+    use medbatch_engine::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
+    let cfg = medbatch_engine::hf_config::VisionConfig::siglip_896();
+    let dev = Device::Cpu;
+    let (d, inter) = (cfg.hidden_size, cfg.intermediate_size);
+    let lin = |out: usize, inp: usize| -> anyhow::Result<BiasLinear> {
+        Ok(BiasLinear {
+            weight: Tensor::randn(0f32, (1.0 / inp as f64).sqrt() as f32, (out, inp), &dev)?,
+            bias: Tensor::randn(0f32, 0.02, out, &dev)?,
+        })
+    };
+    let ln = || -> anyhow::Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: (Tensor::randn(0f32, 0.1, d, &dev)? + 1.0)?,
+            bias: Tensor::zeros(d, candle_core::DType::F32, &dev)?,
+            eps: cfg.layer_norm_eps,
+        })
+    };
+    let mut layers = Vec::with_capacity(cfg.num_layers);
+    for _ in 0..cfg.num_layers {
+        layers.push(VisionLayer {
+            layer_norm1: ln()?,
+            q: lin(d, d)?,
+            k: lin(d, d)?,
+            v: lin(d, d)?,
+            out: lin(d, d)?,
+            layer_norm2: ln()?,
+            fc1: lin(inter, d)?,
+            fc2: lin(d, inter)?,
+        });
+    }
+    let patch_in = cfg.num_channels * cfg.patch_size * cfg.patch_size;
+    let patches = (cfg.image_size / cfg.patch_size).pow(2);
+    Ok(VisionTower {
+        patch: lin(d, patch_in)?,
+        position: Tensor::randn(0f32, 0.02, (patches, d), &dev)?,
+        layers,
+        post_layernorm: ln()?,
+        soft_emb_norm: RmsNorm::new((Tensor::randn(0f32, 0.1, d, &dev)? + 1.0)?, cfg.layer_norm_eps),
+        projection: Tensor::randn(0f32, (1.0 / d as f64).sqrt() as f32, (d, text_hidden), &dev)?,
+        cfg,
+        device: dev,
+    })
+}
+
+fn vision_bench(runs: usize, text_hidden: usize) -> anyhow::Result<ExitCode> {
+    let t = Instant::now();
+    let tower = random_tower(text_hidden)?;
+    let c = &tower.cfg;
+    println!(
+        "vision tower: SigLIP {}/{} ({} patches), {} layers, hidden {}, {} heads, projector to {} x {text_hidden}; f32, CPU, {} threads; weights made in {:.1} s",
+        c.image_size,
+        c.patch_size,
+        (c.image_size / c.patch_size).pow(2),
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.mm_tokens_per_image,
+        candle_core::utils::get_num_threads(),
+        t.elapsed().as_secs_f64()
+    );
+    let img = synthetic_image(2048, 2500, true, image::ImageFormat::Png)?;
+    let pixels = medbatch_engine::image::pixel_values(
+        &medbatch_engine::image::decode(&img)?,
+        &medbatch_engine::image::ImageConfig::default(),
+    );
+    let mut times = Vec::with_capacity(runs);
+    for r in 0..runs {
+        let t = Instant::now();
+        let rows = tower.encode(&pixels)?;
+        let secs = t.elapsed().as_secs_f64();
+        let finite = rows.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
+        anyhow::ensure!(finite, "the tower produced non-finite values");
+        println!("  run {}: {secs:.1} s per image ({:?} rows)", r + 1, rows.dims());
+        times.push(secs);
+    }
+    println!(
+        "median {:.1} s per image, {:.3} images/s; peak memory {:.0} MiB",
+        median(times.clone()),
+        1.0 / median(times),
+        peak_rss_mib().unwrap_or(0.0)
+    );
     Ok(ExitCode::SUCCESS)
 }
 
