@@ -14,7 +14,9 @@ MEDBATCH_PYDICOM_DATA="$("$MEDBATCH_PYTHON" -c 'import pathlib, pydicom; print(p
 MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
 bash infra/s3-server.sh start >/dev/null
 eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
-export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DATA
+# nibabel is installed without numpy: its data folder is found without importing it.
+MEDBATCH_NIBABEL_DATA="$("$MEDBATCH_PYTHON" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("nibabel").origin).parent / "tests" / "data")')"
+export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DATA MEDBATCH_NIBABEL_DATA
 # Tests run concurrently (several test threads and binaries, each with a model): one compute
 # thread each keeps 2-core machines from oversubscription, which slows candle's synchronized
 # kernels several-fold.

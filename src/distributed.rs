@@ -124,6 +124,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         output: root.clone(),
         inputs: args.inputs.clone(),
         source: InputSource::with_s3(args.broker.s3_endpoint.clone()),
+        imaging: pipeline.spec.imaging.clone(),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;

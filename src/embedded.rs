@@ -90,6 +90,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         output: out_root.clone(),
         inputs: args.inputs.clone(),
         source: source.clone(),
+        imaging: pipeline.spec.imaging.clone(),
     };
     let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
     let queue = InProcessQueue::new();

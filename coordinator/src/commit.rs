@@ -134,6 +134,7 @@ mod tests {
             output: "/out".into(),
             inputs: vec![d.path().to_str().unwrap().into()],
             source: medbatch_connectors::inputs::InputSource::local(),
+            imaging: None,
         })
         .unwrap();
         let complete = |i: usize| Completion {

@@ -2,13 +2,16 @@
 
 use crate::archive;
 use crate::CoordinatorError;
+use medbatch_connectors::dicom_header::{looks_like_dicom, read_header_from, DicomHeader};
 use medbatch_connectors::inputs::{self, FoundInput, InputSource};
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
+use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit};
 use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
 use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use std::collections::BTreeMap;
 use std::io::Read;
 
 /// Archive members per job: enough to amortize opening the archive, few enough that a
@@ -27,6 +30,9 @@ pub struct PlanConfig {
     pub inputs: Vec<String>,
     /// Where the inputs are read from.
     pub source: InputSource,
+    /// An imaging pipeline's settings: DICOM files are then grouped into studies, series or
+    /// prior/current pairs by their headers, one job each.
+    pub imaging: Option<ImagingSpec>,
 }
 
 /// The stored plan `_runs/RUN/plan.json`: every job of the run. Planning again with the same
@@ -74,6 +80,9 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     found.sort_by(|a, b| a.uri.cmp(&b.uri));
     found.dedup_by(|a, b| a.uri == b.uri);
 
+    if let Some(imaging) = &cfg.imaging {
+        return plan_imaging(cfg, imaging, &found);
+    }
     let mut jobs = Vec::new();
     let mut units = 0u64;
     for f in &found {
@@ -127,6 +136,124 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     })
 }
 
+/// The kind of an imaging input: by extension, and a file without one that carries the DICOM
+/// marker is DICOM (archives often store instances as bare UIDs or numbers).
+fn imaging_kind(source: &InputSource, f: &FoundInput) -> InputKind {
+    let kind = InputKind::from_name(&f.uri);
+    let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
+    if kind != InputKind::Unsupported || base.contains('.') {
+        return kind;
+    }
+    let mut head = Vec::with_capacity(132);
+    let sniffed = source
+        .open(&f.uri, f.size, f.etag.as_deref())
+        .ok()
+        .and_then(|r| r.take(132).read_to_end(&mut head).ok())
+        .is_some_and(|_| looks_like_dicom(&head));
+    if sniffed {
+        InputKind::Dicom
+    } else {
+        kind
+    }
+}
+
+/// One DICOM file with its header, for grouping.
+struct Instance {
+    input: InputRef,
+    header: DicomHeader,
+}
+
+impl Instance {
+    /// Order within a series or study: instance number, then the file's URI.
+    fn order(&self) -> (i64, &str) {
+        (self.header.instance_number.unwrap_or(i64::MAX), &self.input.uri)
+    }
+}
+
+/// Imaging runs: DICOM headers (never pixels) group files into studies, series or
+/// prior/current pairs of one patient's studies; every other input (PNG, JPEG, NIfTI, a
+/// file whose header cannot be read, a kind the pipeline does not read) is a job alone, and
+/// its worker reports what is wrong with it.
+fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
+    let mut singles: Vec<InputRef> = Vec::new();
+    let mut instances: Vec<Instance> = Vec::new();
+    for f in found {
+        let kind = imaging_kind(&cfg.source, f);
+        let input = InputRef {
+            uri: f.uri.clone(),
+            size: f.size,
+            sha256: sha256_file(&cfg.source, f)?,
+            kind,
+            selection: Selection::Whole,
+            etag: f.etag.clone(),
+        };
+        let header = (kind == InputKind::Dicom)
+            .then(|| cfg.source.open(&f.uri, f.size, f.etag.as_deref()).ok())
+            .flatten()
+            .and_then(|r| read_header_from(std::io::BufReader::new(r)).ok());
+        let key_ok = |h: &DicomHeader| match imaging.unit {
+            ImagingUnit::Series => !h.series_uid.is_empty(),
+            _ => !h.study_uid.is_empty(),
+        };
+        match header {
+            Some(header) if key_ok(&header) => instances.push(Instance { input, header }),
+            _ => singles.push(input),
+        }
+    }
+    let mut groups: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
+    for i in instances {
+        let key = match imaging.unit {
+            ImagingUnit::Series => i.header.series_uid.clone(),
+            ImagingUnit::Study | ImagingUnit::PriorCurrent => i.header.study_uid.clone(),
+        };
+        groups.entry(key).or_default().push(i);
+    }
+    for g in groups.values_mut() {
+        g.sort_by(|a, b| a.order().cmp(&b.order()));
+    }
+    let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
+    if imaging.unit == ImagingUnit::PriorCurrent {
+        // A patient's studies in date order; each study after the first is paired with the
+        // one before it. A first study is a job alone (its worker reports that it has no
+        // prior), as is a study without a patient id.
+        let mut by_patient: BTreeMap<String, Vec<Vec<Instance>>> = BTreeMap::new();
+        for (uid, g) in groups {
+            let patient = g[0].header.patient_id.clone();
+            let key = if patient.is_empty() { format!("\u{0}{uid}") } else { patient };
+            by_patient.entry(key).or_default().push(g);
+        }
+        for studies in by_patient.values_mut() {
+            studies.sort_by(|a, b| {
+                (&a[0].header.study_date, &a[0].header.study_uid)
+                    .cmp(&(&b[0].header.study_date, &b[0].header.study_uid))
+            });
+            for (k, study) in studies.iter().enumerate() {
+                let mut inputs = Vec::new();
+                if k > 0 {
+                    inputs.extend(studies[k - 1].iter().map(|i| i.input.clone()));
+                }
+                inputs.extend(study.iter().map(|i| i.input.clone()));
+                job_inputs.push(inputs);
+            }
+        }
+    } else {
+        job_inputs.extend(groups.into_values().map(|g| g.into_iter().map(|i| i.input).collect()));
+    }
+    job_inputs.extend(singles.into_iter().map(|i| vec![i]));
+    let jobs: Vec<Job> = job_inputs
+        .into_iter()
+        .map(|inputs| Job::new(cfg.run_id.clone(), cfg.pipeline.clone(), cfg.model.clone(), inputs, cfg.output.clone()))
+        .collect();
+    Ok(PlannedRun {
+        run_id: cfg.run_id.clone(),
+        pipeline: cfg.pipeline.clone(),
+        model: cfg.model.clone(),
+        units: jobs.len() as u64,
+        jobs,
+        files: found.len() as u64,
+    })
+}
+
 /// Records the plan (or checks it against the one recorded by an earlier attempt of the
 /// same run), then publishes every job that has no completion marker yet. Returns the ids
 /// of the jobs published and the number already done.
@@ -170,6 +297,7 @@ mod tests {
             output: "/out".into(),
             inputs,
             source: InputSource::local(),
+            imaging: None,
         }
     }
 
@@ -201,6 +329,57 @@ mod tests {
         let p3 = plan_run(&cfg(vec![arg], "other")).unwrap();
         assert_ne!(p1.jobs[0].job_id, p3.jobs[0].job_id, "job ids depend on the run id");
         assert!(matches!(plan_run(&cfg(vec!["/nonexistent/x".into()], "r")), Err(CoordinatorError::Input(_))));
+    }
+
+    fn imaging(unit: ImagingUnit, folder: &str) -> PlannedRun {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/imaging").join(folder);
+        let spec = ImagingSpec { unit, modalities: Vec::new(), max_images: 85, pad_to_square: false };
+        let c = PlanConfig { imaging: Some(spec), ..cfg(vec![dir.to_str().unwrap().into()], "r") };
+        plan_run(&c).unwrap()
+    }
+
+    fn names(job: &Job) -> Vec<&str> {
+        job.inputs.iter().map(|i| i.uri.rsplit('/').next().unwrap()).collect()
+    }
+
+    #[test]
+    fn dicom_files_are_grouped_by_their_headers() {
+        // Studies: PAT-A's two, PAT-B's (a file without an extension, found by its DICM
+        // marker), and the unreadable text file alone; the truncated copy of PAT-A's current
+        // image has a readable header and joins that study.
+        let p = imaging(ImagingUnit::Study, "cxr");
+        assert_eq!(p.files, 5);
+        let mut jobs: Vec<Vec<&str>> = p.jobs.iter().map(names).collect();
+        jobs.sort();
+        assert_eq!(
+            jobs,
+            vec![
+                vec!["PAT-B-DX-0001"],
+                vec!["not-dicom.dcm"],
+                vec!["pat-a-2025-01-10.dcm"],
+                // Same instance number: ordered by URI (`broken/…` first).
+                vec!["truncated.dcm", "pat-a-2025-06-02.dcm"],
+            ]
+        );
+        assert!(p
+            .jobs
+            .iter()
+            .flat_map(|j| &j.inputs)
+            .filter(|i| !i.uri.ends_with("not-dicom.dcm"))
+            .all(|i| i.kind == InputKind::Dicom));
+        // Prior and current: PAT-A's first study alone, then both of PAT-A's studies.
+        let p = imaging(ImagingUnit::PriorCurrent, "cxr");
+        let jobs: Vec<Vec<&str>> = p.jobs.iter().map(names).collect();
+        assert!(jobs.contains(&vec!["pat-a-2025-01-10.dcm"]));
+        assert!(jobs.contains(&vec!["pat-a-2025-01-10.dcm", "truncated.dcm", "pat-a-2025-06-02.dcm"]), "{jobs:?}");
+        assert_eq!(p.jobs.len(), 4);
+        // A series: one job of 24 files in instance-number order (not file-name order).
+        let p = imaging(ImagingUnit::Series, "ct");
+        assert_eq!(p.jobs.len(), 1);
+        let n = names(&p.jobs[0]);
+        assert_eq!(n.len(), 24);
+        assert_eq!(&n[..3], ["slice-00.dcm", "slice-07.dcm", "slice-14.dcm"]);
+        assert_eq!(p, imaging(ImagingUnit::Series, "ct"), "planning is deterministic");
     }
 
     #[tokio::test]

@@ -59,6 +59,14 @@ pub enum InputErrorKind {
     Unreadable,
     /// The input's kind is not accepted by the pipeline.
     UnsupportedKind,
+    /// An image or volume is stored in an encoding this build cannot decode (a DICOM
+    /// transfer syntax without a maintained decoder, say).
+    UnsupportedEncoding,
+    /// An image's pixels or a volume's header could not be decoded.
+    CorruptImage,
+    /// An image or study does not fit the pipeline (a modality it does not read, a study
+    /// without a prior to compare with).
+    NotApplicable,
 }
 
 impl InputErrorKind {
@@ -77,6 +85,9 @@ impl InputErrorKind {
             Self::WrongFormat => "wrong_format",
             Self::Unreadable => "unreadable",
             Self::UnsupportedKind => "unsupported_kind",
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::CorruptImage => "corrupt_image",
+            Self::NotApplicable => "not_applicable",
         }
     }
 }

@@ -65,6 +65,13 @@ pub enum InputKind {
     TarGz,
     /// A zip archive (.zip).
     Zip,
+    /// A DICOM file (.dcm, .dicom; in imaging pipelines also a file without an extension
+    /// that carries the DICOM marker).
+    Dicom,
+    /// A PNG or JPEG image (.png, .jpg, .jpeg).
+    Image,
+    /// A NIfTI-1 or NIfTI-2 volume (.nii, .nii.gz).
+    Nifti,
     /// An extension medbatch does not read; the worker reports it as an error row.
     Unsupported,
 }
@@ -85,6 +92,12 @@ impl InputKind {
             Self::Csv
         } else if n.ends_with(".txt") || n.ends_with(".text") {
             Self::Text
+        } else if n.ends_with(".dcm") || n.ends_with(".dicom") {
+            Self::Dicom
+        } else if n.ends_with(".png") || n.ends_with(".jpg") || n.ends_with(".jpeg") {
+            Self::Image
+        } else if n.ends_with(".nii") || n.ends_with(".nii.gz") {
+            Self::Nifti
         } else {
             Self::Unsupported
         }
@@ -92,6 +105,11 @@ impl InputKind {
 
     pub fn is_archive(self) -> bool {
         matches!(self, Self::Tar | Self::TarGz | Self::Zip)
+    }
+
+    /// Images and volumes, read by imaging pipelines.
+    pub fn is_imaging(self) -> bool {
+        matches!(self, Self::Dicom | Self::Image | Self::Nifti)
     }
 }
 

@@ -47,6 +47,47 @@ pub struct PipelineSpec {
     pub extraction: ExtractionSpec,
     #[serde(default)]
     pub model: ModelSpec,
+    /// Imaging pipelines: how images, DICOM studies and series, and volumes become prompts.
+    #[serde(default)]
+    pub imaging: Option<ImagingSpec>,
+}
+
+/// What one job (and one prompt) of an imaging pipeline covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImagingUnit {
+    /// A DICOM study (radiographs: every image of the study, up to `max_images`); a PNG or
+    /// JPEG file is a study of one image.
+    Study,
+    /// A DICOM series or a NIfTI volume (CT, MR): slices sampled uniformly down to
+    /// `max_images`, each labelled `SLICE n`.
+    Series,
+    /// A patient's study and the study before it (by study date): the prior's image, then
+    /// the current one.
+    PriorCurrent,
+}
+
+/// How an imaging pipeline reads its inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImagingSpec {
+    pub unit: ImagingUnit,
+    /// DICOM modalities read (`CR`, `DX`, `CT`, `MR` …); files of others become error rows.
+    /// Empty: any.
+    #[serde(default)]
+    pub modalities: Vec<String>,
+    /// Most images in one prompt: a series is sampled uniformly down to it (Google's CT
+    /// recipe uses 85), a study keeps its first images by instance number.
+    #[serde(default = "default_max_images")]
+    pub max_images: usize,
+    /// Pad each image to a square (centred, black) before resizing, as MedGemma's chest
+    /// X-ray notebooks do.
+    #[serde(default)]
+    pub pad_to_square: bool,
+}
+
+fn default_max_images() -> usize {
+    85
 }
 
 /// Which inputs the pipeline reads and how records map to documents.
@@ -281,6 +322,29 @@ impl PipelineSpec {
             if f.contains("..") || f.starts_with('/') {
                 return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
             }
+        }
+        let imaging_kinds = self.input.kinds.iter().any(|k| k.is_imaging());
+        match &self.imaging {
+            Some(i) => {
+                if self.task != Task::Structured {
+                    return Err(SpecError::Invalid("imaging pipelines are `structured`".into()));
+                }
+                if self.input.kinds.iter().any(|k| !k.is_imaging()) {
+                    return Err(SpecError::Invalid("imaging pipelines read only dicom, image and nifti inputs".into()));
+                }
+                if i.max_images == 0 {
+                    return Err(SpecError::Invalid("imaging.max_images must be > 0".into()));
+                }
+                if i.unit == ImagingUnit::PriorCurrent && self.input.kinds != [crate::job::InputKind::Dicom] {
+                    return Err(SpecError::Invalid(
+                        "imaging.unit = \"prior_current\" pairs DICOM studies: input.kinds must be [\"dicom\"]".into(),
+                    ));
+                }
+            }
+            None if imaging_kinds => {
+                return Err(SpecError::Invalid("dicom, image and nifti inputs need an [imaging] section".into()));
+            }
+            None => {}
         }
         Ok(())
     }

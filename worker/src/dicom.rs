@@ -15,96 +15,14 @@
 //!
 //! Rounding is half to even throughout, as numpy's `round` in the reference recipes.
 
-use dicom_dictionary_std::tags;
-use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, PixelRepresentation, VoiLutOption};
+pub use medbatch_connectors::dicom_header::{header_of, read_header, read_header_from, DicomError, DicomHeader};
 use std::path::Path;
 
 /// Slices a CT or MR volume is sampled down to.
 pub const MAX_SLICES: usize = 85;
 /// CT windows (Hounsfield units) mapped to R, G and B.
 pub const CT_WINDOWS: [(f64, f64); 3] = [(-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0)];
-
-/// Why a DICOM file could not be read. Messages name the problem, never patient data.
-#[derive(Debug, thiserror::Error)]
-pub enum DicomError {
-    #[error("not a DICOM file or unreadable header: {0}")]
-    Header(String),
-    #[error("transfer syntax {name} ({uid}) is not supported")]
-    UnsupportedSyntax { name: String, uid: String },
-    #[error("pixel data could not be decoded: {0}")]
-    Pixels(String),
-}
-
-/// What medbatch reads from a header.
-#[derive(Clone, Debug, PartialEq)]
-pub struct DicomHeader {
-    pub transfer_syntax: String,
-    pub modality: String,
-    pub patient_id: String,
-    pub study_uid: String,
-    pub series_uid: String,
-    pub study_date: String,
-    pub instance_number: Option<i64>,
-    pub image_position: Option<[f64; 3]>,
-    pub rows: u32,
-    pub columns: u32,
-    pub frames: u32,
-    pub photometric: String,
-    pub bits_stored: u16,
-    pub pixel_representation: u16,
-    pub rescale_slope: f64,
-    pub rescale_intercept: f64,
-    /// The first VOI window, when the header has one.
-    pub window: Option<(f64, f64)>,
-}
-
-fn text(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|v| v.trim_end_matches(['\0', ' ']).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn floats(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<Vec<f64>> {
-    obj.get(tag).and_then(|e| e.to_multi_float64().ok()).filter(|v| !v.is_empty())
-}
-
-fn int(obj: &DefaultDicomObject, tag: dicom_core::Tag) -> Option<i64> {
-    obj.get(tag).and_then(|e| e.to_int::<i64>().ok())
-}
-
-fn header_of(obj: &DefaultDicomObject) -> DicomHeader {
-    let first = |tag| floats(obj, tag).map(|v| v[0]);
-    DicomHeader {
-        transfer_syntax: obj.meta().transfer_syntax().trim_end_matches(['\0', ' ']).to_string(),
-        modality: text(obj, tags::MODALITY),
-        patient_id: text(obj, tags::PATIENT_ID),
-        study_uid: text(obj, tags::STUDY_INSTANCE_UID),
-        series_uid: text(obj, tags::SERIES_INSTANCE_UID),
-        study_date: text(obj, tags::STUDY_DATE),
-        instance_number: int(obj, tags::INSTANCE_NUMBER),
-        image_position: floats(obj, tags::IMAGE_POSITION_PATIENT).filter(|v| v.len() == 3).map(|v| [v[0], v[1], v[2]]),
-        rows: int(obj, tags::ROWS).unwrap_or(0) as u32,
-        columns: int(obj, tags::COLUMNS).unwrap_or(0) as u32,
-        frames: int(obj, tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
-        photometric: text(obj, tags::PHOTOMETRIC_INTERPRETATION),
-        bits_stored: int(obj, tags::BITS_STORED).unwrap_or(0) as u16,
-        pixel_representation: int(obj, tags::PIXEL_REPRESENTATION).unwrap_or(0) as u16,
-        rescale_slope: first(tags::RESCALE_SLOPE).unwrap_or(1.0),
-        rescale_intercept: first(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
-        window: first(tags::WINDOW_CENTER).zip(first(tags::WINDOW_WIDTH)),
-    }
-}
-
-/// Reads a header, stopping before the pixel data.
-pub fn read_header(path: &Path) -> Result<DicomHeader, DicomError> {
-    let obj = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| DicomError::Header(e.to_string()))?;
-    Ok(header_of(&obj))
-}
 
 /// Transfer syntaxes this build cannot decode, by UID prefix, with their names.
 const UNSUPPORTED: [(&str, &str); 4] = [
@@ -125,7 +43,18 @@ pub struct Frames {
 
 /// Reads a file and decodes its stored pixel values.
 pub fn read_frames(path: &Path) -> Result<Frames, DicomError> {
-    let obj = dicom_object::open_file(path).map_err(|e| DicomError::Header(e.to_string()))?;
+    let f = std::fs::File::open(path).map_err(|e| DicomError::Header(e.to_string()))?;
+    read_frames_from(std::io::BufReader::new(f))
+}
+
+/// Reads a DICOM file from a byte stream (with or without the preamble) and decodes its
+/// stored pixel values.
+pub fn read_frames_from(reader: impl std::io::Read) -> Result<Frames, DicomError> {
+    let (preamble, reader) = medbatch_connectors::dicom_header::sniff_preamble(reader)?;
+    let obj = dicom_object::OpenFileOptions::new()
+        .read_preamble(preamble)
+        .from_reader(reader)
+        .map_err(|e| DicomError::Header(e.to_string()))?;
     let header = header_of(&obj);
     if let Some((uid, name)) = UNSUPPORTED.iter().find(|(uid, _)| header.transfer_syntax == *uid) {
         return Err(DicomError::UnsupportedSyntax { name: name.to_string(), uid: uid.to_string() });
@@ -212,13 +141,14 @@ pub fn minmax_u8(slices: &[Vec<f64>]) -> Vec<Vec<u8>> {
     slices.iter().map(|s| s.iter().map(|&v| to_u8((v - lo) / span * 255.0)).collect()).collect()
 }
 
-/// Which of `n` ordered slices a volume keeps: all when `n` ≤ 85, otherwise
-/// `round(k / 85 · (n − 1))` for k = 1…85 (half to even, as Python's `round`).
-pub fn slice_choice(n: usize) -> Vec<usize> {
-    if n <= MAX_SLICES {
+/// Which of `n` ordered slices a volume keeps: all when `n` ≤ `max` (85 in Google's
+/// recipe, [`MAX_SLICES`]), otherwise `round(k / max · (n − 1))` for k = 1…max (half to
+/// even, as Python's `round`).
+pub fn slice_choice(n: usize, max: usize) -> Vec<usize> {
+    if n <= max {
         return (0..n).collect();
     }
-    (1..=MAX_SLICES).map(|k| (k as f64 / MAX_SLICES as f64 * (n - 1) as f64).round_ties_even() as usize).collect()
+    (1..=max).map(|k| (k as f64 / max as f64 * (n - 1) as f64).round_ties_even() as usize).collect()
 }
 
 #[cfg(test)]
@@ -235,9 +165,9 @@ mod tests {
 
     #[test]
     fn short_series_keep_every_slice() {
-        assert_eq!(slice_choice(3), vec![0, 1, 2]);
-        assert_eq!(slice_choice(85).len(), 85);
-        let s = slice_choice(200);
+        assert_eq!(slice_choice(3, MAX_SLICES), vec![0, 1, 2]);
+        assert_eq!(slice_choice(85, MAX_SLICES).len(), 85);
+        let s = slice_choice(200, MAX_SLICES);
         assert_eq!((s.len(), s[84]), (85, 199));
         assert!(s.windows(2).all(|w| w[0] < w[1]));
     }

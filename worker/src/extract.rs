@@ -45,6 +45,7 @@ pub(crate) fn model_request(
     rendered: crate::pipeline::RenderedPrompt,
     seed: u64,
     grammar: Option<medbatch_engine::Grammar>,
+    images: Vec<std::sync::Arc<medbatch_engine::image::Rgb8>>,
 ) -> GenerateRequest {
     let g = &pipeline.spec.generation;
     GenerateRequest {
@@ -57,7 +58,7 @@ pub(crate) fn model_request(
         stop: g.stop.clone(),
         sampling: Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed },
         grammar,
-        images: Vec::new(),
+        images,
     }
 }
 
@@ -173,7 +174,7 @@ pub async fn extract_document(
         } else {
             ""
         };
-        let req = model_request(pipeline, rendered, item_seed(job_seed, &doc.id, c.start), grammar);
+        let req = model_request(pipeline, rendered, item_seed(job_seed, &doc.id, c.start), grammar, Vec::new());
         let engine = engine.clone();
         let task = tokio::spawn(async move { engine.generate(req).await }.in_current_span());
         pending.push((c, primer, Ok(task)));

@@ -140,7 +140,9 @@ pub fn read_documents(
             };
             r.finish_archive(&wanted, halt, &walk);
         }
-        InputKind::Unsupported => {}
+        // Images and volumes are read by imaging pipelines (crate::imaging), whose specs
+        // are the only ones that may list them; the check above has already refused them.
+        InputKind::Dicom | InputKind::Image | InputKind::Nifti | InputKind::Unsupported => {}
     }
 }
 

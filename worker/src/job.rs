@@ -7,6 +7,7 @@ use crate::pipeline::LoadedPipeline;
 use bytes::Bytes;
 use medbatch_connectors::queue::{Delivery, JobQueue};
 use medbatch_connectors::store::ObjectStore;
+use medbatch_engine::image::Rgb8;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::tables::{done_key, part_key, ERRORS_TABLE};
 use medbatch_schemas::{Completion, Digest, Document, InputError, Job, OutputPart, JOB_SCHEMA_VERSION};
@@ -131,6 +132,10 @@ fn input_error_row(e: &InputError) -> ErrorRow {
     }
 }
 
+/// A document read from a job's inputs with the images of its prompt (none for text), or why
+/// an input could not become one.
+type DocumentWithImages = Result<(Document, Vec<Arc<Rgb8>>), InputError>;
+
 /// Runs one job to its completion marker. Returns `true` when the job was already done.
 pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobError> {
     let started = Instant::now();
@@ -160,11 +165,18 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     let spec = ctx.pipeline.spec.input.clone();
     let inputs = job.inputs.clone();
     let source = ctx.inputs.clone();
+    let imaging_spec = ctx.pipeline.spec.clone();
     let read = tokio::task::spawn_blocking(move || {
+        if imaging_spec.imaging.is_some() {
+            return crate::imaging::read_imaging(&inputs, &source, &imaging_spec)
+                .into_iter()
+                .map(|r| r.map(|i| (i.doc, i.images)))
+                .collect();
+        }
         let limits = InputLimits::from_spec(&spec);
-        let mut items: Vec<Result<Document, InputError>> = Vec::new();
+        let mut items: Vec<DocumentWithImages> = Vec::new();
         for input in &inputs {
-            let mut sink = |r| items.push(r);
+            let mut sink = |r: Result<Document, InputError>| items.push(r.map(|d| (d, Vec::new())));
             match source.open(&input.uri, input.size, input.etag.as_deref()) {
                 Ok(f) => read_documents(input, f, &spec, &limits, &mut sink),
                 Err(e) => sink(Err(InputError {
@@ -196,12 +208,13 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
                 documents_failed += 1;
                 ctx.emit(WorkerEvent::DocumentDone { ok: false });
             }
-            Ok(doc) => {
-                let span = tracing::info_span!("document", document_id = %doc.id);
+            Ok((doc, images)) => {
+                let span = tracing::info_span!("document", document_id = %doc.id, images = images.len());
                 let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
                 let r = if ctx.pipeline.spec.task == medbatch_schemas::pipeline::Task::Structured {
                     crate::structured::extract_structured(
                         &doc,
+                        &images,
                         &ctx.pipeline,
                         &ctx.engine,
                         job_seed(job),

@@ -281,6 +281,7 @@ pub fn records_batch(
 /// for answers that are cut off or do not parse, and the tokens spent.
 pub async fn extract_structured(
     doc: &Document,
+    images: &[std::sync::Arc<medbatch_engine::image::Rgb8>],
     pipeline: &LoadedPipeline,
     engine: &EngineHandle,
     job_seed: u64,
@@ -301,7 +302,12 @@ pub async fn extract_structured(
     };
     let tokenizer = engine.tokenizer();
     let count = |s: &str| tokenizer.encode(s, false, false).len();
-    let chunks = chunk_by_tokens(&doc.text, spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens, &count);
+    // An imaging document (its image block) is one prompt with all its images.
+    let chunks = if images.is_empty() {
+        chunk_by_tokens(&doc.text, spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens, &count)
+    } else {
+        vec![crate::chunk::Chunk { start: 0, end: doc.text.chars().count(), text: doc.text.clone(), tokens: 0 }]
+    };
     if spec.output.rows == RowMode::PerDocument && chunks.len() > 1 {
         let tokens = count(&doc.text);
         out.errors.push(err(
@@ -330,7 +336,7 @@ pub async fn extract_structured(
             } else {
                 None
             };
-            Ok(model_request(pipeline, r, item_seed(job_seed, &doc.id, chunk.start), grammar))
+            Ok(model_request(pipeline, r, item_seed(job_seed, &doc.id, chunk.start), grammar, images.to_vec()))
         });
         let task = prepared.map(|req| {
             let engine = engine.clone();

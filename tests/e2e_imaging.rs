@@ -1,0 +1,211 @@
+//! Imaging pipelines end to end: `medbatch run` with a real (tiny, random-weight) multimodal
+//! Gemma 3 checkpoint over the bundled DICOM examples, and over real files nobody here wrote —
+//! the DICOM test files inside pydicom's wheel and the NIfTI examples inside nibabel's
+//! (`MEDBATCH_PYDICOM_DATA`, `MEDBATCH_NIBABEL_DATA`, set by infra/test.sh). Rows and error
+//! rows are read back from the Parquet output.
+//!
+//! The tiny model reads 42-pixel images as 9 tokens and has a context of 512 tokens, so each
+//! pipeline runs from a copy with shorter answers (string lengths, list lengths,
+//! `max_new_tokens`) and fewer images; the prompts, the grouping and the pixel paths are the
+//! pipelines' own.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn model() -> String {
+    repo_root().join("tests/fixtures/hf/multimodal/mm_window").to_string_lossy().into_owned()
+}
+
+/// How far a pipeline copy is cut down for the tiny model.
+struct Size {
+    max_images: usize,
+    max_new_tokens: u32,
+    max_length: u64,
+    max_items: u64,
+}
+
+const RADIOGRAPH: Size = Size { max_images: 2, max_new_tokens: 200, max_length: 24, max_items: 2 };
+/// The CT instruction alone is ~330 tokens of the fixture's small vocabulary.
+const SERIES: Size = Size { max_images: 3, max_new_tokens: 128, max_length: 8, max_items: 1 };
+
+/// Caps every `maxLength` and `maxItems` of a schema.
+fn shorten(v: &mut Value, size: &Size) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match k.as_str() {
+                    "maxLength" => *x = Value::from(x.as_u64().unwrap().min(size.max_length)),
+                    "maxItems" => *x = Value::from(x.as_u64().unwrap().min(size.max_items)),
+                    _ => shorten(x, size),
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| shorten(x, size)),
+        _ => {}
+    }
+}
+
+/// A copy of `pipelines/NAME` sized for the tiny model.
+fn tiny_pipeline(dir: &Path, name: &str, size: &Size) -> PathBuf {
+    let src = repo_root().join("pipelines").join(name);
+    let dst = dir.join(name);
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let toml = std::fs::read_to_string(dst.join("pipeline.toml")).unwrap();
+    let toml: String = toml
+        .lines()
+        .map(|l| {
+            if l.starts_with("max_new_tokens") {
+                format!("max_new_tokens = {}", size.max_new_tokens)
+            } else if l.starts_with("max_images") {
+                format!("max_images = {}", size.max_images)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dst.join("pipeline.toml"), toml).unwrap();
+    let mut schema: Value = serde_json::from_slice(&std::fs::read(dst.join("schema.json")).unwrap()).unwrap();
+    shorten(&mut schema, size);
+    std::fs::write(dst.join("schema.json"), serde_json::to_vec_pretty(&schema).unwrap()).unwrap();
+    dst
+}
+
+struct Outcome {
+    rows: usize,
+    document_ids: Vec<String>,
+    prompt_tokens: Vec<String>,
+    /// (file name, reason, detail) of each error row, sorted.
+    errors: Vec<(String, String, String)>,
+}
+
+fn run(pipeline: &Path, inputs: &[&str], table: &str) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let m = model();
+    let mut args = vec!["run", pipeline.to_str().unwrap()];
+    args.extend_from_slice(inputs);
+    args.extend_from_slice(&["--out", out.to_str().unwrap(), "--model", &m]);
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (rows, _, batches) = read_parquet_dir(&out.join(table));
+    let document_ids = string_column(&batches, "document_id").into_iter().flatten().collect();
+    let prompt_tokens = string_column(&batches, "tokens_in").into_iter().flatten().collect();
+    let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
+    let files: Vec<String> = string_column(&eb, "source_uri")
+        .into_iter()
+        .map(|u| u.unwrap().rsplit('/').next().unwrap().to_string())
+        .collect();
+    let mut errors: Vec<(String, String, String)> = files
+        .into_iter()
+        .zip(string_column(&eb, "reason"))
+        .zip(string_column(&eb, "detail"))
+        .map(|((f, r), d)| (f, r.unwrap(), d.unwrap_or_default()))
+        .collect();
+    errors.sort();
+    Outcome { rows, document_ids, prompt_tokens, errors }
+}
+
+fn reasons(o: &Outcome) -> Vec<(&str, &str)> {
+    o.errors.iter().map(|(f, r, _)| (f.as_str(), r.as_str())).collect()
+}
+
+#[test]
+fn cxr_report_one_row_per_study_and_error_rows_for_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "cxr-report", &RADIOGRAPH);
+    let o = run(&p, &["examples/imaging/cxr"], "cxr_reports");
+    // Three studies (PAT-A prior and current, PAT-B's file without an extension).
+    assert_eq!(o.rows, 3, "{:?}", o.errors);
+    let mut ids = o.document_ids.clone();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "one row per study: {:?}", o.document_ids);
+    assert!(ids.iter().all(|i| i.starts_with("1.2.826.0.1.3680043.10.1234.")), "study UIDs: {ids:?}");
+    // Each prompt holds one image (9 soft tokens plus its markers) and the instruction.
+    assert!(o.prompt_tokens.iter().all(|t| t.parse::<u32>().unwrap() > 9), "{:?}", o.prompt_tokens);
+    assert_eq!(reasons(&o), vec![("not-dicom.dcm", "wrong_format"), ("truncated.dcm", "corrupt_image")]);
+    assert!(o.errors[0].2.contains("not a DICOM file"), "{:?}", o.errors[0]);
+    assert!(o.errors[1].2.contains("truncated or corrupt"), "{:?}", o.errors[1]);
+}
+
+#[test]
+fn cxr_longitudinal_pairs_a_patients_studies_by_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "cxr-longitudinal", &RADIOGRAPH);
+    let o = run(&p, &["examples/imaging/cxr"], "cxr_comparisons");
+    // PAT-A's current study with its prior: one row, named by both study UIDs.
+    assert_eq!(o.rows, 1, "{:?}", o.errors);
+    assert!(o.document_ids[0].contains(" prior "), "{:?}", o.document_ids);
+    // PAT-A's first study and PAT-B's only study have nothing to compare with.
+    assert_eq!(
+        reasons(&o),
+        vec![
+            ("PAT-B-DX-0001", "not_applicable"),
+            ("not-dicom.dcm", "wrong_format"),
+            ("pat-a-2025-01-10.dcm", "not_applicable"),
+            ("truncated.dcm", "corrupt_image"),
+        ]
+    );
+    assert!(o.errors[0].2.contains("no earlier study"), "{:?}", o.errors[0]);
+}
+
+#[test]
+fn ct_findings_one_row_per_series_with_labelled_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "ct-findings", &SERIES);
+    let o = run(&p, &["examples/imaging/ct"], "ct_findings");
+    assert_eq!(o.rows, 1, "24 slice files are one series: {:?}", o.errors);
+    assert!(o.errors.is_empty(), "{:?}", o.errors);
+    // Three of the 24 slices, each 9 soft tokens between its markers.
+    let tokens: u32 = o.prompt_tokens[0].parse().unwrap();
+    assert!(tokens > 3 * 11, "{tokens}");
+}
+
+fn data(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("{var}: run the tests through `bash infra/test.sh`")))
+}
+
+#[test]
+fn real_dicom_and_nifti_files_become_rows_or_clear_error_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let dicom = data("MEDBATCH_PYDICOM_DATA");
+    for f in ["CT_small.dcm", "MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_truncated.dcm"] {
+        std::fs::copy(dicom.join(f), inputs.join(f)).unwrap();
+    }
+    let nifti = data("MEDBATCH_NIBABEL_DATA");
+    for f in ["anatomical.nii", "standard.nii.gz", "example_nifti2.nii.gz"] {
+        std::fs::copy(nifti.join(f), inputs.join(f)).unwrap();
+    }
+    let p = tiny_pipeline(dir.path(), "ct-findings", &SERIES);
+    let o = run(&p, &[inputs.to_str().unwrap()], "ct_findings");
+    // CT_small (a series of one slice) and the two NIfTI-1 volumes.
+    assert_eq!(o.rows, 3, "{:?}", o.errors);
+    let mut ids = o.document_ids.clone();
+    ids.sort();
+    // The CT row is named by its SeriesInstanceUID, the volumes by their file names.
+    assert!(ids[0].starts_with("1.3.6.1.4.1.5962."), "{ids:?}");
+    assert_eq!(ids[1..], ["anatomical.nii".to_string(), "standard.nii.gz".to_string()]);
+    assert_eq!(
+        reasons(&o),
+        vec![
+            ("MR_small.dcm", "not_applicable"),
+            ("MR_small_jpeg_ls_lossless.dcm", "unsupported_encoding"),
+            ("MR_truncated.dcm", "corrupt_image"),
+            ("example_nifti2.nii.gz", "unsupported_encoding"),
+        ]
+    );
+    assert!(o.errors[1].2.contains("JPEG-LS"), "{:?}", o.errors[1]);
+    assert!(o.errors[0].2.contains("\"MR\""), "{:?}", o.errors[0]);
+}

@@ -1,0 +1,328 @@
+//! Imaging jobs: a job's image files become the images of one prompt, following Google's
+//! MedGemma input recipes.
+//!
+//! - A study of radiographs (CR, DX …): every frame of every instance in instance-number
+//!   order, up to `imaging.max_images`, each windowed by its header (VOI window or min–max,
+//!   MONOCHROME1 inverted).
+//! - A CT or MR series: instances ordered by instance number (then position along the
+//!   slice normal), sampled uniformly down to `max_images` (85 in Google's CT notebook);
+//!   CT as Hounsfield units through three windows to R, G, B; MR min–max over the whole
+//!   series. Each slice is followed by the label `SLICE n`.
+//! - A prior and a current study of one patient: the first image of each, prior first.
+//! - A PNG or JPEG file: one image. A NIfTI volume: a series (min–max over the volume).
+//!
+//! The document handed to the prompt template is the image block: one `<start_of_image>`
+//! marker per image (with its label), which the engine expands and fills. Its id is the
+//! study or series UID, or the file name. A file that cannot be read becomes an error row
+//! naming the file and the reason; the rest of the job goes on.
+
+use crate::dicom::{ct_rgb, minmax_u8, radiograph_u8, read_frames_from, rescaled, DicomError, Frames};
+use medbatch_connectors::inputs::InputSource;
+use medbatch_engine::engine::START_OF_IMAGE;
+use medbatch_engine::image::{decode, pad_to_square, Rgb8};
+use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, PipelineSpec};
+use medbatch_schemas::{Digest, Document, InputError, InputErrorKind, InputKind, InputRef};
+use std::io::Read;
+use std::sync::Arc;
+
+/// A document with the images of its prompt, or why an input could not become one.
+pub type ImagingRead = Result<ImagingItem, InputError>;
+
+/// One prompt's worth of images, with the document that stands for them.
+pub struct ImagingItem {
+    pub doc: Document,
+    pub images: Vec<Arc<Rgb8>>,
+}
+
+fn error(input: &InputRef, kind: InputErrorKind, detail: impl Into<String>) -> InputError {
+    InputError { source_uri: input.uri.clone(), member: None, record: None, kind, detail: detail.into() }
+}
+
+fn file_name(uri: &str) -> &str {
+    uri.rsplit('/').next().unwrap_or(uri)
+}
+
+/// The bytes of an input, refused past `max` bytes.
+fn read_bytes(input: &InputRef, source: &InputSource, max: u64) -> Result<Vec<u8>, InputError> {
+    if input.size > max {
+        return Err(error(
+            input,
+            InputErrorKind::TooLarge,
+            format!("{} bytes exceed input.max_document_bytes = {max}", input.size),
+        ));
+    }
+    let mut f = source
+        .open(&input.uri, input.size, input.etag.as_deref())
+        .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))?;
+    let mut bytes = Vec::with_capacity(input.size as usize);
+    f.by_ref()
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))?;
+    Ok(bytes)
+}
+
+fn dicom_error(input: &InputRef, e: DicomError) -> InputError {
+    match e {
+        DicomError::Header(m) if m.contains("no DICM marker") => {
+            error(input, InputErrorKind::WrongFormat, format!("not a DICOM file: {m}"))
+        }
+        DicomError::Header(m) => error(
+            input,
+            InputErrorKind::CorruptImage,
+            format!("DICOM data set cannot be read (truncated or corrupt): {m}"),
+        ),
+        e @ DicomError::Pixels(_) => error(input, InputErrorKind::CorruptImage, e.to_string()),
+        e @ DicomError::UnsupportedSyntax { .. } => error(input, InputErrorKind::UnsupportedEncoding, e.to_string()),
+    }
+}
+
+/// A greyscale or RGB frame of a radiograph as 8-bit RGB.
+fn radiograph(f: &Frames, frame: &[i32]) -> Result<Rgb8, String> {
+    let (w, h) = (f.header.columns as usize, f.header.rows as usize);
+    match f.samples_per_pixel {
+        1 if frame.len() == w * h => Ok(Rgb8::from_gray(w, h, &radiograph_u8(frame, &f.header))),
+        3 if frame.len() == w * h * 3 => Ok(Rgb8::new(w, h, frame.iter().map(|&v| v.clamp(0, 255) as u8).collect())),
+        n => Err(format!("{n} samples per pixel over {w}x{h} pixels do not match the frame")),
+    }
+}
+
+/// Combined digest of a group's inputs (their SHA-256s in order).
+fn group_digest(inputs: &[&InputRef]) -> Digest {
+    if let [one] = inputs {
+        return one.sha256.clone();
+    }
+    let joined: Vec<u8> = inputs.iter().flat_map(|i| i.sha256.to_string().into_bytes()).collect();
+    Digest::of_bytes(&joined)
+}
+
+/// The image block of a prompt: one marker per image, each followed by its label.
+fn image_block(labels: &[String]) -> String {
+    labels.iter().map(|l| format!("{START_OF_IMAGE}{l}")).collect()
+}
+
+fn prepare(img: Rgb8, spec: &ImagingSpec) -> Arc<Rgb8> {
+    Arc::new(if spec.pad_to_square { pad_to_square(&img) } else { img })
+}
+
+/// A decoded DICOM instance of a job.
+struct Instance<'a> {
+    input: &'a InputRef,
+    frames: Frames,
+}
+
+/// Reads a job's inputs into prompts' images (normally one item per job) and error rows.
+pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSpec) -> Vec<ImagingRead> {
+    let Some(imaging) = &spec.imaging else { return Vec::new() };
+    let max = spec.input.max_document_bytes;
+    let mut out: Vec<ImagingRead> = Vec::new();
+    let mut dicoms: Vec<Instance<'_>> = Vec::new();
+    for input in inputs {
+        if !spec.input.kinds.contains(&input.kind) {
+            let reads: Vec<String> = spec.input.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect();
+            out.push(Err(error(
+                input,
+                InputErrorKind::UnsupportedKind,
+                format!("this pipeline reads {}; {} is not one of them", reads.join(", "), file_name(&input.uri)),
+            )));
+            continue;
+        }
+        let bytes = match read_bytes(input, source, max) {
+            Ok(b) => b,
+            Err(e) => {
+                out.push(Err(e));
+                continue;
+            }
+        };
+        match input.kind {
+            InputKind::Image => {
+                out.push(decode(&bytes).map_err(|e| error(input, InputErrorKind::CorruptImage, e.to_string())).map(
+                    |img| ImagingItem {
+                        doc: Document {
+                            id: file_name(&input.uri).to_string(),
+                            source_uri: input.uri.clone(),
+                            input_sha256: input.sha256.clone(),
+                            text: image_block(&[String::new()]),
+                        },
+                        images: vec![prepare(img, imaging)],
+                    },
+                ))
+            }
+            InputKind::Nifti => out.push(crate::nifti::read_volume(&bytes, input, imaging)),
+            InputKind::Dicom => match read_frames_from(std::io::Cursor::new(bytes)) {
+                Ok(frames) => {
+                    let m = &frames.header.modality;
+                    if !imaging.modalities.is_empty() && !imaging.modalities.iter().any(|x| x == m) {
+                        out.push(Err(error(
+                            input,
+                            InputErrorKind::NotApplicable,
+                            format!("modality {m:?} is not read by this pipeline ({})", imaging.modalities.join(", ")),
+                        )));
+                    } else {
+                        dicoms.push(Instance { input, frames });
+                    }
+                }
+                Err(e) => out.push(Err(dicom_error(input, e))),
+            },
+            _ => out.push(Err(error(input, InputErrorKind::UnsupportedKind, "not an image or volume"))),
+        }
+    }
+    if !dicoms.is_empty() {
+        out.extend(match imaging.unit {
+            ImagingUnit::Study => study(dicoms, imaging),
+            ImagingUnit::Series => series(dicoms, imaging),
+            ImagingUnit::PriorCurrent => prior_current(dicoms, imaging),
+        });
+    }
+    out
+}
+
+/// Instance-number order, then position along the slice direction, then URI.
+fn sort_instances(v: &mut [Instance<'_>]) {
+    v.sort_by(|a, b| {
+        let key = |i: &Instance<'_>| {
+            (i.frames.header.instance_number.unwrap_or(i64::MAX), i.frames.header.image_position.map(|p| p[2]))
+        };
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0)
+            .then(ka.1.partial_cmp(&kb.1).unwrap_or(std::cmp::Ordering::Equal))
+            .then(a.input.uri.cmp(&b.input.uri))
+    });
+}
+
+/// The images of a study's radiographs and the errors of frames that do not convert.
+fn radiographs(instances: &[Instance<'_>], limit: usize, spec: &ImagingSpec) -> (Vec<Arc<Rgb8>>, Vec<ImagingRead>) {
+    let (mut images, mut errors) = (Vec::new(), Vec::new());
+    'outer: for i in instances {
+        for frame in &i.frames.frames {
+            if images.len() == limit {
+                break 'outer;
+            }
+            match radiograph(&i.frames, frame) {
+                Ok(img) => images.push(prepare(img, spec)),
+                Err(m) => {
+                    errors.push(Err(error(i.input, InputErrorKind::CorruptImage, m)));
+                    continue 'outer;
+                }
+            }
+        }
+    }
+    (images, errors)
+}
+
+fn item(doc_id: String, group: &[Instance<'_>], labels: &[String], images: Vec<Arc<Rgb8>>) -> ImagingItem {
+    let inputs: Vec<&InputRef> = group.iter().map(|i| i.input).collect();
+    ImagingItem {
+        doc: Document {
+            id: doc_id,
+            source_uri: inputs[0].uri.clone(),
+            input_sha256: group_digest(&inputs),
+            text: image_block(labels),
+        },
+        images,
+    }
+}
+
+fn study(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead> {
+    sort_instances(&mut dicoms);
+    let (images, mut out) = radiographs(&dicoms, spec.max_images, spec);
+    if !images.is_empty() {
+        let id = dicoms[0].frames.header.study_uid.clone();
+        let labels = vec![String::new(); images.len()];
+        out.push(Ok(item(id, &dicoms, &labels, images)));
+    }
+    out
+}
+
+fn series(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead> {
+    sort_instances(&mut dicoms);
+    let mut out = Vec::new();
+    // Every frame is a slice; each must have the first slice's size.
+    let (w, h) = (dicoms[0].frames.header.columns as usize, dicoms[0].frames.header.rows as usize);
+    let mut slices: Vec<(usize, &[i32])> = Vec::new();
+    for (k, i) in dicoms.iter().enumerate() {
+        let hd = &i.frames.header;
+        if i.frames.samples_per_pixel != 1 || hd.columns as usize != w || hd.rows as usize != h {
+            out.push(Err(error(
+                i.input,
+                InputErrorKind::NotApplicable,
+                format!(
+                    "slice of {}x{} with {} samples per pixel does not fit a {w}x{h} greyscale series",
+                    hd.columns, hd.rows, i.frames.samples_per_pixel
+                ),
+            )));
+            continue;
+        }
+        slices.extend(i.frames.frames.iter().filter(|f| f.len() == w * h).map(|f| (k, f.as_slice())));
+    }
+    if slices.is_empty() {
+        return out;
+    }
+    let chosen = crate::dicom::slice_choice(slices.len(), spec.max_images);
+    let ct = dicoms[0].frames.header.modality == "CT";
+    let images: Vec<Rgb8> = if ct {
+        chosen
+            .iter()
+            .map(|&s| {
+                let (k, f) = slices[s];
+                Rgb8::new(w, h, ct_rgb(&rescaled(f, &dicoms[k].frames.header)))
+            })
+            .collect()
+    } else {
+        // Min–max over the whole series, as Google's serving code does for MR.
+        let all: Vec<Vec<f64>> = slices.iter().map(|&(k, f)| rescaled(f, &dicoms[k].frames.header)).collect();
+        let grey = minmax_u8(&all);
+        chosen.iter().map(|&s| Rgb8::from_gray(w, h, &grey[s])).collect()
+    };
+    let labels: Vec<String> = (1..=images.len()).map(|n| format!("SLICE {n}")).collect();
+    let id = dicoms[0].frames.header.series_uid.clone();
+    let images = images.into_iter().map(|i| prepare(i, spec)).collect();
+    out.push(Ok(item(id, &dicoms, &labels, images)));
+    out
+}
+
+fn prior_current(dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead> {
+    let mut studies: std::collections::BTreeMap<(String, String), Vec<Instance<'_>>> = Default::default();
+    for i in dicoms {
+        let key = (i.frames.header.study_date.clone(), i.frames.header.study_uid.clone());
+        studies.entry(key).or_default().push(i);
+    }
+    let mut studies: Vec<Vec<Instance<'_>>> = studies.into_values().collect();
+    if studies.len() != 2 {
+        let first = studies[0][0].input;
+        let detail = if studies.len() == 1 {
+            "no earlier study of this patient among the inputs to compare with".to_string()
+        } else {
+            format!("{} studies in one comparison; expected a prior and a current", studies.len())
+        };
+        return vec![Err(error(first, InputErrorKind::NotApplicable, detail))];
+    }
+    let mut out = Vec::new();
+    let mut images = Vec::new();
+    for s in studies.iter_mut() {
+        sort_instances(s);
+        let (imgs, errs) = radiographs(s, 1, spec);
+        out.extend(errs);
+        images.extend(imgs);
+    }
+    if images.len() == 2 {
+        let id = format!("{} prior {}", studies[1][0].frames.header.study_uid, studies[0][0].frames.header.study_uid);
+        let group: Vec<Instance<'_>> = studies.into_iter().flatten().collect();
+        out.push(Ok(item(id, &group, &[String::new(), String::new()], images)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_blocks_label_each_image() {
+        assert_eq!(
+            image_block(&["SLICE 1".into(), "SLICE 2".into()]),
+            "<start_of_image>SLICE 1<start_of_image>SLICE 2"
+        );
+        assert_eq!(image_block(&[String::new(), String::new()]), "<start_of_image><start_of_image>");
+    }
+}
