@@ -209,3 +209,37 @@ fn real_dicom_and_nifti_files_become_rows_or_clear_error_rows() {
     assert!(o.errors[1].2.contains("JPEG-LS"), "{:?}", o.errors[1]);
     assert!(o.errors[0].2.contains("\"MR\""), "{:?}", o.errors[0]);
 }
+
+/// DICOM on S3 (the local S3-compatible server of infra/test.sh): planning reads the headers
+/// through ranged requests and the workers the files, with the same rows and error rows as
+/// the same folder on disk.
+#[test]
+fn dicom_on_s3_groups_and_reads_like_the_same_files_on_disk() {
+    let bucket = format!("medbatch-img-{}", std::process::id());
+    let src = repo_root().join("examples/imaging/cxr");
+    // Uploaded with pyarrow, not with medbatch's code.
+    py_s3(&format!(
+        "import pathlib\n\
+         fs.create_dir('{bucket}')\n\
+         root = pathlib.Path('{src}')\n\
+         for p in sorted(root.rglob('*')):\n\
+         \x20   if p.is_file():\n\
+         \x20       with fs.open_output_stream('{bucket}/cxr/' + str(p.relative_to(root)), compression=None) as f:\n\
+         \x20           f.write(p.read_bytes())\n\
+         print('{{}}')",
+        src = src.display()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "cxr-report", &RADIOGRAPH);
+    let s3 = run(&p, &[&format!("s3://{bucket}/cxr")], "cxr_reports");
+    let local = run(&p, &["examples/imaging/cxr"], "cxr_reports");
+    py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
+    let sorted = |o: &Outcome| {
+        let mut v = o.document_ids.clone();
+        v.sort();
+        v
+    };
+    assert_eq!(s3.rows, 3, "{:?}", s3.errors);
+    assert_eq!(sorted(&s3), sorted(&local));
+    assert_eq!(reasons(&s3), reasons(&local));
+}
