@@ -241,9 +241,15 @@ impl Engine {
     /// Loads a Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json,
     /// chat template), computing in f32 on the CPU.
     pub fn load_checkpoint(dir: &Path) -> Result<Self, EngineError> {
+        Self::load_checkpoint_tp(dir, 1)
+    }
+
+    /// Loads a checkpoint folder split over `tp` tensor-parallel ranks (threads of this
+    /// process on the CPU; see [`crate::model::Shard`]).
+    pub fn load_checkpoint_tp(dir: &Path, tp: usize) -> Result<Self, EngineError> {
         let device = Device::Cpu;
         let cfg = crate::hf::read_config(dir)?;
-        let model = crate::hf::load_model(dir, &cfg, &device)?;
+        let model = crate::hf::load_model_tp(dir, &cfg, &device, tp)?;
         let vision = crate::hf::load_vision(dir, &cfg, &device)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::Hf(Box::new(HfTokenizer::from_file(&tok_path)?));
@@ -325,8 +331,18 @@ impl Engine {
 
     /// Loads a GGUF file or a checkpoint folder.
     pub fn load(path: &Path) -> Result<Self, EngineError> {
+        Self::load_tp(path, 1)
+    }
+
+    /// Loads a GGUF file or a checkpoint folder, a checkpoint split over `tp` ranks.
+    pub fn load_tp(path: &Path, tp: usize) -> Result<Self, EngineError> {
         if path.is_dir() {
-            Self::load_checkpoint(path)
+            Self::load_checkpoint_tp(path, tp)
+        } else if tp > 1 {
+            Err(EngineError::Load(format!(
+                "{}: tensor parallelism needs a safetensors checkpoint folder, not a GGUF file",
+                path.display()
+            )))
         } else {
             Self::load_gguf(path, None)
         }

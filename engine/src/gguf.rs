@@ -7,7 +7,7 @@
 //! weights in GGUF already contain Gemma's `+1`, so they are used as they are.
 
 use crate::config::{TextConfig, GEMMA3_LOCAL_ROPE_BASE};
-use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm};
+use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm, Shard};
 use crate::tokenizer::{SpmTokenizer, SpmVocab, TokenType};
 use crate::EngineError;
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -217,13 +217,12 @@ impl GgufFile {
             });
         }
         let norm = self.norm("output_norm.weight", eps, device)?;
+        let vocab_rows = cfg.vocab_size;
         Ok(Gemma3 {
             embed_scale: (cfg.hidden_size as f64).sqrt(),
+            shards: vec![Shard::whole(cfg.clone(), Embedding::Quant(embed_q), vocab_rows, layers, lm_head)],
             cfg,
-            embed: Embedding::Quant(embed_q),
-            layers,
             norm,
-            lm_head,
             numeric,
             // Gemma 3 GGUF files hold the text decoder only (llama.cpp keeps the vision
             // tower in a separate projector file).

@@ -12,7 +12,7 @@
 //! scale `sqrt(hidden)` is rounded to the weights' dtype, as transformers does.
 
 use crate::hf_config::{parse_config, CheckpointConfig};
-use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm};
+use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm, Shard};
 use crate::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
 use crate::EngineError;
 use candle_core::safetensors::MmapedSafetensors;
@@ -98,10 +98,6 @@ impl Weights {
 
     fn f32(&self, name: &str) -> Result<Tensor, EngineError> {
         self.get(&format!("{}{name}", self.prefix))?.to_dtype(DType::F32).map_err(load_err)
-    }
-
-    fn linear(&self, name: &str) -> Result<Linear, EngineError> {
-        Ok(Linear::Dense(self.f32(name)?))
     }
 
     fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, EngineError> {
@@ -209,6 +205,104 @@ pub fn load_vision(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Resul
 
 /// Loads the text decoder of a checkpoint folder, computing in f32 on the CPU.
 pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Gemma3, EngineError> {
+    load_model_tp(dir, cfg, device, 1)
+}
+
+/// Which part of a stored matrix a rank keeps.
+#[derive(Clone, Copy, Debug)]
+enum Part {
+    Whole,
+    /// Rows `start .. start + len` (output features; vocabulary rows).
+    Rows(usize, usize),
+    /// Columns `start .. start + len` of every row (input features).
+    Cols(usize, usize),
+}
+
+/// Bytes of a stored tensor's elements as f32 (f32, bf16 and f16 are stored exactly).
+fn to_f32(bytes: &[u8], dtype: DType, name: &str) -> Result<Vec<f32>, EngineError> {
+    Ok(match dtype {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        other => return Err(load_err(format!("tensor {name}: dtype {other:?} is not supported"))),
+    })
+}
+
+impl Weights {
+    /// The f32 values of `part` of a tensor, reading only that part's bytes from the
+    /// memory-mapped file (a rank of a split model never holds the whole matrix).
+    fn part(&self, name: &str, part: Part) -> Result<Tensor, EngineError> {
+        let view = self.st.get(name).map_err(|e| load_err(format!("tensor {name}: {e}")))?;
+        let dtype = DType::try_from(view.dtype()).map_err(|e| load_err(format!("tensor {name}: {e}")))?;
+        let shape = view.shape().to_vec();
+        let data = view.data();
+        let e = dtype.size_in_bytes();
+        let inner: usize = shape.iter().skip(1).product();
+        let (values, new_shape) = match part {
+            Part::Whole => (to_f32(data, dtype, name)?, shape.clone()),
+            Part::Rows(start, len) => {
+                if shape.is_empty() || start + len > shape[0] {
+                    return Err(load_err(format!(
+                        "tensor {name} {shape:?}: rows {start}..{} out of range",
+                        start + len
+                    )));
+                }
+                let mut s = shape.clone();
+                s[0] = len;
+                (to_f32(&data[start * inner * e..(start + len) * inner * e], dtype, name)?, s)
+            }
+            Part::Cols(start, len) => {
+                let [rows, cols] = shape[..] else {
+                    return Err(load_err(format!("tensor {name} {shape:?}: columns of a non-matrix")));
+                };
+                if start + len > cols {
+                    return Err(load_err(format!(
+                        "tensor {name} {shape:?}: columns {start}..{} out of range",
+                        start + len
+                    )));
+                }
+                let mut v = Vec::with_capacity(rows * len);
+                for r in 0..rows {
+                    let at = (r * cols + start) * e;
+                    v.extend(to_f32(&data[at..at + len * e], dtype, name)?);
+                }
+                (v, vec![rows, len])
+            }
+        };
+        Tensor::from_vec(values, new_shape, &self.device).map_err(load_err)
+    }
+
+    fn linear_part(&self, name: &str, part: Part) -> Result<Linear, EngineError> {
+        Ok(Linear::Dense(self.part(&format!("{}{name}", self.prefix), part)?))
+    }
+}
+
+/// How a decoder of `cfg` splits over `world` ranks, or why it cannot.
+struct Split {
+    heads: usize,
+    kv_heads: usize,
+    intermediate: usize,
+}
+
+fn split(t: &crate::config::TextConfig, world: usize) -> Result<Split, EngineError> {
+    let (h, kv, inter) = (t.num_heads, t.num_kv_heads, t.intermediate_size);
+    if world == 0
+        || !h.is_multiple_of(world)
+        || !inter.is_multiple_of(world)
+        || !(kv.is_multiple_of(world) || world.is_multiple_of(kv))
+    {
+        return Err(load_err(format!(
+            "{h} attention heads, {kv} KV heads and an MLP of {inter} do not split over {world} ranks \
+             (heads and MLP width must be multiples of the ranks; KV heads a multiple or a divisor)"
+        )));
+    }
+    Ok(Split { heads: h / world, kv_heads: (kv / world).max(1), intermediate: inter / world })
+}
+
+/// Loads the text decoder split over `world` tensor-parallel ranks (threads of this process
+/// joined by an in-process communicator), each rank reading only its slices of the weights.
+/// `world = 1` is the whole model.
+pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world: usize) -> Result<Gemma3, EngineError> {
     let (st, names) = open_weights(dir)?;
     let (prefix, embed_key) = EMBED_KEYS
         .iter()
@@ -218,49 +312,95 @@ pub fn load_model(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result
     let w = Weights { st, prefix, device: device.clone() };
     let t = &cfg.text;
     let eps = t.rms_norm_eps;
-    let embed_raw = w.get(embed_key)?;
-    let stored_dtype = embed_raw.dtype();
-    let embed = embed_raw.to_dtype(DType::F32).map_err(load_err)?;
-    let (rows, cols) = embed.dims2().map_err(load_err)?;
+    let sp = split(t, world)?;
+    let view = w.st.get(embed_key).map_err(|e| load_err(format!("tensor {embed_key}: {e}")))?;
+    let stored_dtype = DType::try_from(view.dtype()).map_err(load_err)?;
+    let (rows, cols) = match view.shape() {
+        [r, c] => (*r, *c),
+        other => return Err(load_err(format!("embedding has shape {other:?}"))),
+    };
     if cols != t.hidden_size || rows < t.vocab_size.min(rows) {
         return Err(load_err(format!("embedding is {rows}x{cols}, config says hidden {}", t.hidden_size)));
     }
-    let lm_head = match (cfg.tie_word_embeddings, LM_HEAD_KEYS.iter().find(|k| names.contains(**k))) {
-        (true, _) => Linear::Dense(embed.clone()),
-        (false, Some(k)) => Linear::Dense(w.get(k)?.to_dtype(DType::F32).map_err(load_err)?),
+    let head_key = match (cfg.tie_word_embeddings, LM_HEAD_KEYS.iter().find(|k| names.contains(**k))) {
+        (true, _) => None,
+        (false, Some(k)) => Some(*k),
         (false, None) => return Err(load_err("tie_word_embeddings is false but the checkpoint has no lm_head.weight")),
     };
-    let mut layers = Vec::with_capacity(t.num_layers);
-    for i in 0..t.num_layers {
-        let p = |s: &str| format!("layers.{i}.{s}.weight");
-        layers.push(Layer {
-            input_norm: w.norm(&p("input_layernorm"), eps)?,
-            attn: Attention {
-                q: w.linear(&p("self_attn.q_proj"))?,
-                k: w.linear(&p("self_attn.k_proj"))?,
-                v: w.linear(&p("self_attn.v_proj"))?,
-                o: w.linear(&p("self_attn.o_proj"))?,
-                q_norm: w.norm(&p("self_attn.q_norm"), eps)?,
-                k_norm: w.norm(&p("self_attn.k_norm"), eps)?,
-            },
-            post_attn_norm: w.norm(&p("post_attention_layernorm"), eps)?,
-            pre_ff_norm: w.norm(&p("pre_feedforward_layernorm"), eps)?,
-            mlp: Mlp {
-                gate: w.linear(&p("mlp.gate_proj"))?,
-                up: w.linear(&p("mlp.up_proj"))?,
-                down: w.linear(&p("mlp.down_proj"))?,
-            },
-            post_ff_norm: w.norm(&p("post_feedforward_layernorm"), eps)?,
+    let comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>> = if world == 1 {
+        vec![std::sync::Arc::new(crate::comm::SingleRank)]
+    } else {
+        crate::comm::InProcess::group(world)
+            .into_iter()
+            .map(|c| std::sync::Arc::new(c) as std::sync::Arc<dyn crate::comm::Communicator>)
+            .collect()
+    };
+    let hd = t.head_dim;
+    let per_rank_vocab = rows.div_ceil(world);
+    let mut shards = Vec::with_capacity(world);
+    for (r, comm) in comms.into_iter().enumerate() {
+        let part = |whole: bool, p: Part| if world == 1 || whole { Part::Whole } else { p };
+        let q_rows = Part::Rows(r * sp.heads * hd, sp.heads * hd);
+        // With fewer KV heads than ranks, a rank keeps the KV head its query heads use.
+        let kv_first =
+            if t.num_kv_heads >= world { r * sp.kv_heads } else { r * sp.heads / (t.num_heads / t.num_kv_heads) };
+        let kv_rows = Part::Rows(kv_first * hd, sp.kv_heads * hd);
+        let o_cols = Part::Cols(r * sp.heads * hd, sp.heads * hd);
+        let up_rows = Part::Rows(r * sp.intermediate, sp.intermediate);
+        let down_cols = Part::Cols(r * sp.intermediate, sp.intermediate);
+        let vocab_start = (r * per_rank_vocab).min(rows);
+        let vocab_rows = per_rank_vocab.min(rows - vocab_start);
+        let vocab = part(false, Part::Rows(vocab_start, vocab_rows));
+        let embed = w.part(embed_key, vocab)?;
+        let lm_head = match head_key {
+            None => Linear::Dense(embed.clone()),
+            Some(k) => Linear::Dense(w.part(k, vocab)?),
+        };
+        let mut layers = Vec::with_capacity(t.num_layers);
+        for i in 0..t.num_layers {
+            let p = |s: &str| format!("layers.{i}.{s}.weight");
+            layers.push(Layer {
+                input_norm: w.norm(&p("input_layernorm"), eps)?,
+                attn: Attention {
+                    q: w.linear_part(&p("self_attn.q_proj"), part(false, q_rows))?,
+                    k: w.linear_part(&p("self_attn.k_proj"), part(false, kv_rows))?,
+                    v: w.linear_part(&p("self_attn.v_proj"), part(false, kv_rows))?,
+                    o: w.linear_part(&p("self_attn.o_proj"), part(false, o_cols))?,
+                    q_norm: w.norm(&p("self_attn.q_norm"), eps)?,
+                    k_norm: w.norm(&p("self_attn.k_norm"), eps)?,
+                },
+                post_attn_norm: w.norm(&p("post_attention_layernorm"), eps)?,
+                pre_ff_norm: w.norm(&p("pre_feedforward_layernorm"), eps)?,
+                mlp: Mlp {
+                    gate: w.linear_part(&p("mlp.gate_proj"), part(false, up_rows))?,
+                    up: w.linear_part(&p("mlp.up_proj"), part(false, up_rows))?,
+                    down: w.linear_part(&p("mlp.down_proj"), part(false, down_cols))?,
+                },
+                post_ff_norm: w.norm(&p("post_feedforward_layernorm"), eps)?,
+            });
+        }
+        let local = crate::config::TextConfig {
+            num_heads: sp.heads,
+            num_kv_heads: sp.kv_heads,
+            intermediate_size: sp.intermediate,
+            ..t.clone()
+        };
+        shards.push(Shard {
+            cfg: local,
+            embed: Embedding::Dense(embed),
+            vocab_start,
+            vocab_rows,
+            layers,
+            lm_head,
+            comm,
         });
     }
     let norm = w.norm("norm.weight", eps)?;
     Ok(Gemma3 {
         cfg: t.clone(),
-        embed: Embedding::Dense(embed),
+        shards,
         embed_scale: embed_scale(t.hidden_size, stored_dtype),
-        layers,
         norm,
-        lm_head,
         numeric: NumericOptions { f16_attention: false, f16_gelu: false },
         image_token_id: cfg.vision.as_ref().map(|v| v.image_token_id),
         device: device.clone(),

@@ -6,6 +6,7 @@
 //! prefix, and the engine thread that async callers talk to through [`EngineHandle`].
 //! It never touches queues, object stores or output files.
 
+pub mod comm;
 pub mod config;
 pub mod constrain;
 pub mod describe;

@@ -16,6 +16,7 @@
 //! keep only the window they need (plus slack, so a cached prefix can be shortened), and no
 //! buffer is sized to the full context up front.
 
+use crate::comm::{Communicator, SingleRank};
 use crate::config::TextConfig;
 use candle_core::quantized::{k_quants, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
@@ -192,14 +193,44 @@ pub struct NumericOptions {
 /// Beyond this magnitude llama.cpp's GELU returns the input (or zero) instead of the table.
 const GELU_TABLE_LIMIT: f64 = 10.0;
 
-/// The decoder.
+/// One tensor-parallel rank's part of the decoder (the whole decoder without tensor
+/// parallelism).
+///
+/// - q, k, v, gate and up are split by output rows (column-parallel), o and down by input
+///   columns (row-parallel), each followed by an all-reduce of the partial sums;
+/// - attention heads are split across ranks, and KV heads too; with fewer KV heads than
+///   ranks, each rank keeps the KV head its query heads use (replicated);
+/// - the embedding table and the output head are split by vocabulary rows: a lookup is an
+///   all-reduce of the rank that holds the row (others add zeros), the logits an all-gather;
+///   norms are replicated.
+pub struct Shard {
+    /// This rank's view of the shape: its attention heads, KV heads and MLP width.
+    pub cfg: TextConfig,
+    /// Rows `vocab_start ..` of the embedding table.
+    pub embed: Embedding,
+    pub vocab_start: usize,
+    pub vocab_rows: usize,
+    pub layers: Vec<Layer>,
+    /// Rows of the output head for the same vocabulary slice.
+    pub lm_head: Linear,
+    pub comm: Arc<dyn Communicator>,
+}
+
+impl Shard {
+    /// The whole decoder as one rank.
+    pub fn whole(cfg: TextConfig, embed: Embedding, vocab_rows: usize, layers: Vec<Layer>, lm_head: Linear) -> Self {
+        Self { cfg, embed, vocab_start: 0, vocab_rows, layers, lm_head, comm: Arc::new(SingleRank) }
+    }
+}
+
+/// The decoder: one shard per tensor-parallel rank (one without tensor parallelism). Ranks
+/// run as threads of this process, one forward pass each, in step through their
+/// communicator.
 pub struct Gemma3 {
     pub cfg: TextConfig,
-    pub embed: Embedding,
+    pub shards: Vec<Shard>,
     pub embed_scale: f64,
-    pub layers: Vec<Layer>,
     pub norm: RmsNorm,
-    pub lm_head: Linear,
     pub numeric: NumericOptions,
     /// `<image_soft_token>` of a multimodal checkpoint: positions holding it take the rows of
     /// an image instead of an embedding, and each run of them attends to itself both ways
@@ -216,16 +247,22 @@ struct LayerCache {
     start: usize,
 }
 
-/// The per-sequence state: cached keys/values of every layer and the next position.
+/// The per-sequence state: cached keys/values of every layer (of every rank) and the next
+/// position.
 #[derive(Clone)]
 pub struct SeqCache {
-    layers: Vec<LayerCache>,
+    ranks: Vec<Vec<LayerCache>>,
     pos: usize,
 }
 
 impl SeqCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![LayerCache::default(); num_layers], pos: 0 }
+        Self::with_ranks(num_layers, 1)
+    }
+
+    /// A cache for a model split over `ranks` tensor-parallel ranks.
+    pub fn with_ranks(num_layers: usize, ranks: usize) -> Self {
+        Self { ranks: vec![vec![LayerCache::default(); num_layers]; ranks.max(1)], pos: 0 }
     }
 
     /// Tokens processed so far (the next token's position).
@@ -243,15 +280,17 @@ impl SeqCache {
         if len > self.pos {
             return Ok(false);
         }
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let keep_from = if cfg.layer_is_global[i] { 0 } else { len.saturating_sub(cfg.sliding_window - 1) };
-            if keep_from < l.start {
-                return Ok(false);
-            }
-            if let (Some(k), Some(v)) = (&l.k, &l.v) {
-                let n = len - l.start;
-                l.k = Some(k.narrow(1, 0, n)?);
-                l.v = Some(v.narrow(1, 0, n)?);
+        for layers in &mut self.ranks {
+            for (i, l) in layers.iter_mut().enumerate() {
+                let keep_from = if cfg.layer_is_global[i] { 0 } else { len.saturating_sub(cfg.sliding_window - 1) };
+                if keep_from < l.start {
+                    return Ok(false);
+                }
+                if let (Some(k), Some(v)) = (&l.k, &l.v) {
+                    let n = len - l.start;
+                    l.k = Some(k.narrow(1, 0, n)?);
+                    l.v = Some(v.narrow(1, 0, n)?);
+                }
             }
         }
         self.pos = len;
@@ -260,8 +299,9 @@ impl SeqCache {
 
     /// Bytes held by cached keys and values.
     pub fn bytes(&self) -> usize {
-        self.layers
+        self.ranks
             .iter()
+            .flatten()
             .map(|l| 2 * l.k.as_ref().map(|k| k.elem_count() * k.dtype().size_in_bytes()).unwrap_or(0))
             .sum()
     }
@@ -345,6 +385,29 @@ struct Rope {
     global: (Tensor, Tensor),
 }
 
+/// What every rank needs to know of one item of a pass.
+struct ItemView<'a> {
+    ids: &'a [u32],
+    pos0: usize,
+    logits: Logits,
+    images: Option<&'a Tensor>,
+}
+
+/// The inputs of a pass shared by every rank.
+struct Pass<'a> {
+    views: &'a [ItemView<'a>],
+    ropes: &'a [Rope],
+    groups: &'a [Vec<Option<u32>>],
+}
+
+/// One sequence's place in one layer of a pass.
+struct Step<'a> {
+    layer: usize,
+    pos0: usize,
+    rope: &'a Rope,
+    groups: &'a [Option<u32>],
+}
+
 impl Gemma3 {
     /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
     /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
@@ -356,101 +419,167 @@ impl Gemma3 {
     /// Runs the next tokens of several sequences in one pass: their rows are packed through
     /// the embedding, projections, norms and MLP; attention runs per sequence with its own
     /// positions, window and cache. Returns each item's logits (`[1, vocab]`, `[n, vocab]`,
-    /// or none), in order. Every row is computed as it would be alone.
+    /// or none), in order. Every row is computed as it would be alone. With several ranks,
+    /// each runs the pass on its shard in a thread of its own.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Vec<Option<Tensor>>> {
         if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
             candle_core::bail!("forward called with no tokens");
         }
         let cfg = &self.cfg;
         let hd = cfg.head_dim;
-        let all_ids: Vec<u32> = items.iter().flat_map(|b| b.ids.iter().copied()).collect();
-        let mut x = self.embed_with_images(items, &all_ids)?;
-        // Image runs of each item (prefill only: a single-token step never holds an image).
-        let groups: Vec<Vec<Option<u32>>> = items.iter().map(|b| self.image_groups(b.ids)).collect();
+        let views: Vec<ItemView<'_>> = items
+            .iter()
+            .map(|b| ItemView { ids: b.ids, pos0: b.cache.pos, logits: b.logits, images: b.images })
+            .collect();
         let mut ropes = Vec::with_capacity(items.len());
-        for b in items.iter() {
-            let (pos0, t) = (b.cache.pos, b.ids.len());
+        for b in &views {
+            let t = b.ids.len();
             ropes.push(Rope {
-                local: rope_tables(pos0..pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
-                global: rope_tables(pos0..pos0 + t, hd, cfg.rope_global_base, cfg.rope_global_factor, &self.device)?,
+                local: rope_tables(b.pos0..b.pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
+                global: rope_tables(
+                    b.pos0..b.pos0 + t,
+                    hd,
+                    cfg.rope_global_base,
+                    cfg.rope_global_factor,
+                    &self.device,
+                )?,
             });
         }
-        for (i, layer) in self.layers.iter().enumerate() {
+        // Image runs of each item (prefill only: a single-token step never holds an image).
+        let groups: Vec<Vec<Option<u32>>> = views.iter().map(|b| self.image_groups(b.ids)).collect();
+        let pass = Pass { views: &views, ropes: &ropes, groups: &groups };
+        // Each rank's caches of every item.
+        let world = self.shards.len();
+        let mut per_rank: Vec<Vec<&mut Vec<LayerCache>>> =
+            (0..world).map(|_| Vec::with_capacity(items.len())).collect();
+        for b in items.iter_mut() {
+            if b.cache.ranks.len() != world {
+                candle_core::bail!("a cache made for {} ranks used with {world}", b.cache.ranks.len());
+            }
+            for (r, c) in b.cache.ranks.iter_mut().enumerate() {
+                per_rank[r].push(c);
+            }
+        }
+        let logits = if world == 1 {
+            let caches = per_rank.pop().expect("one rank");
+            self.forward_shard(&self.shards[0], &pass, caches)?
+        } else {
+            let results: Vec<candle_core::Result<Option<Tensor>>> = std::thread::scope(|sc| {
+                let handles: Vec<_> = self
+                    .shards
+                    .iter()
+                    .zip(per_rank)
+                    .map(|(shard, caches)| {
+                        let pass = &pass;
+                        sc.spawn(move || self.forward_shard(shard, pass, caches))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a rank panicked".into()))))
+                    .collect()
+            });
+            // Every rank ends with the same logits; rank 0's are returned.
+            let mut first = None;
+            for r in results {
+                let l = r?;
+                first.get_or_insert(l);
+            }
+            first.flatten()
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut off = 0;
+        for b in items.iter_mut() {
+            let t = b.ids.len();
+            b.cache.pos += t;
+            let n = match b.logits {
+                Logits::Last => 1,
+                Logits::All => t,
+                Logits::None => 0,
+            };
+            match &logits {
+                Some(l) if n > 0 => {
+                    out.push(Some(l.narrow(0, off, n)?));
+                    off += n;
+                }
+                _ => out.push(None),
+            }
+        }
+        Ok(out)
+    }
+
+    /// One rank's pass over its shard; returns the logits (whole vocabulary) of the rows
+    /// asked for, or none.
+    fn forward_shard(
+        &self,
+        shard: &Shard,
+        pass: &Pass<'_>,
+        mut caches: Vec<&mut Vec<LayerCache>>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let views = pass.views;
+        let all_ids: Vec<u32> = views.iter().flat_map(|b| b.ids.iter().copied()).collect();
+        let mut x = self.embed_with_images(shard, views, &all_ids)?;
+        for (i, layer) in shard.layers.iter().enumerate() {
             let _span = tracing::trace_span!("layer", i).entered();
             let residual = x.clone();
             let h = layer.input_norm.forward(&x)?;
             let a = &layer.attn;
             let (q, k, v) = (a.q.forward(&h)?, a.k.forward(&h)?, a.v.forward(&h)?);
-            let mut outs = Vec::with_capacity(items.len());
+            let mut outs = Vec::with_capacity(views.len());
             let mut off = 0;
-            for ((b, rope), g) in items.iter_mut().zip(&ropes).zip(&groups) {
+            for (((b, rope), g), cache) in views.iter().zip(pass.ropes).zip(pass.groups).zip(caches.iter_mut()) {
                 let t = b.ids.len();
                 let (qb, kb, vb) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
-                let pos0 = b.cache.pos;
-                outs.push(self.attention(i, a, (&qb, &kb, &vb), &mut b.cache.layers[i], pos0, rope, g)?);
+                let step = Step { layer: i, pos0: b.pos0, rope, groups: g };
+                outs.push(self.attention(&shard.cfg, a, (&qb, &kb, &vb), &mut cache[i], &step)?);
                 off += t;
             }
             let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
-            let h = a.o.forward(&out)?;
+            let h = shard.comm.all_reduce_sum(&a.o.forward(&out)?)?;
             let h = layer.post_attn_norm.forward(&h)?;
             x = (residual + h)?;
             let residual = x.clone();
             let h = layer.pre_ff_norm.forward(&x)?;
             let g = self.gelu(&layer.mlp.gate.forward(&h)?)?;
             let u = layer.mlp.up.forward(&h)?;
-            let h = layer.mlp.down.forward(&(g * u)?)?;
+            let h = shard.comm.all_reduce_sum(&layer.mlp.down.forward(&(g * u)?)?)?;
             let h = layer.post_ff_norm.forward(&h)?;
             x = (residual + h)?;
         }
         // Only the rows whose logits are wanted go through the output head.
-        let mut rows = Vec::with_capacity(items.len());
-        let mut counts = Vec::with_capacity(items.len());
+        let mut rows = Vec::with_capacity(views.len());
         let mut off = 0;
-        for b in items.iter_mut() {
+        for b in views {
             let t = b.ids.len();
-            b.cache.pos += t;
             match b.logits {
-                Logits::Last => {
-                    rows.push(x.narrow(0, off + t - 1, 1)?);
-                    counts.push(1);
-                }
-                Logits::All => {
-                    rows.push(x.narrow(0, off, t)?);
-                    counts.push(t);
-                }
-                Logits::None => counts.push(0),
+                Logits::Last => rows.push(x.narrow(0, off + t - 1, 1)?),
+                Logits::All => rows.push(x.narrow(0, off, t)?),
+                Logits::None => {}
             }
             off += t;
         }
         if rows.is_empty() {
-            return Ok(counts.iter().map(|_| None).collect());
+            return Ok(None);
         }
         let x = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
         let x = self.norm.forward(&x)?;
-        let mut logits = self.lm_head.forward(&x.contiguous()?)?;
-        if let Some(cap) = cfg.final_logit_softcap {
+        let mut logits = shard.comm.all_gather_last(&shard.lm_head.forward(&x.contiguous()?)?)?;
+        if let Some(cap) = self.cfg.final_logit_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
         }
-        let mut out = Vec::with_capacity(counts.len());
-        let mut off = 0;
-        for n in counts {
-            out.push(if n == 0 { None } else { Some(logits.narrow(0, off, n)?) });
-            off += n;
-        }
-        Ok(out)
+        Ok(Some(logits))
     }
 
     /// The scaled embeddings of every item's ids, with image rows in place of the image soft
     /// tokens (not scaled: transformers scatters the projected image features after the
     /// embedding scale).
-    fn embed_with_images(&self, items: &[BatchItem<'_>], all_ids: &[u32]) -> candle_core::Result<Tensor> {
+    fn embed_with_images(&self, shard: &Shard, items: &[ItemView<'_>], all_ids: &[u32]) -> candle_core::Result<Tensor> {
         let soft = self.image_token_id;
         // A soft-token id outside the vocabulary (tiny test vocabularies) is looked up as 0,
         // as transformers does; its row is replaced anyway.
         let lookup: Vec<u32> =
             all_ids.iter().map(|&t| if Some(t) == soft && t as usize >= self.cfg.vocab_size { 0 } else { t }).collect();
-        let ids_t = Tensor::new(lookup.as_slice(), &self.device)?;
-        let x = (self.embed.lookup(&ids_t)?.to_dtype(DType::F32)? * self.embed_scale)?;
+        let x = (self.embed_rows(shard, &lookup)? * self.embed_scale)?;
         let Some(soft) = soft else { return Ok(x) };
         if !all_ids.contains(&soft) {
             return Ok(x);
@@ -489,6 +618,22 @@ impl Gemma3 {
         table.index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)
     }
 
+    /// Embedding rows of `ids` (f32, unscaled). A shard holding part of the vocabulary looks
+    /// up its own rows, zeros for the others, and the ranks' rows are summed.
+    fn embed_rows(&self, shard: &Shard, ids: &[u32]) -> candle_core::Result<Tensor> {
+        if shard.comm.world() == 1 {
+            let ids_t = Tensor::new(ids, &self.device)?;
+            return shard.embed.lookup(&ids_t)?.to_dtype(DType::F32);
+        }
+        let (lo, n) = (shard.vocab_start, shard.vocab_rows);
+        let held = |t: u32| (t as usize) >= lo && (t as usize) < lo + n;
+        let local: Vec<u32> = ids.iter().map(|&t| if held(t) { t - lo as u32 } else { 0 }).collect();
+        let mine: Vec<f32> = ids.iter().map(|&t| if held(t) { 1.0 } else { 0.0 }).collect();
+        let rows = shard.embed.lookup(&Tensor::new(local.as_slice(), &self.device)?)?.to_dtype(DType::F32)?;
+        let mask = Tensor::from_vec(mine, (ids.len(), 1), &self.device)?;
+        shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)
+    }
+
     /// For each position of a prompt chunk, the image run it belongs to (numbered from 0
     /// within the chunk), or `None` for text.
     fn image_groups(&self, ids: &[u32]) -> Vec<Option<u32>> {
@@ -515,18 +660,15 @@ impl Gemma3 {
     /// gives the image run of each new row (empty when there is none): rows of one run see
     /// each other both ways (within the sliding window on local layers, which bounds only
     /// how far back a key may be), as transformers' mask does at prefill.
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        layer_idx: usize,
+        cfg: &TextConfig,
         a: &Attention,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         lc: &mut LayerCache,
-        pos0: usize,
-        rope: &Rope,
-        groups: &[Option<u32>],
+        step: &Step<'_>,
     ) -> candle_core::Result<Tensor> {
-        let cfg = &self.cfg;
+        let (layer_idx, pos0, rope, groups) = (step.layer, step.pos0, step.rope, step.groups);
         let t = q.dim(0)?;
         let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let is_global = cfg.layer_is_global[layer_idx];
@@ -607,7 +749,12 @@ impl Gemma3 {
 
     /// A fresh per-sequence cache for this model.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache::new(self.layers.len())
+        SeqCache::with_ranks(self.cfg.num_layers, self.shards.len())
+    }
+
+    /// Tensor-parallel ranks the model runs on.
+    pub fn ranks(&self) -> usize {
+        self.shards.len()
     }
 }
 
