@@ -14,7 +14,7 @@ use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, 
 use medbatch_engine::service::ServiceLimits;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{Job, RunId};
-use medbatch_worker::job::{handle_delivery, WorkerContext};
+use medbatch_worker::job::{handle_delivery, Handled, WorkerContext};
 use medbatch_worker::pipeline::LoadedPipeline;
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -92,6 +92,10 @@ pub struct WorkArgs {
     /// Jobs worked on at once (their requests share the engine's batches).
     #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
+    /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
+    /// MLP width must divide). On the CPU the ranks are threads of this process.
+    #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
+    pub tp: usize,
     /// A folder of pipeline folders to serve from, searched before the built-in `pipelines/`
     /// (a job names its pipeline; its digest must match the folder's, or the job goes back).
     #[arg(long, env = "MEDBATCH_PIPELINES")]
@@ -295,7 +299,8 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency.max(1);
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
-    let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
+    let tp = args.tp;
+    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_tp(&model_arg, tp)).await??;
     let info = engine.info.clone();
     let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
     let mut cfg = args.broker.config();
@@ -339,7 +344,12 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
                 match resolver.context(&delivery.job, slot).await {
                     Ok(ctx) => {
                         use tracing::Instrument;
-                        handle_delivery(delivery, &ctx).instrument(span).await?;
+                        if handle_delivery(delivery, &ctx).instrument(span).await? == Handled::EngineStopped {
+                            // A tensor-parallel rank failed: take no more jobs; the ones in
+                            // hand go back to the queue for another worker.
+                            queue.close().await;
+                            return Err(anyhow::anyhow!("the engine stopped (a tensor-parallel rank failed)"));
+                        }
                     }
                     Err(e) => {
                         // Another worker may have the pipeline or reach the output; after
@@ -350,7 +360,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
                 }
                 handled += 1;
             }
-            Ok::<u64, medbatch_connectors::queue::QueueError>(handled)
+            Ok::<u64, anyhow::Error>(handled)
         }));
     }
     let mut handled = 0;

@@ -42,6 +42,10 @@ pub struct RunArgs {
     /// at a time.
     #[arg(long, env = "MEDBATCH_MAX_SEQUENCES", default_value_t = medbatch_engine::service::DEFAULT_MAX_SEQUENCES)]
     pub max_sequences: usize,
+    /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
+    /// MLP width must divide). On the CPU the ranks are threads of this process.
+    #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
+    pub tp: usize,
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
     #[arg(long, env = "MEDBATCH_RUN_ID")]
     pub run_id: Option<String>,
@@ -76,7 +80,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
-    let engine = tokio::task::spawn_blocking(move || model_path::load_engine(&model_arg)).await??;
+    let tp = args.tp;
+    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_tp(&model_arg, tp)).await??;
     let info = engine.info.clone();
     let limits = ServiceLimits { max_sequences: args.max_sequences.max(1), ..ServiceLimits::default() };
     let engine = EngineHandle::spawn_with(engine, limits);

@@ -42,8 +42,14 @@ pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
 
 /// Resolves and loads a model; the demo model's digest is checked.
 pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
+    load_engine_tp(arg, 1)
+}
+
+/// [`load_engine`] with the model split over `tp` tensor-parallel ranks.
+pub fn load_engine_tp(arg: &str, tp: usize) -> anyhow::Result<medbatch_engine::Engine> {
+    anyhow::ensure!(tp >= 1, "--tp must be at least 1");
     let path = resolve(arg)?;
-    let engine = medbatch_engine::Engine::load(&path)?;
+    let engine = medbatch_engine::Engine::load_tp(&path, tp)?;
     if arg == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
         bail!(
             "demo model at {} has sha256 {}, expected {DEMO_MODEL_SHA256}; delete it and fetch it again",

@@ -43,6 +43,14 @@ fn logits_and_greedy_tokens_with_images() {
         let last = &want[want.len() - got.len()..];
         let d = got.iter().zip(last).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(d <= 1e-4, "{}: last-position logits differ by {d}", p["name"]);
+        // The model split over two tensor-parallel ranks.
+        let mut split = args.clone();
+        split.extend(["--tp", "2"]);
+        let o = medbatch(&split);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let d = v["logits"].as_array().unwrap().iter().zip(&got).map(|(a, b)| (a.as_f64().unwrap() as f32 - b).abs());
+        assert!(d.fold(0f32, f32::max) <= 1e-4, "{}: --tp 2 logits", p["name"]);
 
         let mut args = vec!["debug", "generate", "--model", &model, "--tokens", &tokens, "--max-new-tokens", "8"];
         args.extend(images.iter().map(String::as_str));

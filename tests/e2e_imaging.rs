@@ -86,20 +86,33 @@ struct Outcome {
     prompt_tokens: Vec<String>,
     /// (file name, reason, detail) of each error row, sorted.
     errors: Vec<(String, String, String)>,
+    /// (document id, findings) of `cxr_reports` rows, sorted.
+    answers: Vec<(String, String)>,
 }
 
 fn run(pipeline: &Path, inputs: &[&str], table: &str) -> Outcome {
+    run_with(pipeline, inputs, table, &[])
+}
+
+fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Outcome {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let m = model();
     let mut args = vec!["run", pipeline.to_str().unwrap()];
     args.extend_from_slice(inputs);
     args.extend_from_slice(&["--out", out.to_str().unwrap(), "--model", &m]);
+    args.extend_from_slice(extra);
     let o = medbatch(&args);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let (rows, _, batches) = read_parquet_dir(&out.join(table));
     let document_ids = string_column(&batches, "document_id").into_iter().flatten().collect();
     let prompt_tokens = string_column(&batches, "tokens_in").into_iter().flatten().collect();
+    let mut answers: Vec<(String, String)> = string_column(&batches, "document_id")
+        .into_iter()
+        .zip(string_column(&batches, if table == "cxr_reports" { "findings" } else { "document_id" }))
+        .map(|(d, f)| (d.unwrap_or_default(), f.unwrap_or_default()))
+        .collect();
+    answers.sort();
     let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
     let files: Vec<String> = string_column(&eb, "source_uri")
         .into_iter()
@@ -112,7 +125,7 @@ fn run(pipeline: &Path, inputs: &[&str], table: &str) -> Outcome {
         .map(|((f, r), d)| (f, r.unwrap(), d.unwrap_or_default()))
         .collect();
     errors.sort();
-    Outcome { rows, document_ids, prompt_tokens, errors }
+    Outcome { rows, document_ids, prompt_tokens, errors, answers }
 }
 
 fn reasons(o: &Outcome) -> Vec<(&str, &str)> {
@@ -242,4 +255,19 @@ fn dicom_on_s3_groups_and_reads_like_the_same_files_on_disk() {
     assert_eq!(s3.rows, 3, "{:?}", s3.errors);
     assert_eq!(sorted(&s3), sorted(&local));
     assert_eq!(reasons(&s3), reasons(&local));
+}
+
+/// The same run with the model split over 2 and 4 tensor-parallel ranks (`--tp`, threads on
+/// the CPU) writes the same rows: the same greedy answers, word for word.
+#[test]
+fn tensor_parallel_runs_write_the_same_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "cxr-report", &RADIOGRAPH);
+    let one = run(&p, &["examples/imaging/cxr"], "cxr_reports");
+    assert_eq!(one.rows, 3);
+    for tp in ["2", "4"] {
+        let split = run_with(&p, &["examples/imaging/cxr"], "cxr_reports", &["--tp", tp]);
+        assert_eq!(split.answers, one.answers, "--tp {tp}");
+        assert_eq!(reasons(&split), reasons(&one), "--tp {tp}");
+    }
 }

@@ -9,7 +9,7 @@
 //! with tensors of the same shape, as with NCCL.
 
 use candle_core::{Tensor, D};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// One rank's handle on its group.
 pub trait Communicator: Send + Sync {
@@ -22,6 +22,11 @@ pub trait Communicator: Send + Sync {
     /// Every rank's `t` concatenated along the last dimension in rank order (the other
     /// dimensions equal everywhere), returned on every rank.
     fn all_gather_last(&self, t: &Tensor) -> candle_core::Result<Tensor>;
+    /// Marks the group failed (a rank died or erred): every rank waiting in a collective, and
+    /// every later collective, fails with `why` instead of waiting forever.
+    fn abort(&self, why: &str);
+    /// Why the group failed, once it has.
+    fn failed(&self) -> Option<String>;
 }
 
 /// The group of one.
@@ -41,12 +46,60 @@ impl Communicator for SingleRank {
     fn all_gather_last(&self, t: &Tensor) -> candle_core::Result<Tensor> {
         Ok(t.clone())
     }
+    fn abort(&self, _why: &str) {}
+    fn failed(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A barrier that a failed rank can break: `std::sync::Barrier` would leave the other ranks
+/// waiting forever for a rank that died.
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+    world: usize,
+}
+
+struct GateState {
+    arrived: usize,
+    generation: u64,
+    failed: Option<String>,
+}
+
+impl Gate {
+    fn wait(&self) -> candle_core::Result<()> {
+        let mut s = self.state.lock().expect("gate");
+        if let Some(why) = &s.failed {
+            candle_core::bail!("tensor-parallel group failed: {why}");
+        }
+        let generation = s.generation;
+        s.arrived += 1;
+        if s.arrived == self.world {
+            s.arrived = 0;
+            s.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        while s.generation == generation && s.failed.is_none() {
+            s = self.cv.wait(s).expect("gate");
+        }
+        match &s.failed {
+            Some(why) if s.generation == generation => candle_core::bail!("tensor-parallel group failed: {why}"),
+            _ => Ok(()),
+        }
+    }
+
+    fn fail(&self, why: &str) {
+        let mut s = self.state.lock().expect("gate");
+        s.failed.get_or_insert_with(|| why.to_string());
+        self.cv.notify_all();
+    }
 }
 
 /// What the ranks of an in-process group share: a slot per rank and a barrier.
 struct Shared {
     slots: Mutex<Vec<Option<Tensor>>>,
-    barrier: Barrier,
+    gate: Gate,
 }
 
 /// A rank of a group of threads in one process.
@@ -60,7 +113,12 @@ impl InProcess {
     /// The `world` handles of a new group, in rank order; hand one to each rank's thread.
     pub fn group(world: usize) -> Vec<InProcess> {
         assert!(world > 0, "a group has at least one rank");
-        let shared = Arc::new(Shared { slots: Mutex::new(vec![None; world]), barrier: Barrier::new(world) });
+        let gate = Gate {
+            state: Mutex::new(GateState { arrived: 0, generation: 0, failed: None }),
+            cv: Condvar::new(),
+            world,
+        };
+        let shared = Arc::new(Shared { slots: Mutex::new(vec![None; world]), gate });
         (0..world).map(|rank| InProcess { rank, world, shared: shared.clone() }).collect()
     }
 
@@ -71,10 +129,10 @@ impl InProcess {
         // moved on.
         let mine = t.contiguous()?.copy()?;
         self.shared.slots.lock().expect("slots")[self.rank] = Some(mine);
-        self.shared.barrier.wait();
+        self.shared.gate.wait()?;
         let all: Vec<Tensor> =
             self.shared.slots.lock().expect("slots").iter().map(|s| s.clone().expect("every rank wrote")).collect();
-        self.shared.barrier.wait();
+        self.shared.gate.wait()?;
         for (r, x) in all.iter().enumerate() {
             if x.dims()[..x.rank() - 1] != t.dims()[..t.rank() - 1] {
                 candle_core::bail!("rank {r} sent {:?}, rank {} {:?}", x.dims(), self.rank, t.dims());
@@ -109,12 +167,42 @@ impl Communicator for InProcess {
         let all = self.exchange(t)?;
         Tensor::cat(&all, D::Minus1)
     }
+    fn abort(&self, why: &str) {
+        self.shared.gate.fail(&format!("rank {}: {why}", self.rank));
+    }
+    fn failed(&self) -> Option<String> {
+        self.shared.gate.state.lock().expect("gate").failed.clone()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn a_failed_rank_releases_the_others() {
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = InProcess::group(3)
+                .into_iter()
+                .map(|c| {
+                    s.spawn(move || {
+                        let t = Tensor::new(&[1f32], &Device::Cpu).unwrap();
+                        c.all_reduce_sum(&t).unwrap();
+                        if c.rank() == 2 {
+                            // Rank 2 dies before the second collective.
+                            c.abort("injected failure");
+                            return "aborted".to_string();
+                        }
+                        c.all_reduce_sum(&t).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(errors[0].contains("rank 2: injected failure"), "{errors:?}");
+        assert!(errors[1].contains("rank 2: injected failure"), "{errors:?}");
+    }
 
     #[test]
     fn every_rank_gets_the_same_sum_and_the_gather_in_rank_order() {

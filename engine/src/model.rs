@@ -471,7 +471,18 @@ impl Gemma3 {
                     .zip(per_rank)
                     .map(|(shard, caches)| {
                         let pass = &pass;
-                        sc.spawn(move || self.forward_shard(shard, pass, caches))
+                        sc.spawn(move || {
+                            // A rank that errs or panics breaks the group, so that the others
+                            // return from their collectives instead of waiting for it.
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                self.forward_shard(shard, pass, caches)
+                            }))
+                            .unwrap_or_else(|_| Err(candle_core::Error::Msg("the rank's thread panicked".into())));
+                            if let Err(e) = &r {
+                                shard.comm.abort(&e.to_string());
+                            }
+                            r
+                        })
                     })
                     .collect();
                 handles
@@ -755,6 +766,12 @@ impl Gemma3 {
     /// Tensor-parallel ranks the model runs on.
     pub fn ranks(&self) -> usize {
         self.shards.len()
+    }
+
+    /// Why the model can no longer run, once a tensor-parallel rank has failed (the group is
+    /// broken for good: the process should stop and its work be done elsewhere).
+    pub fn broken(&self) -> Option<String> {
+        self.shards.iter().find_map(|s| s.comm.failed())
     }
 }
 

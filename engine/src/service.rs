@@ -88,6 +88,12 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
                         engine.admit(&req)
                     };
                     match admitted {
+                        Err(_) if engine.model.broken().is_some() => {
+                            // Admission ran the model (a cached prompt prefix) and a rank failed.
+                            let _ = reply.send(Err(EngineError::Stopped));
+                            stop(&engine, waiting, parked, flying.drain(..).map(|f| f.reply));
+                            return;
+                        }
                         Err(e) => {
                             let _ = reply.send(Err(e));
                             continue;
@@ -120,6 +126,13 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
             let _s = tracing::trace_span!("engine_step", sequences = seqs.len()).entered();
             engine.step(&mut seqs, limits.prefill_tokens_per_step)
         };
+        // A failed tensor-parallel rank leaves the model unusable: every request, in flight
+        // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
+        // jobs back instead of writing error rows for them.
+        if engine.model.broken().is_some() {
+            stop(&engine, waiting, parked, meta.into_iter().map(|(_, _, reply)| reply));
+            return;
+        }
         for (seq, (projected_kv, span, reply)) in seqs.into_iter().zip(meta) {
             match &stepped {
                 Err(e) => {
@@ -132,6 +145,21 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
                 Ok(()) => flying.push(InFlight { seq, projected_kv, span, reply }),
             }
         }
+    }
+}
+
+/// Answers every request in hand `Stopped` after a tensor-parallel rank failed.
+fn stop(
+    engine: &Engine,
+    waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)>,
+    parked: Option<InFlight>,
+    in_flight: impl Iterator<Item = Reply>,
+) {
+    let why = engine.model.broken().unwrap_or_default();
+    tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
+    let replies = in_flight.chain(parked.map(|p| p.reply)).chain(waiting.into_iter().map(|(_, _, r)| r));
+    for reply in replies {
+        let _ = reply.send(Err(EngineError::Stopped));
     }
 }
 

@@ -187,3 +187,37 @@ fn shapes_that_do_not_split_are_refused() {
     let err = Engine::load_checkpoint_tp(&dir, 4).err().expect("2 heads over 4 ranks").to_string();
     assert!(err.contains("do not split over 4 ranks"), "{err}");
 }
+
+#[test]
+fn a_failed_rank_stops_the_engine_instead_of_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = with_tokenizer(&fixtures().join("models/gqa_window"), tmp.path());
+    let engine = Engine::load_checkpoint_tp(&dir, 2).unwrap();
+    let prompt: Vec<u32> = ids(&reference(&dir)["prompts"][0]["input_ids"]);
+    assert!(engine.greedy_ids(&prompt, 2).is_ok());
+    // Rank 1 fails (as a rank whose device died would): the other rank's collective returns
+    // an error naming it, and the model stays unusable.
+    engine.model.shards[1].comm.abort("injected failure");
+    let err = engine.all_logits(&prompt).unwrap_err().to_string();
+    assert!(err.contains("rank 1: injected failure"), "{err}");
+    assert!(engine.model.broken().is_some());
+    // Behind the engine thread: every request is answered `Stopped`, and the thread ends.
+    let handle = medbatch_engine::EngineHandle::spawn(engine);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let req = GenerateRequest {
+        prompt: "Hello world".into(),
+        chat: false,
+        shared_prefix_len: 0,
+        add_bos: true,
+        parse_special: false,
+        max_new_tokens: 4,
+        stop: Vec::new(),
+        sampling: Default::default(),
+        grammar: None,
+        images: Vec::new(),
+    };
+    for _ in 0..2 {
+        let e = rt.block_on(handle.generate(req.clone())).unwrap_err();
+        assert!(matches!(e, medbatch_engine::EngineError::Stopped), "{e}");
+    }
+}

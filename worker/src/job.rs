@@ -73,6 +73,10 @@ pub enum JobError {
     /// Writing Parquet failed: retry.
     #[error("{0}")]
     Output(#[from] crate::parquet_out::ParquetOutError),
+    /// The engine stopped (a tensor-parallel rank failed): give the job back; this worker
+    /// takes no more.
+    #[error("the engine stopped")]
+    EngineStopped,
 }
 
 impl JobError {
@@ -82,11 +86,12 @@ impl JobError {
             Self::WrongTarget { .. } => "wrong_target",
             Self::Store(_) => "store",
             Self::Output(_) => "output",
+            Self::EngineStopped => "engine_stopped",
         }
     }
 }
 
-/// Takes jobs until the queue is drained.
+/// Takes jobs until the queue is drained, or until the engine stops.
 pub async fn run_worker(
     queue: Arc<dyn JobQueue>,
     ctx: WorkerContext,
@@ -94,26 +99,41 @@ pub async fn run_worker(
     let mut done = 0;
     while let Some(delivery) = queue.next().await? {
         let span = tracing::info_span!("job", job_id = %delivery.job.job_id, run_id = %delivery.job.run_id, attempt = delivery.job.attempt);
-        handle_delivery(delivery, &ctx).instrument(span).await?;
+        if handle_delivery(delivery, &ctx).instrument(span).await? == Handled::EngineStopped {
+            break;
+        }
         done += 1;
     }
     Ok(done)
 }
 
+/// What became of a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// Done (or found done) and acknowledged.
+    Acked,
+    /// Failed and given back to the queue.
+    Returned,
+    /// Given back because the engine stopped: the worker must take no more jobs.
+    EngineStopped,
+}
+
 pub async fn handle_delivery(
     delivery: Delivery,
     ctx: &WorkerContext,
-) -> Result<(), medbatch_connectors::queue::QueueError> {
+) -> Result<Handled, medbatch_connectors::queue::QueueError> {
     let job_id = delivery.job.job_id.to_string();
     match process_job(&delivery.job, ctx).await {
         Ok(skipped) => {
             ctx.emit(WorkerEvent::JobDone { job_id, skipped });
-            delivery.ack().await
+            delivery.ack().await.map(|_| Handled::Acked)
         }
         Err(e) => {
             tracing::warn!(reason = e.label(), error = %e, "job failed; returning it to the queue");
             ctx.emit(WorkerEvent::JobFailed { job_id, reason: e.to_string() });
-            delivery.nack(true).await
+            let stopped = matches!(e, JobError::EngineStopped);
+            delivery.nack(true).await?;
+            Ok(if stopped { Handled::EngineStopped } else { Handled::Returned })
         }
     }
 }
@@ -238,6 +258,11 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         }
     }
 
+    // Answers lost because the engine stopped are not error rows of this job: it goes back to
+    // the queue whole.
+    if errors.iter().any(|e| e.reason == medbatch_engine::EngineError::Stopped.label()) {
+        return Err(JobError::EngineStopped);
+    }
     let prov = JobProvenance {
         job_id: job.job_id.to_string(),
         run_id: job.run_id.to_string(),
