@@ -13,9 +13,12 @@ pub enum ModelsCommand {
     Describe {
         /// A checkpoint folder (config.json) or a GGUF file; `demo` for the demo model.
         path: String,
-        /// Memory for weights and KV cache, e.g. `80GiB`, `141GB`.
+        /// Memory for weights and KV cache, e.g. `80GiB`, `141GB` (per device with `--tp`).
         #[arg(long, default_value = "80GiB")]
         memory: String,
+        /// Tensor-parallel ranks: the model split over this many devices of `--memory` each.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -50,17 +53,22 @@ pub fn describe(path: &str) -> anyhow::Result<Description> {
 
 pub fn main(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        ModelsCommand::Describe { path, memory, json } => {
+        ModelsCommand::Describe { path, memory, tp, json } => {
+            anyhow::ensure!(tp >= 1, "--tp must be at least 1");
             let mem =
                 parse_memory(&memory).with_context(|| format!("--memory {memory:?}: give e.g. 80GiB or 141GB"))?;
             let d = describe(&path)?;
-            let cap = d.capacity(mem);
+            let cap = d.capacity_tp(mem, tp);
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({ "model": d, "memory_bytes": mem, "capacity": cap })
-                    )?
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "model": d,
+                        "memory_bytes": mem,
+                        "tp": tp,
+                        "weight_bytes_per_device": d.weight_bytes_per_rank(tp),
+                        "capacity": cap
+                    }))?
                 );
                 return Ok(ExitCode::SUCCESS);
             }
@@ -89,7 +97,17 @@ pub fn main(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                 "  KV cache       {} bytes per token ({}-byte elements; sliding-window layers stop growing at {} tokens)",
                 d.kv_bytes_per_token, d.kv_bytes_per_element, d.sliding_window
             );
-            println!("  fits in {memory} (weights + KV):");
+            if tp > 1 {
+                println!(
+                    "  split over {tp} devices: {} of weights and {} of {} KV heads on each",
+                    gib(d.weight_bytes_per_rank(tp)),
+                    d.kv_heads_per_rank(tp),
+                    d.kv_heads
+                );
+                println!("  fits in {tp} x {memory} (weights + KV, per device):");
+            } else {
+                println!("  fits in {memory} (weights + KV):");
+            }
             println!("    context   KV per sequence   max batch");
             for c in cap {
                 println!("    {:>7}   {:>15}   {:>9}", c.context, gib(c.kv_bytes_per_sequence), c.max_batch);

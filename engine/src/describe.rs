@@ -140,13 +140,35 @@ impl Description {
 
     /// How many sequences of each context length fit in `memory` bytes after the weights.
     pub fn capacity(&self, memory: u64) -> Vec<Capacity> {
-        let free = memory.saturating_sub(self.weight_bytes_total);
+        self.capacity_tp(memory, 1)
+    }
+
+    /// Weight bytes one device holds with the model split over `tp` tensor-parallel ranks:
+    /// the decoder's share (its matrices, embedding and head are split; its norms, a
+    /// negligible part, are replicated) plus the whole vision tower, which every rank keeps.
+    pub fn weight_bytes_per_rank(&self, tp: usize) -> u64 {
+        let tp = tp.max(1) as u64;
+        let vision = (self.weight_bytes_total as u128 * self.params_vision as u128 / self.params_total.max(1) as u128)
+            as u64;
+        (self.weight_bytes_total - vision).div_ceil(tp) + vision
+    }
+
+    /// KV heads one rank keeps with `tp` ranks (split, or one replicated when there are fewer
+    /// KV heads than ranks).
+    pub fn kv_heads_per_rank(&self, tp: usize) -> usize {
+        (self.kv_heads / tp.max(1)).max(1)
+    }
+
+    /// [`Self::capacity`] for each of `tp` devices of `memory` bytes holding one split model:
+    /// a device keeps its share of the weights and of every sequence's KV cache.
+    pub fn capacity_tp(&self, memory: u64, tp: usize) -> Vec<Capacity> {
+        let free = memory.saturating_sub(self.weight_bytes_per_rank(tp));
+        let (kv_rank, kv_all) = (self.kv_heads_per_rank(tp) as u64, self.kv_heads.max(1) as u64);
         self.kv_bytes_at
             .iter()
-            .map(|(&context, &per_seq)| Capacity {
-                context,
-                kv_bytes_per_sequence: per_seq,
-                max_batch: free / per_seq.max(1),
+            .map(|(&context, &whole)| {
+                let per_seq = whole * kv_rank / kv_all;
+                Capacity { context, kv_bytes_per_sequence: per_seq, max_batch: free / per_seq.max(1) }
             })
             .collect()
     }
@@ -176,6 +198,24 @@ pub fn parse_memory(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensor_parallel_shares() {
+        let cfg = crate::hf_config::parse_config(
+            r#"{"architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text","hidden_size":5376,
+                "intermediate_size":21504,"num_hidden_layers":62,"num_attention_heads":32,
+                "num_key_value_heads":16,"head_dim":128,"vocab_size":262208,"sliding_window":1024}"#,
+        )
+        .unwrap();
+        let d = Description::new(&cfg, None);
+        assert_eq!(d.weight_bytes_per_rank(1), d.weight_bytes_total);
+        assert_eq!(d.weight_bytes_per_rank(4), d.weight_bytes_total.div_ceil(4));
+        assert_eq!((d.kv_heads_per_rank(4), d.kv_heads_per_rank(32)), (4, 1));
+        let one = d.capacity_tp(80 << 30, 1);
+        let two = d.capacity_tp(80 << 30, 2);
+        assert_eq!(two[0].kv_bytes_per_sequence * 2, one[0].kv_bytes_per_sequence);
+        assert!(two[0].max_batch > 2 * one[0].max_batch, "freed weight memory holds more sequences");
+    }
 
     #[test]
     fn memory_sizes() {
