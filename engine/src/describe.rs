@@ -148,8 +148,8 @@ impl Description {
     /// negligible part, are replicated) plus the whole vision tower, which every rank keeps.
     pub fn weight_bytes_per_rank(&self, tp: usize) -> u64 {
         let tp = tp.max(1) as u64;
-        let vision = (self.weight_bytes_total as u128 * self.params_vision as u128 / self.params_total.max(1) as u128)
-            as u64;
+        let vision =
+            (self.weight_bytes_total as u128 * self.params_vision as u128 / self.params_total.max(1) as u128) as u64;
         (self.weight_bytes_total - vision).div_ceil(tp) + vision
     }
 
