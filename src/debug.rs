@@ -46,6 +46,9 @@ pub enum DebugCommand {
         /// Tensor-parallel ranks (threads on the CPU) the model is split over.
         #[arg(long, default_value_t = 1)]
         tp: usize,
+        /// CUDA devices, one rank each (a build with the `cuda` feature).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<usize>,
         /// An image (PNG or JPEG) for a multimodal model; repeat for several. `--tokens` holds
         /// each image as a run of `<image_soft_token>` ids (between `<start_of_image>` and
         /// `<end_of_image>`), and the i-th image fills the i-th run.
@@ -71,6 +74,9 @@ pub enum DebugCommand {
         /// Tensor-parallel ranks (threads on the CPU) the model is split over.
         #[arg(long, default_value_t = 1)]
         tp: usize,
+        /// CUDA devices, one rank each (a build with the `cuda` feature).
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<usize>,
         /// An image (PNG or JPEG) for a multimodal model; repeat for several. With `--tokens`
         /// the i-th image fills the i-th run of `<image_soft_token>` ids; with a text, the
         /// i-th `<start_of_image>` written in it.
@@ -110,8 +116,8 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
             let ids = engine.tokenizer.encode(&text, !no_bos, special);
             println!("{}", serde_json::to_string(&ids)?);
         }
-        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump, tp, images } => {
-            let mut engine = model_path::load_engine_tp(&model, tp)?;
+        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump, tp, devices, images } => {
+            let mut engine = model_path::load_engine_on(&model, tp, &devices)?;
             engine.model.numeric = numeric(&num, engine.model.numeric)?;
             anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
             let image_rows = engine.encode_images(&read_images(&images)?)?;
@@ -132,8 +138,8 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                 None => println!("{}", serde_json::json!({ "logits": last })),
             }
         }
-        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, tp, images, prompt } => {
-            let mut engine = model_path::load_engine_tp(&model, tp)?;
+        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, tp, devices, images, prompt } => {
+            let mut engine = model_path::load_engine_on(&model, tp, &devices)?;
             let images = read_images(&images)?;
             match (tokens, prompt) {
                 (Some(ids), None) => {

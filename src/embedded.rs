@@ -46,6 +46,10 @@ pub struct RunArgs {
     /// MLP width must divide). On the CPU the ranks are threads of this process.
     #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
     pub tp: usize,
+    /// CUDA devices, one tensor-parallel rank each (e.g. `0,1`); needs a build with the `cuda`
+    /// feature. Without it, ranks are CPU threads.
+    #[arg(long, env = "MEDBATCH_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<usize>,
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
     #[arg(long, env = "MEDBATCH_RUN_ID")]
     pub run_id: Option<String>,
@@ -80,8 +84,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
-    let tp = args.tp;
-    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_tp(&model_arg, tp)).await??;
+    let (tp, devices) = (args.tp, args.devices.clone());
+    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_on(&model_arg, tp, &devices)).await??;
     let info = engine.info.clone();
     let limits = ServiceLimits { max_sequences: args.max_sequences.max(1), ..ServiceLimits::default() };
     let engine = EngineHandle::spawn_with(engine, limits);

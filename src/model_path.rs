@@ -45,10 +45,28 @@ pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
     load_engine_tp(arg, 1)
 }
 
-/// [`load_engine`] with the model split over `tp` tensor-parallel ranks.
+/// [`load_engine`] with the model split over `tp` tensor-parallel ranks (CPU threads).
 pub fn load_engine_tp(arg: &str, tp: usize) -> anyhow::Result<medbatch_engine::Engine> {
+    load_engine_on(arg, tp, &[])
+}
+
+/// [`load_engine`] with the model split over `tp` ranks: CPU threads, or one rank per CUDA
+/// device of `devices` (builds with the `cuda` feature).
+pub fn load_engine_on(arg: &str, tp: usize, devices: &[usize]) -> anyhow::Result<medbatch_engine::Engine> {
     anyhow::ensure!(tp >= 1, "--tp must be at least 1");
     let path = resolve(arg)?;
+    if !devices.is_empty() {
+        anyhow::ensure!(
+            tp == 1 || tp == devices.len(),
+            "--tp {tp} with {} --devices: give one device per rank",
+            devices.len()
+        );
+        anyhow::ensure!(path.is_dir(), "--devices needs a safetensors checkpoint folder");
+        #[cfg(feature = "cuda")]
+        return Ok(medbatch_engine::Engine::load_checkpoint_cuda(&path, devices)?);
+        #[cfg(not(feature = "cuda"))]
+        bail!("--devices needs a build with the `cuda` feature (cargo build --release --features cuda)");
+    }
     let engine = medbatch_engine::Engine::load_tp(&path, tp)?;
     if arg == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
         bail!(

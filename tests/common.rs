@@ -107,11 +107,18 @@ pub fn py_s3(body: &str) -> serde_json::Value {
          e = os.environ['AWS_ENDPOINT_URL'].split('://')\n\
          fs = pafs.S3FileSystem(endpoint_override=e[1], scheme=e[0], access_key=os.environ['AWS_ACCESS_KEY_ID'],\n\
              secret_key=os.environ['AWS_SECRET_ACCESS_KEY'], region='us-east-1', allow_bucket_creation=True, allow_bucket_deletion=True)\n\
-         {body}\n"
+         {body}\n\
+         del fs\n\
+         pafs.finalize_s3()\n"
     );
     let o = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
-    assert!(o.status.success(), "pyarrow against {endpoint}: {}", text(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
+    // On a loaded machine the AWS SDK's threads inside pyarrow can still be running when the
+    // interpreter exits, and the C++ runtime aborts ("terminate called without an active
+    // exception") after the script has printed its result. That teardown abort is not a
+    // failure of what the script did; anything else is.
+    let teardown_abort = text(&o.stderr).trim() == "terminate called without an active exception";
+    assert!(o.status.success() || teardown_abort, "pyarrow against {endpoint}: {}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("pyarrow against {endpoint}: {e}: {}", text(&o.stderr)))
 }
 
 /// Runs `inputs` through the lab-report pipeline in this process's embedded mode into a

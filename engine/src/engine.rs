@@ -250,7 +250,33 @@ impl Engine {
         let device = Device::Cpu;
         let cfg = crate::hf::read_config(dir)?;
         let model = crate::hf::load_model_tp(dir, &cfg, &device, tp)?;
-        let vision = crate::hf::load_vision(dir, &cfg, &device)?;
+        Self::from_checkpoint(dir, &cfg, model)
+    }
+
+    /// Loads a checkpoint folder with one tensor-parallel rank per CUDA device (ordinals),
+    /// joined by NCCL; the vision tower stays on the CPU.
+    #[cfg(feature = "cuda")]
+    pub fn load_checkpoint_cuda(dir: &Path, devices: &[usize]) -> Result<Self, EngineError> {
+        use crate::comm::Communicator;
+        let devs = devices.iter().map(|&i| Device::new_cuda(i)).collect::<Result<Vec<_>, _>>()?;
+        let comms: Vec<Arc<dyn Communicator>> = if devs.len() == 1 {
+            vec![Arc::new(crate::comm::SingleRank)]
+        } else {
+            crate::comm_nccl::Nccl::group(&devs)?.into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
+        };
+        let cfg = crate::hf::read_config(dir)?;
+        let model = crate::hf::load_model_ranks(dir, &cfg, devs, comms)?;
+        Self::from_checkpoint(dir, &cfg, model)
+    }
+
+    /// The engine around a loaded decoder: vision tower, tokenizer, chat template.
+    fn from_checkpoint(
+        dir: &Path,
+        cfg: &crate::hf_config::CheckpointConfig,
+        model: Gemma3,
+    ) -> Result<Self, EngineError> {
+        let device = Device::Cpu;
+        let vision = crate::hf::load_vision(dir, cfg, &device)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::Hf(Box::new(HfTokenizer::from_file(&tok_path)?));
         let chat_template = ChatTemplate::find(dir)?;

@@ -218,11 +218,12 @@ impl GgufFile {
         }
         let norm = self.norm("output_norm.weight", eps, device)?;
         let vocab_rows = cfg.vocab_size;
+        let shard =
+            Shard::whole(cfg.clone(), Embedding::Quant(embed_q), vocab_rows, layers, lm_head, norm, device.clone());
         Ok(Gemma3 {
             embed_scale: (cfg.hidden_size as f64).sqrt(),
-            shards: vec![Shard::whole(cfg.clone(), Embedding::Quant(embed_q), vocab_rows, layers, lm_head)],
+            shards: vec![shard],
             cfg,
-            norm,
             numeric,
             // Gemma 3 GGUF files hold the text decoder only (llama.cpp keeps the vision
             // tower in a separate projector file).

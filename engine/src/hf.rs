@@ -303,13 +303,37 @@ fn split(t: &crate::config::TextConfig, world: usize) -> Result<Split, EngineErr
 /// joined by an in-process communicator), each rank reading only its slices of the weights.
 /// `world = 1` is the whole model.
 pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world: usize) -> Result<Gemma3, EngineError> {
+    let comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>> = if world == 1 {
+        vec![std::sync::Arc::new(crate::comm::SingleRank)]
+    } else {
+        crate::comm::InProcess::group(world)
+            .into_iter()
+            .map(|c| std::sync::Arc::new(c) as std::sync::Arc<dyn crate::comm::Communicator>)
+            .collect()
+    };
+    load_model_ranks(dir, cfg, vec![device.clone(); world.max(1)], comms)
+}
+
+/// Loads the text decoder split over one rank per entry of `devices`, joined by `comms`
+/// (one communicator per rank, in rank order).
+pub fn load_model_ranks(
+    dir: &Path,
+    cfg: &CheckpointConfig,
+    devices: Vec<Device>,
+    comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>>,
+) -> Result<Gemma3, EngineError> {
+    let world = devices.len();
+    if world == 0 || comms.len() != world {
+        return Err(load_err(format!("{} devices for {} communicators", world, comms.len())));
+    }
+    let device = devices[0].clone();
     let (st, names) = open_weights(dir)?;
     let (prefix, embed_key) = EMBED_KEYS
         .iter()
         .find(|(_, k)| names.contains(*k))
         .copied()
         .ok_or_else(|| load_err(format!("{}: no embed_tokens weight under a known layout", dir.display())))?;
-    let w = Weights { st, prefix, device: device.clone() };
+    let mut w = Weights { st, prefix, device: device.clone() };
     let t = &cfg.text;
     let eps = t.rms_norm_eps;
     let sp = split(t, world)?;
@@ -327,18 +351,11 @@ pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world:
         (false, Some(k)) => Some(*k),
         (false, None) => return Err(load_err("tie_word_embeddings is false but the checkpoint has no lm_head.weight")),
     };
-    let comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>> = if world == 1 {
-        vec![std::sync::Arc::new(crate::comm::SingleRank)]
-    } else {
-        crate::comm::InProcess::group(world)
-            .into_iter()
-            .map(|c| std::sync::Arc::new(c) as std::sync::Arc<dyn crate::comm::Communicator>)
-            .collect()
-    };
     let hd = t.head_dim;
     let per_rank_vocab = rows.div_ceil(world);
     let mut shards = Vec::with_capacity(world);
-    for (r, comm) in comms.into_iter().enumerate() {
+    for (r, (comm, dev)) in comms.into_iter().zip(devices).enumerate() {
+        w.device = dev.clone();
         let part = |whole: bool, p: Part| if world == 1 || whole { Part::Whole } else { p };
         let q_rows = Part::Rows(r * sp.heads * hd, sp.heads * hd);
         // With fewer KV heads than ranks, a rank keeps the KV head its query heads use.
@@ -392,15 +409,15 @@ pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world:
             vocab_rows,
             layers,
             lm_head,
+            norm: w.norm("norm.weight", eps)?,
             comm,
+            device: dev,
         });
     }
-    let norm = w.norm("norm.weight", eps)?;
     Ok(Gemma3 {
         cfg: t.clone(),
         shards,
         embed_scale: embed_scale(t.hidden_size, stored_dtype),
-        norm,
         numeric: NumericOptions { f16_attention: false, f16_gelu: false },
         image_token_id: cfg.vision.as_ref().map(|v| v.image_token_id),
         device: device.clone(),

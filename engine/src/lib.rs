@@ -7,6 +7,8 @@
 //! It never touches queues, object stores or output files.
 
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod comm_nccl;
 pub mod config;
 pub mod constrain;
 pub mod describe;

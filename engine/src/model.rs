@@ -213,13 +213,25 @@ pub struct Shard {
     pub layers: Vec<Layer>,
     /// Rows of the output head for the same vocabulary slice.
     pub lm_head: Linear,
+    /// The final norm (replicated).
+    pub norm: RmsNorm,
     pub comm: Arc<dyn Communicator>,
+    /// Where this rank's weights live and its pass runs.
+    pub device: Device,
 }
 
 impl Shard {
     /// The whole decoder as one rank.
-    pub fn whole(cfg: TextConfig, embed: Embedding, vocab_rows: usize, layers: Vec<Layer>, lm_head: Linear) -> Self {
-        Self { cfg, embed, vocab_start: 0, vocab_rows, layers, lm_head, comm: Arc::new(SingleRank) }
+    pub fn whole(
+        cfg: TextConfig,
+        embed: Embedding,
+        vocab_rows: usize,
+        layers: Vec<Layer>,
+        lm_head: Linear,
+        norm: RmsNorm,
+        device: Device,
+    ) -> Self {
+        Self { cfg, embed, vocab_start: 0, vocab_rows, layers, lm_head, norm, comm: Arc::new(SingleRank), device }
     }
 }
 
@@ -230,7 +242,6 @@ pub struct Gemma3 {
     pub cfg: TextConfig,
     pub shards: Vec<Shard>,
     pub embed_scale: f64,
-    pub norm: RmsNorm,
     pub numeric: NumericOptions,
     /// `<image_soft_token>` of a multimodal checkpoint: positions holding it take the rows of
     /// an image instead of an embedding, and each run of them attends to itself both ways
@@ -396,7 +407,6 @@ struct ItemView<'a> {
 /// The inputs of a pass shared by every rank.
 struct Pass<'a> {
     views: &'a [ItemView<'a>],
-    ropes: &'a [Rope],
     groups: &'a [Vec<Option<u32>>],
 }
 
@@ -406,6 +416,7 @@ struct Step<'a> {
     pos0: usize,
     rope: &'a Rope,
     groups: &'a [Option<u32>],
+    device: &'a Device,
 }
 
 impl Gemma3 {
@@ -425,29 +436,13 @@ impl Gemma3 {
         if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
             candle_core::bail!("forward called with no tokens");
         }
-        let cfg = &self.cfg;
-        let hd = cfg.head_dim;
         let views: Vec<ItemView<'_>> = items
             .iter()
             .map(|b| ItemView { ids: b.ids, pos0: b.cache.pos, logits: b.logits, images: b.images })
             .collect();
-        let mut ropes = Vec::with_capacity(items.len());
-        for b in &views {
-            let t = b.ids.len();
-            ropes.push(Rope {
-                local: rope_tables(b.pos0..b.pos0 + t, hd, cfg.rope_local_base, 1.0, &self.device)?,
-                global: rope_tables(
-                    b.pos0..b.pos0 + t,
-                    hd,
-                    cfg.rope_global_base,
-                    cfg.rope_global_factor,
-                    &self.device,
-                )?,
-            });
-        }
         // Image runs of each item (prefill only: a single-token step never holds an image).
         let groups: Vec<Vec<Option<u32>>> = views.iter().map(|b| self.image_groups(b.ids)).collect();
-        let pass = Pass { views: &views, ropes: &ropes, groups: &groups };
+        let pass = Pass { views: &views, groups: &groups };
         // Each rank's caches of every item.
         let world = self.shards.len();
         let mut per_rank: Vec<Vec<&mut Vec<LayerCache>>> =
@@ -528,6 +523,15 @@ impl Gemma3 {
         mut caches: Vec<&mut Vec<LayerCache>>,
     ) -> candle_core::Result<Option<Tensor>> {
         let views = pass.views;
+        let (cfg, dev) = (&self.cfg, &shard.device);
+        let mut ropes = Vec::with_capacity(views.len());
+        for b in views {
+            let p = b.pos0..b.pos0 + b.ids.len();
+            ropes.push(Rope {
+                local: rope_tables(p.clone(), cfg.head_dim, cfg.rope_local_base, 1.0, dev)?,
+                global: rope_tables(p, cfg.head_dim, cfg.rope_global_base, cfg.rope_global_factor, dev)?,
+            });
+        }
         let all_ids: Vec<u32> = views.iter().flat_map(|b| b.ids.iter().copied()).collect();
         let mut x = self.embed_with_images(shard, views, &all_ids)?;
         for (i, layer) in shard.layers.iter().enumerate() {
@@ -538,10 +542,10 @@ impl Gemma3 {
             let (q, k, v) = (a.q.forward(&h)?, a.k.forward(&h)?, a.v.forward(&h)?);
             let mut outs = Vec::with_capacity(views.len());
             let mut off = 0;
-            for (((b, rope), g), cache) in views.iter().zip(pass.ropes).zip(pass.groups).zip(caches.iter_mut()) {
+            for (((b, rope), g), cache) in views.iter().zip(&ropes).zip(pass.groups).zip(caches.iter_mut()) {
                 let t = b.ids.len();
                 let (qb, kb, vb) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
-                let step = Step { layer: i, pos0: b.pos0, rope, groups: g };
+                let step = Step { layer: i, pos0: b.pos0, rope, groups: g, device: dev };
                 outs.push(self.attention(&shard.cfg, a, (&qb, &kb, &vb), &mut cache[i], &step)?);
                 off += t;
             }
@@ -573,7 +577,7 @@ impl Gemma3 {
             return Ok(None);
         }
         let x = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
-        let x = self.norm.forward(&x)?;
+        let x = shard.norm.forward(&x)?;
         let mut logits = shard.comm.all_gather_last(&shard.lm_head.forward(&x.contiguous()?)?)?;
         if let Some(cap) = self.cfg.final_logit_softcap {
             logits = ((logits / cap)?.tanh()? * cap)?;
@@ -605,7 +609,7 @@ impl Gemma3 {
             let rows = match (count, b.images) {
                 (0, _) => 0,
                 (c, Some(img)) if img.dim(0)? == c => {
-                    table.push(img.to_dtype(DType::F32)?);
+                    table.push(img.to_dtype(DType::F32)?.to_device(&shard.device)?);
                     c
                 }
                 (c, Some(img)) => {
@@ -626,22 +630,22 @@ impl Gemma3 {
             extra += rows;
         }
         let table = Tensor::cat(&table, 0)?;
-        table.index_select(&Tensor::new(index.as_slice(), &self.device)?, 0)
+        table.index_select(&Tensor::new(index.as_slice(), &shard.device)?, 0)
     }
 
     /// Embedding rows of `ids` (f32, unscaled). A shard holding part of the vocabulary looks
     /// up its own rows, zeros for the others, and the ranks' rows are summed.
     fn embed_rows(&self, shard: &Shard, ids: &[u32]) -> candle_core::Result<Tensor> {
         if shard.comm.world() == 1 {
-            let ids_t = Tensor::new(ids, &self.device)?;
+            let ids_t = Tensor::new(ids, &shard.device)?;
             return shard.embed.lookup(&ids_t)?.to_dtype(DType::F32);
         }
         let (lo, n) = (shard.vocab_start, shard.vocab_rows);
         let held = |t: u32| (t as usize) >= lo && (t as usize) < lo + n;
         let local: Vec<u32> = ids.iter().map(|&t| if held(t) { t - lo as u32 } else { 0 }).collect();
         let mine: Vec<f32> = ids.iter().map(|&t| if held(t) { 1.0 } else { 0.0 }).collect();
-        let rows = shard.embed.lookup(&Tensor::new(local.as_slice(), &self.device)?)?.to_dtype(DType::F32)?;
-        let mask = Tensor::from_vec(mine, (ids.len(), 1), &self.device)?;
+        let rows = shard.embed.lookup(&Tensor::new(local.as_slice(), &shard.device)?)?.to_dtype(DType::F32)?;
+        let mask = Tensor::from_vec(mine, (ids.len(), 1), &shard.device)?;
         shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)
     }
 
@@ -725,7 +729,7 @@ impl Gemma3 {
                 mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
             }
         }
-        let mask = Tensor::from_vec(mask, (1, t, s), &self.device)?;
+        let mask = Tensor::from_vec(mask, (1, t, s), step.device)?;
         let mut p = softmax_last(&scores.broadcast_add(&mask)?)?;
         if self.numeric.f16_attention {
             p = round_f16(&p)?;
