@@ -220,7 +220,56 @@ pub struct Shard {
     pub device: Device,
 }
 
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+}
+
+impl Linear {
+    /// Bytes the weight holds in memory (quantized blocks as stored).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Self::Blocks(b) => {
+                let n = match &b.blocks {
+                    BlockData::Q4_0(v) => std::mem::size_of_val(v.as_slice()),
+                    BlockData::Q8_0(v) => std::mem::size_of_val(v.as_slice()),
+                    BlockData::Q4K(v) => std::mem::size_of_val(v.as_slice()),
+                    BlockData::Q5K(v) => std::mem::size_of_val(v.as_slice()),
+                    BlockData::Q6K(v) => std::mem::size_of_val(v.as_slice()),
+                };
+                n as u64
+            }
+            Self::Quant(_) => 0,
+            Self::Dense(w) => tensor_bytes(w),
+        }
+    }
+}
+
 impl Shard {
+    /// Bytes of this rank's dense weights: `(split, replicated)`, the replicated part being
+    /// its norms. (Quantized GGUF weights, never split, are not counted.)
+    pub fn weight_bytes(&self) -> (u64, u64) {
+        let norms = |l: &Layer| {
+            [&l.input_norm, &l.post_attn_norm, &l.pre_ff_norm, &l.post_ff_norm, &l.attn.q_norm, &l.attn.k_norm]
+                .iter()
+                .map(|n| tensor_bytes(&n.weight))
+                .sum::<u64>()
+        };
+        let replicated = self.layers.iter().map(norms).sum::<u64>() + tensor_bytes(&self.norm.weight);
+        let linears = |l: &Layer| {
+            [&l.attn.q, &l.attn.k, &l.attn.v, &l.attn.o, &l.mlp.gate, &l.mlp.up, &l.mlp.down]
+                .iter()
+                .map(|x| x.bytes())
+                .sum::<u64>()
+        };
+        let embed = match &self.embed {
+            Embedding::Dense(t) => tensor_bytes(t),
+            Embedding::Quant(_) => 0,
+        };
+        // A tied head shares the embedding's values but is its own tensor here.
+        let split = self.layers.iter().map(linears).sum::<u64>() + embed + self.lm_head.bytes();
+        (split, replicated)
+    }
+
     /// The whole decoder as one rank.
     pub fn whole(
         cfg: TextConfig,

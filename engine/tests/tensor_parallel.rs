@@ -221,3 +221,25 @@ fn a_failed_rank_stops_the_engine_instead_of_hanging() {
         assert!(matches!(e, medbatch_engine::EngineError::Stopped), "{e}");
     }
 }
+
+#[test]
+fn each_rank_holds_its_share_of_the_weights() {
+    // GQA at 4 ranks replicates KV heads (4 query heads over 2 KV heads: each rank keeps one KV
+    // head, as does each of 2 ranks); everything else splits evenly.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = with_tokenizer(&fixtures().join("models/gqa_window"), tmp.path());
+    let cfg = medbatch_engine::hf::read_config(&dir).unwrap();
+    let whole = medbatch_engine::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, 1).unwrap();
+    let (all, norms) = whole.shards[0].weight_bytes();
+    let t = &cfg.text;
+    let kv_bytes = (2 * t.num_layers * t.num_kv_heads * t.head_dim * t.hidden_size * 4) as u64;
+    for tp in [2usize, 4] {
+        let split = medbatch_engine::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, tp).unwrap();
+        let kv_per_rank = kv_bytes / t.num_kv_heads as u64 * (t.num_kv_heads / tp).max(1) as u64;
+        for (r, shard) in split.shards.iter().enumerate() {
+            let (mine, replicated) = shard.weight_bytes();
+            assert_eq!(replicated, norms, "tp={tp} rank {r}: norms are replicated");
+            assert_eq!(mine, (all - kv_bytes) / tp as u64 + kv_per_rank, "tp={tp} rank {r}: its share");
+        }
+    }
+}
