@@ -59,6 +59,9 @@ pub struct BenchArgs {
     /// With `--vision-tower`: the text width the projector maps to (2,560 for 4B, 5,376 for 27B).
     #[arg(long, default_value_t = 2560)]
     pub text_hidden: usize,
+    /// Tensor-parallel ranks the model is split over (a checkpoint folder).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -88,7 +91,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return rt.block_on(publish_bench(n.max(1), &args.amqp));
     }
-    let engine = model_path::load_engine(&args.model)?;
+    let engine = model_path::load_engine_tp(&args.model, args.tp)?;
     if args.grammar {
         return grammar_bench(engine, &args);
     }
