@@ -43,12 +43,8 @@ pub enum DebugCommand {
         /// Also write the last position's logits (little-endian f32) to this file.
         #[arg(long)]
         dump: Option<std::path::PathBuf>,
-        /// Tensor-parallel ranks (threads on the CPU) the model is split over.
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// CUDA devices, one rank each (a build with the `cuda` feature).
-        #[arg(long, value_delimiter = ',')]
-        devices: Vec<usize>,
+        #[command(flatten)]
+        split: model_path::SplitArgs,
         /// An image (PNG or JPEG) for a multimodal model; repeat for several. `--tokens` holds
         /// each image as a run of `<image_soft_token>` ids (between `<start_of_image>` and
         /// `<end_of_image>`), and the i-th image fills the i-th run.
@@ -71,12 +67,8 @@ pub enum DebugCommand {
         /// Print JSON (the only output format).
         #[arg(long)]
         json: bool,
-        /// Tensor-parallel ranks (threads on the CPU) the model is split over.
-        #[arg(long, default_value_t = 1)]
-        tp: usize,
-        /// CUDA devices, one rank each (a build with the `cuda` feature).
-        #[arg(long, value_delimiter = ',')]
-        devices: Vec<usize>,
+        #[command(flatten)]
+        split: model_path::SplitArgs,
         /// An image (PNG or JPEG) for a multimodal model; repeat for several. With `--tokens`
         /// the i-th image fills the i-th run of `<image_soft_token>` ids; with a text, the
         /// i-th `<start_of_image>` written in it.
@@ -116,8 +108,8 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
             let ids = engine.tokenizer.encode(&text, !no_bos, special);
             println!("{}", serde_json::to_string(&ids)?);
         }
-        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump, tp, devices, images } => {
-            let mut engine = model_path::load_engine_on(&model, tp, &devices)?;
+        DebugCommand::Logits { model, tokens, all, json: _, top, numeric: num, dump, split, images } => {
+            let mut engine = split.load(&model)?;
             engine.model.numeric = numeric(&num, engine.model.numeric)?;
             anyhow::ensure!(!tokens.is_empty(), "--tokens is empty");
             let image_rows = engine.encode_images(&read_images(&images)?)?;
@@ -138,8 +130,8 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                 None => println!("{}", serde_json::json!({ "logits": last })),
             }
         }
-        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, tp, devices, images, prompt } => {
-            let mut engine = model_path::load_engine_on(&model, tp, &devices)?;
+        DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, split, images, prompt } => {
+            let mut engine = split.load(&model)?;
             let images = read_images(&images)?;
             match (tokens, prompt) {
                 (Some(ids), None) => {

@@ -92,14 +92,8 @@ pub struct WorkArgs {
     /// Jobs worked on at once (their requests share the engine's batches).
     #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
-    /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
-    /// MLP width must divide). On the CPU the ranks are threads of this process.
-    #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
-    pub tp: usize,
-    /// CUDA devices, one tensor-parallel rank each (e.g. `0,1`); needs a build with the `cuda`
-    /// feature. Without it, ranks are CPU threads.
-    #[arg(long, env = "MEDBATCH_DEVICES", value_delimiter = ',')]
-    pub devices: Vec<usize>,
+    #[command(flatten)]
+    pub split: model_path::SplitArgs,
     /// A folder of pipeline folders to serve from, searched before the built-in `pipelines/`
     /// (a job names its pipeline; its digest must match the folder's, or the job goes back).
     #[arg(long, env = "MEDBATCH_PIPELINES")]
@@ -303,8 +297,8 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency.max(1);
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
-    let (tp, devices) = (args.tp, args.devices.clone());
-    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_on(&model_arg, tp, &devices)).await??;
+    let split = args.split.clone();
+    let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
     let info = engine.info.clone();
     let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
     let mut cfg = args.broker.config();

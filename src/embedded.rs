@@ -42,14 +42,8 @@ pub struct RunArgs {
     /// at a time.
     #[arg(long, env = "MEDBATCH_MAX_SEQUENCES", default_value_t = medbatch_engine::service::DEFAULT_MAX_SEQUENCES)]
     pub max_sequences: usize,
-    /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
-    /// MLP width must divide). On the CPU the ranks are threads of this process.
-    #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
-    pub tp: usize,
-    /// CUDA devices, one tensor-parallel rank each (e.g. `0,1`); needs a build with the `cuda`
-    /// feature. Without it, ranks are CPU threads.
-    #[arg(long, env = "MEDBATCH_DEVICES", value_delimiter = ',')]
-    pub devices: Vec<usize>,
+    #[command(flatten)]
+    pub split: model_path::SplitArgs,
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
     #[arg(long, env = "MEDBATCH_RUN_ID")]
     pub run_id: Option<String>,
@@ -84,8 +78,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let model_arg = args.model.clone();
     eprintln!("medbatch: loading model {model_arg}");
-    let (tp, devices) = (args.tp, args.devices.clone());
-    let engine = tokio::task::spawn_blocking(move || model_path::load_engine_on(&model_arg, tp, &devices)).await??;
+    let split = args.split.clone();
+    let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
     let info = engine.info.clone();
     let limits = ServiceLimits { max_sequences: args.max_sequences.max(1), ..ServiceLimits::default() };
     let engine = EngineHandle::spawn_with(engine, limits);

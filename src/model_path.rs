@@ -45,6 +45,27 @@ pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
     load_engine_tp(arg, 1)
 }
 
+/// How a model is split over tensor-parallel ranks: the `--tp` and `--devices` options of every
+/// command that loads a model to run it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SplitArgs {
+    /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
+    /// MLP width must divide). On the CPU the ranks are threads of this process.
+    #[arg(long, env = "MEDBATCH_TP", default_value_t = 1)]
+    pub tp: usize,
+    /// CUDA devices, one tensor-parallel rank each (e.g. `0,1`); needs a build with the `cuda`
+    /// feature. Without it, ranks are CPU threads.
+    #[arg(long, env = "MEDBATCH_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<usize>,
+}
+
+impl SplitArgs {
+    /// Resolves and loads `--model` split as asked.
+    pub fn load(&self, model: &str) -> anyhow::Result<medbatch_engine::Engine> {
+        load_engine_on(model, self.tp, &self.devices)
+    }
+}
+
 /// [`load_engine`] with the model split over `tp` tensor-parallel ranks (CPU threads).
 pub fn load_engine_tp(arg: &str, tp: usize) -> anyhow::Result<medbatch_engine::Engine> {
     load_engine_on(arg, tp, &[])
