@@ -59,12 +59,38 @@ pub struct BenchArgs {
     /// With `--vision-tower`: the text width the projector maps to (2,560 for 4B, 5,376 for 27B).
     #[arg(long, default_value_t = 2560)]
     pub text_hidden: usize,
-    /// Tensor-parallel ranks the model is split over (a checkpoint folder).
-    #[arg(long, default_value_t = 1)]
-    pub tp: usize,
+    /// Measure decode steps of random weights instead: a model of the shape in this config
+    /// (`config.json` or its folder, e.g. tests/fixtures/medgemma/medgemma-27b-text-it) with
+    /// weights drawn on the ranks' devices as `--dtype` (default bf16), split by `--tp` or
+    /// `--devices`. Each batch size of `--batches` is prefilled to `--context` tokens, then
+    /// `--steps` decode steps are timed (median). Needs no checkpoint.
+    #[arg(long, value_name = "CONFIG")]
+    pub decode_step: Option<std::path::PathBuf>,
+    /// With `--decode-step`: the batch sizes measured.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub batches: Vec<usize>,
+    /// With `--decode-step`: tokens in each sequence's cache before the timed steps.
+    #[arg(long, default_value_t = 256)]
+    pub context: usize,
+    /// With `--decode-step`: decode steps timed per batch size.
+    #[arg(long, default_value_t = 16)]
+    pub steps: usize,
+    /// With `--decode-step`: keep only the first N layers (to fit a smaller device; the floor
+    /// counts the same layers).
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// With `--decode-step`: one device's memory bandwidth in GB/s (H200 4800, H100 SXM 3350,
+    /// A100 80 GB 2039, L40S 864). The floor of a step is the bytes it reads on a rank (its
+    /// weights and KV cache) over this bandwidth.
+    #[arg(long)]
+    pub hbm_gbps: Option<f64>,
+    /// Tensor-parallel ranks, CUDA devices and weight dtype (a checkpoint folder, or
+    /// `--decode-step`).
+    #[command(flatten)]
+    pub split: model_path::SplitArgs,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -91,7 +117,18 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
         return rt.block_on(publish_bench(n.max(1), &args.amqp));
     }
-    let engine = model_path::load_engine_tp(&args.model, args.tp)?;
+    if let Some(config) = &args.decode_step {
+        return crate::decode_bench::run(crate::decode_bench::DecodeBench {
+            config,
+            split: &args.split,
+            batches: &args.batches,
+            context: args.context.max(1),
+            steps: args.steps.max(1),
+            layers: args.layers,
+            hbm_gbps: args.hbm_gbps,
+        });
+    }
+    let engine = args.split.load(&args.model)?;
     if args.grammar {
         return grammar_bench(engine, &args);
     }

@@ -6,6 +6,7 @@
 
 mod bench;
 mod debug;
+mod decode_bench;
 mod distributed;
 mod embedded;
 mod eval;

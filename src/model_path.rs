@@ -42,12 +42,12 @@ pub fn resolve(arg: &str) -> anyhow::Result<PathBuf> {
 
 /// Resolves and loads a model; the demo model's digest is checked.
 pub fn load_engine(arg: &str) -> anyhow::Result<medbatch_engine::Engine> {
-    load_engine_tp(arg, 1)
+    SplitArgs { tp: 1, ..SplitArgs::default() }.load(arg)
 }
 
-/// How a model is split over tensor-parallel ranks: the `--tp` and `--devices` options of every
-/// command that loads a model to run it.
-#[derive(clap::Args, Clone, Debug)]
+/// How a model is split over tensor-parallel ranks and which dtype its weights are held in:
+/// the `--tp`, `--devices` and `--dtype` options of every command that loads a model to run it.
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct SplitArgs {
     /// Tensor-parallel ranks the model is split over (a checkpoint folder; heads, KV heads and
     /// MLP width must divide). On the CPU the ranks are threads of this process.
@@ -57,46 +57,51 @@ pub struct SplitArgs {
     /// feature. Without it, ranks are CPU threads.
     #[arg(long, env = "MEDBATCH_DEVICES", value_delimiter = ',')]
     pub devices: Vec<usize>,
+    /// Dtype a checkpoint's matrices, embedding and KV cache are held in: `f32`, `bf16` or
+    /// `f16` (norms, residual stream and softmax stay f32). Default: f32 on the CPU, bf16 on
+    /// GPUs. GGUF files keep their own quantization.
+    #[arg(long, env = "MEDBATCH_DTYPE", value_parser = parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
+}
+
+/// `f32`, `bf16` or `f16` (also as transformers writes them: `float32`, `bfloat16`, `float16`).
+pub fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(candle_core::DType::F32),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        "f16" | "float16" => Ok(candle_core::DType::F16),
+        other => Err(format!("{other:?} is not a weight dtype (f32, bf16 or f16)")),
+    }
 }
 
 impl SplitArgs {
+    /// The engine's placement for these options.
+    pub fn placement(&self) -> anyhow::Result<medbatch_engine::engine::Placement> {
+        anyhow::ensure!(self.tp >= 1, "--tp must be at least 1");
+        anyhow::ensure!(
+            self.devices.is_empty() || self.tp == 1 || self.tp == self.devices.len(),
+            "--tp {} with {} --devices: give one device per rank",
+            self.tp,
+            self.devices.len()
+        );
+        let tp = if self.devices.is_empty() { self.tp } else { self.devices.len() };
+        Ok(medbatch_engine::engine::Placement { tp, devices: self.devices.clone(), dtype: self.dtype })
+    }
+
     /// Resolves and loads `--model` split as asked.
     pub fn load(&self, model: &str) -> anyhow::Result<medbatch_engine::Engine> {
-        load_engine_on(model, self.tp, &self.devices)
+        let placement = self.placement()?;
+        let path = resolve(model)?;
+        let engine = medbatch_engine::Engine::load_placed(&path, &placement)?;
+        if model == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
+            bail!(
+                "demo model at {} has sha256 {}, expected {DEMO_MODEL_SHA256}; delete it and fetch it again",
+                path.display(),
+                engine.info.digest
+            );
+        }
+        Ok(engine)
     }
-}
-
-/// [`load_engine`] with the model split over `tp` tensor-parallel ranks (CPU threads).
-pub fn load_engine_tp(arg: &str, tp: usize) -> anyhow::Result<medbatch_engine::Engine> {
-    load_engine_on(arg, tp, &[])
-}
-
-/// [`load_engine`] with the model split over `tp` ranks: CPU threads, or one rank per CUDA
-/// device of `devices` (builds with the `cuda` feature).
-pub fn load_engine_on(arg: &str, tp: usize, devices: &[usize]) -> anyhow::Result<medbatch_engine::Engine> {
-    anyhow::ensure!(tp >= 1, "--tp must be at least 1");
-    let path = resolve(arg)?;
-    if !devices.is_empty() {
-        anyhow::ensure!(
-            tp == 1 || tp == devices.len(),
-            "--tp {tp} with {} --devices: give one device per rank",
-            devices.len()
-        );
-        anyhow::ensure!(path.is_dir(), "--devices needs a safetensors checkpoint folder");
-        #[cfg(feature = "cuda")]
-        return Ok(medbatch_engine::Engine::load_checkpoint_cuda(&path, devices)?);
-        #[cfg(not(feature = "cuda"))]
-        bail!("--devices needs a build with the `cuda` feature (cargo build --release --features cuda)");
-    }
-    let engine = medbatch_engine::Engine::load_tp(&path, tp)?;
-    if arg == "demo" && engine.info.digest != DEMO_MODEL_SHA256 {
-        bail!(
-            "demo model at {} has sha256 {}, expected {DEMO_MODEL_SHA256}; delete it and fetch it again",
-            path.display(),
-            engine.info.digest
-        );
-    }
-    Ok(engine)
 }
 
 /// What identifies `--model` in jobs (file or folder name, and digest) without loading it:

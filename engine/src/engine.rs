@@ -21,6 +21,69 @@ const PREFIX_CACHE_ENTRIES: usize = 4;
 /// Prompt tokens run through the model per forward pass, bounding the score matrix.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// One device and one communicator per tensor-parallel rank, in rank order.
+pub type Ranks = (Vec<Device>, Vec<Arc<dyn crate::comm::Communicator>>);
+
+/// Where a checkpoint's decoder runs and how its weights are held.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Tensor-parallel ranks (0 or 1: the whole model on one device). With `devices`, one
+    /// rank per device.
+    pub tp: usize,
+    /// CUDA device ordinals, one rank each, joined by NCCL (builds with the `cuda` feature);
+    /// empty: ranks are CPU threads joined in process.
+    pub devices: Vec<usize>,
+    /// Dtype of the matrices, embedding and KV cache: `None` keeps f32 on the CPU and takes
+    /// bf16 on GPUs (as MedGemma is stored).
+    pub dtype: Option<candle_core::DType>,
+}
+
+impl Placement {
+    /// The dtype the weights are held in.
+    pub fn weight_dtype(&self) -> candle_core::DType {
+        match self.dtype {
+            Some(d) => d,
+            None if self.devices.is_empty() => candle_core::DType::F32,
+            None => candle_core::DType::BF16,
+        }
+    }
+
+    /// One device and communicator per rank.
+    pub fn ranks(&self) -> Result<Ranks, EngineError> {
+        if self.devices.is_empty() {
+            let world = self.tp.max(1);
+            return Ok((vec![Device::Cpu; world], crate::hf::cpu_comms(world)));
+        }
+        if self.tp > 1 && self.tp != self.devices.len() {
+            return Err(EngineError::Load(format!(
+                "{} ranks asked on {} devices: give one device per rank",
+                self.tp,
+                self.devices.len()
+            )));
+        }
+        self.cuda_ranks()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_ranks(&self) -> Result<Ranks, EngineError> {
+        use crate::comm::Communicator;
+        let devs = self.devices.iter().map(|&i| Device::new_cuda(i)).collect::<Result<Vec<_>, _>>()?;
+        let comms: Vec<Arc<dyn Communicator>> = if devs.len() == 1 {
+            vec![Arc::new(crate::comm::SingleRank)]
+        } else {
+            crate::comm_nccl::Nccl::group(&devs)?.into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
+        };
+        Ok((devs, comms))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn cuda_ranks(&self) -> Result<Ranks, EngineError> {
+        Err(EngineError::Load(
+            "GPU devices need a build with the `cuda` feature (cargo build --release --features cuda)".into(),
+        ))
+    }
+}
+
 /// What identifies the loaded model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ModelInfo {
@@ -247,26 +310,25 @@ impl Engine {
     /// Loads a checkpoint folder split over `tp` tensor-parallel ranks (threads of this
     /// process on the CPU; see [`crate::model::Shard`]).
     pub fn load_checkpoint_tp(dir: &Path, tp: usize) -> Result<Self, EngineError> {
-        let device = Device::Cpu;
-        let cfg = crate::hf::read_config(dir)?;
-        let model = crate::hf::load_model_tp(dir, &cfg, &device, tp)?;
-        Self::from_checkpoint(dir, &cfg, model)
+        Self::load_placed(dir, &Placement { tp, ..Placement::default() })
     }
 
-    /// Loads a checkpoint folder with one tensor-parallel rank per CUDA device (ordinals),
-    /// joined by NCCL; the vision tower stays on the CPU.
-    #[cfg(feature = "cuda")]
-    pub fn load_checkpoint_cuda(dir: &Path, devices: &[usize]) -> Result<Self, EngineError> {
-        use crate::comm::Communicator;
-        let devs = devices.iter().map(|&i| Device::new_cuda(i)).collect::<Result<Vec<_>, _>>()?;
-        let comms: Vec<Arc<dyn Communicator>> = if devs.len() == 1 {
-            vec![Arc::new(crate::comm::SingleRank)]
-        } else {
-            crate::comm_nccl::Nccl::group(&devs)?.into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
-        };
-        let cfg = crate::hf::read_config(dir)?;
-        let model = crate::hf::load_model_ranks(dir, &cfg, devs, comms)?;
-        Self::from_checkpoint(dir, &cfg, model)
+    /// Loads a GGUF file (on the CPU, as stored) or a checkpoint folder placed as asked.
+    pub fn load_placed(path: &Path, placement: &Placement) -> Result<Self, EngineError> {
+        if !path.is_dir() {
+            if placement.tp > 1 || !placement.devices.is_empty() || placement.dtype.is_some() {
+                return Err(EngineError::Load(format!(
+                    "{}: splitting a model, GPU devices and a weight dtype need a safetensors checkpoint \
+                     folder, not a GGUF file",
+                    path.display()
+                )));
+            }
+            return Self::load_gguf(path, None);
+        }
+        let cfg = crate::hf::read_config(path)?;
+        let (devices, comms) = placement.ranks()?;
+        let model = crate::hf::load_model_ranks(path, &cfg, devices, comms, placement.weight_dtype())?;
+        Self::from_checkpoint(path, &cfg, model)
     }
 
     /// The engine around a loaded decoder: vision tower, tokenizer, chat template.
@@ -362,16 +424,7 @@ impl Engine {
 
     /// Loads a GGUF file or a checkpoint folder, a checkpoint split over `tp` ranks.
     pub fn load_tp(path: &Path, tp: usize) -> Result<Self, EngineError> {
-        if path.is_dir() {
-            Self::load_checkpoint_tp(path, tp)
-        } else if tp > 1 {
-            Err(EngineError::Load(format!(
-                "{}: tensor parallelism needs a safetensors checkpoint folder, not a GGUF file",
-                path.display()
-            )))
-        } else {
-            Self::load_gguf(path, None)
-        }
+        Self::load_placed(path, &Placement { tp, ..Placement::default() })
     }
 
     /// A prompt for one user message in the model's turn format, and whether BOS must still

@@ -228,6 +228,7 @@ impl GgufFile {
             // Gemma 3 GGUF files hold the text decoder only (llama.cpp keeps the vision
             // tower in a separate projector file).
             image_token_id: None,
+            attention_dtype: candle_core::DType::F32,
             device: device.clone(),
         })
     }

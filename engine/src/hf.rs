@@ -11,6 +11,7 @@
 //! Norm weights are stored as `w` and applied as `1 + w` (computed in f32); the embedding
 //! scale `sqrt(hidden)` is rounded to the weights' dtype, as transformers does.
 
+use crate::comm::Communicator;
 use crate::hf_config::{parse_config, CheckpointConfig};
 use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm, Shard};
 use crate::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
@@ -19,6 +20,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const EMBED_KEYS: [(&str, &str); 3] = [
     ("model.language_model.", "model.language_model.embed_tokens.weight"),
@@ -85,25 +87,9 @@ pub fn read_config(dir: &Path) -> Result<CheckpointConfig, EngineError> {
     parse_config(&text)
 }
 
+/// A checkpoint's memory-mapped safetensors files.
 struct Weights {
     st: MmapedSafetensors,
-    prefix: &'static str,
-    device: Device,
-}
-
-impl Weights {
-    fn get(&self, name: &str) -> Result<Tensor, EngineError> {
-        self.st.load(name, &self.device).map_err(|e| load_err(format!("tensor {name}: {e}")))
-    }
-
-    fn f32(&self, name: &str) -> Result<Tensor, EngineError> {
-        self.get(&format!("{}{name}", self.prefix))?.to_dtype(DType::F32).map_err(load_err)
-    }
-
-    fn norm(&self, name: &str, eps: f64) -> Result<RmsNorm, EngineError> {
-        let w = (self.f32(name)? + 1.0).map_err(load_err)?;
-        Ok(RmsNorm::new(w, eps))
-    }
 }
 
 /// `sqrt(hidden)` as the weights' dtype represents it.
@@ -228,52 +214,105 @@ fn to_f32(bytes: &[u8], dtype: DType, name: &str) -> Result<Vec<f32>, EngineErro
     })
 }
 
-impl Weights {
-    /// The f32 values of `part` of a tensor, reading only that part's bytes from the
-    /// memory-mapped file (a rank of a split model never holds the whole matrix).
-    fn part(&self, name: &str, part: Part) -> Result<Tensor, EngineError> {
-        let view = self.st.get(name).map_err(|e| load_err(format!("tensor {name}: {e}")))?;
-        let dtype = DType::try_from(view.dtype()).map_err(|e| load_err(format!("tensor {name}: {e}")))?;
-        let shape = view.shape().to_vec();
-        let data = view.data();
-        let e = dtype.size_in_bytes();
-        let inner: usize = shape.iter().skip(1).product();
-        let (values, new_shape) = match part {
-            Part::Whole => (to_f32(data, dtype, name)?, shape.clone()),
-            Part::Rows(start, len) => {
-                if shape.is_empty() || start + len > shape[0] {
-                    return Err(load_err(format!(
-                        "tensor {name} {shape:?}: rows {start}..{} out of range",
-                        start + len
-                    )));
-                }
-                let mut s = shape.clone();
-                s[0] = len;
-                (to_f32(&data[start * inner * e..(start + len) * inner * e], dtype, name)?, s)
+/// The shape `part` of a tensor of shape `full` has, or why it does not fit.
+fn part_shape(name: &str, full: &[usize], part: Part) -> Result<Vec<usize>, EngineError> {
+    let mut s = full.to_vec();
+    match part {
+        Part::Whole => {}
+        Part::Rows(start, len) => {
+            if s.is_empty() || start + len > s[0] {
+                return Err(load_err(format!("tensor {name} {full:?}: rows {start}..{} out of range", start + len)));
             }
-            Part::Cols(start, len) => {
-                let [rows, cols] = shape[..] else {
-                    return Err(load_err(format!("tensor {name} {shape:?}: columns of a non-matrix")));
-                };
-                if start + len > cols {
-                    return Err(load_err(format!(
-                        "tensor {name} {shape:?}: columns {start}..{} out of range",
-                        start + len
-                    )));
-                }
+            s[0] = len;
+        }
+        Part::Cols(start, len) => {
+            if s.len() != 2 || start + len > s[1] {
+                return Err(load_err(format!("tensor {name} {full:?}: columns {start}..{} out of range", start + len)));
+            }
+            s[1] = len;
+        }
+    }
+    Ok(s)
+}
+
+/// Where a decoder's weights come from: a checkpoint's files, or random values of the right
+/// shapes (for measuring speed and memory at a real model's shape without its weights).
+enum Source {
+    File(Weights),
+    /// Normal values of this standard deviation, drawn on the rank's device.
+    Random {
+        std: f64,
+    },
+}
+
+impl Source {
+    /// `part` of the stored tensor `name` (of shape `full`), as `dtype` on `device`. A file's
+    /// tensor is read only where the part lies in the memory-mapped file: a rank of a split
+    /// model never holds the whole matrix.
+    fn part(
+        &self,
+        name: &str,
+        full: &[usize],
+        part: Part,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, EngineError> {
+        let shape = part_shape(name, full, part)?;
+        match self {
+            Self::Random { std } => Tensor::randn(0f32, *std as f32, shape, device)
+                .and_then(|t| t.to_dtype(dtype))
+                .map_err(|e| load_err(format!("tensor {name}: {e}"))),
+            Self::File(w) => w.part(name, full, part, &shape, dtype, device),
+        }
+    }
+
+    /// An RMSNorm weight (stored as `w`, applied as `1 + w` in f32).
+    fn norm(&self, name: &str, width: usize, eps: f64, device: &Device) -> Result<RmsNorm, EngineError> {
+        let w = self.part(name, &[width], Part::Whole, DType::F32, device)?;
+        Ok(RmsNorm::new((w + 1.0).map_err(load_err)?, eps))
+    }
+}
+
+impl Weights {
+    fn part(
+        &self,
+        name: &str,
+        full: &[usize],
+        part: Part,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, EngineError> {
+        let err = |e: &dyn std::fmt::Display| load_err(format!("tensor {name}: {e}"));
+        let view = self.st.get(name).map_err(|e| err(&e))?;
+        if view.shape() != full {
+            return Err(err(&format!("shape {:?} in the checkpoint, the config implies {full:?}", view.shape())));
+        }
+        let stored = DType::try_from(view.dtype()).map_err(|e| err(&e))?;
+        let data = view.data();
+        let e = stored.size_in_bytes();
+        let inner: usize = full.iter().skip(1).product();
+        // The bytes of a whole tensor or of a block of rows lie in one run.
+        let run = match part {
+            Part::Whole => Some(data),
+            Part::Rows(start, len) => Some(&data[start * inner * e..(start + len) * inner * e]),
+            Part::Cols(..) => None,
+        };
+        let host = match (run, part) {
+            (Some(bytes), _) if stored == dtype => Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu),
+            (Some(bytes), _) => Tensor::from_vec(to_f32(bytes, stored, name)?, shape, &Device::Cpu),
+            (None, Part::Cols(start, len)) => {
+                let (rows, cols) = (full[0], full[1]);
                 let mut v = Vec::with_capacity(rows * len);
                 for r in 0..rows {
                     let at = (r * cols + start) * e;
-                    v.extend(to_f32(&data[at..at + len * e], dtype, name)?);
+                    v.extend(to_f32(&data[at..at + len * e], stored, name)?);
                 }
-                (v, vec![rows, len])
+                Tensor::from_vec(v, shape, &Device::Cpu)
             }
+            (None, _) => unreachable!("only columns are read row by row"),
         };
-        Tensor::from_vec(values, new_shape, &self.device).map_err(load_err)
-    }
-
-    fn linear_part(&self, name: &str, part: Part) -> Result<Linear, EngineError> {
-        Ok(Linear::Dense(self.part(&format!("{}{name}", self.prefix), part)?))
+        host.and_then(|t| t.to_dtype(dtype)).and_then(|t| t.to_device(device)).map_err(|e| err(&e))
     }
 }
 
@@ -299,64 +338,120 @@ fn split(t: &crate::config::TextConfig, world: usize) -> Result<Split, EngineErr
     Ok(Split { heads: h / world, kv_heads: (kv / world).max(1), intermediate: inter / world })
 }
 
-/// Loads the text decoder split over `world` tensor-parallel ranks (threads of this process
-/// joined by an in-process communicator), each rank reading only its slices of the weights.
-/// `world = 1` is the whole model.
-pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world: usize) -> Result<Gemma3, EngineError> {
-    let comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>> = if world == 1 {
-        vec![std::sync::Arc::new(crate::comm::SingleRank)]
+/// In-process communicators for `world` CPU ranks (none needed for one).
+pub(crate) fn cpu_comms(world: usize) -> Vec<Arc<dyn Communicator>> {
+    if world <= 1 {
+        vec![Arc::new(crate::comm::SingleRank)]
     } else {
-        crate::comm::InProcess::group(world)
-            .into_iter()
-            .map(|c| std::sync::Arc::new(c) as std::sync::Arc<dyn crate::comm::Communicator>)
-            .collect()
-    };
-    load_model_ranks(dir, cfg, vec![device.clone(); world.max(1)], comms)
+        crate::comm::InProcess::group(world).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
+    }
+}
+
+/// Loads the text decoder split over `world` tensor-parallel ranks (threads of this process
+/// joined by an in-process communicator), each rank reading only its slices of the weights,
+/// in f32. `world = 1` is the whole model.
+pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world: usize) -> Result<Gemma3, EngineError> {
+    load_model_ranks(dir, cfg, vec![device.clone(); world.max(1)], cpu_comms(world), DType::F32)
+}
+
+/// Names of the decoder's tensors in one checkpoint.
+struct Keys {
+    /// Prefix of `layers.*` and `norm.weight`.
+    prefix: &'static str,
+    embed: String,
+    /// `None`: the head is tied to the embedding.
+    lm_head: Option<String>,
+    /// Rows of the stored embedding (at least the config's vocabulary; some uploads pad it).
+    embed_rows: usize,
 }
 
 /// Loads the text decoder split over one rank per entry of `devices`, joined by `comms`
-/// (one communicator per rank, in rank order).
+/// (one communicator per rank, in rank order). Matrices and the embedding are held as
+/// `dtype` (f32, bf16 or f16); norms in f32.
 pub fn load_model_ranks(
     dir: &Path,
     cfg: &CheckpointConfig,
     devices: Vec<Device>,
-    comms: Vec<std::sync::Arc<dyn crate::comm::Communicator>>,
+    comms: Vec<Arc<dyn Communicator>>,
+    dtype: DType,
 ) -> Result<Gemma3, EngineError> {
-    let world = devices.len();
-    if world == 0 || comms.len() != world {
-        return Err(load_err(format!("{} devices for {} communicators", world, comms.len())));
-    }
-    let device = devices[0].clone();
     let (st, names) = open_weights(dir)?;
     let (prefix, embed_key) = EMBED_KEYS
         .iter()
         .find(|(_, k)| names.contains(*k))
         .copied()
         .ok_or_else(|| load_err(format!("{}: no embed_tokens weight under a known layout", dir.display())))?;
-    let mut w = Weights { st, prefix, device: device.clone() };
+    let t = &cfg.text;
+    let view = st.get(embed_key).map_err(|e| load_err(format!("tensor {embed_key}: {e}")))?;
+    let stored_dtype = DType::try_from(view.dtype()).map_err(load_err)?;
+    let rows = match view.shape() {
+        [r, c] if *c == t.hidden_size && *r >= t.vocab_size => *r,
+        other => {
+            return Err(load_err(format!(
+                "embedding has shape {other:?}, config says vocabulary {} × hidden {}",
+                t.vocab_size, t.hidden_size
+            )))
+        }
+    };
+    let lm_head = match (cfg.tie_word_embeddings, LM_HEAD_KEYS.iter().find(|k| names.contains(**k))) {
+        (true, _) => None,
+        (false, Some(k)) => Some(k.to_string()),
+        (false, None) => return Err(load_err("tie_word_embeddings is false but the checkpoint has no lm_head.weight")),
+    };
+    let keys = Keys { prefix, embed: embed_key.to_string(), lm_head, embed_rows: rows };
+    let source = Source::File(Weights { st });
+    build(&source, &keys, cfg, devices, comms, dtype, embed_scale(t.hidden_size, stored_dtype))
+}
+
+/// A decoder of `cfg`'s shape with random weights (normal, σ = 0.02; norms 1 + N(0, 0.02)),
+/// drawn directly on each rank's device as `dtype`, split over `devices` joined by `comms`.
+/// For timing and memory at a real model's shape: its outputs mean nothing, and the same
+/// model split differently gets different weights.
+pub fn random_model(
+    cfg: &CheckpointConfig,
+    devices: Vec<Device>,
+    comms: Vec<Arc<dyn Communicator>>,
+    dtype: DType,
+) -> Result<Gemma3, EngineError> {
+    let t = &cfg.text;
+    let keys = Keys {
+        prefix: "model.",
+        embed: "model.embed_tokens.weight".into(),
+        lm_head: (!cfg.tie_word_embeddings).then(|| "lm_head.weight".into()),
+        embed_rows: t.vocab_size,
+    };
+    build(&Source::Random { std: 0.02 }, &keys, cfg, devices, comms, dtype, embed_scale(t.hidden_size, dtype))
+}
+
+/// Builds each rank's shard of the decoder from `source`.
+fn build(
+    source: &Source,
+    keys: &Keys,
+    cfg: &CheckpointConfig,
+    devices: Vec<Device>,
+    comms: Vec<Arc<dyn Communicator>>,
+    dtype: DType,
+    embed_scale: f64,
+) -> Result<Gemma3, EngineError> {
+    let world = devices.len();
+    if world == 0 || comms.len() != world {
+        return Err(load_err(format!("{} devices for {} communicators", world, comms.len())));
+    }
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(load_err(format!("weights can be held as f32, bf16 or f16, not {dtype:?}")));
+    }
+    let device = devices[0].clone();
     let t = &cfg.text;
     let eps = t.rms_norm_eps;
     let sp = split(t, world)?;
-    let view = w.st.get(embed_key).map_err(|e| load_err(format!("tensor {embed_key}: {e}")))?;
-    let stored_dtype = DType::try_from(view.dtype()).map_err(load_err)?;
-    let (rows, cols) = match view.shape() {
-        [r, c] => (*r, *c),
-        other => return Err(load_err(format!("embedding has shape {other:?}"))),
-    };
-    if cols != t.hidden_size || rows < t.vocab_size.min(rows) {
-        return Err(load_err(format!("embedding is {rows}x{cols}, config says hidden {}", t.hidden_size)));
-    }
-    let head_key = match (cfg.tie_word_embeddings, LM_HEAD_KEYS.iter().find(|k| names.contains(**k))) {
-        (true, _) => None,
-        (false, Some(k)) => Some(*k),
-        (false, None) => return Err(load_err("tie_word_embeddings is false but the checkpoint has no lm_head.weight")),
-    };
-    let hd = t.head_dim;
+    let (hd, hidden, rows) = (t.head_dim, t.hidden_size, keys.embed_rows);
+    let (q_full, kv_full) = ([t.q_dim(), hidden], [t.kv_dim(), hidden]);
+    let (o_full, up_full, down_full) =
+        ([hidden, t.q_dim()], [t.intermediate_size, hidden], [hidden, t.intermediate_size]);
     let per_rank_vocab = rows.div_ceil(world);
     let mut shards = Vec::with_capacity(world);
     for (r, (comm, dev)) in comms.into_iter().zip(devices).enumerate() {
-        w.device = dev.clone();
-        let part = |whole: bool, p: Part| if world == 1 || whole { Part::Whole } else { p };
+        let whole_if_one = |p: Part| if world == 1 { Part::Whole } else { p };
         let q_rows = Part::Rows(r * sp.heads * hd, sp.heads * hd);
         // With fewer KV heads than ranks, a rank keeps the KV head its query heads use.
         let kv_first =
@@ -367,33 +462,37 @@ pub fn load_model_ranks(
         let down_cols = Part::Cols(r * sp.intermediate, sp.intermediate);
         let vocab_start = (r * per_rank_vocab).min(rows);
         let vocab_rows = per_rank_vocab.min(rows - vocab_start);
-        let vocab = part(false, Part::Rows(vocab_start, vocab_rows));
-        let embed = w.part(embed_key, vocab)?;
-        let lm_head = match head_key {
+        let vocab = whole_if_one(Part::Rows(vocab_start, vocab_rows));
+        let embed = source.part(&keys.embed, &[rows, hidden], vocab, dtype, &dev)?;
+        let lm_head = match &keys.lm_head {
             None => Linear::Dense(embed.clone()),
-            Some(k) => Linear::Dense(w.part(k, vocab)?),
+            Some(k) => Linear::Dense(source.part(k, &[rows, hidden], vocab, dtype, &dev)?),
         };
+        let name = |i: usize, s: &str| format!("{}layers.{i}.{s}.weight", keys.prefix);
+        let lin = |i: usize, s: &str, full: &[usize], p: Part| -> Result<Linear, EngineError> {
+            Ok(Linear::Dense(source.part(&name(i, s), full, whole_if_one(p), dtype, &dev)?))
+        };
+        let norm = |i: usize, s: &str, width: usize| source.norm(&name(i, s), width, eps, &dev);
         let mut layers = Vec::with_capacity(t.num_layers);
         for i in 0..t.num_layers {
-            let p = |s: &str| format!("layers.{i}.{s}.weight");
             layers.push(Layer {
-                input_norm: w.norm(&p("input_layernorm"), eps)?,
+                input_norm: norm(i, "input_layernorm", hidden)?,
                 attn: Attention {
-                    q: w.linear_part(&p("self_attn.q_proj"), part(false, q_rows))?,
-                    k: w.linear_part(&p("self_attn.k_proj"), part(false, kv_rows))?,
-                    v: w.linear_part(&p("self_attn.v_proj"), part(false, kv_rows))?,
-                    o: w.linear_part(&p("self_attn.o_proj"), part(false, o_cols))?,
-                    q_norm: w.norm(&p("self_attn.q_norm"), eps)?,
-                    k_norm: w.norm(&p("self_attn.k_norm"), eps)?,
+                    q: lin(i, "self_attn.q_proj", &q_full, q_rows)?,
+                    k: lin(i, "self_attn.k_proj", &kv_full, kv_rows)?,
+                    v: lin(i, "self_attn.v_proj", &kv_full, kv_rows)?,
+                    o: lin(i, "self_attn.o_proj", &o_full, o_cols)?,
+                    q_norm: norm(i, "self_attn.q_norm", hd)?,
+                    k_norm: norm(i, "self_attn.k_norm", hd)?,
                 },
-                post_attn_norm: w.norm(&p("post_attention_layernorm"), eps)?,
-                pre_ff_norm: w.norm(&p("pre_feedforward_layernorm"), eps)?,
+                post_attn_norm: norm(i, "post_attention_layernorm", hidden)?,
+                pre_ff_norm: norm(i, "pre_feedforward_layernorm", hidden)?,
                 mlp: Mlp {
-                    gate: w.linear_part(&p("mlp.gate_proj"), part(false, up_rows))?,
-                    up: w.linear_part(&p("mlp.up_proj"), part(false, up_rows))?,
-                    down: w.linear_part(&p("mlp.down_proj"), part(false, down_cols))?,
+                    gate: lin(i, "mlp.gate_proj", &up_full, up_rows)?,
+                    up: lin(i, "mlp.up_proj", &up_full, up_rows)?,
+                    down: lin(i, "mlp.down_proj", &down_full, down_cols)?,
                 },
-                post_ff_norm: w.norm(&p("post_feedforward_layernorm"), eps)?,
+                post_ff_norm: norm(i, "post_feedforward_layernorm", hidden)?,
             });
         }
         let local = crate::config::TextConfig {
@@ -409,7 +508,7 @@ pub fn load_model_ranks(
             vocab_rows,
             layers,
             lm_head,
-            norm: w.norm("norm.weight", eps)?,
+            norm: source.norm(&format!("{}norm.weight", keys.prefix), hidden, eps, &dev)?,
             comm,
             device: dev,
         });
@@ -417,10 +516,11 @@ pub fn load_model_ranks(
     Ok(Gemma3 {
         cfg: t.clone(),
         shards,
-        embed_scale: embed_scale(t.hidden_size, stored_dtype),
+        embed_scale,
         numeric: NumericOptions { f16_attention: false, f16_gelu: false },
         image_token_id: cfg.vision.as_ref().map(|v| v.image_token_id),
-        device: device.clone(),
+        attention_dtype: dtype,
+        device,
     })
 }
 

@@ -110,12 +110,16 @@ impl Linear {
         Ok(Self::Blocks(QuantBlocks { n, k, blocks }))
     }
 
-    /// `x`: `[m, in]` f32 → `[m, out]`.
+    /// `x`: `[m, in]` f32 → `[m, out]` f32. Dense weights held in bf16 or f16 multiply in
+    /// that dtype (the input rounded to it; the product accumulated in f32 by the GPU's GEMM,
+    /// or widened to f32 on the CPU) and the result is widened back, so the residual stream,
+    /// norms and softmax stay in f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Blocks(b) => b.forward(x),
             Self::Quant(q) => q.forward(x),
-            Self::Dense(w) => x.matmul(&w.t()?),
+            Self::Dense(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?),
+            Self::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype()),
         }
     }
 }
@@ -270,6 +274,18 @@ impl Shard {
         (split, replicated)
     }
 
+    /// Bytes of weights a decode step reads on this rank: every matrix of every layer, the
+    /// output head and the norms (the embedding table is only looked up, a row per token; a
+    /// tied head is read once, as the head).
+    pub fn step_weight_bytes(&self) -> u64 {
+        let (split, replicated) = self.weight_bytes();
+        let embed = match &self.embed {
+            Embedding::Dense(t) => tensor_bytes(t),
+            Embedding::Quant(_) => 0,
+        };
+        split - embed + replicated
+    }
+
     /// The whole decoder as one rank.
     pub fn whole(
         cfg: TextConfig,
@@ -296,6 +312,10 @@ pub struct Gemma3 {
     /// an image instead of an embedding, and each run of them attends to itself both ways
     /// while the prompt is read. `None` for text-only models.
     pub image_token_id: Option<u32>,
+    /// Dtype of cached keys and values and of the two attention products (`q·kᵀ`, `p·v`):
+    /// f32, or the weights' bf16/f16 on a GPU, where the cache is read whole every step.
+    /// Scores are widened to f32 for the mask and softmax either way.
+    pub attention_dtype: DType,
     pub device: Device,
 }
 
@@ -752,6 +772,11 @@ impl Gemma3 {
             k = round_f16(&k)?;
             v = round_f16(&v)?;
         }
+        if self.attention_dtype != DType::F32 {
+            // Keys and values are cached in the attention dtype; q is rounded after scaling.
+            k = k.to_dtype(self.attention_dtype)?;
+            v = v.to_dtype(self.attention_dtype)?;
+        }
         let (k_all, v_all) = match (&lc.k, &lc.v) {
             (Some(pk), Some(pv)) => (Tensor::cat(&[pk, &k], 1)?, Tensor::cat(&[pv, &v], 1)?),
             _ => {
@@ -764,8 +789,10 @@ impl Gemma3 {
 
         // Scores for all heads at once: query heads of one KV group share its keys.
         let g = h / kvh;
+        let ad = self.attention_dtype;
         let q = (q * cfg.query_pre_attn_scalar.powf(-0.5))?.reshape((kvh, g * t, hd))?;
-        let scores = q.matmul(&k_all.t()?)?.reshape((h, t, s))?;
+        let q = if ad == DType::F32 { q } else { q.to_dtype(ad)? };
+        let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?.reshape((h, t, s))?;
         let mut mask = Vec::with_capacity(t * s);
         for i in 0..t {
             let qp = pos0 + i;
@@ -783,7 +810,8 @@ impl Gemma3 {
         if self.numeric.f16_attention {
             p = round_f16(&p)?;
         }
-        let out = p.reshape((kvh, g * t, s))?.matmul(&v_all)?.reshape((h, t, hd))?;
+        let p = if ad == DType::F32 { p } else { p.to_dtype(ad)? };
+        let out = p.reshape((kvh, g * t, s))?.matmul(&v_all)?.to_dtype(DType::F32)?.reshape((h, t, hd))?;
         let out = out.transpose(0, 1)?.reshape((t, h * hd))?;
 
         // Keep only what later queries can see (plus slack for prefix reuse).
