@@ -7,25 +7,39 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::nccl::safe::{Comm, ReduceOp};
 use candle_core::cuda::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 fn nccl_err(e: impl std::fmt::Debug) -> candle_core::Error {
     candle_core::Error::Msg(format!("NCCL: {e:?}"))
 }
 
 /// cudarc's `Comm` holds a raw `ncclComm_t` and so is not `Send`. NCCL lets a communicator be
-/// used from any thread, one call at a time; the `Mutex` in [`Nccl`] serialises the calls.
+/// used from any thread, one call at a time; the `Mutex` in [`Group`] serialises the calls.
 struct SendComm(Comm);
 
 // SAFETY: see `SendComm`: the communicator is only ever used under its mutex.
 unsafe impl Send for SendComm {}
 
+/// What the ranks of one group share: their communicators, and why the group failed. When a
+/// rank fails, every communicator is taken out and dropped, which aborts it
+/// (`ncclCommAbort`): collectives the other ranks have queued end instead of waiting forever
+/// for the failed rank.
+struct Group {
+    comms: Vec<Mutex<Option<SendComm>>>,
+    failed: Mutex<Option<String>>,
+}
+
 /// A rank's NCCL communicator.
 pub struct Nccl {
-    comm: Mutex<SendComm>,
+    group: Arc<Group>,
     rank: usize,
     world: usize,
-    failed: Mutex<Option<String>>,
+}
+
+/// Locks a mutex even if a rank panicked while holding it (the state stays meaningful: a
+/// taken communicator or a failure reason).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Nccl {
@@ -36,17 +50,21 @@ impl Nccl {
             devices.iter().map(|d| Ok(d.as_cuda_device()?.cuda_stream())).collect::<candle_core::Result<Vec<_>>>()?;
         let comms = Comm::from_devices(streams).map_err(nccl_err)?;
         let world = comms.len();
-        Ok(comms
-            .into_iter()
-            .enumerate()
-            .map(|(rank, comm)| Nccl { comm: Mutex::new(SendComm(comm)), rank, world, failed: Mutex::new(None) })
-            .collect())
+        let group = Arc::new(Group {
+            comms: comms.into_iter().map(|c| Mutex::new(Some(SendComm(c)))).collect(),
+            failed: Mutex::new(None),
+        });
+        Ok((0..world).map(|rank| Nccl { group: group.clone(), rank, world }).collect())
     }
 
-    fn check(&self) -> candle_core::Result<()> {
-        match &*self.failed.lock().expect("failed flag") {
-            Some(why) => candle_core::bail!("tensor-parallel group failed: {why}"),
-            None => Ok(()),
+    /// Runs `f` with this rank's communicator, unless the group has failed.
+    fn with_comm<R>(&self, f: impl FnOnce(&Comm) -> candle_core::Result<R>) -> candle_core::Result<R> {
+        if let Some(why) = &*lock(&self.group.failed) {
+            candle_core::bail!("tensor-parallel group failed: {why}");
+        }
+        match &*lock(&self.group.comms[self.rank]) {
+            Some(c) => f(&c.0),
+            None => candle_core::bail!("tensor-parallel group failed: its communicators were aborted"),
         }
     }
 }
@@ -112,22 +130,31 @@ impl Communicator for Nccl {
         self.world
     }
     fn all_reduce_sum(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.check()?;
-        let comm = self.comm.lock().expect("comm");
-        t.contiguous()?.apply_op1_no_bwd(&Op::Sum(&comm.0))
+        let t = t.contiguous()?;
+        self.with_comm(|comm| t.apply_op1_no_bwd(&Op::Sum(comm)))
     }
     fn all_gather_last(&self, t: &Tensor) -> candle_core::Result<Tensor> {
-        self.check()?;
-        let comm = self.comm.lock().expect("comm");
         let (rows, cols) = t.dims2()?;
+        let t = t.contiguous()?;
         // NCCL gathers rank after rank: [world, rows, cols] → [rows, world · cols].
-        let g = t.contiguous()?.apply_op1_no_bwd(&Op::Gather(&comm.0, self.world))?;
+        let g = self.with_comm(|comm| t.apply_op1_no_bwd(&Op::Gather(comm, self.world)))?;
         g.reshape((self.world, rows, cols))?.transpose(0, 1)?.contiguous()?.reshape((rows, self.world * cols))
     }
     fn abort(&self, why: &str) {
-        self.failed.lock().expect("failed flag").get_or_insert_with(|| format!("rank {}: {why}", self.rank));
+        {
+            let mut failed = lock(&self.group.failed);
+            if failed.is_some() {
+                return;
+            }
+            *failed = Some(format!("rank {}: {why}", self.rank));
+        }
+        // Collectives are only enqueued under these locks, so a rank waiting on its stream for
+        // a collective holds none of them; dropping a communicator aborts it.
+        for slot in &self.group.comms {
+            drop(lock(slot).take());
+        }
     }
     fn failed(&self) -> Option<String> {
-        self.failed.lock().expect("failed flag").clone()
+        lock(&self.group.failed).clone()
     }
 }
