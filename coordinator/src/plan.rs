@@ -136,25 +136,48 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     })
 }
 
-/// The kind of an imaging input: by extension, and a file without one that carries the DICOM
-/// marker is DICOM (archives often store instances as bare UIDs or numbers).
-fn imaging_kind(source: &InputSource, f: &FoundInput) -> InputKind {
-    let kind = InputKind::from_name(&f.uri);
+/// A reader that digests every byte read through it.
+struct Digesting<R> {
+    inner: R,
+    hash: Sha256,
+}
+
+impl<R: Read> Read for Digesting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// One pass over an imaging input (one stream of an S3 object): its SHA-256, its kind, and
+/// its DICOM header when it has a readable one. The kind is the extension's; a file without
+/// an extension that carries the DICOM marker is DICOM (archives often store instances as
+/// bare UIDs or numbers). The header is read from the same bytes as the digest, up to the
+/// pixel data; the rest is read for the digest alone.
+fn scan_imaging(
+    source: &InputSource,
+    f: &FoundInput,
+) -> Result<(Digest, InputKind, Option<DicomHeader>), CoordinatorError> {
+    let io_err = |source| inputs::InputsError::Io { path: f.uri.clone(), source };
+    let mut r = Digesting { inner: source.open(&f.uri, f.size, f.etag.as_deref())?, hash: Sha256::new() };
+    let mut kind = InputKind::from_name(&f.uri);
     let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
-    if kind != InputKind::Unsupported || base.contains('.') {
-        return kind;
+    let bare = kind == InputKind::Unsupported && !base.contains('.');
+    let mut header = None;
+    if kind == InputKind::Dicom || bare {
+        let mut head = Vec::with_capacity(132);
+        (&mut r).take(132).read_to_end(&mut head).map_err(io_err)?;
+        if bare && looks_like_dicom(&head) {
+            kind = InputKind::Dicom;
+        }
+        if kind == InputKind::Dicom {
+            let stream = std::io::Cursor::new(head).chain(&mut r);
+            header = read_header_from(std::io::BufReader::new(stream)).ok();
+        }
     }
-    let mut head = Vec::with_capacity(132);
-    let sniffed = source
-        .open(&f.uri, f.size, f.etag.as_deref())
-        .ok()
-        .and_then(|r| r.take(132).read_to_end(&mut head).ok())
-        .is_some_and(|_| looks_like_dicom(&head));
-    if sniffed {
-        InputKind::Dicom
-    } else {
-        kind
-    }
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err)?;
+    Ok((Digest::from_sha256(r.hash.finalize()), kind, header))
 }
 
 /// One DICOM file with its header, for grouping.
@@ -178,19 +201,15 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
     let mut singles: Vec<InputRef> = Vec::new();
     let mut instances: Vec<Instance> = Vec::new();
     for f in found {
-        let kind = imaging_kind(&cfg.source, f);
+        let (sha256, kind, header) = scan_imaging(&cfg.source, f)?;
         let input = InputRef {
             uri: f.uri.clone(),
             size: f.size,
-            sha256: sha256_file(&cfg.source, f)?,
+            sha256,
             kind,
             selection: Selection::Whole,
             etag: f.etag.clone(),
         };
-        let header = (kind == InputKind::Dicom)
-            .then(|| cfg.source.open(&f.uri, f.size, f.etag.as_deref()).ok())
-            .flatten()
-            .and_then(|r| read_header_from(std::io::BufReader::new(r)).ok());
         let key_ok = |h: &DicomHeader| match imaging.unit {
             ImagingUnit::Series => !h.series_uid.is_empty(),
             _ => !h.study_uid.is_empty(),
@@ -380,6 +399,13 @@ mod tests {
         assert_eq!(n.len(), 24);
         assert_eq!(&n[..3], ["slice-00.dcm", "slice-07.dcm", "slice-14.dcm"]);
         assert_eq!(p, imaging(ImagingUnit::Series, "ct"), "planning is deterministic");
+        // Digests come from the same pass as the headers: each is the file's SHA-256.
+        for p in [imaging(ImagingUnit::Study, "cxr"), p] {
+            for i in p.jobs.iter().flat_map(|j| &j.inputs) {
+                let bytes = std::fs::read(i.uri.strip_prefix("file://").unwrap()).unwrap();
+                assert_eq!(i.sha256, Digest::from_sha256(Sha256::digest(&bytes)), "{}", i.uri);
+            }
+        }
     }
 
     #[tokio::test]
