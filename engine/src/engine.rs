@@ -331,14 +331,14 @@ impl Engine {
         Self::from_checkpoint(path, &cfg, model)
     }
 
-    /// The engine around a loaded decoder: vision tower, tokenizer, chat template.
+    /// The engine around a loaded decoder: vision tower (in f32, on the first rank's device),
+    /// tokenizer, chat template.
     fn from_checkpoint(
         dir: &Path,
         cfg: &crate::hf_config::CheckpointConfig,
         model: Gemma3,
     ) -> Result<Self, EngineError> {
-        let device = Device::Cpu;
-        let vision = crate::hf::load_vision(dir, cfg, &device)?;
+        let vision = crate::hf::load_vision(dir, cfg, &model.device)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::Hf(Box::new(HfTokenizer::from_file(&tok_path)?));
         let chat_template = ChatTemplate::find(dir)?;

@@ -112,7 +112,7 @@ fn open_weights(dir: &Path) -> Result<(MmapedSafetensors, BTreeSet<String>), Eng
 }
 
 /// Loads the vision tower and projector of a multimodal checkpoint (`None` for a text-only
-/// one), computing in f32 on the CPU.
+/// one), computing in f32 on `device`.
 pub fn load_vision(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Result<Option<VisionTower>, EngineError> {
     let Some(vc) = cfg.vision.clone() else { return Ok(None) };
     VisionTower::check_shape(&vc).map_err(|e| load_err(format!("config.json: {e}")))?;
