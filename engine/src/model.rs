@@ -422,7 +422,7 @@ fn round_f16(t: &Tensor) -> candle_core::Result<Tensor> {
 /// cos/sin tables for `positions`, shape `[n, head_dim / 2]`, computed in f64 and rounded
 /// once to f32 (both references compute them in f32 from the same formula).
 fn rope_tables(
-    positions: std::ops::Range<usize>,
+    positions: impl ExactSizeIterator<Item = usize>,
     head_dim: usize,
     base: f64,
     factor: f64,
@@ -593,13 +593,21 @@ impl Gemma3 {
     ) -> candle_core::Result<Option<Tensor>> {
         let views = pass.views;
         let (cfg, dev) = (&self.cfg, &shard.device);
+        // The tables of every row of the pass are made at once (one copy to the device), then
+        // each item takes its rows.
+        let positions: Vec<usize> = views.iter().flat_map(|b| b.pos0..b.pos0 + b.ids.len()).collect();
+        let local = rope_tables(positions.iter().copied(), cfg.head_dim, cfg.rope_local_base, 1.0, dev)?;
+        let global =
+            rope_tables(positions.iter().copied(), cfg.head_dim, cfg.rope_global_base, cfg.rope_global_factor, dev)?;
         let mut ropes = Vec::with_capacity(views.len());
+        let mut off = 0;
         for b in views {
-            let p = b.pos0..b.pos0 + b.ids.len();
-            ropes.push(Rope {
-                local: rope_tables(p.clone(), cfg.head_dim, cfg.rope_local_base, 1.0, dev)?,
-                global: rope_tables(p, cfg.head_dim, cfg.rope_global_base, cfg.rope_global_factor, dev)?,
-            });
+            let t = b.ids.len();
+            let rows = |(c, s): &(Tensor, Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
+                Ok((c.narrow(0, off, t)?, s.narrow(0, off, t)?))
+            };
+            ropes.push(Rope { local: rows(&local)?, global: rows(&global)? });
+            off += t;
         }
         let all_ids: Vec<u32> = views.iter().flat_map(|b| b.ids.iter().copied()).collect();
         let mut x = self.embed_with_images(shard, views, &all_ids)?;
@@ -792,26 +800,38 @@ impl Gemma3 {
         let ad = self.attention_dtype;
         let q = (q * cfg.query_pre_attn_scalar.powf(-0.5))?.reshape((kvh, g * t, hd))?;
         let q = if ad == DType::F32 { q } else { q.to_dtype(ad)? };
-        let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?.reshape((h, t, s))?;
-        let mut mask = Vec::with_capacity(t * s);
-        for i in 0..t {
-            let qp = pos0 + i;
-            let group = groups.get(i).copied().flatten();
-            for j in 0..s {
-                let kp = start + j;
-                let same_image = group.is_some() && kp >= pos0 && groups[kp - pos0] == group;
-                let in_window = is_global || kp + cfg.sliding_window > qp;
-                let visible = in_window && (kp <= qp || same_image);
-                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+        let (mut p, v_vis, n) = if t == 1 {
+            // One new token (a decode step) sees a suffix of the cache: all of it on global
+            // layers, its last `W` positions on local ones. Attending to that suffix needs no
+            // mask, so nothing is built on the host and copied to the device per sequence and
+            // layer (a copy that would also wait for the device's queue).
+            let first = if is_global { start } else { (pos0 + 1).saturating_sub(cfg.sliding_window).max(start) };
+            let (skip, n) = (first - start, s - (first - start));
+            let (k_vis, v_vis) = (k_all.narrow(1, skip, n)?, v_all.narrow(1, skip, n)?);
+            let scores = q.matmul(&k_vis.t()?)?.to_dtype(DType::F32)?;
+            (softmax_last(&scores)?, v_vis, n)
+        } else {
+            let scores = q.matmul(&k_all.t()?)?.to_dtype(DType::F32)?.reshape((h, t, s))?;
+            let mut mask = Vec::with_capacity(t * s);
+            for i in 0..t {
+                let qp = pos0 + i;
+                let group = groups.get(i).copied().flatten();
+                for j in 0..s {
+                    let kp = start + j;
+                    let same_image = group.is_some() && kp >= pos0 && groups[kp - pos0] == group;
+                    let in_window = is_global || kp + cfg.sliding_window > qp;
+                    let visible = in_window && (kp <= qp || same_image);
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
             }
-        }
-        let mask = Tensor::from_vec(mask, (1, t, s), step.device)?;
-        let mut p = softmax_last(&scores.broadcast_add(&mask)?)?;
+            let mask = Tensor::from_vec(mask, (1, t, s), step.device)?;
+            (softmax_last(&scores.broadcast_add(&mask)?)?, v_all.clone(), s)
+        };
         if self.numeric.f16_attention {
             p = round_f16(&p)?;
         }
         let p = if ad == DType::F32 { p } else { p.to_dtype(ad)? };
-        let out = p.reshape((kvh, g * t, s))?.matmul(&v_all)?.to_dtype(DType::F32)?.reshape((h, t, hd))?;
+        let out = p.reshape((kvh, g * t, n))?.matmul(&v_vis)?.to_dtype(DType::F32)?.reshape((h, t, hd))?;
         let out = out.transpose(0, 1)?.reshape((t, h * hd))?;
 
         // Keep only what later queries can see (plus slack for prefix reuse).
