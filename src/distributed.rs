@@ -98,6 +98,40 @@ pub struct WorkArgs {
     /// (a job names its pipeline; its digest must match the folder's, or the job goes back).
     #[arg(long, env = "MEDBATCH_PIPELINES")]
     pub pipelines: Option<std::path::PathBuf>,
+    /// Seconds one call into the model (admitting a request, or one forward step) may take
+    /// before the worker decides its device or a rank hung and exits (code 4) so that the
+    /// broker gives its jobs to another worker. Default: 600 with `--devices`, none on the CPU
+    /// (where a long prompt or many images legitimately take minutes); 0 turns it off.
+    #[arg(long, env = "MEDBATCH_STALL_TIMEOUT", value_name = "SECONDS")]
+    pub stall_timeout: Option<f64>,
+}
+
+/// Exit code of `medbatch work` when the engine hung (see `--stall-timeout`).
+const EXIT_STALLED: i32 = 4;
+/// Default `--stall-timeout` for GPU ranks.
+const GPU_STALL_TIMEOUT_S: f64 = 600.0;
+
+/// Ends the process when the engine has been inside one call for longer than `limit`. The
+/// jobs in hand are not acknowledged, so the broker hands them to another worker when the
+/// connection drops with the process; their partial output is never committed. A hung device
+/// cannot be recovered from inside the process (the rank's thread cannot be stopped).
+fn spawn_watchdog(engine: EngineHandle, limit: Duration) {
+    let every = (limit / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Some(busy) = engine.busy_for().filter(|b| *b > limit) {
+                tracing::error!(busy_s = busy.as_secs_f64(), "the engine made no progress; exiting");
+                eprintln!(
+                    "medbatch: the engine has been inside one step for {:.1} s (limit {:.1} s): a hung GPU or \
+                     tensor-parallel rank? Exiting so that the broker gives the jobs in hand to another worker.",
+                    busy.as_secs_f64(),
+                    limit.as_secs_f64()
+                );
+                std::process::exit(EXIT_STALLED);
+            }
+        }
+    });
 }
 
 fn hostname() -> String {
@@ -301,6 +335,11 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
     let info = engine.info.clone();
     let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
+    let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
+    anyhow::ensure!(stall.is_finite() && stall >= 0.0, "--stall-timeout must be a number of seconds, 0 or more");
+    if stall > 0.0 {
+        spawn_watchdog(engine.clone(), Duration::from_secs_f64(stall));
+    }
     let mut cfg = args.broker.config();
     cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let route = model_route(&info.digest);

@@ -2,6 +2,7 @@
 //! (in a namespace of their own), `medbatch submit` plans, publishes and follows the run,
 //! the output goes to the local S3-compatible server; the result equals an embedded run over
 //! the same inputs, every job is in the manifest once, and SIGTERM stops the workers cleanly.
+//! A worker whose engine hangs exits, and another does its jobs.
 
 mod common;
 
@@ -15,8 +16,13 @@ const INPUTS: [&str; 3] = [
 ];
 
 fn worker(namespace: &str, model: &str) -> Child {
+    worker_with(namespace, model, &[])
+}
+
+fn worker_with(namespace: &str, model: &str, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_medbatch"))
         .args(["work", "--model", model, "--concurrency", "2"])
+        .args(extra)
         .current_dir(repo_root())
         .env("MEDBATCH_AMQP_NAMESPACE", namespace)
         .env("MEDBATCH_LOG", "warn")
@@ -93,5 +99,56 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(s["state"], "committed");
     assert_eq!(s["jobs_queued"], 0);
+    py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
+}
+
+#[test]
+fn a_worker_whose_engine_hangs_exits_and_another_does_its_jobs() {
+    // A worker told that 50 ms inside one model call means a hung device: every step over a
+    // lab report is longer (hundreds of prompt tokens through 270M parameters on one or two
+    // CPU cores), so it exits with code 4 when it starts its first job, leaving its jobs
+    // unacknowledged. A second worker started afterwards gets them from the broker.
+    let model = demo_model();
+    let model = model.to_str().unwrap();
+    std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
+    let namespace = format!("e2e-stall-{}", std::process::id());
+    let bucket = format!("medbatch-stall-{}", std::process::id());
+    py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
+    let stalled = worker_with(&namespace, model, &["--stall-timeout", "0.05"]);
+    let out = format!("s3://{bucket}/runs");
+    let mut args = vec!["submit", "lab-report"];
+    args.extend_from_slice(&INPUTS);
+    args.extend_from_slice(&["--out", &out, "--model", model, "--run-id", "stall"]);
+    let submit = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(&args)
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = stalled.wait_with_output().unwrap();
+    let log = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{log}");
+    assert!(log.contains("hung GPU or tensor-parallel rank"), "{log}");
+    let healthy = worker(&namespace, model);
+    let submitted = submit.wait_with_output().unwrap();
+    Command::new("kill").args(["-TERM", &healthy.id().to_string()]).status().unwrap();
+    let h = healthy.wait_with_output().unwrap();
+    let stdout = text(&submitted.stdout);
+    assert!(submitted.status.success(), "{stdout}\n{}\n{}", text(&submitted.stderr), text(&h.stderr));
+    assert!(stdout.contains("3/3 done"), "{stdout}");
+    // Every job once in the manifest, with its rows.
+    let got = py_s3(&format!(
+        "m = json.loads(fs.open_input_stream('{bucket}/runs/_runs/stall/manifest.json').read())\n\
+         keys = [p['key'] for p in m['parts']]\n\
+         print(json.dumps({{'jobs': m['jobs'], 'keys': keys}}))"
+    ));
+    assert_eq!(got["jobs"], 3);
+    let keys = got["keys"].as_array().unwrap();
+    let mut unique = keys.clone();
+    unique.sort_by_key(|k| k.to_string());
+    unique.dedup();
+    assert_eq!(unique.len(), keys.len(), "a part repeats in the manifest: {keys:?}");
     py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
 }

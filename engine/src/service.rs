@@ -10,7 +10,9 @@ use crate::engine::{Active, Engine, GenerateRequest, Generation, ModelInfo, PREF
 use crate::text_tokenizer::Tokenizer;
 use crate::EngineError;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// How much the engine thread serves at once.
@@ -53,6 +55,25 @@ pub struct EngineHandle {
     tx: mpsc::Sender<Command>,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
+    busy: Arc<Busy>,
+}
+
+/// When the engine thread's current call into the model (admitting a request, or one step)
+/// began, so that a watchdog can tell a long call from a hung device.
+struct Busy {
+    epoch: Instant,
+    /// Microseconds after `epoch` plus one when the call began; 0 between calls.
+    since: AtomicU64,
+}
+
+impl Busy {
+    /// Runs `f` marked as a call into the model.
+    fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.since.store(self.epoch.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
+        let r = f();
+        self.since.store(0, Ordering::Relaxed);
+        r
+    }
 }
 
 struct InFlight {
@@ -62,7 +83,7 @@ struct InFlight {
     reply: Reply,
 }
 
-fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits) {
+fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits, busy: Arc<Busy>) {
     let mut waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)> = VecDeque::new();
     let mut flying: Vec<InFlight> = Vec::new();
     let mut parked: Option<InFlight> = None;
@@ -85,7 +106,7 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
                     let Some((req, span, reply)) = waiting.pop_front() else { break };
                     let admitted = {
                         let _g = span.enter();
-                        engine.admit(&req)
+                        busy.during(|| engine.admit(&req))
                     };
                     match admitted {
                         Err(_) if engine.model.broken().is_some() => {
@@ -124,7 +145,7 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits)
         }
         let stepped = {
             let _s = tracing::trace_span!("engine_step", sequences = seqs.len()).entered();
-            engine.step(&mut seqs, limits.prefill_tokens_per_step)
+            busy.during(|| engine.step(&mut seqs, limits.prefill_tokens_per_step))
         };
         // A failed tensor-parallel rank leaves the model unusable: every request, in flight
         // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
@@ -174,11 +195,23 @@ impl EngineHandle {
         let info = engine.info.clone();
         let tokenizer = engine.tokenizer.clone();
         let (tx, rx) = mpsc::channel::<Command>();
+        let busy = Arc::new(Busy { epoch: Instant::now(), since: AtomicU64::new(0) });
+        let thread_busy = busy.clone();
         std::thread::Builder::new()
             .name("medbatch-engine".into())
-            .spawn(move || serve(engine, rx, limits))
+            .spawn(move || serve(engine, rx, limits, thread_busy))
             .expect("spawn engine thread");
-        Self { tx, info, tokenizer }
+        Self { tx, info, tokenizer, busy }
+    }
+
+    /// How long the engine thread has been inside its current call into the model (admitting
+    /// a request, or one forward step over every sequence in flight); `None` between calls.
+    /// A call that never ends means a hung device or rank.
+    pub fn busy_for(&self) -> Option<Duration> {
+        match self.busy.since.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(self.busy.epoch.elapsed().saturating_sub(Duration::from_micros(t - 1))),
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
