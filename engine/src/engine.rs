@@ -180,12 +180,33 @@ struct PrefixEntry {
     last_used: u64,
 }
 
+/// A model's vision tower and image preprocessing, shareable between threads: images are
+/// encoded off the engine thread, so that a long encoding does not hold up the other
+/// sequences' steps.
+#[derive(Clone)]
+pub struct ImageEncoder {
+    tower: Arc<VisionTower>,
+    config: ImageConfig,
+}
+
+impl ImageEncoder {
+    /// The image rows of `images` for the text decoder, `[images × tokens, hidden]`.
+    pub fn encode(&self, images: &[Arc<Rgb8>]) -> Result<Tensor, EngineError> {
+        let mut rows = Vec::with_capacity(images.len());
+        for img in images {
+            let _span = tracing::debug_span!("vision_tower").entered();
+            rows.push(self.tower.encode(&crate::image::pixel_values(img, &self.config))?);
+        }
+        Ok(Tensor::cat(&rows, 0)?)
+    }
+}
+
 /// A loaded model, its tokenizer and its prefix cache. Not shared between threads: the
 /// engine thread owns it (see [`crate::service`]).
 pub struct Engine {
     pub model: Gemma3,
     /// The vision tower and projector of a multimodal checkpoint.
-    pub vision: Option<VisionTower>,
+    pub vision: Option<Arc<VisionTower>>,
     /// How images are prepared for the tower (size from the tower, the rest from
     /// `preprocessor_config.json` when the checkpoint has one).
     pub image_config: ImageConfig,
@@ -288,7 +309,7 @@ impl Engine {
         };
         Self {
             model,
-            vision,
+            vision: vision.map(Arc::new),
             image_config,
             tokenizer: Arc::new(tokenizer),
             chat_template,
@@ -391,15 +412,16 @@ impl Engine {
         if images.is_empty() {
             return Ok(None);
         }
-        let tower = self.vision.as_ref().ok_or_else(|| {
+        let encoder = self.image_encoder().ok_or_else(|| {
             EngineError::Request(format!("{} has no vision tower; it cannot read images", self.info.id))
         })?;
-        let mut rows = Vec::with_capacity(images.len());
-        for img in images {
-            let _span = tracing::debug_span!("vision_tower").entered();
-            rows.push(tower.encode(&crate::image::pixel_values(img, &self.image_config))?);
-        }
-        Ok(Some(Tensor::cat(&rows, 0)?))
+        Ok(Some(encoder.encode(images)?))
+    }
+
+    /// The vision tower with its preprocessing, for encoding images on another thread than
+    /// the engine's (`None` for text-only models).
+    pub fn image_encoder(&self) -> Option<ImageEncoder> {
+        self.vision.as_ref().map(|tower| ImageEncoder { tower: tower.clone(), config: self.image_config.clone() })
     }
 
     /// `prompt` with every `<start_of_image>` expanded to the full image block.
@@ -588,6 +610,12 @@ impl Engine {
 
     /// Tokenizes a request and sets up its sequence (reusing a cached prompt prefix).
     pub fn admit(&mut self, req: &GenerateRequest) -> Result<Active, EngineError> {
+        self.admit_encoded(req, None)
+    }
+
+    /// [`Self::admit`] with the request's image rows already encoded (by an
+    /// [`ImageEncoder`]); `None` encodes them here.
+    pub fn admit_encoded(&mut self, req: &GenerateRequest, image_rows: Option<Tensor>) -> Result<Active, EngineError> {
         if req.chat {
             let (prompt, add_bos) = self.chat_prompt(&req.prompt)?;
             let wrapped = GenerateRequest {
@@ -598,7 +626,7 @@ impl Engine {
                 shared_prefix_len: 0,
                 ..req.clone()
             };
-            return self.admit(&wrapped);
+            return self.admit_encoded(&wrapped, image_rows);
         }
         let ids = self.prompt_ids(req)?;
         if ids.is_empty() {
@@ -616,7 +644,10 @@ impl Engine {
             Some(g) => Some(self.guidance()?.matcher(g)?),
             None => None,
         };
-        let image_rows = self.encode_images(&req.images)?;
+        let image_rows = match image_rows {
+            Some(rows) => Some(rows),
+            None => self.encode_images(&req.images)?,
+        };
         let mut cache = self.model.new_cache();
         let mut reused = 0usize;
         if req.shared_prefix_len > 0 && req.prompt.is_char_boundary(req.shared_prefix_len) {

@@ -6,7 +6,7 @@
 //! new requests join between steps and finished ones leave. Admission is bounded by a
 //! number of sequences and by the KV-cache memory the admitted sequences can grow to.
 
-use crate::engine::{Active, Engine, GenerateRequest, Generation, ModelInfo, PREFILL_CHUNK};
+use crate::engine::{Active, Engine, GenerateRequest, Generation, ImageEncoder, ModelInfo, PREFILL_CHUNK};
 use crate::text_tokenizer::Tokenizer;
 use crate::EngineError;
 use std::collections::VecDeque;
@@ -46,8 +46,12 @@ impl Default for ServiceLimits {
 type Reply = oneshot::Sender<Result<Generation, EngineError>>;
 
 enum Command {
-    Generate { req: GenerateRequest, span: tracing::Span, reply: Reply },
+    /// A request, with its images' rows when they were encoded before it was sent.
+    Generate { req: GenerateRequest, rows: Option<candle_core::Tensor>, span: tracing::Span, reply: Reply },
 }
+
+/// A request waiting for admission.
+type Waiting = (GenerateRequest, Option<candle_core::Tensor>, tracing::Span, Reply);
 
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
@@ -56,23 +60,41 @@ pub struct EngineHandle {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     busy: Arc<Busy>,
+    /// Images are encoded here, one request at a time, off the engine thread.
+    encoder: Option<ImageEncoder>,
+    encoding: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// When the engine thread's current call into the model (admitting a request, or one step)
-/// began, so that a watchdog can tell a long call from a hung device.
+/// When the current calls into the model began (the engine thread's admission or step, and
+/// an image encoding), so that a watchdog can tell a long call from a hung device.
 struct Busy {
     epoch: Instant,
-    /// Microseconds after `epoch` plus one when the call began; 0 between calls.
-    since: AtomicU64,
+    /// Microseconds after `epoch` plus one when the engine thread's call began; 0 between
+    /// calls.
+    step: AtomicU64,
+    /// The same for the image encoding under way.
+    encoding: AtomicU64,
 }
 
 impl Busy {
-    /// Runs `f` marked as a call into the model.
-    fn during<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.since.store(self.epoch.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
+    /// Runs `f` with `slot` marking when it began.
+    fn during<R>(&self, slot: &AtomicU64, f: impl FnOnce() -> R) -> R {
+        slot.store(self.epoch.elapsed().as_micros() as u64 + 1, Ordering::Relaxed);
         let r = f();
-        self.since.store(0, Ordering::Relaxed);
+        slot.store(0, Ordering::Relaxed);
         r
+    }
+
+    /// How long the older of the calls under way has lasted.
+    fn longest(&self) -> Option<Duration> {
+        let now = self.epoch.elapsed();
+        [&self.step, &self.encoding]
+            .iter()
+            .filter_map(|slot| match slot.load(Ordering::Relaxed) {
+                0 => None,
+                t => Some(now.saturating_sub(Duration::from_micros(t - 1))),
+            })
+            .max()
     }
 }
 
@@ -84,18 +106,18 @@ struct InFlight {
 }
 
 fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits, busy: Arc<Busy>) {
-    let mut waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)> = VecDeque::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut flying: Vec<InFlight> = Vec::new();
     let mut parked: Option<InFlight> = None;
     loop {
         if flying.is_empty() && waiting.is_empty() && parked.is_none() {
             match rx.recv() {
-                Ok(Command::Generate { req, span, reply }) => waiting.push_back((req, span, reply)),
+                Ok(Command::Generate { req, rows, span, reply }) => waiting.push_back((req, rows, span, reply)),
                 Err(_) => return,
             }
         }
-        while let Ok(Command::Generate { req, span, reply }) = rx.try_recv() {
-            waiting.push_back((req, span, reply));
+        while let Ok(Command::Generate { req, rows, span, reply }) = rx.try_recv() {
+            waiting.push_back((req, rows, span, reply));
         }
         // Admit while there is room. A sequence set up but waiting for KV memory is parked
         // with its prompt already tokenized, and admitted first once memory frees up.
@@ -103,10 +125,10 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits,
             let next = match parked.take() {
                 Some(p) => p,
                 None => {
-                    let Some((req, span, reply)) = waiting.pop_front() else { break };
+                    let Some((req, rows, span, reply)) = waiting.pop_front() else { break };
                     let admitted = {
                         let _g = span.enter();
-                        busy.during(|| engine.admit(&req))
+                        busy.during(&busy.step, || engine.admit_encoded(&req, rows))
                     };
                     match admitted {
                         Err(_) if engine.model.broken().is_some() => {
@@ -145,7 +167,7 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits,
         }
         let stepped = {
             let _s = tracing::trace_span!("engine_step", sequences = seqs.len()).entered();
-            busy.during(|| engine.step(&mut seqs, limits.prefill_tokens_per_step))
+            busy.during(&busy.step, || engine.step(&mut seqs, limits.prefill_tokens_per_step))
         };
         // A failed tensor-parallel rank leaves the model unusable: every request, in flight
         // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
@@ -170,15 +192,10 @@ fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits,
 }
 
 /// Answers every request in hand `Stopped` after a tensor-parallel rank failed.
-fn stop(
-    engine: &Engine,
-    waiting: VecDeque<(GenerateRequest, tracing::Span, Reply)>,
-    parked: Option<InFlight>,
-    in_flight: impl Iterator<Item = Reply>,
-) {
+fn stop(engine: &Engine, waiting: VecDeque<Waiting>, parked: Option<InFlight>, in_flight: impl Iterator<Item = Reply>) {
     let why = engine.model.broken().unwrap_or_default();
     tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
-    let replies = in_flight.chain(parked.map(|p| p.reply)).chain(waiting.into_iter().map(|(_, _, r)| r));
+    let replies = in_flight.chain(parked.map(|p| p.reply)).chain(waiting.into_iter().map(|(_, _, _, r)| r));
     for reply in replies {
         let _ = reply.send(Err(EngineError::Stopped));
     }
@@ -194,24 +211,23 @@ impl EngineHandle {
     pub fn spawn_with(engine: Engine, limits: ServiceLimits) -> Self {
         let info = engine.info.clone();
         let tokenizer = engine.tokenizer.clone();
+        let encoder = engine.image_encoder();
         let (tx, rx) = mpsc::channel::<Command>();
-        let busy = Arc::new(Busy { epoch: Instant::now(), since: AtomicU64::new(0) });
+        let busy = Arc::new(Busy { epoch: Instant::now(), step: AtomicU64::new(0), encoding: AtomicU64::new(0) });
         let thread_busy = busy.clone();
         std::thread::Builder::new()
             .name("medbatch-engine".into())
             .spawn(move || serve(engine, rx, limits, thread_busy))
             .expect("spawn engine thread");
-        Self { tx, info, tokenizer, busy }
+        Self { tx, info, tokenizer, busy, encoder, encoding: Arc::new(tokio::sync::Mutex::new(())) }
     }
 
-    /// How long the engine thread has been inside its current call into the model (admitting
-    /// a request, or one forward step over every sequence in flight); `None` between calls.
-    /// A call that never ends means a hung device or rank.
+    /// How long the current call into the model has lasted (the engine thread admitting a
+    /// request or running one forward step over every sequence in flight, or an image
+    /// encoding; the older one); `None` between calls. A call that never ends means a hung
+    /// device or rank.
     pub fn busy_for(&self) -> Option<Duration> {
-        match self.busy.since.load(Ordering::Relaxed) {
-            0 => None,
-            t => Some(self.busy.epoch.elapsed().saturating_sub(Duration::from_micros(t - 1))),
-        }
+        self.busy.longest()
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -223,12 +239,28 @@ impl EngineHandle {
         &self.tokenizer
     }
 
-    /// Generates on the engine thread, batched with whatever else is in flight.
+    /// Generates on the engine thread, batched with whatever else is in flight. A request's
+    /// images are encoded first, on a blocking thread of the runtime (one request's images at
+    /// a time), while the engine thread goes on stepping the other sequences.
     pub async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
+        let span = tracing::Span::current();
+        let rows = match &self.encoder {
+            Some(encoder) if !req.images.is_empty() => {
+                let _one_at_a_time = self.encoding.lock().await;
+                let (encoder, images, busy, span) =
+                    (encoder.clone(), req.images.clone(), self.busy.clone(), span.clone());
+                let rows = tokio::task::spawn_blocking(move || {
+                    let _g = span.enter();
+                    busy.during(&busy.encoding, || encoder.encode(&images))
+                })
+                .await
+                .map_err(|e| EngineError::Compute(format!("image encoding: {e}")))??;
+                Some(rows)
+            }
+            _ => None,
+        };
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Generate { req, span: tracing::Span::current(), reply })
-            .map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Generate { req, rows, span, reply }).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 }
