@@ -32,6 +32,25 @@ fn worker_with(namespace: &str, model: &str, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// `medbatch submit lab-report INPUTS --out OUT --model MODEL --run-id RUN` in `namespace`.
+fn submit(namespace: &str, out: &str, model: &str, run_id: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_medbatch"));
+    c.args(["submit", "lab-report"])
+        .args(INPUTS)
+        .args(["--out", out, "--model", model, "--run-id", run_id])
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", namespace);
+    c
+}
+
+/// No part key twice in a manifest's list.
+fn assert_each_part_once(keys: &[serde_json::Value]) {
+    let mut unique = keys.to_vec();
+    unique.sort_by_key(|k| k.to_string());
+    unique.dedup();
+    assert_eq!(unique.len(), keys.len(), "a part repeats in the manifest: {keys:?}");
+}
+
 #[test]
 fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     let model = demo_model();
@@ -43,15 +62,7 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     let mut workers = vec![worker(&namespace, model), worker(&namespace, model)];
 
     let out = format!("s3://{bucket}/runs");
-    let mut args = vec!["submit", "lab-report"];
-    args.extend_from_slice(&INPUTS);
-    args.extend_from_slice(&["--out", &out, "--model", model, "--run-id", "dist"]);
-    let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
-        .args(&args)
-        .current_dir(repo_root())
-        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
-        .output()
-        .unwrap();
+    let submitted = submit(&namespace, &out, model, "dist").output().unwrap();
     let stdout = text(&submitted.stdout);
     // Stop the workers whatever happened: SIGTERM, then they finish and exit.
     for w in &workers {
@@ -83,11 +94,7 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     assert_eq!(got["rows"].as_u64().unwrap() as usize, local_rows);
     // Every job once in the manifest: three jobs, no part key twice, rows from all three.
     assert_eq!(got["jobs"], 3);
-    let keys = got["keys"].as_array().unwrap();
-    let mut unique = keys.clone();
-    unique.sort_by_key(|k| k.to_string());
-    unique.dedup();
-    assert_eq!(unique.len(), keys.len(), "a part repeats in the manifest: {keys:?}");
+    assert_each_part_once(got["keys"].as_array().unwrap());
     assert_eq!(got["row_jobs"], 3);
     // Status from the output, with the broker: committed, nothing queued.
     let o = Command::new(env!("CARGO_BIN_EXE_medbatch"))
@@ -116,23 +123,14 @@ fn a_worker_whose_engine_hangs_exits_and_another_does_its_jobs() {
     py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
     let stalled = worker_with(&namespace, model, &["--stall-timeout", "0.05"]);
     let out = format!("s3://{bucket}/runs");
-    let mut args = vec!["submit", "lab-report"];
-    args.extend_from_slice(&INPUTS);
-    args.extend_from_slice(&["--out", &out, "--model", model, "--run-id", "stall"]);
-    let submit = Command::new(env!("CARGO_BIN_EXE_medbatch"))
-        .args(&args)
-        .current_dir(repo_root())
-        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let submitting =
+        submit(&namespace, &out, model, "stall").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let o = stalled.wait_with_output().unwrap();
     let log = text(&o.stderr);
     assert_eq!(o.status.code(), Some(4), "{log}");
     assert!(log.contains("hung GPU or tensor-parallel rank"), "{log}");
     let healthy = worker(&namespace, model);
-    let submitted = submit.wait_with_output().unwrap();
+    let submitted = submitting.wait_with_output().unwrap();
     Command::new("kill").args(["-TERM", &healthy.id().to_string()]).status().unwrap();
     let h = healthy.wait_with_output().unwrap();
     let stdout = text(&submitted.stdout);
@@ -145,10 +143,6 @@ fn a_worker_whose_engine_hangs_exits_and_another_does_its_jobs() {
          print(json.dumps({{'jobs': m['jobs'], 'keys': keys}}))"
     ));
     assert_eq!(got["jobs"], 3);
-    let keys = got["keys"].as_array().unwrap();
-    let mut unique = keys.clone();
-    unique.sort_by_key(|k| k.to_string());
-    unique.dedup();
-    assert_eq!(unique.len(), keys.len(), "a part repeats in the manifest: {keys:?}");
+    assert_each_part_once(got["keys"].as_array().unwrap());
     py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
 }
