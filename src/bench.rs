@@ -2,7 +2,7 @@
 //! measured the way llama.cpp's pp/tg figures are, so the two can be compared.
 
 use crate::model_path;
-use medbatch_engine::model::{BatchItem, Logits};
+use medbatch_engine::models::gemma3::{BatchItem, Logits};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -201,8 +201,8 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 /// `steps` greedy decode steps for every sequence at once, starting from `logits`.
 fn decode_steps(
-    model: &medbatch_engine::model::Gemma3,
-    caches: &mut [medbatch_engine::model::SeqCache],
+    model: &medbatch_engine::models::gemma3::Gemma3,
+    caches: &mut [medbatch_engine::kv::SeqCache],
     mut logits: Vec<Option<candle_core::Tensor>>,
     steps: usize,
 ) -> anyhow::Result<()> {
@@ -444,11 +444,11 @@ fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
 
 /// A random-weight tower of MedGemma's shape: weights N(0, 1/fan_in), norms near one, so
 /// activations keep a realistic scale through 27 layers.
-fn random_tower(text_hidden: usize) -> anyhow::Result<medbatch_engine::vision::VisionTower> {
+fn random_tower(text_hidden: usize) -> anyhow::Result<medbatch_engine::models::siglip::VisionTower> {
     use candle_core::{Device, Tensor};
-    use medbatch_engine::model::RmsNorm;
-    use medbatch_engine::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
-    let cfg = medbatch_engine::hf_config::VisionConfig::siglip_896();
+    use medbatch_engine::models::gemma3::RmsNorm;
+    use medbatch_engine::models::siglip::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
+    let cfg = medbatch_engine::load::hf_config::VisionConfig::siglip_896();
     let dev = Device::Cpu;
     let (d, inter) = (cfg.hidden_size, cfg.intermediate_size);
     let lin = |out: usize, inp: usize| -> anyhow::Result<BiasLinear> {

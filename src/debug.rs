@@ -2,7 +2,7 @@
 //! anyone can hold it against a reference implementation.
 
 use crate::model_path;
-use medbatch_engine::model::NumericOptions;
+use medbatch_engine::models::gemma3::NumericOptions;
 use std::process::ExitCode;
 
 #[derive(clap::Subcommand)]

@@ -9,7 +9,8 @@
 use crate::bench::{median, peak_rss_mib};
 use crate::model_path::SplitArgs;
 use candle_core::{DType, D};
-use medbatch_engine::model::{BatchItem, Gemma3, Logits, SeqCache};
+use medbatch_engine::kv::SeqCache;
+use medbatch_engine::models::gemma3::{BatchItem, Gemma3, Logits};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -48,8 +49,8 @@ fn synchronize(model: &Gemma3) -> anyhow::Result<()> {
 pub fn run(b: DecodeBench<'_>) -> anyhow::Result<ExitCode> {
     let path = config_file(b.config);
     let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let mut cfg =
-        medbatch_engine::hf_config::parse_config(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut cfg = medbatch_engine::load::hf_config::parse_config(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     if let Some(n) = b.layers {
         anyhow::ensure!(n >= 1 && n <= cfg.text.num_layers, "--layers {n}: the model has {}", cfg.text.num_layers);
         cfg.text.num_layers = n;
@@ -71,7 +72,7 @@ pub fn run(b: DecodeBench<'_>) -> anyhow::Result<ExitCode> {
         cfg.text.hidden_size
     );
     let t = Instant::now();
-    let model = medbatch_engine::hf::random_model(&cfg, devices, comms, dtype)?;
+    let model = medbatch_engine::load::hf::random_model(&cfg, devices, comms, dtype)?;
     synchronize(&model)?;
     let made_s = t.elapsed().as_secs_f64();
     let ranks = model.ranks();

@@ -40,12 +40,12 @@ fn human_params(n: u64) -> String {
 pub fn describe(path: &str) -> anyhow::Result<Description> {
     let p = if path == "demo" { crate::model_path::demo_model_path() } else { PathBuf::from(path) };
     if p.is_dir() {
-        let cfg = medbatch_engine::hf::read_config(&p)?;
-        let bytes = medbatch_engine::hf::weight_bytes_by_dtype(&p)?;
+        let cfg = medbatch_engine::load::hf::read_config(&p)?;
+        let bytes = medbatch_engine::load::hf::weight_bytes_by_dtype(&p)?;
         return Ok(Description::new(&cfg, bytes));
     }
     anyhow::ensure!(p.is_file(), "model {} not found", p.display());
-    let g = medbatch_engine::gguf::GgufFile::open(&p)?;
+    let g = medbatch_engine::load::gguf::GgufFile::open(&p)?;
     let t = g.text_config()?;
     let tied = !g.content.tensor_infos.contains_key("output.weight");
     Ok(Description::from_text("gemma3 (GGUF)", &t, tied, g.bytes_by_type().into_iter().collect()))

@@ -11,6 +11,15 @@
 use candle_core::{Tensor, D};
 use std::sync::{Arc, Condvar, Mutex};
 
+/// In-process communicators for `world` CPU ranks (none needed for one).
+pub fn cpu_comms(world: usize) -> Vec<Arc<dyn Communicator>> {
+    if world <= 1 {
+        vec![Arc::new(SingleRank)]
+    } else {
+        InProcess::group(world).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
+    }
+}
+
 /// One rank's handle on its group.
 pub trait Communicator: Send + Sync {
     /// This rank, `0..world()`.

@@ -6,7 +6,7 @@
 //! either tokenizer source (GGUF metadata or `tokenizer.json`); control tokens are marked
 //! special so that no grammar can produce them inside text.
 
-use crate::text_tokenizer::Tokenizer;
+use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use llguidance::api::TopLevelGrammar;
 use llguidance::earley::SlicedBiasComputer;

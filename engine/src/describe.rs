@@ -2,8 +2,8 @@
 //! the largest batch × context that fits a memory budget. Computed from the config (and the
 //! weight files' headers when present), without loading weights.
 
-use crate::config::TextConfig;
-use crate::hf_config::{CheckpointConfig, VisionConfig};
+use crate::load::config::TextConfig;
+use crate::load::hf_config::{CheckpointConfig, VisionConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn tensor_parallel_shares() {
-        let cfg = crate::hf_config::parse_config(
+        let cfg = crate::load::hf_config::parse_config(
             r#"{"architectures":["Gemma3ForCausalLM"],"model_type":"gemma3_text","hidden_size":5376,
                 "intermediate_size":21504,"num_hidden_layers":62,"num_attention_heads":32,
                 "num_key_value_heads":16,"head_dim":128,"vocab_size":262208,"sliding_window":1024}"#,

@@ -9,23 +9,21 @@
 pub mod comm;
 #[cfg(feature = "cuda")]
 pub mod comm_nccl;
-pub mod config;
 pub mod constrain;
 pub mod describe;
 pub mod engine;
-pub mod gguf;
-pub mod hf;
-pub mod hf_config;
 pub mod image;
-pub mod model;
+pub mod kv;
+pub mod load;
+pub mod models;
 pub mod sampling;
+pub mod scheduler;
 pub mod service;
-pub mod text_tokenizer;
 pub mod tokenizer;
-pub mod vision;
 
 pub use constrain::Grammar;
 pub use engine::{Engine, Finish, GenerateRequest, Generation, ModelInfo};
+pub use scheduler::Active;
 pub use service::EngineHandle;
 
 /// Errors at the engine boundary.

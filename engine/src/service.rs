@@ -6,8 +6,9 @@
 //! new requests join between steps and finished ones leave. Admission is bounded by a
 //! number of sequences and by the KV-cache memory the admitted sequences can grow to.
 
-use crate::engine::{Active, Engine, GenerateRequest, Generation, ImageEncoder, ModelInfo, PREFILL_CHUNK};
-use crate::text_tokenizer::Tokenizer;
+use crate::engine::{Engine, GenerateRequest, Generation, ImageEncoder, ModelInfo, PREFILL_CHUNK};
+use crate::scheduler::Active;
+use crate::tokenizer::Tokenizer;
 use crate::EngineError;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};

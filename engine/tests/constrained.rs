@@ -3,8 +3,8 @@
 //! that always parse and validate (batched as one at a time), copy grammars that only
 //! produce substrings of a source text, and answers cut off by the token limit.
 
-use medbatch_engine::text_tokenizer::{HfTokenizer, Tokenizer};
-use medbatch_engine::tokenizer::TokenType;
+use medbatch_engine::tokenizer::spm::TokenType;
+use medbatch_engine::tokenizer::{HfTokenizer, Tokenizer};
 use medbatch_engine::{Engine, Finish, GenerateRequest, Grammar};
 use serde_json::{json, Value};
 use std::path::PathBuf;

@@ -5,9 +5,10 @@
 //! images — through the one-sequence path, chunked prefill that never splits an image, and
 //! continuous batching with the prompt text expanded by the engine.
 
-use medbatch_engine::engine::{chunk_end, Engine, GenerateRequest};
+use medbatch_engine::engine::{Engine, GenerateRequest};
 use medbatch_engine::image::{decode, pixel_values, Rgb8};
-use medbatch_engine::model::Logits;
+use medbatch_engine::models::gemma3::Logits;
+use medbatch_engine::scheduler::chunk_end;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -188,8 +189,8 @@ fn vision_weights_load_from_every_layout() {
     // Google's `vision_tower.vision_model.*`.
     for folder in ["gqa_window__v451_mm_orig_sharded", "mqa_untied__v5_mm_v5layout"] {
         let dir = fixtures().join("models").join(folder);
-        let cfg = medbatch_engine::hf::read_config(&dir).unwrap();
-        let tower = medbatch_engine::hf::load_vision(&dir, &cfg, &candle_core::Device::Cpu).unwrap().unwrap();
+        let cfg = medbatch_engine::load::hf::read_config(&dir).unwrap();
+        let tower = medbatch_engine::load::hf::load_vision(&dir, &cfg, &candle_core::Device::Cpu).unwrap().unwrap();
         let pixels = vec![0.25f32; 3 * 28 * 28];
         let rows = tower.encode(&pixels).unwrap();
         assert_eq!(rows.dims(), [4, 64], "{folder}");

@@ -5,8 +5,8 @@
 //! config format, weight layout, sharding and tied/untied head in the fixtures.
 
 use candle_core::{Device, Tensor};
-use medbatch_engine::hf::{load_model, read_config};
-use medbatch_engine::model::{BatchItem, Gemma3, Logits};
+use medbatch_engine::load::hf::{load_model, read_config};
+use medbatch_engine::models::gemma3::{BatchItem, Gemma3, Logits};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 

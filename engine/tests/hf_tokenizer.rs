@@ -2,8 +2,8 @@
 //! against what transformers produced for the fixture tokenizer (tests/fixtures/hf/tokenizer,
 //! made by make_fixtures.py): the same ids, the same rendered chats, exactly one BOS.
 
-use medbatch_engine::hf::ChatTemplate;
-use medbatch_engine::text_tokenizer::{HfTokenizer, Tokenizer};
+use medbatch_engine::load::hf::ChatTemplate;
+use medbatch_engine::tokenizer::{HfTokenizer, Tokenizer};
 use medbatch_engine::Engine;
 use serde_json::Value;
 use std::path::PathBuf;

@@ -6,7 +6,7 @@
 
 use medbatch_engine::engine::{Engine, GenerateRequest};
 use medbatch_engine::image::{decode, Rgb8};
-use medbatch_engine::model::{BatchItem, Gemma3, Logits};
+use medbatch_engine::models::gemma3::{BatchItem, Gemma3, Logits};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -228,13 +228,13 @@ fn each_rank_holds_its_share_of_the_weights() {
     // head, as does each of 2 ranks); everything else splits evenly.
     let tmp = tempfile::tempdir().unwrap();
     let dir = with_tokenizer(&fixtures().join("models/gqa_window"), tmp.path());
-    let cfg = medbatch_engine::hf::read_config(&dir).unwrap();
-    let whole = medbatch_engine::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, 1).unwrap();
+    let cfg = medbatch_engine::load::hf::read_config(&dir).unwrap();
+    let whole = medbatch_engine::load::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, 1).unwrap();
     let (all, norms) = whole.shards[0].weight_bytes();
     let t = &cfg.text;
     let kv_bytes = (2 * t.num_layers * t.num_kv_heads * t.head_dim * t.hidden_size * 4) as u64;
     for tp in [2usize, 4] {
-        let split = medbatch_engine::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, tp).unwrap();
+        let split = medbatch_engine::load::hf::load_model_tp(&dir, &cfg, &candle_core::Device::Cpu, tp).unwrap();
         let kv_per_rank = kv_bytes / t.num_kv_heads as u64 * (t.num_kv_heads / tp).max(1) as u64;
         for (r, shard) in split.shards.iter().enumerate() {
             let (mine, replicated) = shard.weight_bytes();

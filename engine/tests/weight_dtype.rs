@@ -6,7 +6,7 @@
 
 use candle_core::{DType, Device};
 use medbatch_engine::engine::{Engine, Placement};
-use medbatch_engine::model::{Gemma3, Linear, Logits};
+use medbatch_engine::models::gemma3::{Gemma3, Linear, Logits};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -136,7 +136,7 @@ fn argmax(v: &[f32]) -> usize {
 
 #[test]
 fn random_models_take_a_configs_shape() {
-    let cfg = medbatch_engine::hf::read_config(&fixtures().join("models/mqa_untied")).unwrap();
+    let cfg = medbatch_engine::load::hf::read_config(&fixtures().join("models/mqa_untied")).unwrap();
     let t = &cfg.text;
     // Bytes a decode step reads: every layer's matrices, the untied head and the norms.
     let per_layer = t.hidden_size * (2 * t.q_dim() + 2 * t.kv_dim() + 3 * t.intermediate_size);
@@ -144,7 +144,7 @@ fn random_models_take_a_configs_shape() {
     for tp in [1usize, 2] {
         let placement = Placement { tp, devices: Vec::new(), dtype: Some(DType::BF16) };
         let (devices, comms) = placement.ranks().unwrap();
-        let model = medbatch_engine::hf::random_model(&cfg, devices, comms, DType::BF16).unwrap();
+        let model = medbatch_engine::load::hf::random_model(&cfg, devices, comms, DType::BF16).unwrap();
         assert_eq!(model.ranks(), tp);
         for (r, s) in model.shards.iter().enumerate() {
             // One KV head (MQA) is replicated to both ranks; everything else splits.

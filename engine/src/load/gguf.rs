@@ -6,9 +6,11 @@
 //! GELU-tanh, and the output head tied to `token_embd` when `output.weight` is absent. Norm
 //! weights in GGUF already contain Gemma's `+1`, so they are used as they are.
 
-use crate::config::{TextConfig, GEMMA3_LOCAL_ROPE_BASE};
-use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm, Shard};
-use crate::tokenizer::{SpmTokenizer, SpmVocab, TokenType};
+use crate::load::config::{TextConfig, GEMMA3_LOCAL_ROPE_BASE};
+use crate::models::gemma3::{
+    Embedding, Gemma3, Layer, LayerParam, LayerSource, Linear, NumericOptions, RmsNorm, Shard,
+};
+use crate::tokenizer::spm::{SpmTokenizer, SpmVocab, TokenType};
 use crate::EngineError;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -193,29 +195,8 @@ impl GgufFile {
         } else {
             Linear::from_qtensor(embed_q.clone()).map_err(|e| EngineError::Load(e.to_string()))?
         };
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            let p = |s: &str| format!("blk.{i}.{s}.weight");
-            layers.push(Layer {
-                input_norm: self.norm(&p("attn_norm"), eps, device)?,
-                attn: Attention {
-                    q: self.linear(&p("attn_q"), device)?,
-                    k: self.linear(&p("attn_k"), device)?,
-                    v: self.linear(&p("attn_v"), device)?,
-                    o: self.linear(&p("attn_output"), device)?,
-                    q_norm: self.norm(&p("attn_q_norm"), eps, device)?,
-                    k_norm: self.norm(&p("attn_k_norm"), eps, device)?,
-                },
-                post_attn_norm: self.norm(&p("post_attention_norm"), eps, device)?,
-                pre_ff_norm: self.norm(&p("ffn_norm"), eps, device)?,
-                mlp: Mlp {
-                    gate: self.linear(&p("ffn_gate"), device)?,
-                    up: self.linear(&p("ffn_up"), device)?,
-                    down: self.linear(&p("ffn_down"), device)?,
-                },
-                post_ff_norm: self.norm(&p("post_ffw_norm"), eps, device)?,
-            });
-        }
+        let mut source = GgufLayers { file: self, device, eps };
+        let layers = (0..cfg.num_layers).map(|i| Layer::load(&mut source, i)).collect::<Result<Vec<_>, _>>()?;
         let norm = self.norm("output_norm.weight", eps, device)?;
         let vocab_rows = cfg.vocab_size;
         let shard =
@@ -241,6 +222,44 @@ impl GgufFile {
             *m.entry(format!("{:?}", info.ggml_dtype)).or_insert(0) += n as u64;
         }
         m
+    }
+}
+
+/// A GGUF file's decoder layers, by llama.cpp's tensor names (`blk.N.*`).
+struct GgufLayers<'a> {
+    file: &'a mut GgufFile,
+    device: &'a Device,
+    eps: f64,
+}
+
+impl GgufLayers<'_> {
+    fn name(layer: usize, p: LayerParam) -> String {
+        let s = match p {
+            LayerParam::InputNorm => "attn_norm",
+            LayerParam::Q => "attn_q",
+            LayerParam::K => "attn_k",
+            LayerParam::V => "attn_v",
+            LayerParam::O => "attn_output",
+            LayerParam::QNorm => "attn_q_norm",
+            LayerParam::KNorm => "attn_k_norm",
+            LayerParam::PostAttentionNorm => "post_attention_norm",
+            LayerParam::PreFeedForwardNorm => "ffn_norm",
+            LayerParam::Gate => "ffn_gate",
+            LayerParam::Up => "ffn_up",
+            LayerParam::Down => "ffn_down",
+            LayerParam::PostFeedForwardNorm => "post_ffw_norm",
+        };
+        format!("blk.{layer}.{s}.weight")
+    }
+}
+
+impl LayerSource for GgufLayers<'_> {
+    fn linear(&mut self, layer: usize, p: LayerParam) -> Result<Linear, EngineError> {
+        self.file.linear(&Self::name(layer, p), self.device)
+    }
+
+    fn norm(&mut self, layer: usize, p: LayerParam) -> Result<RmsNorm, EngineError> {
+        self.file.norm(&Self::name(layer, p), self.eps, self.device)
     }
 }
 

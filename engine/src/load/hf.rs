@@ -12,9 +12,11 @@
 //! scale `sqrt(hidden)` is rounded to the weights' dtype, as transformers does.
 
 use crate::comm::Communicator;
-use crate::hf_config::{parse_config, CheckpointConfig};
-use crate::model::{Attention, Embedding, Gemma3, Layer, Linear, Mlp, NumericOptions, RmsNorm, Shard};
-use crate::vision::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
+use crate::load::hf_config::{parse_config, CheckpointConfig};
+use crate::models::gemma3::{
+    Embedding, Gemma3, Layer, LayerParam, LayerSource, Linear, NumericOptions, RmsNorm, Shard,
+};
+use crate::models::siglip::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
 use crate::EngineError;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -323,7 +325,7 @@ struct Split {
     intermediate: usize,
 }
 
-fn split(t: &crate::config::TextConfig, world: usize) -> Result<Split, EngineError> {
+fn split(t: &crate::load::config::TextConfig, world: usize) -> Result<Split, EngineError> {
     let (h, kv, inter) = (t.num_heads, t.num_kv_heads, t.intermediate_size);
     if world == 0
         || !h.is_multiple_of(world)
@@ -338,20 +340,11 @@ fn split(t: &crate::config::TextConfig, world: usize) -> Result<Split, EngineErr
     Ok(Split { heads: h / world, kv_heads: (kv / world).max(1), intermediate: inter / world })
 }
 
-/// In-process communicators for `world` CPU ranks (none needed for one).
-pub(crate) fn cpu_comms(world: usize) -> Vec<Arc<dyn Communicator>> {
-    if world <= 1 {
-        vec![Arc::new(crate::comm::SingleRank)]
-    } else {
-        crate::comm::InProcess::group(world).into_iter().map(|c| Arc::new(c) as Arc<dyn Communicator>).collect()
-    }
-}
-
 /// Loads the text decoder split over `world` tensor-parallel ranks (threads of this process
 /// joined by an in-process communicator), each rank reading only its slices of the weights,
 /// in f32. `world = 1` is the whole model.
 pub fn load_model_tp(dir: &Path, cfg: &CheckpointConfig, device: &Device, world: usize) -> Result<Gemma3, EngineError> {
-    load_model_ranks(dir, cfg, vec![device.clone(); world.max(1)], cpu_comms(world), DType::F32)
+    load_model_ranks(dir, cfg, vec![device.clone(); world.max(1)], crate::comm::cpu_comms(world), DType::F32)
 }
 
 /// Names of the decoder's tensors in one checkpoint.
@@ -445,9 +438,6 @@ fn build(
     let eps = t.rms_norm_eps;
     let sp = split(t, world)?;
     let (hd, hidden, rows) = (t.head_dim, t.hidden_size, keys.embed_rows);
-    let (q_full, kv_full) = ([t.q_dim(), hidden], [t.kv_dim(), hidden]);
-    let (o_full, up_full, down_full) =
-        ([hidden, t.q_dim()], [t.intermediate_size, hidden], [hidden, t.intermediate_size]);
     let per_rank_vocab = rows.div_ceil(world);
     let mut shards = Vec::with_capacity(world);
     for (r, (comm, dev)) in comms.into_iter().zip(devices).enumerate() {
@@ -468,34 +458,11 @@ fn build(
             None => Linear::Dense(embed.clone()),
             Some(k) => Linear::Dense(source.part(k, &[rows, hidden], vocab, dtype, &dev)?),
         };
-        let name = |i: usize, s: &str| format!("{}layers.{i}.{s}.weight", keys.prefix);
-        let lin = |i: usize, s: &str, full: &[usize], p: Part| -> Result<Linear, EngineError> {
-            Ok(Linear::Dense(source.part(&name(i, s), full, whole_if_one(p), dtype, &dev)?))
-        };
-        let norm = |i: usize, s: &str, width: usize| source.norm(&name(i, s), width, eps, &dev);
-        let mut layers = Vec::with_capacity(t.num_layers);
-        for i in 0..t.num_layers {
-            layers.push(Layer {
-                input_norm: norm(i, "input_layernorm", hidden)?,
-                attn: Attention {
-                    q: lin(i, "self_attn.q_proj", &q_full, q_rows)?,
-                    k: lin(i, "self_attn.k_proj", &kv_full, kv_rows)?,
-                    v: lin(i, "self_attn.v_proj", &kv_full, kv_rows)?,
-                    o: lin(i, "self_attn.o_proj", &o_full, o_cols)?,
-                    q_norm: norm(i, "self_attn.q_norm", hd)?,
-                    k_norm: norm(i, "self_attn.k_norm", hd)?,
-                },
-                post_attn_norm: norm(i, "post_attention_layernorm", hidden)?,
-                pre_ff_norm: norm(i, "pre_feedforward_layernorm", hidden)?,
-                mlp: Mlp {
-                    gate: lin(i, "mlp.gate_proj", &up_full, up_rows)?,
-                    up: lin(i, "mlp.up_proj", &up_full, up_rows)?,
-                    down: lin(i, "mlp.down_proj", &down_full, down_cols)?,
-                },
-                post_ff_norm: norm(i, "post_feedforward_layernorm", hidden)?,
-            });
-        }
-        let local = crate::config::TextConfig {
+        let parts = RankParts { q_rows, kv_rows, o_cols, up_rows, down_cols };
+        let mut layer_source =
+            HfLayers { source, prefix: keys.prefix, cfg: t, parts, whole: world == 1, dtype, device: &dev };
+        let layers = (0..t.num_layers).map(|i| Layer::load(&mut layer_source, i)).collect::<Result<Vec<_>, _>>()?;
+        let local = crate::load::config::TextConfig {
             num_heads: sp.heads,
             num_kv_heads: sp.kv_heads,
             intermediate_size: sp.intermediate,
@@ -522,6 +489,74 @@ fn build(
         attention_dtype: dtype,
         device,
     })
+}
+
+/// The parts of each matrix one rank keeps.
+struct RankParts {
+    q_rows: Part,
+    kv_rows: Part,
+    o_cols: Part,
+    up_rows: Part,
+    down_cols: Part,
+}
+
+/// A checkpoint's decoder layers under transformers' names (`{prefix}layers.N.*`), read for
+/// one rank.
+struct HfLayers<'a> {
+    source: &'a Source,
+    prefix: &'static str,
+    cfg: &'a crate::load::config::TextConfig,
+    parts: RankParts,
+    /// The whole model on one rank: every matrix read whole.
+    whole: bool,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl HfLayers<'_> {
+    fn name(&self, layer: usize, p: LayerParam) -> String {
+        let s = match p {
+            LayerParam::InputNorm => "input_layernorm",
+            LayerParam::Q => "self_attn.q_proj",
+            LayerParam::K => "self_attn.k_proj",
+            LayerParam::V => "self_attn.v_proj",
+            LayerParam::O => "self_attn.o_proj",
+            LayerParam::QNorm => "self_attn.q_norm",
+            LayerParam::KNorm => "self_attn.k_norm",
+            LayerParam::PostAttentionNorm => "post_attention_layernorm",
+            LayerParam::PreFeedForwardNorm => "pre_feedforward_layernorm",
+            LayerParam::Gate => "mlp.gate_proj",
+            LayerParam::Up => "mlp.up_proj",
+            LayerParam::Down => "mlp.down_proj",
+            LayerParam::PostFeedForwardNorm => "post_feedforward_layernorm",
+        };
+        format!("{}layers.{layer}.{s}.weight", self.prefix)
+    }
+}
+
+impl LayerSource for HfLayers<'_> {
+    fn linear(&mut self, layer: usize, p: LayerParam) -> Result<Linear, EngineError> {
+        let t = self.cfg;
+        let (hidden, pr) = (t.hidden_size, &self.parts);
+        let (full, part) = match p {
+            LayerParam::Q => ([t.q_dim(), hidden], pr.q_rows),
+            LayerParam::K | LayerParam::V => ([t.kv_dim(), hidden], pr.kv_rows),
+            LayerParam::O => ([hidden, t.q_dim()], pr.o_cols),
+            LayerParam::Gate | LayerParam::Up => ([t.intermediate_size, hidden], pr.up_rows),
+            LayerParam::Down => ([hidden, t.intermediate_size], pr.down_cols),
+            other => return Err(load_err(format!("{other:?} is not a matrix"))),
+        };
+        let part = if self.whole { Part::Whole } else { part };
+        Ok(Linear::Dense(self.source.part(&self.name(layer, p), &full, part, self.dtype, self.device)?))
+    }
+
+    fn norm(&mut self, layer: usize, p: LayerParam) -> Result<RmsNorm, EngineError> {
+        let width = match p {
+            LayerParam::QNorm | LayerParam::KNorm => self.cfg.head_dim,
+            _ => self.cfg.hidden_size,
+        };
+        self.source.norm(&self.name(layer, p), width, self.cfg.rms_norm_eps, self.device)
+    }
 }
 
 /// A chat template (Jinja) from `chat_template.jinja` or `tokenizer_config.json`.

@@ -16,8 +16,8 @@
 //! materialises all heads' 4096×4096 score matrices at once (1 GiB per layer at MedGemma's
 //! shape). Here the scores are computed a few heads at a time.
 
-use crate::hf_config::VisionConfig;
-use crate::model::RmsNorm;
+use crate::load::hf_config::VisionConfig;
+use crate::models::gemma3::RmsNorm;
 use candle_core::{Device, Tensor, D};
 
 /// Score matrices of one attention group are kept under this many bytes.

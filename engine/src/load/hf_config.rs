@@ -11,7 +11,7 @@
 //! the keys that differ from `Gemma3TextConfig`'s class defaults, which apply to every key
 //! that is absent.
 
-use crate::config::{TextConfig, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SLIDING_WINDOW_PATTERN};
+use crate::load::config::{TextConfig, GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SLIDING_WINDOW_PATTERN};
 use crate::EngineError;
 use serde_json::Value;
 
