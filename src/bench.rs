@@ -245,7 +245,6 @@ fn grammar_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyho
             Ok(medbatch_engine::GenerateRequest {
                 prompt: r.text,
                 chat: false,
-                shared_prefix_len: r.shared_prefix_len,
                 add_bos: true,
                 parse_special: false,
                 max_new_tokens: pipeline.spec.generation.max_new_tokens,

@@ -144,7 +144,6 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                     let g = engine.generate(&medbatch_engine::GenerateRequest {
                         prompt,
                         chat,
-                        shared_prefix_len: 0,
                         add_bos: true,
                         parse_special: !images.is_empty(),
                         max_new_tokens,

@@ -11,7 +11,6 @@ use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
-use medbatch_engine::service::ServiceLimits;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{Job, RunId};
 use medbatch_worker::job::{handle_delivery, Handled, WorkerContext};
@@ -92,6 +91,8 @@ pub struct WorkArgs {
     /// Jobs worked on at once (their requests share the engine's batches).
     #[arg(long, env = "MEDBATCH_CONCURRENCY", default_value_t = 2)]
     pub concurrency: usize,
+    #[command(flatten)]
+    pub limits: model_path::EngineLimitArgs,
     #[command(flatten)]
     pub split: model_path::SplitArgs,
     /// A folder of pipeline folders to serve from, searched before the built-in `pipelines/`
@@ -334,7 +335,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let split = args.split.clone();
     let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
     let info = engine.info.clone();
-    let engine = EngineHandle::spawn_with(engine, ServiceLimits::default());
+    let engine = EngineHandle::start(engine, args.limits.limits()?)?;
     let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
     anyhow::ensure!(stall.is_finite() && stall >= 0.0, "--stall-timeout must be a number of seconds, 0 or more");
     if stall > 0.0 {

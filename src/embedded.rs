@@ -7,7 +7,6 @@ use anyhow::{bail, Context};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
-use medbatch_engine::service::ServiceLimits;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
@@ -38,10 +37,8 @@ pub struct RunArgs {
     /// output writing with generation.
     #[arg(long, env = "MEDBATCH_WORKERS", default_value_t = 2)]
     pub workers: usize,
-    /// Sequences the engine generates at once (continuous batching); 1 serves requests one
-    /// at a time.
-    #[arg(long, env = "MEDBATCH_MAX_SEQUENCES", default_value_t = medbatch_engine::service::DEFAULT_MAX_SEQUENCES)]
-    pub max_sequences: usize,
+    #[command(flatten)]
+    pub limits: model_path::EngineLimitArgs,
     #[command(flatten)]
     pub split: model_path::SplitArgs,
     /// Run id. Reusing one resumes that run: finished jobs are not done again.
@@ -81,8 +78,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let split = args.split.clone();
     let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
     let info = engine.info.clone();
-    let limits = ServiceLimits { max_sequences: args.max_sequences.max(1), ..ServiceLimits::default() };
-    let engine = EngineHandle::spawn_with(engine, limits);
+    let engine = EngineHandle::start(engine, args.limits.limits()?)?;
     tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
 
     let source = InputSource::with_s3(args.s3_endpoint.clone());

@@ -64,6 +64,47 @@ pub struct SplitArgs {
     pub dtype: Option<candle_core::DType>,
 }
 
+/// How much the engine serves at once: the `--max-sequences` and `--kv-memory` options of
+/// `run` and `work`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineLimitArgs {
+    /// Sequences the engine generates at once (continuous batching); 1 serves requests one
+    /// at a time.
+    #[arg(long, env = "MEDBATCH_MAX_SEQUENCES", default_value_t = medbatch_engine::service::DEFAULT_MAX_SEQUENCES)]
+    pub max_sequences: usize,
+    /// Memory of the paged KV cache on each device (each rank), e.g. `512MiB`, `2GiB`, `40GB`.
+    /// Sequences are admitted while it has room for their prompt; when it runs dry the
+    /// newest sequence is preempted and recomputed later, with the same output. Default:
+    /// 2 GiB on the CPU (touched only as far as it is used), 90 % of a GPU's free memory.
+    #[arg(long, env = "MEDBATCH_KV_MEMORY", value_parser = parse_kv_memory)]
+    pub kv_memory: Option<u64>,
+}
+
+impl Default for EngineLimitArgs {
+    fn default() -> Self {
+        Self { max_sequences: medbatch_engine::service::DEFAULT_MAX_SEQUENCES, kv_memory: None }
+    }
+}
+
+impl EngineLimitArgs {
+    pub fn limits(&self) -> anyhow::Result<medbatch_engine::service::ServiceLimits> {
+        anyhow::ensure!(self.max_sequences >= 1, "--max-sequences must be at least 1");
+        Ok(medbatch_engine::service::ServiceLimits {
+            max_sequences: self.max_sequences,
+            kv_memory: self.kv_memory,
+            ..Default::default()
+        })
+    }
+}
+
+/// A memory size such as `512MiB`, `2GiB` or `40GB`.
+pub fn parse_kv_memory(s: &str) -> Result<u64, String> {
+    match medbatch_engine::describe::parse_memory(s) {
+        Some(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a memory size (e.g. 512MiB, 2GiB, 40GB)")),
+    }
+}
+
 /// `f32`, `bf16` or `f16` (also as transformers writes them: `float32`, `bfloat16`, `float16`).
 pub fn parse_dtype(s: &str) -> Result<candle_core::DType, String> {
     match s.to_ascii_lowercase().as_str() {

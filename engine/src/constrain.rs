@@ -124,6 +124,24 @@ impl GuidanceFactory {
     }
 }
 
+impl GuidanceFactory {
+    /// The tokens `mask` allows as packed bits (bit `t % 8` of byte `t / 8`), over
+    /// `bits.len() × 8` token ids; ids beyond the vocabulary are never allowed. Returns
+    /// false when the grammar allows nothing (the parser failed).
+    pub fn mask_bits(&self, mask: &SimpleVob, bits: &mut [u8]) -> bool {
+        let eos_ok = mask.is_allowed(self.eos);
+        bits.fill(0);
+        let mut any = false;
+        for t in 0..(bits.len() * 8).min(self.vocab_size) {
+            if mask.is_allowed(t as u32) || (eos_ok && self.also_stop.contains(&(t as u32))) {
+                bits[t / 8] |= 1 << (t % 8);
+                any = true;
+            }
+        }
+        any
+    }
+}
+
 /// One sequence's grammar state.
 pub struct SeqMatcher {
     m: Matcher,

@@ -10,7 +10,7 @@ use crate::load::hf::ChatTemplate;
 use crate::models::gemma3::{BatchItem, Gemma3, Logits, NumericOptions};
 use crate::models::siglip::VisionTower;
 use crate::sampling::Sampling;
-use crate::scheduler::{chunk_end, image_rows, DecodeStats, PrefixEntry};
+use crate::scheduler::{chunk_end, image_rows, DecodeStats};
 use crate::tokenizer::{HfTokenizer, Tokenizer};
 use crate::EngineError;
 use candle_core::{Device, Tensor};
@@ -98,19 +98,17 @@ pub struct ModelInfo {
     pub context_length: usize,
 }
 
-/// One generation request. Decoding is greedy: the same request gives the same answer.
+/// One generation request. Decoding is greedy: the same request gives the same answer. A
+/// prompt that starts like earlier ones (few-shot examples, instructions, a system prompt)
+/// reuses their cached keys and values, block by block, without asking.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateRequest {
     /// The complete prompt text, or the user message when `chat` is set.
     pub prompt: String,
     /// Wrap `prompt` as one user turn in the model's chat format (its chat template when the
     /// checkpoint has one, else Gemma's turn format); BOS and special-token parsing then
-    /// follow the template, and `add_bos`, `parse_special` and `shared_prefix_len` are
-    /// ignored.
+    /// follow the template, and `add_bos` and `parse_special` are ignored.
     pub chat: bool,
-    /// Length in bytes of a prefix of `prompt` shared by many requests; its KV cache is
-    /// computed once and reused. 0 disables reuse.
-    pub shared_prefix_len: usize,
     /// Prepend BOS as the vocabulary asks.
     pub add_bos: bool,
     /// Let control tokens such as `<start_of_turn>` be written in the prompt text.
@@ -161,6 +159,15 @@ pub struct Generation {
     pub engine_ms: u64,
 }
 
+/// A request's images as the engine takes them: their rows for the text decoder and their
+/// keys for the prefix cache.
+#[derive(Clone, Debug)]
+pub struct EncodedImages {
+    /// `[images × tokens, hidden]`.
+    pub rows: Tensor,
+    pub keys: Vec<crate::kv::ImageKey>,
+}
+
 /// A model's vision tower and image preprocessing, shareable between threads: images are
 /// encoded off the engine thread, so that a long encoding does not hold up the other
 /// sequences' steps.
@@ -180,6 +187,11 @@ impl ImageEncoder {
         }
         Ok(Tensor::cat(&rows, 0)?)
     }
+
+    /// The rows of `images` and their keys (hashing the pixels here, off the engine thread).
+    pub fn encode_with_keys(&self, images: &[Arc<Rgb8>]) -> Result<EncodedImages, EngineError> {
+        Ok(EncodedImages { rows: self.encode(images)?, keys: crate::scheduler::image_keys(images) })
+    }
 }
 
 /// A loaded model, its tokenizer and its prefix cache. Not shared between threads: the
@@ -195,8 +207,6 @@ pub struct Engine {
     pub chat_template: Option<ChatTemplate>,
     pub info: ModelInfo,
     pub(crate) stop_ids: Vec<u32>,
-    pub(crate) prefixes: Vec<PrefixEntry>,
-    pub(crate) clock: u64,
     /// Grammar compiler over this vocabulary, built at the first constrained request.
     pub(crate) guidance: OnceLock<Arc<GuidanceFactory>>,
     pub stats: DecodeStats,
@@ -296,8 +306,6 @@ impl Engine {
             chat_template,
             info,
             stop_ids,
-            prefixes: Vec::new(),
-            clock: 0,
             guidance: OnceLock::new(),
             stats: DecodeStats::default(),
         }

@@ -109,9 +109,62 @@ pub fn pick(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> u32 {
     order[order.len() - 1] as u32
 }
 
+/// `logits` (`[rows, vocab]`) with every token whose bit is clear in `bits` (`[rows,
+/// ceil(vocab / 8)]` bytes, bit `t % 8` of byte `t / 8`) set to −∞, computed where the
+/// logits are: the bitmask is one small copy, and its bits are unpacked with exact float
+/// arithmetic (`floor(b / 2^k) mod 2`), since candle has no bitwise operations.
+pub fn apply_bitmask(logits: &candle_core::Tensor, bits: &[u8]) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    let (rows, vocab) = logits.dims2()?;
+    let per_row = vocab.div_ceil(8);
+    if bits.len() != rows * per_row {
+        candle_core::bail!("{} mask bytes for {rows} rows of {vocab} logits", bits.len());
+    }
+    let dev = logits.device();
+    let b = Tensor::from_slice(bits, (rows, per_row, 1), dev)?.to_dtype(DType::F32)?;
+    let pow = Tensor::new(&[1f32, 2., 4., 8., 16., 32., 64., 128.], dev)?.reshape((1, 1, 8))?;
+    let q = b.broadcast_div(&pow)?.floor()?;
+    let bit = (&q - ((&q / 2.0)?.floor()? * 2.0)?)?;
+    let allowed = bit.reshape((rows, per_row * 8))?.narrow(1, 0, vocab)?;
+    let neg = Tensor::full(f32::NEG_INFINITY, (rows, vocab), dev)?.to_dtype(logits.dtype())?;
+    allowed.ne(0f32)?.where_cond(logits, &neg)
+}
+
+/// The index of the largest logit of every row (the first on ties), computed where the
+/// logits are; one copy of `rows` ids comes back.
+pub fn argmax_rows(logits: &candle_core::Tensor) -> candle_core::Result<Vec<u32>> {
+    logits.argmax_keepdim(candle_core::D::Minus1)?.flatten_all()?.to_vec1::<u32>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bitmask_on_tensors_equals_masking_rows() {
+        use candle_core::{Device, Tensor};
+        let (rows, vocab) = (3usize, 21usize);
+        let mut rng = SplitMix64::new(3);
+        let logits: Vec<f32> = (0..rows * vocab).map(|_| rng.next_f64() as f32 * 10.0 - 5.0).collect();
+        let mut bits = vec![0u8; rows * vocab.div_ceil(8)];
+        for (i, b) in bits.iter_mut().enumerate() {
+            *b = (rng.next_u64() & 0xff) as u8 | u8::from(i == 0);
+        }
+        let t = Tensor::from_vec(logits.clone(), (rows, vocab), &Device::Cpu).unwrap();
+        let masked: Vec<Vec<f32>> = apply_bitmask(&t, &bits).unwrap().to_vec2().unwrap();
+        for r in 0..rows {
+            for v in 0..vocab {
+                let on = bits[r * vocab.div_ceil(8) + v / 8] >> (v % 8) & 1 == 1;
+                let want = if on { logits[r * vocab + v] } else { f32::NEG_INFINITY };
+                assert_eq!(masked[r][v], want, "row {r} token {v}");
+            }
+            let host = argmax(&masked[r]);
+            assert_eq!(
+                argmax_rows(&Tensor::new(masked[r].as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap()).unwrap(),
+                vec![host]
+            );
+        }
+    }
 
     #[test]
     fn splitmix_stream_is_fixed() {

@@ -1,18 +1,20 @@
 //! The engine thread. The model owns a thread: async code sends it a command carrying its
 //! tracing span and a reply channel, and never blocks the runtime on tensor work.
 //!
-//! The thread serves requests with continuous batching: every step runs one forward pass
-//! over all active sequences (prompt chunks and single generated tokens packed together);
-//! new requests join between steps and finished ones leave. Admission is bounded by a
-//! number of sequences and by the KV-cache memory the admitted sequences can grow to.
+//! The thread serves requests with continuous batching ([`crate::scheduler`]): every step
+//! runs one forward pass over all active sequences (prompt chunks and single generated tokens
+//! packed together); new requests join between steps while the KV pool has room, finished
+//! ones leave, and when the pool runs dry the newest sequence is preempted and recomputed
+//! later.
 
-use crate::engine::{Engine, GenerateRequest, Generation, ImageEncoder, ModelInfo, PREFILL_CHUNK};
-use crate::scheduler::Active;
+use crate::engine::{EncodedImages, Engine, GenerateRequest, Generation, ImageEncoder, ModelInfo, PREFILL_CHUNK};
+use crate::kv::{KvLayout, KvStats};
+use crate::models::gemma3::KvConfig;
+use crate::scheduler::{DecodeStats, Finished, Scheduler, SchedulerLimits};
 use crate::tokenizer::Tokenizer;
 use crate::EngineError;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -21,9 +23,9 @@ use tokio::sync::oneshot;
 pub struct ServiceLimits {
     /// Sequences in flight at most.
     pub max_sequences: usize,
-    /// KV-cache bytes the admitted sequences may grow to (at their full length); one
-    /// sequence is always admitted, whatever its size.
-    pub kv_budget_bytes: u64,
+    /// Bytes of keys and values per rank (the paged KV pool); `None`: the model's default
+    /// (2 GiB on the CPU, most of a GPU's free memory).
+    pub kv_memory: Option<u64>,
     /// Prompt tokens per forward pass, over all sequences (longer prompts are prefilled
     /// in chunks across steps).
     pub prefill_tokens_per_step: usize,
@@ -31,16 +33,34 @@ pub struct ServiceLimits {
 
 /// Default sequences in flight: enough to keep a CPU or a GPU busy with small prompts.
 pub const DEFAULT_MAX_SEQUENCES: usize = 64;
-/// Default KV budget: 2 GiB.
-pub const DEFAULT_KV_BUDGET_BYTES: u64 = 2 << 30;
 
 impl Default for ServiceLimits {
     fn default() -> Self {
-        Self {
-            max_sequences: DEFAULT_MAX_SEQUENCES,
-            kv_budget_bytes: DEFAULT_KV_BUDGET_BYTES,
-            prefill_tokens_per_step: PREFILL_CHUNK,
-        }
+        Self { max_sequences: DEFAULT_MAX_SEQUENCES, kv_memory: None, prefill_tokens_per_step: PREFILL_CHUNK }
+    }
+}
+
+/// What the engine thread has done so far, for progress and metrics.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineStats {
+    pub decode: DecodeStats,
+    pub kv_layout: Option<KvLayout>,
+    pub kv: KvStats,
+    /// Sequences in flight and waiting after the last step.
+    pub running: usize,
+    pub waiting: usize,
+}
+
+impl EngineStats {
+    /// Token rows per forward pass, on average.
+    pub fn tokens_per_step(&self) -> f64 {
+        self.decode.rows as f64 / self.decode.passes.max(1) as f64
+    }
+
+    /// Prompt tokens whose keys and values came from the prefix cache, over all prompt
+    /// tokens looked up.
+    pub fn prefix_hit_rate(&self) -> f64 {
+        self.kv.hit_tokens as f64 / self.kv.lookup_tokens.max(1) as f64
     }
 }
 
@@ -48,11 +68,8 @@ type Reply = oneshot::Sender<Result<Generation, EngineError>>;
 
 enum Command {
     /// A request, with its images' rows when they were encoded before it was sent.
-    Generate { req: GenerateRequest, rows: Option<candle_core::Tensor>, span: tracing::Span, reply: Reply },
+    Generate { req: GenerateRequest, images: Option<EncodedImages>, span: tracing::Span, reply: Reply },
 }
-
-/// A request waiting for admission.
-type Waiting = (GenerateRequest, Option<candle_core::Tensor>, tracing::Span, Reply);
 
 /// A cloneable handle to the engine thread.
 #[derive(Clone)]
@@ -61,6 +78,7 @@ pub struct EngineHandle {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     busy: Arc<Busy>,
+    stats: Arc<Mutex<EngineStats>>,
     /// Images are encoded here, one request at a time, off the engine thread.
     encoder: Option<ImageEncoder>,
     encoding: Arc<tokio::sync::Mutex<()>>,
@@ -99,106 +117,60 @@ impl Busy {
     }
 }
 
-struct InFlight {
-    seq: Active,
-    projected_kv: u64,
-    span: tracing::Span,
-    reply: Reply,
-}
-
-fn serve(mut engine: Engine, rx: mpsc::Receiver<Command>, limits: ServiceLimits, busy: Arc<Busy>) {
-    let mut waiting: VecDeque<Waiting> = VecDeque::new();
-    let mut flying: Vec<InFlight> = Vec::new();
-    let mut parked: Option<InFlight> = None;
-    loop {
-        if flying.is_empty() && waiting.is_empty() && parked.is_none() {
-            match rx.recv() {
-                Ok(Command::Generate { req, rows, span, reply }) => waiting.push_back((req, rows, span, reply)),
-                Err(_) => return,
-            }
-        }
-        while let Ok(Command::Generate { req, rows, span, reply }) = rx.try_recv() {
-            waiting.push_back((req, rows, span, reply));
-        }
-        // Admit while there is room. A sequence set up but waiting for KV memory is parked
-        // with its prompt already tokenized, and admitted first once memory frees up.
-        while flying.len() < limits.max_sequences.max(1) {
-            let next = match parked.take() {
-                Some(p) => p,
-                None => {
-                    let Some((req, rows, span, reply)) = waiting.pop_front() else { break };
-                    let admitted = {
-                        let _g = span.enter();
-                        busy.during(&busy.step, || engine.admit_encoded(&req, rows))
-                    };
-                    match admitted {
-                        Err(_) if engine.model.broken().is_some() => {
-                            // Admission ran the model (a cached prompt prefix) and a rank failed.
-                            let _ = reply.send(Err(EngineError::Stopped));
-                            stop(&engine, waiting, parked, flying.drain(..).map(|f| f.reply));
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            continue;
-                        }
-                        Ok(seq) if req.max_new_tokens == 0 => {
-                            let _ = reply.send(Ok(seq.into_generation()));
-                            continue;
-                        }
-                        Ok(seq) => InFlight { projected_kv: engine.projected_kv_bytes(&seq), seq, span, reply },
-                    }
-                }
-            };
-            let in_use: u64 = flying.iter().map(|f| f.projected_kv).sum();
-            if !flying.is_empty() && in_use + next.projected_kv > limits.kv_budget_bytes {
-                parked = Some(next);
-                break;
-            }
-            flying.push(next);
-        }
-        if flying.is_empty() {
-            continue;
-        }
-        let mut seqs: Vec<Active> = Vec::with_capacity(flying.len());
-        let mut meta = Vec::with_capacity(flying.len());
-        for f in flying.drain(..) {
-            seqs.push(f.seq);
-            meta.push((f.projected_kv, f.span, f.reply));
-        }
-        let stepped = {
-            let _s = tracing::trace_span!("engine_step", sequences = seqs.len()).entered();
-            busy.during(&busy.step, || engine.step(&mut seqs, limits.prefill_tokens_per_step))
-        };
-        // A failed tensor-parallel rank leaves the model unusable: every request, in flight
-        // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
-        // jobs back instead of writing error rows for them.
-        if engine.model.broken().is_some() {
-            stop(&engine, waiting, parked, meta.into_iter().map(|(_, _, reply)| reply));
-            return;
-        }
-        for (seq, (projected_kv, span, reply)) in seqs.into_iter().zip(meta) {
-            match &stepped {
-                Err(e) => {
-                    let _ = reply.send(Err(EngineError::Compute(e.to_string())));
-                }
-                Ok(()) if seq.is_done() => {
-                    // The caller may have gone away; nothing to do then.
-                    let _ = reply.send(Ok(seq.into_generation()));
-                }
-                Ok(()) => flying.push(InFlight { seq, projected_kv, span, reply }),
-            }
-        }
+fn reply_all(done: Vec<Finished<Reply>>) {
+    for f in done {
+        // The caller may have gone away; nothing to do then.
+        let _ = f.tag.send(f.result);
     }
 }
 
-/// Answers every request in hand `Stopped` after a tensor-parallel rank failed.
-fn stop(engine: &Engine, waiting: VecDeque<Waiting>, parked: Option<InFlight>, in_flight: impl Iterator<Item = Reply>) {
-    let why = engine.model.broken().unwrap_or_default();
-    tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
-    let replies = in_flight.chain(parked.map(|p| p.reply)).chain(waiting.into_iter().map(|(_, _, _, r)| r));
-    for reply in replies {
-        let _ = reply.send(Err(EngineError::Stopped));
+fn serve(
+    mut engine: Engine,
+    rx: mpsc::Receiver<Command>,
+    limits: ServiceLimits,
+    busy: Arc<Busy>,
+    stats: Arc<Mutex<EngineStats>>,
+) {
+    let mut sched: Scheduler<Reply> = Scheduler::new(SchedulerLimits {
+        max_sequences: limits.max_sequences.max(1),
+        prefill_tokens_per_step: limits.prefill_tokens_per_step,
+    });
+    let layout = engine.model.kv_stats().ok().map(|(l, _)| l);
+    loop {
+        if sched.is_empty() {
+            match rx.recv() {
+                Ok(Command::Generate { req, images, span, reply }) => sched.push(req, images, span, reply),
+                Err(_) => return,
+            }
+        }
+        while let Ok(Command::Generate { req, images, span, reply }) = rx.try_recv() {
+            sched.push(req, images, span, reply);
+        }
+        let admitted = busy.during(&busy.step, || sched.admit(&mut engine));
+        reply_all(admitted);
+        let done = busy.during(&busy.step, || sched.step(&mut engine));
+        // A failed tensor-parallel rank leaves the model unusable: every request, in flight
+        // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
+        // jobs back instead of writing error rows for them.
+        if let Some(why) = engine.model.broken() {
+            tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
+            for f in done {
+                let _ = f.tag.send(Err(EngineError::Stopped));
+            }
+            for reply in sched.drain() {
+                let _ = reply.send(Err(EngineError::Stopped));
+            }
+            return;
+        }
+        reply_all(done);
+        let kv = engine.model.kv_stats().map(|(_, s)| s).unwrap_or_default();
+        *stats.lock().unwrap_or_else(|e| e.into_inner()) = EngineStats {
+            decode: engine.stats,
+            kv_layout: layout.clone(),
+            kv,
+            running: sched.running(),
+            waiting: sched.waiting(),
+        };
     }
 }
 
@@ -209,18 +181,36 @@ impl EngineHandle {
         Self::spawn_with(engine, ServiceLimits::default())
     }
 
+    /// [`Self::start`], for limits known to fit (tests, benchmarks): panics when the KV cache
+    /// cannot be set up.
     pub fn spawn_with(engine: Engine, limits: ServiceLimits) -> Self {
+        Self::start(engine, limits).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Sets up the model's KV cache as `limits` ask and moves `engine` onto its own thread.
+    /// The thread ends when every handle is dropped.
+    pub fn start(engine: Engine, limits: ServiceLimits) -> Result<Self, EngineError> {
+        engine
+            .model
+            .configure_kv(KvConfig { memory: limits.kv_memory })
+            .map_err(|e| EngineError::Load(e.to_string()))?;
         let info = engine.info.clone();
         let tokenizer = engine.tokenizer.clone();
         let encoder = engine.image_encoder();
         let (tx, rx) = mpsc::channel::<Command>();
         let busy = Arc::new(Busy { epoch: Instant::now(), step: AtomicU64::new(0), encoding: AtomicU64::new(0) });
-        let thread_busy = busy.clone();
+        let stats = Arc::new(Mutex::new(EngineStats::default()));
+        let (thread_busy, thread_stats) = (busy.clone(), stats.clone());
         std::thread::Builder::new()
             .name("medbatch-engine".into())
-            .spawn(move || serve(engine, rx, limits, thread_busy))
-            .expect("spawn engine thread");
-        Self { tx, info, tokenizer, busy, encoder, encoding: Arc::new(tokio::sync::Mutex::new(())) }
+            .spawn(move || serve(engine, rx, limits, thread_busy, thread_stats))
+            .map_err(|e| EngineError::Load(format!("engine thread: {e}")))?;
+        Ok(Self { tx, info, tokenizer, busy, stats, encoder, encoding: Arc::new(tokio::sync::Mutex::new(())) })
+    }
+
+    /// What the engine thread has done so far (as of its last step).
+    pub fn stats(&self) -> EngineStats {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// How long the current call into the model has lasted (the engine thread admitting a
@@ -245,14 +235,14 @@ impl EngineHandle {
     /// a time), while the engine thread goes on stepping the other sequences.
     pub async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
         let span = tracing::Span::current();
-        let rows = match &self.encoder {
+        let images = match &self.encoder {
             Some(encoder) if !req.images.is_empty() => {
                 let _one_at_a_time = self.encoding.lock().await;
                 let (encoder, images, busy, span) =
                     (encoder.clone(), req.images.clone(), self.busy.clone(), span.clone());
                 let rows = tokio::task::spawn_blocking(move || {
                     let _g = span.enter();
-                    busy.during(&busy.encoding, || encoder.encode(&images))
+                    busy.during(&busy.encoding, || encoder.encode_with_keys(&images))
                 })
                 .await
                 .map_err(|e| EngineError::Compute(format!("image encoding: {e}")))??;
@@ -261,7 +251,7 @@ impl EngineHandle {
             _ => None,
         };
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Generate { req, rows, span, reply }).map_err(|_| EngineError::Stopped)?;
+        self.tx.send(Command::Generate { req, images, span, reply }).map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 }

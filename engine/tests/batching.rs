@@ -30,7 +30,6 @@ fn requests() -> Vec<GenerateRequest> {
         .map(|(i, l)| GenerateRequest {
             prompt: format!("{PREFIX}{l}\nJSON: {{\"test\":\""),
             chat: false,
-            shared_prefix_len: PREFIX.len(),
             add_bos: true,
             parse_special: false,
             // Different lengths: sequences leave the batch at different steps.
@@ -46,7 +45,6 @@ fn requests() -> Vec<GenerateRequest> {
     reqs.push(GenerateRequest {
         prompt: format!("{long}41."),
         chat: false,
-        shared_prefix_len: 0,
         add_bos: true,
         parse_special: false,
         max_new_tokens: 24,
@@ -73,7 +71,7 @@ fn batched_generation_equals_one_at_a_time() {
     assert!(alone[1].reused_tokens > 0, "the shared prefix was reused");
 }
 
-/// The engine thread under tight limits (two sequences, a KV budget smaller than two
+/// The engine thread under tight limits (two sequences, a KV pool smaller than two
 /// sequences) still answers every request, each as it would be answered alone.
 #[test]
 fn engine_thread_respects_limits_and_answers_like_alone() {
@@ -88,7 +86,6 @@ fn engine_thread_respects_limits_and_answers_like_alone() {
         .map(|i| GenerateRequest {
             prompt: "The patient has a mild fever. ".repeat(i + 1),
             chat: false,
-            shared_prefix_len: 0,
             add_bos: true,
             parse_special: false,
             max_new_tokens: 5 + i as u32,
@@ -100,10 +97,12 @@ fn engine_thread_respects_limits_and_answers_like_alone() {
         .collect();
     let mut alone_engine = Engine::load(ckpt.path()).unwrap();
     let alone: Vec<_> = reqs.iter().map(|r| alone_engine.generate(r).unwrap()).collect();
-    let longest = alone_engine.admit(&reqs[5]).unwrap();
-    let one_seq_kv = alone_engine.projected_kv_bytes(&longest);
+    // A KV pool of one and a half of the longest sequence's pages: sequences wait for room.
+    let len = alone_engine.prompt_ids(&reqs[5]).unwrap().len() + reqs[5].max_new_tokens as usize;
+    let (layout, _) = alone_engine.model.kv_stats().unwrap();
+    let one_seq_kv = layout.pages_for(len, 8) as u64 * alone_engine.model.page_bytes();
     let limits =
-        ServiceLimits { max_sequences: 2, kv_budget_bytes: one_seq_kv + one_seq_kv / 2, prefill_tokens_per_step: 8 };
+        ServiceLimits { max_sequences: 2, kv_memory: Some(one_seq_kv + one_seq_kv / 2), prefill_tokens_per_step: 8 };
     let handle = EngineHandle::spawn_with(Engine::load(ckpt.path()).unwrap(), limits);
     let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
     let served = rt.block_on(async {

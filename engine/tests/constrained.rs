@@ -23,7 +23,6 @@ fn request(prompt: &str, grammar: Grammar, max_new_tokens: u32) -> GenerateReque
     GenerateRequest {
         prompt: prompt.into(),
         chat: false,
-        shared_prefix_len: 0,
         add_bos: true,
         parse_special: false,
         max_new_tokens,

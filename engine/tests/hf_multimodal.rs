@@ -66,7 +66,6 @@ fn request(p: &Value, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         prompt: p["text"].as_str().unwrap().to_string(),
         chat: false,
-        shared_prefix_len: 0,
         add_bos: true,
         parse_special: true,
         max_new_tokens,

@@ -73,7 +73,6 @@ fn a_checkpoint_folder_serves_chat_requests_with_its_template() {
         .generate(&medbatch_engine::GenerateRequest {
             prompt: "List the key findings.".into(),
             chat: true,
-            shared_prefix_len: 0,
             add_bos: true,
             parse_special: false,
             max_new_tokens: 4,

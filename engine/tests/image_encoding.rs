@@ -42,7 +42,6 @@ fn images_are_encoded_off_the_engine_thread() {
         .map(|p| GenerateRequest {
             prompt: p["text"].as_str().unwrap().to_string(),
             chat: false,
-            shared_prefix_len: 0,
             add_bos: true,
             parse_special: true,
             max_new_tokens: 8,

@@ -106,7 +106,6 @@ fn check(dir: &Path, ranks: &[usize]) {
                 // fixtures' are token ids only (see `batched_greedy`).
                 prompt: p.get("text").and_then(Value::as_str).unwrap_or("").to_string(),
                 chat: false,
-                shared_prefix_len: 0,
                 add_bos: true,
                 parse_special: true,
                 max_new_tokens: 8,
@@ -207,7 +206,6 @@ fn a_failed_rank_stops_the_engine_instead_of_hanging() {
     let req = GenerateRequest {
         prompt: "Hello world".into(),
         chat: false,
-        shared_prefix_len: 0,
         add_bos: true,
         parse_special: false,
         max_new_tokens: 4,

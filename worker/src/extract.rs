@@ -49,7 +49,6 @@ pub(crate) fn model_request(
 ) -> GenerateRequest {
     let g = &pipeline.spec.generation;
     GenerateRequest {
-        shared_prefix_len: rendered.shared_prefix_len,
         prompt: rendered.text,
         chat: pipeline.spec.prompt.format == PromptFormat::Chat,
         add_bos: true,

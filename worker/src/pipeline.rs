@@ -26,7 +26,8 @@ pub struct LoadedPipeline {
     pub digest: Digest,
 }
 
-/// A rendered prompt and the length of its shared prefix.
+/// A rendered prompt and the length of the prefix every item shares (the instructions and
+/// examples, which the engine's prefix cache computes once).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderedPrompt {
     pub text: String,

@@ -203,7 +203,7 @@ impl GgufFile {
             Shard::whole(cfg.clone(), Embedding::Quant(embed_q), vocab_rows, layers, lm_head, norm, device.clone());
         Ok(Gemma3 {
             embed_scale: (cfg.hidden_size as f64).sqrt(),
-            shards: vec![shard],
+            shards: vec![Arc::new(shard)],
             cfg,
             numeric,
             // Gemma 3 GGUF files hold the text decoder only (llama.cpp keeps the vision
@@ -211,6 +211,8 @@ impl GgufFile {
             image_token_id: None,
             attention_dtype: candle_core::DType::F32,
             device: device.clone(),
+            attention: Default::default(),
+            runtime: Default::default(),
         })
     }
 

@@ -468,7 +468,7 @@ fn build(
             intermediate_size: sp.intermediate,
             ..t.clone()
         };
-        shards.push(Shard {
+        shards.push(Arc::new(Shard {
             cfg: local,
             embed: Embedding::Dense(embed),
             vocab_start,
@@ -478,7 +478,7 @@ fn build(
             norm: source.norm(&format!("{}norm.weight", keys.prefix), hidden, eps, &dev)?,
             comm,
             device: dev,
-        });
+        }));
     }
     Ok(Gemma3 {
         cfg: t.clone(),
@@ -488,6 +488,8 @@ fn build(
         image_token_id: cfg.vision.as_ref().map(|v| v.image_token_id),
         attention_dtype: dtype,
         device,
+        attention: Default::default(),
+        runtime: Default::default(),
     })
 }
 

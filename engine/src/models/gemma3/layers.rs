@@ -4,12 +4,12 @@
 //! forward pass.
 
 use super::linear::Linear;
-use super::{apply_rope, round_f16, ItemView, NumericOptions, Rope};
-use crate::comm::Communicator;
-use crate::kv::LayerCache;
-use crate::load::config::TextConfig;
+use super::pass::{rotate, LayerPass};
+use super::{round_f16, AttentionImpl, NumericOptions};
+use crate::kv::cpu::{AttnShape, SeqRows};
+use crate::kv::PageStore;
 use crate::EngineError;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Tensor, D};
 
 /// Beyond this magnitude llama.cpp's GELU returns the input (or zero) instead of the table.
 const GELU_TABLE_LIMIT: f64 = 10.0;
@@ -83,21 +83,6 @@ pub struct Layer {
     pub post_ff_norm: RmsNorm,
 }
 
-/// What a layer's pass needs besides its input rows: the rank's shape and communicator, and
-/// each item's place in the pass.
-pub(crate) struct LayerPass<'a> {
-    /// This rank's view of the shape (its heads, KV heads and MLP width).
-    pub cfg: &'a TextConfig,
-    pub numeric: NumericOptions,
-    pub attention_dtype: DType,
-    pub comm: &'a dyn Communicator,
-    pub items: &'a [ItemView<'a>],
-    pub ropes: &'a [Rope],
-    /// The image run of each new row of each item (empty for items without one).
-    pub groups: &'a [Vec<Option<u32>>],
-    pub device: &'a Device,
-}
-
 impl Layer {
     /// Loads layer `i` from `src`.
     pub fn load(src: &mut dyn LayerSource, i: usize) -> Result<Self, EngineError> {
@@ -119,17 +104,17 @@ impl Layer {
         })
     }
 
-    /// Layer `index` over the rows `x` of every item of the pass, appending each item's keys
-    /// and values to its cache.
+    /// Layer `index` over the rows `x` of every item of the pass, writing each row's key and
+    /// value to its sequence's page.
     pub(crate) fn forward(
         &self,
         index: usize,
         x: &Tensor,
         pass: &LayerPass<'_>,
-        caches: &mut [&mut Vec<LayerCache>],
+        store: &mut PageStore,
     ) -> candle_core::Result<Tensor> {
         let _span = tracing::trace_span!("layer", index).entered();
-        let h = self.attn.forward(index, &self.input_norm.forward(x)?, pass, caches)?;
+        let h = self.attn.forward(index, &self.input_norm.forward(x)?, pass, store)?;
         let x = (x + self.post_attn_norm.forward(&h)?)?;
         let h = self.mlp.forward(&self.pre_ff_norm.forward(&x)?, pass)?;
         x + self.post_ff_norm.forward(&h)?
@@ -140,7 +125,7 @@ impl Mlp {
     /// `down(gelu_tanh(gate(x)) * up(x))`; `down` is row-parallel, so the ranks' partial sums
     /// are added.
     fn forward(&self, x: &Tensor, pass: &LayerPass<'_>) -> candle_core::Result<Tensor> {
-        let g = gelu(&self.gate.forward(x)?, pass.numeric)?;
+        let g = gelu(&self.gate.forward(x)?, pass.consts.numeric)?;
         let u = self.up.forward(x)?;
         pass.comm.all_reduce_sum(&self.down.forward(&(g * u)?)?)
     }
@@ -158,71 +143,109 @@ fn gelu(x: &Tensor, numeric: NumericOptions) -> candle_core::Result<Tensor> {
 }
 
 impl Attention {
-    /// Self-attention of every item's new rows against its cache; `o` is row-parallel, so the
-    /// ranks' partial sums are added.
+    /// Self-attention of every item's new rows against its pages, one attention call for the
+    /// whole pass; `o` is row-parallel, so the ranks' partial sums are added.
     fn forward(
         &self,
         layer: usize,
         h: &Tensor,
         pass: &LayerPass<'_>,
-        caches: &mut [&mut Vec<LayerCache>],
+        store: &mut PageStore,
     ) -> candle_core::Result<Tensor> {
-        let (q, k, v) = (self.q.forward(h)?, self.k.forward(h)?, self.v.forward(h)?);
-        let mut outs = Vec::with_capacity(pass.items.len());
-        let mut off = 0;
-        for (i, (item, cache)) in pass.items.iter().zip(caches.iter_mut()).enumerate() {
-            let t = item.ids.len();
-            let (qb, kb, vb) = (q.narrow(0, off, t)?, k.narrow(0, off, t)?, v.narrow(0, off, t)?);
-            let (qb, kb, vb) = self.rotate(layer, (&qb, &kb, &vb), &pass.ropes[i], pass)?;
-            let step = crate::kv::Step {
-                pos0: item.pos0,
-                is_global: pass.cfg.layer_is_global[layer],
-                groups: &pass.groups[i],
-                device: pass.device,
-            };
-            outs.push(crate::kv::attend(
-                pass.cfg,
-                pass.numeric,
-                pass.attention_dtype,
-                (&qb, kb, vb),
-                &mut cache[layer],
-                &step,
-            )?);
-            off += t;
-        }
-        let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0)? };
-        pass.comm.all_reduce_sum(&self.o.forward(&out)?)
-    }
-
-    /// One item's q, k and v as `[heads, t, head_dim]`: q and k normed per head and rotated,
-    /// rounded to f16 as llama.cpp's cache does when asked, and k and v in the cache's dtype.
-    fn rotate(
-        &self,
-        layer: usize,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
-        rope: &Rope,
-        pass: &LayerPass<'_>,
-    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let cfg = pass.cfg;
-        let t = q.dim(0)?;
-        let (h, kvh, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let (cos, sin) = if cfg.layer_is_global[layer] { &rope.global } else { &rope.local };
-        let q = self.q_norm.forward(&q.reshape((t, h, hd))?)?.transpose(0, 1)?.contiguous()?;
-        let k = self.k_norm.forward(&k.reshape((t, kvh, hd))?)?.transpose(0, 1)?.contiguous()?;
-        let v = v.reshape((t, kvh, hd))?.transpose(0, 1)?.contiguous()?;
-        let mut q = apply_rope(&q, cos, sin)?;
-        let mut k = apply_rope(&k, cos, sin)?;
-        let mut v = v;
-        if pass.numeric.f16_attention {
+        let (t, heads, kvh, hd) = (h.dim(0)?, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let is_global = cfg.layer_is_global[layer];
+        let rope = if is_global { &pass.rope_global } else { &pass.rope_local };
+        let q = self.q_norm.forward(&self.q.forward(h)?.reshape((t, heads, hd))?)?;
+        let k = self.k_norm.forward(&self.k.forward(h)?.reshape((t, kvh, hd))?)?;
+        let v = self.v.forward(h)?.reshape((t, kvh, hd))?;
+        let (mut q, mut k, mut v) = (rotate(&q, rope)?, rotate(&k, rope)?, v);
+        let numeric = pass.consts.numeric;
+        if numeric.f16_attention {
             q = round_f16(&q)?;
             k = round_f16(&k)?;
             v = round_f16(&v)?;
         }
-        if pass.attention_dtype != DType::F32 {
-            // Keys and values are cached in the attention dtype; q is rounded after scaling.
-            k = k.to_dtype(pass.attention_dtype)?;
-            v = v.to_dtype(pass.attention_dtype)?;
+        let shape = AttnShape {
+            heads,
+            kv_heads: kvh,
+            head_dim: hd,
+            window: (!is_global).then_some(cfg.sliding_window),
+            scale: cfg.query_pre_attn_scalar.powf(-0.5) as f32,
+            f16_probs: numeric.f16_attention,
+            round_to: pass.consts.attention_dtype,
+        };
+        let dt = pass.device_tables.as_ref();
+        let slots = match dt {
+            Some(_) => Vec::new(),
+            None => pass.slots(layer, store),
+        };
+        store.write(&slots, dt.map(|d| d.slots(layer)).transpose()?.as_ref(), &k, &v)?;
+        let out = match (pass.consts.attention, pass.device.is_cpu()) {
+            (AttentionImpl::Fused, true) => self.attend_cpu(layer, &q, pass, store, shape)?,
+            #[cfg(feature = "flash-attn")]
+            (AttentionImpl::Fused, false) if crate::kv::flash::serves(store) => {
+                crate::kv::flash::attention(&q, layer, dt.expect("device tables"), store, shape)?
+            }
+            _ => self.attend_gathered(layer, &q, pass, store, shape)?,
+        };
+        pass.comm.all_reduce_sum(&self.o.forward(&out)?)
+    }
+
+    /// The CPU kernel over every sequence of the pass at once.
+    fn attend_cpu(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        pass: &LayerPass<'_>,
+        store: &PageStore,
+        shape: AttnShape,
+    ) -> candle_core::Result<Tensor> {
+        let qv = q.flatten_all()?.to_vec1::<f32>()?;
+        let seqs: Vec<SeqRows<'_>> = pass
+            .job
+            .items
+            .iter()
+            .zip(&pass.offsets)
+            .map(|(it, &row)| SeqRows {
+                row,
+                len: it.ids.len(),
+                pos0: it.pos0,
+                pages: it.pages(layer),
+                groups: &it.groups,
+            })
+            .collect();
+        let out = crate::kv::cpu::attention(&qv, &seqs, store, shape);
+        Tensor::from_vec(out, (pass.rows, shape.heads * shape.head_dim), pass.device)
+    }
+
+    /// The reference path: each sequence's keys gathered, candle operations per sequence.
+    fn attend_gathered(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        pass: &LayerPass<'_>,
+        store: &PageStore,
+        shape: AttnShape,
+    ) -> candle_core::Result<Tensor> {
+        let mut outs = Vec::with_capacity(pass.job.items.len());
+        for (it, &row) in pass.job.items.iter().zip(&pass.offsets) {
+            let n = it.ids.len();
+            let qi = q.narrow(0, row, n)?.transpose(0, 1)?.contiguous()?;
+            outs.push(crate::kv::gathered::attention(
+                &qi,
+                it.pos0,
+                it.pages(layer),
+                &it.groups,
+                store,
+                shape,
+                pass.device,
+            )?);
         }
-        Ok((q, k, v))
+        if outs.len() == 1 {
+            Ok(outs.pop().expect("one"))
+        } else {
+            Tensor::cat(&outs, 0)
+        }
     }
 }

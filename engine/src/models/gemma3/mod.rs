@@ -12,53 +12,98 @@
 //! global layers. Embeddings are multiplied by `sqrt(hidden)`; the output head is tied to the
 //! embedding unless the checkpoint has its own.
 //!
-//! The model owns no sequence state: callers pass a [`SeqCache`] per sequence.
+//! Keys and values live in the model's paged KV cache ([`crate::kv`]); callers hold a
+//! [`SeqCache`] per sequence. A forward pass packs the new rows of every sequence together —
+//! prompt chunks and single decode rows — through the embedding, projections, norms, MLP
+//! and one attention call per layer.
 //!
 //! - [`layers`]: RMSNorm, attention, MLP and the decoder layer, each loading itself;
 //! - [`linear`]: quantized and dense linear layers, the embedding table;
-//! - [`shard`]: one tensor-parallel rank's share of the weights.
+//! - [`shard`]: one tensor-parallel rank's share of the weights;
+//! - [`pass`]: one rank's forward pass over a packed batch;
+//! - [`ranks`]: persistent threads for the ranks of a split model.
 
 pub mod layers;
 pub mod linear;
+pub mod pass;
+pub mod ranks;
 pub mod shard;
 
 pub use layers::{Attention, Layer, LayerParam, LayerSource, Mlp, RmsNorm};
 pub use linear::{Embedding, Linear, QuantBlocks};
 pub use shard::Shard;
 
-use crate::kv::{LayerCache, SeqCache};
+use crate::kv::{self, ImageKey, KvLayout, KvManager, KvStats, PageStore, SeqCache};
 use crate::load::config::TextConfig;
 use candle_core::{DType, Device, Tensor, D};
-use layers::LayerPass;
+use pass::{PassConsts, PassItem, PassJob};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Numeric options that trade exactness against one reference or another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NumericOptions {
     /// Round q, k, v and attention probabilities to f16, as llama.cpp does with its default
-    /// f16 KV cache. Off for parity with transformers in f32.
+    /// f16 KV cache (which is then kept in f16). Off for parity with transformers in f32.
     pub f16_attention: bool,
     /// Compute GELU as llama.cpp's CPU backend does: from a table indexed by the f16-rounded
     /// input, returning an f16 value, exact (identity/zero) beyond ±10.
     pub f16_gelu: bool,
 }
 
+/// Which attention implementation a pass runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionImpl {
+    /// The fastest the device has: the CPU kernel over pages, candle-flash-attn on a GPU
+    /// (feature `flash-attn`, bf16/f16), else the gathered path.
+    #[default]
+    Fused,
+    /// Keys gathered per sequence and candle operations: the reference the others are tested
+    /// against.
+    Gathered,
+}
+
+/// How large a model's KV cache is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvConfig {
+    /// Bytes of keys and values per rank; `None`: [`kv::DEFAULT_KV_MEMORY`] on the CPU, 90 %
+    /// of a GPU's free memory.
+    pub memory: Option<u64>,
+}
+
+/// Share of a GPU's free memory the KV cache takes when no size is given.
+const GPU_KV_SHARE: f64 = 0.9;
+
+/// The KV cache of a model: the host-side manager and each rank's pages.
+pub(crate) struct KvState {
+    pub manager: Arc<Mutex<KvManager>>,
+    pub stores: Vec<Arc<Mutex<PageStore>>>,
+}
+
 /// The decoder: one shard per tensor-parallel rank (one without tensor parallelism). Ranks
-/// run as threads of this process, one forward pass each, in step through their
-/// communicator.
+/// run as threads of this process, in step through their communicator.
 pub struct Gemma3 {
     pub cfg: TextConfig,
-    pub shards: Vec<Shard>,
+    pub shards: Vec<Arc<Shard>>,
     pub embed_scale: f64,
     pub numeric: NumericOptions,
     /// `<image_soft_token>` of a multimodal checkpoint: positions holding it take the rows of
     /// an image instead of an embedding, and each run of them attends to itself both ways
     /// while the prompt is read. `None` for text-only models.
     pub image_token_id: Option<u32>,
-    /// Dtype of cached keys and values and of the two attention products (`q·kᵀ`, `p·v`):
-    /// f32, or the weights' bf16/f16 on a GPU, where the cache is read whole every step.
-    /// Scores are widened to f32 for the mask and softmax either way.
+    /// Dtype of the two attention products (`q·kᵀ`, `p·v`) and of the cached keys and values
+    /// (f16 instead when `numeric.f16_attention`): f32, or the weights' bf16/f16. Scores are
+    /// widened to f32 for the softmax either way.
     pub attention_dtype: DType,
     pub device: Device,
+    pub attention: AttentionImpl,
+    pub(crate) runtime: Runtime,
+}
+
+/// What a loaded model sets up on first use: its KV cache and its rank threads.
+#[derive(Default)]
+pub(crate) struct Runtime {
+    kv: Mutex<Option<Arc<KvState>>>,
+    workers: OnceLock<ranks::RankWorkers>,
 }
 
 /// One sequence's part of a batched forward pass.
@@ -117,7 +162,8 @@ fn rope_tables(
     Ok((Tensor::from_vec(cos, (n, half), device)?, Tensor::from_vec(sin, (n, half), device)?))
 }
 
-/// Rotate-half RoPE on `x`: `[heads, n, d]` with tables `[n, d/2]`.
+/// Rotate-half RoPE on `x` (`[.., d]`) with tables broadcast against its leading dimensions
+/// (`[n, 1, d/2]` for `[n, heads, d]`).
 pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
@@ -127,27 +173,159 @@ pub(crate) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core:
     Tensor::cat(&[a, b], D::Minus1)
 }
 
-/// cos/sin tables of one item's positions, for local and global layers.
-pub(crate) struct Rope {
-    pub local: (Tensor, Tensor),
-    pub global: (Tensor, Tensor),
-}
-
-/// What every rank needs to know of one item of a pass.
-pub(crate) struct ItemView<'a> {
-    pub ids: &'a [u32],
-    pub pos0: usize,
-    pub logits: Logits,
-    pub images: Option<&'a Tensor>,
-}
-
-/// The inputs of a pass shared by every rank.
-struct Pass<'a> {
-    views: &'a [ItemView<'a>],
-    groups: &'a [Vec<Option<u32>>],
+/// For each position of a prompt chunk, the image run it belongs to (numbered from 0 within
+/// the chunk), or `None` for text; empty when the chunk has no image run.
+pub(crate) fn image_groups(soft: Option<u32>, ids: &[u32]) -> Vec<Option<u32>> {
+    let Some(soft) = soft else { return Vec::new() };
+    if ids.len() < 2 || !ids.contains(&soft) {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    let mut run = 0u32;
+    for (i, &t) in ids.iter().enumerate() {
+        if t != soft {
+            out.push(None);
+            continue;
+        }
+        if i > 0 && ids[i - 1] != soft && out.iter().any(Option::is_some) {
+            run += 1;
+        }
+        out.push(Some(run));
+    }
+    out
 }
 
 impl Gemma3 {
+    /// Tokens per block of this model's cache: candle-flash-attn's paged kernel needs 32;
+    /// everything else uses 16.
+    fn block_tokens(&self) -> usize {
+        if pass::uses_flash(self.attention, &self.device, self.kv_dtype()) {
+            kv::FLASH_BLOCK_TOKENS
+        } else {
+            kv::BLOCK_TOKENS
+        }
+    }
+
+    /// The dtype keys and values are kept in.
+    pub fn kv_dtype(&self) -> DType {
+        if self.numeric.f16_attention {
+            DType::F16
+        } else {
+            self.attention_dtype
+        }
+    }
+
+    /// Bytes one page takes on a rank (keys and values of one block of one layer; the rank
+    /// holding the most KV heads).
+    pub fn page_bytes(&self) -> u64 {
+        let per_rank_kv_heads = self.shards.iter().map(|s| s.cfg.num_kv_heads).max().unwrap_or(1);
+        (2 * self.block_tokens() * per_rank_kv_heads * self.cfg.head_dim * self.kv_dtype().size_in_bytes()) as u64
+    }
+
+    /// Sets up the KV cache (dropping any earlier one: sequences still holding it keep their
+    /// own pages until they end). Returns its layout.
+    pub fn configure_kv(&self, cfg: KvConfig) -> candle_core::Result<KvLayout> {
+        let memory = match cfg.memory {
+            Some(m) => m,
+            None if self.device.is_cpu() => kv::DEFAULT_KV_MEMORY,
+            None => gpu_free_memory(&self.shards)?,
+        };
+        let page = self.page_bytes();
+        let pages = (memory / page) as usize;
+        if pages < self.cfg.num_layers {
+            candle_core::bail!(
+                "a KV cache of {memory} bytes holds {pages} pages of {page} bytes: fewer than one block of every one of \
+                 the {} layers",
+                self.cfg.num_layers
+            );
+        }
+        let layout = KvLayout {
+            block: self.block_tokens(),
+            pages,
+            layer_is_global: self.cfg.layer_is_global.clone(),
+            window: self.cfg.sliding_window,
+            page_bytes: page * self.shards.len() as u64,
+        };
+        let mut stores = Vec::with_capacity(self.shards.len());
+        for s in &self.shards {
+            let store =
+                PageStore::new(&s.device, self.kv_dtype(), pages, layout.block, s.cfg.num_kv_heads, s.cfg.head_dim)?;
+            stores.push(Arc::new(Mutex::new(store)));
+        }
+        let state = KvState { manager: Arc::new(Mutex::new(KvManager::new(layout.clone()))), stores };
+        *self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(state));
+        Ok(layout)
+    }
+
+    /// The KV cache, set up with the default size on first use.
+    pub(crate) fn kv(&self) -> candle_core::Result<Arc<KvState>> {
+        if let Some(k) = self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(k.clone());
+        }
+        self.configure_kv(KvConfig::default())?;
+        Ok(self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()).as_ref().expect("set up above").clone())
+    }
+
+    /// The cache's layout and counters.
+    pub fn kv_stats(&self) -> candle_core::Result<(KvLayout, KvStats)> {
+        let kv = self.kv()?;
+        let m = kv::lock(&kv.manager);
+        Ok((m.layout().clone(), m.stats()))
+    }
+
+    /// The cache manager (for the scheduler's admission decisions).
+    pub fn kv_manager(&self) -> candle_core::Result<Arc<Mutex<KvManager>>> {
+        Ok(self.kv()?.manager.clone())
+    }
+
+    /// A fresh, empty sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        self.cache_for(&[], Vec::new(), 0).expect("the KV cache can be set up").0
+    }
+
+    /// A sequence for a prompt of `ids`, starting with the cached blocks of its longest cached
+    /// prefix (at most `limit` tokens), and how many tokens that is. `image_keys` are the keys
+    /// of the prompt's images in order; blocks with image soft tokens are matched only when
+    /// every image is known.
+    pub fn cache_for(
+        &self,
+        ids: &[u32],
+        image_keys: Vec<ImageKey>,
+        limit: usize,
+    ) -> candle_core::Result<(SeqCache, usize)> {
+        let kv = self.kv()?;
+        let soft = self.image_token_id;
+        // The image of each soft token (the n-th run is the n-th image); matching stops at a
+        // soft token of an unknown image.
+        let mut keys = Vec::with_capacity(ids.len());
+        let mut limit = limit.min(ids.len());
+        let (mut runs, mut prev_soft) = (0usize, false);
+        for (j, &t) in ids.iter().enumerate() {
+            if Some(t) == soft {
+                if !prev_soft {
+                    runs += 1;
+                }
+                prev_soft = true;
+                match image_keys.get(runs - 1) {
+                    Some(k) => keys.push(Some(*k)),
+                    None => {
+                        limit = limit.min(j);
+                        keys.push(None);
+                    }
+                }
+            } else {
+                prev_soft = false;
+                keys.push(None);
+            }
+        }
+        let blocks = kv::lock(&kv.manager).adopt_prefix(ids, soft.map(|_| keys.as_slice()), limit);
+        let reused = blocks.len;
+        let mut cache = SeqCache::new(kv.manager.clone(), blocks, image_keys);
+        // The adopted tokens count as read: image runs among them are numbered from here on.
+        cache.skip_adopted(&ids[..reused], soft);
+        Ok((cache, reused))
+    }
+
     /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
     /// Returns logits `[1, vocab]` or `[ids.len(), vocab]`.
     pub fn forward(&self, ids: &[u32], cache: &mut SeqCache, which: Logits) -> candle_core::Result<Tensor> {
@@ -156,79 +334,18 @@ impl Gemma3 {
     }
 
     /// Runs the next tokens of several sequences in one pass: their rows are packed through
-    /// the embedding, projections, norms and MLP; attention runs per sequence with its own
-    /// positions, window and cache. Returns each item's logits (`[1, vocab]`, `[n, vocab]`,
-    /// or none), in order. Every row is computed as it would be alone. With several ranks,
-    /// each runs the pass on its shard in a thread of its own.
+    /// the embedding, projections, norms, MLP and one attention call per layer, each row with
+    /// its sequence's positions, window and pages. Returns each item's logits (`[1, vocab]`,
+    /// `[n, vocab]`, or none), in order. Every row is computed as it would be alone. With
+    /// several ranks, each runs the pass on its shard in its own thread.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Vec<Option<Tensor>>> {
-        if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
-            candle_core::bail!("forward called with no tokens");
-        }
-        let views: Vec<ItemView<'_>> = items
-            .iter()
-            .map(|b| ItemView { ids: b.ids, pos0: b.cache.pos, logits: b.logits, images: b.images })
-            .collect();
-        // Image runs of each item (prefill only: a single-token step never holds an image).
-        let groups: Vec<Vec<Option<u32>>> = views.iter().map(|b| self.image_groups(b.ids)).collect();
-        let pass = Pass { views: &views, groups: &groups };
-        // Each rank's caches of every item.
-        let world = self.shards.len();
-        let mut per_rank: Vec<Vec<&mut Vec<LayerCache>>> =
-            (0..world).map(|_| Vec::with_capacity(items.len())).collect();
-        for b in items.iter_mut() {
-            if b.cache.ranks.len() != world {
-                candle_core::bail!("a cache made for {} ranks used with {world}", b.cache.ranks.len());
-            }
-            for (r, c) in b.cache.ranks.iter_mut().enumerate() {
-                per_rank[r].push(c);
-            }
-        }
-        let logits = if world == 1 {
-            let caches = per_rank.pop().expect("one rank");
-            self.forward_shard(&self.shards[0], &pass, caches)?
-        } else {
-            let results: Vec<candle_core::Result<Option<Tensor>>> = std::thread::scope(|sc| {
-                let handles: Vec<_> = self
-                    .shards
-                    .iter()
-                    .zip(per_rank)
-                    .map(|(shard, caches)| {
-                        let pass = &pass;
-                        sc.spawn(move || {
-                            // A rank that errs or panics breaks the group, so that the others
-                            // return from their collectives instead of waiting for it.
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                self.forward_shard(shard, pass, caches)
-                            }))
-                            .unwrap_or_else(|_| Err(candle_core::Error::Msg("the rank's thread panicked".into())));
-                            if let Err(e) = &r {
-                                shard.comm.abort(&e.to_string());
-                            }
-                            r
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(candle_core::Error::Msg("a rank panicked".into()))))
-                    .collect()
-            });
-            // Every rank ends with the same logits; rank 0's are returned.
-            let mut first = None;
-            for r in results {
-                let l = r?;
-                first.get_or_insert(l);
-            }
-            first.flatten()
-        };
+        let logits = self.forward_packed(items)?;
         let mut out = Vec::with_capacity(items.len());
         let mut off = 0;
-        for b in items.iter_mut() {
-            let t = b.ids.len();
-            b.cache.pos += t;
+        for b in items.iter() {
             let n = match b.logits {
                 Logits::Last => 1,
-                Logits::All => t,
+                Logits::All => b.ids.len(),
                 Logits::None => 0,
             };
             match &logits {
@@ -242,160 +359,61 @@ impl Gemma3 {
         Ok(out)
     }
 
-    /// One rank's pass over its shard; returns the logits (whole vocabulary) of the rows
-    /// asked for, or none.
-    fn forward_shard(
-        &self,
-        shard: &Shard,
-        pass: &Pass<'_>,
-        mut caches: Vec<&mut Vec<LayerCache>>,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let views = pass.views;
-        let (cfg, dev) = (&self.cfg, &shard.device);
-        // The tables of every row of the pass are made at once (one copy to the device), then
-        // each item takes its rows.
-        let positions: Vec<usize> = views.iter().flat_map(|b| b.pos0..b.pos0 + b.ids.len()).collect();
-        let local = rope_tables(positions.iter().copied(), cfg.head_dim, cfg.rope_local_base, 1.0, dev)?;
-        let global =
-            rope_tables(positions.iter().copied(), cfg.head_dim, cfg.rope_global_base, cfg.rope_global_factor, dev)?;
-        let mut ropes = Vec::with_capacity(views.len());
-        let mut off = 0;
-        for b in views {
-            let t = b.ids.len();
-            let rows = |(c, s): &(Tensor, Tensor)| -> candle_core::Result<(Tensor, Tensor)> {
-                Ok((c.narrow(0, off, t)?, s.narrow(0, off, t)?))
-            };
-            ropes.push(Rope { local: rows(&local)?, global: rows(&global)? });
-            off += t;
+    /// [`Self::forward_batch`] with the logits of every item that asked for some stacked in
+    /// one tensor (`[rows, vocab]`, in item order), left where the pass ran.
+    pub fn forward_packed(&self, items: &mut [BatchItem<'_>]) -> candle_core::Result<Option<Tensor>> {
+        if items.is_empty() || items.iter().any(|b| b.ids.is_empty()) {
+            candle_core::bail!("forward called with no tokens");
         }
-        let all_ids: Vec<u32> = views.iter().flat_map(|b| b.ids.iter().copied()).collect();
-        let mut x = self.embed_with_images(shard, views, &all_ids)?;
-        let layer_pass = LayerPass {
-            cfg: &shard.cfg,
-            numeric: self.numeric,
-            attention_dtype: self.attention_dtype,
-            comm: shard.comm.as_ref(),
-            items: views,
-            ropes: &ropes,
-            groups: pass.groups,
-            device: dev,
+        let kv = self.kv()?;
+        for b in items.iter_mut() {
+            if !b.cache.belongs_to(&kv.manager) {
+                candle_core::bail!("a sequence cache made for another model (or before the cache was set up again)");
+            }
+            let want = b.cache.len() + b.ids.len();
+            if let Err(e) = b.cache.reserve(want) {
+                candle_core::bail!(
+                    "the KV cache is full: {} pages needed, {} available (raise the KV memory)",
+                    e.needed,
+                    e.available
+                );
+            }
+        }
+        let layers = self.cfg.num_layers;
+        let job = PassJob {
+            items: items
+                .iter()
+                .map(|b| PassItem {
+                    ids: b.ids.to_vec(),
+                    pos0: b.cache.len(),
+                    logits: b.logits,
+                    images: b.images.cloned(),
+                    groups: image_groups(self.image_token_id, b.ids),
+                    blocks: b.cache.blocks.blocks.len(),
+                    tables: b.cache.tables(layers),
+                })
+                .collect(),
+            consts: PassConsts {
+                numeric: self.numeric,
+                attention_dtype: self.attention_dtype,
+                embed_scale: self.embed_scale,
+                image_token_id: self.image_token_id,
+                vocab_size: self.cfg.vocab_size,
+                softcap: self.cfg.final_logit_softcap,
+                attention: self.attention,
+            },
         };
-        for (i, layer) in shard.layers.iter().enumerate() {
-            x = layer.forward(i, &x, &layer_pass, &mut caches)?;
+        let logits = if self.shards.len() == 1 {
+            let mut store = kv.stores[0].lock().unwrap_or_else(|e| e.into_inner());
+            pass::forward_shard(&self.shards[0], &job, &mut store)?
+        } else {
+            let workers = self.runtime.workers.get_or_init(|| ranks::RankWorkers::start(&self.shards));
+            workers.run(Arc::new(job), &kv.stores)?
+        };
+        for b in items.iter_mut() {
+            b.cache.advance(b.ids, self.image_token_id);
         }
-        // Only the rows whose logits are wanted go through the output head.
-        let mut rows = Vec::with_capacity(views.len());
-        let mut off = 0;
-        for b in views {
-            let t = b.ids.len();
-            match b.logits {
-                Logits::Last => rows.push(x.narrow(0, off + t - 1, 1)?),
-                Logits::All => rows.push(x.narrow(0, off, t)?),
-                Logits::None => {}
-            }
-            off += t;
-        }
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let x = if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? };
-        let x = shard.norm.forward(&x)?;
-        let mut logits = shard.comm.all_gather_last(&shard.lm_head.forward(&x.contiguous()?)?)?;
-        if let Some(cap) = self.cfg.final_logit_softcap {
-            logits = ((logits / cap)?.tanh()? * cap)?;
-        }
-        Ok(Some(logits))
-    }
-
-    /// The scaled embeddings of every item's ids, with image rows in place of the image soft
-    /// tokens (not scaled: transformers scatters the projected image features after the
-    /// embedding scale).
-    fn embed_with_images(&self, shard: &Shard, items: &[ItemView<'_>], all_ids: &[u32]) -> candle_core::Result<Tensor> {
-        let soft = self.image_token_id;
-        // A soft-token id outside the vocabulary (tiny test vocabularies) is looked up as 0,
-        // as transformers does; its row is replaced anyway.
-        let lookup: Vec<u32> =
-            all_ids.iter().map(|&t| if Some(t) == soft && t as usize >= self.cfg.vocab_size { 0 } else { t }).collect();
-        let x = (self.embed_rows(shard, &lookup)? * self.embed_scale)?;
-        let Some(soft) = soft else { return Ok(x) };
-        if !all_ids.contains(&soft) {
-            return Ok(x);
-        }
-        // Rows of `x` followed by every image row; each position picks its row by index.
-        let n = all_ids.len();
-        let mut table = vec![x];
-        let mut index = Vec::with_capacity(n);
-        let (mut off, mut extra) = (0usize, n);
-        for b in items {
-            let count = b.ids.iter().filter(|&&t| t == soft).count();
-            let rows = match (count, b.images) {
-                (0, _) => 0,
-                (c, Some(img)) if img.dim(0)? == c => {
-                    table.push(img.to_dtype(DType::F32)?.to_device(&shard.device)?);
-                    c
-                }
-                (c, Some(img)) => {
-                    candle_core::bail!("{c} image soft tokens in the prompt, {} image rows given", img.dim(0)?)
-                }
-                (c, None) => candle_core::bail!("{c} image soft tokens in the prompt but no image given"),
-            };
-            let mut k = 0;
-            for (j, &t) in b.ids.iter().enumerate() {
-                if t == soft {
-                    index.push((extra + k) as u32);
-                    k += 1;
-                } else {
-                    index.push((off + j) as u32);
-                }
-            }
-            off += b.ids.len();
-            extra += rows;
-        }
-        let table = Tensor::cat(&table, 0)?;
-        table.index_select(&Tensor::new(index.as_slice(), &shard.device)?, 0)
-    }
-
-    /// Embedding rows of `ids` (f32, unscaled). A shard holding part of the vocabulary looks
-    /// up its own rows, zeros for the others, and the ranks' rows are summed.
-    fn embed_rows(&self, shard: &Shard, ids: &[u32]) -> candle_core::Result<Tensor> {
-        if shard.comm.world() == 1 {
-            let ids_t = Tensor::new(ids, &shard.device)?;
-            return shard.embed.lookup(&ids_t)?.to_dtype(DType::F32);
-        }
-        let (lo, n) = (shard.vocab_start, shard.vocab_rows);
-        let held = |t: u32| (t as usize) >= lo && (t as usize) < lo + n;
-        let local: Vec<u32> = ids.iter().map(|&t| if held(t) { t - lo as u32 } else { 0 }).collect();
-        let mine: Vec<f32> = ids.iter().map(|&t| if held(t) { 1.0 } else { 0.0 }).collect();
-        let rows = shard.embed.lookup(&Tensor::new(local.as_slice(), &shard.device)?)?.to_dtype(DType::F32)?;
-        let mask = Tensor::from_vec(mine, (ids.len(), 1), &shard.device)?;
-        shard.comm.all_reduce_sum(&rows.broadcast_mul(&mask)?)
-    }
-
-    /// For each position of a prompt chunk, the image run it belongs to (numbered from 0
-    /// within the chunk), or `None` for text.
-    fn image_groups(&self, ids: &[u32]) -> Vec<Option<u32>> {
-        let Some(soft) = self.image_token_id else { return Vec::new() };
-        if ids.len() < 2 || !ids.contains(&soft) {
-            return Vec::new();
-        }
-        let mut out = Vec::with_capacity(ids.len());
-        let mut run = 0u32;
-        for (i, &t) in ids.iter().enumerate() {
-            if t != soft {
-                out.push(None);
-                continue;
-            }
-            if i > 0 && ids[i - 1] != soft && out.iter().any(Option::is_some) {
-                run += 1;
-            }
-            out.push(Some(run));
-        }
-        out
-    }
-
-    /// A fresh per-sequence cache for this model.
-    pub fn new_cache(&self) -> SeqCache {
-        SeqCache::with_ranks(self.cfg.num_layers, self.shards.len())
+        Ok(logits)
     }
 
     /// Tensor-parallel ranks the model runs on.
@@ -407,6 +425,25 @@ impl Gemma3 {
     /// broken for good: the process should stop and its work be done elsewhere).
     pub fn broken(&self) -> Option<String> {
         self.shards.iter().find_map(|s| s.comm.failed())
+    }
+}
+
+/// The KV memory to take on each rank's GPU when none is given: a share of its free memory.
+fn gpu_free_memory(shards: &[Arc<Shard>]) -> candle_core::Result<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        let mut least = u64::MAX;
+        for s in shards {
+            let dev = s.device.as_cuda_device()?;
+            let (free, _) = dev.cuda_stream().context().mem_get_info().map_err(candle_core::Error::wrap)?;
+            least = least.min(free as u64);
+        }
+        Ok((least as f64 * GPU_KV_SHARE) as u64)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (shards, GPU_KV_SHARE);
+        candle_core::bail!("GPU devices need a build with the `cuda` feature")
     }
 }
 
