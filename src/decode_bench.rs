@@ -38,6 +38,14 @@ fn config_file(p: &Path) -> PathBuf {
     }
 }
 
+/// Bytes of keys and values one rank reads for a decode step of a sequence of `len` tokens.
+fn kv_read_bytes(model: &Gemma3, len: usize) -> u64 {
+    let cfg = &model.shards[0].cfg;
+    let per_position = 2 * cfg.num_kv_heads * cfg.head_dim * model.kv_dtype().size_in_bytes();
+    let positions: usize = cfg.layer_is_global.iter().map(|&g| if g { len } else { len.min(cfg.sliding_window) }).sum();
+    (positions * per_position) as u64
+}
+
 /// Waits until every rank's device has finished its queued work (a no-op on the CPU).
 fn synchronize(model: &Gemma3) -> anyhow::Result<()> {
     for s in &model.shards {
@@ -131,8 +139,11 @@ pub fn run(b: DecodeBench<'_>) -> anyhow::Result<ExitCode> {
             }
         }
         let step_s = median(times);
-        // Every rank holds an equal share of the cache.
-        let kv = caches.iter().map(|c| c.bytes() as u64).sum::<u64>() / ranks as u64;
+        // What a step reads of the cache on one rank: every cached position on global
+        // layers, the window on sliding-window layers (the pages it holds may be more: whole
+        // blocks).
+        let kv = caches.iter().map(|c| kv_read_bytes(&model, c.len())).sum::<u64>();
+        let kv_held = caches.iter().map(|c| c.bytes() as u64).sum::<u64>() / ranks as u64;
         let floor_ms = b.hbm_gbps.map(|g| (weight_step + kv) as f64 / (g * 1e9) * 1e3);
         let row = serde_json::json!({
             "config": path.display().to_string(),
@@ -147,6 +158,7 @@ pub fn run(b: DecodeBench<'_>) -> anyhow::Result<ExitCode> {
             "tok_s": round(batch as f64 / step_s, 1),
             "weight_bytes_read_per_rank": weight_step,
             "kv_bytes_per_rank": kv,
+            "kv_bytes_held_per_rank": kv_held,
             "hbm_gbps": b.hbm_gbps,
             "floor_ms": floor_ms.map(|f| round(f, 3)),
             "step_over_floor": floor_ms.map(|f| round(step_s * 1e3 / f, 2)),

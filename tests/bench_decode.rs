@@ -50,11 +50,18 @@ fn decode_step_rows_count_the_bytes_a_step_reads() {
         assert_eq!(row["ranks"], 2);
         assert_eq!(row["dtype"], "bf16");
         assert_eq!(row["weight_bytes_read_per_rank"], weights);
-        // Each sequence cached its context, two untimed steps and the timed ones: one of the
-        // two KV heads per rank, bf16 keys and values in every layer (the window of 8 keeps
-        // the local layers' last 7 + 256 slack, more than these 25 tokens).
+        // Each sequence cached its context, two untimed steps and the timed ones; a step reads
+        // all of them on global layers and the window of 8 on sliding-window layers: one of
+        // the two KV heads per rank, bf16 keys and values.
         let tokens = context + 2 + steps;
-        let kv_bytes = batch * tokens * layers * 2 * (kv / 2) * hd * 2;
+        let window = n("sliding_window");
+        let positions: u64 = cfg["layer_types"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| if t == "full_attention" { tokens } else { tokens.min(window) })
+            .sum();
+        let kv_bytes = batch * positions * 2 * (kv / 2) * hd * 2;
         assert_eq!(row["kv_bytes_per_rank"], kv_bytes);
         let floor = (weights + kv_bytes) as f64 / 2e9 * 1e3;
         assert!((row["floor_ms"].as_f64().unwrap() - floor).abs() < 1e-3, "{row}");

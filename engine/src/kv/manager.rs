@@ -206,11 +206,7 @@ impl KvManager {
     }
 
     pub fn stats(&self) -> KvStats {
-        KvStats {
-            pages_used: self.fresh - self.free.len(),
-            cached_blocks: self.cache.len(),
-            ..self.stats
-        }
+        KvStats { pages_used: self.fresh - self.free.len(), cached_blocks: self.cache.len(), ..self.stats }
     }
 
     /// Holders of page `p` (sequences and the prefix cache).
@@ -408,10 +404,8 @@ impl KvManager {
         if let Some(pb) = parent.and_then(|p| self.cache.get_mut(&p)) {
             pb.children += 1;
         }
-        self.cache.insert(
-            h,
-            CachedBlock { pages, parent, children: 0, users: 1, last_used: self.clock, depth: i as u32 },
-        );
+        self.cache
+            .insert(h, CachedBlock { pages, parent, children: 0, users: 1, last_used: self.clock, depth: i as u32 });
         seq.blocks[i].cached = Some(h);
     }
 
@@ -459,9 +453,8 @@ impl KvManager {
         let mut found = Vec::new();
         let mut chain = None;
         for i in 0..limit.min(tokens.len()) / b {
-            let block: Vec<(u32, Option<ImageKey>)> = (i * b..(i + 1) * b)
-                .map(|j| (tokens[j], images.and_then(|v| v.get(j).copied()).flatten()))
-                .collect();
+            let block: Vec<(u32, Option<ImageKey>)> =
+                (i * b..(i + 1) * b).map(|j| (tokens[j], images.and_then(|v| v.get(j).copied()).flatten())).collect();
             let h = block_hash(chain, &block);
             if !self.cache.contains_key(&h) {
                 break;
@@ -471,7 +464,9 @@ impl KvManager {
         }
         let local: Vec<usize> = (0..self.layout.num_layers()).filter(|&l| !self.layout.layer_is_global[l]).collect();
         let complete = |m: &Self, n: usize| {
-            (0..n).filter(|&i| !m.layout.block_dead(i, n * b)).all(|i| local.iter().all(|&l| m.cache[&found[i]].pages[l] != NO_PAGE))
+            (0..n)
+                .filter(|&i| !m.layout.block_dead(i, n * b))
+                .all(|i| local.iter().all(|&l| m.cache[&found[i]].pages[l] != NO_PAGE))
         };
         let mut n = found.len();
         while n > 0 && !complete(self, n) {
