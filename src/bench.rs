@@ -32,6 +32,13 @@ pub struct BenchArgs {
     /// reporting grammar-mask time per token against the decode step.
     #[arg(long)]
     pub grammar: bool,
+    /// Measure aggregate throughput through the engine's scheduler instead: for each N,
+    /// N sequences of `--prompt-tokens` random prompt tokens are admitted together, prefilled
+    /// and decoded for `--gen-tokens` greedy tokens each, as
+    /// `../shared/bench/llamacpp_batched.py --parallel` does with llama.cpp (e.g.
+    /// `--parallel 1,4,16,64 --prompt-tokens 64 --gen-tokens 64`).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub parallel: Vec<usize>,
     /// Measure publishing instead: this many jobs published through medbatch's queue (as
     /// planning does: windows of 256 in flight, each window's confirms awaited) against raw
     /// lapin publishes with every confirm awaited at the end, on the broker at `--amqp`.
@@ -132,6 +139,9 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if args.grammar {
         return grammar_bench(engine, &args);
     }
+    if !args.parallel.is_empty() {
+        return parallel_bench(engine, &args);
+    }
     let tok = &engine.tokenizer;
     let mut ids = vec![tok.special().bos];
     while ids.len() < args.prompt_tokens {
@@ -216,6 +226,83 @@ fn decode_steps(
         logits = model.forward_batch(&mut items)?;
     }
     Ok(())
+}
+
+/// Aggregate prefill and decode speed with N sequences served together by the scheduler
+/// (admission, paged KV, one pass per step over all of them), median of `--runs`.
+fn parallel_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    use medbatch_engine::sampling::SplitMix64;
+    let vocab = engine.model.cfg.vocab_size as u64;
+    let bos = engine.tokenizer.special().bos;
+    let threads = candle_core::utils::get_num_threads();
+    let runs = args.runs.max(1);
+    for &n in &args.parallel {
+        anyhow::ensure!(n >= 1, "--parallel takes sequence counts of at least 1");
+        let (mut pf, mut dc, mut per_step) = (Vec::new(), Vec::new(), Vec::new());
+        let mut generated_total = 0;
+        for r in 0..runs {
+            // Distinct random prompts (ids in 1,000..200,000 after BOS, as the llama.cpp
+            // script draws them), a fresh seed per run so the prefix cache never helps.
+            let mut rng = SplitMix64::new(1 + r as u64 * 1000 + n as u64);
+            let prompts: Vec<Vec<u32>> = (0..n)
+                .map(|_| {
+                    let mut ids = vec![bos];
+                    ids.extend(
+                        (1..args.prompt_tokens).map(|_| (1000 + rng.next_u64() % 199_000).min(vocab - 1) as u32),
+                    );
+                    ids
+                })
+                .collect();
+            let req = medbatch_engine::GenerateRequest {
+                prompt: String::new(),
+                chat: false,
+                add_bos: false,
+                parse_special: false,
+                max_new_tokens: args.gen_tokens as u32,
+                stop: Vec::new(),
+                sampling: Default::default(),
+                grammar: None,
+                images: Vec::new(),
+            };
+            let t = Instant::now();
+            let mut active =
+                prompts.into_iter().map(|ids| engine.admit_tokens(&req, ids)).collect::<Result<Vec<_>, _>>()?;
+            while active.iter().any(|a| a.generated() == 0 && !a.is_done()) {
+                engine.step(&mut active, medbatch_engine::engine::PREFILL_CHUNK)?;
+            }
+            pf.push((n * args.prompt_tokens) as f64 / t.elapsed().as_secs_f64());
+            let before: usize = active.iter().map(|a| a.generated()).sum();
+            let passes = engine.stats.passes;
+            let t = Instant::now();
+            while active.iter().any(|a| !a.is_done()) {
+                engine.step(&mut active, medbatch_engine::engine::PREFILL_CHUNK)?;
+            }
+            let generated: usize = active.iter().map(|a| a.generated()).sum::<usize>() - before;
+            dc.push(generated as f64 / t.elapsed().as_secs_f64());
+            per_step.push(generated as f64 / (engine.stats.passes - passes).max(1) as f64);
+            generated_total = generated + before;
+            eprintln!("parallel {n} run {}/{runs}: prefill {:.1} tok/s, decode {:.1} tok/s", r + 1, pf[r], dc[r]);
+        }
+        let (_, kv) = engine.model.kv_stats()?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "engine": "medbatch",
+                "model": engine.info.id,
+                "threads": threads,
+                "parallel": n,
+                "prompt": args.prompt_tokens,
+                "gen": args.gen_tokens,
+                "generated_last_run": generated_total,
+                "prefill_tok_s": (median(pf) * 10.0).round() / 10.0,
+                "decode_tok_s_aggregate": (median(dc) * 10.0).round() / 10.0,
+                "tokens_per_step": (median(per_step) * 10.0).round() / 10.0,
+                "kv_pages_used_after": kv.pages_used,
+                "peak_rss_mib": peak_rss_mib().map(|m| m.round()),
+            })
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Result lines the grammar benchmark decodes (a few layouts, repeated to fill the batch).

@@ -166,6 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         progress.tokens_out as f64 / wall.max(1e-3)
     );
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
+    println!("  engine     {}", engine_summary(&engine.stats()));
     println!(
         "  wall time  {wall:.1} s ({:.2} documents/s){}",
         progress.done as f64 / wall.max(1e-3),
@@ -183,6 +184,26 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             bail!("run {run_id} incomplete: {dead} jobs failed after retries (last: {first}); run again with --run-id {run_id} to resume")
         }
     }
+}
+
+/// One line on what the engine did: steps, tokens per step, the KV pool and prefix cache.
+pub fn engine_summary(s: &medbatch_engine::service::EngineStats) -> String {
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    let (pages, page) = s.kv_layout.as_ref().map(|l| (l.pages, l.page_bytes)).unwrap_or((0, 0));
+    format!(
+        "{} steps, {:.1} tokens per step; KV pool {} pages of {} KiB, at most {} in use ({:.0} MiB), {:.2} MiB per sequence in flight; prefix cache {:.0}% of prompt tokens ({} of {}); {} preemptions",
+        s.decode.passes,
+        s.tokens_per_step(),
+        pages,
+        page / 1024,
+        s.kv.pages_peak,
+        mib((s.kv.pages_peak as u64 * page) as f64),
+        mib(s.kv_bytes_per_sequence()),
+        s.prefix_hit_rate() * 100.0,
+        s.kv.hit_tokens,
+        s.kv.lookup_tokens,
+        s.decode.preemptions
+    )
 }
 
 fn hostname() -> String {

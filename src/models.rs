@@ -59,6 +59,7 @@ pub fn main(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                 parse_memory(&memory).with_context(|| format!("--memory {memory:?}: give e.g. 80GiB or 141GB"))?;
             let d = describe(&path)?;
             let cap = d.capacity_tp(mem, tp);
+            let pool = d.kv_pool(mem, tp, medbatch_engine::kv::BLOCK_TOKENS);
             if json {
                 println!(
                     "{}",
@@ -67,7 +68,8 @@ pub fn main(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
                         "memory_bytes": mem,
                         "tp": tp,
                         "weight_bytes_per_device": d.weight_bytes_per_rank(tp),
-                        "capacity": cap
+                        "capacity": cap,
+                        "kv_pool": pool
                     }))?
                 );
                 return Ok(ExitCode::SUCCESS);
@@ -111,6 +113,30 @@ pub fn main(cmd: ModelsCommand) -> anyhow::Result<ExitCode> {
             println!("    context   KV per sequence   max batch");
             for c in cap {
                 println!("    {:>7}   {:>15}   {:>9}", c.context, gib(c.kv_bytes_per_sequence), c.max_batch);
+            }
+            println!(
+                "  paged KV cache: blocks of {} tokens; a page (one block of one layer: {} KV heads × {} × 2 × {} bytes) is {} KiB",
+                pool.block,
+                d.kv_heads_per_rank(tp),
+                d.head_dim,
+                d.kv_bytes_per_element,
+                pool.page_bytes / 1024
+            );
+            println!("  pool: {} after the weights = {} pages", gib(pool.pool_bytes), pool.pages);
+            println!(
+                "    context   pages per sequence ({} global layers × blocks + {} sliding-window layers × their window)   KV per sequence   sequences   pages a shared prompt of this length saves each (at least)",
+                d.global_layers,
+                d.layers - d.global_layers
+            );
+            for r in &pool.rows {
+                println!(
+                    "    {:>7}   {:>18}   {:>15}   {:>9}   {:>9}",
+                    r.context,
+                    r.pages_per_sequence,
+                    gib(r.kv_bytes_per_sequence),
+                    r.max_sequences,
+                    r.pages_saved_by_a_shared_prefix
+                );
             }
         }
     }

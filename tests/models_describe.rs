@@ -49,6 +49,37 @@ fn kv_budget_and_capacity() {
 }
 
 #[test]
+fn paged_pool_arithmetic() {
+    // 27B on 141 GB: pages of 16 tokens × 16 KV heads × 128 × 2 (K and V) × 2 bytes; a
+    // sequence of 8,192 tokens holds 512 blocks on each of the 10 global layers and the 1,024
+    // -token window (64 blocks, plus the one its start may straddle) on each of the 52 others.
+    let v = describe("tests/fixtures/medgemma/medgemma-27b-text-it", "141GB");
+    let pool = &v["kv_pool"];
+    assert_eq!(pool["block"], 16);
+    assert_eq!(pool["page_bytes"].as_u64().unwrap(), 16 * 16 * 128 * 2 * 2);
+    let weights = v["model"]["weight_bytes_total"].as_u64().unwrap();
+    let pages = (141_000_000_000 - weights) / (16 * 16 * 128 * 2 * 2);
+    assert_eq!(pool["pages"].as_u64().unwrap(), pages);
+    let row = pool["rows"].as_array().unwrap().iter().find(|r| r["context"] == 8192).unwrap().clone();
+    assert_eq!(row["pages_per_sequence"].as_u64().unwrap(), 10 * 512 + 52 * 65);
+    assert_eq!(row["max_sequences"].as_u64().unwrap(), pages / (10 * 512 + 52 * 65));
+    assert_eq!(row["pages_saved_by_a_shared_prefix"].as_u64().unwrap(), 10 * 512);
+    // With two devices, each holds half the KV heads: pages of half the bytes.
+    let o = medbatch(&[
+        "models",
+        "describe",
+        "tests/fixtures/medgemma/medgemma-27b-text-it",
+        "--memory",
+        "80GiB",
+        "--tp",
+        "2",
+        "--json",
+    ]);
+    let split: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(split["kv_pool"]["page_bytes"].as_u64().unwrap(), 16 * 8 * 128 * 2 * 2);
+}
+
+#[test]
 fn demo_model_is_described_from_gguf_metadata() {
     let model = demo_model();
     let v = describe(model.to_str().unwrap(), "1GiB");

@@ -36,6 +36,34 @@ pub struct Description {
     pub kv_bytes_at: BTreeMap<usize, u64>,
 }
 
+/// The paged KV cache a memory budget gives: its pages and what sequences of each context
+/// length take of them (the arithmetic the engine admits sequences by).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct KvPool {
+    /// Tokens per block (and per page).
+    pub block: usize,
+    /// Bytes of one page on a device: one block of one layer, keys and values of the KV heads
+    /// the device holds.
+    pub page_bytes: u64,
+    /// Memory left for the pool after the weights, per device.
+    pub pool_bytes: u64,
+    pub pages: u64,
+    pub rows: Vec<PagedCapacity>,
+}
+
+/// At `context` tokens: pages a sequence holds (global layers keep every block,
+/// sliding-window layers the blocks their window reaches), their bytes, and how many such
+/// sequences the pool holds at once.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PagedCapacity {
+    pub context: usize,
+    pub pages_per_sequence: u64,
+    pub kv_bytes_per_sequence: u64,
+    pub max_sequences: u64,
+    /// Pages a prompt prefix of `context` tokens shared by every sequence saves each one.
+    pub pages_saved_by_a_shared_prefix: u64,
+}
+
 /// A capacity row: at `context` tokens per sequence, how many sequences fit.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Capacity {
@@ -171,6 +199,37 @@ impl Description {
                 Capacity { context, kv_bytes_per_sequence: per_seq, max_batch: free / per_seq.max(1) }
             })
             .collect()
+    }
+}
+
+impl Description {
+    /// The paged KV pool of `tp` devices of `memory` bytes each with blocks of `block` tokens.
+    pub fn kv_pool(&self, memory: u64, tp: usize, block: usize) -> KvPool {
+        let pool_bytes = memory.saturating_sub(self.weight_bytes_per_rank(tp));
+        let page_bytes = (2 * block * self.kv_heads_per_rank(tp) * self.head_dim) as u64 * self.kv_bytes_per_element;
+        let pages = pool_bytes / page_bytes.max(1);
+        let layout = crate::kv::KvLayout {
+            block,
+            pages: pages as usize,
+            layer_is_global: (0..self.layers).map(|i| i < self.global_layers).collect(),
+            window: self.sliding_window,
+            page_bytes,
+        };
+        let rows = self
+            .kv_bytes_at
+            .keys()
+            .map(|&context| {
+                let per_seq = layout.pages_for(context, 0) as u64;
+                PagedCapacity {
+                    context,
+                    pages_per_sequence: per_seq,
+                    kv_bytes_per_sequence: per_seq * page_bytes,
+                    max_sequences: pages / per_seq.max(1),
+                    pages_saved_by_a_shared_prefix: (self.global_layers * (context / block)) as u64,
+                }
+            })
+            .collect();
+        KvPool { block, page_bytes, pool_bytes, pages, rows }
     }
 }
 

@@ -147,6 +147,26 @@ impl Engine {
             return self.admit_encoded(&wrapped, images);
         }
         let ids = self.prompt_ids(req)?;
+        let (image_rows, image_keys) = match images {
+            Some(e) => (Some(e.rows), e.keys),
+            None => (self.encode_images(&req.images)?, image_keys(&req.images)),
+        };
+        self.admit_prepared(req, ids, image_rows, image_keys)
+    }
+
+    /// A sequence for a request whose prompt is given as token ids (the request's text and
+    /// images are not read).
+    pub fn admit_tokens(&mut self, req: &GenerateRequest, ids: Vec<u32>) -> Result<Active, EngineError> {
+        self.admit_prepared(req, ids, None, Vec::new())
+    }
+
+    fn admit_prepared(
+        &mut self,
+        req: &GenerateRequest,
+        ids: Vec<u32>,
+        image_rows: Option<Tensor>,
+        image_keys: Vec<ImageKey>,
+    ) -> Result<Active, EngineError> {
         if ids.is_empty() {
             return Err(EngineError::Request("prompt has no tokens".into()));
         }
@@ -161,10 +181,6 @@ impl Engine {
         let matcher = match &req.grammar {
             Some(g) => Some(self.guidance()?.matcher(g)?),
             None => None,
-        };
-        let (image_rows, image_keys) = match images {
-            Some(e) => (Some(e.rows), e.keys),
-            None => (self.encode_images(&req.images)?, image_keys(&req.images)),
         };
         let prompt_len = ids.len();
         let mut a = Active {

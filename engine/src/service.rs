@@ -49,12 +49,22 @@ pub struct EngineStats {
     /// Sequences in flight and waiting after the last step.
     pub running: usize,
     pub waiting: usize,
+    /// Over every step: pages held by sequences in flight, and sequences in flight (their
+    /// ratio is the KV a sequence in flight costs, shared pages counted once).
+    pub pages_in_flight_sum: u64,
+    pub sequences_in_flight_sum: u64,
 }
 
 impl EngineStats {
     /// Token rows per forward pass, on average.
     pub fn tokens_per_step(&self) -> f64 {
         self.decode.rows as f64 / self.decode.passes.max(1) as f64
+    }
+
+    /// KV bytes per sequence in flight, on average over the steps (each rank's share summed).
+    pub fn kv_bytes_per_sequence(&self) -> f64 {
+        let page = self.kv_layout.as_ref().map(|l| l.page_bytes).unwrap_or(0) as f64;
+        page * self.pages_in_flight_sum as f64 / self.sequences_in_flight_sum.max(1) as f64
     }
 
     /// Prompt tokens whose keys and values came from the prefix cache, over all prompt
@@ -164,13 +174,16 @@ fn serve(
         }
         reply_all(done);
         let kv = engine.model.kv_stats().map(|(_, s)| s).unwrap_or_default();
-        *stats.lock().unwrap_or_else(|e| e.into_inner()) = EngineStats {
-            decode: engine.stats,
-            kv_layout: layout.clone(),
-            kv,
-            running: sched.running(),
-            waiting: sched.waiting(),
-        };
+        let mut st = stats.lock().unwrap_or_else(|e| e.into_inner());
+        if sched.running() > 0 {
+            st.pages_in_flight_sum += (kv.pages_used - kv.pages_cached_idle) as u64;
+            st.sequences_in_flight_sum += sched.running() as u64;
+        }
+        st.decode = engine.stats;
+        st.kv_layout = layout.clone();
+        st.kv = kv;
+        st.running = sched.running();
+        st.waiting = sched.waiting();
     }
 }
 

@@ -89,6 +89,8 @@ pub struct KvStats {
     pub hit_tokens: u64,
     /// Cached blocks evicted.
     pub evictions: u64,
+    /// The most pages held at once.
+    pub pages_peak: usize,
 }
 
 struct CachedBlock {
@@ -283,6 +285,12 @@ impl KvManager {
 
     /// One page, or `None` when every page is held by a sequence.
     fn alloc(&mut self) -> Option<PageId> {
+        let p = self.alloc_page();
+        self.stats.pages_peak = self.stats.pages_peak.max(self.fresh - self.free.len());
+        p
+    }
+
+    fn alloc_page(&mut self) -> Option<PageId> {
         loop {
             if let Some(p) = self.free.pop() {
                 self.refs[p as usize] = 1;
