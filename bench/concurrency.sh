@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Aggregate generated tokens/s of the demo run at several engine concurrencies
 # (`--max-sequences`): the lab-report pipeline over examples/lab-reports with the demo model.
-# Prints one line per concurrency with tokens/s, wall time and peak memory from the summary.
+# Prints one line per concurrency with tokens/s, wall time and peak memory from the summary,
+# and the engine's line (steps, tokens per step, KV pages, prefix-cache hit rate,
+# preemptions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/fetch-demo-model.sh >/dev/null
@@ -16,5 +18,7 @@ for n in ${CONCURRENCY:-1 4 16 64}; do
   wall="$(grep -o 'wall time  [0-9.]* s' <<<"$summary" | awk '{print $3}')"
   mem="$(grep -o 'peak memory [0-9]* MiB' <<<"$summary" | awk '{print $3}')"
   rows="$(grep -o 'lab_results: [0-9]*' <<<"$summary" | awk '{print $2}')"
+  engine="$(grep -o 'engine .*' <<<"$summary" | sed 's/^engine *//')"
   echo "max-sequences $n: $tokens, wall $wall s, rows $rows, peak memory $mem MiB"
+  echo "  engine: $engine"
 done

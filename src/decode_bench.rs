@@ -154,6 +154,7 @@ pub fn run(b: DecodeBench<'_>) -> anyhow::Result<ExitCode> {
             "batch": batch,
             "context": b.context,
             "prefill_s": round(prefill_s, 3),
+            "prefill_tok_s": round((batch * b.context) as f64 / prefill_s, 1),
             "step_ms": round(step_s * 1e3, 3),
             "tok_s": round(batch as f64 / step_s, 1),
             "weight_bytes_read_per_rank": weight_step,

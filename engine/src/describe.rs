@@ -124,8 +124,9 @@ impl Description {
 
     /// Describes a decoder whose weights sizes are known per type (a GGUF file).
     pub fn from_text(architecture: &str, t: &TextConfig, tied: bool, weight_bytes: BTreeMap<String, u64>) -> Self {
-        // llama.cpp and medbatch keep GGUF models' KV cache in f16.
-        Self::finish(architecture.to_string(), t, text_params(t, tied), 0, weight_bytes, 2)
+        // GGUF models run on the CPU, where medbatch keeps their f16-rounded keys and values
+        // in f32 (read in place by the attention kernel; llama.cpp keeps them in f16).
+        Self::finish(architecture.to_string(), t, text_params(t, tied), 0, weight_bytes, 4)
     }
 
     fn finish(

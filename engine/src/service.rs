@@ -134,6 +134,15 @@ fn reply_all(done: Vec<Finished<Reply>>) {
     }
 }
 
+/// Answers every request in hand `Stopped` after a tensor-parallel rank failed.
+fn stop(engine: &Engine, sched: &mut Scheduler<Reply>, done: Vec<Finished<Reply>>) {
+    let why = engine.model.broken().unwrap_or_default();
+    tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
+    for reply in done.into_iter().map(|f| f.tag).chain(sched.drain()) {
+        let _ = reply.send(Err(EngineError::Stopped));
+    }
+}
+
 fn serve(
     mut engine: Engine,
     rx: mpsc::Receiver<Command>,
@@ -156,20 +165,18 @@ fn serve(
         while let Ok(Command::Generate { req, images, span, reply }) = rx.try_recv() {
             sched.push(req, images, span, reply);
         }
-        let admitted = busy.during(&busy.step, || sched.admit(&mut engine));
-        reply_all(admitted);
-        let done = busy.during(&busy.step, || sched.step(&mut engine));
         // A failed tensor-parallel rank leaves the model unusable: every request, in flight
         // or waiting, is answered `Stopped` and the thread ends, so that the worker gives its
         // jobs back instead of writing error rows for them.
-        if let Some(why) = engine.model.broken() {
-            tracing::error!(reason = %why, "a tensor-parallel rank failed; the engine stops");
-            for f in done {
-                let _ = f.tag.send(Err(EngineError::Stopped));
-            }
-            for reply in sched.drain() {
-                let _ = reply.send(Err(EngineError::Stopped));
-            }
+        if engine.model.broken().is_some() {
+            stop(&engine, &mut sched, Vec::new());
+            return;
+        }
+        let admitted = busy.during(&busy.step, || sched.admit(&mut engine));
+        reply_all(admitted);
+        let done = busy.during(&busy.step, || sched.step(&mut engine));
+        if engine.model.broken().is_some() {
+            stop(&engine, &mut sched, done);
             return;
         }
         reply_all(done);

@@ -104,8 +104,8 @@ fn visible(s: &SeqRows<'_>, r: usize, window: Option<usize>) -> (usize, usize) {
 }
 
 struct Scratch {
-    k: Vec<f32>,
-    v: Vec<f32>,
+    k: RowScratch,
+    v: RowScratch,
     scores: Vec<f32>,
     q: Vec<f32>,
     acc: Vec<f32>,
@@ -113,7 +113,13 @@ struct Scratch {
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch { k: Vec::new(), v: Vec::new(), scores: Vec::new(), q: Vec::new(), acc: Vec::new() })
+        RefCell::new(Scratch {
+            k: RowScratch { buf: Vec::new(), offs: Vec::new() },
+            v: RowScratch { buf: Vec::new(), offs: Vec::new() },
+            scores: Vec::new(),
+            q: Vec::new(),
+            acc: Vec::new(),
+        })
     };
 }
 
@@ -153,8 +159,10 @@ pub(crate) fn attention(q: &[f32], seqs: &[SeqRows<'_>], store: &PageStore, shap
                 let spans: Vec<(usize, usize)> = (t0..t1).map(|r| visible(s, r, shape.window)).collect();
                 let lo = spans.iter().map(|x| x.0).min().unwrap_or(0);
                 let hi = spans.iter().map(|x| x.1).max().unwrap_or(0) + 1;
-                gather(store, kstore, s.pages, g, lo, hi, &mut sc.k);
-                gather(store, vstore, s.pages, g, lo, hi, &mut sc.v);
+                let ksrc = RowSource { store, data: kstore, pages: s.pages, head: g };
+                let vsrc = RowSource { store, data: vstore, pages: s.pages, head: g };
+                let (kbase, koff) = key_rows(&ksrc, lo, hi, &mut sc.k);
+                let (vbase, voff) = key_rows(&vsrc, lo, hi, &mut sc.v);
                 let group = h / kvh;
                 for (r, &(first, last)) in (t0..t1).zip(&spans) {
                     for hq in g * group..(g + 1) * group {
@@ -165,7 +173,7 @@ pub(crate) fn attention(q: &[f32], seqs: &[SeqRows<'_>], store: &PageStore, shap
                         sc.scores.clear();
                         let mut max = f32::NEG_INFINITY;
                         for p in first..=last {
-                            let kr = &sc.k[(p - lo) * hd..][..hd];
+                            let kr = &kbase[koff[p - lo]..][..hd];
                             let x = round(dot(&sc.q, kr), shape.round_to);
                             max = max.max(x);
                             sc.scores.push(x);
@@ -183,7 +191,7 @@ pub(crate) fn attention(q: &[f32], seqs: &[SeqRows<'_>], store: &PageStore, shap
                                 pj = f16::from_f32(pj).to_f32();
                             }
                             let pj = round(pj, shape.round_to);
-                            let vr = &sc.v[(first + j - lo) * hd..][..hd];
+                            let vr = &vbase[voff[first + j - lo]..][..hd];
                             for (a, &x) in sc.acc.iter_mut().zip(vr) {
                                 *a += pj * x;
                             }
@@ -203,17 +211,39 @@ pub(crate) fn attention(q: &[f32], seqs: &[SeqRows<'_>], store: &PageStore, shap
     out
 }
 
-/// Positions `lo..hi` of KV head `g` of a sequence, widened to f32, into `dst` (`[n,
-/// head_dim]`).
-fn gather(store: &PageStore, data: &HostData, pages: &[PageId], g: usize, lo: usize, hi: usize, dst: &mut Vec<f32>) {
-    let (hd, width) = (store.head_dim, store.row_width());
-    dst.clear();
-    dst.resize((hi - lo) * hd, 0.0);
-    for p in lo..hi {
-        let page = pages[p / store.block];
-        let at = store.slot(page, p) * width + g * hd;
-        data.read(at, &mut dst[(p - lo) * hd..(p - lo + 1) * hd]);
+/// Where one KV head's rows of one sequence are.
+struct RowSource<'a> {
+    store: &'a PageStore,
+    data: &'a HostData,
+    pages: &'a [PageId],
+    head: usize,
+}
+
+/// Rows widened to f32 (for f16 and bf16 stores) and each row's offset.
+#[derive(Default)]
+struct RowScratch {
+    buf: Vec<f32>,
+    offs: Vec<usize>,
+}
+
+/// Positions `lo..hi` as f32 rows: a slice and each row's offset in it. An f32 store is read
+/// in place; f16 and bf16 rows are widened into the scratch.
+fn key_rows<'a>(src: &RowSource<'a>, lo: usize, hi: usize, scratch: &'a mut RowScratch) -> (&'a [f32], &'a [usize]) {
+    let (store, hd) = (src.store, src.store.head_dim);
+    let width = store.row_width();
+    let at = |p: usize| store.slot(src.pages[p / store.block], p) * width + src.head * hd;
+    scratch.offs.clear();
+    if let Some(base) = src.data.as_f32() {
+        scratch.offs.extend((lo..hi).map(at));
+        return (base, &scratch.offs);
     }
+    scratch.buf.clear();
+    scratch.buf.resize((hi - lo) * hd, 0.0);
+    for p in lo..hi {
+        src.data.read(at(p), &mut scratch.buf[(p - lo) * hd..(p - lo + 1) * hd]);
+        scratch.offs.push((p - lo) * hd);
+    }
+    (&scratch.buf, &scratch.offs)
 }
 
 #[cfg(test)]

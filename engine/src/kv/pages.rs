@@ -44,22 +44,23 @@ impl HostData {
         }
     }
 
-    /// Reads `dst.len()` elements at `at`, widened to f32 (exactly).
+    /// Reads `dst.len()` elements at `at`, widened to f32 (exactly; the half crate's slice
+    /// conversion uses the CPU's F16C instructions where it has them).
     pub(crate) fn read(&self, at: usize, dst: &mut [f32]) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let n = dst.len();
         match self {
-            Self::F32(d) => dst.copy_from_slice(&d[at..at + dst.len()]),
-            Self::F16(d) => {
-                let n = dst.len();
-                for (o, &b) in dst.iter_mut().zip(&d[at..at + n]) {
-                    *o = f16::from_bits(b).to_f32();
-                }
-            }
-            Self::BF16(d) => {
-                let n = dst.len();
-                for (o, &b) in dst.iter_mut().zip(&d[at..at + n]) {
-                    *o = bf16::from_bits(b).to_f32();
-                }
-            }
+            Self::F32(d) => dst.copy_from_slice(&d[at..at + n]),
+            Self::F16(d) => d[at..at + n].reinterpret_cast::<f16>().convert_to_f32_slice(dst),
+            Self::BF16(d) => d[at..at + n].reinterpret_cast::<bf16>().convert_to_f32_slice(dst),
+        }
+    }
+
+    /// The store itself when it holds f32 (rows can then be read in place).
+    pub(crate) fn as_f32(&self) -> Option<&[f32]> {
+        match self {
+            Self::F32(d) => Some(d),
+            _ => None,
         }
     }
 }

@@ -91,8 +91,8 @@ pub struct Gemma3 {
     /// while the prompt is read. `None` for text-only models.
     pub image_token_id: Option<u32>,
     /// Dtype of the two attention products (`q·kᵀ`, `p·v`) and of the cached keys and values
-    /// (f16 instead when `numeric.f16_attention`): f32, or the weights' bf16/f16. Scores are
-    /// widened to f32 for the softmax either way.
+    /// (see [`Self::kv_dtype`] for llama.cpp's f16 numerics): f32, or the weights' bf16/f16.
+    /// Scores are widened to f32 for the softmax either way.
     pub attention_dtype: DType,
     pub device: Device,
     pub attention: AttentionImpl,
@@ -206,12 +206,15 @@ impl Gemma3 {
         }
     }
 
-    /// The dtype keys and values are kept in.
+    /// The dtype keys and values are kept in. Values rounded to f16 (llama.cpp's numerics)
+    /// are kept in f16 on a GPU and in f32 on the CPU, where the attention kernel then reads
+    /// them in place instead of widening every key it visits (twice the memory, measured
+    /// 1.6× faster decoding of the demo model at a 500-token context).
     pub fn kv_dtype(&self) -> DType {
-        if self.numeric.f16_attention {
-            DType::F16
-        } else {
-            self.attention_dtype
+        match (self.numeric.f16_attention, self.device.is_cpu()) {
+            (true, true) => DType::F32,
+            (true, false) => DType::F16,
+            (false, _) => self.attention_dtype,
         }
     }
 
