@@ -73,7 +73,7 @@ pub struct BenchArgs {
     /// `--steps` decode steps are timed (median). Needs no checkpoint.
     #[arg(long, value_name = "CONFIG")]
     pub decode_step: Option<std::path::PathBuf>,
-    /// With `--decode-step`: the batch sizes measured.
+    /// With `--decode-step`: the batch sizes measured; with `--kernels`: the activation rows.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batches: Vec<usize>,
     /// With `--decode-step`: tokens in each sequence's cache before the timed steps.
@@ -95,6 +95,22 @@ pub struct BenchArgs {
     /// `--decode-step`).
     #[command(flatten)]
     pub split: model_path::SplitArgs,
+    /// Measure the quantized matrix kernels instead: random weights of each `--shapes` entry
+    /// in every GGUF type the blocked kernel takes, times each row count of `--batches`,
+    /// against candle's row-wise and repacked kernels. Needs no model.
+    #[arg(long)]
+    pub kernels: bool,
+    /// With `--kernels`: weight shapes as OUTxIN (defaults: Gemma 3 270M's MLP up and down
+    /// projections, MedGemma 4B's MLP up projection).
+    #[arg(long, value_delimiter = ',', default_value = "2048x640,640x2048,10240x2560", value_parser = parse_shape)]
+    pub shapes: Vec<(usize, usize)>,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize), String> {
+    let (n, k) = s.split_once('x').ok_or_else(|| format!("{s:?} is not OUTxIN"))?;
+    let n = n.trim().parse().map_err(|_| format!("{s:?}: OUT is not a number"))?;
+    let k = k.trim().parse().map_err(|_| format!("{s:?}: IN is not a number"))?;
+    Ok((n, k))
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
@@ -111,6 +127,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    if args.kernels {
+        return crate::kernel_bench::run(&args.shapes, &args.batches, args.runs.max(1));
+    }
     if args.vision_tower {
         return vision_bench(args.runs.max(1), args.text_hidden);
     }
@@ -178,17 +197,15 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         tg_short.push((batch * args.gen_tokens) as f64 / t.elapsed().as_secs_f64());
         eprintln!("run {}/{runs}: pp {:.1} tok/s, tg {:.1} / {:.1} tok/s", r + 1, pp[r], tg_long[r], tg_short[r]);
     }
-    // candle's CPU kernels honour CANDLE_NUM_THREADS, else use every core.
-    let threads = std::env::var("CANDLE_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or_else(candle_core::utils::get_num_threads);
+    // candle's CPU kernels honour CANDLE_NUM_THREADS (`--threads`), else use every core.
+    let threads = medbatch_engine::kernels::threads();
     let (pp, tgl, tgs) = (median(pp), median(tg_long), median(tg_short));
     println!(
         "{}",
         serde_json::json!({
             "model": engine.info.id,
             "threads": threads,
+            "kernel": medbatch_engine::kernels::kernel_name(),
             "prompt_tokens": args.prompt_tokens,
             "gen_tokens": args.gen_tokens,
             "runs": runs,
@@ -234,7 +251,7 @@ fn parallel_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyh
     use medbatch_engine::sampling::SplitMix64;
     let vocab = engine.model.cfg.vocab_size as u64;
     let bos = engine.tokenizer.special().bos;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = medbatch_engine::kernels::threads();
     let runs = args.runs.max(1);
     for &n in &args.parallel {
         anyhow::ensure!(n >= 1, "--parallel takes sequence counts of at least 1");
@@ -290,6 +307,7 @@ fn parallel_bench(mut engine: medbatch_engine::Engine, args: &BenchArgs) -> anyh
                 "engine": "medbatch",
                 "model": engine.info.id,
                 "threads": threads,
+                "kernel": medbatch_engine::kernels::kernel_name(),
                 "parallel": n,
                 "prompt": args.prompt_tokens,
                 "gen": args.gen_tokens,
@@ -590,7 +608,7 @@ fn vision_bench(runs: usize, text_hidden: usize) -> anyhow::Result<ExitCode> {
         c.hidden_size,
         c.num_heads,
         c.mm_tokens_per_image,
-        candle_core::utils::get_num_threads(),
+        medbatch_engine::kernels::threads(),
         t.elapsed().as_secs_f64()
     );
     let img = synthetic_image(2048, 2500, true, image::ImageFormat::Png)?;

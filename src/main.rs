@@ -10,6 +10,7 @@ mod decode_bench;
 mod distributed;
 mod embedded;
 mod eval;
+mod kernel_bench;
 mod model_path;
 mod models;
 mod progress;
@@ -38,6 +39,11 @@ struct Cli {
     /// Log format.
     #[arg(long, env = "MEDBATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
+    /// CPU threads for the model's matrix products and attention (threads split a product's
+    /// output columns, never its inner sum, so results do not depend on this). Default: every
+    /// core.
+    #[arg(long, env = "CANDLE_NUM_THREADS", global = true, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -85,6 +91,11 @@ fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        // Set before any thread is spawned (nothing reads the environment concurrently);
+        // candle's pools read it when first used.
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
     if let Err(e) = init_logging(&cli.log, cli.log_format) {
         eprintln!("medbatch: {e}");
         return ExitCode::from(EXIT_USAGE);

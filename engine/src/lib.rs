@@ -13,6 +13,7 @@ pub mod constrain;
 pub mod describe;
 pub mod engine;
 pub mod image;
+pub mod kernels;
 pub mod kv;
 pub mod load;
 pub mod models;

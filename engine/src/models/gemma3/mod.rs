@@ -30,7 +30,7 @@ pub mod ranks;
 pub mod shard;
 
 pub use layers::{Attention, Layer, LayerParam, LayerSource, Mlp, RmsNorm};
-pub use linear::{Embedding, Linear, QuantBlocks};
+pub use linear::{Embedding, Linear};
 pub use shard::Shard;
 
 use crate::kv::{self, ImageKey, KvLayout, KvManager, KvStats, PageStore, SeqCache};
