@@ -56,6 +56,7 @@ pub(crate) struct AttnShape {
     pub round_to: DType,
 }
 
+#[inline(always)]
 fn round(x: f32, to: DType) -> f32 {
     match to {
         DType::BF16 => bf16::from_f32(x).to_f32(),
@@ -88,6 +89,106 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc[0]
 }
 
+/// A dot product with [`dot`]'s arithmetic: lane `l` sums the products of elements `l`,
+/// `l + 16`, … in order (no fused multiply-add), then the lanes are added pairwise. The
+/// SIMD variants hold the sixteen lanes in vector registers, which LLVM does not manage on
+/// its own for this loop (it gave shuffled 4-wide code: 23 % of pp512 in this kernel).
+trait Dot {
+    /// # Safety
+    /// The CPU has the variant's target features.
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32;
+}
+
+struct Portable;
+impl Dot for Portable {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot(a, b)
+    }
+}
+
+/// Adds the remainder to `acc` and reduces it as [`dot`] does.
+#[inline(always)]
+fn finish(mut acc: [f32; LANES], ra: &[f32], rb: &[f32]) -> f32 {
+    for (l, (x, y)) in ra.iter().zip(rb).enumerate() {
+        acc[l] += x * y;
+    }
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+#[cfg(target_arch = "x86_64")]
+impl Dot for Avx512 {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY (caller): the CPU has AVX-512F.
+        unsafe { dot_avx512(a, b) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    // SAFETY: loads of 16 floats at offsets below `n`, inside both slices; the store fills
+    // `acc`, 16 floats.
+    unsafe {
+        let mut v = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < n {
+            v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_loadu_ps(a.as_ptr().add(i)), _mm512_loadu_ps(b.as_ptr().add(i))));
+            i += LANES;
+        }
+        _mm512_storeu_ps(acc.as_mut_ptr(), v);
+    }
+    finish(acc, &a[n..], &b[n..])
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+#[cfg(target_arch = "x86_64")]
+impl Dot for Avx2 {
+    #[inline(always)]
+    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY (caller): the CPU has AVX2.
+        unsafe { dot_avx2(a, b) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len()) / LANES * LANES;
+    let mut acc = [0f32; LANES];
+    // SAFETY: as in `dot_avx512`, lanes 0–7 and 8–15 in two registers.
+    unsafe {
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i < n {
+            let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+            lo = _mm256_add_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb)));
+            hi = _mm256_add_ps(hi, _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8))));
+            i += LANES;
+        }
+        _mm256_storeu_ps(acc.as_mut_ptr(), lo);
+        _mm256_storeu_ps(acc.as_mut_ptr().add(8), hi);
+    }
+    finish(acc, &a[n..], &b[n..])
+}
+
 /// The positions row `r` of `s` sees: `first ..= last`.
 fn visible(s: &SeqRows<'_>, r: usize, window: Option<usize>) -> (usize, usize) {
     let qp = s.pos0 + r;
@@ -103,6 +204,7 @@ fn visible(s: &SeqRows<'_>, r: usize, window: Option<usize>) -> (usize, usize) {
     (first, last)
 }
 
+#[derive(Default)]
 struct Scratch {
     k: RowScratch,
     v: RowScratch,
@@ -148,67 +250,142 @@ pub(crate) fn attention(q: &[f32], seqs: &[SeqRows<'_>], store: &PageStore, shap
             }
         }
     }
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let work = |range: std::ops::Range<usize>| {
-        let out_ptr = out_ptr;
-        SCRATCH.with(|cell| {
-            let sc = &mut *cell.borrow_mut();
-            for &(i, g, t0) in &items[range] {
-                let s = &seqs[i];
-                let t1 = (t0 + ROW_TILE).min(s.len);
-                let spans: Vec<(usize, usize)> = (t0..t1).map(|r| visible(s, r, shape.window)).collect();
-                let lo = spans.iter().map(|x| x.0).min().unwrap_or(0);
-                let hi = spans.iter().map(|x| x.1).max().unwrap_or(0) + 1;
-                let ksrc = RowSource { store, data: kstore, pages: s.pages, head: g };
-                let vsrc = RowSource { store, data: vstore, pages: s.pages, head: g };
-                let (kbase, koff) = key_rows(&ksrc, lo, hi, &mut sc.k);
-                let (vbase, voff) = key_rows(&vsrc, lo, hi, &mut sc.v);
-                let group = h / kvh;
-                for (r, &(first, last)) in (t0..t1).zip(&spans) {
-                    for hq in g * group..(g + 1) * group {
-                        let qrow = &q[((s.row + r) * h + hq) * hd..][..hd];
-                        sc.q.clear();
-                        sc.q.extend(qrow.iter().map(|&x| round(x * shape.scale, shape.round_to)));
-                        let n = last + 1 - first;
-                        sc.scores.clear();
-                        let mut max = f32::NEG_INFINITY;
-                        for p in first..=last {
-                            let kr = &kbase[koff[p - lo]..][..hd];
-                            let x = round(dot(&sc.q, kr), shape.round_to);
-                            max = max.max(x);
-                            sc.scores.push(x);
+    let ctx = Ctx { q, seqs, store, kstore, vstore, shape, items: &items, out: OutPtr(out.as_mut_ptr()) };
+    let run = pick_work();
+    candle_core::utils::barrier_pool().execute_chunked(items.len(), |range| {
+        // SAFETY: `pick_work` returns a SIMD variant only where the CPU has its features.
+        unsafe { run(&ctx, range) }
+    });
+    out
+}
+
+/// What every work item of one attention call reads and where it writes.
+struct Ctx<'a, 'b> {
+    q: &'a [f32],
+    seqs: &'a [SeqRows<'b>],
+    store: &'a PageStore,
+    kstore: &'a HostData,
+    vstore: &'a HostData,
+    shape: AttnShape,
+    items: &'a [(usize, usize, usize)],
+    out: OutPtr,
+}
+
+type Work = unsafe fn(&Ctx<'_, '_>, std::ops::Range<usize>);
+
+/// The work loop compiled for the widest vectors this CPU has. The code is the same in each
+/// variant and Rust never fuses a multiply and an add on its own, so every variant computes
+/// the same sums in the same order and gets the same bits; only the vector width changes
+/// (measured on the demo model's pp512, 2 threads: see docs/benchmarks.md, "Blocked
+/// quantized kernels").
+fn pick_work() -> Work {
+    static CHOSEN: std::sync::OnceLock<Work> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::env::var_os("MEDBATCH_PORTABLE_KERNELS").is_none() {
+                if is_x86_feature_detected!("avx512f") {
+                    return work_avx512 as Work;
+                }
+                if is_x86_feature_detected!("avx2") {
+                    return work_avx2 as Work;
+                }
+            }
+        }
+        work_portable as Work
+    })
+}
+
+/// `unsafe` only to share the variants' signature: it needs nothing of the CPU.
+unsafe fn work_portable(ctx: &Ctx<'_, '_>, range: std::ops::Range<usize>) {
+    // SAFETY: the portable dot product needs nothing of the CPU.
+    unsafe { work::<Portable>(ctx, range) }
+}
+
+/// Callers make sure the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn work_avx512(ctx: &Ctx<'_, '_>, range: std::ops::Range<usize>) {
+    // SAFETY (caller): the CPU has AVX-512F.
+    unsafe { work::<Avx512>(ctx, range) }
+}
+
+/// Callers make sure the CPU has AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn work_avx2(ctx: &Ctx<'_, '_>, range: std::ops::Range<usize>) {
+    // SAFETY (caller): the CPU has AVX2.
+    unsafe { work::<Avx2>(ctx, range) }
+}
+
+/// Work items `range` of `ctx.items`.
+///
+/// # Safety
+/// The CPU has the target features `D` needs.
+#[inline(always)]
+unsafe fn work<D: Dot>(ctx: &Ctx<'_, '_>, range: std::ops::Range<usize>) {
+    let Ctx { q, seqs, store, kstore, vstore, shape, items, out: out_ptr } = *ctx;
+    let (h, kvh, hd) = (shape.heads, shape.kv_heads, shape.head_dim);
+    // The scratch is taken out of the thread-local and put back, rather than used inside
+    // `with`'s closure: code in that closure would be compiled without the caller's
+    // target features.
+    let mut scratch = SCRATCH.with(|cell| cell.take());
+    {
+        let sc = &mut scratch;
+        for &(i, g, t0) in &items[range] {
+            let s = &seqs[i];
+            let t1 = (t0 + ROW_TILE).min(s.len);
+            let spans: Vec<(usize, usize)> = (t0..t1).map(|r| visible(s, r, shape.window)).collect();
+            let lo = spans.iter().map(|x| x.0).min().unwrap_or(0);
+            let hi = spans.iter().map(|x| x.1).max().unwrap_or(0) + 1;
+            let ksrc = RowSource { store, data: kstore, pages: s.pages, head: g };
+            let vsrc = RowSource { store, data: vstore, pages: s.pages, head: g };
+            let (kbase, koff) = key_rows(&ksrc, lo, hi, &mut sc.k);
+            let (vbase, voff) = key_rows(&vsrc, lo, hi, &mut sc.v);
+            let group = h / kvh;
+            for (r, &(first, last)) in (t0..t1).zip(&spans) {
+                for hq in g * group..(g + 1) * group {
+                    let qrow = &q[((s.row + r) * h + hq) * hd..][..hd];
+                    sc.q.clear();
+                    sc.q.extend(qrow.iter().map(|&x| round(x * shape.scale, shape.round_to)));
+                    let n = last + 1 - first;
+                    sc.scores.clear();
+                    let mut max = f32::NEG_INFINITY;
+                    for p in first..=last {
+                        let kr = &kbase[koff[p - lo]..][..hd];
+                        // SAFETY (caller): the CPU has what `D` needs.
+                        let x = round(unsafe { D::dot(&sc.q, kr) }, shape.round_to);
+                        max = max.max(x);
+                        sc.scores.push(x);
+                    }
+                    let mut sum = 0f32;
+                    for x in sc.scores.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    sc.acc.clear();
+                    sc.acc.resize(hd, 0.0);
+                    for (j, &e) in sc.scores.iter().enumerate().take(n) {
+                        let mut pj = e / sum;
+                        if shape.f16_probs {
+                            pj = f16::from_f32(pj).to_f32();
                         }
-                        let mut sum = 0f32;
-                        for x in sc.scores.iter_mut() {
-                            *x = (*x - max).exp();
-                            sum += *x;
+                        let pj = round(pj, shape.round_to);
+                        let vr = &vbase[voff[first + j - lo]..][..hd];
+                        for (a, &x) in sc.acc.iter_mut().zip(vr) {
+                            *a += pj * x;
                         }
-                        sc.acc.clear();
-                        sc.acc.resize(hd, 0.0);
-                        for (j, &e) in sc.scores.iter().enumerate().take(n) {
-                            let mut pj = e / sum;
-                            if shape.f16_probs {
-                                pj = f16::from_f32(pj).to_f32();
-                            }
-                            let pj = round(pj, shape.round_to);
-                            let vr = &vbase[voff[first + j - lo]..][..hd];
-                            for (a, &x) in sc.acc.iter_mut().zip(vr) {
-                                *a += pj * x;
-                            }
-                        }
-                        // SAFETY: see `OutPtr`; the slice lies inside `out`.
-                        let dst =
-                            unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(((s.row + r) * h + hq) * hd), hd) };
-                        for (o, &a) in dst.iter_mut().zip(&sc.acc) {
-                            *o = round(a, shape.round_to);
-                        }
+                    }
+                    // SAFETY: see `OutPtr`; the slice lies inside `out`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.0.add(((s.row + r) * h + hq) * hd), hd) };
+                    for (o, &a) in dst.iter_mut().zip(&sc.acc) {
+                        *o = round(a, shape.round_to);
                     }
                 }
             }
-        });
-    };
-    candle_core::utils::barrier_pool().execute_chunked(items.len(), work);
-    out
+        }
+    }
+    SCRATCH.with(|cell| cell.replace(scratch));
 }
 
 /// Where one KV head's rows of one sequence are.
@@ -256,6 +433,26 @@ mod tests {
         let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
         let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
         assert!((dot(&a, &b) as f64 - exact).abs() < 1e-5);
+    }
+
+    #[test]
+    fn simd_dot_products_give_the_portable_bits() {
+        for len in [1, 15, 16, 17, 64, 255, 256, 257] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let b: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos() / 7.0).collect();
+            let want = dot(&a, &b);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    assert_eq!(unsafe { Avx512::dot(&a, &b) }.to_bits(), want.to_bits(), "avx512, {len}");
+                }
+                if is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2.
+                    assert_eq!(unsafe { Avx2::dot(&a, &b) }.to_bits(), want.to_bits(), "avx2, {len}");
+                }
+            }
+        }
     }
 
     #[test]
