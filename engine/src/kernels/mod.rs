@@ -217,8 +217,8 @@ impl Panels {
     pub fn quantize(&self, x: &[f32]) -> Activations {
         let rows = x.len() / self.k;
         match self.ty {
-            WeightType::Q8_0 | WeightType::Q4_0 => quantize_q8_0(x, rows, self.k),
-            _ => quantize_q8k(x, rows, self.k),
+            WeightType::Q8_0 | WeightType::Q4_0 => quantize_rows(x, rows, self.k, false),
+            _ => quantize_rows(x, rows, self.k, true),
         }
     }
 
@@ -357,68 +357,95 @@ fn unpack(ty: WeightType, b: &[u8], vals: &mut [u8], sc: &mut [i32], mn: &mut [i
     }
 }
 
-/// Candle's Q8_0 quantization of each row (as its row-wise kernel did), with block sums.
-fn quantize_q8_0(x: &[f32], rows: usize, k: usize) -> Activations {
-    let blocks = k / QK8;
+/// Candle's Q8_0 (`k = false`, blocks of 32, with block sums) or Q8_K (`k = true`,
+/// superblocks of 256, with sums per 16 values) quantization of each row, as its row-wise
+/// kernel did. Rows are spread over candle's CPU threads; each row is quantized on its own,
+/// so the split changes nothing.
+fn quantize_rows(x: &[f32], rows: usize, k: usize, q8k: bool) -> Activations {
+    let (bvals, nsums) = if q8k { (QK_K, 16) } else { (QK8, 1) };
+    let blocks = k / bvals;
     let mut out = Activations {
         rows,
         k,
         q: vec![0; rows * k],
         d: vec![0.0; rows * blocks],
-        sums: vec![0; rows * blocks],
+        sums: vec![0; rows * blocks * nsums],
         blocks,
     };
-    let mut b = vec![BlockQ8_0::zeros(); blocks];
-    for r in 0..rows {
-        BlockQ8_0::from_float(&x[r * k..(r + 1) * k], &mut b);
-        // SAFETY: `BlockQ8_0` is `repr(C)`: an f16 scale then 32 signed bytes (34 bytes, as
-        // candle asserts); the slice covers exactly the vector's initialized blocks.
-        let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, blocks * 34) };
-        for j in 0..blocks {
-            let blk = &bytes[j * 34..(j + 1) * 34];
-            out.d[r * blocks + j] = f16_at(blk, 0);
-            let mut s = 0i32;
-            for (i, &v) in blk[2..].iter().enumerate() {
-                out.q[r * k + j * QK8 + i] = v as i8;
-                s += v as i8 as i32;
+    let ptrs = RowPtrs(out.q.as_mut_ptr(), out.d.as_mut_ptr(), out.sums.as_mut_ptr());
+    let work = |range: std::ops::Range<usize>| {
+        let ptrs = ptrs;
+        for r in range {
+            // SAFETY: each row's slices are disjoint from every other row's, inside the
+            // vectors allocated above, which outlive the call.
+            let (q, d, sums) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(ptrs.0.add(r * k), k),
+                    std::slice::from_raw_parts_mut(ptrs.1.add(r * blocks), blocks),
+                    std::slice::from_raw_parts_mut(ptrs.2.add(r * blocks * nsums), blocks * nsums),
+                )
+            };
+            let row = &x[r * k..(r + 1) * k];
+            if q8k {
+                quantize_row_q8k(row, q, d, sums);
+            } else {
+                quantize_row_q8_0(row, q, d, sums);
             }
-            out.sums[r * blocks + j] = s;
         }
+    };
+    // A few rows (decode steps) are not worth waking the pool for.
+    if rows < 8 {
+        work(0..rows);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(rows, work);
     }
     out
 }
 
-/// Candle's Q8_K quantization of each row, with its sums per 16 values.
-fn quantize_q8k(x: &[f32], rows: usize, k: usize) -> Activations {
+#[derive(Clone, Copy)]
+struct RowPtrs(*mut i8, *mut f32, *mut i32);
+// SAFETY: see `quantize_rows`: workers write disjoint rows.
+unsafe impl Send for RowPtrs {}
+unsafe impl Sync for RowPtrs {}
+
+fn quantize_row_q8_0(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
+    let blocks = d.len();
+    let mut b = vec![BlockQ8_0::zeros(); blocks];
+    BlockQ8_0::from_float(x, &mut b);
+    // SAFETY: `BlockQ8_0` is `repr(C)`: an f16 scale then 32 signed bytes (34 bytes, as
+    // candle asserts); the slice covers exactly the vector's initialized blocks.
+    let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, blocks * 34) };
+    for j in 0..blocks {
+        let blk = &bytes[j * 34..(j + 1) * 34];
+        d[j] = f16_at(blk, 0);
+        let mut s = 0i32;
+        for (i, &v) in blk[2..].iter().enumerate() {
+            q[j * QK8 + i] = v as i8;
+            s += v as i8 as i32;
+        }
+        sums[j] = s;
+    }
+}
+
+fn quantize_row_q8k(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i32]) {
     const SIZE: usize = 4 + QK_K + 2 * (QK_K / 16);
-    let blocks = k / QK_K;
-    let mut out = Activations {
-        rows,
-        k,
-        q: vec![0; rows * k],
-        d: vec![0.0; rows * blocks],
-        sums: vec![0; rows * blocks * 16],
-        blocks,
-    };
+    let blocks = d.len();
     let mut b = vec![BlockQ8K::zeros(); blocks];
-    for r in 0..rows {
-        BlockQ8K::from_float(&x[r * k..(r + 1) * k], &mut b);
-        // SAFETY: `BlockQ8K` is `repr(C)`: an f32 scale, 256 signed bytes, 16 i16 sums (292
-        // bytes, as candle asserts).
-        let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, blocks * SIZE) };
-        for j in 0..blocks {
-            let blk = &bytes[j * SIZE..(j + 1) * SIZE];
-            out.d[r * blocks + j] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-            for i in 0..QK_K {
-                out.q[r * k + j * QK_K + i] = blk[4 + i] as i8;
-            }
-            for s in 0..16 {
-                let at = 4 + QK_K + 2 * s;
-                out.sums[(r * blocks + j) * 16 + s] = i16::from_le_bytes([blk[at], blk[at + 1]]) as i32;
-            }
+    BlockQ8K::from_float(x, &mut b);
+    // SAFETY: `BlockQ8K` is `repr(C)`: an f32 scale, 256 signed bytes, 16 i16 sums (292
+    // bytes, as candle asserts).
+    let bytes = unsafe { std::slice::from_raw_parts(b.as_ptr() as *const u8, blocks * SIZE) };
+    for j in 0..blocks {
+        let blk = &bytes[j * SIZE..(j + 1) * SIZE];
+        d[j] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+        for i in 0..QK_K {
+            q[j * QK_K + i] = blk[4 + i] as i8;
+        }
+        for s in 0..16 {
+            let at = 4 + QK_K + 2 * s;
+            sums[j * 16 + s] = i16::from_le_bytes([blk[at], blk[at + 1]]) as i32;
         }
     }
-    out
 }
 
 /// A kernel computing `rows` activation rows from `r0` against panel `p` into `tile`.

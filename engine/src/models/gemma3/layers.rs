@@ -9,7 +9,7 @@ use super::{round_f16, AttentionImpl, NumericOptions};
 use crate::kv::cpu::{AttnShape, SeqRows};
 use crate::kv::PageStore;
 use crate::EngineError;
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// Beyond this magnitude llama.cpp's GELU returns the input (or zero) instead of the table.
 const GELU_TABLE_LIMIT: f64 = 10.0;
@@ -125,11 +125,68 @@ impl Mlp {
     /// `down(gelu_tanh(gate(x)) * up(x))`; `down` is row-parallel, so the ranks' partial sums
     /// are added.
     fn forward(&self, x: &Tensor, pass: &LayerPass<'_>) -> candle_core::Result<Tensor> {
-        let g = gelu(&self.gate.forward(x)?, pass.consts.numeric)?;
-        let u = self.up.forward(x)?;
-        pass.comm.all_reduce_sum(&self.down.forward(&(g * u)?)?)
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let h = match gelu_mul_cpu(&g, &u, pass.consts.numeric)? {
+            Some(h) => h,
+            None => (gelu(&g, pass.consts.numeric)? * u)?,
+        };
+        pass.comm.all_reduce_sum(&self.down.forward(&h)?)
     }
 }
+
+/// candle's tanh-approximated GELU of one f32 (its `Gelu::f32`, the same expression).
+#[inline(always)]
+fn gelu_f32(v: f32) -> f32 {
+    const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+    0.5 * v * (1.0 + f32::tanh(SQRT_TWO_OVER_PI * v * (1.0 + 0.044715 * v * v)))
+}
+
+/// llama.cpp's GELU table: the GELU of every f16 value, rounded to f16 (as `gelu` below
+/// computes it), indexed by the f16's bits.
+fn gelu_f16_table() -> &'static [f32] {
+    static TABLE: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX).map(|b| half::f16::from_f32(gelu_f32(half::f16::from_bits(b).to_f32())).to_f32()).collect()
+    })
+}
+
+/// `gelu(g) * u` for f32 tensors on the CPU in one pass over candle's thread pool, with the
+/// bits of [`gelu`] followed by candle's product (the same operations per element); `None`
+/// elsewhere. Replaces six whole-tensor passes (f16 rounding, GELU, comparisons, selects)
+/// of which the GELU ran on one thread.
+fn gelu_mul_cpu(g: &Tensor, u: &Tensor, numeric: NumericOptions) -> candle_core::Result<Option<Tensor>> {
+    if !g.device().is_cpu() || g.dtype() != DType::F32 || u.dtype() != DType::F32 || g.shape() != u.shape() {
+        return Ok(None);
+    }
+    let (gv, uv) = (g.flatten_all()?.to_vec1::<f32>()?, u.flatten_all()?.to_vec1::<f32>()?);
+    let mut out = vec![0f32; gv.len()];
+    let table = numeric.f16_gelu.then(gelu_f16_table);
+    let limit = GELU_TABLE_LIMIT as f32;
+    const CHUNK: usize = 4096;
+    let ptr = OutPtr(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(gv.len().div_ceil(CHUNK), |range| {
+        let ptr = ptr;
+        let (lo, hi) = (range.start * CHUNK, (range.end * CHUNK).min(gv.len()));
+        // SAFETY: chunks are disjoint ranges of `out`, which outlives the call.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(lo), hi - lo) };
+        for ((o, &x), &y) in dst.iter_mut().zip(&gv[lo..hi]).zip(&uv[lo..hi]) {
+            let a = match table {
+                Some(_) if x >= limit => x,
+                Some(_) if x <= -limit => 0.0,
+                Some(t) => t[half::f16::from_f32(x).to_bits() as usize],
+                None => gelu_f32(x),
+            };
+            *o = a * y;
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, g.shape(), g.device())?))
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint chunks (see `gelu_mul_cpu`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 fn gelu(x: &Tensor, numeric: NumericOptions) -> candle_core::Result<Tensor> {
     if !numeric.f16_gelu {
