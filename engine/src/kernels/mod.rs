@@ -461,16 +461,16 @@ pub(crate) fn kernels() -> Vec<(&'static str, Kernel)> {
     out
 }
 
-/// The kernel in use: the fastest, or the portable one with `MEDBATCH_PORTABLE_KERNELS` set
-/// (for comparisons).
+/// The kernel in use: the fastest this CPU runs, or the one `MEDBATCH_KERNEL` names
+/// (`avx512-vnni`, `avx2`, `portable`; for comparisons — every kernel gives the same bits).
 fn pick_kernel() -> Kernel {
     static CHOSEN: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
         let all = kernels();
-        if std::env::var_os("MEDBATCH_PORTABLE_KERNELS").is_some() {
-            all[all.len() - 1].1
-        } else {
-            all[0].1
+        let wanted = std::env::var("MEDBATCH_KERNEL").ok();
+        match wanted.and_then(|w| all.iter().find(|(n, _)| *n == w)) {
+            Some((_, k)) => *k,
+            None => all[0].1,
         }
     })
 }

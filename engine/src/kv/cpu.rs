@@ -283,7 +283,12 @@ fn pick_work() -> Work {
     *CHOSEN.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::env::var_os("MEDBATCH_PORTABLE_KERNELS").is_none() {
+            // `MEDBATCH_KERNEL` (see `crate::kernels`) picks narrower paths for comparisons.
+            let wanted = std::env::var("MEDBATCH_KERNEL").unwrap_or_default();
+            if wanted == "avx2" && is_x86_feature_detected!("avx2") {
+                return work_avx2 as Work;
+            }
+            if wanted != "portable" {
                 if is_x86_feature_detected!("avx512f") {
                     return work_avx512 as Work;
                 }
