@@ -40,6 +40,9 @@ pub struct DecodeStats {
     pub rows: u64,
     /// Sequences preempted because the KV pool ran dry.
     pub preemptions: u64,
+    /// Prompt chunks put off a step because another sequence of the pass was computing the
+    /// same prefix (they adopt it from the prefix cache instead).
+    pub deferred: u64,
 }
 
 /// Why a step could not run.
@@ -244,6 +247,25 @@ impl Engine {
     pub(crate) fn try_step(&mut self, active: &mut [Active], token_budget: usize) -> Result<(), StepError> {
         let mut budget = token_budget.max(1);
         let soft = self.model.image_token_id;
+        // A sequence that has computed nothing of its own yet looks for a longer cached
+        // prefix: blocks other sequences have computed since it was placed (sequences
+        // admitted together with the same few-shot prefix).
+        for a in active.iter_mut() {
+            let Some(cache) = a.cache.as_ref() else { continue };
+            if a.finish.is_some() || cache.len() != a.reused || a.reused + 1 >= a.tokens.len() {
+                continue;
+            }
+            let n = a.tokens.len();
+            if let Some((longer, reused)) =
+                self.model.longer_cache_for(&a.tokens, a.image_keys.clone(), n - 1, a.reused)?
+            {
+                // The old cache (adopted blocks only) gives its references back on drop.
+                a.cache = Some(longer);
+                a.reused = reused;
+            }
+        }
+        let manager = self.model.kv_manager().map_err(EngineError::from)?;
+        let block = crate::kv::lock(&manager).layout().block;
         // (index, from, to): tokens `from..to` of sequence `index` run in this pass.
         let mut plan: Vec<(usize, usize, usize)> = Vec::new();
         for (i, a) in active.iter().enumerate() {
@@ -255,6 +277,19 @@ impl Engine {
             if from + 1 == total {
                 plan.push((i, from, total));
             } else if from < total && budget > 0 {
+                // Another sequence of this pass computes the same next block from the same
+                // prefix: this one waits a step and adopts it from the prefix cache then,
+                // rather than computing it again.
+                let end = from + block;
+                let fresh = from == a.reused && a.image_keys.is_empty() && end < total;
+                let duplicate = fresh
+                    && plan.iter().any(|&(j, fj, tj)| {
+                        fj == from && tj >= end && active[j].tokens.get(..end) == a.tokens.get(..end)
+                    });
+                if duplicate {
+                    self.stats.deferred += 1;
+                    continue;
+                }
                 let to = chunk_end(&a.tokens, from, budget, soft);
                 budget = budget.saturating_sub(to - from);
                 plan.push((i, from, to));

@@ -310,9 +310,43 @@ fn a_shared_prefix_costs_its_pages_once() {
 }
 
 #[test]
+fn a_prefix_admitted_together_is_computed_once() {
+    // Six prompts with one few-shot prefix, admitted in the same step with nothing cached:
+    // the first computes the prefix, the others wait a step and adopt it, and every answer
+    // is the one the request gets alone.
+    let reqs = requests(6, 8);
+    let mut solo = Engine::load_gguf(&demo(), None).unwrap();
+    let alone: Vec<_> = reqs.iter().map(|r| solo.generate(r).unwrap()).collect();
+    let mut e = Engine::load_gguf(&demo(), None).unwrap();
+    let together = e.generate_batch(&reqs);
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a.ids, b.as_ref().unwrap().ids, "request {i}");
+    }
+    let prompts: Vec<Vec<u32>> = reqs.iter().map(|r| e.prompt_ids(r).unwrap()).collect();
+    let common = (0..prompts[0].len()).take_while(|&j| prompts.iter().all(|p| p.get(j) == prompts[0].get(j))).count();
+    let (layout, _) = e.model.kv_stats().unwrap();
+    let shared = common / layout.block * layout.block;
+    let generated: usize = together.iter().map(|g| g.as_ref().unwrap().ids.len()).sum();
+    // Rows computed: the first prompt whole, the others past the shared blocks (at most one
+    // block more each), and the generated tokens.
+    let bound =
+        prompts[0].len() + prompts[1..].iter().map(|p| p.len() - shared + layout.block).sum::<usize>() + generated;
+    eprintln!(
+        "{} rows computed (bound {bound}; prompts {:?}, {shared} shared), {} chunks deferred",
+        e.stats.rows,
+        prompts.iter().map(Vec::len).collect::<Vec<_>>(),
+        e.stats.deferred
+    );
+    assert!(shared >= 4 * layout.block, "the prompts share {common} tokens");
+    assert!(e.stats.deferred >= 5, "{:?}", e.stats);
+    assert!((e.stats.rows as usize) <= bound, "{} rows computed, bound {bound}", e.stats.rows);
+}
+
+#[test]
 fn demo_model_rows_are_the_same_however_a_prompt_is_cut() {
-    // The quantized kernels multiply row by row and attention is per row: a prompt read
-    // whole, in chunks or beside others gives bit-identical logits. Recomputing a preempted
+    // Activation rows are quantized on their own and every output is summed over K in one
+    // fixed order (engine/src/kernels), and attention is per row: a prompt read whole, in
+    // chunks or beside others gives bit-identical logits. Recomputing a preempted
     // sequence rests on this.
     let e = Engine::load_gguf(&demo(), None).unwrap();
     let prompts: Vec<Vec<u32>> = requests(3, 1).iter().map(|r| e.prompt_ids(r).unwrap()).collect();

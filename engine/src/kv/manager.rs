@@ -443,6 +443,61 @@ impl KvManager {
         }
     }
 
+    /// Tokens of the longest cached prefix [`Self::adopt_prefix`] would adopt now, without
+    /// adopting it or counting the lookup.
+    pub(crate) fn cached_prefix_len(&self, tokens: &[u32], images: Option<&[Option<ImageKey>]>, limit: usize) -> usize {
+        self.find_prefix(tokens, images, limit).1 * self.layout.block
+    }
+
+    /// The cached blocks matching `tokens` from the start, and how many of them can be
+    /// adopted (those a later query still sees have all their sliding-window pages).
+    fn find_prefix(
+        &self,
+        tokens: &[u32],
+        images: Option<&[Option<ImageKey>]>,
+        limit: usize,
+    ) -> (Vec<BlockHash>, usize) {
+        let b = self.layout.block;
+        let mut found = Vec::new();
+        let mut chain = None;
+        for i in 0..limit.min(tokens.len()) / b {
+            let block: Vec<(u32, Option<ImageKey>)> =
+                (i * b..(i + 1) * b).map(|j| (tokens[j], images.and_then(|v| v.get(j).copied()).flatten())).collect();
+            let h = block_hash(chain, &block);
+            if !self.cache.contains_key(&h) {
+                break;
+            }
+            found.push(h);
+            chain = Some(h);
+        }
+        let local: Vec<usize> = (0..self.layout.num_layers()).filter(|&l| !self.layout.layer_is_global[l]).collect();
+        let complete = |n: usize| {
+            (0..n)
+                .filter(|&i| !self.layout.block_dead(i, n * b))
+                .all(|i| local.iter().all(|&l| self.cache[&found[i]].pages[l] != NO_PAGE))
+        };
+        let mut n = found.len();
+        while n > 0 && !complete(n) {
+            n -= 1;
+        }
+        (found, n)
+    }
+
+    /// For a sequence that adopted `before` tokens earlier and has computed nothing since:
+    /// [`Self::adopt_prefix`] again, its lookup counted once and its hit as what it adopts now.
+    pub(crate) fn readopt_prefix(
+        &mut self,
+        tokens: &[u32],
+        images: Option<&[Option<ImageKey>]>,
+        limit: usize,
+        before: usize,
+    ) -> SeqBlocks {
+        let seq = self.adopt_prefix(tokens, images, limit);
+        self.stats.lookup_tokens = self.stats.lookup_tokens.saturating_sub(tokens.len() as u64);
+        self.stats.hit_tokens = self.stats.hit_tokens.saturating_sub(before as u64);
+        seq
+    }
+
     /// A sequence that starts with the cached blocks of the longest cached prefix of
     /// `tokens` (at most `limit` tokens, a whole number of blocks), and how many tokens that
     /// is. `images` gives the image of each soft token; without it, only blocks free of
@@ -458,28 +513,7 @@ impl KvManager {
         let mut seq = SeqBlocks { pending: Some(Vec::with_capacity(b)), ..SeqBlocks::default() };
         self.stats.lookup_tokens += tokens.len() as u64;
         self.clock += 1;
-        let mut found = Vec::new();
-        let mut chain = None;
-        for i in 0..limit.min(tokens.len()) / b {
-            let block: Vec<(u32, Option<ImageKey>)> =
-                (i * b..(i + 1) * b).map(|j| (tokens[j], images.and_then(|v| v.get(j).copied()).flatten())).collect();
-            let h = block_hash(chain, &block);
-            if !self.cache.contains_key(&h) {
-                break;
-            }
-            found.push(h);
-            chain = Some(h);
-        }
-        let local: Vec<usize> = (0..self.layout.num_layers()).filter(|&l| !self.layout.layer_is_global[l]).collect();
-        let complete = |m: &Self, n: usize| {
-            (0..n)
-                .filter(|&i| !m.layout.block_dead(i, n * b))
-                .all(|i| local.iter().all(|&l| m.cache[&found[i]].pages[l] != NO_PAGE))
-        };
-        let mut n = found.len();
-        while n > 0 && !complete(self, n) {
-            n -= 1;
-        }
+        let (found, n) = self.find_prefix(tokens, images, limit);
         let len = n * b;
         for (i, h) in found.iter().take(n).enumerate() {
             self.use_entry(*h);

@@ -296,6 +296,30 @@ impl Gemma3 {
         image_keys: Vec<ImageKey>,
         limit: usize,
     ) -> candle_core::Result<(SeqCache, usize)> {
+        Ok(self.cache_adopting(ids, image_keys, limit, None)?.expect("adopts unconditionally"))
+    }
+
+    /// For a sequence placed earlier with `before` tokens adopted and nothing computed since:
+    /// a cache adopting the longer cached prefix there is now (blocks other sequences have
+    /// computed meanwhile), or `None` when there is none. The prefix cache's statistics
+    /// count the sequence once.
+    pub fn longer_cache_for(
+        &self,
+        ids: &[u32],
+        image_keys: Vec<ImageKey>,
+        limit: usize,
+        before: usize,
+    ) -> candle_core::Result<Option<(SeqCache, usize)>> {
+        self.cache_adopting(ids, image_keys, limit, Some(before))
+    }
+
+    fn cache_adopting(
+        &self,
+        ids: &[u32],
+        image_keys: Vec<ImageKey>,
+        limit: usize,
+        before: Option<usize>,
+    ) -> candle_core::Result<Option<(SeqCache, usize)>> {
         let kv = self.kv()?;
         let soft = self.image_token_id;
         // The image of each soft token (the n-th run is the n-th image); matching stops at a
@@ -321,12 +345,22 @@ impl Gemma3 {
                 keys.push(None);
             }
         }
-        let blocks = kv::lock(&kv.manager).adopt_prefix(ids, soft.map(|_| keys.as_slice()), limit);
+        let images = soft.map(|_| keys.as_slice());
+        let blocks = {
+            let mut m = kv::lock(&kv.manager);
+            match before {
+                None => m.adopt_prefix(ids, images, limit),
+                Some(before) if m.cached_prefix_len(ids, images, limit) > before => {
+                    m.readopt_prefix(ids, images, limit, before)
+                }
+                Some(_) => return Ok(None),
+            }
+        };
         let reused = blocks.len;
         let mut cache = SeqCache::new(kv.manager.clone(), blocks, image_keys);
         // The adopted tokens count as read: image runs among them are numbered from here on.
         cache.skip_adopted(&ids[..reused], soft);
-        Ok((cache, reused))
+        Ok(Some((cache, reused)))
     }
 
     /// Runs `ids` (the next tokens of one sequence) through the model, appending to `cache`.
