@@ -59,7 +59,9 @@ pub struct SplitArgs {
     pub devices: Vec<usize>,
     /// Dtype a checkpoint's matrices, embedding and KV cache are held in: `f32`, `bf16` or
     /// `f16` (norms, residual stream and softmax stay f32). Default: f32 on the CPU, bf16 on
-    /// GPUs. GGUF files keep their own quantization.
+    /// GPUs. On the CPU bf16/f16 halve the weights' memory and are multiplied in place by
+    /// their own kernel (each product rounded as in that dtype). GGUF files keep their own
+    /// quantization.
     #[arg(long, env = "MEDBATCH_DTYPE", value_parser = parse_dtype)]
     pub dtype: Option<candle_core::DType>,
 }

@@ -21,6 +21,7 @@
 //! quantize activations differently by batch size. Measured gains are in docs/benchmarks.md
 //! ("Blocked quantized kernels").
 
+pub mod dense_half;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

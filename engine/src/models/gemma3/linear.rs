@@ -3,7 +3,7 @@
 
 use crate::kernels::{Panels, WeightType};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use std::sync::Arc;
 
 /// A linear layer (no bias) whose weight is quantized (GGUF) or dense.
@@ -33,7 +33,8 @@ impl Linear {
 
     /// `x`: `[m, in]` f32 → `[m, out]` f32. Dense weights held in bf16 or f16 multiply in
     /// that dtype (the input rounded to it; the product accumulated in f32 by the GPU's GEMM,
-    /// or widened to f32 on the CPU) and the result is widened back, so the residual stream,
+    /// or by the CPU kernel of [`crate::kernels::dense_half`]) and the result is widened back,
+    /// so the residual stream,
     /// norms and softmax stay in f32.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
@@ -46,10 +47,37 @@ impl Linear {
                 Tensor::from_vec(p.matmul(&lhs), (m, p.n), x.device())
             }
             Self::Quant(q) => q.forward(x),
+            Self::Dense(w) if w.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() != DType::F32 => {
+                match half_forward(w, x)? {
+                    Some(y) => Ok(y),
+                    None => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype()),
+                }
+            }
             Self::Dense(w) if w.dtype() == x.dtype() => x.matmul(&w.t()?),
             Self::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(x.dtype()),
         }
     }
+}
+
+/// `x · wᵀ` for a contiguous bf16/f16 weight on the CPU by [`crate::kernels::dense_half`]
+/// (rounding as a product in that dtype does), read in place; `None` for other weights.
+fn half_forward(w: &Tensor, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    use crate::kernels::dense_half::{matmul, HalfWeights};
+    use candle_core::{CpuStorage, Storage};
+    let (n, k) = w.dims2()?;
+    let (m, xk) = x.dims2()?;
+    if xk != k {
+        candle_core::bail!("linear layer takes {k} inputs, got {xk}");
+    }
+    let lhs: Vec<f32> = x.contiguous()?.flatten_all()?.to_vec1()?;
+    let (storage, layout) = w.storage_and_layout();
+    let Some((lo, hi)) = layout.contiguous_offsets() else { return Ok(None) };
+    let out = match &*storage {
+        Storage::Cpu(CpuStorage::BF16(v)) => matmul(&lhs, k, HalfWeights::Bf16(&v[lo..hi])),
+        Storage::Cpu(CpuStorage::F16(v)) => matmul(&lhs, k, HalfWeights::F16(&v[lo..hi])),
+        _ => return Ok(None),
+    };
+    Ok(Some(Tensor::from_vec(out, (m, n), x.device())?))
 }
 
 /// Token embedding table, quantized or dense.
