@@ -228,6 +228,13 @@ impl Gemma3 {
     /// Sets up the KV cache (dropping any earlier one: sequences still holding it keep their
     /// own pages until they end). Returns its layout.
     pub fn configure_kv(&self, cfg: KvConfig) -> candle_core::Result<KvLayout> {
+        let (layout, state) = self.build_kv(cfg)?;
+        *self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(state));
+        Ok(layout)
+    }
+
+    /// A KV cache of the given size and its layout, not yet installed.
+    fn build_kv(&self, cfg: KvConfig) -> candle_core::Result<(KvLayout, KvState)> {
         let memory = match cfg.memory {
             Some(m) => m,
             None if self.device.is_cpu() => kv::DEFAULT_KV_MEMORY,
@@ -256,17 +263,21 @@ impl Gemma3 {
             stores.push(Arc::new(Mutex::new(store)));
         }
         let state = KvState { manager: Arc::new(Mutex::new(KvManager::new(layout.clone()))), stores };
-        *self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(state));
-        Ok(layout)
+        Ok((layout, state))
     }
 
-    /// The KV cache, set up with the default size on first use.
+    /// The KV cache, set up with the default size on first use. The lock is held while it is
+    /// built, so that threads first using a model together share one cache (two caches built
+    /// at once would leave the sequences of the one replaced pointing at another cache).
     pub(crate) fn kv(&self) -> candle_core::Result<Arc<KvState>> {
-        if let Some(k) = self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let mut slot = self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = slot.as_ref() {
             return Ok(k.clone());
         }
-        self.configure_kv(KvConfig::default())?;
-        Ok(self.runtime.kv.lock().unwrap_or_else(|e| e.into_inner()).as_ref().expect("set up above").clone())
+        let (_, state) = self.build_kv(KvConfig::default())?;
+        let state = Arc::new(state);
+        *slot = Some(state.clone());
+        Ok(state)
     }
 
     /// The cache's layout and counters.
