@@ -512,7 +512,7 @@ fn synthetic_image(width: u32, height: u32, gray: bool, format: image::ImageForm
 }
 
 fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
-    use medbatch_engine::image::{decode, normalize, resize_bilinear, ImageConfig};
+    use medbatch_engine::image::{normalize, resize_bilinear, to_rgb, ImageConfig};
     let cfg = ImageConfig::default();
     let inputs = [
         ("2048x2500 grey PNG", synthetic_image(2048, 2500, true, image::ImageFormat::Png)?),
@@ -524,7 +524,7 @@ fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
         let mut checksum = 0f64;
         for _ in 0..n {
             let t = Instant::now();
-            let img = decode(bytes)?;
+            let img = to_rgb(medbatch_formats::image::decode(bytes, &Default::default())?)?;
             t_decode += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let r = resize_bilinear(&img, cfg.size, cfg.size);
@@ -613,7 +613,7 @@ fn vision_bench(runs: usize, text_hidden: usize) -> anyhow::Result<ExitCode> {
     );
     let img = synthetic_image(2048, 2500, true, image::ImageFormat::Png)?;
     let pixels = medbatch_engine::image::pixel_values(
-        &medbatch_engine::image::decode(&img)?,
+        &medbatch_engine::image::to_rgb(medbatch_formats::image::decode(&img, &Default::default())?)?,
         &medbatch_engine::image::ImageConfig::default(),
     );
     let mut times = Vec::with_capacity(runs);
@@ -636,7 +636,8 @@ fn vision_bench(runs: usize, text_hidden: usize) -> anyhow::Result<ExitCode> {
 }
 
 fn dicom_bench(dir: &std::path::Path, runs: usize) -> anyhow::Result<ExitCode> {
-    use medbatch_worker::dicom::{ct_rgb, minmax_u8, read_frames, read_header, rescaled};
+    use medbatch_formats::dicom::{read_frames, read_header};
+    use medbatch_worker::imaging::recipes::{ct_rgb, minmax_u8, rescaled};
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -671,7 +672,7 @@ fn dicom_bench(dir: &std::path::Path, runs: usize) -> anyhow::Result<ExitCode> {
             let mut slices = Vec::new();
             let mut ct = false;
             for (_, p) in &members {
-                let Ok(fr) = read_frames(p) else { continue };
+                let Ok(fr) = read_frames(p, &Default::default()) else { continue };
                 if fr.samples_per_pixel != 1 {
                     continue;
                 }

@@ -95,7 +95,9 @@ fn read_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::sync::Ar
         .iter()
         .map(|p| {
             let bytes = std::fs::read(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            let img = medbatch_engine::image::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let img = medbatch_formats::image::decode(&bytes, &Default::default())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            let img = medbatch_engine::image::to_rgb(img).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
             Ok(std::sync::Arc::new(img))
         })
         .collect()

@@ -30,6 +30,34 @@ pub fn medbatch(args: &[&str]) -> Output {
         .expect("run medbatch")
 }
 
+/// Runs `medbatch ARGS` like [`medbatch`] and also returns the process's peak resident
+/// memory in MiB (its own `ru_maxrss`, read with `wait4`, so other tests' processes do not
+/// count).
+pub fn medbatch_peak(args: &[&str]) -> (Output, f64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("MEDBATCH_LOG", "warn")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("run medbatch");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data that wait4 fills in; `pid` is our own child, not yet
+    // waited for (the `Child` handle is dropped without waiting).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
+    drop(child);
+    let status = std::os::unix::process::ExitStatusExt::from_raw(status);
+    let output = Output { status, stdout: std::fs::read(out_path).unwrap(), stderr: std::fs::read(err_path).unwrap() };
+    // Linux reports ru_maxrss in KiB.
+    (output, usage.ru_maxrss as f64 / 1024.0)
+}
+
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

@@ -10,6 +10,8 @@
 //! pipelines' own.
 
 mod common;
+#[path = "../formats/tests/support/hostile.rs"]
+mod hostile;
 
 use common::*;
 use serde_json::Value;
@@ -88,6 +90,8 @@ struct Outcome {
     errors: Vec<(String, String, String)>,
     /// (document id, findings) of `cxr_reports` rows, sorted.
     answers: Vec<(String, String)>,
+    /// The run's peak resident memory.
+    peak_mib: f64,
 }
 
 fn run(pipeline: &Path, inputs: &[&str], table: &str) -> Outcome {
@@ -102,7 +106,7 @@ fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Ou
     args.extend_from_slice(inputs);
     args.extend_from_slice(&["--out", out.to_str().unwrap(), "--model", &m]);
     args.extend_from_slice(extra);
-    let o = medbatch(&args);
+    let (o, peak_mib) = medbatch_peak(&args);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let (rows, _, batches) = read_parquet_dir(&out.join(table));
     let document_ids = string_column(&batches, "document_id").into_iter().flatten().collect();
@@ -125,7 +129,7 @@ fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Ou
         .map(|((f, r), d)| (f, r.unwrap(), d.unwrap_or_default()))
         .collect();
     errors.sort();
-    Outcome { rows, document_ids, prompt_tokens, errors, answers }
+    Outcome { rows, document_ids, prompt_tokens, errors, answers, peak_mib }
 }
 
 fn reasons(o: &Outcome) -> Vec<(&str, &str)> {
@@ -221,6 +225,51 @@ fn real_dicom_and_nifti_files_become_rows_or_clear_error_rows() {
     );
     assert!(o.errors[1].2.contains("JPEG-LS"), "{:?}", o.errors[1]);
     assert!(o.errors[0].2.contains("\"MR\""), "{:?}", o.errors[0]);
+}
+
+/// Headers that lie, each an error row naming the field or the size, in runs that stay under
+/// 1 GiB of memory: a gzip NIfTI inflating to 6 GiB behind a small header, one declaring
+/// 6 GiB of voxels, a DICOM declaring 65,535 × 65,535 pixels in 4,000 frames, DICOMs with
+/// Rows = 0 and with a RescaleSlope of "ab", a PNG declaring 30,000 × 30,000 pixels.
+#[test]
+fn lying_headers_are_error_rows_and_memory_stays_under_1_gib() {
+    use hostile::{dicom, gzip_bomb, nifti, nifti_header, png_claiming, Dicom};
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir_all(&inputs).unwrap();
+    let write = |name: &str, bytes: Vec<u8>| std::fs::write(inputs.join(name), bytes).unwrap();
+    write("bomb.nii.gz", gzip_bomb(&nifti(&[64, 64, 4]), 6 << 30));
+    write("declares-6gib.nii.gz", gzip_bomb(&nifti_header(&[2048, 2048, 768]), 6 << 30));
+    write("huge.dcm", dicom(&Dicom { rows: 65535, columns: 65535, frames: 4000, ..Dicom::default() }));
+    write("rows-0.dcm", dicom(&Dicom { rows: 0, ..Dicom::default() }));
+    write("slope-ab.dcm", dicom(&Dicom { slope: "ab", ..Dicom::default() }));
+    let p = tiny_pipeline(dir.path(), "ct-findings", &SERIES);
+    let o = run(&p, &[inputs.to_str().unwrap()], "ct_findings");
+    assert_eq!(o.rows, 0);
+    assert_eq!(
+        reasons(&o),
+        vec![
+            ("bomb.nii.gz", "compression_bomb"),
+            ("declares-6gib.nii.gz", "too_large"),
+            ("huge.dcm", "too_large"),
+            ("rows-0.dcm", "corrupt_image"),
+            ("slope-ab.dcm", "corrupt_image"),
+        ]
+    );
+    assert!(o.errors[3].2.contains("Rows"), "{:?}", o.errors[3]);
+    assert!(o.errors[4].2.contains("RescaleSlope is not a number"), "{:?}", o.errors[4]);
+    eprintln!("ct-findings over lying headers: peak {:.0} MiB", o.peak_mib);
+    assert!(o.peak_mib < 1024.0, "ct-findings peaked at {:.0} MiB", o.peak_mib);
+
+    let png_dir = dir.path().join("png");
+    std::fs::create_dir_all(&png_dir).unwrap();
+    std::fs::write(png_dir.join("huge.png"), png_claiming(30_000, 30_000)).unwrap();
+    let p = tiny_pipeline(dir.path(), "cxr-report", &RADIOGRAPH);
+    let o = run(&p, &[png_dir.to_str().unwrap()], "cxr_reports");
+    assert_eq!(reasons(&o), vec![("huge.png", "too_large")]);
+    assert!(o.errors[0].2.contains("30000x30000"), "{:?}", o.errors[0]);
+    eprintln!("cxr-report over a PNG declaring 30,000 x 30,000: peak {:.0} MiB", o.peak_mib);
+    assert!(o.peak_mib < 1024.0, "cxr-report peaked at {:.0} MiB", o.peak_mib);
 }
 
 /// DICOM on S3 (the local S3-compatible server of infra/test.sh): planning reads the headers

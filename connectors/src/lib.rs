@@ -9,7 +9,6 @@
 //! [`inputs`] lists and opens input files, local or on S3 ([`s3_input`]).
 
 pub mod amqp;
-pub mod dicom_header;
 pub mod inputs;
 pub mod queue;
 pub mod s3;

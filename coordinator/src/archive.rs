@@ -11,28 +11,18 @@
 //! tar.gz is metered like the worker meters it, and a listing that has to stop early returns
 //! the members found so far, marked [`Listing::truncated`] with the reason.
 
-use medbatch_schemas::InputKind;
-use std::cell::Cell;
+use medbatch_formats::limits::{
+    DEFAULT_MAX_ARCHIVE_INFLATED_BYTES, DEFAULT_MAX_INFLATE_RATIO, LIST_MAX_MEMBERS, TAR_BLOCK_BYTES,
+    TAR_HEADER_ALLOWANCE_BYTES,
+};
+use medbatch_formats::meter::{Metered, StreamMeter};
+use medbatch_formats::sniff::{check_tar_head, sniff};
+use medbatch_schemas::{InputErrorKind, InputKind};
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
 
 /// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
 pub use medbatch_connectors::inputs::ReadSeek;
-
-/// Most entries listed from one archive; past this the listing stops (a header flood, not
-/// notes). Ten times the worker's default member limit for one read.
-pub const LIST_MAX_MEMBERS: usize = 1_000_000;
-/// Most bytes inflated while listing a tar.gz; the worker's default per-archive limit, since
-/// a job could not read past it either.
-pub const LIST_MAX_INFLATED_BYTES: u64 = 4 << 30;
-/// Largest inflated/compressed ratio of a tar.gz stream, as in the worker.
-pub const LIST_MAX_INFLATE_RATIO: u64 = 100;
-/// The ratio limit applies only past this many inflated bytes, as in the worker.
-const RATIO_CHECK_MIN_BYTES: u64 = 1 << 20;
-/// Bytes the tar reader may consume for one member's headers (PAX records, GNU long names)
-/// beyond skipping the previous member's data; the tar crate buffers these whole.
-const TAR_HEADER_ALLOWANCE_BYTES: u64 = 1 << 20;
-const TAR_BLOCK_BYTES: u64 = 512;
 
 /// One archive entry that is not a directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +64,7 @@ impl Listing {
 pub enum ListStop {
     /// The archive ends early or its structure is corrupt.
     Truncated,
-    /// A tar.gz inflates past [`LIST_MAX_INFLATED_BYTES`] or [`LIST_MAX_INFLATE_RATIO`].
+    /// A tar.gz inflates past the worker's per-archive or ratio limit.
     InflateLimit,
     /// More than [`LIST_MAX_MEMBERS`] entries.
     TooManyMembers,
@@ -114,20 +104,25 @@ pub fn list_members(kind: InputKind, mut reader: Box<dyn ReadSeek>) -> Result<Li
             if !head.starts_with(b"\x1f\x8b") {
                 return Err(ListError::WrongFormat { expected: "gzip-compressed tar" });
             }
-            let meter = Rc::new(Meter::new(true));
-            let compressed = Metered { inner: reader, meter: Rc::clone(&meter), compressed_side: true };
+            let meter = Rc::new(listing_meter(true));
+            let compressed = Metered::compressed(reader, &meter);
             let decoder = flate2::bufread::GzDecoder::new(BufReader::new(compressed));
-            let stream = Metered { inner: decoder, meter: Rc::clone(&meter), compressed_side: false };
+            let stream = Metered::inflated(decoder, &meter);
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries();
             Ok(walk_tar(entries, &meter))
         }
         _ => {
-            if !starts_like_tar(&sniff(&mut reader, TAR_BLOCK_BYTES)?) {
+            // A short input with the ustar magic is a tar cut inside its first header: listed
+            // (as nothing), and reported by the worker.
+            if let Err((kind, _)) = check_tar_head(&sniff(&mut reader, TAR_BLOCK_BYTES)?) {
+                if kind == InputErrorKind::TruncatedArchive {
+                    return Ok(Listing::stopped(Vec::new(), ListStop::Truncated));
+                }
                 return Err(ListError::WrongFormat { expected: "tar" });
             }
-            let meter = Rc::new(Meter::new(false));
-            let stream = Metered { inner: reader, meter: Rc::clone(&meter), compressed_side: false };
+            let meter = Rc::new(listing_meter(false));
+            let stream = Metered::inflated(reader, &meter);
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries_with_seek();
             Ok(walk_tar(entries, &meter))
@@ -135,23 +130,23 @@ pub fn list_members(kind: InputKind, mut reader: Box<dyn ReadSeek>) -> Result<Li
     }
 }
 
-fn walk_tar<R: Read>(entries: io::Result<tar::Entries<'_, R>>, meter: &Meter) -> Listing {
+fn walk_tar<R: Read>(entries: io::Result<tar::Entries<'_, R>>, meter: &StreamMeter) -> Listing {
     let mut members = Vec::new();
     let mut entries = match entries {
         Ok(e) => e,
-        Err(_) => return Listing::stopped(members, meter.stop()),
+        Err(_) => return Listing::stopped(members, stop(meter)),
     };
     let mut previous_size = 0u64;
     loop {
         // Listing never reads member data, so before the next header the tar reader skips
         // exactly the previous member's padded data: read through on a gzip stream, seeked
         // over (so not counted) on a plain tar.
-        let skip = if meter.gzip { previous_size.div_ceil(TAR_BLOCK_BYTES) * TAR_BLOCK_BYTES } else { 0 };
-        meter.header_allowance.set(skip.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
+        let skip = if meter.is_gzip() { previous_size.div_ceil(TAR_BLOCK_BYTES) * TAR_BLOCK_BYTES } else { 0 };
+        meter.allow_header_bytes(skip.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
         let entry = match entries.next() {
-            None if meter.eof.get() => return Listing::stopped(members, ListStop::Truncated),
+            None if meter.at_eof() => return Listing::stopped(members, ListStop::Truncated),
             None => return Listing::complete(members),
-            Some(Err(_)) => return Listing::stopped(members, meter.stop()),
+            Some(Err(_)) => return Listing::stopped(members, stop(meter)),
             Some(Ok(entry)) => entry,
         };
         previous_size = entry.size();
@@ -209,105 +204,17 @@ fn list_zip_local_headers(mut reader: Box<dyn ReadSeek>) -> Listing {
     Listing::stopped(members, ListStop::Truncated)
 }
 
-/// Whether the first block (up to 512 bytes) of a plain tar is a tar header: its checksum
-/// matches, or it is the all-zero end marker of an empty archive. A short input counts when
-/// it has the ustar magic (a tar cut inside its first header, which listing reports).
-fn starts_like_tar(head: &[u8]) -> bool {
-    let block = TAR_BLOCK_BYTES as usize;
-    if head.len() < block {
-        return head.get(257..262) == Some(b"ustar");
-    }
-    if head.iter().all(|&b| b == 0) {
-        return true;
-    }
-    // The checksum is the byte sum of the header with its own field counted as spaces.
-    let sum: u32 =
-        head[..148].iter().chain(&head[156..block]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
-    tar::Header::from_byte_slice(&head[..block]).cksum().ok() == Some(sum)
+/// The meter of a listing: a tar.gz is held to the limits a worker reading it would meet,
+/// since no job could read past them.
+fn listing_meter(gzip: bool) -> StreamMeter {
+    StreamMeter::new(gzip, DEFAULT_MAX_ARCHIVE_INFLATED_BYTES, DEFAULT_MAX_INFLATE_RATIO)
 }
 
-/// Reads up to `n` bytes from the start, then rewinds.
-fn sniff(r: &mut Box<dyn ReadSeek>, n: u64) -> io::Result<Vec<u8>> {
-    r.seek(SeekFrom::Start(0))?;
-    let mut head = Vec::new();
-    r.take(n).read_to_end(&mut head)?;
-    r.seek(SeekFrom::Start(0))?;
-    Ok(head)
-}
-
-/// Counts both sides of an archive stream, stops a tar.gz that inflates past the limits, and
-/// bounds what the tar reader may consume for headers. Shared by the readers stacked around
-/// the decoder, since their errors reach the caller only through the tar reader.
-struct Meter {
-    gzip: bool,
-    compressed: Cell<u64>,
-    inflated: Cell<u64>,
-    header_allowance: Cell<u64>,
-    eof: Cell<bool>,
-    inflate_limit_hit: Cell<bool>,
-}
-
-impl Meter {
-    fn new(gzip: bool) -> Self {
-        Self {
-            gzip,
-            compressed: Cell::new(0),
-            inflated: Cell::new(0),
-            header_allowance: Cell::new(u64::MAX),
-            eof: Cell::new(false),
-            inflate_limit_hit: Cell::new(false),
-        }
-    }
-
-    fn stop(&self) -> ListStop {
-        if self.inflate_limit_hit.get() {
-            ListStop::InflateLimit
-        } else {
-            ListStop::Truncated
-        }
-    }
-}
-
-struct Metered<R> {
-    inner: R,
-    meter: Rc<Meter>,
-    compressed_side: bool,
-}
-
-impl<R: Read> Read for Metered<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let m = &self.meter;
-        if self.compressed_side {
-            let n = self.inner.read(buf)?;
-            m.compressed.set(m.compressed.get() + n as u64);
-            return Ok(n);
-        }
-        let allowance = m.header_allowance.get();
-        if allowance == 0 {
-            return Err(io::Error::other("tar headers exceed the listing allowance"));
-        }
-        let len = buf.len().min(usize::try_from(allowance).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..len])?;
-        if n == 0 && len > 0 {
-            m.eof.set(true);
-        }
-        let inflated = m.inflated.get() + n as u64;
-        m.inflated.set(inflated);
-        m.header_allowance.set(allowance - n as u64);
-        let over_ratio =
-            inflated > RATIO_CHECK_MIN_BYTES && inflated > m.compressed.get().saturating_mul(LIST_MAX_INFLATE_RATIO);
-        if m.gzip && (inflated > LIST_MAX_INFLATED_BYTES || over_ratio) {
-            m.inflate_limit_hit.set(true);
-            return Err(io::Error::other("archive inflates past the listing limits"));
-        }
-        Ok(n)
-    }
-}
-
-/// Plain tar seeks over member data; seeking delivers no bytes, so nothing is counted.
-impl<R: Seek> Seek for Metered<R> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.inner.seek(pos)
+/// Why a tar walk stopped on an error: an inflation limit, or damage.
+fn stop(meter: &StreamMeter) -> ListStop {
+    match meter.verdict() {
+        Some((InputErrorKind::CompressionBomb, _)) => ListStop::InflateLimit,
+        _ => ListStop::Truncated,
     }
 }
 

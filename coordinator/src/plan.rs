@@ -2,10 +2,11 @@
 
 use crate::archive;
 use crate::CoordinatorError;
-use medbatch_connectors::dicom_header::{looks_like_dicom, read_header_from, DicomHeader};
 use medbatch_connectors::inputs::{self, FoundInput, InputSource};
 use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
+use medbatch_formats::dicom::{read_header_from, DicomHeader};
+use medbatch_formats::sniff::{looks_like_dicom, DICOM_PREAMBLE_BYTES};
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit};
 use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
 use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
@@ -166,8 +167,8 @@ fn scan_imaging(
     let bare = kind == InputKind::Unsupported && !base.contains('.');
     let mut header = None;
     if kind == InputKind::Dicom || bare {
-        let mut head = Vec::with_capacity(132);
-        (&mut r).take(132).read_to_end(&mut head).map_err(io_err)?;
+        let mut head = Vec::new();
+        (&mut r).take(DICOM_PREAMBLE_BYTES as u64 + 4).read_to_end(&mut head).map_err(io_err)?;
         if bare && looks_like_dicom(&head) {
             kind = InputKind::Dicom;
         }
@@ -352,7 +353,13 @@ mod tests {
 
     fn imaging(unit: ImagingUnit, folder: &str) -> PlannedRun {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/imaging").join(folder);
-        let spec = ImagingSpec { unit, modalities: Vec::new(), max_images: 85, pad_to_square: false };
+        let spec = ImagingSpec {
+            unit,
+            modalities: Vec::new(),
+            max_images: 85,
+            pad_to_square: false,
+            max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+        };
         let c = PlanConfig { imaging: Some(spec), ..cfg(vec![dir.to_str().unwrap().into()], "r") };
         plan_run(&c).unwrap()
     }

@@ -9,14 +9,12 @@
 //! downscale factor, in 8-bit fixed point with 22 fractional bits; "over" compositing in
 //! fixed point with 7 fractional bits), because the reference input of the model is Pillow's
 //! output to the last bit and the `image` crate's float resampler rounds differently.
-//! Decoding (PNG, JPEG) is the `image` crate's; JPEG decoders may differ from libjpeg by an
-//! LSB in places.
+//! Decoding (PNG, JPEG) is the `image` crate's, bounded by `medbatch_formats::image`; JPEG
+//! decoders may differ from libjpeg by an LSB in places.
 
 /// Why an image could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("not a readable image: {0}")]
-    Decode(String),
     #[error("image is empty ({width}x{height})")]
     Empty { width: usize, height: usize },
 }
@@ -121,10 +119,9 @@ pub fn read_preprocessor_config(dir: &std::path::Path, size: usize) -> Result<Im
     Ok(cfg)
 }
 
-/// Decodes PNG or JPEG bytes to RGB as the processor converts images: RGB kept, grey
-/// replicated, transparency composited over white.
-pub fn decode(bytes: &[u8]) -> Result<Rgb8, ImageError> {
-    let img = image::load_from_memory(bytes).map_err(|e| ImageError::Decode(e.to_string()))?;
+/// A decoded image (`medbatch_formats::image::decode`) to RGB as the processor converts
+/// images: RGB kept, grey replicated, transparency composited over white.
+pub fn to_rgb(img: image::DynamicImage) -> Result<Rgb8, ImageError> {
     let (width, height) = (img.width() as usize, img.height() as usize);
     if width == 0 || height == 0 {
         return Err(ImageError::Empty { width, height });

@@ -6,12 +6,15 @@
 //! continuous batching with the prompt text expanded by the engine.
 
 use medbatch_engine::engine::{Engine, GenerateRequest};
-use medbatch_engine::image::{decode, pixel_values, Rgb8};
+mod support;
+
+use medbatch_engine::image::{pixel_values, Rgb8};
 use medbatch_engine::models::gemma3::Logits;
 use medbatch_engine::scheduler::chunk_end;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::Arc;
+use support::decode;
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -5,10 +5,12 @@
 //! `vision_tower` span is made on.
 
 use medbatch_engine::engine::{Engine, GenerateRequest};
-use medbatch_engine::image::decode;
+mod support;
+
 use serde_json::Value;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use support::decode;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 

@@ -7,6 +7,8 @@
 //! - prompts that share a prefix share its pages (text and images alike), and a different
 //!   image is never mistaken for a cached one.
 
+mod support;
+
 use candle_core::Device;
 use medbatch_engine::engine::Placement;
 use medbatch_engine::load::hf::{load_model, read_config};
@@ -121,7 +123,7 @@ fn multimodal() -> PathBuf {
 
 fn image(rel: &str) -> std::sync::Arc<medbatch_engine::image::Rgb8> {
     let bytes = std::fs::read(fixtures().join(rel)).unwrap();
-    std::sync::Arc::new(medbatch_engine::image::decode(&bytes).unwrap())
+    std::sync::Arc::new(support::decode(&bytes).unwrap())
 }
 
 fn image_request(p: &Value, images: Vec<std::sync::Arc<medbatch_engine::image::Rgb8>>) -> GenerateRequest {

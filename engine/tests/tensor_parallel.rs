@@ -5,11 +5,14 @@
 //! softcap, and the multimodal model with images.
 
 use medbatch_engine::engine::{Engine, GenerateRequest};
-use medbatch_engine::image::{decode, Rgb8};
+mod support;
+
+use medbatch_engine::image::Rgb8;
 use medbatch_engine::models::gemma3::{BatchItem, Gemma3, Logits};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use support::decode;
 
 const TOLERANCE: f32 = 1e-4;
 

@@ -84,10 +84,23 @@ pub struct ImagingSpec {
     /// X-ray notebooks do.
     #[serde(default)]
     pub pad_to_square: bool,
+    /// Most bytes of decoded samples one image file or volume may declare (rows × columns ×
+    /// frames × samples × bytes a sample), checked before any buffer is reserved; a gzip
+    /// NIfTI is never inflated past it.
+    #[serde(default = "default_max_decoded_bytes")]
+    pub max_decoded_bytes: u64,
 }
 
 fn default_max_images() -> usize {
     85
+}
+
+/// 1 GiB of decoded samples for one image file (all its frames) or volume: a CT series of
+/// 1,000 slices of 512 × 512 at 16 bits is 500 MiB.
+pub const DEFAULT_MAX_DECODED_BYTES: u64 = 1 << 30;
+
+fn default_max_decoded_bytes() -> u64 {
+    DEFAULT_MAX_DECODED_BYTES
 }
 
 /// Which inputs the pipeline reads and how records map to documents.
@@ -281,8 +294,11 @@ fn default_text_field() -> String {
 }
 /// 1 MiB: far above any lab report or clinical note; larger inputs are almost always
 /// misrouted binaries.
+/// 1 MiB: the largest document accepted unless the spec says otherwise.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 1 << 20;
+
 fn default_max_document_bytes() -> u64 {
-    1 << 20
+    DEFAULT_MAX_DOCUMENT_BYTES
 }
 fn default_max_new_tokens() -> u32 {
     128

@@ -12,11 +12,15 @@
 //! a whole so a bomb stops early. Error details name offsets, sizes, line numbers, field names
 //! and formats — never document text, which is patient data.
 
+use medbatch_formats::limits::{InputLimits, RATIO_CHECK_MIN_BYTES};
+use medbatch_formats::limits::{TAR_BLOCK_BYTES, TAR_HEADER_ALLOWANCE_BYTES};
+use medbatch_formats::meter::{read_capped, Metered, StreamMeter};
+use medbatch_formats::sniff::{binary_problem, check_tar_head, format_hint, sniff, sniff_gzip, UTF8_BOM};
 use medbatch_schemas::document::check_member_name;
 use medbatch_schemas::pipeline::InputSpec;
 use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
 use serde_json::Value;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::rc::Rc;
@@ -24,29 +28,11 @@ use std::rc::Rc;
 /// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
 pub use medbatch_connectors::inputs::ReadSeek;
 
-/// 64 MiB: a JSONL/CSV member may hold many notes, but hundreds of MiB in one member is a
-/// bomb or a misrouted dump, and members are held in memory while parsed.
-pub const DEFAULT_MAX_MEMBER_BYTES: u64 = 64 << 20;
-/// Text and JSON compress 3–10:1; deflate tops out near 1030:1, so 100:1 is only reached by
-/// padding or crafted data.
-pub const DEFAULT_MAX_INFLATE_RATIO: u64 = 100;
-/// 4 GiB inflated per archive: far beyond a job's worth of notes.
-pub const DEFAULT_MAX_ARCHIVE_INFLATED_BYTES: u64 = 4 << 30;
-/// Members of one archive turned into documents or error rows by one read.
-pub const DEFAULT_MAX_MEMBERS: usize = 100_000;
-/// The ratio limit applies only past this many inflated bytes: small, repetitive files (blank
-/// CSV columns, whitespace) legitimately exceed 100:1 and cost nothing to read.
-pub const RATIO_CHECK_MIN_BYTES: u64 = 1 << 20;
-
 /// A JSONL line or CSV record carries escapes and other fields besides its text, so a record
 /// may be this many times the document limit (plus [`RECORD_SLACK_BYTES`]) before it is
 /// refused unread; the text itself is then held to the document limit.
 const RECORD_OVERHEAD_FACTOR: u64 = 2;
 const RECORD_SLACK_BYTES: u64 = 64 << 10;
-/// Bytes the tar reader may consume for one member's headers (PAX records, GNU long names),
-/// beyond skipping the previous member's data: the tar crate buffers these whole.
-const TAR_HEADER_ALLOWANCE_BYTES: u64 = 1 << 20;
-const TAR_BLOCK_BYTES: u64 = 512;
 /// Compressed read buffer in front of the gzip decoder. The decoder reads ahead by up to one
 /// buffer, so a tar.gz member's compressed size is measured with this much slack.
 const GZ_BUFFER_BYTES: usize = 32 << 10;
@@ -54,51 +40,11 @@ const GZ_BUFFER_BYTES: usize = 32 << 10;
 const CSV_BUFFER_BYTES: usize = 8 << 10;
 /// Read size when copying a member into memory.
 const COPY_CHUNK_BYTES: usize = 64 << 10;
-const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
-/// Magic bytes of binary formats that turn up misnamed as text: (offset, magic, format).
-const BINARY_MAGICS: &[(usize, &[u8], &str)] = &[
-    (0, b"%PDF", "PDF"),
-    (0, b"PK\x03\x04", "zip"),
-    (0, b"\x1f\x8b", "gzip"),
-    (0, b"\x89PNG", "PNG"),
-    (0, b"\xFF\xD8\xFF", "JPEG"),
-    (128, b"DICM", "DICOM"),
-    (257, b"ustar", "tar"),
-];
-
-/// Size limits for one read. `max_document_bytes` comes from the pipeline spec; the archive
-/// limits are deployment-wide defaults.
-#[derive(Clone, Debug)]
-pub struct InputLimits {
-    /// Largest document: a text file or member, or one record's text.
-    pub max_document_bytes: u64,
-    /// Largest archive member once inflated.
-    pub max_member_bytes: u64,
-    /// Largest inflated/compressed ratio of a member, and of a tar.gz stream as a whole.
-    pub max_inflate_ratio: u64,
-    /// Most bytes inflated from one archive.
-    pub max_archive_inflated_bytes: u64,
-    /// Most members of one archive turned into documents or error rows.
-    pub max_members: usize,
+/// The largest JSONL line or CSV record read before its text is judged.
+fn max_record_bytes(limits: &InputLimits) -> u64 {
+    limits.max_document_bytes.saturating_mul(RECORD_OVERHEAD_FACTOR).saturating_add(RECORD_SLACK_BYTES)
 }
-
-impl InputLimits {
-    pub fn from_spec(spec: &InputSpec) -> Self {
-        Self {
-            max_document_bytes: spec.max_document_bytes,
-            max_member_bytes: DEFAULT_MAX_MEMBER_BYTES,
-            max_inflate_ratio: DEFAULT_MAX_INFLATE_RATIO,
-            max_archive_inflated_bytes: DEFAULT_MAX_ARCHIVE_INFLATED_BYTES,
-            max_members: DEFAULT_MAX_MEMBERS,
-        }
-    }
-
-    fn max_record_bytes(&self) -> u64 {
-        self.max_document_bytes.saturating_mul(RECORD_OVERHEAD_FACTOR).saturating_add(RECORD_SLACK_BYTES)
-    }
-}
-
 /// Reads one input and hands each document, or the error that replaces it, to `sink`.
 ///
 /// Never fails as a whole: an unreadable input is itself an error row. For archives,
@@ -314,7 +260,7 @@ impl Reader<'_, '_> {
             }
         }
 
-        let cap = usize::try_from(self.limits.max_record_bytes()).unwrap_or(usize::MAX);
+        let cap = usize::try_from(max_record_bytes(self.limits)).unwrap_or(usize::MAX);
         let mut buf = Vec::new();
         let mut line_no = 0u64;
         let mut records = 0u64;
@@ -363,7 +309,7 @@ impl Reader<'_, '_> {
             return Ok(());
         }
 
-        let record_cap = self.limits.max_record_bytes();
+        let record_cap = max_record_bytes(self.limits);
         let feed = Rc::new(FeedState::default());
         feed.stop_at.set(record_cap.saturating_add(CSV_BUFFER_BYTES as u64));
         let mut csv = csv::ReaderBuilder::new()
@@ -427,7 +373,7 @@ impl Reader<'_, '_> {
         if feed.tripped.get() {
             let detail = format!(
                 "record starting on line {line} exceeds the record limit of {} bytes; rest of the file not read",
-                self.limits.max_record_bytes()
+                max_record_bytes(self.limits)
             );
             self.fail(place, record, InputErrorKind::TooLarge, detail);
             return Ok(());
@@ -518,13 +464,13 @@ impl Reader<'_, '_> {
         walk: &mut Walk,
     ) -> Option<Halt> {
         let top = Place::file(self.input);
-        let head = sniff(&mut reader, TAR_BLOCK_BYTES as usize);
+        let head = sniff(&mut reader, TAR_BLOCK_BYTES);
         let head = match head {
             Ok(h) if gzip && h.is_empty() => Err((InputErrorKind::Empty, "0 bytes".to_string())),
             Ok(h) if gzip && !h.starts_with(b"\x1f\x8b") => {
                 Err((InputErrorKind::WrongFormat, format!("not gzip-compressed{}", format_hint(&h))))
             }
-            Ok(_) if gzip => sniff_gzip(&mut reader, TAR_BLOCK_BYTES as usize).map_err(|e| {
+            Ok(_) if gzip => sniff_gzip(&mut reader, TAR_BLOCK_BYTES).map_err(|e| {
                 (InputErrorKind::TruncatedArchive, format!("gzip stream is corrupt at its start ({:?})", e.kind()))
             }),
             Ok(h) => Ok(h),
@@ -535,16 +481,17 @@ impl Reader<'_, '_> {
             return Some(Halt { kind, why: "archive could not be opened" });
         }
 
-        let meter = Rc::new(StreamMeter::new(gzip, self.limits));
+        let meter =
+            Rc::new(StreamMeter::new(gzip, self.limits.max_archive_inflated_bytes, self.limits.max_inflate_ratio));
         if gzip {
-            let compressed = Metered { inner: reader, meter: Rc::clone(&meter), side: Side::Compressed };
+            let compressed = Metered::compressed(reader, &meter);
             let decoder = flate2::bufread::GzDecoder::new(BufReader::with_capacity(GZ_BUFFER_BYTES, compressed));
-            let stream = Metered { inner: decoder, meter: Rc::clone(&meter), side: Side::Inflated };
+            let stream = Metered::inflated(decoder, &meter);
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries();
             self.walk_tar(entries, &meter, wanted, walk)
         } else {
-            let stream = Metered { inner: reader, meter: Rc::clone(&meter), side: Side::Inflated };
+            let stream = Metered::inflated(reader, &meter);
             let mut archive = tar::Archive::new(stream);
             let entries = archive.entries_with_seek();
             self.walk_tar(entries, &meter, wanted, walk)
@@ -567,12 +514,12 @@ impl Reader<'_, '_> {
         // read through on a gzip stream, seeked over (so not counted) on a plain tar.
         let mut skip_left = 0u64;
         loop {
-            let skip_read = if meter.gzip { skip_left } else { 0 };
+            let skip_read = if meter.is_gzip() { skip_left } else { 0 };
             meter.allow_header_bytes(skip_read.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
             let next = entries.next();
             meter.allow_header_bytes(u64::MAX);
             let mut entry = match next {
-                None if meter.eof.get() => {
+                None if meter.at_eof() => {
                     let detail =
                         format!("archive ends without an end-of-archive marker after {} members", walk.processed);
                     self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
@@ -586,7 +533,7 @@ impl Reader<'_, '_> {
                 Some(Ok(entry)) => entry,
             };
             let size = entry.size();
-            let data_start = meter.inflated.get();
+            let data_start = meter.inflated();
             skip_left = size.div_ceil(TAR_BLOCK_BYTES).saturating_mul(TAR_BLOCK_BYTES);
 
             let entry_type = entry.header().entry_type();
@@ -622,15 +569,15 @@ impl Reader<'_, '_> {
             let Some(kind) = self.member_kind(&place, &name) else {
                 continue;
             };
-            let compressed = if meter.gzip { Compressed::Metered(meter.compressed.get()) } else { Compressed::No };
-            let budget = self.budget(kind, meter.gzip, None, compressed);
+            let compressed = if meter.is_gzip() { Compressed::Metered(meter.compressed()) } else { Compressed::No };
+            let budget = self.budget(kind, meter.is_gzip(), None, compressed);
             if size > budget.cap {
                 let detail = format!("member is {size} bytes, over the {} of {} bytes", budget.cap_name, budget.cap);
                 self.fail(&place, None, budget.over_cap, detail);
                 continue;
             }
             let result = read_member(&mut entry, &budget, self.limits, Some(meter));
-            skip_left = skip_left.saturating_sub(meter.inflated.get() - data_start);
+            skip_left = skip_left.saturating_sub(meter.inflated() - data_start);
             match result {
                 Ok(bytes) if (bytes.len() as u64) < size => {
                     let detail = format!("member ends after {} of {size} bytes", bytes.len());
@@ -664,7 +611,7 @@ impl Reader<'_, '_> {
 
     /// The archive stream failed between members: a limit on the stream, or truncation.
     fn stream_failed(&mut self, top: &Place, meter: &StreamMeter, e: &io::Error, walk: &Walk) -> Halt {
-        if let Some((kind, detail)) = meter.verdict.borrow().clone() {
+        if let Some((kind, detail)) = meter.verdict() {
             self.fail(top, None, kind, detail);
             return Halt { kind, why: "archive stream stopped at a limit before this member" };
         }
@@ -960,14 +907,6 @@ fn checked_text(
 
 // ---- bounded reading -------------------------------------------------------------------
 
-/// Reads at most `cap + 1` bytes: the extra byte tells "exactly at the limit" from "over it".
-/// `None` when the content is over `cap`.
-fn read_capped(r: &mut dyn Read, cap: u64) -> io::Result<Option<Vec<u8>>> {
-    let mut buf = Vec::new();
-    r.take(cap.saturating_add(1)).read_to_end(&mut buf)?;
-    Ok((buf.len() as u64 <= cap).then_some(buf))
-}
-
 /// Copies a member into memory within its budget, checking after every chunk, so neither a
 /// large member nor a lying header gets more than `cap + 1` bytes into memory.
 fn read_member(
@@ -987,7 +926,7 @@ fn read_member(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(error) => {
-                if let Some((kind, detail)) = meter.and_then(|m| m.verdict.borrow().clone()) {
+                if let Some((kind, detail)) = meter.and_then(|m| m.verdict()) {
                     return Err(ReadFail::Limit { kind, detail, stream: true });
                 }
                 return Err(ReadFail::Io { error, read: out.len() as u64 });
@@ -1006,7 +945,7 @@ fn read_member(
         let packed = match budget.compressed {
             Compressed::No => None,
             Compressed::Declared(c) => Some(c),
-            Compressed::Metered(start) => meter.map(|m| m.compressed.get() - start + GZ_BUFFER_BYTES as u64),
+            Compressed::Metered(start) => meter.map(|m| m.compressed() - start + GZ_BUFFER_BYTES as u64),
         };
         if let Some(packed) = packed.filter(|p| got > RATIO_CHECK_MIN_BYTES && got > p.saturating_mul(ratio)) {
             let detail =
@@ -1058,141 +997,6 @@ fn read_line_capped(r: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::R
 fn trim_line_end(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-/// Reads up to `n` bytes from the start, then rewinds.
-fn sniff(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
-    r.seek(SeekFrom::Start(0))?;
-    let mut head = Vec::with_capacity(n);
-    r.take(n as u64).read_to_end(&mut head)?;
-    r.seek(SeekFrom::Start(0))?;
-    Ok(head)
-}
-
-/// Inflates up to `n` bytes from the start of a gzip stream, then rewinds.
-fn sniff_gzip(r: &mut Box<dyn ReadSeek>, n: usize) -> io::Result<Vec<u8>> {
-    r.seek(SeekFrom::Start(0))?;
-    let mut head = Vec::with_capacity(n);
-    flate2::read::GzDecoder::new(&mut *r).take(n as u64).read_to_end(&mut head)?;
-    r.seek(SeekFrom::Start(0))?;
-    Ok(head)
-}
-
-// ---- stream metering -------------------------------------------------------------------
-
-/// Counts both sides of an archive stream, enforces the whole-stream limits, and bounds how
-/// much the tar reader may consume for headers. Shared by the readers stacked around the
-/// decoder; a tripped limit is kept in `verdict`, since the error itself passes through the
-/// tar and gzip readers.
-struct StreamMeter {
-    gzip: bool,
-    compressed: Cell<u64>,
-    inflated: Cell<u64>,
-    /// Bytes the inflated side may still deliver before the tar reader yields its next entry.
-    header_allowance: Cell<u64>,
-    eof: Cell<bool>,
-    verdict: RefCell<Option<(InputErrorKind, String)>>,
-    max_inflated: u64,
-    max_ratio: u64,
-}
-
-impl StreamMeter {
-    fn new(gzip: bool, limits: &InputLimits) -> Self {
-        Self {
-            gzip,
-            compressed: Cell::new(0),
-            inflated: Cell::new(0),
-            header_allowance: Cell::new(u64::MAX),
-            eof: Cell::new(false),
-            verdict: RefCell::new(None),
-            max_inflated: limits.max_archive_inflated_bytes,
-            max_ratio: limits.max_inflate_ratio,
-        }
-    }
-
-    fn allow_header_bytes(&self, n: u64) {
-        self.header_allowance.set(n);
-    }
-
-    fn trip(&self, kind: InputErrorKind, detail: String) -> io::Error {
-        self.verdict.borrow_mut().get_or_insert((kind, detail));
-        io::Error::other("archive stream limit reached")
-    }
-
-    /// Checks the inflated side after `n` more bytes.
-    fn on_inflated(&self, n: usize) -> io::Result<()> {
-        let inflated = self.inflated.get() + n as u64;
-        self.inflated.set(inflated);
-        self.header_allowance.set(self.header_allowance.get().saturating_sub(n as u64));
-        if !self.gzip {
-            return Ok(());
-        }
-        if inflated > self.max_inflated {
-            return Err(self
-                .trip(InputErrorKind::CompressionBomb, format!("archive inflates past {} bytes", self.max_inflated)));
-        }
-        let compressed = self.compressed.get();
-        if inflated > RATIO_CHECK_MIN_BYTES && inflated > compressed.saturating_mul(self.max_ratio) {
-            let detail = format!(
-                "archive inflates {inflated} bytes from {compressed}, over the {}:1 ratio limit",
-                self.max_ratio
-            );
-            return Err(self.trip(InputErrorKind::CompressionBomb, detail));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Side {
-    Compressed,
-    Inflated,
-}
-
-/// A reader that reports to a [`StreamMeter`].
-struct Metered<R> {
-    inner: R,
-    meter: Rc<StreamMeter>,
-    side: Side,
-}
-
-impl<R: Read> Read for Metered<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let meter = &self.meter;
-        if meter.verdict.borrow().is_some() {
-            return Err(io::Error::other("archive stream limit reached"));
-        }
-        let buf = match self.side {
-            Side::Compressed => buf,
-            Side::Inflated => {
-                let allowance = meter.header_allowance.get();
-                if allowance == 0 {
-                    let detail = format!("tar headers of one member exceed {TAR_HEADER_ALLOWANCE_BYTES} bytes");
-                    return Err(meter.trip(InputErrorKind::TooLarge, detail));
-                }
-                let len = buf.len().min(usize::try_from(allowance).unwrap_or(usize::MAX));
-                &mut buf[..len]
-            }
-        };
-        let n = self.inner.read(buf)?;
-        match self.side {
-            Side::Compressed => meter.compressed.set(meter.compressed.get() + n as u64),
-            Side::Inflated => {
-                if n == 0 && !buf.is_empty() {
-                    meter.eof.set(true);
-                }
-                meter.on_inflated(n)?;
-            }
-        }
-        Ok(n)
-    }
-}
-
-/// Plain tar seeks over members it skips; seeking delivers no bytes, so nothing is counted.
-impl<R: Seek> Seek for Metered<R> {
-    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        self.inner.seek(pos)
-    }
 }
 
 #[derive(Default)]
@@ -1250,57 +1054,6 @@ fn decode_text(bytes: Vec<u8>) -> Result<String, (InputErrorKind, String)> {
     Ok(text)
 }
 
-/// A known binary format, or a NUL byte, in the first bytes of something meant to be text.
-fn binary_problem(head: &[u8]) -> Option<String> {
-    if let Some(format) = binary_format(head) {
-        return Some(format!("content is {format}"));
-    }
-    head.iter().position(|&b| b == 0).map(|offset| format!("binary content (NUL byte at offset {offset})"))
-}
-
-fn binary_format(head: &[u8]) -> Option<&'static str> {
-    BINARY_MAGICS
-        .iter()
-        .find(|(offset, magic, _)| head.get(*offset..offset + magic.len()) == Some(*magic))
-        .map(|(_, _, format)| *format)
-}
-
-/// ` (content looks like X)` for error details, naming a format, never quoting bytes.
-fn format_hint(head: &[u8]) -> String {
-    match binary_format(head) {
-        Some(format) => format!(" (content looks like {format})"),
-        None if !head.contains(&0) && std::str::from_utf8(head).is_ok() => " (content looks like text)".into(),
-        None => String::new(),
-    }
-}
-
-/// Checks the first block of a tar stream (up to 512 bytes).
-fn check_tar_head(head: &[u8]) -> Result<(), (InputErrorKind, String)> {
-    let block = TAR_BLOCK_BYTES as usize;
-    if head.is_empty() {
-        return Err((InputErrorKind::Empty, "0 bytes".into()));
-    }
-    if head.len() < block {
-        if head.get(257..262) == Some(b"ustar") {
-            return Err((InputErrorKind::TruncatedArchive, "archive ends inside its first header".into()));
-        }
-        let detail = format!("not a tar archive: {} bytes, shorter than one header{}", head.len(), format_hint(head));
-        return Err((InputErrorKind::WrongFormat, detail));
-    }
-    if head.iter().all(|&b| b == 0) {
-        return Ok(());
-    }
-    let header = tar::Header::from_byte_slice(&head[..block]);
-    // The checksum is the byte sum of the header with its own field counted as spaces.
-    let sum: u32 =
-        head[..148].iter().chain(&head[156..block]).map(|&b| u32::from(b)).sum::<u32>() + 8 * u32::from(b' ');
-    if header.cksum().ok() == Some(sum) {
-        return Ok(());
-    }
-    let detail = format!("not a tar archive: the first header's checksum does not match{}", format_hint(head));
-    Err((InputErrorKind::WrongFormat, detail))
-}
-
 fn zip_error_class(e: &zip::result::ZipError) -> &'static str {
     match e {
         zip::result::ZipError::Io(_) => "i/o error",
@@ -1331,6 +1084,7 @@ mod tests {
     use super::*;
     use flate2::write::GzEncoder;
     use flate2::Compression;
+    use medbatch_formats::limits::{DEFAULT_MAX_INFLATE_RATIO, DEFAULT_MAX_MEMBER_BYTES};
     use medbatch_schemas::Digest;
     use std::io::{Cursor, Write};
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 //! The worker loop: take a job, produce its parts, write the marker, then acknowledge.
 
 use crate::extract::extract_document;
-use crate::input::{read_documents, InputLimits};
+use crate::input::read_documents;
 use crate::parquet_out::{errors_batch, lab_results_batch, to_parquet, ErrorRow, JobProvenance, LabRow};
 use crate::pipeline::LoadedPipeline;
 use bytes::Bytes;
@@ -9,6 +9,7 @@ use medbatch_connectors::queue::{Delivery, JobQueue};
 use medbatch_connectors::store::ObjectStore;
 use medbatch_engine::image::Rgb8;
 use medbatch_engine::EngineHandle;
+use medbatch_formats::InputLimits;
 use medbatch_schemas::tables::{done_key, part_key, ERRORS_TABLE};
 use medbatch_schemas::{Completion, Digest, Document, InputError, Job, OutputPart, JOB_SCHEMA_VERSION};
 use std::sync::Arc;

@@ -7,7 +7,6 @@
 //! error rows; the job still completes.
 
 pub mod chunk;
-pub mod dicom;
 pub mod eval;
 pub mod extract;
 pub mod grammar;
@@ -16,7 +15,6 @@ pub mod imaging;
 pub mod input;
 pub mod job;
 pub mod labreport;
-pub mod nifti;
 pub mod parquet_out;
 pub mod pipeline;
 pub mod structured;

@@ -4,9 +4,9 @@
 //! CT windows, radiograph VOI windowing with MONOCHROME1, MR min–max over a series, slice
 //! choice). A missing data folder fails the tests.
 
-use medbatch_worker::dicom::{
-    ct_rgb, minmax_u8, radiograph_u8, read_frames, read_header, rescaled, slice_choice, window_u8, DicomError,
-    CT_WINDOWS,
+use medbatch_formats::dicom::{read_header, DicomError, Frames};
+use medbatch_worker::imaging::recipes::{
+    ct_rgb, minmax_u8, radiograph_u8, rescaled, slice_choice, window_u8, CT_WINDOWS, MAX_SLICES,
 };
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -15,6 +15,10 @@ fn data() -> PathBuf {
     let d = std::env::var("MEDBATCH_PYDICOM_DATA")
         .expect("MEDBATCH_PYDICOM_DATA: run the tests through `bash infra/test.sh` (pydicom's test files)");
     PathBuf::from(d)
+}
+
+fn read_frames(path: &Path) -> Result<Frames, DicomError> {
+    medbatch_formats::dicom::read_frames(path, &Default::default())
 }
 
 fn reference() -> Value {
@@ -94,7 +98,7 @@ fn series_are_ordered_and_normalised_like_the_reference() {
         }
     }
     for (n, want) in r["slice_choice"].as_object().unwrap() {
-        assert_eq!(json!(slice_choice(n.parse().unwrap(), medbatch_worker::dicom::MAX_SLICES)), *want, "{n} slices");
+        assert_eq!(json!(slice_choice(n.parse().unwrap(), MAX_SLICES)), *want, "{n} slices");
     }
 }
 
@@ -109,6 +113,6 @@ fn unsupported_and_broken_files_are_named_errors() {
     let not = dir.path().join("notes.dcm");
     std::fs::write(&not, b"Patient seen in clinic; not an image.").unwrap();
     let e = read_header(&not).unwrap_err();
-    assert!(matches!(e, DicomError::Header(_)), "{e}");
+    assert!(matches!(e, DicomError::NotDicom(_)), "{e}");
     assert!(!e.to_string().contains("Patient seen"), "{e}");
 }

@@ -5,7 +5,7 @@
 
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit};
 use medbatch_schemas::{Digest, InputErrorKind, InputKind, InputRef, Selection};
-use medbatch_worker::nifti::read_volume;
+use medbatch_worker::imaging::{volume, ImagingRead};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -29,6 +29,15 @@ fn stats(v: &[u8]) -> Value {
     json!({ "min": min, "max": max, "sum": sum, "weighted": weighted })
 }
 
+fn read_volume(bytes: &[u8], input: &InputRef, spec: &ImagingSpec) -> ImagingRead {
+    volume(
+        bytes,
+        input,
+        spec,
+        &medbatch_formats::ImageLimits { max_file_bytes: 1 << 28, max_decoded_bytes: spec.max_decoded_bytes },
+    )
+}
+
 fn input(name: &str, bytes: &[u8]) -> InputRef {
     InputRef {
         uri: format!("file:///nibabel/{name}"),
@@ -48,6 +57,7 @@ fn slices_equal_nibabel() {
         modalities: Vec::new(),
         max_images: r["max_images"].as_u64().unwrap() as usize,
         pad_to_square: false,
+        max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
     };
     for (name, e) in r["files"].as_object().unwrap() {
         let bytes = std::fs::read(data().join(name)).unwrap();
@@ -68,7 +78,13 @@ fn slices_equal_nibabel() {
 
 #[test]
 fn nifti2_and_garbage_are_named_errors() {
-    let spec = ImagingSpec { unit: ImagingUnit::Series, modalities: Vec::new(), max_images: 4, pad_to_square: false };
+    let spec = ImagingSpec {
+        unit: ImagingUnit::Series,
+        modalities: Vec::new(),
+        max_images: 4,
+        pad_to_square: false,
+        max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+    };
     let r = reference();
     assert_eq!(r["nifti2"]["sizeof_hdr"], 540);
     let name = r["nifti2"]["file"].as_str().unwrap();

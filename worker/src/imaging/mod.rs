@@ -16,12 +16,16 @@
 //! study or series UID, or the file name. A file that cannot be read becomes an error row
 //! naming the file and the reason; the rest of the job goes on.
 
-use crate::dicom::{ct_rgb, minmax_u8, radiograph_u8, read_frames_from, rescaled, DicomError, Frames};
+pub mod recipes;
+
 use medbatch_connectors::inputs::InputSource;
 use medbatch_engine::engine::START_OF_IMAGE;
-use medbatch_engine::image::{decode, pad_to_square, Rgb8};
+use medbatch_engine::image::{pad_to_square, to_rgb, Rgb8};
+use medbatch_formats::dicom::{read_frames_from, Frames};
+use medbatch_formats::ImageLimits;
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, PipelineSpec};
 use medbatch_schemas::{Digest, Document, InputError, InputErrorKind, InputKind, InputRef};
+use recipes::{ct_rgb, minmax_u8, radiograph_u8, range_u8, rescaled, slice_choice};
 use std::io::Read;
 use std::sync::Arc;
 
@@ -62,21 +66,6 @@ fn read_bytes(input: &InputRef, source: &InputSource, max: u64) -> Result<Vec<u8
     Ok(bytes)
 }
 
-fn dicom_error(input: &InputRef, e: DicomError) -> InputError {
-    match e {
-        DicomError::Header(m) if m.contains("no DICM marker") => {
-            error(input, InputErrorKind::WrongFormat, format!("not a DICOM file: {m}"))
-        }
-        DicomError::Header(m) => error(
-            input,
-            InputErrorKind::CorruptImage,
-            format!("DICOM data set cannot be read (truncated or corrupt): {m}"),
-        ),
-        e @ DicomError::Pixels(_) => error(input, InputErrorKind::CorruptImage, e.to_string()),
-        e @ DicomError::UnsupportedSyntax { .. } => error(input, InputErrorKind::UnsupportedEncoding, e.to_string()),
-    }
-}
-
 /// A greyscale or RGB frame of a radiograph as 8-bit RGB.
 fn radiograph(f: &Frames, frame: &[i32]) -> Result<Rgb8, String> {
     let (w, h) = (f.header.columns as usize, f.header.rows as usize);
@@ -114,7 +103,8 @@ struct Instance<'a> {
 /// Reads a job's inputs into prompts' images (normally one item per job) and error rows.
 pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSpec) -> Vec<ImagingRead> {
     let Some(imaging) = &spec.imaging else { return Vec::new() };
-    let max = spec.input.max_document_bytes;
+    let limits = ImageLimits::from_spec(&spec.input, imaging);
+    let max = limits.max_file_bytes;
     let mut out: Vec<ImagingRead> = Vec::new();
     let mut dicoms: Vec<Instance<'_>> = Vec::new();
     for input in inputs {
@@ -135,21 +125,17 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
             }
         };
         match input.kind {
-            InputKind::Image => {
-                out.push(decode(&bytes).map_err(|e| error(input, InputErrorKind::CorruptImage, e.to_string())).map(
-                    |img| ImagingItem {
-                        doc: Document {
-                            id: file_name(&input.uri).to_string(),
-                            source_uri: input.uri.clone(),
-                            input_sha256: input.sha256.clone(),
-                            text: image_block(&[String::new()]),
-                        },
+            InputKind::Image => out.push(
+                medbatch_formats::image::decode(&bytes, &limits)
+                    .map_err(|e| error(input, e.kind(), e.to_string()))
+                    .and_then(|img| to_rgb(img).map_err(|e| error(input, InputErrorKind::CorruptImage, e.to_string())))
+                    .map(|img| ImagingItem {
+                        doc: whole_file_doc(input, image_block(&[String::new()])),
                         images: vec![prepare(img, imaging)],
-                    },
-                ))
-            }
-            InputKind::Nifti => out.push(crate::nifti::read_volume(&bytes, input, imaging)),
-            InputKind::Dicom => match read_frames_from(std::io::Cursor::new(bytes)) {
+                    }),
+            ),
+            InputKind::Nifti => out.push(volume(&bytes, input, imaging, &limits)),
+            InputKind::Dicom => match read_frames_from(std::io::Cursor::new(bytes), &limits) {
                 Ok(frames) => {
                     let m = &frames.header.modality;
                     if !imaging.modalities.is_empty() && !imaging.modalities.iter().any(|x| x == m) {
@@ -162,7 +148,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
                         dicoms.push(Instance { input, frames });
                     }
                 }
-                Err(e) => out.push(Err(dicom_error(input, e))),
+                Err(e) => out.push(Err(error(input, e.kind(), e.to_string()))),
             },
             _ => out.push(Err(error(input, InputErrorKind::UnsupportedKind, "not an image or volume"))),
         }
@@ -175,6 +161,33 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
         });
     }
     out
+}
+
+fn whole_file_doc(input: &InputRef, text: String) -> Document {
+    Document {
+        id: file_name(&input.uri).to_string(),
+        source_uri: input.uri.clone(),
+        input_sha256: input.sha256.clone(),
+        text,
+    }
+}
+
+/// A NIfTI volume as a series of slices: the third axis is the slice axis, each slice
+/// `dim[1]` pixels wide and `dim[2]` high in stored voxel order (no reorientation), values
+/// scaled by `scl_slope`/`scl_inter`, min–max over the whole volume to 8 bits (as MR
+/// series), sampled uniformly down to `imaging.max_images` and labelled `SLICE n`. Only the
+/// slices kept are held in memory as values.
+pub fn volume(bytes: &[u8], input: &InputRef, spec: &ImagingSpec, limits: &ImageLimits) -> ImagingRead {
+    let fail = |e: medbatch_formats::nifti::NiftiError| error(input, e.kind(), e.to_string());
+    let vol = medbatch_formats::nifti::read_volume(bytes, limits).map_err(fail)?;
+    let (lo, hi) = vol.range().map_err(fail)?;
+    let mut images = Vec::new();
+    for z in slice_choice(vol.depth, spec.max_images) {
+        let grey = range_u8(&vol.slice(z).map_err(fail)?, lo, hi);
+        images.push(prepare(Rgb8::from_gray(vol.width, vol.height, &grey), spec));
+    }
+    let labels: Vec<String> = (1..=images.len()).map(|n| format!("SLICE {n}")).collect();
+    Ok(ImagingItem { doc: whole_file_doc(input, image_block(&labels)), images })
 }
 
 /// Instance-number order, then position along the slice direction, then URI.
@@ -258,7 +271,7 @@ fn series(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead>
     if slices.is_empty() {
         return out;
     }
-    let chosen = crate::dicom::slice_choice(slices.len(), spec.max_images);
+    let chosen = slice_choice(slices.len(), spec.max_images);
     let ct = dicoms[0].frames.header.modality == "CT";
     let images: Vec<Rgb8> = if ct {
         chosen

@@ -1,12 +1,5 @@
-//! DICOM inputs (dicom-rs): headers without pixels, stored pixel values, and the pixel paths
-//! MedGemma's input recipes use.
+//! MedGemma's input recipes for DICOM and NIfTI pixels (decoding is `medbatch_formats`'s):
 //!
-//! - Headers are read up to the pixel data element and no further, so grouping an archive
-//!   into studies and series never touches pixels.
-//! - Stored values are decoded without any LUT and sign-extended from BitsStored, as pydicom's
-//!   `pixel_array` gives them. Decoders: uncompressed (any byte order), deflate, RLE, JPEG
-//!   baseline and lossless (8-bit), JPEG 2000 (pure Rust). JPEG-LS and 12-bit JPEG are refused
-//!   with the transfer syntax named.
 //! - CT: Hounsfield units, three windows to R, G, B (−1024…1024, −135…215, 0…80), and at most
 //!   85 slices sampled uniformly (Google's MedGemma 1.5 CT notebook).
 //! - Radiographs (CR/DX): the header's first VOI window (DICOM's linear function) or min–max,
@@ -15,75 +8,12 @@
 //!
 //! Rounding is half to even throughout, as numpy's `round` in the reference recipes.
 
-use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, PixelRepresentation, VoiLutOption};
-pub use medbatch_connectors::dicom_header::{header_of, read_header, read_header_from, DicomError, DicomHeader};
-use std::path::Path;
+use medbatch_formats::dicom::DicomHeader;
 
 /// Slices a CT or MR volume is sampled down to.
 pub const MAX_SLICES: usize = 85;
 /// CT windows (Hounsfield units) mapped to R, G and B.
 pub const CT_WINDOWS: [(f64, f64); 3] = [(-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0)];
-
-/// Transfer syntaxes this build cannot decode, by UID prefix, with their names.
-const UNSUPPORTED: [(&str, &str); 4] = [
-    ("1.2.840.10008.1.2.4.80", "JPEG-LS lossless"),
-    ("1.2.840.10008.1.2.4.81", "JPEG-LS near-lossless"),
-    ("1.2.840.10008.1.2.4.51", "JPEG extended (12-bit)"),
-    ("1.2.840.10008.1.2.4.100", "MPEG-2"),
-];
-
-/// A decoded file: header and each frame's stored values (row-major, one sample a pixel
-/// for greyscale; RGB frames interleaved).
-#[derive(Clone, Debug)]
-pub struct Frames {
-    pub header: DicomHeader,
-    pub samples_per_pixel: u16,
-    pub frames: Vec<Vec<i32>>,
-}
-
-/// Reads a file and decodes its stored pixel values.
-pub fn read_frames(path: &Path) -> Result<Frames, DicomError> {
-    let f = std::fs::File::open(path).map_err(|e| DicomError::Header(e.to_string()))?;
-    read_frames_from(std::io::BufReader::new(f))
-}
-
-/// Reads a DICOM file from a byte stream (with or without the preamble) and decodes its
-/// stored pixel values.
-pub fn read_frames_from(reader: impl std::io::Read) -> Result<Frames, DicomError> {
-    let (preamble, reader) = medbatch_connectors::dicom_header::sniff_preamble(reader)?;
-    let obj = dicom_object::OpenFileOptions::new()
-        .read_preamble(preamble)
-        .from_reader(reader)
-        .map_err(|e| DicomError::Header(e.to_string()))?;
-    let header = header_of(&obj);
-    if let Some((uid, name)) = UNSUPPORTED.iter().find(|(uid, _)| header.transfer_syntax == *uid) {
-        return Err(DicomError::UnsupportedSyntax { name: name.to_string(), uid: uid.to_string() });
-    }
-    let decoded = obj.decode_pixel_data().map_err(|e| match e.to_string() {
-        m if m.contains("nsupported") => DicomError::UnsupportedSyntax { name: m, uid: header.transfer_syntax.clone() },
-        m => DicomError::Pixels(m),
-    })?;
-    let opts = ConvertOptions::new().with_modality_lut(ModalityLutOption::None).with_voi_lut(VoiLutOption::Identity);
-    // The decoder gives the whole container (BitsAllocated); signed values narrower than it
-    // are sign-extended from BitsStored.
-    let shift = if decoded.pixel_representation() == PixelRepresentation::Signed
-        && decoded.bits_stored() < decoded.bits_allocated()
-    {
-        32 - u32::from(decoded.bits_stored())
-    } else {
-        0
-    };
-    let mut frames = Vec::with_capacity(decoded.number_of_frames() as usize);
-    for f in 0..decoded.number_of_frames() {
-        let mut v: Vec<i32> =
-            decoded.to_vec_frame_with_options(f, &opts).map_err(|e| DicomError::Pixels(e.to_string()))?;
-        if shift > 0 {
-            v.iter_mut().for_each(|x| *x = (*x << shift) >> shift);
-        }
-        frames.push(v);
-    }
-    Ok(Frames { header, samples_per_pixel: decoded.samples_per_pixel(), frames })
-}
 
 /// Modality values (e.g. Hounsfield units): stored × slope + intercept.
 pub fn rescaled(stored: &[i32], h: &DicomHeader) -> Vec<f64> {
@@ -137,8 +67,13 @@ pub fn minmax_u8(slices: &[Vec<f64>]) -> Vec<Vec<u8>> {
     let all = slices.iter().flatten();
     let lo = all.clone().copied().fold(f64::INFINITY, f64::min);
     let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
+    slices.iter().map(|s| range_u8(s, lo, hi)).collect()
+}
+
+/// One slice onto 0…255 by a range found over the whole volume (`lo`…`hi`).
+pub fn range_u8(slice: &[f64], lo: f64, hi: f64) -> Vec<u8> {
     let span = (hi - lo).max(1e-12);
-    slices.iter().map(|s| s.iter().map(|&v| to_u8((v - lo) / span * 255.0)).collect()).collect()
+    slice.iter().map(|&v| to_u8((v - lo) / span * 255.0)).collect()
 }
 
 /// Which of `n` ordered slices a volume keeps: all when `n` ≤ `max` (85 in Google's
