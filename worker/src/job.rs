@@ -78,6 +78,10 @@ pub enum JobError {
     /// takes no more.
     #[error("the engine stopped")]
     EngineStopped,
+    /// Reading the job's inputs failed outside the readers' own error handling (a panic
+    /// that escaped them): the same inputs would fail again.
+    #[error("reading the job's inputs failed unexpectedly")]
+    ReaderFailed,
 }
 
 impl JobError {
@@ -88,6 +92,43 @@ impl JobError {
             Self::Store(_) => "store",
             Self::Output(_) => "output",
             Self::EngineStopped => "engine_stopped",
+            Self::ReaderFailed => "reader_failed",
+        }
+    }
+}
+
+/// What becomes of a delivery: the one mapping from outcomes to queue actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done (or found done): acknowledge.
+    Ack,
+    /// A failure another attempt may not meet (storage, another worker's job): give it back;
+    /// the queue's delivery limit bounds the attempts.
+    Requeue,
+    /// A failure every attempt would meet: dead-letter it now instead of letting it tour
+    /// the workers until the delivery limit.
+    DeadLetter,
+    /// This worker cannot serve any job (its engine stopped): give the job back and stop.
+    ReturnAndStop,
+}
+
+impl Disposition {
+    /// The disposition of a job's outcome (`Ok`: done now or found done).
+    pub fn of(outcome: &Result<bool, JobError>) -> Self {
+        match outcome {
+            Ok(_) => Self::Ack,
+            Err(e) => e.into(),
+        }
+    }
+}
+
+impl From<&JobError> for Disposition {
+    fn from(e: &JobError) -> Self {
+        match e {
+            JobError::WrongTarget { .. } | JobError::Store(_) => Self::Requeue,
+            // Arrow and Parquet encoding of the same rows fails the same way every time.
+            JobError::Output(_) | JobError::ReaderFailed => Self::DeadLetter,
+            JobError::EngineStopped => Self::ReturnAndStop,
         }
     }
 }
@@ -115,6 +156,8 @@ pub enum Handled {
     Acked,
     /// Failed and given back to the queue.
     Returned,
+    /// Failed in a way every attempt would: dead-lettered.
+    DeadLettered,
     /// Given back because the engine stopped: the worker must take no more jobs.
     EngineStopped,
 }
@@ -124,18 +167,20 @@ pub async fn handle_delivery(
     ctx: &WorkerContext,
 ) -> Result<Handled, medbatch_connectors::queue::QueueError> {
     let job_id = delivery.job.job_id.to_string();
-    match process_job(&delivery.job, ctx).await {
-        Ok(skipped) => {
-            ctx.emit(WorkerEvent::JobDone { job_id, skipped });
-            delivery.ack().await.map(|_| Handled::Acked)
-        }
+    let outcome = process_job(&delivery.job, ctx).await;
+    let disposition = Disposition::of(&outcome);
+    match outcome {
+        Ok(skipped) => ctx.emit(WorkerEvent::JobDone { job_id, skipped }),
         Err(e) => {
-            tracing::warn!(reason = e.label(), error = %e, "job failed; returning it to the queue");
+            tracing::warn!(reason = e.label(), error = %e, ?disposition, "job failed");
             ctx.emit(WorkerEvent::JobFailed { job_id, reason: e.to_string() });
-            let stopped = matches!(e, JobError::EngineStopped);
-            delivery.nack(true).await?;
-            Ok(if stopped { Handled::EngineStopped } else { Handled::Returned })
         }
+    }
+    match disposition {
+        Disposition::Ack => delivery.ack().await.map(|_| Handled::Acked),
+        Disposition::Requeue => delivery.nack(true).await.map(|_| Handled::Returned),
+        Disposition::DeadLetter => delivery.nack(false).await.map(|_| Handled::DeadLettered),
+        Disposition::ReturnAndStop => delivery.nack(true).await.map(|_| Handled::EngineStopped),
     }
 }
 
@@ -212,7 +257,11 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         items
     })
     .await
-    .expect("input reader task");
+    .map_err(|e| {
+        // The payload of a panic may quote the input: only that it panicked is logged.
+        tracing::error!(panicked = e.is_panic(), "input reader task failed");
+        JobError::ReaderFailed
+    })?;
 
     let docs = read.iter().filter(|r| r.is_ok()).count() as u64;
     ctx.emit(WorkerEvent::DocumentsFound { job_id: job.job_id.to_string(), count: read.len() as u64 });
@@ -350,4 +399,28 @@ async fn write_part(
     };
     ctx.store.put(&key, Bytes::from(bytes)).await?;
     Ok(part)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parquet_out::ParquetOutError;
+    use medbatch_connectors::store::StoreError;
+
+    #[test]
+    fn every_outcome_has_one_disposition() {
+        let store = || StoreError::Remote { op: "put", key: "k".into(), message: "timeout".into() };
+        let cases: Vec<(Result<bool, JobError>, Disposition)> = vec![
+            (Ok(false), Disposition::Ack),
+            (Ok(true), Disposition::Ack),
+            (Err(JobError::WrongTarget { what: "model", want: "a".into(), have: "b".into() }), Disposition::Requeue),
+            (Err(JobError::Store(store())), Disposition::Requeue),
+            (Err(JobError::Output(ParquetOutError::Schema("column".into()))), Disposition::DeadLetter),
+            (Err(JobError::ReaderFailed), Disposition::DeadLetter),
+            (Err(JobError::EngineStopped), Disposition::ReturnAndStop),
+        ];
+        for (outcome, want) in cases {
+            assert_eq!(Disposition::of(&outcome), want, "{outcome:?}");
+        }
+    }
 }
