@@ -354,10 +354,7 @@ impl Engine {
         let t = Instant::now();
         let mut masks = Vec::with_capacity(rows.len());
         for &i in rows {
-            masks.push(match active[i].matcher.as_mut() {
-                Some(m) => Some(m.mask()),
-                None => None,
-            });
+            masks.push(active[i].matcher.as_mut().map(|m| m.mask()));
         }
         let guidance = self.guidance.get().cloned();
         let constrained = masks.iter().filter(|m| m.is_some()).count() as u64;

@@ -511,7 +511,7 @@ fn scalar(p: &Panels, a: &Activations, pi: usize, r0: usize, rows: usize, tile: 
             let pb = pi * blocks + b;
             let x = &a.q[row * a.k + b * bvals..][..bvals];
             let da = a.d[row * a.blocks + b];
-            for r in 0..PANEL {
+            for (r, acc_r) in acc.iter_mut().enumerate() {
                 let (mut sumi, mut summ) = (0i32, 0i32);
                 for s in 0..nsb {
                     let mut dot = 0i32;
@@ -528,11 +528,11 @@ fn scalar(p: &Panels, a: &Activations, pi: usize, r0: usize, rows: usize, tile: 
                     }
                 }
                 let d = p.d[pb * PANEL + r];
-                acc[r] = if q8 {
-                    (d * da).mul_add((sumi - sub_sum(p, a, row, b, 0)) as f32, acc[r])
+                *acc_r = if q8 {
+                    (d * da).mul_add((sumi - sub_sum(p, a, row, b, 0)) as f32, *acc_r)
                 } else {
                     let t = (-p.dmin[pb * PANEL + r]).mul_add(summ as f32, d * sumi as f32);
-                    da.mul_add(t, acc[r])
+                    da.mul_add(t, *acc_r)
                 };
             }
         }

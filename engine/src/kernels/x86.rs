@@ -71,7 +71,7 @@ unsafe fn avx512_impl<const R: usize, const P: usize>(
     let chunks = bvals / nsb / 4;
     let q8 = matches!(p.ty, WeightType::Q8_0 | WeightType::Q4_0);
     let nibbles = p.ty.nibbles();
-    debug_assert!(chunks % P == 0 && P % 2 == 0);
+    debug_assert!(chunks.is_multiple_of(P) && P.is_multiple_of(2));
     // SAFETY: every pointer below is into `p`'s or `a`'s vectors at offsets inside them:
     // panel `pi` < panels, block `b` < blocks, chunk < bvals / 4 (nibble pair < bvals / 8),
     // row < a.rows.
