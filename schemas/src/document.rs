@@ -70,6 +70,24 @@ pub enum InputErrorKind {
 }
 
 impl InputErrorKind {
+    pub const ALL: [Self; 15] = [
+        Self::Empty,
+        Self::InvalidUtf8,
+        Self::MalformedRecord,
+        Self::MissingField,
+        Self::TruncatedArchive,
+        Self::UnsafePath,
+        Self::Link,
+        Self::TooLarge,
+        Self::CompressionBomb,
+        Self::WrongFormat,
+        Self::Unreadable,
+        Self::UnsupportedKind,
+        Self::UnsupportedEncoding,
+        Self::CorruptImage,
+        Self::NotApplicable,
+    ];
+
     /// Stable label for the `_errors` table and metrics.
     pub fn label(self) -> &'static str {
         match self {

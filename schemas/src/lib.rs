@@ -8,12 +8,14 @@
 //! it cheaply.
 
 pub mod document;
+pub mod errors;
 pub mod ids;
 pub mod job;
 pub mod pipeline;
 pub mod tables;
 
 pub use document::{Document, InputError, InputErrorKind};
+pub use errors::{ErrorReason, ErrorStage};
 pub use ids::{Digest, JobId, RunId};
 pub use job::{
     Completion, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef, Selection, JOB_SCHEMA_VERSION,

@@ -3,7 +3,7 @@
 
 use crate::grounding::Alignment;
 use crate::labreport::{self, Candidate};
-use crate::parquet_out::{ErrorRow, LabRow};
+use crate::parquet_out::{ErrorReason, ErrorRow, ErrorStage, LabRow};
 use crate::pipeline::LoadedPipeline;
 use medbatch_engine::sampling::Sampling;
 use medbatch_engine::{EngineError, EngineHandle, Finish, GenerateRequest, Generation};
@@ -65,24 +65,37 @@ pub(crate) fn model_request(
 /// quote the segment the grammar copies from: they are never passed on.
 pub(crate) async fn awaited(
     task: tokio::task::JoinHandle<Result<Generation, EngineError>>,
-) -> Result<Generation, (&'static str, String)> {
+) -> Result<Generation, (ErrorReason, String)> {
     match task.await {
         Ok(Ok(g)) => Ok(g),
-        Ok(Err(e @ EngineError::Grammar(_))) => {
-            Err((e.label(), "the answer grammar was rejected by the decoder".into()))
+        Ok(Err(EngineError::Grammar(_))) => {
+            Err((ErrorReason::Grammar, "the answer grammar was rejected by the decoder".into()))
         }
-        Ok(Err(e)) => Err((e.label(), e.to_string())),
-        Err(e) => Err(("engine_task", format!("generation task failed: {e}"))),
+        Ok(Err(e)) => Err((engine_reason(&e), e.to_string())),
+        Err(e) => Err((ErrorReason::EngineTask, format!("generation task failed: {e}"))),
+    }
+}
+
+/// The error row's reason for an engine error.
+fn engine_reason(e: &EngineError) -> ErrorReason {
+    match e {
+        EngineError::Load(_) => ErrorReason::ModelLoad,
+        EngineError::Compute(_) => ErrorReason::Inference,
+        EngineError::Request(_) => ErrorReason::InvalidRequest,
+        EngineError::Grammar(_) => ErrorReason::Grammar,
+        EngineError::Stopped => ErrorReason::EngineStopped,
     }
 }
 
 /// Why a constrained answer is not complete (it is then an error row, never a broken row).
-pub(crate) fn incomplete(spec: &GenerationSpec, g: &Generation) -> Option<(&'static str, String)> {
+pub(crate) fn incomplete(spec: &GenerationSpec, g: &Generation) -> Option<(ErrorReason, String)> {
     match g.finish {
         _ if !spec.constrained => None,
         Finish::Stop | Finish::Eos => None,
-        Finish::Grammar => Some(("grammar", "the decoder could not continue the answer grammar".into())),
-        Finish::Length => Some(("truncated", format!("answer cut off at max_new_tokens ({})", spec.max_new_tokens))),
+        Finish::Grammar => Some((ErrorReason::Grammar, "the decoder could not continue the answer grammar".into())),
+        Finish::Length => {
+            Some((ErrorReason::Truncated, format!("answer cut off at max_new_tokens ({})", spec.max_new_tokens)))
+        }
     }
 }
 
@@ -150,7 +163,7 @@ pub async fn extract_document(
         let rendered = match pipeline.render(&c.text) {
             Ok(r) => r,
             Err(e) => {
-                pending.push((c, "", Err(("prompt_render".to_string(), format!("template error: {}", e.kind())))));
+                pending.push((c, "", Err((ErrorReason::PromptRender, format!("template error: {}", e.kind())))));
                 continue;
             }
         };
@@ -161,7 +174,7 @@ pub async fn extract_document(
             match crate::grammar::answer_grammar(&pipeline.schema, &c.text) {
                 Ok(g) => Some(g),
                 Err(e) => {
-                    pending.push((c, "", Err(("grammar".to_string(), format!("answer grammar: {e}")))));
+                    pending.push((c, "", Err((ErrorReason::Grammar, format!("answer grammar: {e}")))));
                     continue;
                 }
             }
@@ -179,12 +192,12 @@ pub async fn extract_document(
         pending.push((c, primer, Ok(task)));
     }
     for (c, primer, task) in pending {
-        let err = |reason: String, detail: String| ErrorRow {
+        let err = |reason: ErrorReason, detail: String| ErrorRow {
             source_uri: doc.source_uri.clone(),
             member: None,
             record: None,
             document_id: Some(doc.id.clone()),
-            stage: "model",
+            stage: ErrorStage::Model,
             reason,
             detail,
             evidence: Some((u32_of(c.start), u32_of(c.end))),
@@ -200,7 +213,7 @@ pub async fn extract_document(
         let generation = match awaited(task).await {
             Ok(g) => g,
             Err((reason, detail)) => {
-                out.errors.push(err(reason.into(), detail));
+                out.errors.push(err(reason, detail));
                 continue;
             }
         };
@@ -211,7 +224,7 @@ pub async fn extract_document(
         let answer = format!("{primer}{}", generation.text);
         let truncated = generation.finish == Finish::Length;
         if let Some((reason, detail)) = incomplete(&spec.generation, &generation) {
-            out.errors.push(err(reason.into(), detail));
+            out.errors.push(err(reason, detail));
             continue;
         }
         let results = match spec.extraction.unit {
@@ -243,8 +256,8 @@ pub async fn extract_document(
                     }
                 }
                 Err(e) => {
-                    let mut r = err(e.label().to_string(), e.to_string());
-                    r.stage = "parse";
+                    let mut r = err(e.reason(), e.to_string());
+                    r.stage = ErrorStage::Parse;
                     if truncated {
                         r.detail.push_str(" (answer cut off at max_new_tokens)");
                     }

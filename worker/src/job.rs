@@ -2,7 +2,9 @@
 
 use crate::extract::extract_document;
 use crate::input::read_documents;
-use crate::parquet_out::{errors_batch, lab_results_batch, to_parquet, ErrorRow, JobProvenance, LabRow};
+use crate::parquet_out::{
+    errors_batch, lab_results_batch, to_parquet, ErrorReason, ErrorRow, ErrorStage, JobProvenance, LabRow,
+};
 use crate::pipeline::LoadedPipeline;
 use bytes::Bytes;
 use medbatch_connectors::queue::{Delivery, JobQueue};
@@ -190,8 +192,8 @@ fn input_error_row(e: &InputError) -> ErrorRow {
         member: e.member.clone(),
         record: e.record.clone(),
         document_id: None,
-        stage: "input",
-        reason: e.kind.label().to_string(),
+        stage: ErrorStage::Input,
+        reason: e.kind.into(),
         detail: e.detail.clone(),
         evidence: None,
         input_sha256: None,
@@ -310,7 +312,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
 
     // Answers lost because the engine stopped are not error rows of this job: it goes back to
     // the queue whole.
-    if errors.iter().any(|e| e.reason == medbatch_engine::EngineError::Stopped.label()) {
+    if errors.iter().any(|e| e.reason == ErrorReason::EngineStopped) {
         return Err(JobError::EngineStopped);
     }
     let prov = JobProvenance {

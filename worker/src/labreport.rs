@@ -1045,14 +1045,20 @@ pub enum AnswerError {
 }
 
 impl AnswerError {
+    /// The error row's reason.
+    pub fn reason(&self) -> medbatch_schemas::ErrorReason {
+        use medbatch_schemas::ErrorReason as R;
+        match self {
+            AnswerError::NotJson { .. } => R::UnparseableAnswer,
+            AnswerError::Truncated { .. } => R::TruncatedAnswer,
+            AnswerError::BadField { .. } => R::BadAnswerField,
+            AnswerError::MissingValue => R::MissingValue,
+        }
+    }
+
     /// Stable label for the `_errors` table and metrics.
     pub fn label(&self) -> &'static str {
-        match self {
-            AnswerError::NotJson { .. } => "unparseable_answer",
-            AnswerError::Truncated { .. } => "truncated_answer",
-            AnswerError::BadField { .. } => "bad_answer_field",
-            AnswerError::MissingValue => "missing_value",
-        }
+        self.reason().label()
     }
 }
 

@@ -9,6 +9,7 @@ use arrow::array::{
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
 use medbatch_schemas::tables::{errors_schema, lab_results_schema};
+pub use medbatch_schemas::{ErrorReason, ErrorStage};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -45,8 +46,8 @@ pub struct ErrorRow {
     pub member: Option<String>,
     pub record: Option<String>,
     pub document_id: Option<String>,
-    pub stage: &'static str,
-    pub reason: String,
+    pub stage: ErrorStage,
+    pub reason: ErrorReason,
     pub detail: String,
     pub evidence: Option<(u32, u32)>,
     pub input_sha256: Option<String>,
@@ -176,8 +177,8 @@ pub fn errors_batch(rows: &[ErrorRow], prov: &JobProvenance) -> Result<RecordBat
         member.append_option(r.member.as_deref());
         record.append_option(r.record.as_deref());
         document_id.append_option(r.document_id.as_deref());
-        stage.append_value(r.stage);
-        reason.append_value(&r.reason);
+        stage.append_value(r.stage.label());
+        reason.append_value(r.reason.label());
         detail.append_value(&r.detail);
         ev_start.append_option(r.evidence.map(|e| e.0));
         ev_end.append_option(r.evidence.map(|e| e.1));
@@ -222,6 +223,7 @@ mod tests {
     use crate::labreport::{Flag, Method};
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::{Float64Type, UInt32Type};
+    use medbatch_schemas::InputErrorKind;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     fn prov() -> JobProvenance {
@@ -286,8 +288,8 @@ mod tests {
             member: Some("../evil.txt".into()),
             record: None,
             document_id: None,
-            stage: "input",
-            reason: "unsafe_path".into(),
+            stage: ErrorStage::Input,
+            reason: InputErrorKind::UnsafePath.into(),
             detail: "member name climbs out with '..'".into(),
             evidence: None,
             input_sha256: None,

@@ -10,7 +10,7 @@
 use crate::chunk::chunk_by_tokens;
 use crate::extract::{awaited, incomplete, item_seed, model_request, u32_of, DocumentResult};
 use crate::grounding::{align, Alignment, Located};
-use crate::parquet_out::{job_columns, ErrorRow, JobProvenance, ParquetOutError};
+use crate::parquet_out::{job_columns, ErrorReason, ErrorRow, ErrorStage, JobProvenance, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
 use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema};
@@ -289,13 +289,13 @@ pub async fn extract_structured(
 ) -> DocumentResult {
     let spec = &pipeline.spec;
     let mut out = DocumentResult::default();
-    let err = |stage: &'static str, reason: &str, detail: String, span: Option<(usize, usize)>| ErrorRow {
+    let err = |stage: ErrorStage, reason: ErrorReason, detail: String, span: Option<(usize, usize)>| ErrorRow {
         source_uri: doc.source_uri.clone(),
         member: None,
         record: None,
         document_id: Some(doc.id.clone()),
         stage,
-        reason: reason.into(),
+        reason,
         detail,
         evidence: span.map(|(s, e)| (u32_of(s), u32_of(e))),
         input_sha256: Some(doc.input_sha256.to_string()),
@@ -311,8 +311,8 @@ pub async fn extract_structured(
     if spec.output.rows == RowMode::PerDocument && chunks.len() > 1 {
         let tokens = count(&doc.text);
         out.errors.push(err(
-            "input",
-            "document_too_long",
+            ErrorStage::Input,
+            ErrorReason::DocumentTooLong,
             format!(
                 "{tokens} tokens exceed extraction.chunk_tokens = {}; a per-document pipeline reads a document in one prompt",
                 spec.extraction.chunk_tokens
@@ -325,13 +325,14 @@ pub async fn extract_structured(
     let started = std::time::Instant::now();
     let mut pending = Vec::with_capacity(chunks.len());
     for chunk in chunks {
-        let prepared =
-            pipeline.render(&chunk.text).map_err(|e| ("prompt_render", format!("template error: {}", e.kind())));
+        let prepared = pipeline
+            .render(&chunk.text)
+            .map_err(|e| (ErrorReason::PromptRender, format!("template error: {}", e.kind())));
         let prepared = prepared.and_then(|r| {
             let grammar = if spec.generation.constrained {
                 Some(
                     crate::grammar::answer_grammar(&pipeline.schema, &chunk.text)
-                        .map_err(|e| ("grammar", format!("answer grammar: {e}")))?,
+                        .map_err(|e| (ErrorReason::Grammar, format!("answer grammar: {e}")))?,
                 )
             } else {
                 None
@@ -350,13 +351,13 @@ pub async fn extract_structured(
         let span = Some((chunk.start, chunk.end));
         let generation = match task {
             Err((reason, detail)) => {
-                out.errors.push(err("model", reason, detail, span));
+                out.errors.push(err(ErrorStage::Model, reason, detail, span));
                 continue;
             }
             Ok(task) => match awaited(task).await {
                 Ok(g) => g,
                 Err((reason, detail)) => {
-                    out.errors.push(err("model", reason, detail, span));
+                    out.errors.push(err(ErrorStage::Model, reason, detail, span));
                     continue;
                 }
             },
@@ -366,15 +367,18 @@ pub async fn extract_structured(
         on_generated(generation.ids.len() as u64);
         let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
         if let Some((reason, detail)) = incomplete(&spec.generation, &generation) {
-            out.errors.push(err("model", reason, detail, span));
+            out.errors.push(err(ErrorStage::Model, reason, detail, span));
             continue;
         }
         let answer = match first_json_value(&generation.text) {
             Some(v) => v,
             None => {
-                let reason =
-                    if generation.finish == Finish::Length { "truncated_answer" } else { "unparseable_answer" };
-                out.errors.push(err("parse", reason, "the answer is not a JSON value".into(), span));
+                let reason = if generation.finish == Finish::Length {
+                    ErrorReason::TruncatedAnswer
+                } else {
+                    ErrorReason::UnparseableAnswer
+                };
+                out.errors.push(err(ErrorStage::Parse, reason, "the answer is not a JSON value".into(), span));
                 continue;
             }
         };
@@ -382,7 +386,12 @@ pub async fn extract_structured(
             (RowMode::PerItem, Some(items)) => match answer.get(items) {
                 Some(Value::Array(a)) => a.clone(),
                 _ => {
-                    out.errors.push(err("parse", "bad_answer_field", format!("`{items}` is not an array"), span));
+                    out.errors.push(err(
+                        ErrorStage::Parse,
+                        ErrorReason::BadAnswerField,
+                        format!("`{items}` is not an array"),
+                        span,
+                    ));
                     continue;
                 }
             },
@@ -390,7 +399,12 @@ pub async fn extract_structured(
         };
         for row in rows {
             if !row.is_object() {
-                out.errors.push(err("parse", "bad_answer_field", "a row is not an object".into(), span));
+                out.errors.push(err(
+                    ErrorStage::Parse,
+                    ErrorReason::BadAnswerField,
+                    "a row is not an object".into(),
+                    span,
+                ));
                 continue;
             }
             let (evidence, from_examples) = match spec.output.evidence.as_deref() {
