@@ -6,7 +6,6 @@
 //! the rest, and once every job has a marker writes the run manifest and `_SUCCESS`.
 //! It never links the model engine.
 
-pub mod archive;
 pub mod commit;
 pub mod plan;
 

@@ -1,6 +1,5 @@
 //! Planning: inputs → jobs.
 
-use crate::archive;
 use crate::CoordinatorError;
 use medbatch_connectors::inputs::{self, FoundInput, InputSource};
 use medbatch_connectors::queue::JobQueue;
@@ -102,7 +101,7 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
             // A listing that fails leaves the whole archive to one job, whose worker reports
             // the damage as error rows.
             if let Ok(file) = cfg.source.open(&f.uri, f.size, f.etag.as_deref()) {
-                if let Ok(listing) = archive::list_members(kind, file) {
+                if let Ok(listing) = medbatch_formats::archive::list(kind, file) {
                     let complete = !listing.truncated;
                     let names: Vec<String> = listing.members.into_iter().map(|m| m.name).collect();
                     if !names.is_empty() && complete {

@@ -8,11 +8,13 @@
 //! - [`limits`]: every size limit of reading, for planning and workers alike.
 //! - [`sniff`]: formats told apart by their first bytes.
 //! - [`meter`]: bounded and metered reading.
+//! - [`archive`]: tar, tar.gz and zip walked member by member, for listing and for reading.
 //! - [`dicom`]: DICOM headers (feature `dicom-header`) and stored pixel values (`pixels`).
 //! - [`nifti`], [`image`]: NIfTI-1 volumes, PNG and JPEG files (`pixels`).
 //!
 //! The coordinator builds this crate without `pixels`: planning reads headers, never pixels.
 
+pub mod archive;
 pub mod guard;
 pub mod limits;
 pub mod meter;

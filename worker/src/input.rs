@@ -12,17 +12,17 @@
 //! a whole so a bomb stops early. Error details name offsets, sizes, line numbers, field names
 //! and formats — never document text, which is patient data.
 
+use medbatch_formats::archive::{self, Flow, Take, TarEnd, TarEntry, ZipEnd, ZipOpened, ZipVisitor, GZ_BUFFER_BYTES};
 use medbatch_formats::limits::{InputLimits, RATIO_CHECK_MIN_BYTES};
-use medbatch_formats::limits::{TAR_BLOCK_BYTES, TAR_HEADER_ALLOWANCE_BYTES};
-use medbatch_formats::meter::{read_capped, Metered, StreamMeter};
-use medbatch_formats::sniff::{binary_problem, check_tar_head, format_hint, sniff, sniff_gzip, UTF8_BOM};
+use medbatch_formats::meter::{read_capped, StreamMeter};
+use medbatch_formats::sniff::{binary_problem, format_hint, UTF8_BOM};
 use medbatch_schemas::document::check_member_name;
 use medbatch_schemas::pipeline::InputSpec;
 use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
 use serde_json::Value;
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufRead, BufReader, Read};
 use std::rc::Rc;
 
 /// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
@@ -33,9 +33,6 @@ pub use medbatch_connectors::inputs::ReadSeek;
 /// refused unread; the text itself is then held to the document limit.
 const RECORD_OVERHEAD_FACTOR: u64 = 2;
 const RECORD_SLACK_BYTES: u64 = 64 << 10;
-/// Compressed read buffer in front of the gzip decoder. The decoder reads ahead by up to one
-/// buffer, so a tar.gz member's compressed size is measured with this much slack.
-const GZ_BUFFER_BYTES: usize = 32 << 10;
 /// The csv reader's own buffer, counted as slack when bounding one record.
 const CSV_BUFFER_BYTES: usize = 8 << 10;
 /// Read size when copying a member into memory.
@@ -80,10 +77,19 @@ pub fn read_documents(
         InputKind::Tar | InputKind::TarGz | InputKind::Zip => {
             let mut wanted = Wanted::new(&input.selection);
             let mut walk = Walk::default();
-            let halt = match input.kind {
+            // A panic inside the archive crates (or a record parser) on crafted bytes ends this
+            // archive with an error row instead of taking the worker down.
+            let halt = medbatch_formats::guard::guarded("archive", || match input.kind {
                 InputKind::Zip => r.read_zip(reader, &mut wanted, &mut walk),
                 kind => r.read_tar(reader, kind == InputKind::TarGz, &mut wanted, &mut walk),
-            };
+            })
+            .unwrap_or_else(|detail| {
+                r.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+                Some(Halt {
+                    kind: InputErrorKind::TruncatedArchive,
+                    why: "the archive reader failed before this member",
+                })
+            });
             r.finish_archive(&wanted, halt, &walk);
         }
         // Images and volumes are read by imaging pipelines (crate::imaging), whose specs
@@ -464,261 +470,129 @@ impl Reader<'_, '_> {
         walk: &mut Walk,
     ) -> Option<Halt> {
         let top = Place::file(self.input);
-        let head = sniff(&mut reader, TAR_BLOCK_BYTES);
-        let head = match head {
-            Ok(h) if gzip && h.is_empty() => Err((InputErrorKind::Empty, "0 bytes".to_string())),
-            Ok(h) if gzip && !h.starts_with(b"\x1f\x8b") => {
-                Err((InputErrorKind::WrongFormat, format!("not gzip-compressed{}", format_hint(&h))))
-            }
-            Ok(_) if gzip => sniff_gzip(&mut reader, TAR_BLOCK_BYTES).map_err(|e| {
-                (InputErrorKind::TruncatedArchive, format!("gzip stream is corrupt at its start ({:?})", e.kind()))
-            }),
-            Ok(h) => Ok(h),
-            Err(e) => Err((InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()))),
-        };
-        if let Err((kind, detail)) = head.and_then(|h| check_tar_head(&h)) {
+        if let Err((kind, detail)) = archive::open_tar(&mut reader, gzip) {
             self.fail(&top, None, kind, detail);
             return Some(Halt { kind, why: "archive could not be opened" });
         }
-
-        let meter =
-            Rc::new(StreamMeter::new(gzip, self.limits.max_archive_inflated_bytes, self.limits.max_inflate_ratio));
-        if gzip {
-            let compressed = Metered::compressed(reader, &meter);
-            let decoder = flate2::bufread::GzDecoder::new(BufReader::with_capacity(GZ_BUFFER_BYTES, compressed));
-            let stream = Metered::inflated(decoder, &meter);
-            let mut archive = tar::Archive::new(stream);
-            let entries = archive.entries();
-            self.walk_tar(entries, &meter, wanted, walk)
-        } else {
-            let stream = Metered::inflated(reader, &meter);
-            let mut archive = tar::Archive::new(stream);
-            let entries = archive.entries_with_seek();
-            self.walk_tar(entries, &meter, wanted, walk)
+        let truncated = Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" };
+        let mut halt = None;
+        let (max_inflated, max_ratio) = (self.limits.max_archive_inflated_bytes, self.limits.max_inflate_ratio);
+        let end =
+            archive::walk_tar(reader, gzip, max_inflated, max_ratio, &mut |e| match self.tar_member(e, wanted, walk) {
+                Ok(()) => Flow::Next,
+                Err(h) => {
+                    halt = Some(h);
+                    Flow::Stop
+                }
+            });
+        match end {
+            TarEnd::Complete => None,
+            TarEnd::Stopped => halt,
+            TarEnd::NoEndMarker => {
+                let detail = format!("archive ends without an end-of-archive marker after {} members", walk.processed);
+                self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+                Some(truncated)
+            }
+            TarEnd::Limit { kind, detail } => {
+                self.fail(&top, None, kind, detail);
+                Some(Halt { kind, why: "archive stream stopped at a limit before this member" })
+            }
+            TarEnd::Broken(error) => {
+                let detail = format!("archive is truncated or corrupt after {} members ({error:?})", walk.processed);
+                self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+                Some(truncated)
+            }
         }
     }
 
-    fn walk_tar<R: Read>(
-        &mut self,
-        entries: io::Result<tar::Entries<'_, R>>,
-        meter: &StreamMeter,
-        wanted: &mut Wanted,
-        walk: &mut Walk,
-    ) -> Option<Halt> {
-        let top = Place::file(self.input);
-        let mut entries = match entries {
-            Ok(e) => e,
-            Err(e) => return Some(self.stream_failed(&top, meter, &e, walk)),
+    /// Reads one tar member. `Err` stops the archive.
+    fn tar_member(&mut self, e: TarEntry<'_>, wanted: &mut Wanted, walk: &mut Walk) -> Result<(), Halt> {
+        let place = match self.admit(&e.name, wanted, walk) {
+            None => return Ok(()),
+            Some(Err(halt)) => return Err(halt),
+            Some(Ok(place)) => place,
         };
-        // Data of the previous member that the tar reader will skip before the next header:
-        // read through on a gzip stream, seeked over (so not counted) on a plain tar.
-        let mut skip_left = 0u64;
-        loop {
-            let skip_read = if meter.is_gzip() { skip_left } else { 0 };
-            meter.allow_header_bytes(skip_read.saturating_add(TAR_HEADER_ALLOWANCE_BYTES));
-            let next = entries.next();
-            meter.allow_header_bytes(u64::MAX);
-            let mut entry = match next {
-                None if meter.at_eof() => {
-                    let detail =
-                        format!("archive ends without an end-of-archive marker after {} members", walk.processed);
-                    self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
-                    return Some(Halt {
-                        kind: InputErrorKind::TruncatedArchive,
-                        why: "archive ends before this member",
-                    });
+        if !e.name_is_utf8 {
+            self.fail(&place, None, InputErrorKind::UnsafePath, "member name is not valid UTF-8");
+            return Ok(());
+        }
+        if let Err(why) = check_member_name(&e.name) {
+            self.fail(&place, None, InputErrorKind::UnsafePath, why);
+            return Ok(());
+        }
+        if let Some(what) = e.link {
+            self.fail(&place, None, InputErrorKind::Link, format!("member is a {what}"));
+            return Ok(());
+        }
+        if let Some(t) = &e.other_type {
+            let detail = format!("tar entry type {t} is not a regular file");
+            self.fail(&place, None, InputErrorKind::UnsupportedKind, detail);
+            return Ok(());
+        }
+        let Some(kind) = self.member_kind(&place, &e.name) else {
+            return Ok(());
+        };
+        let (meter, size) = (e.meter, e.size);
+        let compressed = if meter.is_gzip() { Compressed::Metered(meter.compressed()) } else { Compressed::No };
+        let budget = self.budget(kind, meter.is_gzip(), None, compressed);
+        if size > budget.cap {
+            let detail = format!("member is {size} bytes, over the {} of {} bytes", budget.cap_name, budget.cap);
+            self.fail(&place, None, budget.over_cap, detail);
+            return Ok(());
+        }
+        let truncated = Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" };
+        match read_member(e.data, &budget, self.limits, Some(meter)) {
+            Ok(bytes) if (bytes.len() as u64) < size => {
+                let detail = format!("member ends after {} of {size} bytes", bytes.len());
+                self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
+                Err(truncated)
+            }
+            Ok(bytes) => {
+                self.parse_member(&place, &e.name, kind, bytes);
+                Ok(())
+            }
+            Err(ReadFail::Limit { kind, detail, stream }) => {
+                self.fail(&place, None, kind, detail);
+                if stream {
+                    return Err(Halt { kind, why: "archive stream stopped at a limit before this member" });
                 }
-                None => return None,
-                Some(Err(e)) => return Some(self.stream_failed(&top, meter, &e, walk)),
-                Some(Ok(entry)) => entry,
-            };
-            let size = entry.size();
-            let data_start = meter.inflated();
-            skip_left = size.div_ceil(TAR_BLOCK_BYTES).saturating_mul(TAR_BLOCK_BYTES);
-
-            let entry_type = entry.header().entry_type();
-            if entry_type.is_dir() || entry_type.is_pax_global_extensions() {
-                continue;
+                Ok(())
             }
-            let raw_name = entry.path_bytes();
-            let utf8_name = std::str::from_utf8(&raw_name).is_ok();
-            let name = String::from_utf8_lossy(&raw_name).into_owned();
-            let place = match self.admit(&name, wanted, walk) {
-                None => continue,
-                Some(Err(halt)) => return Some(halt),
-                Some(Ok(place)) => place,
-            };
-            if !utf8_name {
-                self.fail(&place, None, InputErrorKind::UnsafePath, "member name is not valid UTF-8");
-                continue;
-            }
-            if let Err(why) = check_member_name(&name) {
-                self.fail(&place, None, InputErrorKind::UnsafePath, why);
-                continue;
-            }
-            if entry_type.is_symlink() || entry_type.is_hard_link() {
-                let what = if entry_type.is_symlink() { "symbolic link" } else { "hard link" };
-                self.fail(&place, None, InputErrorKind::Link, format!("member is a {what}"));
-                continue;
-            }
-            if !(entry_type.is_file() || entry_type.is_contiguous()) {
-                let detail = format!("tar entry type {:?} is not a regular file", entry_type);
-                self.fail(&place, None, InputErrorKind::UnsupportedKind, detail);
-                continue;
-            }
-            let Some(kind) = self.member_kind(&place, &name) else {
-                continue;
-            };
-            let compressed = if meter.is_gzip() { Compressed::Metered(meter.compressed()) } else { Compressed::No };
-            let budget = self.budget(kind, meter.is_gzip(), None, compressed);
-            if size > budget.cap {
-                let detail = format!("member is {size} bytes, over the {} of {} bytes", budget.cap_name, budget.cap);
-                self.fail(&place, None, budget.over_cap, detail);
-                continue;
-            }
-            let result = read_member(&mut entry, &budget, self.limits, Some(meter));
-            skip_left = skip_left.saturating_sub(meter.inflated() - data_start);
-            match result {
-                Ok(bytes) if (bytes.len() as u64) < size => {
-                    let detail = format!("member ends after {} of {size} bytes", bytes.len());
-                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
-                    return Some(Halt {
-                        kind: InputErrorKind::TruncatedArchive,
-                        why: "archive ends before this member",
-                    });
-                }
-                Ok(bytes) => self.parse_member(&place, &name, kind, bytes),
-                Err(ReadFail::Limit { kind, detail, stream }) => {
-                    self.fail(&place, None, kind, detail);
-                    if stream {
-                        return Some(Halt { kind, why: "archive stream stopped at a limit before this member" });
-                    }
-                }
-                Err(ReadFail::Io { error, read }) => {
-                    let detail = format!(
-                        "member data is truncated or corrupt after {read} of {size} bytes ({:?})",
-                        error.kind()
-                    );
-                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
-                    return Some(Halt {
-                        kind: InputErrorKind::TruncatedArchive,
-                        why: "archive ends before this member",
-                    });
-                }
+            Err(ReadFail::Io { error, read }) => {
+                let detail =
+                    format!("member data is truncated or corrupt after {read} of {size} bytes ({:?})", error.kind());
+                self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
+                Err(truncated)
             }
         }
-    }
-
-    /// The archive stream failed between members: a limit on the stream, or truncation.
-    fn stream_failed(&mut self, top: &Place, meter: &StreamMeter, e: &io::Error, walk: &Walk) -> Halt {
-        if let Some((kind, detail)) = meter.verdict() {
-            self.fail(top, None, kind, detail);
-            return Halt { kind, why: "archive stream stopped at a limit before this member" };
-        }
-        let detail = format!("archive is truncated or corrupt after {} members ({:?})", walk.processed, e.kind());
-        self.fail(top, None, InputErrorKind::TruncatedArchive, detail);
-        Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" }
     }
 
     fn read_zip(&mut self, mut reader: Box<dyn ReadSeek>, wanted: &mut Wanted, walk: &mut Walk) -> Option<Halt> {
         let top = Place::file(self.input);
-        let head = match sniff(&mut reader, 4) {
-            Ok(h) => h,
-            Err(e) => {
-                self.fail(&top, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()));
-                return Some(Halt { kind: InputErrorKind::Unreadable, why: "archive could not be read" });
-            }
-        };
-        let is_zip = matches!(head.as_slice(), b"PK\x03\x04" | b"PK\x05\x06" | b"PK\x07\x08");
-        if !is_zip {
-            let (kind, detail) = if head.is_empty() {
-                (InputErrorKind::Empty, "0 bytes".to_string())
-            } else {
-                (InputErrorKind::WrongFormat, format!("not a zip archive{}", format_hint(&head)))
-            };
+        if let Err((kind, detail)) = archive::open_zip(&mut reader) {
             self.fail(&top, None, kind, detail);
-            return Some(Halt { kind, why: "archive could not be opened" });
-        }
-
-        let open = zip::ZipArchive::new(&mut reader).map_err(|e| zip_error_class(&e));
-        let mut archive = match open {
-            Ok(a) => a,
-            Err(class) => return self.read_zip_local_headers(reader, class, wanted, walk),
-        };
-        for index in 0..archive.len() {
-            let name = archive.name_for_index(index).unwrap_or_default().to_string();
-            let place = match self.admit(&name, wanted, walk) {
-                None => continue,
-                Some(Err(halt)) => return Some(halt),
-                Some(Ok(place)) => place,
+            let why = if kind == InputErrorKind::Unreadable {
+                "archive could not be read"
+            } else {
+                "archive could not be opened"
             };
-            if let Err(why) = check_member_name(&name) {
-                self.fail(&place, None, InputErrorKind::UnsafePath, why);
-                continue;
-            }
-            let mut file = match archive.by_index(index) {
-                Ok(f) => f,
-                Err(zip::result::ZipError::UnsupportedArchive(why)) => {
-                    self.fail(&place, None, InputErrorKind::UnsupportedKind, format!("zip member: {why}"));
-                    continue;
-                }
-                Err(e) => {
-                    let detail = format!("member header is corrupt ({})", zip_error_class(&e));
-                    self.fail(&place, None, InputErrorKind::TruncatedArchive, detail);
-                    continue;
-                }
-            };
-            if let Err(halt) = self.zip_member(&place, &name, &mut file, walk) {
-                return Some(halt);
+            return Some(Halt { kind, why });
+        }
+        let mut visitor = ZipReading { reader: self, wanted, walk, place: None, halt: None };
+        let end = archive::walk_zip(reader, &mut visitor);
+        let halt = visitor.halt.take();
+        match end {
+            ZipEnd::Complete => None,
+            ZipEnd::Stopped => halt,
+            // The members before the cut still yield documents; the archive as a whole is
+            // reported truncated.
+            ZipEnd::LocalHeaders { class, taken, .. } => {
+                let detail =
+                    format!("zip central directory is unreadable ({class}); {taken} members read from local headers");
+                self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
+                halt.or(Some(Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" }))
             }
         }
-        None
-    }
-
-    /// A zip whose central directory (at its end) is missing or corrupt — typically a cut-off
-    /// upload — still has local headers before each member; read members from those until the
-    /// data runs out, so the members before the cut still yield documents.
-    fn read_zip_local_headers(
-        &mut self,
-        mut reader: Box<dyn ReadSeek>,
-        class: &'static str,
-        wanted: &mut Wanted,
-        walk: &mut Walk,
-    ) -> Option<Halt> {
-        let top = Place::file(self.input);
-        let truncated = Halt { kind: InputErrorKind::TruncatedArchive, why: "archive ends before this member" };
-        let mut recovered = 0usize;
-        let mut halt = None;
-        if reader.seek(SeekFrom::Start(0)).is_ok() {
-            loop {
-                let mut file = match zip::read::read_zipfile_from_stream(&mut reader) {
-                    Ok(Some(f)) => f,
-                    Ok(None) | Err(_) => break,
-                };
-                let name = file.name().to_string();
-                let place = match self.admit(&name, wanted, walk) {
-                    None => continue,
-                    Some(Err(h)) => {
-                        halt = Some(h);
-                        break;
-                    }
-                    Some(Ok(place)) => place,
-                };
-                recovered += 1;
-                if let Err(why) = check_member_name(&name) {
-                    self.fail(&place, None, InputErrorKind::UnsafePath, why);
-                    continue;
-                }
-                if let Err(h) = self.zip_member(&place, &name, &mut file, walk) {
-                    halt = Some(h);
-                    break;
-                }
-            }
-        }
-        let detail =
-            format!("zip central directory is unreadable ({class}); {recovered} members read from local headers");
-        self.fail(&top, None, InputErrorKind::TruncatedArchive, detail);
-        halt.or(Some(truncated))
     }
 
     /// Reads one zip member after its name passed. `Err` stops the archive.
@@ -792,6 +666,54 @@ impl Reader<'_, '_> {
         }
         if halt.is_none() && walk.processed == 0 && wanted.listed.is_none() {
             self.fail(&Place::file(self.input), None, InputErrorKind::Empty, "archive holds no files");
+        }
+    }
+}
+
+/// A zip walk reading members into documents: admission and name checks when a member is
+/// offered, reading once it is opened.
+struct ZipReading<'r, 'a, 's, 'w, 'n> {
+    reader: &'r mut Reader<'a, 's>,
+    wanted: &'w mut Wanted<'n>,
+    walk: &'w mut Walk,
+    /// The member offered and taken, until it is opened.
+    place: Option<Place>,
+    halt: Option<Halt>,
+}
+
+impl ZipVisitor for ZipReading<'_, '_, '_, '_, '_> {
+    fn offer(&mut self, name: &str, _size: u64) -> Take {
+        let place = match self.reader.admit(name, self.wanted, self.walk) {
+            None => return Take::Skip,
+            Some(Err(halt)) => {
+                self.halt = Some(halt);
+                return Take::Stop;
+            }
+            Some(Ok(place)) => place,
+        };
+        if let Err(why) = check_member_name(name) {
+            self.reader.fail(&place, None, InputErrorKind::UnsafePath, why);
+            return Take::Skip;
+        }
+        self.place = Some(place);
+        Take::Open
+    }
+
+    fn member<R: Read>(&mut self, name: &str, file: ZipOpened<'_, '_, R>) -> Flow {
+        let Some(place) = self.place.take() else { return Flow::Next };
+        let result = match file {
+            Ok(file) => self.reader.zip_member(&place, name, file, self.walk),
+            Err((kind, detail)) => {
+                self.reader.fail(&place, None, kind, detail);
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => Flow::Next,
+            Err(halt) => {
+                self.halt = Some(halt);
+                Flow::Stop
+            }
         }
     }
 }
@@ -1054,15 +976,6 @@ fn decode_text(bytes: Vec<u8>) -> Result<String, (InputErrorKind, String)> {
     Ok(text)
 }
 
-fn zip_error_class(e: &zip::result::ZipError) -> &'static str {
-    match e {
-        zip::result::ZipError::Io(_) => "i/o error",
-        zip::result::ZipError::InvalidArchive(_) => "invalid archive structure",
-        zip::result::ZipError::UnsupportedArchive(why) => why,
-        _ => "unreadable",
-    }
-}
-
 fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -1086,7 +999,7 @@ mod tests {
     use flate2::Compression;
     use medbatch_formats::limits::{DEFAULT_MAX_INFLATE_RATIO, DEFAULT_MAX_MEMBER_BYTES};
     use medbatch_schemas::Digest;
-    use std::io::{Cursor, Write};
+    use std::io::{Cursor, Seek, SeekFrom, Write};
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use tar::EntryType;
