@@ -9,6 +9,7 @@
 //! - [`sniff`]: formats told apart by their first bytes.
 //! - [`meter`]: bounded and metered reading.
 //! - [`archive`]: tar, tar.gz and zip walked member by member, for listing and for reading.
+//! - [`records`]: whole-file text, JSON Lines and CSV, one record at a time.
 //! - [`dicom`]: DICOM headers (feature `dicom-header`) and stored pixel values (`pixels`).
 //! - [`nifti`], [`image`]: NIfTI-1 volumes, PNG and JPEG files (`pixels`).
 //!
@@ -18,6 +19,7 @@ pub mod archive;
 pub mod guard;
 pub mod limits;
 pub mod meter;
+pub mod records;
 pub mod sniff;
 
 #[cfg(feature = "dicom-header")]

@@ -15,33 +15,19 @@
 use medbatch_formats::archive::{self, Flow, Take, TarEnd, TarEntry, ZipEnd, ZipOpened, ZipVisitor, GZ_BUFFER_BYTES};
 use medbatch_formats::limits::{InputLimits, RATIO_CHECK_MIN_BYTES};
 use medbatch_formats::meter::{read_capped, StreamMeter};
-use medbatch_formats::sniff::{binary_problem, format_hint, UTF8_BOM};
+use medbatch_formats::records;
 use medbatch_schemas::document::check_member_name;
 use medbatch_schemas::pipeline::InputSpec;
 use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
-use serde_json::Value;
-use std::cell::Cell;
 use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read};
-use std::rc::Rc;
 
 /// What listing and reading need from an input: bytes, and seeking (zip's directory is at the end).
 pub use medbatch_connectors::inputs::ReadSeek;
 
-/// A JSONL line or CSV record carries escapes and other fields besides its text, so a record
-/// may be this many times the document limit (plus [`RECORD_SLACK_BYTES`]) before it is
-/// refused unread; the text itself is then held to the document limit.
-const RECORD_OVERHEAD_FACTOR: u64 = 2;
-const RECORD_SLACK_BYTES: u64 = 64 << 10;
-/// The csv reader's own buffer, counted as slack when bounding one record.
-const CSV_BUFFER_BYTES: usize = 8 << 10;
 /// Read size when copying a member into memory.
 const COPY_CHUNK_BYTES: usize = 64 << 10;
 
-/// The largest JSONL line or CSV record read before its text is judged.
-fn max_record_bytes(limits: &InputLimits) -> u64 {
-    limits.max_document_bytes.saturating_mul(RECORD_OVERHEAD_FACTOR).saturating_add(RECORD_SLACK_BYTES)
-}
 /// Reads one input and hands each document, or the error that replaces it, to `sink`.
 ///
 /// Never fails as a whole: an unreadable input is itself an error row. For archives,
@@ -239,7 +225,7 @@ impl Reader<'_, '_> {
                 InputErrorKind::TooLarge,
                 format!("file exceeds the document limit of {limit} bytes"),
             ),
-            Ok(Some(bytes)) => match decode_text(bytes) {
+            Ok(Some(bytes)) => match records::text(bytes) {
                 Ok(text) => self.doc(&place, file_name(&self.input.uri).to_string(), text),
                 Err((kind, detail)) => self.fail(&place, None, kind, detail),
             },
@@ -249,153 +235,22 @@ impl Reader<'_, '_> {
     /// One JSON object per line. Returns only I/O errors of `r`; everything wrong with the
     /// content becomes error rows.
     fn parse_jsonl(&mut self, place: &Place, r: &mut dyn BufRead) -> io::Result<()> {
-        let head = r.fill_buf()?;
-        if head.is_empty() {
-            self.fail(place, None, InputErrorKind::Empty, "0 bytes");
-            return Ok(());
-        }
-        if head.starts_with(UTF8_BOM) {
-            r.consume(UTF8_BOM.len());
-        }
-        let head = r.fill_buf()?;
-        if let Some(&first) = head.iter().find(|b| !b.is_ascii_whitespace()) {
-            if first != b'{' {
-                let detail = format!("not JSON Lines: first non-blank byte is not '{{'{}", format_hint(head));
-                self.fail(place, None, InputErrorKind::WrongFormat, detail);
-                return Ok(());
-            }
-        }
-
-        let cap = usize::try_from(max_record_bytes(self.limits)).unwrap_or(usize::MAX);
-        let mut buf = Vec::new();
-        let mut line_no = 0u64;
-        let mut records = 0u64;
-        loop {
-            let line = match read_line_capped(r, &mut buf, cap)? {
-                Line::Eof => break,
-                Line::TooLong(n) => {
-                    line_no += 1;
-                    records += 1;
-                    let detail = format!("line {line_no} is {n} bytes, over the record limit of {cap} bytes");
-                    self.fail(place, Some(line_no.to_string()), InputErrorKind::TooLarge, detail);
-                    continue;
-                }
-                Line::Complete => {
-                    line_no += 1;
-                    trim_line_end(&buf)
-                }
-            };
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            records += 1;
-            let parsed = jsonl_record(line, line_no, self.spec)
-                .and_then(|(id, text)| checked_text(id, text, line_no, self.spec, self.limits));
-            match parsed {
-                Ok((id, text)) => self.doc(place, id, text),
-                Err(r) => self.reject(place, r),
-            }
-        }
-        if records == 0 {
-            self.fail(place, None, InputErrorKind::Empty, "no records");
-        }
-        Ok(())
+        let (spec, limits) = (self.spec, self.limits);
+        records::jsonl(r, spec, limits, &mut |rec| self.record(place, rec))
     }
 
     /// Records with a header row naming the id and text columns. Returns only I/O errors of
     /// `r`; everything wrong with the content becomes error rows.
     fn parse_csv(&mut self, place: &Place, r: &mut dyn BufRead) -> io::Result<()> {
-        let head = r.fill_buf()?;
-        if head.is_empty() {
-            self.fail(place, None, InputErrorKind::Empty, "0 bytes");
-            return Ok(());
-        }
-        if let Some(problem) = binary_problem(head) {
-            self.fail(place, None, InputErrorKind::WrongFormat, format!("not CSV: {problem}"));
-            return Ok(());
-        }
-
-        let record_cap = max_record_bytes(self.limits);
-        let feed = Rc::new(FeedState::default());
-        feed.stop_at.set(record_cap.saturating_add(CSV_BUFFER_BYTES as u64));
-        let mut csv = csv::ReaderBuilder::new()
-            .has_headers(true)
-            .flexible(true)
-            .buffer_capacity(CSV_BUFFER_BYTES)
-            .from_reader(CsvFeed { inner: r, state: Rc::clone(&feed) });
-
-        let header = match csv.byte_headers() {
-            Ok(h) => h.clone(),
-            Err(e) => return self.csv_failed(place, &feed, e, 1),
-        };
-        let column = |name: &str| {
-            header.iter().position(|h| {
-                let h = h.strip_prefix(UTF8_BOM).unwrap_or(h);
-                std::str::from_utf8(h).is_ok_and(|h| h.trim() == name)
-            })
-        };
-        if header.iter().all(|h| h.is_empty()) {
-            self.fail(place, None, InputErrorKind::Empty, "no header row");
-            return Ok(());
-        }
-        let spec = self.spec;
-        let (id_field, text_field) = (&spec.id_field, &spec.text_field);
-        let Some(text_col) = column(text_field) else {
-            self.fail(place, None, InputErrorKind::MissingField, format!("no {text_field:?} column in the header"));
-            return Ok(());
-        };
-        let Some(id_col) = column(id_field) else {
-            self.fail(place, None, InputErrorKind::MissingField, format!("no {id_field:?} column in the header"));
-            return Ok(());
-        };
-
-        let mut row = csv::ByteRecord::new();
-        let mut records = 0u64;
-        loop {
-            let next_line = csv.position().line();
-            match csv.read_byte_record(&mut row) {
-                Ok(false) => break,
-                Ok(true) => {}
-                Err(e) => return self.csv_failed(place, &feed, e, next_line),
-            }
-            feed.stop_at.set(csv.position().byte().saturating_add(record_cap).saturating_add(CSV_BUFFER_BYTES as u64));
-            records += 1;
-            let line = row.position().map_or(next_line, |p| p.line());
-            let parsed = csv_record(&row, (id_col, text_col), line, self.spec)
-                .and_then(|(id, text)| checked_text(id, text, line, self.spec, self.limits));
-            match parsed {
-                Ok((id, text)) => self.doc(place, id, text),
-                Err(r) => self.reject(place, r),
-            }
-        }
-        if records == 0 {
-            self.fail(place, None, InputErrorKind::Empty, "no records after the header");
-        }
-        Ok(())
+        let (spec, limits) = (self.spec, self.limits);
+        records::csv(r, spec, limits, &mut |rec| self.record(place, rec))
     }
 
-    fn csv_failed(&mut self, place: &Place, feed: &FeedState, e: csv::Error, line: u64) -> io::Result<()> {
-        let record = Some(line.to_string());
-        if feed.tripped.get() {
-            let detail = format!(
-                "record starting on line {line} exceeds the record limit of {} bytes; rest of the file not read",
-                max_record_bytes(self.limits)
-            );
-            self.fail(place, record, InputErrorKind::TooLarge, detail);
-            return Ok(());
+    fn record(&mut self, place: &Place, rec: records::Record) {
+        match rec {
+            Ok((id, text)) => self.doc(place, id, text),
+            Err(r) => self.fail(place, r.record, r.kind, r.detail),
         }
-        match e.into_kind() {
-            csv::ErrorKind::Io(io) => Err(io),
-            // With `flexible` and byte records no parse error is expected; report without text.
-            _ => {
-                self.fail(place, record, InputErrorKind::MalformedRecord, format!("line {line}: CSV parse error"));
-                Ok(())
-            }
-        }
-    }
-
-    fn reject(&mut self, place: &Place, r: Reject) {
-        self.fail(place, Some(r.record), r.kind, r.detail);
     }
 
     // ---- archives ----------------------------------------------------------------------
@@ -447,7 +302,7 @@ impl Reader<'_, '_> {
         // Members are in memory, so the parsers' only error source (I/O) cannot occur.
         let _ = match kind {
             InputKind::Text => {
-                match decode_text(bytes) {
+                match records::text(bytes) {
                     Ok(text) => self.doc(place, name.to_string(), text),
                     Err((kind, detail)) => self.fail(place, None, kind, detail),
                 }
@@ -718,115 +573,6 @@ impl ZipVisitor for ZipReading<'_, '_, '_, '_, '_> {
     }
 }
 
-// ---- records ---------------------------------------------------------------------------
-
-/// A record that cannot become a document: its id (or line number, before the id is known),
-/// and why.
-struct Reject {
-    record: String,
-    kind: InputErrorKind,
-    detail: String,
-}
-
-/// Parses one non-blank JSONL line into its id and text.
-fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<(String, String), Reject> {
-    let at_line = |kind, detail| Reject { record: line_no.to_string(), kind, detail };
-    let text = std::str::from_utf8(line).map_err(|e| {
-        let detail = format!("line {line_no}: invalid UTF-8 at byte offset {} of the line", e.valid_up_to());
-        at_line(InputErrorKind::InvalidUtf8, detail)
-    })?;
-    let mut object = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(o)) => o,
-        Ok(other) => {
-            let detail = format!("line {line_no}: record is a JSON {}, not an object", json_type(&other));
-            return Err(at_line(InputErrorKind::MalformedRecord, detail));
-        }
-        Err(e) => {
-            // serde_json's messages can quote the input; report position and class only.
-            let detail = format!("line {line_no} column {}: JSON {:?} error", e.column(), e.classify());
-            return Err(at_line(InputErrorKind::MalformedRecord, detail));
-        }
-    };
-    let (id_field, text_field) = (&spec.id_field, &spec.text_field);
-    let id = match object.get(id_field) {
-        None | Some(Value::Null) => {
-            return Err(at_line(InputErrorKind::MissingField, format!("line {line_no}: no {id_field:?} field")))
-        }
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err(at_line(InputErrorKind::MissingField, format!("line {line_no}: {id_field:?} is empty")))
-        }
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        Some(other) => {
-            let detail =
-                format!("line {line_no}: {id_field:?} is a JSON {}, expected string or number", json_type(other));
-            return Err(at_line(InputErrorKind::MalformedRecord, detail));
-        }
-    };
-    let at_id = |kind, detail| Reject { record: id.clone(), kind, detail };
-    let text = match object.remove(text_field) {
-        None | Some(Value::Null) => {
-            return Err(at_id(InputErrorKind::MissingField, format!("line {line_no}: no {text_field:?} field")))
-        }
-        Some(Value::String(s)) => s,
-        Some(other) => {
-            let detail = format!("line {line_no}: {text_field:?} is a JSON {}, expected string", json_type(&other));
-            return Err(at_id(InputErrorKind::MalformedRecord, detail));
-        }
-    };
-    Ok((id, text))
-}
-
-/// Takes the id and text out of one CSV row, given their column indexes.
-fn csv_record(
-    row: &csv::ByteRecord,
-    (id_col, text_col): (usize, usize),
-    line: u64,
-    spec: &InputSpec,
-) -> Result<(String, String), Reject> {
-    let (id_field, text_field) = (&spec.id_field, &spec.text_field);
-    let at_line = |kind, detail| Reject { record: line.to_string(), kind, detail };
-    let short_row = |field: &str| format!("line {line}: row has {} fields, no {field:?} column", row.len());
-    let bad_utf8 = |field: &str, e: std::str::Utf8Error| {
-        format!("line {line}: {field:?} has invalid UTF-8 at byte offset {}", e.valid_up_to())
-    };
-    let id = match row.get(id_col).map(std::str::from_utf8) {
-        None => return Err(at_line(InputErrorKind::MissingField, short_row(id_field))),
-        Some(Err(e)) => return Err(at_line(InputErrorKind::InvalidUtf8, bad_utf8(id_field, e))),
-        Some(Ok(id)) if id.trim().is_empty() => {
-            return Err(at_line(InputErrorKind::MissingField, format!("line {line}: {id_field:?} is empty")))
-        }
-        Some(Ok(id)) => id.to_string(),
-    };
-    let at_id = |kind, detail| Reject { record: id.clone(), kind, detail };
-    let text = match row.get(text_col).map(std::str::from_utf8) {
-        None => return Err(at_id(InputErrorKind::MissingField, short_row(text_field))),
-        Some(Err(e)) => return Err(at_id(InputErrorKind::InvalidUtf8, bad_utf8(text_field, e))),
-        Some(Ok(text)) => text.to_string(),
-    };
-    Ok((id, text))
-}
-
-/// The checks every record's text passes once id and text are known.
-fn checked_text(
-    id: String,
-    text: String,
-    line: u64,
-    spec: &InputSpec,
-    limits: &InputLimits,
-) -> Result<(String, String), Reject> {
-    let limit = limits.max_document_bytes;
-    let (kind, detail) = if text.len() as u64 > limit {
-        let detail = format!("line {line}: text is {} bytes, over the document limit of {limit} bytes", text.len());
-        (InputErrorKind::TooLarge, detail)
-    } else if text.trim().is_empty() {
-        (InputErrorKind::Empty, format!("line {line}: {:?} is empty", spec.text_field))
-    } else {
-        return Ok((id, text));
-    };
-    Err(Reject { record: id, kind, detail })
-}
-
 // ---- bounded reading -------------------------------------------------------------------
 
 /// Copies a member into memory within its budget, checking after every chunk, so neither a
@@ -874,116 +620,6 @@ fn read_member(
                 format!("member inflates past {got} bytes from about {packed}, over the {ratio}:1 ratio limit");
             return Err(member_limit(InputErrorKind::CompressionBomb, detail));
         }
-    }
-}
-
-enum Line {
-    Eof,
-    Complete,
-    /// Over the cap; the line was consumed but not kept. Holds its length.
-    TooLong(u64),
-}
-
-/// Reads one line (with its `\n`) into `buf`, keeping at most `cap` bytes: a longer line is
-/// consumed to its end without being buffered.
-fn read_line_capped(r: &mut dyn BufRead, buf: &mut Vec<u8>, cap: usize) -> io::Result<Line> {
-    buf.clear();
-    let mut total = 0u64;
-    let mut over = false;
-    loop {
-        let available = r.fill_buf()?;
-        if available.is_empty() {
-            return Ok(match (total, over) {
-                (0, _) => Line::Eof,
-                (_, true) => Line::TooLong(total),
-                _ => Line::Complete,
-            });
-        }
-        let newline = available.iter().position(|&b| b == b'\n');
-        let take = newline.map_or(available.len(), |i| i + 1);
-        total += take as u64;
-        if !over && buf.len() + take > cap {
-            over = true;
-            buf.clear();
-        }
-        if !over {
-            buf.extend_from_slice(&available[..take]);
-        }
-        r.consume(take);
-        if newline.is_some() {
-            return Ok(if over { Line::TooLong(total) } else { Line::Complete });
-        }
-    }
-}
-
-fn trim_line_end(line: &[u8]) -> &[u8] {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
-    line.strip_suffix(b"\r").unwrap_or(line)
-}
-
-#[derive(Default)]
-struct FeedState {
-    fed: Cell<u64>,
-    /// Offset the csv reader may not be fed past until the current record ends.
-    stop_at: Cell<u64>,
-    tripped: Cell<bool>,
-}
-
-/// Feeds the csv reader, refusing to feed one record past its cap: csv buffers a whole
-/// record, and a record that never ends (an unclosed quote) would otherwise grow without
-/// bound.
-struct CsvFeed<'r> {
-    inner: &'r mut dyn BufRead,
-    state: Rc<FeedState>,
-}
-
-impl Read for CsvFeed<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let (fed, stop_at) = (self.state.fed.get(), self.state.stop_at.get());
-        if fed >= stop_at {
-            self.state.tripped.set(true);
-            return Err(io::Error::other("csv record over the record limit"));
-        }
-        let len = buf.len().min(usize::try_from(stop_at - fed).unwrap_or(usize::MAX));
-        let n = self.inner.read(&mut buf[..len])?;
-        self.state.fed.set(fed + n as u64);
-        Ok(n)
-    }
-}
-
-// ---- content checks --------------------------------------------------------------------
-
-/// Whole-file text: checks format, encoding and emptiness. Errors carry kind and detail.
-fn decode_text(bytes: Vec<u8>) -> Result<String, (InputErrorKind, String)> {
-    if bytes.is_empty() {
-        return Err((InputErrorKind::Empty, "0 bytes".into()));
-    }
-    if let Some(problem) = binary_problem(&bytes) {
-        return Err((InputErrorKind::WrongFormat, format!("not text: {problem}")));
-    }
-    let len = bytes.len();
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let offset = e.utf8_error().valid_up_to();
-        (InputErrorKind::InvalidUtf8, format!("invalid UTF-8 at byte offset {offset}"))
-    })?;
-    let text = match text.strip_prefix('\u{feff}') {
-        Some(rest) => rest.to_string(),
-        None => text,
-    };
-    if text.trim().is_empty() {
-        return Err((InputErrorKind::Empty, format!("only whitespace ({len} bytes)")));
-    }
-    Ok(text)
-}
-
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 
