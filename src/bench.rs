@@ -140,7 +140,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return image_bench(n.max(1));
     }
     if let Some(n) = args.publish {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let rt = crate::runtime()?;
         return rt.block_on(publish_bench(n.max(1), &args.amqp));
     }
     if let Some(config) = &args.decode_step {

@@ -107,8 +107,6 @@ pub struct WorkArgs {
     pub stall_timeout: Option<f64>,
 }
 
-/// Exit code of `medbatch work` when the engine hung (see `--stall-timeout`).
-const EXIT_STALLED: i32 = 4;
 /// Default `--stall-timeout` for GPU ranks.
 const GPU_STALL_TIMEOUT_S: f64 = 600.0;
 
@@ -129,21 +127,17 @@ fn spawn_watchdog(engine: EngineHandle, limit: Duration) {
                     busy.as_secs_f64(),
                     limit.as_secs_f64()
                 );
-                std::process::exit(EXIT_STALLED);
+                std::process::exit(i32::from(crate::EXIT_STALLED));
             }
         }
     });
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
 }
 
 /// Consecutive failed reads of the output `submit` waits out while following (2 s apart).
 const STORE_FAILURES_TOLERATED: u32 = 90;
 
 pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(run_submit(args))
 }
 
@@ -256,7 +250,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
             "medbatch: the other jobs are done. The workers' logs say why these failed; once fixed, \
              `medbatch submit` with --run-id {run_id} publishes them again and commits the run."
         );
-        return Ok(ExitCode::from(3));
+        return Ok(ExitCode::from(crate::EXIT_DEAD_LETTERED));
     }
     let p = run_progress(&plan, store.as_ref()).await?;
     println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, model.id);
@@ -324,7 +318,7 @@ impl Resolver {
 }
 
 pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(run_work(args))
 }
 
@@ -368,7 +362,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
         s3_endpoint: args.broker.s3_endpoint.clone(),
         inputs: InputSource::with_s3(args.broker.s3_endpoint.clone()),
         pipeline_dir: args.pipelines.clone(),
-        worker_id: format!("{}-{}", hostname(), std::process::id()),
+        worker_id: format!("{}-{}", crate::hostname(), std::process::id()),
         pipelines: Mutex::new(HashMap::new()),
         stores: Mutex::new(HashMap::new()),
     });

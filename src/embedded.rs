@@ -56,7 +56,7 @@ pub fn new_run_id() -> String {
 }
 
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(run(args))
 }
 
@@ -125,7 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             store: store.clone(),
             engine: engine.clone(),
             pipeline: pipeline.clone(),
-            worker_id: format!("{}-{}", hostname(), i),
+            worker_id: format!("{}-{}", crate::hostname(), i),
             events: Some(tx.clone()),
             inputs: source.clone(),
         };
@@ -204,8 +204,4 @@ pub fn engine_summary(s: &medbatch_engine::service::EngineStats) -> String {
         s.kv.lookup_tokens,
         s.decode.preemptions
     )
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
 }

@@ -24,6 +24,23 @@ use std::process::ExitCode;
 const EXIT_FAILURE: u8 = 1;
 /// Exit code for usage errors (clap's own convention).
 const EXIT_USAGE: u8 = 2;
+/// Exit code of `submit` when every job left is dead-lettered (the rest of the run is done).
+pub const EXIT_DEAD_LETTERED: u8 = 3;
+/// Exit code of `work` when one call into the model outlasted `--stall-timeout`: the device
+/// or a rank is taken to have hung, and the jobs in hand go back to the broker.
+pub const EXIT_STALLED: u8 = 4;
+
+/// The async runtime every subcommand that talks to queues, stores or the engine thread
+/// runs on.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")
+}
+
+/// This machine's name, for worker ids.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "local".into())
+}
 
 #[derive(Parser)]
 #[command(

@@ -4,8 +4,7 @@
 
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, RabbitQueue};
-use medbatch_connectors::s3::S3Store;
-use medbatch_connectors::store::{LocalStore, ObjectStore};
+use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::commit::run_progress;
 use medbatch_coordinator::plan::PlannedRun;
 use medbatch_schemas::tables::{manifest_key, plan_key};
@@ -30,18 +29,9 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-/// Opens an output root: a local directory (created if needed) or an S3 location. Returns
-/// the store and how to show its root.
+/// Opens an output root (`medbatch_connectors::store::open`), naming it in the error.
 pub async fn open_store(out: &str, s3_endpoint: Option<&str>) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
-    if out.starts_with("s3://") {
-        let s = S3Store::connect(out, s3_endpoint).await.with_context(|| format!("output {out}"))?;
-        let root = s.location();
-        Ok((Arc::new(s), root))
-    } else {
-        let s = LocalStore::create(Path::new(out)).with_context(|| format!("output {out}"))?;
-        let root = s.root().canonicalize().unwrap_or_else(|_| s.root().to_path_buf());
-        Ok((Arc::new(s), root.display().to_string()))
-    }
+    medbatch_connectors::store::open(out, s3_endpoint).await.with_context(|| format!("output {out}"))
 }
 
 /// Dead-lettered messages looked at to find a run's jobs.
@@ -56,7 +46,7 @@ struct Broker {
 }
 
 pub fn main(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting runtime")?;
+    let rt = crate::runtime()?;
     rt.block_on(run(args))
 }
 

@@ -16,6 +16,24 @@ pub enum StoreError {
     Remote { op: &'static str, key: String, message: String },
 }
 
+/// Opens an output root: a local directory (created if needed) or an S3 location
+/// (`s3://bucket/prefix`, through `s3_endpoint` when given). Returns the store and how to show
+/// its root.
+pub async fn open(
+    out: &str,
+    s3_endpoint: Option<&str>,
+) -> Result<(std::sync::Arc<dyn ObjectStore>, String), StoreError> {
+    if out.starts_with("s3://") {
+        let s = crate::s3::S3Store::connect(out, s3_endpoint).await?;
+        let root = s.location();
+        Ok((std::sync::Arc::new(s), root))
+    } else {
+        let s = LocalStore::create(Path::new(out))?;
+        let root = s.root().canonicalize().unwrap_or_else(|_| s.root().to_path_buf());
+        Ok((std::sync::Arc::new(s), root.display().to_string()))
+    }
+}
+
 /// A flat key space of immutable-once-written objects. Keys are `/`-separated relative
 /// paths without `.` or `..` segments.
 #[async_trait]
