@@ -173,7 +173,7 @@ fn scan_imaging(
         }
         if kind == InputKind::Dicom {
             let stream = std::io::Cursor::new(head).chain(&mut r);
-            header = read_header_from(std::io::BufReader::new(stream)).ok();
+            header = read_header_from(std::io::BufReader::new(stream), f.size).ok();
         }
     }
     std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err)?;

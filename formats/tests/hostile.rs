@@ -17,7 +17,7 @@ fn limits() -> ImageLimits {
 
 #[test]
 fn a_well_formed_dicom_decodes() {
-    let f = read_frames_from(dicom(&Dicom::default()).as_slice(), &limits()).unwrap();
+    let f = read_frames_from(&dicom(&Dicom::default()), &limits()).unwrap();
     assert_eq!((f.header.rows, f.header.columns, f.frames.len(), f.frames[0].len()), (4, 3, 1, 12));
     assert_eq!((f.header.rescale_slope, f.header.rescale_intercept), (1.0, -1024.0));
 }
@@ -25,7 +25,7 @@ fn a_well_formed_dicom_decodes() {
 #[test]
 fn a_dicom_declaring_65535_squared_pixels_in_4000_frames_is_refused_unread() {
     let d = Dicom { rows: 65535, columns: 65535, frames: 4000, ..Dicom::default() };
-    let e = read_frames_from(dicom(&d).as_slice(), &limits()).unwrap_err();
+    let e = read_frames_from(&dicom(&d), &limits()).unwrap_err();
     assert!(matches!(e, DicomError::TooLarge { .. }), "{e}");
     assert_eq!(e.kind(), InputErrorKind::TooLarge);
     assert!(e.to_string().contains("65535 x 65535 pixels, 4000 frame(s)"), "{e}");
@@ -36,7 +36,7 @@ fn zero_rows_or_columns_are_named() {
     for (d, field) in
         [(Dicom { rows: 0, ..Dicom::default() }, "Rows"), (Dicom { columns: 0, ..Dicom::default() }, "Columns")]
     {
-        let e = read_frames_from(dicom(&d).as_slice(), &limits()).unwrap_err();
+        let e = read_frames_from(&dicom(&d), &limits()).unwrap_err();
         assert_eq!(e.kind(), InputErrorKind::CorruptImage, "{e}");
         assert_eq!(e.to_string(), format!("DICOM field {field} is 0 or negative"));
     }
@@ -48,10 +48,31 @@ fn rescale_values_that_are_not_finite_numbers_are_named() {
         [("ab", "is not a number"), ("NaN", "is not finite"), ("inf", "is not finite"), ("0", "is 0")]
     {
         let d = Dicom { slope, ..Dicom::default() };
-        let e = read_frames_from(dicom(&d).as_slice(), &limits()).unwrap_err();
+        let e = read_frames_from(&dicom(&d), &limits()).unwrap_err();
         assert!(matches!(e, DicomError::Field(_)), "{slope}: {e}");
         assert_eq!(e.to_string(), format!("DICOM field RescaleSlope {reason}"), "{slope}");
     }
+}
+
+#[test]
+fn element_lengths_past_the_end_of_the_file_are_refused_before_dicom_rs_reserves_them() {
+    // 16 bytes after the pixel data: a tag, an OB VR and a 4 GB length.
+    let mut trailing = dicom(&Dicom::default());
+    trailing.extend_from_slice(&[0x09, 0x00, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xF0, 1, 2, 3, 4]);
+    // A VR damaged into one dicom-rs does not know (read as UN: a 32-bit length made of the
+    // value's first bytes, here "1.2.").
+    let mut vr = dicom(&Dicom::default());
+    let at = vr.windows(2).position(|w| w == b"UI").unwrap();
+    vr[at + 1] = b'\t';
+    for (what, bytes) in [("trailing element", &trailing), ("unknown VR", &vr)] {
+        let e = read_frames_from(bytes, &limits()).unwrap_err();
+        assert_eq!(e.kind(), InputErrorKind::CorruptImage, "{what}: {e}");
+        assert!(e.to_string().contains("only"), "{what}: {e}");
+    }
+    // Headers are read up to the pixel data: what follows it is never parsed.
+    let header = |b: &[u8]| medbatch_formats::dicom::read_header_from(b, b.len() as u64);
+    assert_eq!(header(&trailing).unwrap().rows, 4);
+    assert_eq!(header(&vr).unwrap_err().kind(), InputErrorKind::CorruptImage);
 }
 
 #[test]

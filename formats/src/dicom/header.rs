@@ -148,17 +148,29 @@ pub fn header_of(obj: &DefaultDicomObject) -> DicomHeader {
     }
 }
 
+/// Bytes of a file read before its header is parsed, to check element lengths: headers
+/// before the pixel data are far smaller.
+const HEADER_PREFIX_BYTES: u64 = 16 << 20;
+
 /// Reads a header from a file, stopping before the pixel data.
 pub fn read_header(path: &Path) -> Result<DicomHeader, DicomError> {
     let f = std::fs::File::open(path).map_err(|e| DicomError::Header(e.to_string()))?;
-    read_header_from(std::io::BufReader::new(f))
+    let len = f.metadata().map_err(|e| DicomError::Header(e.to_string()))?.len();
+    read_header_from(std::io::BufReader::new(f), len)
 }
 
-/// Reads a header from a byte stream holding a DICOM file (with or without the 128-byte
-/// preamble), stopping before the pixel data.
-pub fn read_header_from(reader: impl Read) -> Result<DicomHeader, DicomError> {
+/// Reads a header from a byte stream holding a DICOM file of `file_len` bytes (with or
+/// without the 128-byte preamble), stopping before the pixel data. The element lengths of
+/// its first bytes are checked against the file's length first.
+pub fn read_header_from(mut reader: impl Read, file_len: u64) -> Result<DicomHeader, DicomError> {
     crate::guard::guarded("DICOM header", || {
-        let (preamble, reader) = sniff_preamble(reader)?;
+        let mut prefix = Vec::new();
+        (&mut reader)
+            .take(HEADER_PREFIX_BYTES)
+            .read_to_end(&mut prefix)
+            .map_err(|e| DicomError::Header(e.to_string()))?;
+        super::scan::check_lengths(&prefix, file_len.max(prefix.len() as u64), true)?;
+        let (preamble, reader) = sniff_preamble(std::io::Cursor::new(prefix).chain(reader))?;
         let obj = OpenFileOptions::new()
             .read_preamble(preamble)
             .read_until(tags::PIXEL_DATA)

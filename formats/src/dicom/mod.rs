@@ -6,10 +6,12 @@
 pub mod header;
 #[cfg(feature = "pixels")]
 pub mod pixels;
+mod scan;
 
 pub use header::{header_of, read_header, read_header_from, sniff_preamble, BadField, DicomHeader};
 #[cfg(feature = "pixels")]
 pub use pixels::{read_frames, read_frames_from, Frames};
+pub use scan::check_lengths;
 
 use medbatch_schemas::InputErrorKind;
 

@@ -10,6 +10,7 @@
 
 use super::{header_of, sniff_preamble, DicomError, DicomHeader};
 use crate::limits::ImageLimits;
+use dicom_dictionary_std::tags;
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder, PixelRepresentation, VoiLutOption};
 use std::io::Read;
 use std::path::Path;
@@ -31,21 +32,25 @@ pub struct Frames {
     pub frames: Vec<Vec<i32>>,
 }
 
-/// Reads a file and decodes its stored pixel values.
+/// Reads a local file (trusted to fit in memory: benchmarks and tests) and decodes its
+/// stored pixel values.
 pub fn read_frames(path: &Path, limits: &ImageLimits) -> Result<Frames, DicomError> {
-    let f = std::fs::File::open(path).map_err(|e| DicomError::Header(e.to_string()))?;
-    read_frames_from(std::io::BufReader::new(f), limits)
+    let bytes = std::fs::read(path).map_err(|e| DicomError::Header(e.to_string()))?;
+    read_frames_from(&bytes, limits)
 }
 
-/// Reads a DICOM file from a byte stream (with or without the preamble) and decodes its
-/// stored pixel values.
-pub fn read_frames_from(reader: impl Read, limits: &ImageLimits) -> Result<Frames, DicomError> {
-    crate::guard::guarded("DICOM pixel", || decode(reader, limits))
-        .unwrap_or_else(|panic| Err(DicomError::Pixels(panic)))
+/// Decodes the stored pixel values of a DICOM file held in memory (with or without the
+/// preamble), after its element lengths are checked against its size.
+pub fn read_frames_from(bytes: &[u8], limits: &ImageLimits) -> Result<Frames, DicomError> {
+    crate::guard::guarded("DICOM pixel", || {
+        super::scan::check_lengths(bytes, bytes.len() as u64, false)?;
+        decode(bytes, limits)
+    })
+    .unwrap_or_else(|panic| Err(DicomError::Pixels(panic)))
 }
 
 /// Holds a header to what decoding needs, before any pixel buffer exists.
-fn check(header: &DicomHeader, limits: &ImageLimits) -> Result<(), DicomError> {
+fn check(header: &DicomHeader, limits: &ImageLimits) -> Result<u64, DicomError> {
     if let Some(bad) = &header.bad_field {
         return Err(DicomError::Field(bad.clone()));
     }
@@ -56,7 +61,7 @@ fn check(header: &DicomHeader, limits: &ImageLimits) -> Result<(), DicomError> {
         u64::from(header.frames),
         u64::from(header.samples_per_pixel),
     ];
-    limits.check_declared(&dims, bytes_per_sample).map(|_| ()).map_err(|declared| DicomError::TooLarge {
+    limits.check_declared(&dims, bytes_per_sample).map_err(|declared| DicomError::TooLarge {
         what: format!(
             "{} x {} pixels, {} frame(s), {} sample(s) of {} bits",
             header.columns, header.rows, header.frames, header.samples_per_pixel, header.bits_allocated
@@ -76,7 +81,13 @@ fn decode(reader: impl Read, limits: &ImageLimits) -> Result<Frames, DicomError>
     if let Some((uid, name)) = UNSUPPORTED.iter().find(|(uid, _)| header.transfer_syntax == *uid) {
         return Err(DicomError::UnsupportedSyntax { name: name.to_string(), uid: uid.to_string() });
     }
-    check(&header, limits)?;
+    let declared = check(&header, limits)?;
+    // Native (uncompressed) pixel data holds every declared byte; one that holds fewer is
+    // refused before the decoder sizes its frames by the header.
+    let stored = obj.element(tags::PIXEL_DATA).ok().and_then(|e| e.value().primitive().map(|p| p.calculate_byte_len()));
+    if let Some(stored) = stored.filter(|&n| (n as u64) < declared) {
+        return Err(DicomError::Pixels(format!("pixel data holds {stored} bytes; the header declares {declared}")));
+    }
     let decoded = obj.decode_pixel_data().map_err(|e| match e.to_string() {
         m if m.contains("nsupported") => DicomError::UnsupportedSyntax { name: m, uid: header.transfer_syntax.clone() },
         m => DicomError::Pixels(m),

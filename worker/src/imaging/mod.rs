@@ -135,7 +135,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
                     }),
             ),
             InputKind::Nifti => out.push(volume(&bytes, input, imaging, &limits)),
-            InputKind::Dicom => match read_frames_from(std::io::Cursor::new(bytes), &limits) {
+            InputKind::Dicom => match read_frames_from(&bytes, &limits) {
                 Ok(frames) => {
                     let m = &frames.header.modality;
                     if !imaging.modalities.is_empty() && !imaging.modalities.iter().any(|x| x == m) {
