@@ -8,18 +8,15 @@ use crate::{model_path, progress::Progress};
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
 use medbatch_connectors::inputs::InputSource;
-use medbatch_connectors::queue::JobQueue;
-use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
 use medbatch_engine::EngineHandle;
-use medbatch_schemas::{Job, RunId};
-use medbatch_worker::job::{handle_delivery, Handled, WorkerContext};
+use medbatch_schemas::RunId;
 use medbatch_worker::pipeline::LoadedPipeline;
+use medbatch_worker::serve::{serve, Contexts, Resolver, Served};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::Mutex;
 
 /// The broker settings shared by `submit`, `work` and `status`.
 pub fn amqp_config(url: &str, ca_file: Option<&std::path::Path>) -> AmqpConfig {
@@ -265,58 +262,6 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Pipelines and output stores of the jobs a worker sees, opened once each.
-struct Resolver {
-    engine: EngineHandle,
-    s3_endpoint: Option<String>,
-    inputs: InputSource,
-    pipeline_dir: Option<std::path::PathBuf>,
-    worker_id: String,
-    pipelines: Mutex<HashMap<String, Arc<LoadedPipeline>>>,
-    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
-}
-
-impl Resolver {
-    async fn context(&self, job: &Job, slot: usize) -> anyhow::Result<WorkerContext> {
-        let pipeline = {
-            let mut p = self.pipelines.lock().await;
-            match p.get(&job.pipeline.name) {
-                Some(x) => x.clone(),
-                None => {
-                    let name = &job.pipeline.name;
-                    let local = self.pipeline_dir.as_ref().map(|d| d.join(name)).filter(|d| d.is_dir());
-                    let loaded = match local {
-                        Some(dir) => LoadedPipeline::load(&dir.to_string_lossy())?,
-                        None => LoadedPipeline::load(name)?,
-                    };
-                    let loaded = Arc::new(loaded);
-                    p.insert(job.pipeline.name.clone(), loaded.clone());
-                    loaded
-                }
-            }
-        };
-        let store = {
-            let mut s = self.stores.lock().await;
-            match s.get(&job.output) {
-                Some(x) => x.clone(),
-                None => {
-                    let (opened, _) = open_store(&job.output, self.s3_endpoint.as_deref()).await?;
-                    s.insert(job.output.clone(), opened.clone());
-                    opened
-                }
-            }
-        };
-        Ok(WorkerContext {
-            store,
-            engine: self.engine.clone(),
-            pipeline,
-            worker_id: format!("{}-{slot}", self.worker_id),
-            events: None,
-            inputs: self.inputs.clone(),
-        })
-    }
-}
-
 pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let rt = crate::runtime()?;
     rt.block_on(run_work(args))
@@ -357,42 +302,25 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
         eprintln!("medbatch: stopping: finishing the jobs in hand");
         stopper.close().await;
     });
-    let resolver = Arc::new(Resolver {
+    let contexts = Arc::new(Contexts::Resolved(Resolver::new(
         engine,
-        s3_endpoint: args.broker.s3_endpoint.clone(),
-        inputs: InputSource::with_s3(args.broker.s3_endpoint.clone()),
-        pipeline_dir: args.pipelines.clone(),
-        worker_id: format!("{}-{}", crate::hostname(), std::process::id()),
-        pipelines: Mutex::new(HashMap::new()),
-        stores: Mutex::new(HashMap::new()),
-    });
+        args.broker.s3_endpoint.clone(),
+        args.pipelines.clone(),
+        format!("{}-{}", crate::hostname(), std::process::id()),
+    )));
     let mut tasks = Vec::new();
     for slot in 0..concurrency {
-        let (queue, resolver) = (queue.clone(), resolver.clone());
+        let (queue, contexts) = (queue.clone(), contexts.clone());
         tasks.push(tokio::spawn(async move {
-            let mut handled = 0u64;
-            while let Some(delivery) = queue.next().await? {
-                let span = tracing::info_span!("job", job_id = %delivery.job.job_id, run_id = %delivery.job.run_id, attempt = delivery.job.attempt);
-                match resolver.context(&delivery.job, slot).await {
-                    Ok(ctx) => {
-                        use tracing::Instrument;
-                        if handle_delivery(delivery, &ctx).instrument(span).await? == Handled::EngineStopped {
-                            // A tensor-parallel rank failed: take no more jobs; the ones in
-                            // hand go back to the queue for another worker.
-                            queue.close().await;
-                            return Err(anyhow::anyhow!("the engine stopped (a tensor-parallel rank failed)"));
-                        }
-                    }
-                    Err(e) => {
-                        // Another worker may have the pipeline or reach the output; after
-                        // the delivery limit the job is dead-lettered.
-                        tracing::warn!(error = %format!("{e:#}"), "cannot take the job; returning it");
-                        delivery.nack(true).await?;
-                    }
+            match serve(queue.clone(), contexts, slot).await? {
+                Served::Drained(handled) => Ok::<u64, anyhow::Error>(handled),
+                Served::EngineStopped(_) => {
+                    // A tensor-parallel rank failed: take no more jobs; the ones in hand go
+                    // back to the queue for another worker.
+                    queue.close().await;
+                    Err(anyhow::anyhow!("the engine stopped (a tensor-parallel rank failed)"))
                 }
-                handled += 1;
             }
-            Ok::<u64, anyhow::Error>(handled)
         }));
     }
     let mut handled = 0;

@@ -135,20 +135,16 @@ impl From<&JobError> for Disposition {
     }
 }
 
-/// Takes jobs until the queue is drained, or until the engine stops.
+/// Takes jobs until the queue is drained, or until the engine stops: the worker loop with one
+/// fixed context (`crate::serve`). Returns the deliveries handled.
 pub async fn run_worker(
     queue: Arc<dyn JobQueue>,
     ctx: WorkerContext,
 ) -> Result<u64, medbatch_connectors::queue::QueueError> {
-    let mut done = 0;
-    while let Some(delivery) = queue.next().await? {
-        let span = tracing::info_span!("job", job_id = %delivery.job.job_id, run_id = %delivery.job.run_id, attempt = delivery.job.attempt);
-        if handle_delivery(delivery, &ctx).instrument(span).await? == Handled::EngineStopped {
-            break;
-        }
-        done += 1;
-    }
-    Ok(done)
+    let served = crate::serve::serve(queue, Arc::new(crate::serve::Contexts::Fixed(ctx)), 0).await?;
+    Ok(match served {
+        crate::serve::Served::Drained(n) | crate::serve::Served::EngineStopped(n) => n,
+    })
 }
 
 /// What became of a delivery.

@@ -17,6 +17,7 @@ pub mod job;
 pub mod labreport;
 pub mod parquet_out;
 pub mod pipeline;
+pub mod serve;
 pub mod structured;
 
 pub use job::{run_worker, WorkerContext, WorkerEvent};
