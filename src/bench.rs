@@ -10,8 +10,37 @@ use std::time::Instant;
 const FILLER: &str = "Hemoglobin 13.2 g/dL (ref 12.0-15.5). White blood cells 6.1 x10^9/L. \
 Platelets 250 x10^9/L. The patient reports no fever, chills or weight loss. ";
 
+/// What `medbatch bench` measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Prompt (prefill) and generation speed of `--model` (the default).
+    Engine,
+    /// Aggregate throughput of N parallel sequences through the scheduler; TARGET: the Ns (`1,4,16,64`).
+    Parallel,
+    /// The cost of constrained decoding (lab-report answers under their grammars).
+    Grammar,
+    /// Publishing jobs to RabbitMQ; TARGET: how many jobs.
+    Publish,
+    /// Image preprocessing to `pixel_values`; TARGET: how many images.
+    Images,
+    /// DICOM decoding and the MedGemma recipes; TARGET: a folder of files.
+    Dicom,
+    /// The vision tower of MedGemma's shape with random weights.
+    Vision,
+    /// Decode steps of random weights of a config's shape; TARGET: the config.
+    DecodeStep,
+    /// The quantized matrix kernels against candle's.
+    Kernels,
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
+    /// What to measure (default: `engine`). The options that go with each are below.
+    #[arg(value_enum)]
+    pub mode: Option<Mode>,
+    /// The mode's target: Ns for `parallel`, a job or image count for `publish` and
+    /// `images`, a folder for `dicom`, a config for `decode-step`.
+    pub target: Option<String>,
     /// Model: a Gemma 3 GGUF file, a checkpoint folder, or `demo`.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
@@ -30,40 +59,40 @@ pub struct BenchArgs {
     /// Measure the cost of constrained decoding instead: `batch` lab-report answers decoded
     /// together under their grammars (the pipeline's schema, copy fields over each line),
     /// reporting grammar-mask time per token against the decode step.
-    #[arg(long)]
+    #[arg(hide = true, long)]
     pub grammar: bool,
     /// Measure aggregate throughput through the engine's scheduler instead: for each N,
     /// N sequences of `--prompt-tokens` random prompt tokens are admitted together, prefilled
     /// and decoded for `--gen-tokens` greedy tokens each, as
     /// `../shared/bench/llamacpp_batched.py --parallel` does with llama.cpp (e.g.
     /// `--parallel 1,4,16,64 --prompt-tokens 64 --gen-tokens 64`).
-    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    #[arg(hide = true, long, value_delimiter = ',', value_name = "N,...")]
     pub parallel: Vec<usize>,
     /// Measure publishing instead: this many jobs published through medbatch's queue (as
     /// planning does: windows of 256 in flight, each window's confirms awaited) against raw
     /// lapin publishes with every confirm awaited at the end, on the broker at `--amqp`.
     /// Needs no model.
-    #[arg(long, value_name = "JOBS")]
+    #[arg(hide = true, long, value_name = "JOBS")]
     pub publish: Option<u32>,
     #[arg(long, env = "MEDBATCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp: String,
     /// Measure image preprocessing instead: this many images through the Gemma 3 processor
     /// path to 896×896 `pixel_values` (a 2,048×2,500 grey radiograph-sized image and a
     /// 640×480 colour JPEG), timing decode, resize and normalise separately. Needs no model.
-    #[arg(long, value_name = "IMAGES")]
+    #[arg(hide = true, long, value_name = "IMAGES")]
     pub images: Option<u32>,
     /// Measure DICOM decoding instead: every file under this folder is read (headers, then
     /// pixels), grouped into series by SeriesInstanceUID, and each series turned into 8-bit
     /// slices (CT: the three windows; otherwise min–max over the series), `--runs` times.
     /// Needs no model.
-    #[arg(long, value_name = "FOLDER")]
+    #[arg(hide = true, long, value_name = "FOLDER")]
     pub dicom: Option<std::path::PathBuf>,
     /// Measure the vision tower instead: a random-weight SigLIP of MedGemma's real shape
     /// (896/14, 27 layers, hidden 1152, 16 heads; projector to MedGemma 4B's 2,560) in f32
     /// on the CPU, `--runs` images through tower and projector. Needs no model.
-    #[arg(long)]
+    #[arg(hide = true, long)]
     pub vision_tower: bool,
-    /// With `--vision-tower`: the text width the projector maps to (2,560 for 4B, 5,376 for 27B).
+    /// With `vision`: the text width the projector maps to (2,560 for 4B, 5,376 for 27B).
     #[arg(long, default_value_t = 2560)]
     pub text_hidden: usize,
     /// Measure decode steps of random weights instead: a model of the shape in this config
@@ -71,36 +100,36 @@ pub struct BenchArgs {
     /// weights drawn on the ranks' devices as `--dtype` (default bf16), split by `--tp` or
     /// `--devices`. Each batch size of `--batches` is prefilled to `--context` tokens, then
     /// `--steps` decode steps are timed (median). Needs no checkpoint.
-    #[arg(long, value_name = "CONFIG")]
+    #[arg(hide = true, long, value_name = "CONFIG")]
     pub decode_step: Option<std::path::PathBuf>,
-    /// With `--decode-step`: the batch sizes measured; with `--kernels`: the activation rows.
+    /// With `decode-step`: the batch sizes measured; with `kernels`: the activation rows.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batches: Vec<usize>,
-    /// With `--decode-step`: tokens in each sequence's cache before the timed steps.
+    /// With `decode-step`: tokens in each sequence's cache before the timed steps.
     #[arg(long, default_value_t = 256)]
     pub context: usize,
-    /// With `--decode-step`: decode steps timed per batch size.
+    /// With `decode-step`: decode steps timed per batch size.
     #[arg(long, default_value_t = 16)]
     pub steps: usize,
-    /// With `--decode-step`: keep only the first N layers (to fit a smaller device; the floor
+    /// With `decode-step`: keep only the first N layers (to fit a smaller device; the floor
     /// counts the same layers).
     #[arg(long)]
     pub layers: Option<usize>,
-    /// With `--decode-step`: one device's memory bandwidth in GB/s (H200 4800, H100 SXM 3350,
+    /// With `decode-step`: one device's memory bandwidth in GB/s (H200 4800, H100 SXM 3350,
     /// A100 80 GB 2039, L40S 864). The floor of a step is the bytes it reads on a rank (its
     /// weights and KV cache) over this bandwidth.
     #[arg(long)]
     pub hbm_gbps: Option<f64>,
     /// Tensor-parallel ranks, CUDA devices and weight dtype (a checkpoint folder, or
-    /// `--decode-step`).
+    /// `decode-step`).
     #[command(flatten)]
     pub split: model_path::SplitArgs,
     /// Measure the quantized matrix kernels instead: random weights of each `--shapes` entry
     /// in every GGUF type the blocked kernel takes, times each row count of `--batches`,
     /// against candle's row-wise and repacked kernels. Needs no model.
-    #[arg(long)]
+    #[arg(hide = true, long)]
     pub kernels: bool,
-    /// With `--kernels`: weight shapes as OUTxIN (defaults: Gemma 3 270M's MLP up and down
+    /// With `kernels`: weight shapes as OUTxIN (defaults: Gemma 3 270M's MLP up and down
     /// projections, MedGemma 4B's MLP up projection).
     #[arg(long, value_delimiter = ',', default_value = "2048x640,640x2048,10240x2560", value_parser = parse_shape)]
     pub shapes: Vec<(usize, usize)>,
@@ -126,40 +155,86 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// The mode asked for: the positional MODE [TARGET], or one of the older mode flags
+/// (`--kernels`, `--dicom FOLDER` …, kept as hidden aliases), or `engine`.
+fn resolve(mut args: BenchArgs) -> anyhow::Result<(Mode, BenchArgs)> {
+    let target = args.target.take();
+    let need = |what: &str| target.clone().ok_or_else(|| anyhow::anyhow!("`medbatch bench {what}` needs a TARGET"));
+    let count = |what: &str| -> anyhow::Result<u32> {
+        need(what)?.parse().map_err(|_| anyhow::anyhow!("`medbatch bench {what}`: TARGET is not a count"))
+    };
+    let mode = match args.mode {
+        Some(Mode::Parallel) => {
+            args.parallel = need("parallel")?
+                .split(',')
+                .map(|n| n.trim().parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("`medbatch bench parallel`: TARGET is not a list of numbers"))?;
+            Mode::Parallel
+        }
+        Some(Mode::Publish) => {
+            args.publish = Some(count("publish")?);
+            Mode::Publish
+        }
+        Some(Mode::Images) => {
+            args.images = Some(count("images")?);
+            Mode::Images
+        }
+        Some(Mode::Dicom) => {
+            args.dicom = Some(need("dicom")?.into());
+            Mode::Dicom
+        }
+        Some(Mode::DecodeStep) => {
+            args.decode_step = Some(need("decode-step")?.into());
+            Mode::DecodeStep
+        }
+        Some(m) => {
+            let name = clap::ValueEnum::to_possible_value(&m).map(|v| v.get_name().to_string()).unwrap_or_default();
+            anyhow::ensure!(target.is_none(), "`medbatch bench {name}` takes no TARGET");
+            m
+        }
+        None if args.kernels => Mode::Kernels,
+        None if args.vision_tower => Mode::Vision,
+        None if args.dicom.is_some() => Mode::Dicom,
+        None if args.images.is_some() => Mode::Images,
+        None if args.publish.is_some() => Mode::Publish,
+        None if args.decode_step.is_some() => Mode::DecodeStep,
+        None if args.grammar => Mode::Grammar,
+        None if !args.parallel.is_empty() => Mode::Parallel,
+        None => Mode::Engine,
+    };
+    Ok((mode, args))
+}
+
 pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if args.kernels {
-        return crate::kernel_bench::run(&args.shapes, &args.batches, args.runs.max(1));
-    }
-    if args.vision_tower {
-        return vision_bench(args.runs.max(1), args.text_hidden);
-    }
-    if let Some(dir) = &args.dicom {
-        return dicom_bench(dir, args.runs.max(1));
-    }
-    if let Some(n) = args.images {
-        return image_bench(n.max(1));
-    }
-    if let Some(n) = args.publish {
-        let rt = crate::runtime()?;
-        return rt.block_on(publish_bench(n.max(1), &args.amqp));
-    }
-    if let Some(config) = &args.decode_step {
-        return crate::decode_bench::run(crate::decode_bench::DecodeBench {
-            config,
-            split: &args.split,
-            batches: &args.batches,
-            context: args.context.max(1),
-            steps: args.steps.max(1),
-            layers: args.layers,
-            hbm_gbps: args.hbm_gbps,
-        });
+    let (mode, args) = resolve(args)?;
+    match mode {
+        Mode::Kernels => return crate::kernel_bench::run(&args.shapes, &args.batches, args.runs.max(1)),
+        Mode::Vision => return vision_bench(args.runs.max(1), args.text_hidden),
+        Mode::Dicom => return dicom_bench(args.dicom.as_deref().expect("resolved"), args.runs.max(1)),
+        Mode::Images => return image_bench(args.images.expect("resolved").max(1)),
+        Mode::Publish => {
+            let rt = crate::runtime()?;
+            return rt.block_on(publish_bench(args.publish.expect("resolved").max(1), &args.amqp));
+        }
+        Mode::DecodeStep => {
+            return crate::decode_bench::run(crate::decode_bench::DecodeBench {
+                config: args.decode_step.as_deref().expect("resolved"),
+                split: &args.split,
+                batches: &args.batches,
+                context: args.context.max(1),
+                steps: args.steps.max(1),
+                layers: args.layers,
+                hbm_gbps: args.hbm_gbps,
+            })
+        }
+        Mode::Engine | Mode::Grammar | Mode::Parallel => {}
     }
     let engine = args.split.load(&args.model)?;
-    if args.grammar {
-        return grammar_bench(engine, &args);
-    }
-    if !args.parallel.is_empty() {
-        return parallel_bench(engine, &args);
+    match mode {
+        Mode::Grammar => return grammar_bench(engine, &args),
+        Mode::Parallel => return parallel_bench(engine, &args),
+        _ => {}
     }
     let tok = &engine.tokenizer;
     let mut ids = vec![tok.special().bos];

@@ -83,7 +83,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Score a run's output against a gold set: per-field precision, recall, F1.
     Eval(eval::EvalArgs),
-    /// Measure prompt and generation speed of a model on this machine.
+    /// Measure speed on this machine: a model's prompt and generation speed (default),
+    /// parallel sequences, grammars, kernels, decode steps, images, DICOM, publishing.
     Bench(bench::BenchArgs),
     /// Inspect the engine: tokenize, logits, generate.
     #[command(subcommand)]

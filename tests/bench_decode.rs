@@ -22,7 +22,7 @@ fn decode_step_rows_count_the_bytes_a_step_reads() {
     let (context, steps) = (20u64, 3u64);
     let o = medbatch(&[
         "bench",
-        "--decode-step",
+        "decode-step",
         config.to_str().unwrap(),
         "--batches",
         "1,3",
@@ -73,7 +73,12 @@ fn decode_step_rows_count_the_bytes_a_step_reads() {
 #[test]
 fn decode_step_refuses_a_shape_that_does_not_split() {
     let config = repo_root().join("tests/fixtures/hf/models/kv_eq_heads");
-    let o = medbatch(&["bench", "--decode-step", config.to_str().unwrap(), "--tp", "4", "--steps", "1"]);
-    assert!(!o.status.success());
-    assert!(text(&o.stderr).contains("do not split over 4 ranks"), "{}", text(&o.stderr));
+    // The mode as a word, and as the older flag (kept as a hidden alias).
+    for mode in ["decode-step", "--decode-step"] {
+        let o = medbatch(&["bench", mode, config.to_str().unwrap(), "--tp", "4", "--steps", "1"]);
+        assert!(!o.status.success());
+        assert!(text(&o.stderr).contains("do not split over 4 ranks"), "{}", text(&o.stderr));
+    }
+    let o = medbatch(&["bench", "decode-step"]);
+    assert!(text(&o.stderr).contains("needs a TARGET"), "{}", text(&o.stderr));
 }
