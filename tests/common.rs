@@ -20,14 +20,16 @@ pub fn demo_model() -> PathBuf {
     p
 }
 
+/// `medbatch ARGS`, to be run from the repository root with warnings logged.
+fn command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_medbatch"));
+    c.args(args).current_dir(repo_root()).env("MEDBATCH_LOG", "warn");
+    c
+}
+
 /// Runs `medbatch ARGS` from the repository root.
 pub fn medbatch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_medbatch"))
-        .args(args)
-        .current_dir(repo_root())
-        .env("MEDBATCH_LOG", "warn")
-        .output()
-        .expect("run medbatch")
+    command(args).output().expect("run medbatch")
 }
 
 /// Runs `medbatch ARGS` like [`medbatch`] and also returns the process's peak resident
@@ -36,10 +38,7 @@ pub fn medbatch(args: &[&str]) -> Output {
 pub fn medbatch_peak(args: &[&str]) -> (Output, f64) {
     let dir = tempfile::tempdir().unwrap();
     let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
-    let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
-        .args(args)
-        .current_dir(repo_root())
-        .env("MEDBATCH_LOG", "warn")
+    let child = command(args)
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
         .spawn()

@@ -84,19 +84,6 @@ impl Volume {
         }
         Ok(s)
     }
-
-    /// The lowest and highest value over every slice (as [`Volume::slice`] gives them),
-    /// computed without holding more than one slice.
-    pub fn range(&self) -> Result<(f64, f64), NiftiError> {
-        let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
-        for z in 0..self.depth {
-            for v in self.slice(z)? {
-                lo = lo.min(v);
-                hi = hi.max(v);
-            }
-        }
-        Ok((lo, hi))
-    }
 }
 
 /// Reads one NIfTI-1 file (its bytes as stored, gzip or not).

@@ -29,24 +29,31 @@ pub fn max_record_bytes(limits: &InputLimits) -> u64 {
     limits.max_document_bytes.saturating_mul(RECORD_OVERHEAD_FACTOR).saturating_add(RECORD_SLACK_BYTES)
 }
 
+/// Whether a record file holds no bytes at all (a reject for the whole file).
+fn nothing_to_read(r: &mut dyn BufRead, emit: &mut dyn FnMut(Record)) -> io::Result<bool> {
+    let empty = r.fill_buf()?.is_empty();
+    if empty {
+        fail(emit, None, InputErrorKind::Empty, "0 bytes");
+    }
+    Ok(empty)
+}
+
 fn fail(emit: &mut dyn FnMut(Record), record: Option<String>, kind: InputErrorKind, detail: impl Into<String>) {
     emit(Err(Reject { record, kind, detail: detail.into() }));
 }
 
 /// One JSON object per line. Returns only I/O errors of `r`; everything wrong with the
-/// content becomes error rows.
+/// content becomes a [`Reject`].
 pub fn jsonl(
     r: &mut dyn BufRead,
     spec: &InputSpec,
     limits: &InputLimits,
     emit: &mut dyn FnMut(Record),
 ) -> io::Result<()> {
-    let head = r.fill_buf()?;
-    if head.is_empty() {
-        fail(emit, None, InputErrorKind::Empty, "0 bytes");
+    if nothing_to_read(r, emit)? {
         return Ok(());
     }
-    if head.starts_with(UTF8_BOM) {
+    if r.fill_buf()?.starts_with(UTF8_BOM) {
         r.consume(UTF8_BOM.len());
     }
     let head = r.fill_buf()?;
@@ -95,19 +102,17 @@ pub fn jsonl(
 }
 
 /// Records with a header row naming the id and text columns. Returns only I/O errors of
-/// `r`; everything wrong with the content becomes error rows.
+/// `r`; everything wrong with the content becomes a [`Reject`].
 pub fn csv(
     r: &mut dyn BufRead,
     spec: &InputSpec,
     limits: &InputLimits,
     emit: &mut dyn FnMut(Record),
 ) -> io::Result<()> {
-    let head = r.fill_buf()?;
-    if head.is_empty() {
-        fail(emit, None, InputErrorKind::Empty, "0 bytes");
+    if nothing_to_read(r, emit)? {
         return Ok(());
     }
-    if let Some(problem) = binary_problem(head) {
+    if let Some(problem) = binary_problem(r.fill_buf()?) {
         fail(emit, None, InputErrorKind::WrongFormat, format!("not CSV: {problem}"));
         return Ok(());
     }

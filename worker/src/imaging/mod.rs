@@ -22,11 +22,11 @@ use medbatch_connectors::inputs::InputSource;
 use medbatch_engine::engine::START_OF_IMAGE;
 use medbatch_engine::image::{pad_to_square, to_rgb, Rgb8};
 use medbatch_formats::dicom::{read_frames_from, Frames};
+use medbatch_formats::meter::read_capped;
 use medbatch_formats::ImageLimits;
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, PipelineSpec};
 use medbatch_schemas::{Digest, Document, InputError, InputErrorKind, InputKind, InputRef};
 use recipes::{ct_rgb, minmax_u8, radiograph_u8, range_u8, rescaled, slice_choice};
-use std::io::Read;
 use std::sync::Arc;
 
 /// A document with the images of its prompt, or why an input could not become one.
@@ -46,24 +46,20 @@ fn file_name(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap_or(uri)
 }
 
-/// The bytes of an input, refused past `max` bytes.
+/// The bytes of an input, refused past `max` bytes (as its size says, and as read).
 fn read_bytes(input: &InputRef, source: &InputSource, max: u64) -> Result<Vec<u8>, InputError> {
+    let too_large = |size: String| {
+        error(input, InputErrorKind::TooLarge, format!("{size} bytes exceed input.max_document_bytes = {max}"))
+    };
     if input.size > max {
-        return Err(error(
-            input,
-            InputErrorKind::TooLarge,
-            format!("{} bytes exceed input.max_document_bytes = {max}", input.size),
-        ));
+        return Err(too_large(input.size.to_string()));
     }
     let mut f = source
         .open(&input.uri, input.size, input.etag.as_deref())
         .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))?;
-    let mut bytes = Vec::with_capacity(input.size as usize);
-    f.by_ref()
-        .take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))?;
-    Ok(bytes)
+    read_capped(&mut f, max)
+        .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))?
+        .ok_or_else(|| too_large(format!("more than {max}")))
 }
 
 /// A greyscale or RGB frame of a radiograph as 8-bit RGB.
@@ -180,12 +176,19 @@ fn whole_file_doc(input: &InputRef, text: String) -> Document {
 pub fn volume(bytes: &[u8], input: &InputRef, spec: &ImagingSpec, limits: &ImageLimits) -> ImagingRead {
     let fail = |e: medbatch_formats::nifti::NiftiError| error(input, e.kind(), e.to_string());
     let vol = medbatch_formats::nifti::read_volume(bytes, limits).map_err(fail)?;
-    let (lo, hi) = vol.range().map_err(fail)?;
-    let mut images = Vec::new();
-    for z in slice_choice(vol.depth, spec.max_images) {
-        let grey = range_u8(&vol.slice(z).map_err(fail)?, lo, hi);
-        images.push(prepare(Rgb8::from_gray(vol.width, vol.height, &grey), spec));
+    // One pass: the range over every slice, and the slices kept (in order, each once).
+    let chosen = slice_choice(vol.depth, spec.max_images);
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    let mut kept = Vec::with_capacity(chosen.len());
+    for z in 0..vol.depth {
+        let slice = vol.slice(z).map_err(fail)?;
+        (lo, hi) = slice.iter().fold((lo, hi), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        if chosen.binary_search(&z).is_ok() {
+            kept.push(slice);
+        }
     }
+    let images: Vec<Arc<Rgb8>> =
+        kept.iter().map(|s| prepare(Rgb8::from_gray(vol.width, vol.height, &range_u8(s, lo, hi)), spec)).collect();
     let labels: Vec<String> = (1..=images.len()).map(|n| format!("SLICE {n}")).collect();
     Ok(ImagingItem { doc: whole_file_doc(input, image_block(&labels)), images })
 }
