@@ -70,7 +70,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.unconstrained {
         pipeline = pipeline.unconstrained();
     }
-    let pipeline = Arc::new(pipeline);
+    let runner = medbatch_worker::pipelines::for_spec(Arc::new(pipeline))?;
+    let pipeline = runner.loaded();
     let (store, out_root) = crate::status::open_store(&args.out, args.s3_endpoint.as_deref()).await?;
 
     let model_arg = args.model.clone();
@@ -124,7 +125,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let ctx = WorkerContext {
             store: store.clone(),
             engine: engine.clone(),
-            pipeline: pipeline.clone(),
+            pipeline: runner.clone(),
             worker_id: format!("{}-{}", crate::hostname(), i),
             events: Some(tx.clone()),
             inputs: source.clone(),
@@ -173,6 +174,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         crate::bench::peak_rss_mib().map(|m| format!(", peak memory {m:.0} MiB")).unwrap_or_default()
     );
     println!("  output     {out_root}/{table}/run_id={run_id}");
+    println!("  accounted  {out_root}/{}/run_id={run_id} (each input: ok, failed or skipped)", tables::DOCUMENTS_TABLE);
     match manifest {
         Some(_) => {
             println!("  manifest   {out_root}/{}", tables::manifest_key(&run_id));

@@ -1,7 +1,7 @@
 //! `medbatch eval`: score a run's output against a pipeline's gold set.
 
 use anyhow::Context;
-use medbatch_worker::eval::{load_gold, load_predictions, render_table, score};
+use medbatch_worker::pipelines::lab_report::eval::{load_gold, load_predictions, render_table, score};
 use medbatch_worker::LoadedPipeline;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -335,7 +335,7 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
          import pyarrow as pa, pyarrow.parquet as pq\n\
          m = json.loads(fs.open_input_stream('{bucket}/out/_runs/chaos/manifest.json').read())\n\
          listed = set()\n\
-         for t in ['triage', '_errors']:\n\
+         for t in ['triage', '_errors', '_documents']:\n\
          \x20   try:\n\
          \x20       sel = fs.get_file_info(pafs.FileSelector('{bucket}/out/' + t + '/run_id=chaos', recursive=True))\n\
          \x20   except FileNotFoundError:\n\
@@ -392,5 +392,8 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
     assert_eq!(rows["triage"].as_u64().unwrap_or(0) as usize, count("triage"), "{got}");
     assert_eq!(rows["_errors"].as_u64().unwrap_or(0) as usize, count("_errors"), "{got}");
     assert_eq!(count("triage") + count("_errors"), DOCS);
+    // Every document accounted for once, under faults as embedded.
+    assert_eq!(rows["_documents"].as_u64().unwrap_or(0) as usize, DOCS, "{got}");
+    assert_eq!(count("_documents"), DOCS);
     py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
 }

@@ -96,7 +96,12 @@ struct Outcome {
     row_sources: Vec<String>,
     /// The run's standard error.
     stderr: String,
+    /// `_documents`: (file name, status, reason, images, rows) of each row, sorted.
+    documents: Vec<DocumentRow>,
 }
+
+/// A `_documents` row: file name (`#member` included), status, reason, images, rows.
+type DocumentRow = (String, String, Option<String>, Option<String>, Option<String>);
 
 fn run(pipeline: &Path, inputs: &[&str], table: &str) -> Outcome {
     run_with(pipeline, inputs, table, &[])
@@ -138,7 +143,24 @@ fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Ou
         .map(|((f, r), d)| (f, r.unwrap(), d.unwrap_or_default()))
         .collect();
     errors.sort();
-    Outcome { rows, document_ids, prompt_tokens, errors, answers, peak_mib, row_sources, stderr: text(&o.stderr) }
+    let (_, _, db) = read_parquet_dir(&out.join("_documents"));
+    let file = |(u, m): (Option<String>, Option<String>)| {
+        let f = u.unwrap().rsplit('/').next().unwrap().to_string();
+        m.map_or(f.clone(), |m| format!("{f}#{m}"))
+    };
+    let mut documents: Vec<DocumentRow> = string_column(&db, "source_uri")
+        .into_iter()
+        .zip(string_column(&db, "member"))
+        .map(file)
+        .zip(string_column(&db, "status"))
+        .zip(string_column(&db, "reason"))
+        .zip(string_column(&db, "images"))
+        .zip(string_column(&db, "rows"))
+        .map(|((((f, s), r), i), n)| (f, s.unwrap(), r, i, n))
+        .collect();
+    documents.sort();
+    let stderr = text(&o.stderr);
+    Outcome { rows, document_ids, prompt_tokens, errors, answers, peak_mib, row_sources, stderr, documents }
 }
 
 fn reasons(o: &Outcome) -> Vec<(&str, &str)> {
@@ -195,6 +217,17 @@ fn ct_findings_one_row_per_series_with_labelled_slices() {
     // Three of the 24 slices, each 9 soft tokens between its markers.
     let tokens: u32 = o.prompt_tokens[0].parse().unwrap();
     assert!(tokens > 3 * 11, "{tokens}");
+    // Every file is accounted for: the three slices sampled, the 21 others left out.
+    assert_eq!(o.documents.len(), 24, "{:?}", o.documents);
+    let used: Vec<&DocumentRow> = o.documents.iter().filter(|d| d.1 == "ok").collect();
+    assert_eq!(used.len(), 3, "{used:?}");
+    assert!(used.iter().all(|d| d.2.is_none() && d.3.as_deref() == Some("1")), "{used:?}");
+    let skipped = o.documents.iter().filter(|d| d.1 == "skipped");
+    assert!(skipped.clone().all(|d| d.2.as_deref() == Some("sampled_out") && d.3.as_deref() == Some("0")));
+    assert_eq!(skipped.count(), 21);
+    // The series' one row is counted once, on its first file used.
+    let counted: Vec<&str> = o.documents.iter().filter_map(|d| d.4.as_deref()).collect();
+    assert_eq!(counted, ["1"], "{:?}", o.documents);
 }
 
 fn data(var: &str) -> PathBuf {
@@ -425,7 +458,11 @@ fn damaged_files_of_every_format_never_stop_a_run() {
             o.row_sources.iter().any(named) || o.errors.iter().any(|(f, _, _)| named(f)),
             "{name}: neither a row nor an error row"
         );
+        assert!(o.documents.iter().any(|d| named(&d.0)), "{name}: no `_documents` row");
     }
+    // Each document's rows are counted once: the table's rows add up to its row count.
+    let counted: usize = o.documents.iter().filter_map(|d| d.4.as_deref()).map(|n| n.parse::<usize>().unwrap()).sum();
+    assert_eq!(counted, o.rows);
 
     let images = dir.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
@@ -438,13 +475,15 @@ fn damaged_files_of_every_format_never_stop_a_run() {
         ("png", png),
         ("nii.gz", gzip_bomb(&nifti(&[16, 12, 4]), 0)),
     ];
-    let mut count = 0;
+    let mut image_names = Vec::new();
     for (ext, seed) in &image_seeds {
         for (k, (how, bytes)) in mutants(seed, &mut mix).into_iter().enumerate() {
-            std::fs::write(images.join(format!("{how}-{k}.{ext}")), bytes).unwrap();
-            count += 1;
+            let name = format!("{how}-{k}.{ext}");
+            std::fs::write(images.join(&name), bytes).unwrap();
+            image_names.push(name);
         }
     }
+    let count = image_names.len();
     for (name, table) in [("ct-findings", "ct_findings"), ("cxr-report", "cxr_reports")] {
         let p = tiny_pipeline(dir.path(), name, if name == "ct-findings" { &SERIES } else { &RADIOGRAPH });
         let o = run(&p, &[images.to_str().unwrap()], table);
@@ -457,6 +496,16 @@ fn damaged_files_of_every_format_never_stop_a_run() {
         );
         assert!(o.peak_mib < CORPUS_PEAK_MIB, "{name}: peak {:.0} MiB", o.peak_mib);
         assert!(!o.errors.is_empty(), "{name}: damaged files must give error rows");
+        // Every file has exactly one `_documents` row (used, left out, or failed), and a
+        // failed one its error row.
+        for file in &image_names {
+            let rows: Vec<&DocumentRow> = o.documents.iter().filter(|d| &d.0 == file).collect();
+            assert_eq!(rows.len(), 1, "{name}: {file}: {rows:?}");
+            if rows[0].1 == "failed" {
+                assert!(o.errors.iter().any(|e| &e.0 == file), "{name}: {file} failed without an error row");
+            }
+        }
+        assert_eq!(o.documents.len(), image_names.len(), "{name}: {:?}", o.documents);
     }
 }
 

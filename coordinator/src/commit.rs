@@ -3,7 +3,7 @@
 use crate::plan::PlannedRun;
 use crate::CoordinatorError;
 use medbatch_connectors::store::ObjectStore;
-use medbatch_schemas::tables::{done_key, manifest_key, run_table_prefix, success_key, ERRORS_TABLE};
+use medbatch_schemas::tables::{done_key, manifest_key, run_table_prefix, success_key, DOCUMENTS_TABLE, ERRORS_TABLE};
 use medbatch_schemas::{Completion, Manifest, JOB_SCHEMA_VERSION};
 
 /// Where a run stands, from its completion markers.
@@ -32,8 +32,12 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
         p.documents_ok += c.documents_ok;
         p.documents_failed += c.documents_failed;
         p.error_rows += c.error_rows;
-        p.rows +=
-            c.parts.iter().filter(|x| x.table != medbatch_schemas::tables::ERRORS_TABLE).map(|x| x.rows).sum::<u64>();
+        p.rows += c
+            .parts
+            .iter()
+            .filter(|x| !medbatch_schemas::tables::is_system_table(&x.table))
+            .map(|x| x.rows)
+            .sum::<u64>();
         p.tokens_in += c.tokens_in;
         p.tokens_out += c.tokens_out;
         p.completions.push(c);
@@ -96,7 +100,7 @@ pub async fn remove_stray_parts(
 ) -> Result<usize, CoordinatorError> {
     let named: std::collections::HashSet<&str> = parts.iter().map(|p| p.key.as_str()).collect();
     let mut tables: Vec<&str> = parts.iter().map(|p| p.table.as_str()).collect();
-    tables.push(ERRORS_TABLE);
+    tables.extend([ERRORS_TABLE, DOCUMENTS_TABLE]);
     tables.sort_unstable();
     tables.dedup();
     let mut removed = 0;

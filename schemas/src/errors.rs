@@ -1,4 +1,5 @@
-//! The closed set of `_errors` stages and reasons. Each has a stable label: the labels are
+//! The closed set of `_errors` stages and reasons, and of `_documents` statuses and reasons
+//! for leaving an image out. Each has a stable label: the labels are
 //! what the `_errors` table holds and what metrics count by, so they never change and no
 //! site writes one by hand.
 
@@ -24,6 +25,54 @@ impl ErrorStage {
             Self::Input => "input",
             Self::Model => "model",
             Self::Parse => "parse",
+        }
+    }
+}
+
+/// What became of an input document, record, member or image file (`_documents.status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DocumentStatus {
+    /// Read and run through the pipeline (it may still have given no rows, or some error rows).
+    Ok,
+    /// Not read, or read and given only error rows: its reason is the first error row's.
+    Failed,
+    /// Read but left out by the pipeline's recipe (an image past `imaging.max_images`).
+    Skipped,
+}
+
+impl DocumentStatus {
+    pub const ALL: [Self; 3] = [Self::Ok, Self::Failed, Self::Skipped];
+
+    /// Stable label for the `_documents` table and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+/// Why an image file was read but none of its images went into a prompt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// The study already had `imaging.max_images` images before this file's.
+    MaxImages,
+    /// A series sampled down to `imaging.max_images` slices kept none of this file's.
+    SampledOut,
+    /// A prior/current comparison takes one image of each study, and it was another file's.
+    OnePerStudy,
+}
+
+impl SkipReason {
+    pub const ALL: [Self; 3] = [Self::MaxImages, Self::SampledOut, Self::OnePerStudy];
+
+    /// Stable label for the `_documents` table and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::MaxImages => "max_images",
+            Self::SampledOut => "sampled_out",
+            Self::OnePerStudy => "one_image_per_study",
         }
     }
 }

@@ -15,7 +15,7 @@ pub mod pipeline;
 pub mod tables;
 
 pub use document::{Document, InputError, InputErrorKind};
-pub use errors::{ErrorReason, ErrorStage};
+pub use errors::{DocumentStatus, ErrorReason, ErrorStage, SkipReason};
 pub use ids::{Digest, JobId, RunId};
 pub use job::{
     Completion, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef, Selection, JOB_SCHEMA_VERSION,

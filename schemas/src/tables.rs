@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 /// Name of the error table (one row per input, record or item that could not be processed).
 pub const ERRORS_TABLE: &str = "_errors";
+/// Name of the accounting table (one row per input document, record, archive member and
+/// image file, whatever became of it).
+pub const DOCUMENTS_TABLE: &str = "_documents";
 /// Name of the lab-report results table.
 pub const LAB_RESULTS_TABLE: &str = "lab_results";
 
@@ -95,9 +98,21 @@ pub fn lab_results_schema() -> Arc<Schema> {
     Arc::new(Schema::new(fields))
 }
 
+/// The job columns of the tables medbatch keeps about a run (the model is named by id only).
+fn run_fields() -> [Field; 6] {
+    [
+        Field::new("job_id", DataType::Utf8, false),
+        Field::new("run_id", DataType::Utf8, false),
+        Field::new("pipeline", DataType::Utf8, false),
+        Field::new("pipeline_digest", DataType::Utf8, false),
+        Field::new("model_id", DataType::Utf8, false),
+        Field::new("generated_at", utc_micros(), false),
+    ]
+}
+
 /// `_errors`: one row per input, record or item that could not be processed.
 pub fn errors_schema() -> Arc<Schema> {
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("source_uri", DataType::Utf8, false),
         Field::new("member", DataType::Utf8, true),
         Field::new("record", DataType::Utf8, true),
@@ -111,13 +126,44 @@ pub fn errors_schema() -> Arc<Schema> {
         Field::new("evidence_start", DataType::UInt32, true),
         Field::new("evidence_end", DataType::UInt32, true),
         Field::new("input_sha256", DataType::Utf8, true),
-        Field::new("job_id", DataType::Utf8, false),
-        Field::new("run_id", DataType::Utf8, false),
-        Field::new("pipeline", DataType::Utf8, false),
-        Field::new("pipeline_digest", DataType::Utf8, false),
-        Field::new("model_id", DataType::Utf8, false),
-        Field::new("generated_at", utc_micros(), false),
-    ]))
+    ];
+    fields.extend(run_fields());
+    Arc::new(Schema::new(fields))
+}
+
+/// `_documents`: one row per input document, record, archive member and image file: its
+/// status, the reason when it failed or was skipped, the rows it gave per table and its tokens.
+/// An imaging prompt made of several files has a row for each file; its rows and tokens are
+/// on its first file's row (null on the others), so sums over the table are right.
+pub fn documents_schema() -> Arc<Schema> {
+    let mut fields = vec![
+        // The input file or archive (members and records have columns of their own).
+        Field::new("source_uri", DataType::Utf8, false),
+        Field::new("member", DataType::Utf8, true),
+        // The record a failed record was (`line N` or its id); null for documents read.
+        Field::new("record", DataType::Utf8, true),
+        // The document it was read into (an imaging prompt's study or series id).
+        Field::new("document_id", DataType::Utf8, true),
+        // `ok`, `failed`, `skipped`.
+        Field::new("status", dict_utf8(), false),
+        // Failed: the first error row's reason label; skipped: why it was left out.
+        Field::new("reason", dict_utf8(), true),
+        // Images this file gave its prompt (imaging pipelines only).
+        Field::new("images", DataType::UInt32, true),
+        // Rows in the pipeline's table and in `_errors`.
+        Field::new("rows", DataType::UInt32, true),
+        Field::new("error_rows", DataType::UInt32, true),
+        Field::new("input_sha256", DataType::Utf8, true),
+    ];
+    fields.extend(run_fields());
+    fields.extend([Field::new("tokens_in", DataType::UInt64, true), Field::new("tokens_out", DataType::UInt64, true)]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Whether a table is one medbatch keeps about a run (`_errors`, `_documents`) rather than a
+/// pipeline's output.
+pub fn is_system_table(table: &str) -> bool {
+    table.starts_with('_')
 }
 
 /// The schema of a named output table.
@@ -125,6 +171,7 @@ pub fn table_schema(table: &str) -> Option<Arc<Schema>> {
     match table {
         LAB_RESULTS_TABLE => Some(lab_results_schema()),
         ERRORS_TABLE => Some(errors_schema()),
+        DOCUMENTS_TABLE => Some(documents_schema()),
         _ => None,
     }
 }

@@ -12,12 +12,14 @@
 //! a whole so a bomb stops early. Error details name offsets, sizes, line numbers, field names
 //! and formats — never document text, which is patient data.
 
+use crate::pipelines::{Source, Unit};
+use medbatch_connectors::inputs::InputSource;
 use medbatch_formats::archive::{self, Flow, Take, TarEnd, TarEntry, ZipEnd, ZipOpened, ZipVisitor, GZ_BUFFER_BYTES};
 use medbatch_formats::limits::{InputLimits, RATIO_CHECK_MIN_BYTES};
 use medbatch_formats::meter::{read_capped, StreamMeter};
 use medbatch_formats::records;
 use medbatch_schemas::document::check_member_name;
-use medbatch_schemas::pipeline::InputSpec;
+use medbatch_schemas::pipeline::{InputSpec, PipelineSpec};
 use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
 use std::collections::HashSet;
 use std::io::{self, BufRead, BufReader, Read};
@@ -27,6 +29,44 @@ pub use medbatch_connectors::inputs::ReadSeek;
 
 /// Read size when copying a member into memory.
 const COPY_CHUNK_BYTES: usize = 64 << 10;
+
+/// Reads a job's inputs into units for its pipeline, and input errors, in input order:
+/// documents for text pipelines, prompts' images for imaging pipelines ([`crate::imaging`]).
+pub fn read_units(inputs: &[InputRef], source: &InputSource, spec: &PipelineSpec) -> Vec<Result<Unit, InputError>> {
+    if spec.imaging.is_some() {
+        return crate::imaging::read_imaging(inputs, source, spec);
+    }
+    let limits = InputLimits::from_spec(&spec.input);
+    let mut units = Vec::new();
+    for input in inputs {
+        let mut sink = |r: Result<Document, InputError>| {
+            units.push(r.map(|doc| {
+                // A member's documents carry `URI#MEMBER` (see `Place::member`).
+                let member =
+                    doc.source_uri.strip_prefix(&input.uri).and_then(|m| m.strip_prefix('#')).map(String::from);
+                let source = Source {
+                    uri: input.uri.clone(),
+                    member,
+                    sha256: input.sha256.clone(),
+                    images: None,
+                    skipped: None,
+                };
+                Unit { doc, images: Vec::new(), sources: vec![source] }
+            }))
+        };
+        match source.open(&input.uri, input.size, input.etag.as_deref()) {
+            Ok(f) => read_documents(input, f, &spec.input, &limits, &mut sink),
+            Err(e) => sink(Err(InputError {
+                source_uri: input.uri.clone(),
+                member: None,
+                record: None,
+                kind: InputErrorKind::Unreadable,
+                detail: e.to_string(),
+            })),
+        }
+    }
+    units
+}
 
 /// Reads one input and hands each document, or the error that replaces it, to `sink`.
 ///

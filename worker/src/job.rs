@@ -1,19 +1,17 @@
 //! The worker loop: take a job, produce its parts, write the marker, then acknowledge.
 
-use crate::extract::extract_document;
-use crate::input::read_documents;
 use crate::parquet_out::{
-    errors_batch, lab_results_batch, to_parquet, ErrorReason, ErrorRow, ErrorStage, JobProvenance, LabRow,
+    documents_batch, errors_batch, to_parquet, Counts, DocumentRow, DocumentStatus, ErrorReason, ErrorRow, ErrorStage,
+    JobProvenance, ParquetOutError,
 };
-use crate::pipeline::LoadedPipeline;
+use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
+use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use medbatch_connectors::queue::{Delivery, JobQueue};
 use medbatch_connectors::store::ObjectStore;
-use medbatch_engine::image::Rgb8;
 use medbatch_engine::EngineHandle;
-use medbatch_formats::InputLimits;
-use medbatch_schemas::tables::{done_key, part_key, ERRORS_TABLE};
-use medbatch_schemas::{Completion, Digest, Document, InputError, Job, OutputPart, JOB_SCHEMA_VERSION};
+use medbatch_schemas::tables::{done_key, part_key, DOCUMENTS_TABLE, ERRORS_TABLE};
+use medbatch_schemas::{Completion, Digest, InputError, Job, OutputPart, JOB_SCHEMA_VERSION};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -49,7 +47,8 @@ pub enum WorkerEvent {
 pub struct WorkerContext {
     pub store: Arc<dyn ObjectStore>,
     pub engine: EngineHandle,
-    pub pipeline: Arc<LoadedPipeline>,
+    /// The pipeline every job of this context runs.
+    pub pipeline: Arc<dyn Pipeline>,
     pub worker_id: String,
     pub events: Option<UnboundedSender<WorkerEvent>>,
     /// Where inputs are read from (local files, S3).
@@ -196,9 +195,59 @@ fn input_error_row(e: &InputError) -> ErrorRow {
     }
 }
 
-/// A document read from a job's inputs with the images of its prompt (none for text), or why
-/// an input could not become one.
-type DocumentWithImages = Result<(Document, Vec<Arc<Rgb8>>), InputError>;
+/// The `_documents` row of an input that could not be read.
+fn failed_input_row(e: &InputError) -> DocumentRow {
+    DocumentRow {
+        source_uri: e.source_uri.clone(),
+        member: e.member.clone(),
+        record: e.record.clone(),
+        document_id: None,
+        status: DocumentStatus::Failed,
+        reason: Some(e.kind.label()),
+        images: None,
+        counts: Some(Counts { error_rows: 1, ..Counts::default() }),
+        input_sha256: None,
+    }
+}
+
+/// The `_documents` rows of a unit the pipeline ran: one per file it was read from. A unit
+/// that gave only error rows failed, with its first error's reason. Its counts go on the
+/// first file that gave it something; files the recipe left out are skipped.
+fn unit_rows(unit: &Unit, r: &Outcome) -> Vec<DocumentRow> {
+    let counts = Counts {
+        rows: u32::try_from(r.rows()).unwrap_or(u32::MAX),
+        error_rows: u32::try_from(r.errors.len()).unwrap_or(u32::MAX),
+        tokens_in: r.tokens_in,
+        tokens_out: r.tokens_out,
+    };
+    let (status, reason) = match r.errors.first() {
+        Some(e) if counts.rows == 0 => (DocumentStatus::Failed, Some(e.reason.label())),
+        _ => (DocumentStatus::Ok, None),
+    };
+    let mut counted = false;
+    unit.sources
+        .iter()
+        .map(|s| {
+            let mut row = DocumentRow {
+                source_uri: s.uri.clone(),
+                member: s.member.clone(),
+                record: None,
+                document_id: Some(unit.doc.id.clone()),
+                status,
+                reason,
+                images: s.images,
+                counts: None,
+                input_sha256: Some(s.sha256.to_string()),
+            };
+            match s.skipped {
+                Some(why) => (row.status, row.reason) = (DocumentStatus::Skipped, Some(why.label())),
+                None if !counted => (row.counts, counted) = (Some(counts), true),
+                None => {}
+            }
+            row
+        })
+        .collect()
+}
 
 /// Runs one job to its completion marker. Returns `true` when the job was already done.
 pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobError> {
@@ -217,55 +266,41 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
             have: info.digest.chars().take(12).collect(),
         });
     }
-    if job.pipeline.digest != ctx.pipeline.digest {
+    if job.pipeline.digest != ctx.pipeline.loaded().digest {
         return Err(JobError::WrongTarget {
             what: "pipeline",
             want: job.pipeline.digest.short().into(),
-            have: ctx.pipeline.digest.short().into(),
+            have: ctx.pipeline.loaded().digest.short().into(),
         });
     }
 
-    // Read every input on a blocking thread; documents and input errors come back in order.
-    let spec = ctx.pipeline.spec.input.clone();
+    // Read every input on a blocking thread; units and input errors come back in order.
     let inputs = job.inputs.clone();
     let source = ctx.inputs.clone();
-    let imaging_spec = ctx.pipeline.spec.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        if imaging_spec.imaging.is_some() {
-            return crate::imaging::read_imaging(&inputs, &source, &imaging_spec)
-                .into_iter()
-                .map(|r| r.map(|i| (i.doc, i.images)))
-                .collect();
-        }
-        let limits = InputLimits::from_spec(&spec);
-        let mut items: Vec<DocumentWithImages> = Vec::new();
-        for input in &inputs {
-            let mut sink = |r: Result<Document, InputError>| items.push(r.map(|d| (d, Vec::new())));
-            match source.open(&input.uri, input.size, input.etag.as_deref()) {
-                Ok(f) => read_documents(input, f, &spec, &limits, &mut sink),
-                Err(e) => sink(Err(InputError {
-                    source_uri: input.uri.clone(),
-                    member: None,
-                    record: None,
-                    kind: medbatch_schemas::InputErrorKind::Unreadable,
-                    detail: e.to_string(),
-                })),
-            }
-        }
-        items
-    })
-    .await
-    .map_err(|e| {
-        // The payload of a panic may quote the input: only that it panicked is logged.
-        tracing::error!(panicked = e.is_panic(), "input reader task failed");
-        JobError::ReaderFailed
-    })?;
+    let spec = ctx.pipeline.loaded().spec.clone();
+    let read =
+        tokio::task::spawn_blocking(move || crate::input::read_units(&inputs, &source, &spec)).await.map_err(|e| {
+            // The payload of a panic may quote the input: only that it panicked is logged.
+            tracing::error!(panicked = e.is_panic(), "input reader task failed");
+            JobError::ReaderFailed
+        })?;
 
     let docs = read.iter().filter(|r| r.is_ok()).count() as u64;
     ctx.emit(WorkerEvent::DocumentsFound { job_id: job.job_id.to_string(), count: read.len() as u64 });
-    let mut rows: Vec<LabRow> = Vec::new();
-    let mut records: Vec<crate::structured::Record> = Vec::new();
+    let prov = JobProvenance {
+        job_id: job.job_id.to_string(),
+        run_id: job.run_id.to_string(),
+        pipeline: job.pipeline.name.clone(),
+        pipeline_digest: job.pipeline.digest.to_string(),
+        model_id: job.model.id.clone(),
+        model_digest: job.model.digest.to_string(),
+        generated_at_us: chrono::Utc::now().timestamp_micros(),
+    };
+    let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
+    let cx = RunCx { engine: &ctx.engine, job_seed: job_seed(job), provenance: &prov, on_generated: &on_generated };
+    let mut batches: Vec<RecordBatch> = Vec::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
+    let mut documents: Vec<DocumentRow> = Vec::new();
     let (mut tokens_in, mut tokens_out, mut engine_ms) = (0u64, 0u64, 0u64);
     let mut documents_failed = 0u64;
     for item in read {
@@ -273,34 +308,19 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
             Err(e) => {
                 tracing::warn!(reason = e.kind.label(), source = %e.source_uri, member = ?e.member, record = ?e.record, "input rejected");
                 errors.push(input_error_row(&e));
+                documents.push(failed_input_row(&e));
                 documents_failed += 1;
                 ctx.emit(WorkerEvent::DocumentDone { ok: false });
             }
-            Ok((doc, images)) => {
-                let span = tracing::info_span!("document", document_id = %doc.id, images = images.len());
-                let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
-                let r = if ctx.pipeline.spec.task == medbatch_schemas::pipeline::Task::Structured {
-                    crate::structured::extract_structured(
-                        &doc,
-                        &images,
-                        &ctx.pipeline,
-                        &ctx.engine,
-                        job_seed(job),
-                        &on_generated,
-                    )
-                    .instrument(span)
-                    .await
-                } else {
-                    extract_document(&doc, &ctx.pipeline, &ctx.engine, job_seed(job), &on_generated)
-                        .instrument(span)
-                        .await
-                };
+            Ok(unit) => {
+                let span = tracing::info_span!("document", document_id = %unit.doc.id, images = unit.images.len());
+                let r = ctx.pipeline.run(&unit, &cx).instrument(span).await?;
                 tokens_in += r.tokens_in;
                 tokens_out += r.tokens_out;
                 engine_ms += r.engine_ms;
                 ctx.emit(WorkerEvent::DocumentDone { ok: true });
-                rows.extend(r.rows);
-                records.extend(r.records);
+                documents.extend(unit_rows(&unit, &r));
+                batches.extend(r.batch);
                 errors.extend(r.errors);
             }
         }
@@ -311,29 +331,22 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     if errors.iter().any(|e| e.reason == ErrorReason::EngineStopped) {
         return Err(JobError::EngineStopped);
     }
-    let prov = JobProvenance {
-        job_id: job.job_id.to_string(),
-        run_id: job.run_id.to_string(),
-        pipeline: job.pipeline.name.clone(),
-        pipeline_digest: job.pipeline.digest.to_string(),
-        model_id: job.model.id.clone(),
-        model_digest: job.model.digest.to_string(),
-        generated_at_us: chrono::Utc::now().timestamp_micros(),
-    };
     let mut parts = Vec::new();
-    let table = ctx.pipeline.spec.output.table.clone();
+    let table = &ctx.pipeline.loaded().spec.output.table;
     let tag = attempt_tag(job, &ctx.worker_id);
-    if !rows.is_empty() {
-        let bytes = to_parquet(&lab_results_batch(&rows, &prov)?)?;
-        parts.push(write_part(ctx, &table, job, &tag, bytes, rows.len() as u64).await?);
-    }
-    if !records.is_empty() {
-        let bytes = to_parquet(&crate::structured::records_batch(&ctx.pipeline, &records, &prov)?)?;
-        parts.push(write_part(ctx, &table, job, &tag, bytes, records.len() as u64).await?);
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    if rows > 0 {
+        let batch = arrow::compute::concat_batches(&ctx.pipeline.schema(), &batches).map_err(ParquetOutError::from)?;
+        let bytes = to_parquet(&batch)?;
+        parts.push(write_part(ctx, table, job, &tag, bytes, rows as u64).await?);
     }
     if !errors.is_empty() {
         let bytes = to_parquet(&errors_batch(&errors, &prov)?)?;
         parts.push(write_part(ctx, ERRORS_TABLE, job, &tag, bytes, errors.len() as u64).await?);
+    }
+    if !documents.is_empty() {
+        let bytes = to_parquet(&documents_batch(&documents, &prov)?)?;
+        parts.push(write_part(ctx, DOCUMENTS_TABLE, job, &tag, bytes, documents.len() as u64).await?);
     }
     let completion = Completion {
         schema_version: JOB_SCHEMA_VERSION,
@@ -354,14 +367,19 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     // The marker is written after the parts and only once. A racing duplicate delivery that
     // finished first keeps its marker and its parts; this attempt's parts are then removed
     // (committing the run would remove them too, should this process die first).
-    if !ctx.store.put_if_absent(&marker, Bytes::from(marker_bytes)).await? {
+    let marker_bytes = Bytes::from(marker_bytes);
+    // A conditional write retried after its answer was lost (the store restarted, say) finds
+    // the marker its first try wrote: it is this attempt's own, and so are the parts it names.
+    if !ctx.store.put_if_absent(&marker, marker_bytes.clone()).await?
+        && ctx.store.get(&marker).await?.as_ref() != Some(&marker_bytes)
+    {
         tracing::info!("another delivery of the job finished first; removing this attempt's parts");
         for p in &completion.parts {
             ctx.store.delete(&p.key).await?;
         }
         return Ok(true);
     }
-    tracing::info!(rows = rows.len(), error_rows = errors.len(), tokens_out, "job done");
+    tracing::info!(rows, error_rows = errors.len(), tokens_out, "job done");
     Ok(false)
 }
 
@@ -420,5 +438,68 @@ mod tests {
         for (outcome, want) in cases {
             assert_eq!(Disposition::of(&outcome), want, "{outcome:?}");
         }
+    }
+
+    fn unit(files: &[(&str, Option<medbatch_schemas::SkipReason>)]) -> Unit {
+        let doc = medbatch_schemas::Document {
+            id: "study-1".into(),
+            source_uri: format!("file:///in/{}", files[0].0),
+            input_sha256: Digest::of_bytes(b"group"),
+            text: String::new(),
+        };
+        let sources = files
+            .iter()
+            .map(|(f, skipped)| crate::pipelines::Source {
+                uri: format!("file:///in/{f}"),
+                member: None,
+                sha256: Digest::of_bytes(f.as_bytes()),
+                images: Some(u32::from(skipped.is_none())),
+                skipped: *skipped,
+            })
+            .collect();
+        Unit { doc, images: Vec::new(), sources }
+    }
+
+    fn error(reason: ErrorReason) -> ErrorRow {
+        ErrorRow {
+            source_uri: "file:///in/a.dcm".into(),
+            member: None,
+            record: None,
+            document_id: Some("study-1".into()),
+            stage: ErrorStage::Model,
+            reason,
+            detail: String::new(),
+            evidence: None,
+            input_sha256: None,
+        }
+    }
+
+    #[test]
+    fn every_file_of_a_unit_has_a_row_and_its_counts_are_on_one() {
+        use medbatch_schemas::SkipReason;
+        let u = unit(&[("a.dcm", Some(SkipReason::MaxImages)), ("b.dcm", None), ("c.dcm", None)]);
+        // No rows in the table, one error row: the unit failed, with that error's reason.
+        let failed =
+            Outcome { errors: vec![error(ErrorReason::Truncated)], tokens_in: 30, tokens_out: 7, ..Outcome::default() };
+        let rows = unit_rows(&u, &failed);
+        let got: Vec<(&str, DocumentStatus, Option<&str>, Option<Counts>)> =
+            rows.iter().map(|r| (r.source_uri.rsplit('/').next().unwrap(), r.status, r.reason, r.counts)).collect();
+        let counts = Counts { rows: 0, error_rows: 1, tokens_in: 30, tokens_out: 7 };
+        assert_eq!(
+            got,
+            [
+                ("a.dcm", DocumentStatus::Skipped, Some("max_images"), None),
+                ("b.dcm", DocumentStatus::Failed, Some("truncated"), Some(counts)),
+                ("c.dcm", DocumentStatus::Failed, Some("truncated"), None),
+            ]
+        );
+        // A unit with no rows and no error rows read fine and gave nothing: ok.
+        let text = unit(&[("note.txt", None)]);
+        let rows = unit_rows(&text, &Outcome::default());
+        assert_eq!(
+            (rows[0].status, rows[0].reason, rows[0].counts),
+            (DocumentStatus::Ok, None, Some(Counts::default()))
+        );
+        assert_eq!(rows[0].document_id.as_deref(), Some("study-1"));
     }
 }

@@ -1,15 +1,13 @@
 //! Rows → Arrow record batches → Parquet bytes, for the output tables of
 //! `medbatch_schemas::tables`.
 
-use crate::labreport::LabItem;
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder,
-    UInt32Builder,
+    ArrayRef, StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
 };
 use arrow::datatypes::Int32Type;
 use arrow::record_batch::RecordBatch;
-use medbatch_schemas::tables::{errors_schema, lab_results_schema};
-pub use medbatch_schemas::{ErrorReason, ErrorStage};
+use medbatch_schemas::tables::{documents_schema, errors_schema};
+pub use medbatch_schemas::{DocumentStatus, ErrorReason, ErrorStage};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -28,17 +26,6 @@ pub struct JobProvenance {
     pub generated_at_us: i64,
 }
 
-/// One `lab_results` row.
-#[derive(Clone, Debug)]
-pub struct LabRow {
-    pub document_id: String,
-    pub source_uri: String,
-    pub input_sha256: String,
-    pub item: LabItem,
-    pub tokens_in: u32,
-    pub tokens_out: u32,
-}
-
 /// One `_errors` row. `detail` never holds document text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ErrorRow {
@@ -53,6 +40,55 @@ pub struct ErrorRow {
     pub input_sha256: Option<String>,
 }
 
+/// One `_documents` row: what became of one input document, record, member or image file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DocumentRow {
+    pub source_uri: String,
+    pub member: Option<String>,
+    pub record: Option<String>,
+    pub document_id: Option<String>,
+    pub status: DocumentStatus,
+    /// The failure's or the skip's stable label.
+    pub reason: Option<&'static str>,
+    pub images: Option<u32>,
+    /// Rows in the pipeline's table and in `_errors`, tokens in and out (`None` on the other
+    /// files of a several-file prompt: they are on its first file's row).
+    pub counts: Option<Counts>,
+    pub input_sha256: Option<String>,
+}
+
+/// What one document gave.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub rows: u32,
+    pub error_rows: u32,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+}
+
+impl ErrorRow {
+    /// An error row about a document read from an input (`span`: the characters concerned).
+    pub fn of_document(
+        doc: &medbatch_schemas::Document,
+        stage: ErrorStage,
+        reason: ErrorReason,
+        detail: String,
+        span: Option<(usize, usize)>,
+    ) -> Self {
+        Self {
+            source_uri: doc.source_uri.clone(),
+            member: None,
+            record: None,
+            document_id: Some(doc.id.clone()),
+            stage,
+            reason,
+            detail,
+            evidence: span.map(|(s, e)| (to_u32(s), to_u32(e))),
+            input_sha256: Some(doc.input_sha256.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ParquetOutError {
     #[error("arrow: {0}")]
@@ -63,76 +99,8 @@ pub enum ParquetOutError {
     Schema(String),
 }
 
-fn to_u32(n: usize) -> u32 {
+pub(crate) fn to_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-/// Builds the `lab_results` batch.
-pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<RecordBatch, ParquetOutError> {
-    let n = rows.len();
-    let mut document_id = StringBuilder::new();
-    let mut test = StringBuilder::new();
-    let mut value = StringBuilder::new();
-    let mut value_numeric = Float64Builder::with_capacity(n);
-    let mut unit = StringBuilder::new();
-    let mut ref_low = Float64Builder::with_capacity(n);
-    let mut ref_high = Float64Builder::with_capacity(n);
-    let mut flag = StringDictionaryBuilder::<Int32Type>::new();
-    let mut ev_start = UInt32Builder::with_capacity(n);
-    let mut ev_end = UInt32Builder::with_capacity(n);
-    let mut method = StringDictionaryBuilder::<Int32Type>::new();
-    let mut alignment = StringDictionaryBuilder::<Int32Type>::new();
-    let mut from_examples = BooleanBuilder::with_capacity(n);
-    let mut source_uri = StringBuilder::new();
-    let mut input_sha256 = StringBuilder::new();
-    let mut tokens_in = UInt32Builder::with_capacity(n);
-    let mut tokens_out = UInt32Builder::with_capacity(n);
-    for r in rows {
-        let it = &r.item;
-        document_id.append_value(&r.document_id);
-        test.append_option(it.test.as_deref());
-        value.append_option(it.value.as_deref());
-        value_numeric.append_option(it.value_numeric);
-        unit.append_option(it.unit.as_deref());
-        ref_low.append_option(it.ref_low);
-        ref_high.append_option(it.ref_high);
-        match it.flag {
-            Some(f) => {
-                flag.append_value(f.as_str());
-            }
-            None => flag.append_null(),
-        }
-        ev_start.append_value(to_u32(it.evidence_start));
-        ev_end.append_value(to_u32(it.evidence_end));
-        method.append_value(it.method.as_str());
-        alignment.append_value(it.alignment.as_str());
-        from_examples.append_value(it.from_examples);
-        source_uri.append_value(&r.source_uri);
-        input_sha256.append_value(&r.input_sha256);
-        tokens_in.append_value(r.tokens_in);
-        tokens_out.append_value(r.tokens_out);
-    }
-    let mut cols: Vec<ArrayRef> = vec![
-        Arc::new(document_id.finish()),
-        Arc::new(test.finish()),
-        Arc::new(value.finish()),
-        Arc::new(value_numeric.finish()),
-        Arc::new(unit.finish()),
-        Arc::new(ref_low.finish()),
-        Arc::new(ref_high.finish()),
-        Arc::new(flag.finish()),
-        Arc::new(ev_start.finish()),
-        Arc::new(ev_end.finish()),
-        Arc::new(method.finish()),
-        Arc::new(alignment.finish()),
-        Arc::new(from_examples.finish()),
-        Arc::new(source_uri.finish()),
-        Arc::new(input_sha256.finish()),
-    ];
-    cols.extend(job_columns(n, prov));
-    cols.push(Arc::new(tokens_in.finish()));
-    cols.push(Arc::new(tokens_out.finish()));
-    Ok(RecordBatch::try_new(lab_results_schema(), cols)?)
 }
 
 /// Columns job_id, run_id, pipeline, pipeline_digest, model_id, model_digest, generated_at.
@@ -157,6 +125,14 @@ pub(crate) fn job_columns(n: usize, p: &JobProvenance) -> Vec<ArrayRef> {
         repeat(&p.model_digest),
         Arc::new(ts.finish()),
     ]
+}
+
+/// The job columns of `_errors` and `_documents`: those of [`job_columns`] but
+/// `model_digest` (job_id, run_id, pipeline, pipeline_digest, model_id, generated_at).
+fn run_columns(n: usize, p: &JobProvenance) -> Vec<ArrayRef> {
+    let mut job = job_columns(n, p);
+    job.remove(5);
+    job
 }
 
 /// Builds the `_errors` batch.
@@ -196,11 +172,56 @@ pub fn errors_batch(rows: &[ErrorRow], prov: &JobProvenance) -> Result<RecordBat
         Arc::new(ev_end.finish()),
         Arc::new(input_sha256.finish()),
     ];
-    let job = job_columns(n, prov);
-    // _errors has no model_digest column: keep job_id, run_id, pipeline, pipeline_digest,
-    // model_id and generated_at.
-    cols.extend([job[0].clone(), job[1].clone(), job[2].clone(), job[3].clone(), job[4].clone(), job[6].clone()]);
+    cols.extend(run_columns(n, prov));
     Ok(RecordBatch::try_new(errors_schema(), cols)?)
+}
+
+/// Builds the `_documents` batch.
+pub fn documents_batch(rows: &[DocumentRow], prov: &JobProvenance) -> Result<RecordBatch, ParquetOutError> {
+    let n = rows.len();
+    let (mut source_uri, mut member, mut record, mut document_id) =
+        (StringBuilder::new(), StringBuilder::new(), StringBuilder::new(), StringBuilder::new());
+    let mut status = StringDictionaryBuilder::<Int32Type>::new();
+    let mut reason = StringDictionaryBuilder::<Int32Type>::new();
+    let mut images = UInt32Builder::with_capacity(n);
+    let (mut nrows, mut nerrors) = (UInt32Builder::with_capacity(n), UInt32Builder::with_capacity(n));
+    let mut input_sha256 = StringBuilder::new();
+    let (mut tin, mut tout) = (UInt64Builder::with_capacity(n), UInt64Builder::with_capacity(n));
+    for r in rows {
+        source_uri.append_value(&r.source_uri);
+        member.append_option(r.member.as_deref());
+        record.append_option(r.record.as_deref());
+        document_id.append_option(r.document_id.as_deref());
+        status.append_value(r.status.label());
+        match r.reason {
+            Some(x) => {
+                reason.append_value(x);
+            }
+            None => reason.append_null(),
+        }
+        images.append_option(r.images);
+        nrows.append_option(r.counts.map(|c| c.rows));
+        nerrors.append_option(r.counts.map(|c| c.error_rows));
+        input_sha256.append_option(r.input_sha256.as_deref());
+        tin.append_option(r.counts.map(|c| c.tokens_in));
+        tout.append_option(r.counts.map(|c| c.tokens_out));
+    }
+    let mut cols: Vec<ArrayRef> = vec![
+        Arc::new(source_uri.finish()),
+        Arc::new(member.finish()),
+        Arc::new(record.finish()),
+        Arc::new(document_id.finish()),
+        Arc::new(status.finish()),
+        Arc::new(reason.finish()),
+        Arc::new(images.finish()),
+        Arc::new(nrows.finish()),
+        Arc::new(nerrors.finish()),
+        Arc::new(input_sha256.finish()),
+    ];
+    cols.extend(run_columns(n, prov));
+    cols.push(Arc::new(tin.finish()));
+    cols.push(Arc::new(tout.finish()));
+    Ok(RecordBatch::try_new(documents_schema(), cols)?)
 }
 
 /// Serializes one batch as a Parquet file (zstd).
@@ -217,16 +238,13 @@ pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, ParquetOutError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::grounding::Alignment;
-    use crate::labreport::{Flag, Method};
     use arrow::array::{Array, AsArray};
-    use arrow::datatypes::{Float64Type, UInt32Type};
     use medbatch_schemas::InputErrorKind;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-    fn prov() -> JobProvenance {
+    pub(crate) fn prov() -> JobProvenance {
         JobProvenance {
             job_id: "j".into(),
             run_id: "r".into(),
@@ -238,47 +256,9 @@ mod tests {
         }
     }
 
-    fn read(bytes: Vec<u8>) -> RecordBatch {
+    pub(crate) fn read(bytes: Vec<u8>) -> RecordBatch {
         let mut r = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap().build().unwrap();
         r.next().unwrap().unwrap()
-    }
-
-    #[test]
-    fn lab_rows_round_trip_through_parquet() {
-        let item = LabItem {
-            test: Some("Potassium".into()),
-            value: Some("<0.27".into()),
-            value_numeric: None,
-            unit: Some("mmol/L".into()),
-            ref_low: Some(3.5),
-            ref_high: None,
-            flag: Some(Flag::High),
-            evidence_start: 3,
-            evidence_end: 40,
-            method: Method::Model,
-            alignment: Alignment::Normalized,
-            from_examples: false,
-        };
-        let rows = vec![LabRow {
-            document_id: "d1".into(),
-            source_uri: "file:///x.txt".into(),
-            input_sha256: "abc".into(),
-            item,
-            tokens_in: 12,
-            tokens_out: 7,
-        }];
-        let batch = read(to_parquet(&lab_results_batch(&rows, &prov()).unwrap()).unwrap());
-        assert_eq!(batch.schema(), lab_results_schema());
-        assert_eq!(batch.num_rows(), 1);
-        let col = |n: &str| batch.column_by_name(n).unwrap().clone();
-        assert_eq!(col("value").as_string::<i32>().value(0), "<0.27");
-        assert!(col("value_numeric").is_null(0));
-        assert_eq!(col("ref_low").as_primitive::<Float64Type>().value(0), 3.5);
-        assert!(col("ref_high").is_null(0));
-        assert_eq!(col("evidence_end").as_primitive::<UInt32Type>().value(0), 40);
-        let flag = arrow::compute::cast(&col("flag"), &arrow::datatypes::DataType::Utf8).unwrap();
-        assert_eq!(flag.as_string::<i32>().value(0), "high");
-        assert_eq!(col("run_id").as_string::<i32>().value(0), "r");
     }
 
     #[test]
@@ -299,5 +279,49 @@ mod tests {
         let member = batch.column_by_name("member").unwrap();
         assert_eq!(member.as_string::<i32>().value(0), "../evil.txt");
         assert!(batch.column_by_name("evidence_start").unwrap().is_null(0));
+    }
+
+    #[test]
+    fn document_rows_round_trip_through_parquet() {
+        let counted = Counts { rows: 2, error_rows: 1, tokens_in: 40, tokens_out: 9 };
+        let rows = vec![
+            DocumentRow {
+                source_uri: "file:///study/a.dcm".into(),
+                member: None,
+                record: None,
+                document_id: Some("1.2.3".into()),
+                status: DocumentStatus::Ok,
+                reason: None,
+                images: Some(2),
+                counts: Some(counted),
+                input_sha256: Some("ab".into()),
+            },
+            DocumentRow {
+                source_uri: "file:///study/b.dcm".into(),
+                member: None,
+                record: None,
+                document_id: Some("1.2.3".into()),
+                status: DocumentStatus::Skipped,
+                reason: Some("max_images"),
+                images: Some(0),
+                counts: None,
+                input_sha256: Some("cd".into()),
+            },
+        ];
+        let batch = read(to_parquet(&documents_batch(&rows, &prov()).unwrap()).unwrap());
+        assert_eq!(batch.schema(), documents_schema());
+        let utf8 = |n: &str| {
+            arrow::compute::cast(batch.column_by_name(n).unwrap(), &arrow::datatypes::DataType::Utf8).unwrap()
+        };
+        assert_eq!(
+            (utf8("status").as_string::<i32>().value(1), utf8("reason").as_string::<i32>().value(1)),
+            ("skipped", "max_images")
+        );
+        assert!(utf8("reason").is_null(0) && utf8("rows").is_null(1) && utf8("tokens_in").is_null(1));
+        assert_eq!(
+            (utf8("rows").as_string::<i32>().value(0), utf8("tokens_out").as_string::<i32>().value(0)),
+            ("2", "9")
+        );
+        assert_eq!(utf8("model_id").as_string::<i32>().value(0), "m");
     }
 }

@@ -68,7 +68,7 @@ impl LoadedPipeline {
         let schema: serde_json::Value = serde_json::from_str(&read(&spec.prompt.schema)?)
             .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         if spec.task == medbatch_schemas::pipeline::Task::Structured {
-            crate::structured::check_pipeline(&schema, &spec.output)
+            crate::pipelines::structured::check_pipeline(&schema, &spec.output)
                 .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }
         if spec.generation.constrained {

@@ -5,6 +5,7 @@
 
 use crate::job::{handle_delivery, Handled, WorkerContext};
 use crate::pipeline::{LoadedPipeline, PipelineError};
+use crate::pipelines::Pipeline;
 use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{JobQueue, QueueError};
 use medbatch_connectors::store::{ObjectStore, StoreError};
@@ -40,7 +41,7 @@ pub struct Resolver {
     /// Pipelines looked for here first (by name), then among the built-in ones.
     pub pipeline_dir: Option<std::path::PathBuf>,
     pub worker_id: String,
-    pipelines: Mutex<HashMap<String, Arc<LoadedPipeline>>>,
+    pipelines: Mutex<HashMap<String, Arc<dyn Pipeline>>>,
     stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
 }
 
@@ -75,9 +76,9 @@ impl Resolver {
                         Some(dir) => LoadedPipeline::load(&dir.to_string_lossy())?,
                         None => LoadedPipeline::load(name)?,
                     };
-                    let loaded = Arc::new(loaded);
-                    p.insert(job.pipeline.name.clone(), loaded.clone());
-                    loaded
+                    let pipeline = crate::pipelines::for_spec(Arc::new(loaded))?;
+                    p.insert(job.pipeline.name.clone(), pipeline.clone());
+                    pipeline
                 }
             }
         };

@@ -62,7 +62,7 @@ async fn a_failed_rank_returns_the_job_and_stops_the_worker() {
     let ctx = WorkerContext {
         store: store.clone(),
         engine,
-        pipeline: Arc::new(pipeline),
+        pipeline: medbatch_worker::pipelines::for_spec(Arc::new(pipeline)).unwrap(),
         worker_id: "w".into(),
         events: None,
         inputs: InputSource::local(),

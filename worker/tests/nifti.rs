@@ -89,11 +89,11 @@ fn nifti2_and_garbage_are_named_errors() {
     assert_eq!(r["nifti2"]["sizeof_hdr"], 540);
     let name = r["nifti2"]["file"].as_str().unwrap();
     let bytes = std::fs::read(data().join(name)).unwrap();
-    let e = read_volume(&bytes, &input(name, &bytes), &spec).err().expect("NIfTI-2 is refused");
+    let e = read_volume(&bytes, &input(name, &bytes), &spec).expect_err("NIfTI-2 is refused");
     assert_eq!(e.kind, InputErrorKind::UnsupportedEncoding);
     assert!(e.detail.contains("NIfTI-2"), "{}", e.detail);
     let junk = b"Patient seen in clinic; not a volume at all, just some words.".repeat(8);
-    let e = read_volume(&junk, &input("notes.nii", &junk), &spec).err().expect("garbage is refused");
+    let e = read_volume(&junk, &input("notes.nii", &junk), &spec).expect_err("garbage is refused");
     assert_eq!(e.kind, InputErrorKind::CorruptImage);
     assert!(!e.detail.contains("Patient"), "{}", e.detail);
 }

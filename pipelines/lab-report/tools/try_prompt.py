@@ -27,7 +27,7 @@ REPO = PIPELINE_DIR.parent.parent
 DEFAULT_MODEL = pathlib.Path.home() / ".cache/medbatch/models/gemma-3-270m-q4_k_m.gguf"
 DEFAULT_EXAMPLES = REPO / "examples/lab-reports"
 
-# The answer opening the prompt already wrote (labreport::ANSWER_PRIMER).
+# The answer opening the prompt already wrote (lab_report::ANSWER_PRIMER).
 PRIMER = '{"test":"'
 N_CTX = 1024
 N_THREADS = 2
@@ -50,7 +50,7 @@ def simple_candidates(folder):
 
 
 def number(s):
-    """A plain number, decimal comma allowed (labreport::parse_value, simplified)."""
+    """A plain number, decimal comma allowed (lab_report::parse_value, simplified)."""
     if s is None or isinstance(s, bool):
         return None
     if isinstance(s, (int, float)):
@@ -62,7 +62,7 @@ def number(s):
 
 
 def first_object(answer):
-    """The answer's first JSON object and a verdict label (as labreport::AnswerError)."""
+    """The answer's first JSON object and a verdict label (as lab_report::AnswerError)."""
     try:
         obj, _ = json.JSONDecoder().raw_decode(answer)
     except json.JSONDecodeError as e:

@@ -18,6 +18,7 @@
 
 pub mod recipes;
 
+use crate::pipelines::{Source, Unit};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_engine::engine::START_OF_IMAGE;
 use medbatch_engine::image::{pad_to_square, to_rgb, Rgb8};
@@ -25,18 +26,13 @@ use medbatch_formats::dicom::{read_frames_from, Frames};
 use medbatch_formats::meter::read_capped;
 use medbatch_formats::ImageLimits;
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, PipelineSpec};
-use medbatch_schemas::{Digest, Document, InputError, InputErrorKind, InputKind, InputRef};
+use medbatch_schemas::{Digest, Document, InputError, InputErrorKind, InputKind, InputRef, SkipReason};
 use recipes::{ct_rgb, minmax_u8, radiograph_u8, range_u8, rescaled, slice_choice};
 use std::sync::Arc;
 
-/// A document with the images of its prompt, or why an input could not become one.
-pub type ImagingRead = Result<ImagingItem, InputError>;
-
-/// One prompt's worth of images, with the document that stands for them.
-pub struct ImagingItem {
-    pub doc: Document,
-    pub images: Vec<Arc<Rgb8>>,
-}
+/// One prompt's worth of images with the document that stands for them, or why an input
+/// could not become one.
+pub type ImagingRead = Result<Unit, InputError>;
 
 fn error(input: &InputRef, kind: InputErrorKind, detail: impl Into<String>) -> InputError {
     InputError { source_uri: input.uri.clone(), member: None, record: None, kind, detail: detail.into() }
@@ -125,10 +121,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
                 medbatch_formats::image::decode(&bytes, &limits)
                     .map_err(|e| error(input, e.kind(), e.to_string()))
                     .and_then(|img| to_rgb(img).map_err(|e| error(input, InputErrorKind::CorruptImage, e.to_string())))
-                    .map(|img| ImagingItem {
-                        doc: whole_file_doc(input, image_block(&[String::new()])),
-                        images: vec![prepare(img, imaging)],
-                    }),
+                    .map(|img| whole_file_unit(input, image_block(&[String::new()]), vec![prepare(img, imaging)])),
             ),
             InputKind::Nifti => out.push(volume(&bytes, input, imaging, &limits)),
             InputKind::Dicom => match read_frames_from(&bytes, &limits) {
@@ -159,13 +152,25 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
     out
 }
 
-fn whole_file_doc(input: &InputRef, text: String) -> Document {
-    Document {
+/// The unit of one file's images.
+fn whole_file_unit(input: &InputRef, text: String, images: Vec<Arc<Rgb8>>) -> Unit {
+    let doc = Document {
         id: file_name(&input.uri).to_string(),
         source_uri: input.uri.clone(),
         input_sha256: input.sha256.clone(),
         text,
-    }
+    };
+    let sources = vec![source(input, Ok(images.len()))];
+    Unit { doc, images, sources }
+}
+
+/// A file of an imaging unit: the images it gave, or why it gave none.
+fn source(input: &InputRef, taken: Result<usize, SkipReason>) -> Source {
+    let (images, skipped) = match taken {
+        Ok(n) => (u32::try_from(n).unwrap_or(u32::MAX), None),
+        Err(why) => (0, Some(why)),
+    };
+    Source { uri: input.uri.clone(), member: None, sha256: input.sha256.clone(), images: Some(images), skipped }
 }
 
 /// A NIfTI volume as a series of slices: the third axis is the slice axis, each slice
@@ -190,7 +195,7 @@ pub fn volume(bytes: &[u8], input: &InputRef, spec: &ImagingSpec, limits: &Image
     let images: Vec<Arc<Rgb8>> =
         kept.iter().map(|s| prepare(Rgb8::from_gray(vol.width, vol.height, &range_u8(s, lo, hi)), spec)).collect();
     let labels: Vec<String> = (1..=images.len()).map(|n| format!("SLICE {n}")).collect();
-    Ok(ImagingItem { doc: whole_file_doc(input, image_block(&labels)), images })
+    Ok(whole_file_unit(input, image_block(&labels), images))
 }
 
 /// Instance-number order, then position along the slice direction, then URI.
@@ -206,29 +211,50 @@ fn sort_instances(v: &mut [Instance<'_>]) {
     });
 }
 
-/// The images of a study's radiographs and the errors of frames that do not convert.
-fn radiographs(instances: &[Instance<'_>], limit: usize, spec: &ImagingSpec) -> (Vec<Arc<Rgb8>>, Vec<ImagingRead>) {
+/// What each instance of a group gave a prompt: images, none for a reason, or an error row
+/// (`None`: the error row accounts for the file).
+type Taken = Vec<Option<Result<usize, SkipReason>>>;
+
+/// The images of a study's radiographs (up to `limit`), what each instance gave, and the
+/// errors of frames that do not convert. An instance with a frame that does not convert is
+/// an error row; frames it gave before that stay in the prompt.
+fn radiographs(
+    instances: &[Instance<'_>],
+    limit: usize,
+    over_limit: SkipReason,
+    spec: &ImagingSpec,
+) -> (Vec<Arc<Rgb8>>, Taken, Vec<ImagingRead>) {
     let (mut images, mut errors) = (Vec::new(), Vec::new());
-    'outer: for i in instances {
+    let mut taken: Taken = Vec::with_capacity(instances.len());
+    for i in instances {
+        let before = images.len();
+        let mut outcome = Some(Err(over_limit));
         for frame in &i.frames.frames {
             if images.len() == limit {
-                break 'outer;
+                break;
             }
             match radiograph(&i.frames, frame) {
-                Ok(img) => images.push(prepare(img, spec)),
+                Ok(img) => {
+                    images.push(prepare(img, spec));
+                    outcome = Some(Ok(images.len() - before));
+                }
                 Err(m) => {
                     errors.push(Err(error(i.input, InputErrorKind::CorruptImage, m)));
-                    continue 'outer;
+                    outcome = None;
+                    break;
                 }
             }
         }
+        taken.push(outcome);
     }
-    (images, errors)
+    (images, taken, errors)
 }
 
-fn item(doc_id: String, group: &[Instance<'_>], labels: &[String], images: Vec<Arc<Rgb8>>) -> ImagingItem {
+/// The unit of a group's prompt; `taken[k]` is what `group[k]` gave it.
+fn item(doc_id: String, group: &[Instance<'_>], taken: &Taken, labels: &[String], images: Vec<Arc<Rgb8>>) -> Unit {
     let inputs: Vec<&InputRef> = group.iter().map(|i| i.input).collect();
-    ImagingItem {
+    let sources = group.iter().zip(taken).filter_map(|(i, t)| t.map(|t| source(i.input, t))).collect();
+    Unit {
         doc: Document {
             id: doc_id,
             source_uri: inputs[0].uri.clone(),
@@ -236,16 +262,17 @@ fn item(doc_id: String, group: &[Instance<'_>], labels: &[String], images: Vec<A
             text: image_block(labels),
         },
         images,
+        sources,
     }
 }
 
 fn study(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead> {
     sort_instances(&mut dicoms);
-    let (images, mut out) = radiographs(&dicoms, spec.max_images, spec);
+    let (images, taken, mut out) = radiographs(&dicoms, spec.max_images, SkipReason::MaxImages, spec);
     if !images.is_empty() {
         let id = dicoms[0].frames.header.study_uid.clone();
         let labels = vec![String::new(); images.len()];
-        out.push(Ok(item(id, &dicoms, &labels, images)));
+        out.push(Ok(item(id, &dicoms, &taken, &labels, images)));
     }
     out
 }
@@ -256,6 +283,7 @@ fn series(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead>
     // Every frame is a slice; each must have the first slice's size.
     let (w, h) = (dicoms[0].frames.header.columns as usize, dicoms[0].frames.header.rows as usize);
     let mut slices: Vec<(usize, &[i32])> = Vec::new();
+    let mut taken: Taken = Vec::with_capacity(dicoms.len());
     for (k, i) in dicoms.iter().enumerate() {
         let hd = &i.frames.header;
         if i.frames.samples_per_pixel != 1 || hd.columns as usize != w || hd.rows as usize != h {
@@ -267,14 +295,27 @@ fn series(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead>
                     hd.columns, hd.rows, i.frames.samples_per_pixel
                 ),
             )));
+            taken.push(None);
             continue;
         }
+        let before = slices.len();
         slices.extend(i.frames.frames.iter().filter(|f| f.len() == w * h).map(|f| (k, f.as_slice())));
+        if slices.len() == before {
+            let detail = format!("no frame holds the {w}x{h} values its header declares");
+            out.push(Err(error(i.input, InputErrorKind::CorruptImage, detail)));
+            taken.push(None);
+        } else {
+            taken.push(Some(Err(SkipReason::SampledOut)));
+        }
     }
     if slices.is_empty() {
         return out;
     }
     let chosen = slice_choice(slices.len(), spec.max_images);
+    for &s in &chosen {
+        let t = &mut taken[slices[s].0];
+        *t = Some(Ok(t.and_then(Result::ok).unwrap_or(0) + 1));
+    }
     let ct = dicoms[0].frames.header.modality == "CT";
     let images: Vec<Rgb8> = if ct {
         chosen
@@ -293,7 +334,7 @@ fn series(mut dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRead>
     let labels: Vec<String> = (1..=images.len()).map(|n| format!("SLICE {n}")).collect();
     let id = dicoms[0].frames.header.series_uid.clone();
     let images = images.into_iter().map(|i| prepare(i, spec)).collect();
-    out.push(Ok(item(id, &dicoms, &labels, images)));
+    out.push(Ok(item(id, &dicoms, &taken, &labels, images)));
     out
 }
 
@@ -304,27 +345,35 @@ fn prior_current(dicoms: Vec<Instance<'_>>, spec: &ImagingSpec) -> Vec<ImagingRe
         studies.entry(key).or_default().push(i);
     }
     let mut studies: Vec<Vec<Instance<'_>>> = studies.into_values().collect();
+    // Every file of a comparison that cannot be made gets its error row.
+    let not_applicable = |files: &mut dyn Iterator<Item = &Instance<'_>>, detail: &str| -> Vec<ImagingRead> {
+        files.map(|i| Err(error(i.input, InputErrorKind::NotApplicable, detail))).collect()
+    };
     if studies.len() != 2 {
-        let first = studies[0][0].input;
         let detail = if studies.len() == 1 {
             "no earlier study of this patient among the inputs to compare with".to_string()
         } else {
             format!("{} studies in one comparison; expected a prior and a current", studies.len())
         };
-        return vec![Err(error(first, InputErrorKind::NotApplicable, detail))];
+        return not_applicable(&mut studies.iter().flatten(), &detail);
     }
     let mut out = Vec::new();
     let mut images = Vec::new();
+    let mut taken: Taken = Vec::new();
     for s in studies.iter_mut() {
         sort_instances(s);
-        let (imgs, errs) = radiographs(s, 1, spec);
+        let (imgs, t, errs) = radiographs(s, 1, SkipReason::OnePerStudy, spec);
         out.extend(errs);
         images.extend(imgs);
+        taken.extend(t);
     }
+    let id = format!("{} prior {}", studies[1][0].frames.header.study_uid, studies[0][0].frames.header.study_uid);
+    let group: Vec<Instance<'_>> = studies.into_iter().flatten().collect();
     if images.len() == 2 {
-        let id = format!("{} prior {}", studies[1][0].frames.header.study_uid, studies[0][0].frames.header.study_uid);
-        let group: Vec<Instance<'_>> = studies.into_iter().flatten().collect();
-        out.push(Ok(item(id, &group, &[String::new(), String::new()], images)));
+        out.push(Ok(item(id, &group, &taken, &[String::new(), String::new()], images)));
+    } else {
+        let usable = group.iter().zip(&taken).filter(|(_, t)| t.is_some()).map(|(i, _)| i);
+        out.extend(not_applicable(&mut usable.into_iter(), "the other study of the comparison has no usable image"));
     }
     out
 }

@@ -8,19 +8,17 @@
 //! kept once, and evidence offsets mapped back to the whole document.
 
 use crate::chunk::chunk_by_tokens;
-use crate::extract::{awaited, incomplete, item_seed, model_request, u32_of, DocumentResult};
 use crate::grounding::{align, Alignment, Located};
+use crate::model_call::{ask_all, u32_of, Segment};
 use crate::parquet_out::{job_columns, ErrorReason, ErrorRow, ErrorStage, JobProvenance, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
+use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
 use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
-use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema};
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use medbatch_engine::{EngineHandle, Finish};
 use medbatch_schemas::pipeline::{OutputSpec, RowMode};
-use medbatch_schemas::Document;
 use serde_json::Value;
 use std::sync::Arc;
-use tracing::Instrument;
 
 /// Why a schema cannot be turned into columns.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -206,10 +204,10 @@ pub fn table_schema(pipeline: &LoadedPipeline) -> Result<Arc<Schema>, ColumnsErr
 /// Builds a structured table's batch from its records.
 pub fn records_batch(
     pipeline: &LoadedPipeline,
+    schema: &SchemaRef,
     records: &[Record],
     prov: &JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
-    let schema = table_schema(pipeline).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
     let row =
         row_schema(&pipeline.schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
     let fields = schema_fields(row).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
@@ -274,175 +272,146 @@ pub fn records_batch(
     cols.extend(job_columns(n, prov));
     cols.push(Arc::new(tin.finish()));
     cols.push(Arc::new(tout.finish()));
-    Ok(RecordBatch::try_new(schema, cols)?)
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
-/// Reads `doc` with the model and returns its rows (per document or per item), error rows
-/// for answers that are cut off or do not parse, and the tokens spent.
-pub async fn extract_structured(
-    doc: &Document,
-    images: &[std::sync::Arc<medbatch_engine::image::Rgb8>],
-    pipeline: &LoadedPipeline,
-    engine: &EngineHandle,
-    job_seed: u64,
-    on_generated: &(dyn Fn(u64) + Sync),
-) -> DocumentResult {
-    let spec = &pipeline.spec;
-    let mut out = DocumentResult::default();
-    let err = |stage: ErrorStage, reason: ErrorReason, detail: String, span: Option<(usize, usize)>| ErrorRow {
-        source_uri: doc.source_uri.clone(),
-        member: None,
-        record: None,
-        document_id: Some(doc.id.clone()),
-        stage,
-        reason,
-        detail,
-        evidence: span.map(|(s, e)| (u32_of(s), u32_of(e))),
-        input_sha256: Some(doc.input_sha256.to_string()),
-    };
-    let tokenizer = engine.tokenizer();
-    let count = |s: &str| tokenizer.encode(s, false, false).len();
-    // An imaging document (its image block) is one prompt with all its images.
-    let chunks = if images.is_empty() {
-        chunk_by_tokens(&doc.text, spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens, &count)
-    } else {
-        vec![crate::chunk::Chunk { start: 0, end: doc.text.chars().count(), text: doc.text.clone(), tokens: 0 }]
-    };
-    if spec.output.rows == RowMode::PerDocument && chunks.len() > 1 {
-        let tokens = count(&doc.text);
-        out.errors.push(err(
-            ErrorStage::Input,
-            ErrorReason::DocumentTooLong,
-            format!(
+/// A `structured` pipeline: the answer schema's objects as rows of a table derived from it.
+pub struct Structured {
+    pipeline: Arc<LoadedPipeline>,
+    schema: Arc<Schema>,
+    /// The prompt's shared part (instructions and examples), to tell evidence copied from
+    /// the examples from invented evidence.
+    examples: String,
+}
+
+impl Structured {
+    /// Fails when the answer schema does not map to columns (checked at load already).
+    pub fn new(pipeline: Arc<LoadedPipeline>) -> Result<Self, crate::pipeline::PipelineError> {
+        let schema = table_schema(&pipeline).map_err(|e| crate::pipeline::PipelineError::Invalid {
+            path: pipeline.dir.display().to_string(),
+            reason: format!("{}: {e}", pipeline.spec.prompt.schema),
+        })?;
+        let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
+        Ok(Self { pipeline, schema, examples })
+    }
+}
+
+#[async_trait::async_trait]
+impl Pipeline for Structured {
+    fn loaded(&self) -> &LoadedPipeline {
+        &self.pipeline
+    }
+
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// Reads the unit's document with the model and returns its rows (per document or per
+    /// item), error rows for answers that are cut off or do not parse, and the tokens spent.
+    async fn run(&self, unit: &Unit, cx: &RunCx<'_>) -> Result<Outcome, ParquetOutError> {
+        let (doc, images, spec) = (&unit.doc, &unit.images, &self.pipeline.spec);
+        let err = |stage: ErrorStage, reason: ErrorReason, detail: String, span: Option<(usize, usize)>| {
+            ErrorRow::of_document(doc, stage, reason, detail, span)
+        };
+        let tokenizer = cx.engine.tokenizer();
+        let count = |s: &str| tokenizer.encode(s, false, false).len();
+        // An imaging document (its image block) is one prompt with all its images.
+        let chunks = if images.is_empty() {
+            chunk_by_tokens(&doc.text, spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens, &count)
+        } else {
+            vec![crate::chunk::Chunk { start: 0, end: doc.text.chars().count(), text: doc.text.clone(), tokens: 0 }]
+        };
+        if spec.output.rows == RowMode::PerDocument && chunks.len() > 1 {
+            let tokens = count(&doc.text);
+            let detail = format!(
                 "{tokens} tokens exceed extraction.chunk_tokens = {}; a per-document pipeline reads a document in one prompt",
                 spec.extraction.chunk_tokens
-            ),
-            None,
-        ));
-        return out;
-    }
-    let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
-    let started = std::time::Instant::now();
-    let mut pending = Vec::with_capacity(chunks.len());
-    for chunk in chunks {
-        let prepared = pipeline
-            .render(&chunk.text)
-            .map_err(|e| (ErrorReason::PromptRender, format!("template error: {}", e.kind())));
-        let prepared = prepared.and_then(|r| {
-            let grammar = if spec.generation.constrained {
-                Some(
-                    crate::grammar::answer_grammar(&pipeline.schema, &chunk.text)
-                        .map_err(|e| (ErrorReason::Grammar, format!("answer grammar: {e}")))?,
-                )
-            } else {
-                None
-            };
-            Ok(model_request(pipeline, r, item_seed(job_seed, &doc.id, chunk.start), grammar, images.to_vec()))
-        });
-        let task = prepared.map(|req| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.generate(req).await }.in_current_span())
-        });
-        pending.push((chunk, task));
-    }
-    let mut seen_spans: Vec<(usize, usize)> = Vec::new();
-    let mut index = 0u32;
-    for (chunk, task) in pending {
-        let span = Some((chunk.start, chunk.end));
-        let generation = match task {
-            Err((reason, detail)) => {
-                out.errors.push(err(ErrorStage::Model, reason, detail, span));
-                continue;
-            }
-            Ok(task) => match awaited(task).await {
-                Ok(g) => g,
-                Err((reason, detail)) => {
-                    out.errors.push(err(ErrorStage::Model, reason, detail, span));
+            );
+            let errors = vec![err(ErrorStage::Input, ErrorReason::DocumentTooLong, detail, None)];
+            return Ok(Outcome { errors, ..Outcome::default() });
+        }
+        let segments: Vec<Segment> =
+            chunks.iter().map(|c| Segment { start: c.start, end: c.end, text: &c.text }).collect();
+        let asked = ask_all(cx, &self.pipeline, doc, &segments, images, None).await;
+        let mut out = Outcome::from_asked(&asked);
+        let mut records: Vec<Record> = Vec::new();
+        let mut seen_spans: Vec<(usize, usize)> = Vec::new();
+        let mut index = 0u32;
+        for (chunk, reply) in chunks.iter().zip(asked.replies) {
+            let span = Some((chunk.start, chunk.end));
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    out.errors.push(e);
                     continue;
                 }
-            },
-        };
-        out.tokens_in += u64::from(generation.prompt_tokens);
-        out.tokens_out += generation.ids.len() as u64;
-        on_generated(generation.ids.len() as u64);
-        let (tin, tout) = (generation.prompt_tokens, u32_of(generation.ids.len()));
-        if let Some((reason, detail)) = incomplete(&spec.generation, &generation) {
-            out.errors.push(err(ErrorStage::Model, reason, detail, span));
-            continue;
-        }
-        let answer = match first_json_value(&generation.text) {
-            Some(v) => v,
-            None => {
-                let reason = if generation.finish == Finish::Length {
-                    ErrorReason::TruncatedAnswer
-                } else {
-                    ErrorReason::UnparseableAnswer
+            };
+            let answer = match first_json_value(&reply.answer) {
+                Some(v) => v,
+                None => {
+                    let reason =
+                        if reply.cut_off { ErrorReason::TruncatedAnswer } else { ErrorReason::UnparseableAnswer };
+                    out.errors.push(err(ErrorStage::Parse, reason, "the answer is not a JSON value".into(), span));
+                    continue;
+                }
+            };
+            let rows: Vec<Value> = match (spec.output.rows, spec.output.items.as_deref()) {
+                (RowMode::PerItem, Some(items)) => match answer.get(items) {
+                    Some(Value::Array(a)) => a.clone(),
+                    _ => {
+                        let detail = format!("`{items}` is not an array");
+                        out.errors.push(err(ErrorStage::Parse, ErrorReason::BadAnswerField, detail, span));
+                        continue;
+                    }
+                },
+                _ => vec![answer],
+            };
+            for row in rows {
+                if !row.is_object() {
+                    let detail = "a row is not an object".to_string();
+                    out.errors.push(err(ErrorStage::Parse, ErrorReason::BadAnswerField, detail, span));
+                    continue;
+                }
+                let (evidence, from_examples) = match spec.output.evidence.as_deref() {
+                    None => (None, false),
+                    Some(k) => {
+                        let quote = row.get(k).and_then(Value::as_str).unwrap_or("");
+                        let found = align(quote, &chunk.text).map(|l| Located {
+                            start: l.start + chunk.start,
+                            end: l.end + chunk.start,
+                            ..l
+                        });
+                        let copied =
+                            found.is_none() && crate::grounding::from_examples(quote, &self.examples, &doc.text);
+                        (Some(found.unwrap_or(Located { start: 0, end: 0, alignment: Alignment::None })), copied)
+                    }
                 };
-                out.errors.push(err(ErrorStage::Parse, reason, "the answer is not a JSON value".into(), span));
-                continue;
-            }
-        };
-        let rows: Vec<Value> = match (spec.output.rows, spec.output.items.as_deref()) {
-            (RowMode::PerItem, Some(items)) => match answer.get(items) {
-                Some(Value::Array(a)) => a.clone(),
-                _ => {
-                    out.errors.push(err(
-                        ErrorStage::Parse,
-                        ErrorReason::BadAnswerField,
-                        format!("`{items}` is not an array"),
-                        span,
-                    ));
-                    continue;
+                // Chunks overlap: a row whose evidence was already found is the same row.
+                if let Some(l) = evidence.filter(|l| l.alignment != Alignment::None) {
+                    if seen_spans.contains(&(l.start, l.end)) {
+                        continue;
+                    }
+                    seen_spans.push((l.start, l.end));
                 }
-            },
-            _ => vec![answer],
-        };
-        for row in rows {
-            if !row.is_object() {
-                out.errors.push(err(
-                    ErrorStage::Parse,
-                    ErrorReason::BadAnswerField,
-                    "a row is not an object".into(),
-                    span,
-                ));
-                continue;
+                records.push(Record {
+                    document_id: doc.id.clone(),
+                    source_uri: doc.source_uri.clone(),
+                    input_sha256: doc.input_sha256.to_string(),
+                    item_index: index,
+                    value: row,
+                    evidence,
+                    from_examples,
+                    tokens_in: reply.tokens_in,
+                    tokens_out: reply.tokens_out,
+                });
+                index += 1;
             }
-            let (evidence, from_examples) = match spec.output.evidence.as_deref() {
-                None => (None, false),
-                Some(k) => {
-                    let quote = row.get(k).and_then(Value::as_str).unwrap_or("");
-                    let found = align(quote, &chunk.text).map(|l| Located {
-                        start: l.start + chunk.start,
-                        end: l.end + chunk.start,
-                        ..l
-                    });
-                    let copied = found.is_none() && crate::grounding::from_examples(quote, &examples, &doc.text);
-                    (Some(found.unwrap_or(Located { start: 0, end: 0, alignment: Alignment::None })), copied)
-                }
-            };
-            // Chunks overlap: a row whose evidence was already found is the same row.
-            if let Some(l) = evidence.filter(|l| l.alignment != Alignment::None) {
-                if seen_spans.contains(&(l.start, l.end)) {
-                    continue;
-                }
-                seen_spans.push((l.start, l.end));
-            }
-            out.records.push(Record {
-                document_id: doc.id.clone(),
-                source_uri: doc.source_uri.clone(),
-                input_sha256: doc.input_sha256.to_string(),
-                item_index: index,
-                value: row,
-                evidence,
-                from_examples,
-                tokens_in: tin,
-                tokens_out: tout,
-            });
-            index += 1;
         }
+        if !records.is_empty() {
+            out.batch = Some(records_batch(&self.pipeline, &self.schema, &records, cx.provenance)?);
+        }
+        Ok(out)
     }
-    out.engine_ms = started.elapsed().as_millis() as u64;
-    out
 }
 
 /// The first JSON value in `text` (leading whitespace skipped; what follows ignored).

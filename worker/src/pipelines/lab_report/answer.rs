@@ -1,0 +1,655 @@
+//! Model answers: JSON objects turned into items, every value grounded in the candidate.
+
+use super::items::{Candidate, Flag, LabItem, Method};
+use super::numbers::{compute_flag, parse_range, parse_value, NUM, RANGE_BOTH, RANGE_LOWER, RANGE_UPPER};
+use super::segment::RESULT_VERBS;
+use crate::grounding::Alignment;
+use regex::Regex;
+use serde_json::{Map, Value};
+use std::sync::LazyLock;
+
+/// Keys of the answer object, in the order the prompt's examples write them.
+pub const ANSWER_FIELDS: [&str; 6] = ["test", "value", "unit", "ref_low", "ref_high", "flag"];
+
+/// How the prompt ends: the answer object's opening, already written so the model only
+/// continues it. The caller prepends it to the generated text before [`parse_answer`].
+/// The examples write compact JSON (no spaces), which costs about a quarter fewer tokens.
+pub const ANSWER_PRIMER: &str = "{\"test\":\"";
+
+/// Answer strings that mean "absent".
+const NULL_WORDS: &[&str] = &["null", "none", "n/a", "na", "-", "—", "nil"];
+
+/// Most words a test name read from the text before the value may have; longer text is a
+/// sentence, not a label.
+const MAX_LABEL_WORDS: usize = 5;
+
+/// Tokens that are a printed flag when they follow the value. Short ones must match case
+/// (a lower-case `a` or `l` is a word), words need not. `N` is left out: a normal flag
+/// adds nothing the range does not say, and `N` is too often something else.
+const PRINTED_FLAG_TOKENS: &[&str] = &[
+    "H", "L", "HH", "LL", "A", "AA", "HIGH", "LOW", "CRIT", "CRITICAL", "PANIC", "ABN", "ABNORMAL", "↑", "↓", "↑↑",
+    "↓↓", "*", "!!",
+];
+
+/// Why a model answer gives no row. Messages carry positions and field names only.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error("answer is not a JSON object (at byte {at})")]
+    NotJson { at: usize },
+    #[error("answer ends inside the JSON object (at byte {at}); max_new_tokens or a stop string cut it")]
+    Truncated { at: usize },
+    #[error("answer field `{field}` is {found}, expected a string, a number or null")]
+    BadField { field: &'static str, found: &'static str },
+    #[error("answer has no value")]
+    MissingValue,
+}
+
+impl AnswerError {
+    /// The error row's reason.
+    pub fn reason(&self) -> medbatch_schemas::ErrorReason {
+        use medbatch_schemas::ErrorReason as R;
+        match self {
+            AnswerError::NotJson { .. } => R::UnparseableAnswer,
+            AnswerError::Truncated { .. } => R::TruncatedAnswer,
+            AnswerError::BadField { .. } => R::BadAnswerField,
+            AnswerError::MissingValue => R::MissingValue,
+        }
+    }
+
+    /// Stable label for the `_errors` table and metrics.
+    pub fn label(&self) -> &'static str {
+        self.reason().label()
+    }
+}
+
+/// Turns the model's answer for `candidate` into an item.
+///
+/// The answer is one JSON object with [`ANSWER_FIELDS`] (strings, numbers or null; other
+/// keys ignored); whatever follows its closing brace is ignored. Nothing the model says is
+/// trusted unless the candidate text bears it out:
+///
+/// - value: must occur in the candidate as a token of its own, or as the same number
+///   (`5.4` for `5,4`); otherwise the item is kept as answered with `alignment = none`
+///   (copied from the examples or invented), and so is a bound of a printed range. A
+///   value with a unit glued on (`255 x10^3/uL`, `8%`) is split. The row keeps the value
+///   as printed; `value_numeric` is [`parse_value`] of it.
+/// - test: the label printed before the value (`label_before`) unless the model names a
+///   different printed test (`choose_test`); none when neither is printed.
+/// - unit: kept if it occurs after the value, widened to the whole printed token
+///   (`x10^9` → `x10^9/L`); otherwise none.
+/// - range: [`parse_range`] of the text after the value; only when that finds nothing,
+///   the model's bounds, each kept if it occurs after the value (swapped if reversed).
+/// - flag: the model's flag if it occurs in the candidate and is a known flag, else a flag
+///   printed after the value (`PRINTED_FLAG_TOKENS`); then [`compute_flag`].
+pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, AnswerError> {
+    let lead = answer.len() - answer.trim_start().len();
+    let body = &answer[lead..];
+    if !body.starts_with('{') {
+        return Err(AnswerError::NotJson { at: lead });
+    }
+    let mut stream = serde_json::Deserializer::from_str(body).into_iter::<Map<String, Value>>();
+    let object = match stream.next() {
+        Some(Ok(object)) => object,
+        Some(Err(e)) => {
+            let at = lead + byte_offset(body, e.line(), e.column());
+            return Err(if e.is_eof() { AnswerError::Truncated { at } } else { AnswerError::NotJson { at } });
+        }
+        None => return Err(AnswerError::Truncated { at: answer.len() }),
+    };
+    let [test, value, unit, ref_low, ref_high, flag] = ANSWER_FIELDS.map(|f| field_text(&object, f));
+    let (test, unit, ref_low, ref_high, flag) = (test?, unit?, ref_low?, ref_high?, flag?);
+    let (value, glued_unit) = split_glued_unit(value?.ok_or(AnswerError::MissingValue)?);
+    let value_numeric = parse_value(&value);
+
+    let text = candidate.text.as_str();
+    let Some((value_start, value_end)) = find_value(text, &value, value_numeric) else {
+        // A word value may still be printed with other case or spacing, or misspelt by the
+        // model (`Not detectd`): kept as printed, flagged by how it was found. Numbers must
+        // be the printed token.
+        let found = value_numeric
+            .is_none()
+            .then(|| crate::grounding::align(&value, text))
+            .flatten()
+            .filter(|l| matches!(l.alignment, Alignment::Normalized | Alignment::Fuzzy));
+        return Ok(match found {
+            Some(l) => {
+                let printed: String = text.chars().skip(l.start).take(l.end - l.start).collect();
+                LabItem { alignment: l.alignment, ..ungrounded_item(candidate, test, printed, unit, flag) }
+            }
+            None => ungrounded_item(candidate, test, value, unit, flag),
+        });
+    };
+    let alignment = if text[value_start..value_end] == value { Alignment::Exact } else { Alignment::Normalized };
+    // The row keeps the value as printed (`0,92` where the model wrote `0.92`).
+    let value = text[value_start..value_end].to_string();
+    let before = &text[..value_start];
+    let after = &text[value_end..];
+
+    let test = choose_test(test, text, before);
+    // A unit the model copied together with the value is the better witness.
+    let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
+    let (ref_low, ref_high) = match parse_range(after) {
+        (None, None) => model_bounds(ref_low, ref_high, after),
+        read => read,
+    };
+    let model_flag = flag.filter(|f| Flag::from_printed(f).is_some() && find_token(text, f, true).is_some());
+    let printed = model_flag.or_else(|| printed_flag_after(after));
+    Ok(LabItem {
+        test,
+        value: Some(value),
+        value_numeric,
+        unit,
+        ref_low,
+        ref_high,
+        flag: compute_flag(value_numeric, ref_low, ref_high, printed.as_deref()),
+        evidence_start: candidate.start,
+        evidence_end: candidate.end,
+        method: Method::Model,
+        alignment,
+        from_examples: false,
+    })
+}
+
+/// An answer whose value the candidate does not bear out: kept as the model gave it,
+/// flagged `alignment = none`, with nothing read from the text (no range, no computed flag).
+fn ungrounded_item(
+    candidate: &Candidate,
+    test: Option<String>,
+    value: String,
+    unit: Option<String>,
+    flag: Option<String>,
+) -> LabItem {
+    LabItem {
+        test,
+        value_numeric: parse_value(&value),
+        value: Some(value),
+        unit,
+        ref_low: None,
+        ref_high: None,
+        flag: flag.as_deref().and_then(Flag::from_printed),
+        evidence_start: candidate.start,
+        evidence_end: candidate.end,
+        method: Method::Model,
+        alignment: Alignment::None,
+        from_examples: false,
+    }
+}
+
+fn field_text(object: &Map<String, Value>, field: &'static str) -> Result<Option<String>, AnswerError> {
+    let text = match object.get(field) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s.trim().to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(_)) => return Err(AnswerError::BadField { field, found: "a boolean" }),
+        Some(Value::Array(_)) => return Err(AnswerError::BadField { field, found: "an array" }),
+        Some(Value::Object(_)) => return Err(AnswerError::BadField { field, found: "an object" }),
+    };
+    let absent = text.is_empty() || NULL_WORDS.contains(&text.to_lowercase().as_str());
+    Ok((!absent).then_some(text))
+}
+
+/// Byte offset of serde_json's 1-based line and column in `s`.
+fn byte_offset(s: &str, line: usize, column: usize) -> usize {
+    let line_start: usize = s.split_inclusive('\n').take(line.saturating_sub(1)).map(str::len).sum();
+    (line_start + column.saturating_sub(1)).min(s.len())
+}
+
+/// A number followed by a unit (`255 x10^3/uL`, `8%`, `5.9mmol/L`); grades (`1+`) and
+/// ranges (`25-50`) are not split.
+static GLUED_UNIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"^([-−]?{NUM})\s*([\p{{L}}%µ/].*)$")).unwrap());
+
+/// `"255 x10^3/uL"` → value `255` and unit `x10^3/uL`; other values unchanged.
+fn split_glued_unit(value: String) -> (String, Option<String>) {
+    if parse_value(&value).is_some() {
+        return (value, None);
+    }
+    match GLUED_UNIT.captures(&value) {
+        Some(c) => (c[1].to_string(), Some(c[2].trim().to_string())),
+        None => (value, None),
+    }
+}
+
+static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUM).unwrap());
+
+/// Byte span of the value in `text`: its first occurrence as a token, else the first
+/// number equal to `numeric` (in absolute value: a range's dash is not a minus sign).
+/// Occurrences strictly inside a printed reference range do not count, so a bound the
+/// model copied as the value (`12` or `12,0` from `12,0–16,0`) is not grounded; a value
+/// that is itself range-shaped (`25-50` cells per field) still is.
+/// Turns a whole-report answer — a JSON array of answer objects, as larger models give when
+/// the pipeline says `extraction.unit = "document"` — into items. Each object is grounded on
+/// one of `lines` (the report's candidate lines, from [`segment`]) with [`parse_answer`]:
+/// first a line not yet used that names the object's test, then any line not yet used,
+/// then any line. An object no line bears out is kept with `alignment = none` and an empty
+/// evidence span, so invented results are flagged, never trusted nor silently dropped.
+pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<LabItem, AnswerError>> {
+    let Some(open) = answer.find('[') else {
+        return vec![Err(AnswerError::NotJson { at: 0 })];
+    };
+    let mut stream = serde_json::Deserializer::from_str(&answer[open..]).into_iter::<Vec<Value>>();
+    let objects = match stream.next() {
+        Some(Ok(objects)) => objects,
+        Some(Err(e)) if e.is_eof() => return vec![Err(AnswerError::Truncated { at: answer.len() })],
+        _ => return vec![Err(AnswerError::NotJson { at: open })],
+    };
+    let mut used = vec![false; lines.len()];
+    let mut out = Vec::with_capacity(objects.len());
+    for object in objects {
+        let Value::Object(map) = &object else {
+            out.push(Err(AnswerError::NotJson { at: open }));
+            continue;
+        };
+        let test = map.get("test").and_then(Value::as_str).unwrap_or("").to_lowercase();
+        let text = object.to_string();
+        let names_test = |c: &Candidate| !test.is_empty() && c.text.to_lowercase().contains(&test);
+        let passes: [&dyn Fn(usize) -> bool; 3] = [&|i| !used[i] && names_test(&lines[i]), &|i| !used[i], &|_| true];
+        let mut found = None;
+        'search: for pass in passes {
+            for (i, line) in lines.iter().enumerate() {
+                if pass(i) {
+                    if let Ok(item) = parse_answer(&text, line) {
+                        if item.alignment != Alignment::None {
+                            found = Some((i, item));
+                            break 'search;
+                        }
+                    }
+                }
+            }
+        }
+        match found {
+            Some((i, item)) => {
+                used[i] = true;
+                out.push(Ok(item));
+            }
+            // No line bears it out: kept, flagged `alignment = none`, with an empty span.
+            None => out.push(parse_answer(&text, &Candidate { start: 0, end: 0, text: String::new() })),
+        }
+    }
+    out
+}
+
+fn find_value(text: &str, value: &str, numeric: Option<f64>) -> Option<(usize, usize)> {
+    let ranges: Vec<(usize, usize)> = [&*RANGE_BOTH, &*RANGE_UPPER, &*RANGE_LOWER]
+        .iter()
+        .flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end())))
+        .collect();
+    let in_range = |(s, e): (usize, usize)| ranges.iter().any(|&(rs, re)| rs <= s && e <= re && (rs, re) != (s, e));
+    let literal = token_spans(text, value, false).into_iter().find(|&span| !in_range(span));
+    literal.or_else(|| {
+        let v = numeric?.abs();
+        NUMBER
+            .find_iter(text)
+            .map(|m| (m.start(), m.end()))
+            .filter(|&span| !in_range(span))
+            .find(|&(s, e)| parse_value(&text[s..e]).is_some_and(|n| (n - v).abs() <= f64::EPSILON * v.max(1.0)))
+    })
+}
+
+/// Byte span of the first occurrence of `needle` as a token (`token_spans`).
+fn find_token(haystack: &str, needle: &str, short_case_sensitive: bool) -> Option<(usize, usize)> {
+    token_spans(haystack, needle, short_case_sensitive).into_iter().next()
+}
+
+/// Byte spans of the occurrences of `needle` in `haystack` as a token of its own: no
+/// letter or digit on either side, and not inside a number (`3` does not occur in `13.2`
+/// or `3.5`). Case is ignored, except for needles of at most two characters when
+/// `short_case_sensitive` (flags: `H` is not `h`).
+fn token_spans(haystack: &str, needle: &str, short_case_sensitive: bool) -> Vec<(usize, usize)> {
+    const SHORT_CHARS: usize = 2;
+    let needle = needle.trim();
+    if needle.is_empty() {
+        return Vec::new();
+    }
+    let ignore_case = !(short_case_sensitive && needle.chars().count() <= SHORT_CHARS);
+    let pattern = format!("{}{}", if ignore_case { "(?i)" } else { "" }, regex::escape(needle));
+    let Ok(re) = Regex::new(&pattern) else {
+        return Vec::new();
+    };
+    // A neighbour joins the match if it is alphanumeric, or a decimal or thousands mark
+    // with a digit beyond it.
+    let joins = |c: Option<char>, beyond: Option<char>| {
+        c.is_some_and(char::is_alphanumeric)
+            || (matches!(c, Some('.' | ',')) && beyond.is_some_and(|b| b.is_ascii_digit()))
+    };
+    let spans = re.find_iter(haystack).filter(|m| {
+        let mut before = haystack[..m.start()].chars().rev();
+        let mut after = haystack[m.end()..].chars();
+        !joins(before.next(), before.next()) && !joins(after.next(), after.next())
+    });
+    spans.map(|m| (m.start(), m.end())).collect()
+}
+
+/// The test name printed before the value: `Chloride ....... ` → `Chloride`,
+/// `AMENDED: Potassium ` → `Potassium`, `The troponin I was ` → `troponin I`. `None` when
+/// that text is longer than `MAX_LABEL_WORDS` or has no letter.
+fn label_before(before: &str) -> Option<String> {
+    let separators = |c: char| c.is_whitespace() || matches!(c, ':' | '.' | '=' | ',' | '…' | '-');
+    let label = before.trim_end_matches(separators);
+    // A prefix such as "AMENDED:" or "Result:" names the line, not the test.
+    let label = label.rsplit_once(':').map_or(label, |(_, rest)| rest);
+    let words: Vec<&str> = label.split_whitespace().collect();
+    let end = words.iter().position(|w| ends_label(&w.to_lowercase())).unwrap_or(words.len());
+    let start = usize::from(words.first().is_some_and(|w| ARTICLES.contains(&w.to_lowercase().as_str())));
+    let words = &words[start.min(end)..end];
+    let label = words.join(" ");
+    let label = label.trim_end_matches(separators);
+    (label.chars().any(char::is_alphabetic) && words.len() <= MAX_LABEL_WORDS).then(|| label.to_string())
+}
+
+/// Words besides [`RESULT_VERBS`] that end a test name in running text
+/// (`Hemoglobin of ...`, `CRP rose to ...`).
+const LABEL_END_WORDS: &[&str] = &["rose", "fell", "measured", "at", "of", "to"];
+
+fn ends_label(w: &str) -> bool {
+    RESULT_VERBS.contains(&w) || LABEL_END_WORDS.contains(&w)
+}
+const ARTICLES: &[&str] = &["the", "a", "an"];
+
+/// The test: the printed label before the value when it and the model's test contain one
+/// another (the demo model shortens `Urea nitrogen` to `Urea`) or the model's test is not
+/// printed at all (`K` for `Potassium`, misspellings); otherwise the model's test if printed.
+fn choose_test(model: Option<String>, text: &str, before: &str) -> Option<String> {
+    let label = label_before(before);
+    let model = model.filter(|t| find_token(text, t, false).is_some());
+    match (model, label) {
+        (Some(m), Some(l)) => {
+            let (ml, ll) = (m.to_lowercase(), l.to_lowercase());
+            Some(if ll.contains(&ml) || ml.contains(&ll) { l } else { m })
+        }
+        (m, l) => l.or(m),
+    }
+}
+
+/// The printed token after the value that contains the model's unit, or `None` when the
+/// unit is not printed there. Flags and plain numbers are not units.
+fn unit_token(after: &str, unit: &str) -> Option<String> {
+    let trim = |s: &str| s.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ';')).to_string();
+    let unit = trim(unit.trim());
+    if unit.is_empty() {
+        return None;
+    }
+    let needle = unit.to_lowercase();
+    after.split_whitespace().map(trim).find(|token| token.to_lowercase().contains(&needle)).filter(|token| {
+        Flag::from_printed(token).is_none()
+            && parse_value(token).is_none()
+            && token.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/')
+    })
+}
+
+/// The model's reference bounds, each kept only if that number is printed after the value
+/// on its own (not the `10` or `9` of `x10^9/L`); a reversed pair is put in order.
+fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Option<f64>, Option<f64>) {
+    let standalone = |m: &regex::Match| {
+        let before = after[..m.start()].chars().next_back();
+        let next = after[m.end()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '^') && !next.is_some_and(|c| c.is_alphabetic() || c == '^')
+    };
+    let printed: Vec<f64> =
+        NUMBER.find_iter(after).filter(standalone).filter_map(|m| parse_value(m.as_str())).collect();
+    let bound = |b: Option<String>| {
+        b.as_deref()
+            .and_then(parse_value)
+            .filter(|v| printed.iter().any(|p| (p - v.abs()).abs() <= f64::EPSILON * p.max(1.0)))
+    };
+    match (bound(low), bound(high)) {
+        (Some(l), Some(h)) if l > h => (Some(h), Some(l)),
+        bounds => bounds,
+    }
+}
+
+/// The first flag printed after the value (`PRINTED_FLAG_TOKENS`).
+fn printed_flag_after(after: &str) -> Option<String> {
+    after
+        .split_whitespace()
+        .map(|t| t.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ';' | '.')))
+        .find(|t| {
+            PRINTED_FLAG_TOKENS.contains(t)
+                || (t.chars().count() > 2 && PRINTED_FLAG_TOKENS.contains(&t.to_uppercase().as_str()))
+        })
+        .map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::segment::segment;
+    use super::*;
+
+    // ---- answers ----
+
+    fn cand(text: &str) -> Candidate {
+        Candidate { start: 100, end: 100 + text.chars().count(), text: text.into() }
+    }
+
+    #[test]
+    fn answer_is_parsed_and_junk_after_it_ignored() {
+        let c = cand("Potassium: 5.6 mmol/L (ref 3.5-5.1) H");
+        let a = r#"{"test": "Potassium", "value": "5.6", "unit": "mmol/L", "ref_low": "3.5", "ref_high": "5.1", "flag": "H"} Line: junk {"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.test.as_deref(), Some("Potassium"));
+        assert_eq!(item.value_numeric, Some(5.6));
+        assert_eq!(item.unit.as_deref(), Some("mmol/L"));
+        assert_eq!((item.ref_low, item.ref_high), (Some(3.5), Some(5.1)));
+        assert_eq!(item.flag, Some(Flag::High));
+        assert_eq!((item.evidence_start, item.evidence_end), (c.start, c.end));
+        assert_eq!(item.method, Method::Model);
+    }
+
+    #[test]
+    fn answer_numbers_and_nulls() {
+        let c = cand("Kalium 3,4 mmol/l 3,5–5,1");
+        let a = r#"{"test": "Kalium", "value": 3.4, "unit": "", "ref_low": 3.5, "ref_high": "5,1", "flag": null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.value.as_deref(), Some("3,4"), "as printed");
+        assert_eq!(item.unit, None);
+        assert_eq!((item.ref_low, item.ref_high), (Some(3.5), Some(5.1)));
+        assert_eq!(item.flag, Some(Flag::Low), "computed");
+    }
+
+    #[test]
+    fn answer_flag_counts_only_when_printed() {
+        // The model says H but the line prints no flag: the flag is computed (normal).
+        let c = cand("Hemoglobin 13.1 g/dL 12.0-15.5");
+        let a = r#"{"test": "Hemoglobin", "value": "13.1", "unit": "g/dL", "ref_low": "12.0", "ref_high": "15.5", "flag": "H"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::Normal));
+        // "H" inside "Hemoglobin" is not a printed flag either; the word HIGH is.
+        let c = cand("Hemoglobin 16.1 g/dL [12.0 - 15.5] HIGH");
+        let a = r#"{"test": "Hemoglobin", "value": "16.1", "unit": "g/dL", "ref_low": null, "ref_high": null, "flag": "high"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn answer_ranges_must_be_grounded() {
+        let c = cand("Sodium 139 mmol/L");
+        let a =
+            r#"{"test": "Sodium", "value": "139", "unit": "mmol/L", "ref_low": "135", "ref_high": "145", "flag": "N"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
+    }
+
+    #[test]
+    fn answer_errors() {
+        let c = cand("Sodium 139 mmol/L");
+        let e = parse_answer("Sodium is 139", &c).unwrap_err();
+        assert_eq!(
+            (e.label(), e.to_string()),
+            ("unparseable_answer", "answer is not a JSON object (at byte 0)".into())
+        );
+        let e = parse_answer(r#"{"test": "Sodium", "value": 139 "unit""#, &c).unwrap_err();
+        assert_eq!(e, AnswerError::NotJson { at: 32 });
+        let e = parse_answer(r#"{"test": "Sodium", "value": "13"#, &c).unwrap_err();
+        assert_eq!(e.label(), "truncated_answer");
+        let e = parse_answer(r#"{"test": "Sodium", "value": null}"#, &c).unwrap_err();
+        assert_eq!(e, AnswerError::MissingValue);
+        let e = parse_answer(r#"{"test": "Sodium", "value": "N/A"}"#, &c).unwrap_err();
+        assert_eq!(e, AnswerError::MissingValue);
+        let e = parse_answer(r#"{"test": "Sodium", "value": ["139"]}"#, &c).unwrap_err();
+        assert_eq!(e.label(), "bad_answer_field");
+        assert!(e.to_string().contains("`value` is an array"));
+        // Copied from a few-shot example or invented.
+        let it = parse_answer(r#"{"test": "Lipase", "value": "88"}"#, &c).unwrap();
+        assert_eq!((it.alignment, it.value.as_deref(), it.ref_high), (Alignment::None, Some("88"), None));
+        // A misspelt word value is found fuzzily and kept as printed.
+        let q = cand("Bence Jones protein      Not detected     Not detected");
+        let it = parse_answer(r#"{"test": "Bence Jones protein", "value": "Not detectd"}"#, &q).unwrap();
+        assert_eq!((it.alignment, it.value.as_deref()), (Alignment::Fuzzy, Some("Not detected")));
+        // Error messages never repeat document or answer text.
+        for e in [AnswerError::NotJson { at: 3 }, AnswerError::MissingValue] {
+            assert!(!e.to_string().contains("Sodium"));
+        }
+    }
+
+    #[test]
+    fn answer_qualitative_value() {
+        let c = cand("Nitrite              Positive         Negative     A");
+        let a =
+            r#"{"test": "Nitrite", "value": "Positive", "unit": null, "ref_low": null, "ref_high": null, "flag": "A"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.value_numeric, None);
+        assert_eq!(item.flag, Some(Flag::Abnormal));
+    }
+
+    #[test]
+    fn answer_test_falls_back_to_the_printed_label() {
+        // The demo model spells "Chloride" as "Cloride" and swaps the bounds.
+        let c = cand("Chloride .............. 104 mmol/L     [98 - 107]");
+        let a = r#"{"test":"Cloride","value":"104","unit":"mmol/L","ref_low":"107","ref_high":"98","flag":"CL"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.test.as_deref(), Some("Chloride"));
+        assert_eq!((item.ref_low, item.ref_high), (Some(98.0), Some(107.0)));
+        assert_eq!(item.flag, Some(Flag::Normal));
+        // Shortened names get the printed label; prose gets the subject before the verb.
+        let c = cand("Urea nitrogen: 24 mg/dL (ref 7-20) H");
+        let a = r#"{"test":"Urea","value":"24","unit":"mg/dL"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("Urea nitrogen"));
+        let c = cand("AMENDED: Potassium 4.4 mmol/L (ref 3.5-5.1)");
+        let a = r#"{"test":"K","value":"4.4"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("Potassium"));
+        let c = cand("The troponin I was negative");
+        let a = r#"{"test":"The troponin I","value":"negative"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("troponin I"));
+        // A long sentence before the value is not a label; a printed model test is kept.
+        let c = cand("In the emergency department the serum potassium was 5.9 mmol/L");
+        let a = r#"{"test":"Kalium","value":"5.9"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test, None);
+        let a = r#"{"test":"serum potassium","value":"5.9"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("serum potassium"));
+    }
+
+    #[test]
+    fn answer_range_is_read_after_the_value() {
+        // One-sided ranges the model gets backwards are read by code.
+        let c = cand("HDL cholesterol ....... 38 mg/dL       [>40]          LOW");
+        let a = r#"{"test":"HDL cholesterol","value":"38","unit":"mg/dL","ref_low":"30","ref_high":"40","flag":"LOW"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (Some(40.0), None, Some(Flag::Low)));
+        // The value itself is never a bound.
+        let c = cand("C-reactive protein was 86 mg/L (normal <5)");
+        let a = r#"{"test":"C-reactive protein","value":"86","unit":"mg/L","ref_low":"5","ref_high":"86","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, Some(5.0), Some(Flag::High)));
+        // When code reads no range, printed model bounds are used, in order.
+        let c = cand("Glucose 108 mg/dL ref 70 / 99");
+        let a = r#"{"test":"Glucose","value":"108","unit":"mg/dL","ref_low":"99","ref_high":"70","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (Some(70.0), Some(99.0), Some(Flag::High)));
+    }
+
+    #[test]
+    fn answer_unit_must_be_printed_after_the_value() {
+        let c = cand("WBC                      11.8     x10^9/L    4.0-11.0     H");
+        let a = r#"{"test":"WBC","value":"11.8","unit":"x10^9","ref_low":"4.0","ref_high":"11.0","flag":"H"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().unit.as_deref(), Some("x10^9/L"));
+        let c = cand("TSH: 6.8 mIU/L (ref 0.4-4.0) H");
+        let a = r#"{"test":"TSH","value":"6.8","unit":"IU/L","ref_low":"0.4","ref_high":"4.0","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.unit.as_deref(), Some("mIU/L"));
+        assert_eq!(item.flag, Some(Flag::High), "printed H found by code");
+        // Invented units are dropped: none is printed, or a different one is.
+        let c = cand("Protein              Trace            Negative     A");
+        let a = r#"{"test":"Protein","value":"Trace","unit":"mg/dL","ref_low":"0","ref_high":"A","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.unit, item.ref_low, item.ref_high), (None, None, None));
+        assert_eq!(item.flag, Some(Flag::Abnormal));
+        let c = cand("Creatinine 68 µmol/L (ref 45-90)");
+        let a = r#"{"test":"Creatinine","value":"68","unit":"mmol/L","ref_low":"45","ref_high":"90","flag":null}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().unit, None);
+    }
+
+    #[test]
+    fn answer_value_with_glued_unit_is_split() {
+        let c = cand("Platelets ............. 255 x10^3/uL   [150 - 450]");
+        let a =
+            r#"{"test":"Platelets","value":"255 x10^3/uL","unit":"uL","ref_low":"150","ref_high":"450","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value.as_deref(), item.value_numeric), (Some("255"), Some(255.0)));
+        assert_eq!(item.unit.as_deref(), Some("x10^3/uL"));
+    }
+
+    #[test]
+    fn answer_glued_unit_beats_the_unit_field_and_exponents_are_not_bounds() {
+        let c = cand("Serum iron 7 umol/L (ref 10-30) L");
+        let a = r#"{"test":"Iron","value":"7 umol/L","unit":"mmol/L","ref_low":"10","ref_high":"30","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value.as_deref(), item.unit.as_deref()), (Some("7"), Some("umol/L")));
+        assert_eq!(item.flag, Some(Flag::Low));
+        let c = cand("Transferrin saturation 8 % (ref 20-50) L");
+        let a = r#"{"test":"Transferrin","value":"8%","unit":"L"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.unit.as_deref()), (Some("Transferrin saturation"), Some("%")));
+        let c = cand("White cell count was 14.2 x10^9/L with neutrophilia");
+        let a = r#"{"test":"White cell count","value":"14.2","unit":"x10^9/L","ref_low":"9","ref_high":"10"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
+    }
+
+    #[test]
+    fn answer_critical_flag_printed_in_the_line() {
+        let c = cand("Potassium        6.8 mmol/L    (3.5-5.1)     HH  CRITICAL");
+        let a = r#"{"test":"Potassium","value":"6.8","unit":"mmol/L","ref_low":"3.5","ref_high":"5.1","flag":null}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::Critical));
+    }
+
+    #[test]
+    fn document_answers_are_grounded_line_by_line() {
+        let report = "Sodium 139 mmol/L (135-145)\nPotassium 5.9 mmol/L (3.5-5.1) H\n";
+        let lines = segment(report, &[]);
+        let answer = r#"Here: [{"test":"Potassium","value":"5.9","unit":"mmol/L","ref_low":"3.5","ref_high":"5.1","flag":"H"},
+            {"test":"Sodium","value":"139","unit":"mmol/L","ref_low":null,"ref_high":null,"flag":null},
+            {"test":"Glucose","value":"5.5","unit":"mmol/L","ref_low":null,"ref_high":null,"flag":null}]"#;
+        let items = parse_document_answer(answer, &lines);
+        assert_eq!(items.len(), 3);
+        let k = items[0].as_ref().unwrap();
+        assert_eq!((k.test.as_deref(), k.flag), (Some("Potassium"), Some(Flag::High)));
+        assert_eq!(k.evidence_start, lines[1].start);
+        let na = items[1].as_ref().unwrap();
+        assert_eq!((na.ref_low, na.ref_high, na.evidence_start), (Some(135.0), Some(145.0), lines[0].start));
+        let glucose = items[2].as_ref().unwrap();
+        assert_eq!((glucose.alignment, glucose.evidence_start, glucose.evidence_end), (Alignment::None, 0, 0));
+        assert_eq!(parse_document_answer("no json", &lines)[0].as_ref().unwrap_err().label(), "unparseable_answer");
+        assert_eq!(parse_document_answer("[{\"test\":", &lines)[0].as_ref().unwrap_err().label(), "truncated_answer");
+    }
+
+    #[test]
+    fn answer_partial_number_is_ungrounded() {
+        // "12" is not a token of "12,1" nor equal to 12.1.
+        let c = cand("Hämoglobin          12,1   g/dl       12,0–16,0");
+        let a = r#"{"test":"Hämoglobin","value":"12","unit":"g/dl","ref_low":"12","ref_high":"16","flag":"H"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
+        let a = r#"{"test":"Hämoglobin","value":"12,0","unit":"g/dl"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
+        // A range-shaped value is its own token, not a bound.
+        let c2 = cand("WBC                  25-50 /hpf       0-5          H");
+        let a = r#"{"test":"WBC","value":"25-50","unit":"/hpf","ref_low":"0","ref_high":"5","flag":"H"}"#;
+        let item = parse_answer(a, &c2).unwrap();
+        assert_eq!(
+            (item.value_numeric, item.ref_low, item.ref_high, item.flag),
+            (None, Some(0.0), Some(5.0), Some(Flag::High))
+        );
+        // The same number in the other decimal notation is grounded.
+        let a = r#"{"test":"Hämoglobin","value":"12.1","unit":"g/dl","ref_low":"12,0","ref_high":"16,0","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value_numeric, item.ref_low, item.ref_high), (Some(12.1), Some(12.0), Some(16.0)));
+        assert_eq!(item.flag, Some(Flag::Normal));
+    }
+}

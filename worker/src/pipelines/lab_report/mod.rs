@@ -1,0 +1,359 @@
+//! The `lab-report` pipeline (`task = "extract"`): from a lab report's text to
+//! `lab_results` rows.
+//!
+//! A report reaches the model only where code cannot read it reliably. The order is:
+//!
+//! 1. Deterministic parsers read standard structured formats: HL7 v2 OBX segments
+//!    ([`hl7`]) and delimited tables with a header row ([`table`]). Each returns its items
+//!    and the character spans it claimed; a second parser never re-reads a claimed span.
+//! 2. [`segment`] cuts the rest into candidate result lines (prose sentences into phrases),
+//!    skipping claimed spans, headers, addresses, dates, signatures and comments. A pipeline
+//!    reading whole documents sends token-budgeted chunks of whole lines instead.
+//! 3. The model answers one JSON object per candidate (`pipelines/lab-report/prompt.j2`);
+//!    [`answer`] turns it into a [`LabItem`], recomputing numbers ([`numbers`]) and the flag in
+//!    code and refusing values that do not occur in the candidate.
+//!
+//! Every offset is in characters (Unicode scalar values) of the document text, the unit of
+//! the `evidence_start`/`evidence_end` columns. Only this file calls the model (through
+//! [`crate::model_call`]), and no error message carries document text (it would be PHI in
+//! logs). [`eval`] scores a run's rows against a gold set.
+
+pub mod answer;
+pub mod eval;
+pub mod hl7;
+pub mod items;
+mod lines;
+pub mod numbers;
+pub mod output;
+pub mod segment;
+pub mod table;
+
+pub use answer::{parse_answer, parse_document_answer, AnswerError, ANSWER_FIELDS, ANSWER_PRIMER};
+pub use hl7::parse_hl7_obx;
+pub use items::{Candidate, Flag, LabItem, Method, Parsed, Span};
+pub use numbers::{compute_flag, parse_range, parse_value};
+pub use output::{lab_results_batch, LabRow};
+pub use segment::segment;
+pub use table::parse_delimited_table;
+
+use crate::grounding::{from_examples, Alignment};
+use crate::model_call::{ask_all, Segment};
+use crate::parquet_out::{ErrorStage, ParquetOutError};
+use crate::pipeline::LoadedPipeline;
+use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
+use arrow::datatypes::SchemaRef;
+use medbatch_schemas::pipeline::{ExtractionUnit, ParserKind};
+use medbatch_schemas::tables::lab_results_schema;
+use std::sync::Arc;
+
+/// The lab-report pipeline.
+pub struct LabReport {
+    pipeline: Arc<LoadedPipeline>,
+    /// The prompt's shared part (instructions and examples), to tell answers copied from the
+    /// examples from invented ones.
+    examples: String,
+}
+
+impl LabReport {
+    pub fn new(pipeline: Arc<LoadedPipeline>) -> Self {
+        let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
+        Self { pipeline, examples }
+    }
+}
+
+#[async_trait::async_trait]
+impl Pipeline for LabReport {
+    fn loaded(&self) -> &LoadedPipeline {
+        &self.pipeline
+    }
+
+    fn schema(&self) -> SchemaRef {
+        lab_results_schema()
+    }
+
+    async fn run(&self, unit: &Unit, cx: &RunCx<'_>) -> Result<Outcome, ParquetOutError> {
+        let (doc, spec) = (&unit.doc, &self.pipeline.spec);
+        let mut rows: Vec<LabRow> = Vec::new();
+        let row = |item: LabItem, tokens_in: u32, tokens_out: u32| LabRow {
+            document_id: doc.id.clone(),
+            source_uri: doc.source_uri.clone(),
+            input_sha256: doc.input_sha256.to_string(),
+            item,
+            tokens_in,
+            tokens_out,
+        };
+        let mut claimed: Vec<Span> = Vec::new();
+        for parser in &spec.extraction.parsers {
+            let parsed = match parser {
+                ParserKind::Hl7Obx => parse_hl7_obx(&doc.text),
+                ParserKind::DelimitedTable => parse_delimited_table(&doc.text),
+            };
+            if let Some((items, spans)) = parsed {
+                for it in items {
+                    if !claimed.iter().any(|&(s, e)| it.evidence_start >= s && it.evidence_end <= e) {
+                        rows.push(row(it, 0, 0));
+                    }
+                }
+                claimed.extend(spans);
+            }
+        }
+        let lines = segment(&doc.text, &claimed);
+        let candidates: Vec<Candidate> = match spec.extraction.unit {
+            ExtractionUnit::Line => lines.clone(),
+            // The model reads the whole report; its answers are grounded on the lines below.
+            ExtractionUnit::Document if lines.is_empty() => Vec::new(),
+            // Long reports are read in token-budgeted chunks of whole lines.
+            ExtractionUnit::Document => {
+                let tokenizer = cx.engine.tokenizer();
+                let count = |s: &str| tokenizer.encode(s, false, false).len();
+                let (budget, overlap) = (spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens);
+                crate::chunk::chunk_by_tokens(&doc.text, budget, overlap, &count)
+                    .into_iter()
+                    .map(|c| Candidate { start: c.start, end: c.end, text: c.text })
+                    .collect()
+            }
+        };
+        let segments: Vec<Segment> =
+            candidates.iter().map(|c| Segment { start: c.start, end: c.end, text: &c.text }).collect();
+        let asked = ask_all(cx, &self.pipeline, doc, &segments, &unit.images, Some(ANSWER_PRIMER)).await;
+        let mut out = Outcome::from_asked(&asked);
+        for (c, reply) in candidates.iter().zip(asked.replies) {
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => {
+                    out.errors.push(e);
+                    continue;
+                }
+            };
+            let results = match spec.extraction.unit {
+                ExtractionUnit::Line => vec![parse_answer(&reply.answer, c)],
+                ExtractionUnit::Document => {
+                    // Grounded on the lines of this chunk only.
+                    let inside: Vec<Candidate> =
+                        lines.iter().filter(|l| l.start >= c.start && l.end <= c.end).cloned().collect();
+                    parse_document_answer(&reply.answer, &inside)
+                }
+            };
+            for result in results {
+                match result {
+                    Ok(mut item) => {
+                        if item.alignment == Alignment::None {
+                            let copied = |s: &Option<String>| {
+                                s.as_deref().is_some_and(|s| from_examples(s, &self.examples, &doc.text))
+                            };
+                            item.from_examples = copied(&item.value) || copied(&item.test);
+                        }
+                        // Overlapping chunks read some lines twice: one row per line and value.
+                        let seen = rows.iter().any(|r| {
+                            r.item.alignment != Alignment::None
+                                && (r.item.evidence_start, r.item.evidence_end, &r.item.value)
+                                    == (item.evidence_start, item.evidence_end, &item.value)
+                        });
+                        if !seen {
+                            rows.push(row(item, reply.tokens_in, reply.tokens_out))
+                        }
+                    }
+                    Err(e) => {
+                        let mut detail = e.to_string();
+                        if reply.cut_off {
+                            detail.push_str(" (answer cut off at max_new_tokens)");
+                        }
+                        let span = Some((c.start, c.end));
+                        out.errors.push(crate::parquet_out::ErrorRow::of_document(
+                            doc,
+                            ErrorStage::Parse,
+                            e.reason(),
+                            detail,
+                            span,
+                        ));
+                    }
+                }
+            }
+        }
+        if !rows.is_empty() {
+            out.batch = Some(lab_results_batch(&rows, cx.provenance)?);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lines::{overlaps_any, span_text};
+    use super::segment::looks_like_result;
+    use super::*;
+    use serde_json::{Map, Value};
+
+    #[test]
+    fn labels_and_names_are_stable() {
+        assert_eq!(Flag::Critical.as_str(), "critical");
+        assert_eq!(Flag::Abnormal.as_str(), "abnormal");
+        assert_eq!(Method::Hl7Obx.as_str(), "hl7_obx");
+        assert_eq!(Method::DelimitedTable.as_str(), "delimited_table");
+        assert_eq!(Method::Model.as_str(), "model");
+        assert_eq!(AnswerError::NotJson { at: 0 }.label(), "unparseable_answer");
+        assert_eq!(AnswerError::MissingValue.label(), "missing_value");
+    }
+    // ---- pipeline files ----
+
+    const PIPELINE_TOML: &str = include_str!("../../../../pipelines/lab-report/pipeline.toml");
+    const PROMPT: &str = include_str!("../../../../pipelines/lab-report/prompt.j2");
+    const SCHEMA: &str = include_str!("../../../../pipelines/lab-report/schema.json");
+    const EXAMPLES: [(&str, &str); 12] = [
+        ("amended-result.txt", include_str!("../../../../examples/lab-reports/amended-result.txt")),
+        ("cbc-fixed-width.txt", include_str!("../../../../examples/lab-reports/cbc-fixed-width.txt")),
+        ("chemistry-colon-lines.txt", include_str!("../../../../examples/lab-reports/chemistry-colon-lines.txt")),
+        ("critical-value-call.txt", include_str!("../../../../examples/lab-reports/critical-value-call.txt")),
+        ("european-decimal-comma.txt", include_str!("../../../../examples/lab-reports/european-decimal-comma.txt")),
+        ("hl7-oru.txt", include_str!("../../../../examples/lab-reports/hl7-oru.txt")),
+        ("liver-pipe-table.txt", include_str!("../../../../examples/lab-reports/liver-pipe-table.txt")),
+        ("multi-panel.txt", include_str!("../../../../examples/lab-reports/multi-panel.txt")),
+        ("prose-narrative.txt", include_str!("../../../../examples/lab-reports/prose-narrative.txt")),
+        ("urinalysis-qualitative.txt", include_str!("../../../../examples/lab-reports/urinalysis-qualitative.txt")),
+        ("records.jsonl", include_str!("../../../../examples/lab-reports/records.jsonl")),
+        ("records.csv", include_str!("../../../../examples/lab-reports/records.csv")),
+    ];
+
+    #[test]
+    fn pipeline_spec_loads() {
+        use medbatch_schemas::pipeline::{ExtractionUnit, ParserKind, PromptFormat, RowMode, Task};
+        let spec = medbatch_schemas::PipelineSpec::from_toml(PIPELINE_TOML).unwrap();
+        assert_eq!(spec.name, "lab-report");
+        assert_eq!(spec.task, Task::Extract);
+        assert_eq!(spec.output.table, medbatch_schemas::tables::LAB_RESULTS_TABLE);
+        assert_eq!(spec.output.rows, RowMode::PerItem);
+        assert_eq!(spec.prompt.format, PromptFormat::Raw);
+        assert_eq!(spec.generation.stop, vec!["\n".to_string()]);
+        assert_eq!(spec.extraction.parsers, vec![ParserKind::Hl7Obx, ParserKind::DelimitedTable]);
+        assert_eq!(spec.extraction.unit, ExtractionUnit::Line);
+    }
+
+    #[test]
+    fn schema_lists_the_answer_fields() {
+        let schema: Value = serde_json::from_str(SCHEMA).unwrap();
+        let required: Vec<&str> = schema["required"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(required, ANSWER_FIELDS);
+        for f in ANSWER_FIELDS {
+            assert!(schema["properties"][f].is_object(), "{f}");
+        }
+    }
+
+    fn render(line: &str) -> String {
+        let mut env = minijinja::Environment::new();
+        env.add_template("prompt.j2", PROMPT).unwrap();
+        env.get_template("prompt.j2").unwrap().render(minijinja::context! { line => line }).unwrap()
+    }
+
+    #[test]
+    fn prompt_prefix_is_shared_and_ends_before_the_answer() {
+        let a = render("Sodium 139 mmol/L");
+        let b = render("Kalium 3,4 mmol/l {{ x }}");
+        let prefix = &PROMPT[..PROMPT.find("{{ line }}").unwrap()];
+        assert!(a.starts_with(prefix) && b.starts_with(prefix));
+        // The answer grammar writes the whole object, after one space (` {"` is one token).
+        assert!(a.ends_with("Line: Sodium 139 mmol/L\nJSON:"));
+        assert!(b.ends_with("Line: Kalium 3,4 mmol/l {{ x }}\nJSON:"));
+    }
+
+    /// The few-shot examples, as (line, answer) pairs.
+    fn shots() -> Vec<(String, String)> {
+        let prefix = &PROMPT[..PROMPT.find("Line: {{ line }}").unwrap()];
+        let mut out = Vec::new();
+        let mut lines = prefix.lines();
+        while let Some(l) = lines.next() {
+            if let Some(line) = l.strip_prefix("Line: ") {
+                let answer = lines.next().and_then(|a| a.strip_prefix("JSON: ")).unwrap();
+                out.push((line.to_string(), answer.to_string()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn prompt_examples_follow_the_rules() {
+        let shots = shots();
+        assert!(shots.len() >= 6, "{} shots", shots.len());
+        for (line, answer) in &shots {
+            assert!(answer.starts_with(ANSWER_PRIMER), "{answer}");
+            let object: Map<String, Value> = serde_json::from_str(answer).unwrap();
+            // In the schema's order: the answer grammar writes properties in that order.
+            let keys: Vec<&str> = object.keys().map(String::as_str).collect();
+            assert_eq!(keys, ANSWER_FIELDS.to_vec(), "{answer}");
+            let c = Candidate { start: 0, end: line.chars().count(), text: line.clone() };
+            let item = parse_answer(answer, &c).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(item.alignment, Alignment::Exact, "{line}");
+            // Every field is a copy field: the examples copy from their line too.
+            for v in object.values().filter_map(Value::as_str) {
+                assert!(line.contains(v), "{v:?} is not in {line:?}");
+            }
+            assert!(looks_like_result(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn prompt_examples_do_not_occur_in_the_example_reports() {
+        // Copying a shot is then visible as a test name no report contains.
+        for (_, answer) in shots() {
+            let object: Map<String, Value> = serde_json::from_str(&answer).unwrap();
+            let test = object["test"].as_str().unwrap().to_lowercase();
+            for (name, report) in EXAMPLES {
+                assert!(!report.to_lowercase().contains(&test), "shot test {test:?} occurs in {name}");
+            }
+        }
+    }
+
+    /// The example documents: each `.txt` file, and each record of the `.jsonl` and `.csv`
+    /// files (named `file#id`).
+    fn example_documents() -> Vec<(String, String)> {
+        let mut docs = Vec::new();
+        for (name, content) in EXAMPLES {
+            if name.ends_with(".jsonl") {
+                for line in content.lines() {
+                    let record: Value = serde_json::from_str(line).unwrap();
+                    docs.push((
+                        format!("{name}#{}", record["id"].as_str().unwrap()),
+                        record["text"].as_str().unwrap().into(),
+                    ));
+                }
+            } else if name.ends_with(".csv") {
+                for record in csv::Reader::from_reader(content.as_bytes()).records() {
+                    let record = record.unwrap();
+                    docs.push((format!("{name}#{}", &record[0]), record[1].to_string()));
+                }
+            } else {
+                docs.push((name.to_string(), content.to_string()));
+            }
+        }
+        docs
+    }
+
+    #[test]
+    fn example_reports_route_as_intended() {
+        let docs = example_documents();
+        assert_eq!(docs.len(), 14);
+        let mut model_lines = 0;
+        for (name, report) in &docs {
+            let mut claimed = Vec::new();
+            let mut parsed = 0;
+            for parser in [parse_hl7_obx, parse_delimited_table] {
+                if let Some((items, spans)) = parser(report) {
+                    parsed += items.len();
+                    claimed.extend(spans);
+                }
+            }
+            let candidates = segment(report, &claimed);
+            for c in &candidates {
+                assert_eq!(span_text(report, c.start, c.end).replace(['\r', '\n'], " "), c.text, "{name}");
+                assert!(!overlaps_any(&claimed, c.start, c.end), "{name}");
+            }
+            match name.as_str() {
+                "hl7-oru.txt" => assert_eq!((parsed, candidates.len()), (8, 0)),
+                "liver-pipe-table.txt" => assert_eq!((parsed, candidates.len()), (7, 0)),
+                "records.csv#csv-semicolon-003" => assert_eq!((parsed, candidates.len()), (4, 0)),
+                _ => assert!(parsed == 0 && !candidates.is_empty(), "{name}"),
+            }
+            model_lines += candidates.len();
+        }
+        assert!(model_lines > 60, "{model_lines}");
+    }
+}

@@ -1,0 +1,505 @@
+//! Segmentation of what parsers left into candidate result lines (prose into phrases).
+
+use super::items::{Candidate, Span};
+use super::lines::{overlaps_any, split_lines, Line};
+use regex::Regex;
+use std::sync::LazyLock;
+
+/// Words that open a line that is not a result: identification, dates, ordering, signature,
+/// comment and reference-range notes (English and German), and superseded values of an
+/// amended report (`Previously reported as ...`). Words that also begin test names (`Sex
+/// hormone-binding globulin`) count only as a label, followed by `:` or `#`.
+static NON_RESULT_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^\s*(?:
+            (?:patient|pat\.|dob|d\.o\.b|date\ of\ birth|birth\ ?date|mrn|medical\ record|accession
+            |specimen|collected|collection|received|reported|report\ date|printed|ordered|ordering
+            |requested|requesting|physician|doctor|dr\.|provider|clinician|page|phone|tel|telephone
+            |fax|address|verified|signed|electronically|reviewed|released|authori[sz]ed|approved
+            |performed|called|comments?|notes?|interpretation|disclaimer|footnote|reference
+            |ref\.?\ ranges?|previously|previous\ results?|originally|reason\ for
+            |probe|eingang|befund|geb\.|geburtsdatum|einsender|auftrag|seite|kommentar|bemerkung
+            |validiert)\b
+          | (?:name|date|time|location|ward|room|bed|sex|gender|age|account|visit|encounter|order
+            |sample|method|methodology|nb|reason|datum|record|hospital|nhs|acc|lab|laboratory
+            |department|source|status|priority)\s*[:\#]
+        )",
+    )
+    .unwrap()
+});
+
+static ADDRESS_WORD: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?i)\b(?:street|st\.|road|rd\.|avenue|ave\.?|boulevard|blvd|lane|ln\.|drive|way|suite|floor|p\.?\s?o\.?\s?box|straße|strasse|str\.|weg|platz|gasse)(?:\b|\s|,|$)",
+    )
+    .unwrap()
+});
+
+static PHONE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\(?\+?\d{1,3}\)?[-. ]\(?\d{2,4}\)?[-. ]\d{3,4}[-. ]\d{3,4}\b").unwrap());
+
+/// Dates (`2024-03-12`, `03/12/2024`, `12.03.2024`, `12-Mar-2024`, `Mar 12, 2024`) and
+/// clock times with a two-digit hour (`08:15`, so titres like `1:40` survive).
+static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)
+        \b\d{4}-\d{1,2}-\d{1,2}(?:[T\ ]\d{2}:\d{2}(?::\d{2})?)?\b
+        | \b\d{1,2}/\d{1,2}/\d{2,4}\b
+        | \b\d{1,2}-\d{1,2}-\d{4}\b
+        | \b\d{1,2}\.\d{1,2}\.\d{4}\b
+        | \b\d{1,2}[-\ ](?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?[-\ ,]+\d{2,4}\b
+        | \b(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?\ \d{1,2},?\ \d{4}\b
+        | \b[0-2]\d:[0-5]\d(?::[0-5]\d)?(?:\s?(?:am|pm|h|uhr)\b)?",
+    )
+    .unwrap()
+});
+
+/// Result words of qualitative tests (urinalysis, serology, microscopy).
+static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?i)\b(?:not\s+detected|none\s+seen|non-?reactive|negative|positive|neg|pos|trace|detected|reactive|absent|present|few|moderate|many|rare|occasional|yellow|amber|straw|clear|cloudy|hazy|turbid)\b",
+    )
+    .unwrap()
+});
+
+/// A word: a letter followed by letters or digits (`HbA1c`, `x10`, `Hämoglobin`).
+static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{L}[\p{L}\d]*").unwrap());
+
+/// A line that starts with a one-letter analyte and a number (`K 4.1`, `P: 1.1`).
+static ONE_LETTER_TEST: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\s*[A-Z]\s*[:=]?\s+[-−]?\d").unwrap());
+
+/// Words that cannot be a test name: units, range and flag vocabulary, small words.
+const NOT_TEST_WORDS: &[&str] = &[
+    "mg",
+    "dl",
+    "ml",
+    "mmol",
+    "µmol",
+    "umol",
+    "nmol",
+    "pmol",
+    "mol",
+    "meq",
+    "iu",
+    "miu",
+    "fl",
+    "pg",
+    "ng",
+    "µg",
+    "ug",
+    "mcg",
+    "µl",
+    "ul",
+    "nl",
+    "pl",
+    "hpf",
+    "lpf",
+    "min",
+    "sec",
+    "mm",
+    "cm",
+    "kg",
+    "m2",
+    "x10",
+    "mosm",
+    "mosmol",
+    "cells",
+    "per",
+    "hr",
+    "hrs",
+    "ref",
+    "reference",
+    "range",
+    "normal",
+    "interval",
+    "to",
+    "and",
+    "or",
+    "of",
+    "the",
+    "was",
+    "were",
+    "is",
+    "at",
+    "in",
+    "on",
+    "by",
+    "up",
+    "high",
+    "low",
+    "hi",
+    "lo",
+    "hh",
+    "ll",
+    "flag",
+    "result",
+    "results",
+    "units",
+    "unit",
+    "value",
+    "critical",
+    "abnormal",
+    "abn",
+    "bis",
+];
+
+/// Lines made only of these words are table headers.
+const HEADER_WORDS: &[&str] = &[
+    "test",
+    "tests",
+    "name",
+    "analyte",
+    "component",
+    "parameter",
+    "result",
+    "results",
+    "value",
+    "units",
+    "unit",
+    "reference",
+    "ref",
+    "range",
+    "interval",
+    "normal",
+    "flag",
+    "flags",
+    "status",
+    "comment",
+    "comments",
+    "previous",
+    "specimen",
+    "method",
+];
+
+/// Verbs that report a result in running text (`Potassium was ...`, `sodium remained ...`).
+pub(super) const RESULT_VERBS: &[&str] = &[
+    "was",
+    "were",
+    "is",
+    "are",
+    "has",
+    "had",
+    "showed",
+    "shows",
+    "remained",
+    "remains",
+    "improved",
+    "elevated",
+    "raised",
+    "decreased",
+    "increased",
+];
+/// Other words that mark running text rather than a table or label line.
+const PROSE_WORDS: &[&str] = &["noted", "revealed", "the", "with", "which", "and", "but"];
+
+fn is_prose_word(w: &str) -> bool {
+    RESULT_VERBS.contains(&w) || PROSE_WORDS.contains(&w)
+}
+/// Fewest words for a line to be read as prose.
+const PROSE_MIN_WORDS: usize = 6;
+
+/// Words that open a phrase continuing the previous one ("..., below the reference range
+/// of 12.0-15.5"); such a phrase is joined to the previous instead of standing alone.
+const CONTINUATION_WORDS: &[&str] = &[
+    "below",
+    "above",
+    "within",
+    "outside",
+    "up",
+    "down",
+    "from",
+    "previously",
+    "compared",
+    "versus",
+    "vs",
+    "than",
+    "which",
+    "consistent",
+    "reference",
+    "ref",
+    "normal",
+    "range",
+    "rising",
+    "falling",
+    "unchanged",
+    "stable",
+    "after",
+    "before",
+    "on",
+    "by",
+    "in",
+    "at",
+    "was",
+    "were",
+    "is",
+    "are",
+    "i.e.",
+    "e.g.",
+];
+/// A phrase without a value of at most this many words (a bare test name, as in
+/// "Glucose, fasting, was 108") is carried into the next phrase instead of dropped.
+const CARRY_MAX_WORDS: usize = 3;
+
+/// Splits clauses of a sentence: `, and`, `and`, `but`, `while`, `whereas`, commas followed
+/// by a space (decimal commas have none) and semicolons.
+static PHRASE_SPLIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i),?\s+(?:and|but|while|whereas)\s+|,\s+|;\s*").unwrap());
+
+fn lowercase_words(s: &str) -> impl Iterator<Item = String> + '_ {
+    WORD.find_iter(s).map(|m| m.as_str().to_lowercase())
+}
+
+/// A value: a digit that is not part of a date or time, or a qualitative result word.
+fn has_value(s: &str) -> bool {
+    let without_dates = DATE_OR_TIME.replace_all(s, " ");
+    without_dates.chars().any(|c| c.is_ascii_digit()) || QUALITATIVE.is_match(s)
+}
+
+fn has_test_word(s: &str) -> bool {
+    let stripped = QUALITATIVE.replace_all(s, " ");
+    ONE_LETTER_TEST.is_match(s)
+        || lowercase_words(&stripped).any(|w| w.chars().count() >= 2 && !NOT_TEST_WORDS.contains(&w.as_str()))
+}
+
+pub(super) fn looks_like_result(s: &str) -> bool {
+    has_value(s) && has_test_word(s)
+}
+
+fn is_header_line(s: &str) -> bool {
+    let mut words = lowercase_words(s).peekable();
+    words.peek().is_some() && words.all(|w| HEADER_WORDS.contains(&w.as_str()))
+}
+
+fn is_address_line(s: &str) -> bool {
+    PHONE.is_match(s) || (s.trim_start().starts_with(|c: char| c.is_ascii_digit()) && ADDRESS_WORD.is_match(s))
+}
+
+fn is_non_result_line(s: &str) -> bool {
+    NON_RESULT_LINE.is_match(s) || is_address_line(s) || is_header_line(s)
+}
+
+fn is_prose(s: &str) -> bool {
+    let words: Vec<String> = lowercase_words(s).collect();
+    words.len() >= PROSE_MIN_WORDS && words.iter().any(|w| is_prose_word(w.as_str()))
+}
+
+/// Whether `next` continues a wrapped prose line `prev`: `prev` does not end a sentence,
+/// `next` does not start one, and `next` is not a result line of its own (`pH 6.5`,
+/// `eGFR: 52 mL/min` start in lower case too).
+fn continues(prev: &str, next: &str) -> bool {
+    !prev.trim_end().ends_with(['.', '!', '?', ':', ';'])
+        && next.trim_start().starts_with(|c: char| c.is_lowercase() || c.is_ascii_digit() || c == '(')
+        && (is_prose(next) || !looks_like_result(next))
+}
+
+/// Cuts a document into candidate result lines and phrases, outside the `claimed` spans
+/// (character offsets, as returned by the parsers).
+///
+/// A line is a candidate when it has a value (a digit outside dates and times, or a
+/// qualitative word such as negative/trace/detected) and a test-like word (not a unit or
+/// range word), and is not a header, identification, date, address, signature, comment or
+/// superseded-value line. Multi-column lines stay one candidate. Prose (lines of at least
+/// `PROSE_MIN_WORDS` words with verbs or conjunctions, joined with wrapped continuation
+/// lines) is split into sentences, then into phrases at `and`/commas/semicolons, so
+/// "Potassium was 5.9 mmol/L (3.5-5.1) and sodium 139 mmol/L" gives two candidates.
+pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
+    let lines = split_lines(text);
+    let usable = |l: &Line| {
+        !l.text.trim().is_empty() && !overlaps_any(claimed, l.start, l.char_end()) && !is_non_result_line(l.text)
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let first = lines[i];
+        i += 1;
+        if !usable(&first) {
+            continue;
+        }
+        if is_prose(first.text) {
+            let mut last = first;
+            while i < lines.len() && usable(&lines[i]) && continues(last.text, lines[i].text) {
+                last = lines[i];
+                i += 1;
+            }
+            let block = &text[first.byte_start..last.byte_end()];
+            out.extend(prose_candidates(block, first.start));
+        } else {
+            let (start, end, t) = first.trimmed();
+            if looks_like_result(t) {
+                out.push(Candidate { start, end, text: t.to_string() });
+            }
+        }
+    }
+    out
+}
+
+/// Byte ranges of the sentences of `block`: a sentence ends at `.`, `!` or `?` followed by
+/// whitespace and then an upper-case letter or the end (so `5.9` and `approx. 5` do not end
+/// one).
+fn sentence_ranges(block: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let chars: Vec<(usize, char)> = block.char_indices().collect();
+    for (k, &(byte, c)) in chars.iter().enumerate() {
+        if !matches!(c, '.' | '!' | '?') || !chars.get(k + 1).is_some_and(|&(_, n)| n.is_whitespace()) {
+            continue;
+        }
+        let next_word = chars[k + 1..].iter().find(|&&(_, n)| !n.is_whitespace());
+        if next_word.is_none_or(|&(_, n)| n.is_uppercase()) {
+            out.push((start, byte + c.len_utf8()));
+            start = next_word.map_or(block.len(), |&(b, _)| b);
+        }
+    }
+    if start < block.len() {
+        out.push((start, block.len()));
+    }
+    out
+}
+
+/// Byte ranges of the phrases of one sentence, joined per `CONTINUATION_WORDS` and
+/// `CARRY_MAX_WORDS`.
+fn phrase_ranges(block: &str, (s0, s1): (usize, usize)) -> Vec<(usize, usize)> {
+    let sentence = &block[s0..s1];
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for m in PHRASE_SPLIT.find_iter(sentence) {
+        pieces.push((s0 + at, s0 + m.start()));
+        at = m.end();
+    }
+    pieces.push((s0 + at, s1));
+
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    let mut carried: Option<usize> = None;
+    for (a, b) in pieces {
+        let piece = &block[a..b];
+        let current = if let Some(c) = carried.take() {
+            (c, b)
+        } else if let (Some(last), true) = (merged.last_mut(), starts_with_continuation(piece)) {
+            last.1 = b;
+            continue;
+        } else {
+            (a, b)
+        };
+        let text = &block[current.0..current.1];
+        if !has_value(text) && lowercase_words(text).count() <= CARRY_MAX_WORDS {
+            carried = Some(current.0);
+            continue;
+        }
+        merged.push(current);
+    }
+    merged
+}
+
+fn starts_with_continuation(piece: &str) -> bool {
+    let first = piece.split_whitespace().next().unwrap_or("").to_lowercase();
+    CONTINUATION_WORDS.contains(&first.as_str())
+}
+
+fn prose_candidates(block: &str, block_start: usize) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for sentence in sentence_ranges(block) {
+        for (a, b) in phrase_ranges(block, sentence) {
+            let piece = &block[a..b];
+            let trimmed = piece.trim_start();
+            let a = a + (piece.len() - trimmed.len());
+            let b = a + trimmed.trim_end_matches(|c: char| c.is_whitespace() || matches!(c, '.' | ',' | ';')).len();
+            let t = &block[a..b];
+            if !looks_like_result(t) {
+                continue;
+            }
+            let start = block_start + block[..a].chars().count();
+            out.push(Candidate { start, end: start + t.chars().count(), text: t.replace(['\r', '\n'], " ") });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::lines::span_text;
+    use super::*;
+
+    // ---- segmentation ----
+
+    fn texts(c: &[Candidate]) -> Vec<&str> {
+        c.iter().map(|c| c.text.as_str()).collect()
+    }
+
+    #[test]
+    fn segment_keeps_result_lines_and_skips_the_rest() {
+        let text = "CITY LAB\n1 Example Street, Faketown\nTel: (555) 010-0199\n\
+Patient: DEMO, Alpha   DOB: 01/01/1970\nCollected: 2024-03-12 08:15\n\
+Test      Result   Units   Reference   Flag\n\
+WBC       11.8     x10^9/L  4.0-11.0   H\n\
+Hemoglobin: 13.1 g/dL (ref 12.0-15.5)\nK 4.1 mmol/L\n\
+Glucose              Negative         Negative\nKetones  1+\n\
+12.4 g/dL\n(ref 3.5-5.1)\n2024-03-12\n\
+Comment: potassium 5.2 repeated\nVerified by: J. Placeholder 12/03/2024\n\
+Previously reported as 6.9 mmol/L\n";
+        let c = segment(text, &[]);
+        assert_eq!(
+            texts(&c),
+            vec![
+                "WBC       11.8     x10^9/L  4.0-11.0   H",
+                "Hemoglobin: 13.1 g/dL (ref 12.0-15.5)",
+                "K 4.1 mmol/L",
+                "Glucose              Negative         Negative",
+                "Ketones  1+",
+            ]
+        );
+    }
+
+    #[test]
+    fn segment_splits_prose_into_phrases() {
+        let text = "Potassium was 5.9 mmol/L (3.5-5.1) and sodium 139 mmol/L.";
+        let c = segment(text, &[]);
+        assert_eq!(texts(&c), vec!["Potassium was 5.9 mmol/L (3.5-5.1)", "sodium 139 mmol/L"]);
+        for cand in &c {
+            assert_eq!(span_text(text, cand.start, cand.end), cand.text);
+        }
+        let text = "Hemoglobin was 10.4 g/dL, below the reference range of 12.0-15.5 g/dL. \
+The troponin I was negative. Glucose, fasting, was 108 mg/dL.";
+        assert_eq!(
+            texts(&segment(text, &[])),
+            vec![
+                "Hemoglobin was 10.4 g/dL, below the reference range of 12.0-15.5 g/dL",
+                "The troponin I was negative",
+                "Glucose, fasting, was 108 mg/dL",
+            ]
+        );
+    }
+
+    #[test]
+    fn segment_joins_wrapped_prose() {
+        let text = "On admission the potassium was elevated at 5.9\r\nmmol/L and the sodium was 139 mmol/L.";
+        let c = segment(text, &[]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[0].text, "On admission the potassium was elevated at 5.9  mmol/L");
+        assert_eq!(c[0].end - c[0].start, c[0].text.chars().count());
+        assert_eq!(span_text(text, c[1].start, c[1].end), "the sodium was 139 mmol/L");
+        // A result line after unfinished prose stays a line of its own.
+        let text = "Urine was collected and tested with the following results
+pH 6.5 5.0-8.0
+";
+        assert_eq!(texts(&segment(text, &[])), vec!["pH 6.5 5.0-8.0"]);
+    }
+
+    #[test]
+    fn segment_respects_claimed_spans() {
+        let text = "Sodium 139 mmol/L\nPotassium 4.1 mmol/L\n";
+        let c = segment(text, &[(0, 17)]);
+        assert_eq!(texts(&c), vec!["Potassium 4.1 mmol/L"]);
+    }
+
+    #[test]
+    fn segment_offsets_are_characters_with_multibyte_text() {
+        let text = "Temp 37,2 °C ± 0,1\nKreatinin   68 µmol/L   45–90\n  Hämoglobin 12,1 g/dl\n";
+        let c = segment(text, &[]);
+        assert_eq!(c.len(), 3);
+        assert_eq!((c[1].start, c[1].end), (19, 48));
+        assert_eq!((c[2].start, c[2].end), (51, 71));
+        for cand in &c {
+            assert_eq!(span_text(text, cand.start, cand.end), cand.text);
+        }
+    }
+}

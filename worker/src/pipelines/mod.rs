@@ -1,0 +1,104 @@
+//! Pipelines behind one trait: what a job does with each document it read.
+//!
+//! A pipeline is picked once, from its spec's `task` ([`for_spec`]); the job loop then hands
+//! it one [`Unit`] at a time and writes what comes back. Each pipeline owns its output
+//! table: its Arrow schema and the record batch of each document's rows. Model calls go
+//! through [`crate::model_call`], the one path from prompt to answer.
+
+pub mod lab_report;
+pub mod structured;
+
+use crate::parquet_out::{ErrorRow, JobProvenance, ParquetOutError};
+use crate::pipeline::{LoadedPipeline, PipelineError};
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use medbatch_engine::image::Rgb8;
+use medbatch_engine::EngineHandle;
+use medbatch_schemas::pipeline::Task;
+use medbatch_schemas::{Digest, Document, SkipReason};
+use std::sync::Arc;
+
+/// What a pipeline reads at a time: one document, with the images of its prompt (none for
+/// text; an imaging study's images for imaging pipelines).
+#[derive(Debug)]
+pub struct Unit {
+    pub doc: Document,
+    pub images: Vec<Arc<Rgb8>>,
+    /// What the unit was read from, in order: the input (and member) of a text document; each
+    /// file of an imaging prompt, with the images it gave or why it gave none. One
+    /// `_documents` row each.
+    pub sources: Vec<Source>,
+}
+
+/// An input file (or archive member) a unit was read from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Source {
+    pub uri: String,
+    pub member: Option<String>,
+    pub sha256: Digest,
+    /// Images it gave the prompt (imaging units only).
+    pub images: Option<u32>,
+    /// Read, but left out by the pipeline's recipe.
+    pub skipped: Option<SkipReason>,
+}
+
+/// What running a unit needs besides the pipeline.
+pub struct RunCx<'a> {
+    pub engine: &'a EngineHandle,
+    /// Seeds sampling (when the pipeline samples) so that a rerun reproduces it.
+    pub job_seed: u64,
+    /// The job columns of every row.
+    pub provenance: &'a JobProvenance,
+    /// Called with the tokens of each model answer, for progress.
+    pub on_generated: &'a (dyn Fn(u64) + Sync),
+}
+
+/// What one unit gave: its rows in the pipeline's table, its error rows, what it cost.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The unit's rows (`None` when it gave none).
+    pub batch: Option<RecordBatch>,
+    pub errors: Vec<ErrorRow>,
+    pub tokens_in: u64,
+    pub tokens_out: u64,
+    /// Wall time of the model phase.
+    pub engine_ms: u64,
+}
+
+impl Outcome {
+    /// Rows in the pipeline's table.
+    pub fn rows(&self) -> usize {
+        self.batch.as_ref().map_or(0, RecordBatch::num_rows)
+    }
+
+    /// The outcome's cost and errors as the model call left them.
+    fn from_asked(asked: &crate::model_call::Asked) -> Self {
+        Self { tokens_in: asked.tokens_in, tokens_out: asked.tokens_out, engine_ms: asked.engine_ms, ..Self::default() }
+    }
+}
+
+/// One kind of pipeline.
+#[async_trait::async_trait]
+pub trait Pipeline: Send + Sync {
+    /// The pipeline folder it runs (spec, prompt, schema, digest).
+    fn loaded(&self) -> &LoadedPipeline;
+
+    /// The schema of its output table (`output.table` of the spec).
+    fn schema(&self) -> SchemaRef;
+
+    /// Turns one unit into rows and error rows. `Err` only when the rows cannot be encoded
+    /// (the same rows would fail again: the job is dead-lettered).
+    async fn run(&self, unit: &Unit, cx: &RunCx<'_>) -> Result<Outcome, ParquetOutError>;
+}
+
+/// The pipeline a spec asks for: the one place that looks at `task`.
+pub fn for_spec(loaded: Arc<LoadedPipeline>) -> Result<Arc<dyn Pipeline>, PipelineError> {
+    match loaded.spec.task {
+        Task::Extract => Ok(Arc::new(lab_report::LabReport::new(loaded))),
+        Task::Structured => Ok(Arc::new(structured::Structured::new(loaded)?)),
+        Task::Generate => Err(PipelineError::Invalid {
+            path: loaded.dir.display().to_string(),
+            reason: "task \"generate\" is not implemented".into(),
+        }),
+    }
+}
