@@ -8,12 +8,13 @@ use crate::{model_path, progress::Progress};
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
 use medbatch_connectors::inputs::InputSource;
-use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
+use medbatch_coordinator::{
+    follow_and_commit, plan_run, publish_pending, run_progress, FollowConfig, Followed, PlanConfig,
+};
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::RunId;
 use medbatch_worker::pipeline::LoadedPipeline;
 use medbatch_worker::serve::{serve, Contexts, Resolver, Served};
-use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,9 +131,6 @@ fn spawn_watchdog(engine: EngineHandle, limit: Duration) {
     });
 }
 
-/// Consecutive failed reads of the output `submit` waits out while following (2 s apart).
-const STORE_FAILURES_TOLERATED: u32 = 90;
-
 pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let rt = crate::runtime()?;
     rt.block_on(run_submit(args))
@@ -172,72 +170,14 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     // Follow the completion markers; workers may be anywhere.
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
-    // One listing of the markers per poll (not a read of each); the markers are read once,
-    // when all are there, to commit.
-    // Each planned job's marker key, and the job it marks.
-    let job_of_marker: HashMap<String, String> = plan
-        .jobs
-        .iter()
-        .map(|j| (medbatch_schemas::tables::done_key(&j.run_id, &j.job_id), j.job_id.to_string()))
-        .collect();
-    let mut polls = 0u64;
-    let mut store_failures = 0u32;
-    let mut dead: Vec<medbatch_connectors::amqp::DeadJob> = Vec::new();
-    let manifest = loop {
-        // A storage hiccup while following is waited out (the SDK has retried already);
-        // only a store unreachable for minutes ends the command (the run goes on).
-        let listed = match store.list(&medbatch_schemas::tables::done_prefix(&run_id)).await {
-            Ok(l) => {
-                store_failures = 0;
-                l
-            }
-            Err(e) if store_failures < STORE_FAILURES_TOLERATED => {
-                store_failures += 1;
-                tracing::warn!(error = %e, "reading the completion markers failed; trying again");
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let done_jobs: std::collections::HashSet<&str> =
-            listed.iter().filter_map(|k| job_of_marker.get(k)).map(String::as_str).collect();
-        let done = done_jobs.len() as u64;
-        bar.set(done, 0);
-        if done == plan.jobs.len() as u64 {
-            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            match commit_run(&plan, store.as_ref(), &now).await {
-                Ok(m) => break m,
-                Err(e) if store_failures < STORE_FAILURES_TOLERATED => {
-                    store_failures += 1;
-                    tracing::warn!(error = %e, "committing the run failed; trying again");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // Every few seconds, look for jobs of the run in the dead-letter queue: when every
-        // job left is there, no worker will finish them and following is over.
-        if polls % 5 == 4 {
-            match queue.dead_letters(crate::status::DEAD_LETTER_SCAN).await {
-                Ok(d) => {
-                    dead = d
-                        .of_run(run_id.as_str())
-                        .into_iter()
-                        .filter(|j| !done_jobs.contains(j.job_id.as_str()))
-                        .collect()
-                }
-                // The broker away for a moment: the run goes on; look again later.
-                Err(e) => tracing::warn!(error = %e, "could not look at the dead-letter queue"),
-            }
-            if !dead.is_empty() && done + dead.len() as u64 >= plan.jobs.len() as u64 {
-                break None;
-            }
-        }
-        polls += 1;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    };
+    let followed =
+        follow_and_commit(&plan, store.as_ref(), &queue, &FollowConfig::default(), &mut |done| bar.set(done, 0))
+            .await?;
     bar.finish();
+    let (manifest, dead) = match followed {
+        Followed::Committed(m) => (Some(*m), Vec::new()),
+        Followed::DeadLettered(dead) => (None, dead),
+    };
     if manifest.is_none() {
         eprintln!("medbatch: run {run_id}: {} jobs were dead-lettered after the delivery limit:", dead.len());
         for j in &dead {

@@ -6,6 +6,7 @@ use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, RabbitQueue};
 use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::commit::run_progress;
+use medbatch_coordinator::follow::DEAD_LETTER_SCAN;
 use medbatch_coordinator::plan::PlannedRun;
 use medbatch_schemas::tables::{manifest_key, plan_key};
 use medbatch_schemas::RunId;
@@ -33,9 +34,6 @@ pub struct StatusArgs {
 pub async fn open_store(out: &str, s3_endpoint: Option<&str>) -> anyhow::Result<(Arc<dyn ObjectStore>, String)> {
     medbatch_connectors::store::open(out, s3_endpoint).await.with_context(|| format!("output {out}"))
 }
-
-/// Dead-lettered messages looked at to find a run's jobs.
-pub const DEAD_LETTER_SCAN: usize = 10_000;
 
 /// What the broker says about a run.
 struct Broker {

@@ -10,6 +10,7 @@
 //! `amqps://` URLs use TLS, with the platform's roots and an optional CA file.
 
 use crate::queue::{Acker, Delivery, JobQueue, QueueError};
+pub use crate::queue::{DeadJob, DeadLetters};
 use async_trait::async_trait;
 use futures_lite::StreamExt;
 use lapin::options::{
@@ -122,37 +123,6 @@ pub fn redact_url(url: &str) -> String {
 
 fn broker(e: impl std::fmt::Display) -> QueueError {
     QueueError::Broker(e.to_string())
-}
-
-/// A dead-lettered job.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadJob {
-    pub run_id: String,
-    pub job_id: String,
-    /// Why the broker dead-lettered it (`delivery_limit`, `rejected`, ...).
-    pub reason: String,
-}
-
-/// What [`RabbitQueue::dead_letters`] saw in the dead-letter queue.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DeadLetters {
-    pub jobs: Vec<DeadJob>,
-    /// Messages that are not jobs.
-    pub other: usize,
-    /// Messages looked at.
-    pub scanned: usize,
-    /// Messages left in the queue after the last one looked at (beyond the limit).
-    pub remaining: u32,
-}
-
-impl DeadLetters {
-    /// The dead-lettered jobs of one run, by job id (a job dead-lettered twice counts once).
-    pub fn of_run(&self, run_id: &str) -> Vec<DeadJob> {
-        let mut jobs: Vec<DeadJob> = self.jobs.iter().filter(|j| j.run_id == run_id).cloned().collect();
-        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
-        jobs.dedup_by(|a, b| a.job_id == b.job_id);
-        jobs
-    }
 }
 
 /// A live connection with its publishing channel (confirm mode).
@@ -519,6 +489,10 @@ impl JobQueue for RabbitQueue {
 
     async fn next(&self) -> Result<Option<Delivery>, QueueError> {
         self.with_reconnect("consume", || self.next_once()).await
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<DeadLetters, QueueError> {
+        RabbitQueue::dead_letters(self, max).await
     }
 }
 

@@ -18,6 +18,37 @@ pub enum QueueError {
     Broker(String),
 }
 
+/// A dead-lettered job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadJob {
+    pub run_id: String,
+    pub job_id: String,
+    /// Why the broker dead-lettered it (`delivery_limit`, `rejected`, ...).
+    pub reason: String,
+}
+
+/// What [`JobQueue::dead_letters`] saw among the dead-lettered jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeadLetters {
+    pub jobs: Vec<DeadJob>,
+    /// Messages that are not jobs.
+    pub other: usize,
+    /// Messages looked at.
+    pub scanned: usize,
+    /// Messages left in the queue after the last one looked at (beyond the limit).
+    pub remaining: u32,
+}
+
+impl DeadLetters {
+    /// The dead-lettered jobs of one run, by job id (a job dead-lettered twice counts once).
+    pub fn of_run(&self, run_id: &str) -> Vec<DeadJob> {
+        let mut jobs: Vec<DeadJob> = self.jobs.iter().filter(|j| j.run_id == run_id).cloned().collect();
+        jobs.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+        jobs.dedup_by(|a, b| a.job_id == b.job_id);
+        jobs
+    }
+}
+
 /// One delivery of a job. Acknowledge it once the job's outputs are durable; return it
 /// (`nack`) to have it delivered again.
 pub struct Delivery {
@@ -62,6 +93,9 @@ pub trait JobQueue: Send + Sync {
     }
     /// The next delivery, or `None` once the queue is closed and drained.
     async fn next(&self) -> Result<Option<Delivery>, QueueError>;
+    /// Looks at up to `max` dead-lettered jobs (of every run) without taking them: jobs no
+    /// worker will finish, which whoever follows a run must stop waiting for.
+    async fn dead_letters(&self, max: usize) -> Result<DeadLetters, QueueError>;
 }
 
 #[derive(Default)]
@@ -69,7 +103,8 @@ struct State {
     ready: VecDeque<Job>,
     in_flight: usize,
     closed: bool,
-    dead: Vec<Job>,
+    /// Dead-lettered jobs and why (`delivery_limit`, `rejected`, as RabbitMQ says).
+    dead: Vec<(Job, &'static str)>,
 }
 
 /// The embedded run's queue: jobs in memory, delivered to worker tasks of the same process.
@@ -94,7 +129,7 @@ impl InProcessQueue {
 
     /// Jobs that reached the delivery limit.
     pub fn dead_lettered(&self) -> Vec<Job> {
-        self.state.lock().expect("queue lock").dead.clone()
+        self.state.lock().expect("queue lock").dead.iter().map(|(j, _)| j.clone()).collect()
     }
 }
 
@@ -119,7 +154,7 @@ impl Acker for InProcessAcker {
             job.attempt += 1;
             s.ready.push_back(job);
         } else {
-            s.dead.push(job);
+            s.dead.push((job, if requeue { "delivery_limit" } else { "rejected" }));
         }
         drop(s);
         self.queue.changed.notify_waiters();
@@ -156,6 +191,22 @@ impl JobQueue for InProcessQueue {
             }
             notified.await;
         }
+    }
+
+    async fn dead_letters(&self, max: usize) -> Result<DeadLetters, QueueError> {
+        let s = self.state.lock().expect("queue lock");
+        let jobs: Vec<DeadJob> = s
+            .dead
+            .iter()
+            .take(max)
+            .map(|(j, why)| DeadJob {
+                run_id: j.run_id.to_string(),
+                job_id: j.job_id.to_string(),
+                reason: (*why).into(),
+            })
+            .collect();
+        let remaining = u32::try_from(s.dead.len() - jobs.len()).unwrap_or(u32::MAX);
+        Ok(DeadLetters { scanned: jobs.len(), jobs, other: 0, remaining })
     }
 }
 

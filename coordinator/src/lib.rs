@@ -3,13 +3,16 @@
 //! It discovers inputs (files, folders, archive directories — metadata only, never document
 //! content), splits them into jobs whose ids are derived from the run id and their inputs,
 //! skips jobs that already have a completion marker (so planning is resumable), publishes
-//! the rest, and once every job has a marker writes the run manifest and `_SUCCESS`.
+//! the rest, follows the markers ([`follow`]), and once every job has one writes the run
+//! manifest and `_SUCCESS`.
 //! It never links the model engine.
 
 pub mod commit;
+pub mod follow;
 pub mod plan;
 
 pub use commit::{commit_run, run_progress, RunProgress};
+pub use follow::{follow_and_commit, FollowConfig, Followed};
 pub use plan::{plan_run, publish_pending, PlanConfig, PlannedRun};
 
 /// Errors that stop planning or committing a run.

@@ -1,0 +1,216 @@
+//! Following a published run to its end: poll the completion markers, commit the run once
+//! every planned job has one, and stop waiting when the jobs left are all dead-lettered (no
+//! worker will finish them). Workers may be anywhere; only the output store and the queue
+//! are looked at.
+
+use crate::commit::commit_run;
+use crate::plan::PlannedRun;
+use crate::CoordinatorError;
+use medbatch_connectors::queue::{DeadJob, JobQueue};
+use medbatch_connectors::store::ObjectStore;
+use medbatch_schemas::tables::{done_key, done_prefix};
+use medbatch_schemas::Manifest;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Dead-lettered messages looked at to find a run's jobs.
+pub const DEAD_LETTER_SCAN: usize = 10_000;
+
+/// How a run is followed.
+#[derive(Clone, Debug)]
+pub struct FollowConfig {
+    /// Time between two listings of the completion markers.
+    pub poll: Duration,
+    /// Look at the dead-lettered jobs every this many polls.
+    pub dead_letter_every: u64,
+    /// Dead-lettered messages looked at each time (of every run).
+    pub dead_letter_scan: usize,
+    /// Consecutive failed reads of the output waited out (one poll apart) before giving up:
+    /// a storage hiccup does not end following, a store unreachable for minutes does.
+    pub store_failures_tolerated: u32,
+}
+
+impl Default for FollowConfig {
+    fn default() -> Self {
+        Self {
+            poll: Duration::from_secs(1),
+            dead_letter_every: 5,
+            dead_letter_scan: DEAD_LETTER_SCAN,
+            store_failures_tolerated: 90,
+        }
+    }
+}
+
+/// How following a run ended.
+#[derive(Debug)]
+pub enum Followed {
+    /// Every job done; the run is committed.
+    Committed(Box<Manifest>),
+    /// Every job not done is dead-lettered (listed by job id); the others are done. The run
+    /// is not committed: once the cause is fixed, publishing the run again finishes it.
+    DeadLettered(Vec<DeadJob>),
+}
+
+/// Follows `plan` until it is committed or its unfinished jobs are all dead-lettered.
+/// `on_done` is called with the number of jobs done after each poll (for progress).
+pub async fn follow_and_commit(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    queue: &dyn JobQueue,
+    cfg: &FollowConfig,
+    on_done: &mut (dyn FnMut(u64) + Send),
+) -> Result<Followed, CoordinatorError> {
+    // One listing of the markers per poll (not a read of each); the markers are read once,
+    // when all are there, to commit. Each planned job's marker key, and the job it marks:
+    let job_of_marker: HashMap<String, &str> =
+        plan.jobs.iter().map(|j| (done_key(&j.run_id, &j.job_id), j.job_id.as_str())).collect();
+    let planned = plan.jobs.len() as u64;
+    let mut store_failures = 0u32;
+    let mut polls = 0u64;
+    loop {
+        let listed = match store.list(&done_prefix(&plan.run_id)).await {
+            Ok(l) => {
+                store_failures = 0;
+                l
+            }
+            Err(e) if store_failures < cfg.store_failures_tolerated => {
+                store_failures += 1;
+                tracing::warn!(error = %e, "reading the completion markers failed; trying again");
+                tokio::time::sleep(cfg.poll).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let done_jobs: HashSet<&str> = listed.iter().filter_map(|k| job_of_marker.get(k).copied()).collect();
+        let done = done_jobs.len() as u64;
+        on_done(done);
+        if done == planned {
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            match commit_run(plan, store, &now).await {
+                Ok(Some(m)) => return Ok(Followed::Committed(Box::new(m))),
+                // A marker listed but not yet readable: look again.
+                Ok(None) => {}
+                Err(e) if store_failures < cfg.store_failures_tolerated => {
+                    store_failures += 1;
+                    tracing::warn!(error = %e, "committing the run failed; trying again");
+                }
+                Err(e) => return Err(e),
+            }
+        } else if polls % cfg.dead_letter_every.max(1) == cfg.dead_letter_every.max(1) - 1 {
+            // When every job left is dead-lettered, no worker will finish them.
+            match queue.dead_letters(cfg.dead_letter_scan).await {
+                Ok(d) => {
+                    let dead: Vec<DeadJob> = d
+                        .of_run(plan.run_id.as_str())
+                        .into_iter()
+                        .filter(|j| !done_jobs.contains(j.job_id.as_str()))
+                        .collect();
+                    if !dead.is_empty() && done + dead.len() as u64 >= planned {
+                        return Ok(Followed::DeadLettered(dead));
+                    }
+                }
+                // The broker away for a moment: the run goes on; look again later.
+                Err(e) => tracing::warn!(error = %e, "could not look at the dead-lettered jobs"),
+            }
+        }
+        polls += 1;
+        tokio::time::sleep(cfg.poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{plan_run, publish_pending, PlanConfig};
+    use medbatch_connectors::queue::InProcessQueue;
+    use medbatch_connectors::store::LocalStore;
+    use medbatch_schemas::{Completion, Digest, ModelRef, PipelineRef, RunId, JOB_SCHEMA_VERSION};
+
+    fn plan(dir: &std::path::Path, run: &str) -> PlannedRun {
+        for f in ["a.txt", "b.txt", "c.txt"] {
+            std::fs::write(dir.join(f), f).unwrap();
+        }
+        plan_run(&PlanConfig {
+            run_id: RunId::new(run).unwrap(),
+            pipeline: PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") },
+            model: ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") },
+            output: "/out".into(),
+            inputs: vec![dir.to_str().unwrap().into()],
+            source: medbatch_connectors::inputs::InputSource::local(),
+            imaging: None,
+        })
+        .unwrap()
+    }
+
+    fn fast() -> FollowConfig {
+        FollowConfig { poll: Duration::from_millis(5), dead_letter_every: 2, ..FollowConfig::default() }
+    }
+
+    /// A worker's part of the bargain: the marker of a job (no parts).
+    async fn finish(store: &LocalStore, plan: &PlannedRun, i: usize) {
+        let c = Completion {
+            schema_version: JOB_SCHEMA_VERSION,
+            run_id: plan.run_id.clone(),
+            job_id: plan.jobs[i].job_id.clone(),
+            parts: Vec::new(),
+            documents_ok: 1,
+            documents_failed: 0,
+            error_rows: 0,
+            tokens_in: 0,
+            tokens_out: 0,
+            engine_ms: 0,
+            wall_ms: 0,
+            worker_id: "w".into(),
+            finished_at: "2026-01-01T00:00:00Z".into(),
+        };
+        store.put(&done_key(&c.run_id, &c.job_id), serde_json::to_vec(&c).unwrap().into()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn commits_once_every_job_is_done() {
+        let (d, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = LocalStore::create(out.path()).unwrap();
+        let plan = plan(d.path(), "r1");
+        let queue = InProcessQueue::new();
+        publish_pending(&plan, &store, &queue).await.unwrap();
+        // Jobs finish one by one while the run is followed.
+        let (s, p) = (store.clone(), plan.clone());
+        let workers = tokio::spawn(async move {
+            for i in 0..p.jobs.len() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                finish(&s, &p, i).await;
+            }
+        });
+        let mut seen = Vec::new();
+        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |n| seen.push(n)).await.unwrap();
+        workers.await.unwrap();
+        let Followed::Committed(m) = followed else { panic!("{followed:?}") };
+        assert_eq!((m.jobs, m.run_id.as_str()), (plan.jobs.len() as u64, "r1"));
+        assert!(store.exists(&medbatch_schemas::tables::success_key(&plan.run_id)).await.unwrap());
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen.last() == Some(&(plan.jobs.len() as u64)), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn stops_when_every_job_left_is_dead_lettered() {
+        let (d, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = LocalStore::create(out.path()).unwrap();
+        let plan = plan(d.path(), "r2");
+        assert!(plan.jobs.len() >= 2, "{}", plan.jobs.len());
+        let queue = InProcessQueue::new();
+        publish_pending(&plan, &store, &queue).await.unwrap();
+        queue.close();
+        // The first job is rejected by a worker (dead-lettered at once), the others done.
+        let first = queue.next().await.unwrap().unwrap();
+        let dead_id = first.job.job_id.to_string();
+        first.nack(false).await.unwrap();
+        while let Some(d) = queue.next().await.unwrap() {
+            let i = plan.jobs.iter().position(|j| j.job_id == d.job.job_id).unwrap();
+            finish(&store, &plan, i).await;
+            d.ack().await.unwrap();
+        }
+        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |_| {}).await.unwrap();
+        let Followed::DeadLettered(dead) = followed else { panic!("{followed:?}") };
+        assert_eq!(dead, vec![DeadJob { run_id: "r2".into(), job_id: dead_id, reason: "rejected".into() }]);
+        assert!(!store.exists(&medbatch_schemas::tables::manifest_key(&plan.run_id)).await.unwrap());
+    }
+}
