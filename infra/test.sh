@@ -30,15 +30,18 @@ set +e
 cargo test --release --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
-# The lab-report evaluation on its gold set with the demo model, printed for the record
+# The lab-report evaluation on both splits of its gold set (dev: tuned on; test: held out)
+# with the demo model, printed for the record
 # (tests/e2e_embedded.rs holds it to minimum scores).
 if [ "$status" -eq 0 ]; then
   bin="${CARGO_TARGET_DIR:-target}/release/medbatch"
-  eval_out="$(mktemp -d)"
-  "$bin" run lab-report pipelines/lab-report/eval/reports --out "$eval_out" --model "$MEDBATCH_DEMO_GGUF" --run-id eval >/dev/null 2>&1 \
-    && echo "lab-report evaluation (demo model, pipelines/lab-report/eval):" \
-    && "$bin" eval lab-report --pred "$eval_out" --run-id eval || echo "lab-report evaluation could not run"
-  rm -rf "$eval_out"
+  for split in dev test; do
+    eval_out="$(mktemp -d)"
+    "$bin" run lab-report "pipelines/lab-report/eval/$split/reports" --out "$eval_out" --model "$MEDBATCH_DEMO_GGUF" --run-id eval >/dev/null 2>&1 \
+      && echo "lab-report evaluation, $split split (demo model, pipelines/lab-report/eval/$split):" \
+      && "$bin" eval lab-report --gold "$split" --pred "$eval_out" --run-id eval || echo "lab-report evaluation ($split) could not run"
+    rm -rf "$eval_out"
+  done
 fi
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
      END { printf "summary: %d passed, %d failed\n", p, f }' "$log"

@@ -10,9 +10,10 @@ use std::process::ExitCode;
 pub struct EvalArgs {
     /// Pipeline (folder name under pipelines/ or a path): names the table to score.
     pub pipeline: String,
-    /// Gold set folder (`reports/` and `gold/`); defaults to the pipeline's `eval/`.
-    #[arg(long)]
-    pub gold: Option<PathBuf>,
+    /// Gold set: a split of the pipeline's gold set (`dev`, the part tuned on, or `test`,
+    /// held out) or a folder with `reports/` and `gold/`.
+    #[arg(long, default_value = "dev")]
+    pub gold: String,
     /// Output root of the run to score (the `--out` of `medbatch run`).
     #[arg(long)]
     pub pred: PathBuf,
@@ -26,7 +27,8 @@ pub struct EvalArgs {
 
 pub fn main(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let pipeline = LoadedPipeline::load(&args.pipeline)?;
-    let gold_dir = args.gold.unwrap_or_else(|| pipeline.dir.join("eval"));
+    let split = pipeline.dir.join("eval").join(&args.gold);
+    let gold_dir = if split.join("gold").is_dir() { split } else { PathBuf::from(&args.gold) };
     let gold = load_gold(&gold_dir)?;
     let (pred, errors) = load_predictions(&args.pred, &pipeline.spec.output.table, args.run_id.as_deref())
         .with_context(|| format!("reading the run under {}", args.pred.display()))?;

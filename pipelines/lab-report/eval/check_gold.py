@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Check the lab-report gold files against their reports (no dependencies).
 
-For every gold/<name>.json: document_id names reports/<document_id>; every evidence is an
+The gold set has two splits: dev/ (tuned on) and test/ (held out). In each, for every
+gold/<name>.json: document_id names reports/<document_id>; every evidence is an
 exact substring of the report, occurring exactly once; every value occurs inside its
 evidence; evidence spans (first occurrence) of one document do not overlap; fields have
 the documented types; a flag left to computation agrees with value and range.
-Also checks that no (test, value) pair of prompt.j2 or examples/lab-reports/ is reused.
-Exit status 1 on any problem.
+Also checks that no (test, value) pair of prompt.j2 or examples/lab-reports/ is reused, and
+that no line of a test/ report occurs in a dev/ report or in the pipeline's files (the held-out
+split stays unseen). `python3 check_gold.py [dev|test]` checks one split. Exit status 1 on any
+problem.
 """
 import json
 import pathlib
@@ -29,9 +32,44 @@ def norm_value(s):
 
 
 def main():
+    splits = sys.argv[1:] or ["dev", "test"]
     problems = []
-    reports = sorted(p.name for p in (EVAL / "reports").glob("*.txt"))
-    golds = sorted((EVAL / "gold").glob("*.json"))
+    for split in splits:
+        check_split(EVAL / split, problems)
+    if "test" in splits:
+        check_held_out(problems)
+    for p in problems:
+        print("PROBLEM:", p)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def lines_of(paths):
+    out = set()
+    for p in paths:
+        for line in p.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            # Short lines (blank, "HEMATOLOGY", a date) may legitimately recur.
+            if len(line) >= 25:
+                out.add(line)
+    return out
+
+
+def check_held_out(problems):
+    """No line of a test/ report in dev/ reports or in the pipeline's own files."""
+    seen = lines_of(sorted((EVAL / "dev" / "reports").glob("*.txt")))
+    seen |= lines_of(p for p in sorted(PIPELINE.rglob("*")) if p.is_file() and "eval" not in p.relative_to(PIPELINE).parts)
+    for report in sorted((EVAL / "test" / "reports").glob("*.txt")):
+        for line in sorted(lines_of([report]) & seen):
+            problems.append(f"test/reports/{report.name}: line also in dev or the pipeline: {line[:60]!r}")
+    dev = {p.name for p in (EVAL / "dev" / "reports").glob("*.txt")}
+    for name in sorted(dev & {p.name for p in (EVAL / "test" / "reports").glob("*.txt")}):
+        problems.append(f"{name}: in both dev and test")
+
+
+def check_split(root, problems):
+    reports = sorted(p.name for p in (root / "reports").glob("*.txt"))
+    golds = sorted((root / "gold").glob("*.json"))
     if [g.stem + ".txt" for g in golds] != reports:
         problems.append(f"reports and gold files differ: {reports} vs {[g.name for g in golds]}")
     # (test, value) pairs the prompt examples and the example reports use.
@@ -49,7 +87,7 @@ def main():
         if name != g.stem + ".txt":
             problems.append(f"{g.name}: document_id {name!r}")
             continue
-        text = (EVAL / "reports" / name).read_text(encoding="utf-8")
+        text = (root / "reports" / name).read_text(encoding="utf-8")
         spans = []
         for i, r in enumerate(doc["results"]):
             where = f"{name}#{i} {r.get('test')!r}"
@@ -94,12 +132,8 @@ def main():
         for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
             if s2 < e1:
                 problems.append(f"{w1} and {w2}: evidence spans overlap")
-        print(f"{name}: {len(doc['results'])} results")
-    print(f"total: {total} gold results in {len(golds)} documents")
-    for p in problems:
-        print("PROBLEM:", p)
-    print("OK" if not problems else f"{len(problems)} problem(s)")
-    return 1 if problems else 0
+        print(f"{root.name}/{name}: {len(doc['results'])} results")
+    print(f"{root.name}: {total} gold results in {len(golds)} documents")
 
 
 if __name__ == "__main__":

@@ -106,12 +106,19 @@ pub fn compute_flag(
     ref_high: Option<f64>,
     printed: Option<&str>,
 ) -> Option<Flag> {
-    if let Some(flag) = printed.and_then(Flag::from_printed) {
-        return Some(flag);
+    // `*`, `!`, `+` and `-` beside a value mark it as out of range without saying which way
+    // (or say it the way the range does): the range gives the direction.
+    let marker =
+        printed.map(str::trim).filter(|p| !p.is_empty() && p.chars().all(|c| matches!(c, '*' | '!' | '+' | '-')));
+    if marker.is_none() {
+        if let Some(flag) = printed.and_then(Flag::from_printed) {
+            return Some(flag);
+        }
     }
-    let v = value_numeric?;
+    let unmarked = || marker.filter(|m| m.contains(['*', '!'])).map(|_| Flag::Abnormal);
+    let Some(v) = value_numeric else { return unmarked() };
     if ref_low.is_none() && ref_high.is_none() {
-        return None;
+        return unmarked();
     }
     if ref_low.is_some_and(|low| v < low) {
         Some(Flag::Low)
@@ -231,5 +238,10 @@ mod tests {
         assert_eq!(compute_flag(Some(3.0), Some(3.5), Some(5.1), Some("?")), Some(Flag::Low));
         assert_eq!(compute_flag(Some(3.0), None, None, None), None);
         assert_eq!(compute_flag(None, Some(1.0), Some(2.0), None), None);
+        // Markers without a direction take the range's; without a range `*` is abnormal.
+        assert_eq!(compute_flag(Some(3.0), Some(3.5), Some(5.1), Some("*")), Some(Flag::Low));
+        assert_eq!(compute_flag(Some(9.0), Some(3.5), Some(5.1), Some(" + ")), Some(Flag::High));
+        assert_eq!(compute_flag(Some(9.0), None, None, Some("*")), Some(Flag::Abnormal));
+        assert_eq!(compute_flag(None, None, None, Some("-")), None);
     }
 }

@@ -324,14 +324,102 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
             let block = &text[first.byte_start..last.byte_end()];
             out.extend(prose_candidates(block, first.start));
         } else {
-            let (start, end, t) = first.trimmed();
-            if looks_like_result(t) {
-                out.push(Candidate { start, end, text: t.to_string() });
+            let (start, mut end, t) = first.trimmed();
+            if !looks_like_result(t) {
+                continue;
+            }
+            // A value printed alone, its unit and range on the lines below: one candidate,
+            // the line breaks and indentation as spaces (offsets still map onto the text).
+            let mut text = t.to_string();
+            if NUMBER_AT_END.is_match(t) {
+                // A header-like line (`Normal: 0 - 34`) may carry the range here.
+                while i < lines.len()
+                    && !lines[i].text.trim().is_empty()
+                    && !overlaps_any(claimed, lines[i].start, lines[i].char_end())
+                    && !NON_RESULT_LINE.is_match(lines[i].text)
+                    && continuation(lines[i].text)
+                    && !RANGE_IN.is_match(&text[t.len()..])
+                {
+                    let (_, next_end, _) = lines[i].trimmed();
+                    text.push_str(&" ".repeat(lines[i].start - end));
+                    text.extend(lines[i].text.chars().take(next_end - lines[i].start));
+                    end = next_end;
+                    i += 1;
+                }
+            }
+            if text.len() > t.len() {
+                out.push(Candidate { start, end, text });
+            } else {
+                out.extend(columns(Candidate { start, end, text }));
             }
         }
     }
     out
 }
+
+/// Whether a line holds only a unit, range or flag (no test name of its own, and a number
+/// or a unit or range word): what a report prints below a value printed alone.
+fn continuation(next: &str) -> bool {
+    !has_test_word(&UNIT_OR_RANGE_WORD.replace_all(next, " ")) && (has_value(next) || UNIT_OR_RANGE_WORD.is_match(next))
+}
+
+/// A line ending in a plain number (a value printed without its unit).
+static NUMBER_AT_END: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{L}.*\s[<>]?\d+(?:[.,]\d+)?$").unwrap());
+
+/// Words that introduce or are a unit or range on a continuation line (`Units:`, `Ref:`,
+/// `Normal:`, `mIU/L`), never a test name.
+static UNIT_OR_RANGE_WORD: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b(?:units?|ref(?:erence)?|range|normal|interval|low|high|h|l)\b|\b\S*/\S+").unwrap()
+});
+
+/// A reference range already on a line (`3.5-5.1`, `< 5`).
+static RANGE_IN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\d\s*[-–]\s*\d|[<>]\s*\d").unwrap());
+
+/// Splits a line holding two results side by side (two tables on one page, or
+/// `Na: 131 mmol/L (135-145)      Hb: 96 g/L`) at the wide gap before the second test name:
+/// the left part must be a result of its own, and the right part start with a test-like
+/// word and hold a value.
+fn columns(c: Candidate) -> Vec<Candidate> {
+    let chars: Vec<char> = c.text.chars().collect();
+    let mut k = 0;
+    while k < chars.len() {
+        if chars[k] != ' ' {
+            k += 1;
+            continue;
+        }
+        let gap_start = k;
+        while k < chars.len() && chars[k] == ' ' {
+            k += 1;
+        }
+        if k - gap_start < MIN_COLUMN_GAP || k == chars.len() {
+            continue;
+        }
+        let left: String = chars[..gap_start].iter().collect();
+        let right: String = chars[k..].iter().collect();
+        let first_word = lowercase_words(&right).next().unwrap_or_default();
+        let starts_with_name = right.starts_with(char::is_alphabetic)
+            && first_word.chars().count() >= 2
+            && !NOT_TEST_WORDS.contains(&first_word.as_str())
+            && !UNIT_OR_RANGE_WORD.is_match(right.split_whitespace().next().unwrap_or(""));
+        if starts_with_name
+            && looks_like_result(&left)
+            && RANGE_OR_UNIT_AFTER_VALUE.is_match(&left)
+            && looks_like_result(&right)
+        {
+            let mut out = vec![Candidate { start: c.start, end: c.start + gap_start, text: left }];
+            out.extend(columns(Candidate { start: c.start + k, end: c.end, text: right }));
+            return out;
+        }
+    }
+    vec![c]
+}
+
+/// The smallest run of spaces that separates two columns of results.
+const MIN_COLUMN_GAP: usize = 6;
+
+/// A value followed by a unit or range: the left part of a two-column line is a whole result.
+static RANGE_OR_UNIT_AFTER_VALUE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\d(?:[.,]\d+)?\s*\S*\s+(?:\S*\d|\S*/\S*|%)|\d\s*[-–]\s*\d").unwrap());
 
 /// Byte ranges of the sentences of `block`: a sentence ends at `.`, `!` or `?` followed by
 /// whitespace and then an upper-case letter or the end (so `5.9` and `approx. 5` do not end
@@ -482,6 +570,41 @@ The troponin I was negative. Glucose, fasting, was 108 mg/dL.";
 pH 6.5 5.0-8.0
 ";
         assert_eq!(texts(&segment(text, &[])), vec!["pH 6.5 5.0-8.0"]);
+    }
+
+    #[test]
+    fn segment_splits_two_results_side_by_side() {
+        let text = "Sodium        139     mmol/L  135-145           Haemoglobin   128     g/L       130-170\n\
+Na: 131 mmol/L (135-145)                 Hb: 96 g/L (115-165)\n\
+Creatinine    77      umol/L  60-110\n";
+        let c = segment(text, &[]);
+        assert_eq!(
+            texts(&c),
+            [
+                "Sodium        139     mmol/L  135-145",
+                "Haemoglobin   128     g/L       130-170",
+                "Na: 131 mmol/L (135-145)",
+                "Hb: 96 g/L (115-165)",
+                "Creatinine    77      umol/L  60-110",
+            ]
+        );
+        for x in &c {
+            assert_eq!(span_text(text, x.start, x.end), x.text);
+        }
+    }
+
+    #[test]
+    fn segment_joins_a_value_with_its_unit_and_range_lines() {
+        let text = "TSH                        0.08\n      mIU/L                Ref: 0.27 - 4.20          LOW\n\
+Troponin I ........ 212\n   Units: ng/L\n   Normal: 0 - 34\nSodium 139\nPotassium 4.1 mmol/L\n";
+        let c = segment(text, &[]);
+        assert_eq!(c.len(), 4, "{:?}", texts(&c));
+        assert!(c[0].text.starts_with("TSH") && c[0].text.ends_with("LOW"), "{:?}", c[0].text);
+        assert!(c[1].text.starts_with("Troponin") && c[1].text.ends_with("0 - 34"), "{:?}", c[1].text);
+        assert_eq!(texts(&c)[2..], ["Sodium 139", "Potassium 4.1 mmol/L"]);
+        for x in &c {
+            assert_eq!(span_text(text, x.start, x.end).replace('\n', " "), x.text);
+        }
     }
 
     #[test]

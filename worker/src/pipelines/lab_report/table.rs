@@ -5,41 +5,241 @@ use super::lines::split_lines;
 use super::numbers::{compute_flag, parse_range, parse_value};
 use crate::grounding::Alignment;
 
-/// Delimiters a table may use, tried in this order. Commas are not among them: decimal
-/// commas and free text make comma tables ambiguous.
-const TABLE_DELIMITERS: [char; 3] = ['|', '\t', ';'];
+/// Delimiters a table may use, tried in this order. A comma table must be real CSV: its
+/// header names a test and a result column, and each row has exactly the header's number of
+/// fields once quotes are honoured (so prose and decimal commas are not read as cells).
+const TABLE_DELIMITERS: [char; 4] = ['|', '\t', ';', ','];
 
-const TEST_HEADERS: &[&str] = &["test", "tests", "test name", "analyte", "component", "parameter", "investigation"];
-const VALUE_HEADERS: &[&str] = &["result", "results", "value", "result value"];
-const UNIT_HEADERS: &[&str] = &["unit", "units"];
-const RANGE_HEADERS: &[&str] = &[
-    "reference",
-    "reference range",
-    "reference interval",
-    "ref",
-    "ref range",
-    "ref interval",
-    "normal range",
-    "normal values",
-    "range",
+/// What a header cell names. Header words are compared lower-cased, with dots, `_` and
+/// repeated spaces folded (`REF_RANGE` = `ref range`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Test,
+    Value,
+    Unit,
+    Range,
+    Low,
+    High,
+    Flag,
+    Status,
+}
+
+/// Header names of each role, in English, French, German and Spanish (LIS exports and
+/// printed tables), written from the conventions of laboratory information systems.
+const HEADERS: &[(Role, &[&str])] = &[
+    (
+        Role::Test,
+        &[
+            "test",
+            "tests",
+            "test name",
+            "testname",
+            "analyte",
+            "component",
+            "parameter",
+            "investigation",
+            "examination",
+            "observation",
+            "assay",
+            "determination",
+            "analyse",
+            "analyses",
+            "examen",
+            "paramètre",
+            "parametre",
+            "libellé",
+            "libelle",
+            "untersuchung",
+            "analyt",
+            "bezeichnung",
+            "prueba",
+            "determinación",
+            "determinacion",
+            "análisis",
+            "analisis",
+            "magnitud",
+        ],
+    ),
+    (
+        Role::Value,
+        &[
+            "result",
+            "results",
+            "value",
+            "result value",
+            "observed value",
+            "résultat",
+            "resultat",
+            "valeur",
+            "ergebnis",
+            "wert",
+            "messwert",
+            "befund",
+            "resultado",
+            "valor",
+        ],
+    ),
+    (Role::Unit, &["unit", "units", "uom", "unité", "unite", "unités", "einheit", "unidad", "unidades"]),
+    (
+        Role::Range,
+        &[
+            "reference",
+            "reference range",
+            "reference interval",
+            "reference values",
+            "ref",
+            "ref range",
+            "ref interval",
+            "normal range",
+            "normal values",
+            "range",
+            "références",
+            "reference",
+            "valeurs de référence",
+            "valeurs de reference",
+            "intervalle de référence",
+            "normes",
+            "referenzbereich",
+            "referenzwert",
+            "referenzwerte",
+            "normbereich",
+            "normalwerte",
+            "valores de referencia",
+            "intervalo de referencia",
+            "rango de referencia",
+            "rango",
+        ],
+    ),
+    (
+        Role::Low,
+        &[
+            "low",
+            "ref low",
+            "lower limit",
+            "low limit",
+            "min",
+            "minimum",
+            "lower",
+            "limite inférieure",
+            "limite inferieure",
+            "untere grenze",
+            "untergrenze",
+            "unterer referenzwert",
+            "límite inferior",
+            "limite inferior",
+            "mínimo",
+            "minimo",
+        ],
+    ),
+    (
+        Role::High,
+        &[
+            "high",
+            "ref high",
+            "upper limit",
+            "high limit",
+            "max",
+            "maximum",
+            "upper",
+            "limite supérieure",
+            "limite superieure",
+            "obere grenze",
+            "obergrenze",
+            "oberer referenzwert",
+            "límite superior",
+            "limite superior",
+            "máximo",
+            "maximo",
+        ],
+    ),
+    (
+        Role::Flag,
+        &[
+            "flag",
+            "flags",
+            "abnormal flag",
+            "abn",
+            "h/l",
+            "indicator",
+            "interpretation",
+            "indicateur",
+            "anomalie",
+            "kennzeichen",
+            "markierung",
+            "bewertung",
+            "indicador",
+            "marca",
+            "fuera de rango",
+        ],
+    ),
+    (Role::Status, &["status", "result status", "statut", "état", "etat", "befundstatus", "estado"]),
 ];
-const FLAG_HEADERS: &[&str] = &["flag", "flags", "abnormal flag", "abn", "h/l"];
+
+/// Status cells (and value cells) of entries that are not results: nothing was measured or
+/// the measurement does not count. Compared lower-cased, first word or whole cell.
+const NOT_RESULT_STATUSES: &[&str] = &[
+    "pending",
+    "cancelled",
+    "canceled",
+    "x",
+    "i",
+    "d",
+    "w",
+    "deleted",
+    "not reported",
+    "not done",
+    "to follow",
+    "in progress",
+    "ordered",
+    "haemolysed",
+    "hemolysed",
+    "en cours",
+    "annulé",
+    "annule",
+    "non fait",
+    "ausstehend",
+    "storniert",
+    "folgt",
+    "in bearbeitung",
+    "pendiente",
+    "anulado",
+    "cancelado",
+    "en curso",
+];
 
 /// Column positions of a table, from its header row.
 struct Columns {
+    count: usize,
     test: usize,
     value: usize,
     unit: Option<usize>,
     range: Option<usize>,
+    low: Option<usize>,
+    high: Option<usize>,
     flag: Option<usize>,
+    status: Option<usize>,
 }
 
-/// Cells of a delimited line, trimmed; the empty outer cells of `| a | b |` are dropped.
-fn split_cells(line: &str, delim: char) -> Vec<&str> {
+/// Cells of a delimited line, trimmed. `|` tables drop the empty outer cells of `| a | b |`;
+/// the other delimiters are read as CSV (double quotes honoured, a quoted delimiter is text).
+fn split_cells(line: &str, delim: char) -> Vec<String> {
     let t = line.trim();
-    let t = if delim == '|' { t.strip_prefix('|').unwrap_or(t) } else { t };
-    let t = if delim == '|' { t.strip_suffix('|').unwrap_or(t) } else { t };
-    t.split(delim).map(str::trim).collect()
+    if delim == '|' {
+        let t = t.strip_prefix('|').unwrap_or(t);
+        let t = t.strip_suffix('|').unwrap_or(t);
+        return t.split(delim).map(|c| c.trim().to_string()).collect();
+    }
+    let mut reader =
+        csv::ReaderBuilder::new().has_headers(false).flexible(true).delimiter(delim as u8).from_reader(t.as_bytes());
+    match reader.records().next() {
+        Some(Ok(record)) => record.iter().map(|c| c.trim().to_string()).collect(),
+        _ => t.split(delim).map(|c| c.trim().to_string()).collect(),
+    }
+}
+
+fn header_name(cell: &str) -> String {
+    let lower = cell.to_lowercase().replace(['.', '_'], " ");
+    lower.trim_end_matches(':').split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn header_columns(line: &str) -> Option<(char, Columns)> {
@@ -47,17 +247,26 @@ fn header_columns(line: &str) -> Option<(char, Columns)> {
         if !line.contains(delim) {
             continue;
         }
-        let names: Vec<String> = split_cells(line, delim)
-            .iter()
-            .map(|c| {
-                let lower = c.to_lowercase().replace('.', "");
-                lower.trim_end_matches(':').split_whitespace().collect::<Vec<_>>().join(" ")
-            })
-            .collect();
-        let find = |set: &[&str]| names.iter().position(|n| set.contains(&n.as_str()));
-        if let (Some(test), Some(value)) = (find(TEST_HEADERS), find(VALUE_HEADERS)) {
-            let columns =
-                Columns { test, value, unit: find(UNIT_HEADERS), range: find(RANGE_HEADERS), flag: find(FLAG_HEADERS) };
+        let names: Vec<String> = split_cells(line, delim).iter().map(|c| header_name(c)).collect();
+        if delim == ',' && names.len() < 3 {
+            continue;
+        }
+        let find = |role: Role| {
+            let set = HEADERS.iter().find(|(r, _)| *r == role).map_or(&[][..], |(_, s)| *s);
+            names.iter().position(|n| set.contains(&n.as_str()))
+        };
+        if let (Some(test), Some(value)) = (find(Role::Test), find(Role::Value)) {
+            let columns = Columns {
+                count: names.len(),
+                test,
+                value,
+                unit: find(Role::Unit),
+                range: find(Role::Range),
+                low: find(Role::Low),
+                high: find(Role::High),
+                flag: find(Role::Flag),
+                status: find(Role::Status),
+            };
             return Some((delim, columns));
         }
     }
@@ -70,12 +279,23 @@ fn is_separator_row(line: &str) -> bool {
     t.contains(['-', '=']) && t.chars().all(|c| matches!(c, '-' | '=' | ':' | '+' | '|' | ';' | '\t' | ' '))
 }
 
-/// Reads tables whose cells are separated by `|`, tabs or `;` and whose header row names
-/// a test column (test/analyte/component) and a result column (result/value), optionally
-/// units, reference range and flag. The table runs until a blank line or a line without
-/// the delimiter. Rows without a value (section rows) yield no item. Header, separator and
-/// row lines are claimed; evidence is the row's span. Fixed-width whitespace tables are
-/// not read here: their columns are guesses, so they go to the model line by line.
+/// Whether a status or value cell says the entry is not a result (pending, cancelled …).
+pub(super) fn not_a_result(cell: &str) -> bool {
+    let c = cell.trim().to_lowercase();
+    let first = c.split(|ch: char| !ch.is_alphanumeric()).next().unwrap_or("");
+    NOT_RESULT_STATUSES.contains(&c.as_str())
+        || (first.len() > 1 && NOT_RESULT_STATUSES.contains(&first))
+        || NOT_RESULT_STATUSES.iter().any(|s| s.contains(' ') && c.starts_with(s))
+}
+
+/// Reads tables whose cells are separated by `|`, tabs, `;` or `,` (CSV with quotes) and
+/// whose header row names a test column and a result column (synonyms in English, French,
+/// German and Spanish), optionally units, a reference range or separate low and high
+/// limits, a flag and a result status. The table runs until a blank line or a line that is
+/// not a row of it. Rows without a value (section rows) and entries that are not results
+/// (pending, cancelled … by their status or value cell) yield no item. Header, separator and
+/// row lines are claimed; evidence is the row's span. Fixed-width whitespace tables are not
+/// read here: their columns are guesses, so they go to the model line by line.
 /// `None` when no table with at least one row is found.
 pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
     let lines = split_lines(text);
@@ -91,9 +311,13 @@ pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
         let mut j = i + 1;
         while j < lines.len() && !lines[j].text.trim().is_empty() && lines[j].text.contains(delim) {
             let (start, end, row) = lines[j].trimmed();
+            let cells = split_cells(row, delim);
+            if delim == ',' && cells.len() != cols.count {
+                break;
+            }
             claimed.push((start, end));
             if !is_separator_row(row) {
-                items.extend(table_item(&split_cells(row, delim), &cols, start, end));
+                items.extend(table_item(&cells, &cols, start, end));
             }
             j += 1;
         }
@@ -106,11 +330,17 @@ pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
     (!claimed.is_empty()).then_some((items, claimed))
 }
 
-fn table_item(cells: &[&str], cols: &Columns, start: usize, end: usize) -> Option<LabItem> {
+fn table_item(cells: &[String], cols: &Columns, start: usize, end: usize) -> Option<LabItem> {
     let cell = |i: Option<usize>| i.and_then(|i| cells.get(i)).map(|c| c.trim()).filter(|c| !c.is_empty());
-    let value = cell(Some(cols.value))?.to_string();
+    if cell(cols.status).is_some_and(not_a_result) {
+        return None;
+    }
+    let value = cell(Some(cols.value)).filter(|v| !not_a_result(v))?.to_string();
     let value_numeric = parse_value(&value);
-    let (ref_low, ref_high) = cell(cols.range).map(parse_range).unwrap_or((None, None));
+    let (ref_low, ref_high) = match cell(cols.range) {
+        Some(r) => parse_range(r),
+        None => (cell(cols.low).and_then(parse_value), cell(cols.high).and_then(parse_value)),
+    };
     Some(LabItem {
         test: cell(Some(cols.test)).map(str::to_string),
         value: Some(value),
@@ -163,6 +393,41 @@ mod tests {
         let (items, _) = parse_delimited_table(semi).unwrap();
         assert_eq!(items[0].value_numeric, Some(5.3));
         assert_eq!(items[0].flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn csv_with_quoted_commas_separate_limits_and_statuses() {
+        let csv = "Lab export\n\"MRN\",\"Test\",\"Result\",\"Units\",\"Low\",\"High\",\"Status\"\n\
+\"12\",\"Bilirubin, total\",\"25\",\"umol/L\",\"\",\"21\",\"Final\"\n\
+\"12\",\"Iron, serum\",\"9,5\",\"umol/L\",\"10\",\"30\",\"Preliminary\"\n\
+\"12\",\"Folate\",\"\",\"ug/L\",\"3\",\"20\",\"Pending\"\n\
+\"12\",\"Ferritin\",\"Cancelled\",\"ug/L\",\"30\",\"400\",\"Final\"\n\nNote, not a row.\n";
+        let (items, claimed) = parse_delimited_table(csv).unwrap();
+        let got: Vec<_> =
+            items.iter().map(|i| (i.test.as_deref(), i.value.as_deref(), i.ref_low, i.ref_high, i.flag)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some("Bilirubin, total"), Some("25"), None, Some(21.0), Some(Flag::High)),
+                (Some("Iron, serum"), Some("9,5"), Some(10.0), Some(30.0), Some(Flag::Low)),
+            ]
+        );
+        assert_eq!(claimed.len(), 5, "the header and every row, pending and cancelled ones too");
+        assert!(segment(csv, &claimed).iter().all(|c| !c.text.contains("Folate")));
+    }
+
+    #[test]
+    fn headers_in_other_languages_and_codes() {
+        let de = "Parameter;Wert;Einheit;Untere Grenze;Obere Grenze;Status\nNatrium;131;mmol/l;135;145;endgültig\nLipase;;U/l;13;60;storniert\n";
+        let (items, _) = parse_delimited_table(de).unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!((items[0].ref_low, items[0].ref_high, items[0].flag), (Some(135.0), Some(145.0), Some(Flag::Low)));
+        let tsv = "TEST_CODE\tTEST_NAME\tRESULT\tUNITS\tFLAG\tREF_RANGE\nK\tPotassium\t5.9\tmmol/L\tH\t3.5-5.1\n";
+        let (items, _) = parse_delimited_table(tsv).unwrap();
+        assert_eq!((items[0].test.as_deref(), items[0].flag), (Some("Potassium"), Some(Flag::High)));
+        // Prose with commas is not a table.
+        let prose = "Test, result and units, as discussed, follow below\nSodium, 139, mmol/L is fine\n";
+        assert!(parse_delimited_table(prose).is_none_or(|(items, _)| items.is_empty()));
     }
 
     #[test]
