@@ -126,11 +126,6 @@ impl InProcessQueue {
         self.state.lock().expect("queue lock").closed = true;
         self.changed.notify_waiters();
     }
-
-    /// Jobs that reached the delivery limit.
-    pub fn dead_lettered(&self) -> Vec<Job> {
-        self.state.lock().expect("queue lock").dead.iter().map(|(j, _)| j.clone()).collect()
-    }
 }
 
 struct InProcessAcker {
@@ -248,7 +243,8 @@ mod tests {
             d.nack(true).await.unwrap();
         }
         assert_eq!(deliveries, DELIVERY_LIMIT);
-        assert_eq!(q.dead_lettered().len(), 1);
+        let dead = q.dead_letters(10).await.unwrap();
+        assert_eq!((dead.jobs.len(), dead.jobs[0].reason.as_str()), (1, "delivery_limit"));
         assert!(q.publish(&job(3)).await.is_err());
     }
 }

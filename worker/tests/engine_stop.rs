@@ -1,72 +1,32 @@
 //! A worker whose engine stops (a tensor-parallel rank failed) gives the job in hand back to
 //! the queue — no error rows, no parts, no completion marker — and takes no more jobs.
 
-use medbatch_connectors::inputs::InputSource;
+mod support;
+
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_connectors::store::{LocalStore, ObjectStore};
 use medbatch_engine::{Engine, EngineHandle};
 use medbatch_schemas::tables::done_key;
-use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, RunId, Selection};
-use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext};
+use medbatch_worker::run_worker;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_rank_returns_the_job_and_stops_the_worker() {
     let tmp = tempfile::tempdir().unwrap();
     // The tiny text model with the fixture tokenizer, split over two ranks.
-    let model_dir = tmp.path().join("model");
-    std::fs::create_dir(&model_dir).unwrap();
-    for d in [fixtures().join("models/gqa_window"), fixtures().join("tokenizer")] {
-        for f in std::fs::read_dir(d).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, model_dir.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    let engine = Engine::load_checkpoint_tp(&model_dir, 2).unwrap();
+    let engine = Engine::load_checkpoint_tp(&support::tiny_model(tmp.path()), 2).unwrap();
     let info = engine.info.clone();
     engine.model.shards[1].comm.abort("device lost");
     let engine = EngineHandle::spawn(engine);
 
-    let pipeline = LoadedPipeline::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/note-medications").to_str().unwrap(),
-    )
-    .unwrap();
-    let note = tmp.path().join("note.txt");
-    std::fs::write(&note, "Started metformin 500 mg twice daily.\n").unwrap();
-    let bytes = std::fs::read(&note).unwrap();
-    let input = InputRef {
-        uri: format!("file://{}", note.display()),
-        size: bytes.len() as u64,
-        sha256: Digest::of_bytes(&bytes),
-        kind: InputKind::Text,
-        selection: Selection::Whole,
-        etag: None,
-    };
-    let out = tmp.path().join("out");
-    let job = Job::new(
-        RunId::new("tp-stop").unwrap(),
-        pipeline.reference(),
-        ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).unwrap() },
-        vec![input],
-        out.display().to_string(),
-    );
+    let pipeline = support::note_pipeline();
+    let (job, out) = support::one_note_job(tmp.path(), "tp-stop", &pipeline, &info);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::create(&out).unwrap());
     let queue = InProcessQueue::new();
     queue.publish(&job).await.unwrap();
     queue.close();
-    let ctx = WorkerContext {
-        store: store.clone(),
-        engine,
-        pipeline: medbatch_worker::pipelines::for_spec(Arc::new(pipeline)).unwrap(),
-        worker_id: "w".into(),
-        events: None,
-        inputs: InputSource::local(),
-    };
+    let ctx = support::context(store.clone(), engine, pipeline);
     let done = run_worker(Arc::new(queue.clone()), ctx).await.unwrap();
     assert_eq!(done, 0, "the worker stops without finishing the job");
     assert!(!store.exists(&done_key(&job.run_id, &job.job_id)).await.unwrap(), "no completion marker");

@@ -3,22 +3,18 @@
 //! wrote. That marker is the attempt's own: the attempt's parts stay, so the manifest never
 //! names a part that was removed.
 
+mod support;
+
 use async_trait::async_trait;
 use bytes::Bytes;
-use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_connectors::store::{LocalStore, ObjectStore, StoreError};
 use medbatch_engine::{Engine, EngineHandle};
 use medbatch_schemas::tables::done_key;
-use medbatch_schemas::{Completion, Digest, InputKind, InputRef, Job, ModelRef, RunId, Selection};
-use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext};
-use std::path::{Path, PathBuf};
+use medbatch_schemas::Completion;
+use medbatch_worker::run_worker;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
-}
 
 /// A store whose first conditional write lands but answers as a retry of it would: "already
 /// there".
@@ -56,52 +52,16 @@ impl ObjectStore for LostAnswer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_marker_write_keeps_the_attempts_parts() {
     let tmp = tempfile::tempdir().unwrap();
-    let model_dir = tmp.path().join("model");
-    std::fs::create_dir(&model_dir).unwrap();
-    for d in [fixtures().join("models/gqa_window"), fixtures().join("tokenizer")] {
-        for f in std::fs::read_dir(d).unwrap() {
-            let f = f.unwrap().path();
-            std::fs::copy(&f, model_dir.join(f.file_name().unwrap())).unwrap();
-        }
-    }
-    let engine = Engine::load_checkpoint(&model_dir).unwrap();
+    let engine = Engine::load_checkpoint(&support::tiny_model(tmp.path())).unwrap();
     let info = engine.info.clone();
     let engine = EngineHandle::spawn(engine);
-    let pipeline = LoadedPipeline::load(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/note-medications").to_str().unwrap(),
-    )
-    .unwrap();
-    let note = tmp.path().join("note.txt");
-    std::fs::write(&note, "Started metformin 500 mg twice daily.\n").unwrap();
-    let bytes = std::fs::read(&note).unwrap();
-    let input = InputRef {
-        uri: format!("file://{}", note.display()),
-        size: bytes.len() as u64,
-        sha256: Digest::of_bytes(&bytes),
-        kind: InputKind::Text,
-        selection: Selection::Whole,
-        etag: None,
-    };
-    let out = tmp.path().join("out");
-    let job = Job::new(
-        RunId::new("lost-answer").unwrap(),
-        pipeline.reference(),
-        ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).unwrap() },
-        vec![input],
-        out.display().to_string(),
-    );
+    let pipeline = support::note_pipeline();
+    let (job, out) = support::one_note_job(tmp.path(), "lost-answer", &pipeline, &info);
     let store = Arc::new(LostAnswer { inner: LocalStore::create(&out).unwrap(), lost: AtomicBool::new(false) });
     let queue = InProcessQueue::new();
     queue.publish(&job).await.unwrap();
     queue.close();
-    let ctx = WorkerContext {
-        store: store.clone(),
-        engine,
-        pipeline: medbatch_worker::pipelines::for_spec(Arc::new(pipeline)).unwrap(),
-        worker_id: "w".into(),
-        events: None,
-        inputs: InputSource::local(),
-    };
+    let ctx = support::context(store.clone(), engine, pipeline);
     assert_eq!(run_worker(Arc::new(queue.clone()), ctx).await.unwrap(), 1);
     assert!(store.lost.load(Ordering::SeqCst), "the marker's write was answered as a retry");
     let marker = store.get(&done_key(&job.run_id, &job.job_id)).await.unwrap().expect("the marker");

@@ -229,6 +229,10 @@ fn split_cells(line: &str, delim: char) -> Vec<String> {
         let t = t.strip_suffix('|').unwrap_or(t);
         return t.split(delim).map(|c| c.trim().to_string()).collect();
     }
+    // Every line of a report is tried as a header: only a line with quotes needs the CSV reader.
+    if !t.contains('"') {
+        return t.split(delim).map(|c| c.trim().to_string()).collect();
+    }
     let mut reader =
         csv::ReaderBuilder::new().has_headers(false).flexible(true).delimiter(delim as u8).from_reader(t.as_bytes());
     match reader.records().next() {
