@@ -194,6 +194,9 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
     println!("  documents  {} ok, {} failed", p.documents_ok, p.documents_failed);
     println!("  rows       {} ({} error rows)", p.rows, p.error_rows);
+    if let Some(line) = p.set_aside_line() {
+        println!("  set aside  {line}");
+    }
     println!("  wall time  {:.1} s", started.elapsed().as_secs_f64());
     println!("  output     {root}/{}/run_id={run_id}", pipeline.spec.output.table);
     if manifest.is_some() {

@@ -166,6 +166,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         status.tokens_out,
         progress.tokens_out as f64 / wall.max(1e-3)
     );
+    if let Some(line) = status.set_aside_line() {
+        println!("  set aside  {line}");
+    }
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
     println!("  engine     {}", engine_summary(&engine.stats()));
     println!(

@@ -11,7 +11,8 @@ pub struct EvalArgs {
     /// Pipeline (folder name under pipelines/ or a path): names the table to score.
     pub pipeline: String,
     /// Gold set: a split of the pipeline's gold set (`dev`, the part tuned on, or `test`,
-    /// held out) or a folder with `reports/` and `gold/`.
+    /// held out; `extraction.gold` of pipeline.toml names where the splits are, `eval/` by
+    /// default) or a folder with `reports/` and `gold/`.
     #[arg(long, default_value = "dev")]
     pub gold: String,
     /// Output root of the run to score (the `--out` of `medbatch run`).
@@ -27,7 +28,8 @@ pub struct EvalArgs {
 
 pub fn main(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let pipeline = LoadedPipeline::load(&args.pipeline)?;
-    let split = pipeline.dir.join("eval").join(&args.gold);
+    let sets = pipeline.spec.extraction.gold.as_deref().unwrap_or("eval");
+    let split = pipeline.dir.join(sets).join(&args.gold);
     let gold_dir = if split.join("gold").is_dir() { split } else { PathBuf::from(&args.gold) };
     let gold = load_gold(&gold_dir)?;
     let (pred, errors) = load_predictions(&args.pred, &pipeline.spec.output.table, args.run_id.as_deref())

@@ -136,6 +136,7 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "error_rows": progress.error_rows,
             "tokens_in": progress.tokens_in,
             "tokens_out": progress.tokens_out,
+            "set_aside": progress.set_aside,
             "tokens_per_s": (tokens_per_s * 10.0).round() / 10.0,
             "eta_s": eta_s.map(f64::round),
         });
@@ -161,6 +162,9 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         println!("  documents  {} ok, {} failed", progress.documents_ok, progress.documents_failed);
         println!("  rows       {} ({} error rows)", progress.rows, progress.error_rows);
+        if let Some(line) = progress.set_aside_line() {
+            println!("  set aside  {line}");
+        }
         println!(
             "  tokens     {} in, {} out ({tokens_per_s:.1} generated tokens/s)",
             progress.tokens_in, progress.tokens_out

@@ -17,7 +17,36 @@ pub struct RunProgress {
     pub error_rows: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// Pieces of documents set aside as non-results, by reason.
+    pub set_aside: std::collections::BTreeMap<String, u64>,
     pub completions: Vec<Completion>,
+}
+
+impl RunProgress {
+    /// The summary line on what was set aside as not results, when anything was: first the
+    /// ordered tests without a result (pending, cancelled, not reported, withdrawn), then the
+    /// other kinds.
+    pub fn set_aside_line(&self) -> Option<String> {
+        if self.set_aside.is_empty() {
+            return None;
+        }
+        const UNRESULTED: [&str; 4] = ["pending", "cancelled", "not_reported", "withdrawn"];
+        let count = |k: &str| self.set_aside.get(k).copied().unwrap_or(0);
+        let entries: Vec<String> = UNRESULTED.iter().map(|k| format!("{} {}", count(k), k.replace('_', " "))).collect();
+        let others: Vec<String> = self
+            .set_aside
+            .iter()
+            .filter(|(k, _)| !UNRESULTED.contains(&k.as_str()))
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let other_total: u64 =
+            self.set_aside.iter().filter(|(k, _)| !UNRESULTED.contains(&k.as_str())).map(|(_, n)| n).sum();
+        Some(format!(
+            "{} (tests without a result, no row); {other_total} other non-result lines{}",
+            entries.join(", "),
+            if others.is_empty() { String::new() } else { format!(" ({})", others.join(", ")) }
+        ))
+    }
 }
 
 /// Reads every planned job's completion marker.
@@ -40,6 +69,9 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
             .sum::<u64>();
         p.tokens_in += c.tokens_in;
         p.tokens_out += c.tokens_out;
+        for (reason, n) in &c.set_aside {
+            *p.set_aside.entry(reason.clone()).or_insert(0) += n;
+        }
         p.completions.push(c);
     }
     Ok(p)
@@ -77,6 +109,7 @@ pub async fn commit_run(
         error_rows: progress.error_rows,
         tokens_in: progress.tokens_in,
         tokens_out: progress.tokens_out,
+        set_aside: progress.set_aside.clone(),
         parts,
         created_at: created_at.to_string(),
     };
@@ -158,6 +191,7 @@ mod tests {
             tokens_in: 5,
             tokens_out: 2,
             engine_ms: 1,
+            set_aside: [("pending".to_string(), 1)].into(),
             wall_ms: 1,
             worker_id: "w".into(),
             finished_at: "2026-01-01T00:00:00Z".into(),

@@ -159,6 +159,7 @@ mod tests {
             tokens_in: 0,
             tokens_out: 0,
             engine_ms: 0,
+            set_aside: Default::default(),
             wall_ms: 0,
             worker_id: "w".into(),
             finished_at: "2026-01-01T00:00:00Z".into(),

@@ -2,6 +2,7 @@
 
 use crate::ids::{Digest, JobId, RunId};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Version of the job, completion and manifest formats; bumped on incompatible change.
 pub const JOB_SCHEMA_VERSION: u32 = 1;
@@ -164,6 +165,10 @@ pub struct Completion {
     pub tokens_in: u64,
     pub tokens_out: u64,
     pub engine_ms: u64,
+    /// Pieces of the job's documents that are not results, by reason (`pending`,
+    /// `cancelled`, `not_reported`, `metadata` …): extraction pipelines with a classifier.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set_aside: BTreeMap<String, u64>,
     pub wall_ms: u64,
     pub worker_id: String,
     /// RFC 3339 UTC time the marker was written.
@@ -184,6 +189,9 @@ pub struct Manifest {
     pub error_rows: u64,
     pub tokens_in: u64,
     pub tokens_out: u64,
+    /// The jobs' `set_aside` counts summed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set_aside: BTreeMap<String, u64>,
     pub parts: Vec<OutputPart>,
     pub created_at: String,
 }

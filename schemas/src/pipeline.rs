@@ -222,8 +222,8 @@ fn default_true() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExtractionSpec {
-    /// Deterministic parsers run before the model (`hl7_obx`, `delimited_table`); text they
-    /// claim never reaches the model.
+    /// Deterministic parsers run before the model (`hl7_obx`, `delimited_table`,
+    /// `fixed_width_table`); text they claim never reaches the model.
     #[serde(default)]
     pub parsers: Vec<ParserKind>,
     /// What the model sees at a time: one candidate line (small models) or the whole
@@ -237,6 +237,14 @@ pub struct ExtractionSpec {
     /// Tokens of text each chunk repeats from the end of the one before.
     #[serde(default = "default_chunk_overlap")]
     pub chunk_overlap_tokens: usize,
+    /// The analyte lexicon (a file of the pipeline folder, or a path relative to it): a
+    /// candidate that names none of its laboratory tests is set aside before the model.
+    #[serde(default)]
+    pub lexicon: Option<String>,
+    /// The gold sets `medbatch eval` scores against (a folder of splits, relative to the
+    /// pipeline folder; default `eval`): pipelines writing the same table share one.
+    #[serde(default)]
+    pub gold: Option<String>,
 }
 
 impl Default for ExtractionSpec {
@@ -246,6 +254,8 @@ impl Default for ExtractionSpec {
             unit: ExtractionUnit::Line,
             chunk_tokens: default_chunk_tokens(),
             chunk_overlap_tokens: default_chunk_overlap(),
+            lexicon: None,
+            gold: None,
         }
     }
 }
@@ -265,6 +275,8 @@ pub enum ParserKind {
     Hl7Obx,
     /// Pipe-, tab- or semicolon-delimited tables with a header row.
     DelimitedTable,
+    /// Fixed-width (space-aligned) tables with a header row, two side by side included.
+    FixedWidthTable,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -93,6 +93,10 @@ pub fn lab_results_schema() -> Arc<Schema> {
         Field::new("alignment", dict_utf8(), false),
         // The value is not in the document but is in the prompt's examples.
         Field::new("from_examples", DataType::Boolean, false),
+        // `final`, `preliminary` or `corrected`, as the report says (HL7 OBX-11, a status
+        // column, a marked line or a preliminary report). Entries without a result (pending,
+        // cancelled, not reported) have no row; the run summary counts them.
+        Field::new("status", dict_utf8(), false),
     ];
     fields.extend(provenance_fields());
     Arc::new(Schema::new(fields))

@@ -303,6 +303,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     let mut documents: Vec<DocumentRow> = Vec::new();
     let (mut tokens_in, mut tokens_out, mut engine_ms) = (0u64, 0u64, 0u64);
     let mut documents_failed = 0u64;
+    let mut set_aside: std::collections::BTreeMap<String, u64> = Default::default();
     for item in read {
         match item {
             Err(e) => {
@@ -318,6 +319,9 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
                 tokens_in += r.tokens_in;
                 tokens_out += r.tokens_out;
                 engine_ms += r.engine_ms;
+                for (reason, n) in &r.set_aside {
+                    *set_aside.entry(reason.clone()).or_insert(0) += n;
+                }
                 ctx.emit(WorkerEvent::DocumentDone { ok: true });
                 documents.extend(unit_rows(&unit, &r));
                 batches.extend(r.batch);
@@ -359,6 +363,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         tokens_in,
         tokens_out,
         engine_ms,
+        set_aside,
         wall_ms: started.elapsed().as_millis() as u64,
         worker_id: ctx.worker_id.clone(),
         finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

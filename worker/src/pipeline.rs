@@ -24,6 +24,8 @@ pub struct LoadedPipeline {
     pub template: String,
     pub schema: serde_json::Value,
     pub digest: Digest,
+    /// The analyte lexicon named by `extraction.lexicon`, parsed.
+    pub lexicon: Option<std::sync::Arc<crate::pipelines::lab_report::Lexicon>>,
 }
 
 /// A rendered prompt and the length of the prefix every item shares (the instructions and
@@ -74,8 +76,24 @@ impl LoadedPipeline {
         if spec.generation.constrained {
             crate::grammar::check_schema(&schema).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }
-        let digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
-        let p = Self { dir, spec, template, schema, digest };
+        let mut digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
+        let lexicon = match &spec.extraction.lexicon {
+            None => None,
+            Some(f) => {
+                let text = read(f)?;
+                let lexicon =
+                    crate::pipelines::lab_report::Lexicon::parse(&text).map_err(|e| invalid(format!("{f}: {e}")))?;
+                // The lexicon may live outside the folder (a sibling pipeline's): its content
+                // is part of the digest either way.
+                let mut h = Sha256::new();
+                h.update(digest.to_string().as_bytes());
+                h.update(b"\0lexicon\0");
+                h.update(text.as_bytes());
+                digest = Digest::from_sha256(h.finalize());
+                Some(std::sync::Arc::new(lexicon))
+            }
+        };
+        let p = Self { dir, spec, template, schema, digest, lexicon };
         p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
         Ok(p)
     }
@@ -160,19 +178,36 @@ mod tests {
         assert_eq!((doc.spec.extraction.unit, doc.spec.prompt.format), (ExtractionUnit::Document, PromptFormat::Chat));
         assert!(doc.render("REPORT TEXT").unwrap().text.contains("REPORT TEXT"));
         assert_eq!(doc.spec.output.table, line.spec.output.table);
+        // One lexicon for both (the document pipeline names its sibling's file).
+        let (a, b) = (line.lexicon.as_ref().unwrap(), doc.lexicon.as_ref().unwrap());
+        assert!(a.len() >= 300 && a.len() == b.len());
         assert!(matches!(LoadedPipeline::load("no-such-pipeline"), Err(PipelineError::NotFound(_))));
     }
 
     #[test]
     fn digest_covers_every_file() {
         let d = tempfile::tempdir().unwrap();
-        for f in ["pipeline.toml", "prompt.j2", "schema.json"] {
+        for f in ["pipeline.toml", "prompt.j2", "schema.json", "analytes.tsv"] {
             std::fs::copy(pipelines_dir().join("lab-report").join(f), d.path().join(f)).unwrap();
         }
         let a = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap();
         std::fs::write(d.path().join("prompt.j2"), "Line: {{ line }}\nJSON: {\"test\":\"").unwrap();
         let b = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap();
         assert_ne!(a.digest, b.digest);
+        // The lexicon is part of the digest, and a broken one is refused naming its line.
+        let lexicon = d.path().join("analytes.tsv");
+        let mut text = std::fs::read_to_string(&lexicon).unwrap();
+        text.push_str("Zonulin\tanalyte\tzonulin\n");
+        std::fs::write(&lexicon, &text).unwrap();
+        let c = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap();
+        assert_ne!(b.digest, c.digest);
+        text.push_str("Broken line without tabs\n");
+        std::fs::write(&lexicon, &text).unwrap();
+        let err = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("analytes.tsv") && err.contains("line"), "{err}");
+        std::fs::remove_file(&lexicon).unwrap();
+        let err = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("analytes.tsv"), "{err}");
         std::fs::write(d.path().join("schema.json"), "not json").unwrap();
         let err = LoadedPipeline::load(d.path().to_str().unwrap()).unwrap_err().to_string();
         assert!(err.contains("schema.json"), "{err}");

@@ -5,7 +5,9 @@ The gold set has two splits: dev/ (tuned on) and test/ (held out). In each, for 
 gold/<name>.json: document_id names reports/<document_id>; every evidence is an
 exact substring of the report, occurring exactly once; every value occurs inside its
 evidence; evidence spans (first occurrence) of one document do not overlap; fields have
-the documented types; a flag left to computation agrees with value and range.
+the documented types; a flag left to computation agrees with value and range. An optional
+non_results list marks the lines and phrases with a number or a result word that are no result:
+each has a known kind and an evidence occurring exactly once that overlaps no other evidence span.
 Also checks that no (test, value) pair of prompt.j2 or examples/lab-reports/ is reused, and
 that no line of a test/ report occurs in a dev/ report or in the pipeline's files (the held-out
 split stays unseen). `python3 check_gold.py [dev|test]` checks one split. Exit status 1 on any
@@ -21,6 +23,8 @@ PIPELINE = EVAL.parent
 REPO = PIPELINE.parent.parent
 FLAGS = {"low", "high", "normal", "abnormal", "critical", None}
 KEYS = ["test", "value", "unit", "ref_low", "ref_high", "flag", "evidence"]
+NON_RESULT_KINDS = {"metadata", "pending", "cancelled", "not_reported", "previous", "target",
+                    "interpretation", "vital_sign", "medication", "other"}
 
 
 def norm_test(s):
@@ -128,12 +132,47 @@ def check_split(root, problems):
             if re.search(re.escape(r["test"]) + r"\W{1,40}?" + re.escape(value) + r"(?![\d.,])", example_text, re.I):
                 problems.append(f"{where}: (test, value) occurs in examples/lab-reports")
             total += 1
+        check_non_results(doc, name, text, spans, problems)
         spans.sort()
         for (s1, e1, w1), (s2, e2, w2) in zip(spans, spans[1:]):
             if s2 < e1:
                 problems.append(f"{w1} and {w2}: evidence spans overlap")
-        print(f"{root.name}/{name}: {len(doc['results'])} results")
+        print(f"{root.name}/{name}: {len(doc['results'])} results, {len(doc.get('non_results', []))} non-results")
     print(f"{root.name}: {total} gold results in {len(golds)} documents")
+
+
+def check_non_results(doc, name, text, spans, problems):
+    """non_results (optional): kind from NON_RESULT_KINDS, note only with other, evidence once in the
+    report; its span is added to spans, so the overlap check covers results and non-results alike."""
+    if "non_results" not in doc:
+        return
+    if list(doc) != ["document_id", "results", "non_results"]:
+        problems.append(f"{name}: keys {list(doc)}")
+    items = doc["non_results"]
+    if not isinstance(items, list):
+        problems.append(f"{name}: non_results not a list")
+        return
+    for i, nr in enumerate(items):
+        where = f"{name} non_results#{i}"
+        if not isinstance(nr, dict) or not isinstance(nr.get("evidence"), str) or not nr["evidence"]:
+            problems.append(f"{where}: not an object with an evidence string")
+            continue
+        where += f" {nr['evidence'][:40]!r}"
+        kind = nr.get("kind")
+        if kind not in NON_RESULT_KINDS:
+            problems.append(f"{where}: kind {kind!r}")
+        keys = ["kind", "evidence", "note"] if kind == "other" else ["kind", "evidence"]
+        if list(nr) != keys:
+            problems.append(f"{where}: keys {list(nr)}, expected {keys}")
+        if "note" in nr and not (isinstance(nr["note"], str) and nr["note"].strip()):
+            problems.append(f"{where}: note not a non-empty string")
+        ev = nr["evidence"]
+        n = text.count(ev)
+        if n != 1:
+            problems.append(f"{where}: evidence occurs {n} times")
+            continue
+        start = text.find(ev)
+        spans.append((start, start + len(ev), where))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ pub struct Outcome {
     pub tokens_out: u64,
     /// Wall time of the model phase.
     pub engine_ms: u64,
+    /// Pieces of the unit that are not results, by reason (`pending`, `metadata` …).
+    pub set_aside: std::collections::BTreeMap<String, u64>,
 }
 
 impl Outcome {

@@ -1,5 +1,6 @@
 //! Model answers: JSON objects turned into items, every value grounded in the candidate.
 
+use super::classify::ResultStatus;
 use super::items::{Candidate, Flag, LabItem, Method};
 use super::numbers::{compute_flag, parse_range, parse_value, NUM, RANGE_BOTH, RANGE_LOWER, RANGE_UPPER};
 use super::segment::RESULT_VERBS;
@@ -102,6 +103,16 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let value_numeric = parse_value(&value);
 
     let text = candidate.text.as_str();
+    // A value that cannot be one (a lone letter of the test name, `C` of `Protéine C
+    // réactive`; a digit of a unit, `9` of `x10^9/L`) is read again: the first value printed
+    // after the test's label.
+    let (value, value_numeric) = match misread_value(text, &value) {
+        Some(reread) => {
+            let n = parse_value(&reread);
+            (reread, n)
+        }
+        None => (value, value_numeric),
+    };
     let Some((value_start, value_end)) = find_value(text, &value, value_numeric) else {
         // A word value may still be printed with other case or spacing, or misspelt by the
         // model (`Not detectd`): kept as printed, flagged by how it was found. Numbers must
@@ -120,8 +131,11 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         });
     };
     let alignment = if text[value_start..value_end] == value { Alignment::Exact } else { Alignment::Normalized };
+    // `<5`, `> 1476`: the comparator printed before the number belongs to the value.
+    let value_start = comparator_before(text, value_start);
     // The row keeps the value as printed (`0,92` where the model wrote `0.92`).
     let value = text[value_start..value_end].to_string();
+    let value_numeric = parse_value(&value);
     let before = &text[..value_start];
     let after = &text[value_end..];
 
@@ -147,7 +161,75 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         method: Method::Model,
         alignment,
         from_examples: false,
+        status: ResultStatus::Final,
     })
+}
+
+/// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, right before `at`: the
+/// start of the value with it.
+fn comparator_before(text: &str, at: usize) -> usize {
+    let before = &text[..at];
+    let trimmed = before.strip_suffix(' ').unwrap_or(before);
+    let mut start = trimmed.len();
+    let mut chars = trimmed.char_indices().rev();
+    if let Some((i, '=')) = chars.clone().next() {
+        if matches!(chars.nth(1), Some((_, '<' | '>'))) {
+            start = i - 1;
+        }
+    } else if let Some((i, '<' | '>' | '≤' | '≥')) = chars.next() {
+        start = i;
+    }
+    // Not a comparator when glued to a word or number before it (`x<5` is no value).
+    let glued = trimmed[..start].chars().next_back().is_some_and(char::is_alphanumeric);
+    if start < trimmed.len() && !glued {
+        start
+    } else {
+        at
+    }
+}
+
+/// Numbers printed as values: not inside a word or unit (`B12`, `x10^9`, `HbA1c`), with an
+/// optional comparator.
+static VALUE_TOKEN: LazyLock<Regex> = LazyLock::new(|| Regex::new(&format!(r"(?:[<>≤≥]=?\s?)?{NUM}")).unwrap());
+
+/// A value that cannot be the line's value, read again: `Some(first printed value)` when
+/// the answer is a word that is no qualitative result (a letter of the test name) or a
+/// number printed only inside a unit or word, and the line prints a value number.
+fn misread_value(text: &str, value: &str) -> Option<String> {
+    let v = value.trim();
+    let numeric = parse_value(v.trim_start_matches(['<', '>', '≤', '≥', '=', ' '])).is_some();
+    let word_ok = !numeric
+        && (super::segment::is_qualitative(v)
+            || v.chars().any(|c| c.is_ascii_digit())
+            || v.chars().all(|c| matches!(c, '+' | '-' | '±')));
+    if word_ok {
+        return None;
+    }
+    if numeric {
+        // Only a number printed nowhere but in an exponent (`x10^9/L`) is misread; one not
+        // printed at all is left to grounding (`alignment = none`).
+        let spans = token_spans(text, v, false);
+        if spans.is_empty() || spans.iter().any(|&(s, _)| !text[..s].ends_with(['^', '*'])) {
+            return None;
+        }
+    }
+    if !numeric && v.chars().count() > 2 {
+        // A word answer of some length (a test-specific result word) is judged by grounding.
+        return None;
+    }
+    let glued = |s: usize, e: usize| {
+        text[..s].chars().next_back().is_some_and(|c| c.is_alphanumeric() || matches!(c, '^' | '.' | ','))
+            || text[e..].chars().next().is_some_and(|c| c.is_alphabetic() || c == '^')
+    };
+    let ranges: Vec<(usize, usize)> = [&*RANGE_BOTH, &*RANGE_UPPER, &*RANGE_LOWER]
+        .iter()
+        .flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end())))
+        .collect();
+    VALUE_TOKEN
+        .find_iter(text)
+        .filter(|m| !glued(m.start(), m.end()))
+        .find(|m| !ranges.iter().any(|&(rs, re)| rs <= m.start() && m.end() <= re))
+        .map(|m| m.as_str().to_string())
 }
 
 /// An answer whose value the candidate does not bear out: kept as the model gave it,
@@ -172,6 +254,7 @@ fn ungrounded_item(
         method: Method::Model,
         alignment: Alignment::None,
         from_examples: false,
+        status: ResultStatus::Final,
     }
 }
 
@@ -197,7 +280,7 @@ fn byte_offset(s: &str, line: usize, column: usize) -> usize {
 /// A number followed by a unit (`255 x10^3/uL`, `8%`, `5.9mmol/L`); grades (`1+`) and
 /// ranges (`25-50`) are not split.
 static GLUED_UNIT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(&format!(r"^([-−]?{NUM})\s*([\p{{L}}%µ/].*)$")).unwrap());
+    LazyLock::new(|| Regex::new(&format!(r"^((?:[<>≤≥]=?\s?)?[-−]?{NUM})\s*([\p{{L}}%µ/].*)$")).unwrap());
 
 /// `"255 x10^3/uL"` → value `255` and unit `x10^3/uL`; other values unchanged.
 fn split_glued_unit(value: String) -> (String, Option<String>) {
@@ -212,11 +295,13 @@ fn split_glued_unit(value: String) -> (String, Option<String>) {
 
 static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUM).unwrap());
 
-/// Byte span of the value in `text`: its first occurrence as a token, else the first
-/// number equal to `numeric` (in absolute value: a range's dash is not a minus sign).
-/// Occurrences strictly inside a printed reference range do not count, so a bound the
-/// model copied as the value (`12` or `12,0` from `12,0–16,0`) is not grounded; a value
-/// that is itself range-shaped (`25-50` cells per field) still is.
+/// The `k`-th element of a whole-report answer's array, as JSON text.
+pub fn nth_answer_object(answer: &str, k: usize) -> Option<String> {
+    let open = answer.find('[')?;
+    let objects: Vec<Value> = serde_json::Deserializer::from_str(&answer[open..]).into_iter().next()?.ok()?;
+    objects.get(k).map(Value::to_string)
+}
+
 /// Turns a whole-report answer — a JSON array of answer objects, as larger models give when
 /// the pipeline says `extraction.unit = "document"` — into items. Each object is grounded on
 /// one of `lines` (the report's candidate lines, from [`segment`]) with [`parse_answer`]:
@@ -269,13 +354,29 @@ pub fn parse_document_answer(answer: &str, lines: &[Candidate]) -> Vec<Result<La
     out
 }
 
+/// Byte span of the value in `text`: its first occurrence as a token, else the first
+/// number equal to `numeric` (in absolute value: a range's dash is not a minus sign).
+/// Occurrences strictly inside a printed reference range do not count, so a bound the
+/// model copied as the value (`12` or `12,0` from `12,0–16,0`) is not grounded; a value
+/// that is itself range-shaped (`25-50` cells per field) still is.
 fn find_value(text: &str, value: &str, numeric: Option<f64>) -> Option<(usize, usize)> {
     let ranges: Vec<(usize, usize)> = [&*RANGE_BOTH, &*RANGE_UPPER, &*RANGE_LOWER]
         .iter()
         .flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end())))
         .collect();
     let in_range = |(s, e): (usize, usize)| ranges.iter().any(|&(rs, re)| rs <= s && e <= re && (rs, re) != (s, e));
-    let literal = token_spans(text, value, false).into_iter().find(|&span| !in_range(span));
+    let spans = token_spans(text, value, false);
+    // A value printed with its comparator (`>1476`, `<5`) reads like a one-sided range: the
+    // first such is the value when no plain occurrence is.
+    let one_sided: Vec<(usize, usize)> =
+        [&*RANGE_UPPER, &*RANGE_LOWER].iter().flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end()))).collect();
+    let compared = |(s, e): (usize, usize)| {
+        one_sided.iter().any(|&(rs, re)| {
+            rs <= s && e == re && text[rs..s].trim().chars().all(|c| matches!(c, '<' | '>' | '≤' | '≥' | '='))
+        })
+    };
+    let literal = spans.iter().copied().find(|&span| !in_range(span));
+    let literal = literal.or_else(|| spans.iter().copied().min().filter(|&span| compared(span)));
     literal.or_else(|| {
         let v = numeric?.abs();
         NUMBER
@@ -330,7 +431,7 @@ fn label_before(before: &str) -> Option<String> {
     let label = label.rsplit_once(':').map_or(label, |(_, rest)| rest);
     let words: Vec<&str> = label.split_whitespace().collect();
     let end = words.iter().position(|w| ends_label(&w.to_lowercase())).unwrap_or(words.len());
-    let start = usize::from(words.first().is_some_and(|w| ARTICLES.contains(&w.to_lowercase().as_str())));
+    let start = words.iter().take_while(|w| ARTICLES.contains(&w.to_lowercase().as_str())).count();
     let words = &words[start.min(end)..end];
     let label = words.join(" ");
     let label = label.trim_end_matches(separators);
@@ -344,7 +445,8 @@ const LABEL_END_WORDS: &[&str] = &["rose", "fell", "measured", "at", "of", "to"]
 fn ends_label(w: &str) -> bool {
     RESULT_VERBS.contains(&w) || LABEL_END_WORDS.contains(&w)
 }
-const ARTICLES: &[&str] = &["the", "a", "an"];
+/// Words before a test name in letters (`His creatinine`, `the patient's potassium`).
+const ARTICLES: &[&str] = &["the", "a", "an", "his", "her", "their", "its", "patient's"];
 
 /// The test: the printed label before the value when it and the model's test contain one
 /// another (the demo model shortens `Urea nitrogen` to `Urea`) or the model's test is not
@@ -628,6 +730,32 @@ mod tests {
         assert_eq!((glucose.alignment, glucose.evidence_start, glucose.evidence_end), (Alignment::None, 0, 0));
         assert_eq!(parse_document_answer("no json", &lines)[0].as_ref().unwrap_err().label(), "unparseable_answer");
         assert_eq!(parse_document_answer("[{\"test\":", &lines)[0].as_ref().unwrap_err().label(), "truncated_answer");
+    }
+
+    #[test]
+    fn answer_value_keeps_its_comparator_and_misread_values_are_read_again() {
+        let c = cand("Vitamin B12                   >1476 pmol/L        145-569        H");
+        let it = parse_answer(r#"{"test":"Vitamin B12","value":"1476","unit":"pmol/L"}"#, &c).unwrap();
+        assert_eq!((it.value.as_deref(), it.unit.as_deref(), it.value_numeric), (Some(">1476"), Some("pmol/L"), None));
+        let c = cand("Transferrin saturation        <5 %                20-50          L");
+        let it = parse_answer(r#"{"test":"Transferrin saturation","value":"<5 %"}"#, &c).unwrap();
+        assert_eq!((it.value.as_deref(), it.unit.as_deref()), (Some("<5"), Some("%")));
+        // A letter of the test name, a digit of an exponent: the printed value instead.
+        let c = cand("Protéine C réactive ........... 24,5 mg/L       (< 5,0)       *");
+        let it = parse_answer(r#"{"test":"Protéine","value":"C"}"#, &c).unwrap();
+        assert_eq!(
+            (it.test.as_deref(), it.value.as_deref(), it.alignment),
+            (Some("Protéine C réactive"), Some("24,5"), Alignment::Exact)
+        );
+        let c = cand("Neutrófilos               9,07        x10^9/L      [1,80 - 7,50]");
+        let it = parse_answer(r#"{"test":"Neutrófilos 9,07 x10^","value":"9"}"#, &c).unwrap();
+        assert_eq!(
+            (it.test.as_deref(), it.value.as_deref(), it.flag),
+            (Some("Neutrófilos"), Some("9,07"), Some(Flag::High))
+        );
+        // Grades and signs stay.
+        let c = cand("Nitrite  +   Protein 30 mg/dL");
+        assert_eq!(parse_answer(r#"{"test":"Nitrite","value":"+"}"#, &c).unwrap().value.as_deref(), Some("+"));
     }
 
     #[test]

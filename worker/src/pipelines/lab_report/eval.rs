@@ -1,10 +1,13 @@
 //! Scoring a run's `lab_results` against a gold set (`pipelines/lab-report/eval/`).
 //!
 //! Gold: `gold/NAME.json` = `{"document_id", "results": [{test, value, unit, ref_low,
-//! ref_high, flag, evidence}]}` with the report in `reports/NAME.txt`. Rows and gold items
-//! are matched per document, one-to-one and greedily in document order, when the row's
-//! evidence span overlaps the gold evidence (its first occurrence in the report) and their
-//! normalized values are equal. The rules are documented in
+//! ref_high, flag, evidence}], "non_results": [{kind, evidence}]}` with the report in
+//! `reports/NAME.txt`. Rows and gold items are matched per document, one-to-one and greedily
+//! in document order, when the row's evidence span overlaps the gold evidence (its first
+//! occurrence in the report) and their normalized values are equal. A row left unmatched is
+//! put down to the kind of the annotated non-result its evidence overlaps (a pending entry,
+//! a vital sign …), else to `result_line` (it overlaps a gold result: a wrong value or a
+//! second row) or `unannotated`. The rules are documented in
 //! `pipelines/lab-report/eval/README.md`.
 
 use arrow::array::{Array, AsArray};
@@ -62,10 +65,42 @@ pub struct ErrorCounts {
 struct GoldFile {
     document_id: String,
     results: Vec<Item>,
+    #[serde(default)]
+    non_results: Vec<GoldNonResult>,
 }
 
-/// Gold items per document id.
-pub fn load_gold(dir: &Path) -> Result<BTreeMap<String, Vec<Item>>, EvalError> {
+#[derive(Deserialize)]
+struct GoldNonResult {
+    kind: String,
+    evidence: String,
+}
+
+/// An annotated line that is not a result: its kind and the character span of its evidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NonResultSpan {
+    pub kind: String,
+    pub span: (usize, usize),
+}
+
+/// The gold of one report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GoldDoc {
+    pub results: Vec<Item>,
+    pub non_results: Vec<NonResultSpan>,
+}
+
+/// Gold per document id.
+pub type Gold = BTreeMap<String, GoldDoc>;
+
+/// Character span of the first occurrence of `evidence` in `text`.
+fn find_span(text: &str, evidence: &str) -> Option<(usize, usize)> {
+    let at = text.find(evidence).filter(|_| !evidence.is_empty())?;
+    let start = text[..at].chars().count();
+    Some((start, start + evidence.chars().count()))
+}
+
+/// The gold of every report of a split (`gold/*.json` and `reports/`).
+pub fn load_gold(dir: &Path) -> Result<Gold, EvalError> {
     let gold_dir = dir.join("gold");
     let err = |p: &Path, reason: String| EvalError::Gold { path: p.display().to_string(), reason };
     let mut entries: Vec<_> = std::fs::read_dir(&gold_dir)
@@ -80,17 +115,20 @@ pub fn load_gold(dir: &Path) -> Result<BTreeMap<String, Vec<Item>>, EvalError> {
             .map_err(|e| err(&p, e.to_string()))?;
         let report = dir.join("reports").join(&g.document_id);
         let text = std::fs::read_to_string(&report).map_err(|e| err(&report, e.to_string()))?;
-        let mut items = g.results;
-        for it in &mut items {
-            let ev = it.evidence.clone().unwrap_or_default();
-            let at = text
-                .find(&ev)
-                .filter(|_| !ev.is_empty())
-                .ok_or_else(|| err(&p, "an evidence string is not in the report".into()))?;
-            let start = text[..at].chars().count();
-            it.span = (start, start + ev.chars().count());
+        let mut results = g.results;
+        for it in &mut results {
+            let ev = it.evidence.as_deref().unwrap_or_default();
+            it.span = find_span(&text, ev).ok_or_else(|| err(&p, "an evidence string is not in the report".into()))?;
         }
-        out.insert(g.document_id, items);
+        let non_results = g
+            .non_results
+            .into_iter()
+            .map(|n| match find_span(&text, &n.evidence) {
+                Some(span) => Ok(NonResultSpan { kind: n.kind, span }),
+                None => Err(err(&p, "a non-result evidence string is not in the report".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        out.insert(g.document_id, GoldDoc { results, non_results });
     }
     if out.is_empty() {
         return Err(err(&gold_dir, "no gold files".into()));
@@ -146,6 +184,20 @@ pub struct FieldScore {
     pub f1: f64,
 }
 
+/// Item scores of one report (each report of a gold set is its own layout).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DocumentScore {
+    pub document_id: String,
+    pub gold_items: usize,
+    pub predicted_rows: usize,
+    pub matched: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// Unmatched rows by what their evidence is (see [`Report::false_positives`]).
+    pub false_positives: BTreeMap<String, usize>,
+}
+
 /// The whole evaluation.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
@@ -167,6 +219,12 @@ pub struct Report {
     pub grounding_rate: f64,
     /// Rows flagged `alignment = none`.
     pub ungrounded_rows: usize,
+    /// Rows that matched no gold result, by what their evidence overlaps: the kind of an
+    /// annotated non-result (`pending`, `vital_sign`, `metadata` …), `result_line` (a gold
+    /// result's line: a wrong value or a second row from it) or `unannotated`.
+    pub false_positives: BTreeMap<String, usize>,
+    /// Per report, in name order.
+    pub per_document: Vec<DocumentScore>,
 }
 
 fn ratio(a: usize, b: usize) -> f64 {
@@ -187,13 +245,15 @@ fn f1(p: f64, r: f64) -> f64 {
 
 /// Scores predicted rows (per document id, in any order) against the gold set. Rows of
 /// documents outside the gold set are ignored.
-pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Item>>, errors: ErrorCounts) -> Report {
+pub fn score(gold: &Gold, pred: &BTreeMap<String, Vec<Item>>, errors: ErrorCounts) -> Report {
     let error_rows = errors.rows;
     let mut r = Report { documents: gold.len(), error_rows, ..Default::default() };
     let (mut aligned, mut model_rows) = (0, 0);
     let mut correct: BTreeMap<&str, (usize, usize, usize)> = FIELDS.iter().map(|f| (*f, (0, 0, 0))).collect(); // (correct, predicted non-null, gold non-null)
     let mut exact = 0;
-    for (doc, gold_items) in gold {
+    for (doc, gold_doc) in gold {
+        let gold_items = &gold_doc.results;
+        let matched_before = r.matched;
         r.gold_items += gold_items.len();
         let mut rows: Vec<&Item> = pred.get(doc).map(|v| v.iter().collect()).unwrap_or_default();
         rows.sort_by_key(|i| i.span);
@@ -201,7 +261,7 @@ pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Ite
         let mut used = vec![false; rows.len()];
         let mut gold_items: Vec<&Item> = gold_items.iter().collect();
         gold_items.sort_by_key(|g| g.span);
-        for g in gold_items {
+        for g in &gold_items {
             for f in FIELDS {
                 if has(f, g) {
                     correct.get_mut(f).expect("field").2 += 1;
@@ -225,6 +285,31 @@ pub fn score(gold: &BTreeMap<String, Vec<Item>>, pred: &BTreeMap<String, Vec<Ite
                 exact += usize::from(all);
             }
         }
+        let overlaps = |a: (usize, usize), b: (usize, usize)| a.0 < b.1 && b.0 < a.1;
+        let mut false_positives: BTreeMap<String, usize> = BTreeMap::new();
+        for (p, _) in rows.iter().zip(&used).filter(|(_, u)| !**u) {
+            let kind = match gold_doc.non_results.iter().find(|n| overlaps(n.span, p.span)) {
+                Some(n) => n.kind.as_str(),
+                None if gold_doc.results.iter().any(|g| overlaps(g.span, p.span)) => "result_line",
+                None => "unannotated",
+            };
+            *false_positives.entry(kind.to_string()).or_default() += 1;
+        }
+        for (k, n) in &false_positives {
+            *r.false_positives.entry(k.clone()).or_default() += n;
+        }
+        let matched = r.matched - matched_before;
+        let (precision, recall) = (ratio(matched, rows.len()), ratio(matched, gold_items.len()));
+        r.per_document.push(DocumentScore {
+            document_id: doc.clone(),
+            gold_items: gold_items.len(),
+            predicted_rows: rows.len(),
+            matched,
+            precision,
+            recall,
+            f1: f1(precision, recall),
+            false_positives,
+        });
         for p in &rows {
             model_rows += usize::from(p.from_model);
             if let Some(a) = &p.alignment {
@@ -382,7 +467,30 @@ pub fn render_table(r: &Report) -> String {
         let x = &r.fields[f];
         s.push_str(&format!("{f:<10} {:>9.3}  {:>6.3}  {:.3}\n", x.precision, x.recall, x.f1));
     }
+    s.push_str(&format!("rows matching no result: {}\n", kinds_line(&r.false_positives)));
+    let width = r.per_document.iter().map(|d| d.document_id.len()).max().unwrap_or(0).max(6);
+    s.push_str(&format!("{:<width$}  gold  rows  matched  precision  recall     F1  unmatched rows\n", "report"));
+    for d in &r.per_document {
+        s.push_str(&format!(
+            "{:<width$}  {:>4}  {:>4}  {:>7}  {:>9.3}  {:>6.3}  {:.3}  {}\n",
+            d.document_id,
+            d.gold_items,
+            d.predicted_rows,
+            d.matched,
+            d.precision,
+            d.recall,
+            d.f1,
+            kinds_line(&d.false_positives)
+        ));
+    }
     s
+}
+
+fn kinds_line(kinds: &BTreeMap<String, usize>) -> String {
+    if kinds.is_empty() {
+        return "none".into();
+    }
+    kinds.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -406,10 +514,13 @@ mod tests {
 
     #[test]
     fn scoring_rules() {
-        let mut gold = BTreeMap::new();
+        let mut gold = Gold::new();
         gold.insert(
             "d".to_string(),
-            vec![item("Potassium", "5,9", (0, 30), Some("high")), item("Sodium", "139", (31, 60), None)],
+            GoldDoc {
+                results: vec![item("Potassium", "5,9", (0, 30), Some("high")), item("Sodium", "139", (31, 60), None)],
+                non_results: vec![NonResultSpan { kind: "pending".into(), span: (65, 90) }],
+            },
         );
         let mut pred = BTreeMap::new();
         // Matches the first gold item (decimal comma vs point), wrong flag; an invented row.
@@ -428,8 +539,22 @@ mod tests {
         assert!((r.error_row_rate - 1.0 / 3.0).abs() < 1e-12);
         assert!((r.schema_valid_rate - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!((r.grounding_rate, r.ungrounded_rows), (0.5, 1));
+        // The invented row lies on a line annotated as pending.
+        assert_eq!(r.false_positives, BTreeMap::from([("pending".to_string(), 1)]));
+        assert_eq!(r.per_document.len(), 1);
+        assert_eq!((r.per_document[0].matched, r.per_document[0].f1), (1, 0.5));
+        let table = render_table(&r);
+        assert!(table.contains("rows matching no result: pending 1"), "{table}");
+        // A second row from a result's line, and one from a line nobody annotated.
+        pred.get_mut("d").unwrap()[1].span = (40, 50);
+        pred.get_mut("d").unwrap().push(item("Urea", "7", (200, 210), None));
+        let r = score(&gold, &pred, ErrorCounts::default());
+        let kinds = BTreeMap::from([("result_line".to_string(), 1), ("unannotated".to_string(), 1)]);
+        assert_eq!(r.false_positives, kinds);
         // A perfect prediction scores 1 everywhere.
-        let r = score(&gold, &gold, ErrorCounts::default());
+        let perfect: BTreeMap<String, Vec<Item>> = gold.iter().map(|(d, g)| (d.clone(), g.results.clone())).collect();
+        let r = score(&gold, &perfect, ErrorCounts::default());
         assert_eq!((r.item_f1, r.exact_match_rate, r.fields["unit"].f1), (1.0, 1.0, 1.0));
+        assert!(r.false_positives.is_empty());
     }
 }

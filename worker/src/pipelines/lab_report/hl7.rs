@@ -1,5 +1,6 @@
 //! HL7 v2 OBX segments, read without the model.
 
+use super::classify::{read_status, NonResult, ResultStatus, SetAside};
 use super::items::{LabItem, Method, Parsed};
 use super::lines::{split_lines, Line};
 use super::numbers::{compute_flag, parse_range, parse_value};
@@ -74,10 +75,6 @@ impl Hl7Delimiters {
     }
 }
 
-/// OBX-11 statuses whose result must not be reported: `D` deletes the observation, `W`
-/// marks it as posted in error.
-const HL7_WITHDRAWN_STATUSES: [&str; 2] = ["D", "W"];
-
 /// Reads HL7 v2 OBX segments: test = OBX-3 text component (component 2, else the alternate
 /// text, component 5; never the code), value = OBX-5 (coded values by their text, structured
 /// numerics like `<^0.3` joined to `<0.3`), unit = OBX-6 component 1, range = OBX-7, flag =
@@ -87,27 +84,30 @@ const HL7_WITHDRAWN_STATUSES: [&str; 2] = ["D", "W"];
 pub fn parse_hl7_obx(text: &str) -> Option<Parsed> {
     let lines = split_lines(text);
     let delims = Hl7Delimiters::from_lines(&lines);
-    let mut items = Vec::new();
-    let mut claimed = Vec::new();
+    let mut parsed = Parsed::default();
     let mut saw_obx = false;
     for line in &lines {
         let (start, end, seg) = line.trimmed();
         if !delims.is_segment(seg) {
             continue;
         }
-        claimed.push((start, end));
+        parsed.claimed.push((start, end));
         if !seg.starts_with("OBX") {
             continue;
         }
         saw_obx = true;
-        if let Some(item) = obx_item(seg, &delims, start, end) {
-            items.push(item);
+        match obx_item(seg, &delims, start, end) {
+            Some(Ok(item)) => parsed.items.push(item),
+            Some(Err(reason)) => parsed.set_aside.push(SetAside { reason, start, end }),
+            None => {}
         }
     }
-    saw_obx.then_some((items, claimed))
+    saw_obx.then_some(parsed)
 }
 
-fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<LabItem> {
+/// The segment's item, or why it is not a result (OBX-11: `I` pending, `X` cannot be
+/// obtained, `D` deleted, `W` posted in error, `N` not asked); `None` without a value.
+fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<Result<LabItem, NonResult>> {
     let fields: Vec<&str> = seg.split(d.field).collect();
     let field = |i: usize| fields.get(i).copied().unwrap_or("");
     let component = |f: &str, i: usize| -> Option<String> {
@@ -115,9 +115,14 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<La
         let c = d.unescape(c).trim().to_string();
         (!c.is_empty()).then_some(c)
     };
-    if HL7_WITHDRAWN_STATUSES.contains(&field(11).trim()) {
-        return None;
-    }
+    let status = match field(11).trim() {
+        "" => ResultStatus::Final,
+        code => match read_status(code) {
+            Some(Err(reason)) => return Some(Err(reason)),
+            Some(Ok(status)) => status,
+            None => ResultStatus::Final,
+        },
+    };
     let test = component(field(3), 2).or_else(|| component(field(3), 5));
     let raw_value = field(5);
     let value = match field(2).trim() {
@@ -134,7 +139,7 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<La
     let (ref_low, ref_high) = parse_range(&d.unescape(field(7)));
     let printed = field(8).split(d.repetition).next().unwrap_or("").trim();
     let printed = (!printed.is_empty()).then_some(printed);
-    Some(LabItem {
+    Some(Ok(LabItem {
         test,
         value: Some(value),
         value_numeric,
@@ -147,7 +152,8 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<La
         method: Method::Hl7Obx,
         alignment: Alignment::Exact,
         from_examples: false,
-    })
+        status,
+    }))
 }
 
 #[cfg(test)]
@@ -168,12 +174,19 @@ OBX|4|NM|2951-2^Sodium^LN||128|mmol/L|136-145||||F\r\
 OBX|5|CWE|5778-6^Color^LN||YEL^Yellow^L||||||F\r\
 OBX|6|NM|2345-7^^LN^^Glucose, fasting||5.1|mmol/L|3.9\\S\\5.5|||F\r\
 OBX|7|NM|9999-9^Deleted test^LN||1.0|U|||||D\r\
+OBX|8|NM|2160-0^Creatinine^LN||||||||I\r\
+OBX|9|NM|2885-2^Protein^LN||71|g/L|60-80||||C\r\
+OBX|10|NM|1751-7^Albumin^LN||38|g/L|35-50||||P\r\
 NTE|1||Comment 123 text";
 
     #[test]
     fn hl7_reads_obx_segments() {
-        let (items, claimed) = parse_hl7_obx(HL7).unwrap();
-        assert_eq!(items.len(), 6, "the deleted observation is dropped");
+        let Parsed { items, claimed, set_aside } = parse_hl7_obx(HL7).unwrap();
+        assert_eq!(items.len(), 8, "the deleted and the pending observation give no item");
+        let reasons: Vec<_> = set_aside.iter().map(|s| s.reason).collect();
+        assert_eq!(reasons, [NonResult::Withdrawn, NonResult::Pending]);
+        let statuses: Vec<_> = items.iter().map(|i| i.status.as_str()).collect();
+        assert_eq!(statuses[5..], ["final", "corrected", "preliminary"]);
         let hb = &items[0];
         assert_eq!(hb.test.as_deref(), Some("Hemoglobin"));
         assert_eq!(hb.value.as_deref(), Some("13.2"));
@@ -193,7 +206,7 @@ NTE|1||Comment 123 text";
         assert_eq!(items[5].test.as_deref(), Some("Glucose, fasting"), "alternate text");
         assert_eq!(items[5].ref_low, None, "escaped ^ is not a range dash");
         // Every segment is claimed, and evidence is the OBX segment itself.
-        assert_eq!(claimed.len(), 10);
+        assert_eq!(claimed.len(), 13);
         assert!(span_text(HL7, hb.evidence_start, hb.evidence_end).starts_with("OBX|1|NM|718-7"));
         assert!(span_text(HL7, hb.evidence_start, hb.evidence_end).ends_with("|F"));
         assert!(segment(HL7, &claimed).is_empty());
@@ -204,7 +217,7 @@ NTE|1||Comment 123 text";
         assert!(parse_hl7_obx("MSH|^~\\&|LAB\nPID|1||1").is_none());
         assert!(parse_hl7_obx("Hemoglobin 13.2 g/dL").is_none());
         let custom = "MSH#$~\\&#LAB\nOBX#1#NM#1-1$Urea$LN##7.1#mmol/L#2.5-7.8#H";
-        let (items, _) = parse_hl7_obx(custom).unwrap();
+        let Parsed { items, .. } = parse_hl7_obx(custom).unwrap();
         assert_eq!(items[0].test.as_deref(), Some("Urea"));
         assert_eq!(items[0].flag, Some(Flag::High));
     }
@@ -212,7 +225,7 @@ NTE|1||Comment 123 text";
     #[test]
     fn hl7_offsets_are_characters() {
         let text = "NTE|1||µ° ± note\nOBX|1|NM|1-1^Kreatinin^LN||88|µmol/L|45–90|||F";
-        let (items, _) = parse_hl7_obx(text).unwrap();
+        let Parsed { items, .. } = parse_hl7_obx(text).unwrap();
         let it = &items[0];
         assert_eq!(it.evidence_start, 17);
         assert_eq!(span_text(text, it.evidence_start, it.evidence_end), text.lines().nth(1).unwrap());

@@ -1,6 +1,7 @@
 //! What a lab report yields: items (one result each), their flags, how they were read, and the
 //! candidates the model reads.
 
+use super::classify::{ResultStatus, SetAside};
 use crate::grounding::Alignment;
 
 /// Abnormality flag of a result.
@@ -56,6 +57,7 @@ impl Flag {
 pub enum Method {
     Hl7Obx,
     DelimitedTable,
+    FixedWidthTable,
     Model,
 }
 
@@ -65,6 +67,7 @@ impl Method {
         match self {
             Method::Hl7Obx => "hl7_obx",
             Method::DelimitedTable => "delimited_table",
+            Method::FixedWidthTable => "fixed_width_table",
             Method::Model => "model",
         }
     }
@@ -91,14 +94,21 @@ pub struct LabItem {
     pub alignment: Alignment,
     /// The value is not in the document but is in the prompt's examples: copied from them.
     pub from_examples: bool,
+    /// Final, preliminary or corrected, as the report says.
+    pub status: ResultStatus,
 }
 
 /// A character span `(start, end)` of the document, end exclusive.
 pub type Span = (usize, usize);
 
-/// What a deterministic parser read: its items, and the spans it claimed (never to be sent
-/// to the model).
-pub type Parsed = (Vec<LabItem>, Vec<Span>);
+/// What a deterministic parser read: its items, the spans it claimed (never to be sent to
+/// the model), and the entries it read that are not results (pending, cancelled …).
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub items: Vec<LabItem>,
+    pub claimed: Vec<Span>,
+    pub set_aside: Vec<SetAside>,
+}
 
 /// A piece of the document the model is asked about: one result line or prose phrase.
 #[derive(Clone, Debug, PartialEq, Eq)]

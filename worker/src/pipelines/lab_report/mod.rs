@@ -7,9 +7,14 @@
 //!    ([`hl7`]) and delimited tables with a header row ([`table`]). Each returns its items
 //!    and the character spans it claimed; a second parser never re-reads a claimed span.
 //! 2. [`segment`] cuts the rest into candidate result lines (prose sentences into phrases),
-//!    skipping claimed spans, headers, addresses, dates, signatures and comments. A pipeline
-//!    reading whole documents sends token-budgeted chunks of whole lines instead.
-//! 3. The model answers one JSON object per candidate (`pipelines/lab-report/prompt.j2`);
+//!    skipping claimed spans, headers, addresses, dates, signatures and comments.
+//! 3. [`classify`] keeps the candidates that name a laboratory test of the pipeline's
+//!    lexicon and hold a current value; metadata, entries without a result (pending,
+//!    cancelled, not reported), earlier values, targets, interpretation tables and vital
+//!    signs are set aside with a reason and counted. A pipeline reading whole documents
+//!    sends token-budgeted chunks of whole lines instead, and keeps only answers grounded on
+//!    a kept line.
+//! 4. The model answers one JSON object per candidate (`pipelines/lab-report/prompt.j2`);
 //!    [`answer`] turns it into a [`LabItem`], recomputing numbers ([`numbers`]) and the flag in
 //!    code and refusing values that do not occur in the candidate.
 //!
@@ -19,7 +24,9 @@
 //! logs). [`eval`] scores a run's rows against a gold set.
 
 pub mod answer;
+pub mod classify;
 pub mod eval;
+pub mod fixed;
 pub mod hl7;
 pub mod items;
 mod lines;
@@ -29,6 +36,8 @@ pub mod segment;
 pub mod table;
 
 pub use answer::{parse_answer, parse_document_answer, AnswerError, ANSWER_FIELDS, ANSWER_PRIMER};
+pub use classify::{Classifier, Lexicon, NonResult, ResultStatus, SetAside};
+pub use fixed::parse_fixed_width_table;
 pub use hl7::parse_hl7_obx;
 pub use items::{Candidate, Flag, LabItem, Method, Parsed, Span};
 pub use numbers::{compute_flag, parse_range, parse_value};
@@ -52,12 +61,16 @@ pub struct LabReport {
     /// The prompt's shared part (instructions and examples), to tell answers copied from the
     /// examples from invented ones.
     examples: String,
+    /// The result classifier, when the pipeline names a lexicon (else every candidate is
+    /// read).
+    classifier: Option<Classifier>,
 }
 
 impl LabReport {
     pub fn new(pipeline: Arc<LoadedPipeline>) -> Self {
         let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
-        Self { pipeline, examples }
+        let classifier = pipeline.lexicon.clone().map(Classifier::new);
+        Self { pipeline, examples, classifier }
     }
 }
 
@@ -83,21 +96,52 @@ impl Pipeline for LabReport {
             tokens_out,
         };
         let mut claimed: Vec<Span> = Vec::new();
+        let mut set_aside: Vec<SetAside> = Vec::new();
         for parser in &spec.extraction.parsers {
             let parsed = match parser {
                 ParserKind::Hl7Obx => parse_hl7_obx(&doc.text),
                 ParserKind::DelimitedTable => parse_delimited_table(&doc.text),
+                ParserKind::FixedWidthTable => parse_fixed_width_table(&doc.text),
             };
-            if let Some((items, spans)) = parsed {
-                for it in items {
-                    if !claimed.iter().any(|&(s, e)| it.evidence_start >= s && it.evidence_end <= e) {
+            if let Some(p) = parsed {
+                let new = |s: usize, e: usize| !claimed.iter().any(|&(a, b)| s >= a && e <= b);
+                for it in p.items {
+                    if new(it.evidence_start, it.evidence_end) {
                         rows.push(row(it, 0, 0));
                     }
                 }
-                claimed.extend(spans);
+                set_aside.extend(p.set_aside.into_iter().filter(|x| new(x.start, x.end)));
+                claimed.extend(p.claimed);
             }
         }
-        let lines = segment(&doc.text, &claimed);
+        let segmented = segment(&doc.text, &claimed);
+        // Candidates that are not results, kept for grounding whole-document answers on them
+        // (an answer borne out only by such a line gives no row).
+        let mut not_results: Vec<Candidate> = Vec::new();
+        let lines: Vec<Candidate> = match &self.classifier {
+            None => segmented,
+            Some(cl) => {
+                set_aside.extend(cl.unresulted_lines(&doc.text, &claimed, &segmented));
+                let mut kept = Vec::with_capacity(segmented.len());
+                for mut c in segmented {
+                    match cl.classify(&mut c) {
+                        Ok(()) => kept.push(c),
+                        Err(reason) => {
+                            set_aside.push(SetAside { reason, start: c.start, end: c.end });
+                            not_results.push(c);
+                        }
+                    }
+                }
+                kept
+            }
+        };
+        let results_at: Vec<Span> = claimed.iter().copied().chain(lines.iter().map(|c| (c.start, c.end))).collect();
+        let document_status = classify::document_status(&doc.text, &results_at);
+        for r in &mut rows {
+            if r.item.status == ResultStatus::Final {
+                r.item.status = document_status;
+            }
+        }
         let candidates: Vec<Candidate> = match spec.extraction.unit {
             ExtractionUnit::Line => lines.clone(),
             // The model reads the whole report; its answers are grounded on the lines below.
@@ -128,15 +172,41 @@ impl Pipeline for LabReport {
             let results = match spec.extraction.unit {
                 ExtractionUnit::Line => vec![parse_answer(&reply.answer, c)],
                 ExtractionUnit::Document => {
-                    // Grounded on the lines of this chunk only.
-                    let inside: Vec<Candidate> =
-                        lines.iter().filter(|l| l.start >= c.start && l.end <= c.end).cloned().collect();
-                    parse_document_answer(&reply.answer, &inside)
+                    // Grounded on the lines of this chunk only; an answer that only a line
+                    // set aside bears out (a pending entry, an earlier value) is dropped.
+                    let within = |l: &&Candidate| l.start >= c.start && l.end <= c.end;
+                    let inside: Vec<Candidate> = lines.iter().filter(within).cloned().collect();
+                    let aside: Vec<Candidate> = not_results.iter().filter(within).cloned().collect();
+                    let mut results = parse_document_answer(&reply.answer, &inside);
+                    if !aside.is_empty() {
+                        let ungrounded: Vec<usize> = (0..results.len())
+                            .filter(|&k| results[k].as_ref().is_ok_and(|i| i.alignment == Alignment::None))
+                            .collect();
+                        for k in ungrounded.into_iter().rev() {
+                            let object = answer::nth_answer_object(&reply.answer, k);
+                            let borne_out = object.is_some_and(|o| {
+                                aside.iter().any(|l| parse_answer(&o, l).is_ok_and(|i| i.alignment != Alignment::None))
+                            });
+                            if borne_out {
+                                drop(results.remove(k));
+                            }
+                        }
+                    }
+                    results
                 }
             };
             for result in results {
                 match result {
                     Ok(mut item) => {
+                        if spec.extraction.unit == ExtractionUnit::Line {
+                            item.status = classify::line_status(&c.text, document_status);
+                        } else if let Some(l) =
+                            lines.iter().find(|l| (l.start, l.end) == (item.evidence_start, item.evidence_end))
+                        {
+                            item.status = classify::line_status(&l.text, document_status);
+                        } else {
+                            item.status = document_status;
+                        }
                         if item.alignment == Alignment::None {
                             let copied = |s: &Option<String>| {
                                 s.as_deref().is_some_and(|s| from_examples(s, &self.examples, &doc.text))
@@ -173,6 +243,7 @@ impl Pipeline for LabReport {
         if !rows.is_empty() {
             out.batch = Some(lab_results_batch(&rows, cx.provenance)?);
         }
+        out.set_aside = classify::count_set_aside(&set_aside);
         Ok(out)
     }
 }
@@ -190,6 +261,7 @@ mod tests {
         assert_eq!(Flag::Abnormal.as_str(), "abnormal");
         assert_eq!(Method::Hl7Obx.as_str(), "hl7_obx");
         assert_eq!(Method::DelimitedTable.as_str(), "delimited_table");
+        assert_eq!(Method::FixedWidthTable.as_str(), "fixed_width_table");
         assert_eq!(Method::Model.as_str(), "model");
         assert_eq!(AnswerError::NotJson { at: 0 }.label(), "unparseable_answer");
         assert_eq!(AnswerError::MissingValue.label(), "missing_value");
@@ -224,7 +296,11 @@ mod tests {
         assert_eq!(spec.output.rows, RowMode::PerItem);
         assert_eq!(spec.prompt.format, PromptFormat::Raw);
         assert_eq!(spec.generation.stop, vec!["\n".to_string()]);
-        assert_eq!(spec.extraction.parsers, vec![ParserKind::Hl7Obx, ParserKind::DelimitedTable]);
+        assert_eq!(
+            spec.extraction.parsers,
+            vec![ParserKind::Hl7Obx, ParserKind::DelimitedTable, ParserKind::FixedWidthTable]
+        );
+        assert_eq!(spec.extraction.lexicon.as_deref(), Some("analytes.tsv"));
         assert_eq!(spec.extraction.unit, ExtractionUnit::Line);
     }
 
@@ -335,10 +411,10 @@ mod tests {
         for (name, report) in &docs {
             let mut claimed = Vec::new();
             let mut parsed = 0;
-            for parser in [parse_hl7_obx, parse_delimited_table] {
-                if let Some((items, spans)) = parser(report) {
-                    parsed += items.len();
-                    claimed.extend(spans);
+            for parser in [parse_hl7_obx, parse_delimited_table, parse_fixed_width_table] {
+                if let Some(p) = parser(report) {
+                    parsed += p.items.len();
+                    claimed.extend(p.claimed);
                 }
             }
             let candidates = segment(report, &claimed);
@@ -349,6 +425,7 @@ mod tests {
             match name.as_str() {
                 "hl7-oru.txt" => assert_eq!((parsed, candidates.len()), (8, 0)),
                 "liver-pipe-table.txt" => assert_eq!((parsed, candidates.len()), (7, 0)),
+                "cbc-fixed-width.txt" => assert_eq!((parsed, candidates.len()), (11, 0)),
                 "records.csv#csv-semicolon-003" => assert_eq!((parsed, candidates.len()), (4, 0)),
                 _ => assert!(parsed == 0 && !candidates.is_empty(), "{name}"),
             }

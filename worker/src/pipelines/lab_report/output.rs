@@ -35,6 +35,7 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
     let mut method = StringDictionaryBuilder::<Int32Type>::new();
     let mut alignment = StringDictionaryBuilder::<Int32Type>::new();
     let mut from_examples = BooleanBuilder::with_capacity(n);
+    let mut status = StringDictionaryBuilder::<Int32Type>::new();
     let mut source_uri = StringBuilder::new();
     let mut input_sha256 = StringBuilder::new();
     let mut tokens_in = UInt32Builder::with_capacity(n);
@@ -59,6 +60,7 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
         method.append_value(it.method.as_str());
         alignment.append_value(it.alignment.as_str());
         from_examples.append_value(it.from_examples);
+        status.append_value(it.status.as_str());
         source_uri.append_value(&r.source_uri);
         input_sha256.append_value(&r.input_sha256);
         tokens_in.append_value(r.tokens_in);
@@ -78,6 +80,7 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
         Arc::new(method.finish()),
         Arc::new(alignment.finish()),
         Arc::new(from_examples.finish()),
+        Arc::new(status.finish()),
         Arc::new(source_uri.finish()),
         Arc::new(input_sha256.finish()),
     ];
@@ -112,6 +115,7 @@ mod tests {
             method: Method::Model,
             alignment: Alignment::Normalized,
             from_examples: false,
+            status: crate::pipelines::lab_report::ResultStatus::Corrected,
         };
         let rows = vec![LabRow {
             document_id: "d1".into(),
@@ -132,6 +136,8 @@ mod tests {
         assert_eq!(col("evidence_end").as_primitive::<UInt32Type>().value(0), 40);
         let flag = arrow::compute::cast(&col("flag"), &arrow::datatypes::DataType::Utf8).unwrap();
         assert_eq!(flag.as_string::<i32>().value(0), "high");
+        let status = arrow::compute::cast(&col("status"), &arrow::datatypes::DataType::Utf8).unwrap();
+        assert_eq!(status.as_string::<i32>().value(0), "corrected");
         assert_eq!(col("run_id").as_string::<i32>().value(0), "r");
     }
 }

@@ -62,6 +62,11 @@ static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// Whether a value is a result word of a qualitative test (`Negative`, `Trace`, `Clear`).
+pub(super) fn is_qualitative(value: &str) -> bool {
+    QUALITATIVE.is_match(value)
+}
+
 /// A word: a letter followed by letters or digits (`HbA1c`, `x10`, `Hämoglobin`).
 static WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\p{L}[\p{L}\d]*").unwrap());
 
@@ -350,7 +355,7 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
             if text.len() > t.len() {
                 out.push(Candidate { start, end, text });
             } else {
-                out.extend(columns(Candidate { start, end, text }));
+                out.extend(columns(Candidate { start, end, text }).into_iter().flat_map(list_items));
             }
         }
     }
@@ -412,6 +417,66 @@ fn columns(c: Candidate) -> Vec<Candidate> {
         }
     }
     vec![c]
+}
+
+/// Splits a line listing results separated by commas or semicolons (`Na 133 (135-145), K
+/// 5.6 (3.5-5.3), urea 11.2`) into one candidate per result, when at least two of its
+/// pieces name a test and hold a value; a piece without a value (`Glucose, fasting 5.1`)
+/// joins the next one, or the last one at the end. Separators inside brackets (`(3.5, 5.1)`)
+/// do not split.
+fn list_items(c: Candidate) -> Vec<Candidate> {
+    let text = c.text.as_str();
+    let mut cuts = Vec::new();
+    let mut depth = 0i32;
+    let bytes: Vec<(usize, char)> = text.char_indices().collect();
+    for (k, &(b, ch)) in bytes.iter().enumerate() {
+        match ch {
+            '(' | '[' => depth += 1,
+            ')' | ']' => depth -= 1,
+            ',' | ';' if depth <= 0 && bytes.get(k + 1).is_some_and(|&(_, n)| n == ' ') => cuts.push(b),
+            _ => {}
+        }
+    }
+    if cuts.is_empty() {
+        return vec![c];
+    }
+    let mut pieces: Vec<(usize, usize)> = Vec::new();
+    let mut from = 0;
+    for cut in cuts.into_iter().chain([text.len()]) {
+        pieces.push((from, cut));
+        from = (cut + 1).min(text.len());
+    }
+    let is_result = |(a, b): (usize, usize)| {
+        let p = &text[a..b];
+        has_value(p) && has_test_word(p) && looks_like_result(p.trim())
+    };
+    if pieces.iter().filter(|&&p| is_result(p)).count() < 2 {
+        return vec![c];
+    }
+    // Merge value-less pieces into the next result piece (the last ones into the previous).
+    let mut merged: Vec<(usize, usize)> = Vec::new();
+    let mut carry: Option<usize> = None;
+    for (a, b) in pieces {
+        let start = carry.take().unwrap_or(a);
+        if is_result((a, b)) {
+            merged.push((start, b));
+        } else {
+            carry = Some(start);
+        }
+    }
+    if let (Some(_), Some(last)) = (carry, merged.last_mut()) {
+        last.1 = text.len();
+    }
+    merged
+        .into_iter()
+        .map(|(a, b)| {
+            let piece = &text[a..b];
+            let lead = piece.len() - piece.trim_start().len();
+            let t = piece.trim();
+            let start = c.start + text[..a + lead].chars().count();
+            Candidate { start, end: start + t.chars().count(), text: t.to_string() }
+        })
+        .collect()
 }
 
 /// The smallest run of spaces that separates two columns of results.
@@ -535,6 +600,26 @@ Previously reported as 6.9 mmol/L\n";
                 "Ketones  1+",
             ]
         );
+    }
+
+    #[test]
+    fn segment_splits_result_lists() {
+        let text = "Na 133 (135-145), K 5.6 (3.5-5.3), urea 11.2 (2.5-7.8)\nGlucose, fasting 5.1 mmol/L\nHb 104 (130-170); WCC 14.2, raised\n";
+        let c = segment(text, &[]);
+        assert_eq!(
+            texts(&c),
+            vec![
+                "Na 133 (135-145)",
+                "K 5.6 (3.5-5.3)",
+                "urea 11.2 (2.5-7.8)",
+                "Glucose, fasting 5.1 mmol/L",
+                "Hb 104 (130-170)",
+                "WCC 14.2, raised"
+            ]
+        );
+        for cand in &c {
+            assert_eq!(span_text(text, cand.start, cand.end), cand.text);
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Delimited tables with a header row, read without the model.
 
+use super::classify::{read_status, unresulted, NonResult, ResultStatus, SetAside};
 use super::items::{LabItem, Method, Parsed};
 use super::lines::split_lines;
 use super::numbers::{compute_flag, parse_range, parse_value};
@@ -13,7 +14,7 @@ const TABLE_DELIMITERS: [char; 4] = ['|', '\t', ';', ','];
 /// What a header cell names. Header words are compared lower-cased, with dots, `_` and
 /// repeated spaces folded (`REF_RANGE` = `ref range`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
+pub(super) enum Role {
     Test,
     Value,
     Unit,
@@ -24,8 +25,9 @@ enum Role {
     Status,
 }
 
-/// Header names of each role, in English, French, German and Spanish (LIS exports and
-/// printed tables), written from the conventions of laboratory information systems.
+/// Header names of each role, in English, French, German, Spanish, Italian, Dutch and
+/// Portuguese (the languages of the analyte lexicon; LIS exports and printed tables),
+/// written from the conventions of laboratory information systems.
 const HEADERS: &[(Role, &[&str])] = &[
     (
         Role::Test,
@@ -58,6 +60,16 @@ const HEADERS: &[(Role, &[&str])] = &[
             "análisis",
             "analisis",
             "magnitud",
+            "esame",
+            "esami",
+            "analisi",
+            "parametro",
+            "test eseguito",
+            "bepaling",
+            "bepalingen",
+            "onderzoek",
+            "exame",
+            "análise",
         ],
     ),
     (
@@ -77,9 +89,22 @@ const HEADERS: &[(Role, &[&str])] = &[
             "befund",
             "resultado",
             "valor",
+            "risultato",
+            "esito",
+            "valore",
+            "uitslag",
+            "resultaat",
+            "waarde",
+            "resultado do exame",
         ],
     ),
-    (Role::Unit, &["unit", "units", "uom", "unité", "unite", "unités", "einheit", "unidad", "unidades"]),
+    (
+        Role::Unit,
+        &[
+            "unit", "units", "uom", "unité", "unite", "unités", "einheit", "unidad", "unidades", "unità", "unita",
+            "udm", "u m", "eenheid", "eenheden", "unidade",
+        ],
+    ),
     (
         Role::Range,
         &[
@@ -108,6 +133,17 @@ const HEADERS: &[(Role, &[&str])] = &[
             "intervalo de referencia",
             "rango de referencia",
             "rango",
+            "valori di riferimento",
+            "intervallo di riferimento",
+            "range di riferimento",
+            "valori normali",
+            "referentie",
+            "referentiewaarden",
+            "referentiewaarde",
+            "normaalwaarden",
+            "valores de referência",
+            "valores de referencia",
+            "intervalo de referência",
         ],
     ),
     (
@@ -170,54 +206,56 @@ const HEADERS: &[(Role, &[&str])] = &[
             "indicador",
             "marca",
             "fuera de rango",
+            "segnalazione",
+            "fuori range",
+            "afwijkend",
+            "markering",
+            "alerta",
         ],
     ),
-    (Role::Status, &["status", "result status", "statut", "état", "etat", "befundstatus", "estado"]),
-];
-
-/// Status cells (and value cells) of entries that are not results: nothing was measured or
-/// the measurement does not count. Compared lower-cased, first word or whole cell.
-const NOT_RESULT_STATUSES: &[&str] = &[
-    "pending",
-    "cancelled",
-    "canceled",
-    "x",
-    "i",
-    "d",
-    "w",
-    "deleted",
-    "not reported",
-    "not done",
-    "to follow",
-    "in progress",
-    "ordered",
-    "haemolysed",
-    "hemolysed",
-    "en cours",
-    "annulé",
-    "annule",
-    "non fait",
-    "ausstehend",
-    "storniert",
-    "folgt",
-    "in bearbeitung",
-    "pendiente",
-    "anulado",
-    "cancelado",
-    "en curso",
+    (
+        Role::Status,
+        &["status", "result status", "statut", "état", "etat", "befundstatus", "estado", "stato", "stato referto"],
+    ),
 ];
 
 /// Column positions of a table, from its header row.
-struct Columns {
-    count: usize,
-    test: usize,
-    value: usize,
-    unit: Option<usize>,
-    range: Option<usize>,
-    low: Option<usize>,
-    high: Option<usize>,
-    flag: Option<usize>,
-    status: Option<usize>,
+#[derive(Clone, Debug)]
+pub(super) struct Columns {
+    pub(super) count: usize,
+    pub(super) test: usize,
+    pub(super) value: usize,
+    pub(super) unit: Option<usize>,
+    pub(super) range: Option<usize>,
+    pub(super) low: Option<usize>,
+    pub(super) high: Option<usize>,
+    pub(super) flag: Option<usize>,
+    pub(super) status: Option<usize>,
+}
+
+impl Columns {
+    /// The columns of a header whose cells name `roles`; `None` without a test and a
+    /// result column.
+    pub(super) fn from_roles(roles: &[Option<Role>]) -> Option<Self> {
+        let find = |role: Role| roles.iter().position(|r| *r == Some(role));
+        Some(Self {
+            count: roles.len(),
+            test: find(Role::Test)?,
+            value: find(Role::Value)?,
+            unit: find(Role::Unit),
+            range: find(Role::Range),
+            low: find(Role::Low),
+            high: find(Role::High),
+            flag: find(Role::Flag),
+            status: find(Role::Status),
+        })
+    }
+}
+
+/// What a header cell names, if it is a known column name.
+pub(super) fn header_role(cell: &str) -> Option<Role> {
+    let name = header_name(cell);
+    HEADERS.iter().find(|(_, names)| names.contains(&name.as_str())).map(|(r, _)| *r)
 }
 
 /// Cells of a delimited line, trimmed. `|` tables drop the empty outer cells of `| a | b |`;
@@ -251,26 +289,11 @@ fn header_columns(line: &str) -> Option<(char, Columns)> {
         if !line.contains(delim) {
             continue;
         }
-        let names: Vec<String> = split_cells(line, delim).iter().map(|c| header_name(c)).collect();
-        if delim == ',' && names.len() < 3 {
+        let roles: Vec<Option<Role>> = split_cells(line, delim).iter().map(|c| header_role(c)).collect();
+        if delim == ',' && roles.len() < 3 {
             continue;
         }
-        let find = |role: Role| {
-            let set = HEADERS.iter().find(|(r, _)| *r == role).map_or(&[][..], |(_, s)| *s);
-            names.iter().position(|n| set.contains(&n.as_str()))
-        };
-        if let (Some(test), Some(value)) = (find(Role::Test), find(Role::Value)) {
-            let columns = Columns {
-                count: names.len(),
-                test,
-                value,
-                unit: find(Role::Unit),
-                range: find(Role::Range),
-                low: find(Role::Low),
-                high: find(Role::High),
-                flag: find(Role::Flag),
-                status: find(Role::Status),
-            };
+        if let Some(columns) = Columns::from_roles(&roles) {
             return Some((delim, columns));
         }
     }
@@ -281,15 +304,6 @@ fn header_columns(line: &str) -> Option<(char, Columns)> {
 fn is_separator_row(line: &str) -> bool {
     let t = line.trim();
     t.contains(['-', '=']) && t.chars().all(|c| matches!(c, '-' | '=' | ':' | '+' | '|' | ';' | '\t' | ' '))
-}
-
-/// Whether a status or value cell says the entry is not a result (pending, cancelled …).
-pub(super) fn not_a_result(cell: &str) -> bool {
-    let c = cell.trim().to_lowercase();
-    let first = c.split(|ch: char| !ch.is_alphanumeric()).next().unwrap_or("");
-    NOT_RESULT_STATUSES.contains(&c.as_str())
-        || (first.len() > 1 && NOT_RESULT_STATUSES.contains(&first))
-        || NOT_RESULT_STATUSES.iter().any(|s| s.contains(' ') && c.starts_with(s))
 }
 
 /// Reads tables whose cells are separated by `|`, tabs, `;` or `,` (CSV with quotes) and
@@ -303,8 +317,7 @@ pub(super) fn not_a_result(cell: &str) -> bool {
 /// `None` when no table with at least one row is found.
 pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
     let lines = split_lines(text);
-    let mut items = Vec::new();
-    let mut claimed = Vec::new();
+    let mut parsed = Parsed::default();
     let mut i = 0;
     while i < lines.len() {
         let Some((delim, cols)) = header_columns(lines[i].text) else {
@@ -319,33 +332,50 @@ pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
             if delim == ',' && cells.len() != cols.count {
                 break;
             }
-            claimed.push((start, end));
+            parsed.claimed.push((start, end));
             if !is_separator_row(row) {
-                items.extend(table_item(&cells, &cols, start, end));
+                match table_item(&cells, &cols, start, end, Method::DelimitedTable) {
+                    Some(Ok(item)) => parsed.items.push(item),
+                    Some(Err(reason)) => parsed.set_aside.push(SetAside { reason, start, end }),
+                    None => {}
+                }
             }
             j += 1;
         }
         if j > i + 1 {
-            claimed.push((header.0, header.1));
+            parsed.claimed.push((header.0, header.1));
         }
         i = j.max(i + 1);
     }
-    claimed.sort_unstable();
-    (!claimed.is_empty()).then_some((items, claimed))
+    parsed.claimed.sort_unstable();
+    (!parsed.claimed.is_empty()).then_some(parsed)
 }
 
-fn table_item(cells: &[String], cols: &Columns, start: usize, end: usize) -> Option<LabItem> {
+/// A row's item, or why the row is not a result; `None` for a row without a value (a
+/// section row).
+pub(super) fn table_item(
+    cells: &[String],
+    cols: &Columns,
+    start: usize,
+    end: usize,
+    method: Method,
+) -> Option<Result<LabItem, NonResult>> {
     let cell = |i: Option<usize>| i.and_then(|i| cells.get(i)).map(|c| c.trim()).filter(|c| !c.is_empty());
-    if cell(cols.status).is_some_and(not_a_result) {
-        return None;
+    let status = match cell(cols.status).and_then(read_status) {
+        Some(Err(reason)) => return Some(Err(reason)),
+        Some(Ok(status)) => status,
+        None => ResultStatus::Final,
+    };
+    let value = cell(Some(cols.value))?.to_string();
+    if let Some(reason) = unresulted(&value) {
+        return Some(Err(reason));
     }
-    let value = cell(Some(cols.value)).filter(|v| !not_a_result(v))?.to_string();
     let value_numeric = parse_value(&value);
     let (ref_low, ref_high) = match cell(cols.range) {
         Some(r) => parse_range(r),
         None => (cell(cols.low).and_then(parse_value), cell(cols.high).and_then(parse_value)),
     };
-    Some(LabItem {
+    Some(Ok(LabItem {
         test: cell(Some(cols.test)).map(str::to_string),
         value: Some(value),
         value_numeric,
@@ -355,10 +385,11 @@ fn table_item(cells: &[String], cols: &Columns, start: usize, end: usize) -> Opt
         flag: compute_flag(value_numeric, ref_low, ref_high, cell(cols.flag)),
         evidence_start: start,
         evidence_end: end,
-        method: Method::DelimitedTable,
+        method,
         alignment: Alignment::Exact,
         from_examples: false,
-    })
+        status,
+    }))
 }
 
 #[cfg(test)]
@@ -374,7 +405,7 @@ mod tests {
     fn markdown_pipe_table() {
         let text = "Panel µ°\n\n| Test | Result | Units | Ref. range | Flag |\n|---|---|---|---|---|\n\
 | ALT | 64 | U/L | 7-56 | H |\n| Albumin | 3,3 | g/dL | 3,5–5,0 | |\n| CHEMISTRY | | | | |\n\nSigned.";
-        let (items, claimed) = parse_delimited_table(text).unwrap();
+        let Parsed { items, claimed, .. } = parse_delimited_table(text).unwrap();
         assert_eq!(items.len(), 2);
         assert_eq!(items[0].test.as_deref(), Some("ALT"));
         assert_eq!(items[0].flag, Some(Flag::High));
@@ -390,11 +421,11 @@ mod tests {
     #[test]
     fn tab_and_semicolon_tables() {
         let tab = "Analyte\tValue\tUnit\tReference range\nSodium\t139\tmmol/L\t135-145\nK\t5.9\tmmol/L\t3.5-5.1\n";
-        let (items, _) = parse_delimited_table(tab).unwrap();
+        let Parsed { items, .. } = parse_delimited_table(tab).unwrap();
         assert_eq!(items.len(), 2);
         assert_eq!(items[1].flag, Some(Flag::High));
         let semi = "Component;Result;Units;Normal range\nKalium;5,3;mmol/l;3,5-5,1\n";
-        let (items, _) = parse_delimited_table(semi).unwrap();
+        let Parsed { items, .. } = parse_delimited_table(semi).unwrap();
         assert_eq!(items[0].value_numeric, Some(5.3));
         assert_eq!(items[0].flag, Some(Flag::High));
     }
@@ -406,7 +437,11 @@ mod tests {
 \"12\",\"Iron, serum\",\"9,5\",\"umol/L\",\"10\",\"30\",\"Preliminary\"\n\
 \"12\",\"Folate\",\"\",\"ug/L\",\"3\",\"20\",\"Pending\"\n\
 \"12\",\"Ferritin\",\"Cancelled\",\"ug/L\",\"30\",\"400\",\"Final\"\n\nNote, not a row.\n";
-        let (items, claimed) = parse_delimited_table(csv).unwrap();
+        let Parsed { items, claimed, set_aside } = parse_delimited_table(csv).unwrap();
+        let reasons: Vec<_> = set_aside.iter().map(|s| s.reason).collect();
+        assert_eq!(reasons, [NonResult::Pending, NonResult::Cancelled]);
+        let statuses: Vec<_> = items.iter().map(|i| i.status).collect();
+        assert_eq!(statuses, [ResultStatus::Final, ResultStatus::Preliminary]);
         let got: Vec<_> =
             items.iter().map(|i| (i.test.as_deref(), i.value.as_deref(), i.ref_low, i.ref_high, i.flag)).collect();
         assert_eq!(
@@ -423,15 +458,16 @@ mod tests {
     #[test]
     fn headers_in_other_languages_and_codes() {
         let de = "Parameter;Wert;Einheit;Untere Grenze;Obere Grenze;Status\nNatrium;131;mmol/l;135;145;endgültig\nLipase;;U/l;13;60;storniert\n";
-        let (items, _) = parse_delimited_table(de).unwrap();
+        let Parsed { items, set_aside, .. } = parse_delimited_table(de).unwrap();
         assert_eq!(items.len(), 1);
+        assert_eq!(set_aside[0].reason, NonResult::Cancelled);
         assert_eq!((items[0].ref_low, items[0].ref_high, items[0].flag), (Some(135.0), Some(145.0), Some(Flag::Low)));
         let tsv = "TEST_CODE\tTEST_NAME\tRESULT\tUNITS\tFLAG\tREF_RANGE\nK\tPotassium\t5.9\tmmol/L\tH\t3.5-5.1\n";
-        let (items, _) = parse_delimited_table(tsv).unwrap();
+        let Parsed { items, .. } = parse_delimited_table(tsv).unwrap();
         assert_eq!((items[0].test.as_deref(), items[0].flag), (Some("Potassium"), Some(Flag::High)));
         // Prose with commas is not a table.
         let prose = "Test, result and units, as discussed, follow below\nSodium, 139, mmol/L is fine\n";
-        assert!(parse_delimited_table(prose).is_none_or(|(items, _)| items.is_empty()));
+        assert!(parse_delimited_table(prose).is_none_or(|p| p.items.is_empty()));
     }
 
     #[test]

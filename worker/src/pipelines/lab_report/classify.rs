@@ -1,0 +1,688 @@
+//! The result classifier: which candidate lines are lab results, before the model sees them.
+//!
+//! A candidate is a result when it names a laboratory test (an entry of the pipeline's
+//! analyte lexicon, `analytes.tsv`, or a number followed by a laboratory unit) and holds a
+//! value that is not an earlier value of a trend. Everything else is set aside with a reason
+//! ([`NonResult`]): identification and other metadata, entries with no result (pending,
+//! cancelled, not reported, withdrawn), earlier values, therapeutic targets, interpretation
+//! tables and vital signs. Pending, cancelled and not-reported entries are counted in the run
+//! summary; none of them gives a row.
+//!
+//! The word lists here are patterns of report *structure* (status words, trend words, labels
+//! of metadata) in the languages the pipeline reads; test names live in the lexicon, which is
+//! data a laboratory can extend without a new build.
+
+use super::items::{Candidate, Span};
+use aho_corasick::AhoCorasick;
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+/// Why a piece of a report gives no `lab_results` row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NonResult {
+    /// Identification, dates, addresses, instrument, operator, price and payment lines.
+    Metadata,
+    /// The result is still to come.
+    Pending,
+    /// Not measured: cancelled, not performed, insufficient, clotted or haemolysed sample.
+    Cancelled,
+    /// Measured but not given: not reported, see comment, withheld.
+    NotReported,
+    /// Withdrawn by the laboratory (HL7 `D`/`W`: deleted, posted in error).
+    Withdrawn,
+    /// An earlier value (the start of a trend, a superseded value).
+    Previous,
+    /// A therapeutic target, toxic threshold or decision limit printed on its own.
+    Target,
+    /// A row of an interpretation or risk-category table.
+    Interpretation,
+    /// A vital sign, body measurement or analyser input setting.
+    VitalSign,
+    /// No laboratory test named.
+    NoAnalyte,
+}
+
+impl NonResult {
+    pub const ALL: [NonResult; 10] = [
+        NonResult::Metadata,
+        NonResult::Pending,
+        NonResult::Cancelled,
+        NonResult::NotReported,
+        NonResult::Withdrawn,
+        NonResult::Previous,
+        NonResult::Target,
+        NonResult::Interpretation,
+        NonResult::VitalSign,
+        NonResult::NoAnalyte,
+    ];
+
+    /// The label used in summaries and the manifest.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NonResult::Metadata => "metadata",
+            NonResult::Pending => "pending",
+            NonResult::Cancelled => "cancelled",
+            NonResult::NotReported => "not_reported",
+            NonResult::Withdrawn => "withdrawn",
+            NonResult::Previous => "previous",
+            NonResult::Target => "target",
+            NonResult::Interpretation => "interpretation",
+            NonResult::VitalSign => "vital_sign",
+            NonResult::NoAnalyte => "no_analyte",
+        }
+    }
+
+    /// An entry of an ordered test that has no result (what the run summary reports).
+    pub fn is_unresulted_entry(self) -> bool {
+        matches!(self, NonResult::Pending | NonResult::Cancelled | NonResult::NotReported | NonResult::Withdrawn)
+    }
+}
+
+/// A piece of the document set aside, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetAside {
+    pub reason: NonResult,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Counts of set-aside pieces by reason label.
+pub fn count_set_aside(set_aside: &[SetAside]) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for s in set_aside {
+        *out.entry(s.reason.as_str().to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// The status of a reported result (the `status` column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum ResultStatus {
+    #[default]
+    Final,
+    Preliminary,
+    Corrected,
+}
+
+impl ResultStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Final => "final",
+            ResultStatus::Preliminary => "preliminary",
+            ResultStatus::Corrected => "corrected",
+        }
+    }
+}
+
+/// What a status cell or an HL7 OBX-11 code says: a result status, or that the entry is not
+/// a result. `None` when the text is not a status.
+pub fn read_status(cell: &str) -> Option<Result<ResultStatus, NonResult>> {
+    let c = cell.trim();
+    match c.to_uppercase().as_str() {
+        "F" => return Some(Ok(ResultStatus::Final)),
+        "P" | "R" | "S" => return Some(Ok(ResultStatus::Preliminary)),
+        "C" => return Some(Ok(ResultStatus::Corrected)),
+        "I" | "O" => return Some(Err(NonResult::Pending)),
+        "X" => return Some(Err(NonResult::Cancelled)),
+        "N" => return Some(Err(NonResult::NotReported)),
+        "D" | "W" => return Some(Err(NonResult::Withdrawn)),
+        _ => {}
+    }
+    if let Some(reason) = unresulted(c) {
+        return Some(Err(reason));
+    }
+    if CORRECTED.is_match(c) {
+        Some(Ok(ResultStatus::Corrected))
+    } else if PRELIMINARY.is_match(c) {
+        Some(Ok(ResultStatus::Preliminary))
+    } else if FINAL.is_match(c) {
+        Some(Ok(ResultStatus::Final))
+    } else {
+        None
+    }
+}
+
+static PENDING: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:pending|to\ follow|result\ to\ follow|in\ progress|awaited|awaiting|not\ yet\ (?:available|reported)
+        |ordered|ausstehend|folgt|in\ bearbeitung|en\ cours|à\ suivre|a\ suivre|en\ attente|pendiente|en\ curso
+        |en\ proceso|in\ corso|in\ attesa|da\ eseguire|volgt|in\ behandeling|pendente|em\ curso)\b",
+    )
+    .unwrap()
+});
+
+static CANCELLED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:cancell?ed|not\ performed|not\ done|not\ sent|not\ received|not\ collected|not\ tested|not\ processed|unable\ to\ (?:perform|process|analy[sz]e)
+        |insufficient|qns|clotted|coagulated|ha?emoly[sz]ed|lipa?emic|icteric|rejected|unsuitable|sample\ lost|specimen\ lost
+        |storniert|nicht\ durchgeführt|nicht\ bestimmt|nicht\ messbar|hämolytisch|geronnen|material\ fehlt
+        |annulée?|non\ réalisée?|non\ fait|non\ effectuée?|échantillon\ insuffisant|hémolysée?|coagulée?
+        |anulad[oa]|cancelad[oa]|no\ realizad[oa]|muestra\ insuficiente|hemolizad[oa]|coagulad[oa]
+        |annullat[oa]|non\ eseguit[oa]|campione\ insufficiente|emolizzat[oa]
+        |geannuleerd|niet\ uitgevoerd|onvoldoende|gehemolyseerd|gestold)\b",
+    )
+    .unwrap()
+});
+
+static NOT_REPORTED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:not\ reported|see\ (?:comment|note|below|report)|result\ withheld|withheld|not\ available|n/a
+        |siehe\ (?:kommentar|bemerkung|befund)|nicht\ berichtet|voir\ (?:commentaire|remarque|ci-dessous)|non\ rendu
+        |ver\ (?:comentario|nota)|no\ informad[oa]|vedi\ (?:nota|commento)|non\ refertat[oa]|zie\ (?:opmerking|commentaar))(?:\b|$)",
+    )
+    .unwrap()
+});
+
+static PRELIMINARY: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:prelim(?:inary)?|provisional|unverified|not\ (?:yet\ )?validated|vorläufig(?:e[rns]?)?|provisoires?
+        |preliminar(?:es)?|provvisori[oa]|voorlopig(?:e)?|preliminares?)\b",
+    )
+    .unwrap()
+});
+
+static CORRECTED: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:corrected|amended|revised|korrigiert(?:e[rns]?)?|berichtigt|corrigée?s?|rectifiée?s?|corregid[oa]s?
+        |rectificad[oa]s?|corrett[oa]|rettificat[oa]|gecorrigeerd(?:e)?)\b",
+    )
+    .unwrap()
+});
+
+static FINAL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?ix)\b(?:final|validated|verified|endgültig|validiert|validée?|définitif|definitiv[oa]|validad[oa]|definitief)\b")
+        .unwrap()
+});
+
+/// Which kind of entry without a result a text says it is, if any.
+pub fn unresulted(text: &str) -> Option<NonResult> {
+    if PENDING.is_match(text) {
+        Some(NonResult::Pending)
+    } else if NOT_REPORTED.is_match(text) {
+        Some(NonResult::NotReported)
+    } else if CANCELLED.is_match(text) {
+        Some(NonResult::Cancelled)
+    } else {
+        None
+    }
+}
+
+/// A number standing as a value: not inside a word (`B12`, `CA125`), not a range.
+static VALUE_NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:^|[\s:=(\[])[<>≤≥]?=?\s?\d+(?:[.,]\d+)?(?:\s*[-–]\s*\d)?").unwrap());
+
+static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)
+        \b\d{4}-\d{1,2}-\d{1,2}(?:[T\ ]\d{2}:\d{2}(?::\d{2})?)?\b
+        | \b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b
+        | \b\d{1,2}[-\ ](?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?[-\ ,]+\d{2,4}\b
+        | \b[0-2]?\d:[0-5]\d(?::[0-5]\d)?\b",
+    )
+    .unwrap()
+});
+
+/// Whether `text` holds a value number (a date, a time or a range is not one).
+fn has_value_number(text: &str) -> bool {
+    let t = DATE_OR_TIME.replace_all(text, " ");
+    VALUE_NUMBER.find_iter(&t).any(|m| {
+        let s = m.as_str();
+        !(s.contains('-') || s.contains('–')) || s.trim_start().starts_with(['<', '>', '≤', '≥'])
+    })
+}
+
+/// Labels of metadata lines the segmentation does not already skip: instruments and their
+/// software, operators, quality control, locations, identifiers, money. Matched at the start
+/// of a line or as a `label:` anywhere.
+static METADATA: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^\s*(?:
+            (?:s/n|serial|serial\ (?:no|number)|instrument|analy[sz]er|device|software|firmware|version|operator|user
+            |technician|tech\ id|qc|quality\ control|control\ lot|lot|reagent|calibrat\w*|cartridge|barcode|sample\ id
+            |specimen\ id|order\ (?:no|number|id)|request\ (?:no|number)|episode|ward|unit\ no|bed|room|clinic|location
+            |consultant|gp|hospital\ (?:no|number)|nhs\ (?:no|number)|id|ref\ no|invoice|receipt|total|subtotal|amount
+            |price|paid|payment|card|cash|change|vat|tax|fee|till|served\ by|cashier|register|terminal|transaction|station|zimmer|gerät|geraet|bediener|charge|rechnung|betrag
+            |numéro|n°|dossier|service|appareil|opérateur|montant|prix|número|historia|servicio|equipo|operador|importe
+            |precio|reparto|strumento|operatore|importo|prezzo|afdeling|apparaat|bedrag|prijs)\b
+        )",
+    )
+    .unwrap()
+});
+
+/// A price or a payment: a currency sign or code next to a number.
+static MONEY: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)[€$£¥]\s?\d|\d\s?[€$£¥]|\b(?:eur|usd|gbp|chf)\s?\d|\d\s?(?:eur|usd|gbp|chf)\b").unwrap()
+});
+
+/// Openers of therapeutic targets, toxic thresholds and decision limits printed on their own.
+static TARGET: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^\s*[(\[*-]?\s*(?:therapeutic|target|toxic|toxicity|potentially\ toxic|trough\ target|peak\ target|desired
+        |decision\ limit|cut-?off|action\ limit|alert\ (?:level|limit)|zielbereich|therapeutisch\w*|toxisch\w*|grenzwert
+        |entscheidungsgrenze|zone\ thérapeutique|cible|seuil|toxique|objetivo|diana|rango\ terap\w*|tóxic\w*|umbral
+        |bersaglio|intervallo\ terap\w*|tossic\w*|soglia|streef\w*|therapeutisch\ bereik|toxisch)\b",
+    )
+    .unwrap()
+});
+
+/// Category words of interpretation tables (`Desirable < 200`, `Prediabetes 5.7-6.4`).
+static INTERPRETATION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^\s*[(\[*-]?\s*(?:desirable|borderline|optimal|near\ optimal|above\ optimal|very\ high|high\ risk|low\ risk
+        |moderate\ risk|intermediate\ risk|average\ risk|increased\ risk|prediabetes|pre-diabetes|diabetes|deficien\w*
+        |insufficien\w*|sufficien\w*|adequate|elevated\ risk|interpretation|category|risk|stage|grade|euthyroid
+        |wünschenswert|grenzwertig|optimal|erhöhtes\ risiko|mangel|souhaitable|limite|risque|carence|deseable|límite
+        |riesgo|deficiencia|desiderabile|rischio|carenza|wenselijk|grenswaarde|risico|tekort)\b",
+    )
+    .unwrap()
+});
+
+/// Where a trend's earlier value is written: `from 128` (… to 96), `previously 120`,
+/// `(was 4.1)`, `compared with 5.1`, `vs 4.2`, `128 → 96`, a value dated in the past
+/// (`5.9 mmol/L last month`, `126 in June`, `3 weeks ago`), and the same in German,
+/// French, Spanish, Italian, Dutch and Portuguese. The match covers the earlier value, which is
+/// blanked out before the model reads the candidate.
+static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)
+        (?P<a>(?:\b(?:from|previously|previous|prior|earlier|baseline|last|compared\ (?:with|to)|vs\.?|versus|vorher|zuvor
+            |vorwert|précédemment|auparavant|antérieurement|anteriormente|previamente|precedentemente|eerder|voorheen)
+            (?:\ (?:of|value|result|was|at|being))?:?
+          | \(\s*(?:was|previously|prev\.?|prior))
+          \s+[<>]?\d+(?:[.,]\d+)?)
+        | (?P<b>\b(?:von|de|da|van|desde)\s+[<>]?\d+(?:[.,]\d+)?)(?:\s*\S+)?\s+(?:auf|à|a|al|naar|para|to)\s+[<>]?\d
+        | (?P<c>[<>]?\d+(?:[.,]\d+)?\s*(?:→|->|=>|⟶))\s*[<>]?\d
+        | (?P<d>[<>]?\d+(?:[.,]\d+)?)(?:\s*[^\s\d,;()]+)?\s+(?:last\ (?:week|month|year|time|visit)|yesterday
+            |(?:\d+|a|one|two|three|six)\ (?:days?|weeks?|months?|years?)\ ago
+            |in\ (?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b|at\ baseline|on\ admission
+            |letzte[nr]?\ (?:woche|monat|jahr)|im\ vormonat|vor\ \d+\ (?:tagen|wochen|monaten)
+            |le\ mois\ dernier|la\ semaine\ dernière|il\ y\ a\ \d+|el\ mes\ pasado|hace\ \d+
+            |il\ mese\ scorso|vorige\ (?:week|maand))",
+    )
+    .unwrap()
+});
+
+/// Lines that give an earlier result (`Previous result: 4.1`, `Vorwert 3,9`).
+static PREVIOUS_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^\s*[(\[]?\s*(?:previous|prior|earlier|last|old|vorwert|vorbefund|vorherige[rs]?|précédent|antérieur|anterior
+        |previo|precedente|vorige|eerdere|anterior)\b",
+    )
+    .unwrap()
+});
+
+/// A laboratory unit right after a number (`5.9 mmol/L`, `12 g/dL`, `7.2 x10^9/L`, `34 U/L`):
+/// a test that the lexicon does not know is still read when it prints such a unit.
+static NUMBER_WITH_LAB_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\d\s*(?:[mµunp]?mol/[lmd]?l|[mµunp]?mol/(?:kg|mmol|24\ ?h|d)|[mµunpk]?g/[mdµu]?l|[mµunp]?g/(?:kg|g|24\ ?h|d|mmol)
+        |(?:m|k)?i?u/[mµ]?l|[mµ]?iu/[mµ]?l|u/g\ ?hb|x\ ?10\^?\*?\d+/[lµu]?l|10\^?\*?\d+/[lµu]?l|/[nµu]l|/hpf|/lpf|fl\b|pg\b
+        |mosm(?:ol)?/kg|meq/l|mg/mmol|ml/min(?:/1\.73\ ?m2)?|kpa\b|mm\ ?hg\b|sec\b|s\b|ratio\b)",
+    )
+    .unwrap()
+});
+
+/// An entry of the analyte lexicon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Analyte {
+    /// The canonical name.
+    pub name: String,
+    /// A laboratory test (`true`) or a vital sign, body measurement or input setting.
+    pub is_lab_test: bool,
+}
+
+/// Laboratory test names and their synonyms (`pipelines/lab-report/analytes.tsv`): rows of
+/// `name<TAB>kind<TAB>synonym|synonym|…`, `kind` being `analyte` or `vital`. A synonym
+/// matches whole words, ignoring case, except synonyms of at most three characters with an
+/// upper-case letter (`K`, `Na`, `Hb`, `PT`), which match only as written.
+#[derive(Debug, Clone)]
+pub struct Lexicon {
+    entries: Vec<Analyte>,
+    /// Lower-cased synonyms and, per pattern, its entry.
+    folded: AhoCorasick,
+    folded_entry: Vec<usize>,
+    /// Case-sensitive abbreviations and their entries.
+    exact: AhoCorasick,
+    exact_entry: Vec<usize>,
+}
+
+/// Lower-cases a text character by character, keeping a character whose lower case has
+/// another UTF-8 length, so byte offsets in the result are offsets in the input.
+fn fold(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let mut l = c.to_lowercase();
+            match (l.next(), l.next()) {
+                (Some(x), None) if x.len_utf8() == c.len_utf8() => x,
+                _ => c,
+            }
+        })
+        .collect()
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric()
+}
+
+impl Lexicon {
+    /// Parses the lexicon file; the error names the line and what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries = Vec::new();
+        let (mut folded, mut folded_entry, mut exact, mut exact_entry) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let cols: Vec<&str> = line.split('\t').collect();
+            let [name, kind, synonyms] = cols[..] else {
+                return Err(format!("line {}: expected 3 tab-separated columns, found {}", n + 1, cols.len()));
+            };
+            let is_lab_test = match kind.trim() {
+                "analyte" => true,
+                "vital" => false,
+                other => return Err(format!("line {}: unknown kind {other:?} (analyte or vital)", n + 1)),
+            };
+            let id = entries.len();
+            entries.push(Analyte { name: name.trim().to_string(), is_lab_test });
+            for s in synonyms.split('|').map(str::trim).filter(|s| !s.is_empty()).chain([name.trim()]) {
+                if s.chars().count() <= 3 && s.chars().any(char::is_uppercase) {
+                    exact.push(s.to_string());
+                    exact_entry.push(id);
+                } else {
+                    folded.push(fold(s));
+                    folded_entry.push(id);
+                }
+            }
+        }
+        if entries.is_empty() {
+            return Err("no entries".into());
+        }
+        let build = |p: &[String]| AhoCorasick::new(p).map_err(|e| format!("building the matcher: {e}"));
+        Ok(Self { entries, folded: build(&folded)?, folded_entry, exact: build(&exact)?, exact_entry })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The leftmost (then longest) whole-word mention of an entry in `text`, with its byte
+    /// offset.
+    pub fn first(&self, text: &str) -> Option<(usize, &Analyte)> {
+        let folded = fold(text);
+        let whole_word = |s: &str, a: usize, b: usize| {
+            !s[..a].chars().next_back().is_some_and(is_word_char) && !s[b..].chars().next().is_some_and(is_word_char)
+        };
+        let mut best: Option<(usize, usize, usize)> = None;
+        let mut consider = |a: usize, b: usize, entry: usize| {
+            if best.is_none_or(|(ba, bb, _)| a < ba || (a == ba && b > bb)) {
+                best = Some((a, b, entry));
+            }
+        };
+        for m in self.folded.find_overlapping_iter(&folded) {
+            if whole_word(&folded, m.start(), m.end()) {
+                consider(m.start(), m.end(), self.folded_entry[m.pattern().as_usize()]);
+            }
+        }
+        for m in self.exact.find_overlapping_iter(text) {
+            if whole_word(text, m.start(), m.end()) {
+                consider(m.start(), m.end(), self.exact_entry[m.pattern().as_usize()]);
+            }
+        }
+        best.map(|(a, _, e)| (a, &self.entries[e]))
+    }
+}
+
+/// Decides, for each candidate, whether it is a result.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    lexicon: Arc<Lexicon>,
+}
+
+impl Classifier {
+    pub fn new(lexicon: Arc<Lexicon>) -> Self {
+        Self { lexicon }
+    }
+
+    pub fn lexicon(&self) -> &Lexicon {
+        &self.lexicon
+    }
+
+    /// `Ok` when the candidate is a result (its earlier values of a trend blanked out, so the
+    /// model reads the current one), else why it is not.
+    pub fn classify(&self, c: &mut Candidate) -> Result<(), NonResult> {
+        let text = c.text.as_str();
+        if let Some(reason) = self.unresulted_entry(text) {
+            return Err(reason);
+        }
+        // A line that starts with a test name is not a label line (`Total protein`,
+        // `Charge` of a German lot number aside).
+        let leading = text.len() - text.trim_start().len();
+        let starts_with_test = self.lexicon.first(text).is_some_and(|(at, a)| a.is_lab_test && at == leading);
+        if (METADATA.is_match(text) && !starts_with_test) || MONEY.is_match(text) {
+            return Err(NonResult::Metadata);
+        }
+        if TARGET.is_match(text) {
+            return Err(NonResult::Target);
+        }
+        if PREVIOUS_LINE.is_match(text) {
+            return Err(NonResult::Previous);
+        }
+        let masked = blank_earlier_values(text);
+        if masked != c.text {
+            if !has_value_number(&masked) && !super::segment::looks_like_result(&masked) {
+                return Err(NonResult::Previous);
+            }
+            c.text = masked;
+        }
+        match self.lexicon.first(&c.text) {
+            Some((_, a)) if a.is_lab_test => Ok(()),
+            Some(_) => Err(NonResult::VitalSign),
+            None if INTERPRETATION.is_match(&c.text) => Err(NonResult::Interpretation),
+            None if NUMBER_WITH_LAB_UNIT.is_match(&c.text) => Ok(()),
+            None => Err(NonResult::NoAnalyte),
+        }
+    }
+
+    /// A line that names a test and says it has no result (`Potassium   pending`): the kind
+    /// of entry, when no value is printed before the status words.
+    pub fn unresulted_entry(&self, text: &str) -> Option<NonResult> {
+        let reason = unresulted(text)?;
+        let at =
+            [&*PENDING, &*NOT_REPORTED, &*CANCELLED].iter().filter_map(|r| r.find(text)).map(|m| m.start()).min()?;
+        (!has_value_number(&text[..at])).then_some(reason)
+    }
+
+    /// Lines outside claimed spans and candidates that name a test and say it has no result
+    /// (no value, so segmentation did not make them candidates).
+    pub fn unresulted_lines(&self, text: &str, claimed: &[Span], candidates: &[Candidate]) -> Vec<SetAside> {
+        let mut out = Vec::new();
+        for line in super::lines::split_lines(text) {
+            let (start, end, t) = line.trimmed();
+            if t.is_empty()
+                || super::lines::overlaps_any(claimed, start, end)
+                || candidates.iter().any(|c| c.start < end && start < c.end)
+            {
+                continue;
+            }
+            if let Some(reason) = self.unresulted_entry(t) {
+                if self.lexicon.first(t).is_some_and(|(at, a)| a.is_lab_test && at < t.len()) {
+                    out.push(SetAside { reason, start, end });
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Blanks out (with spaces, so offsets still hold) the earlier values of a trend.
+pub fn blank_earlier_values(text: &str) -> String {
+    EARLIER_VALUE
+        .replace_all(text, |caps: &regex::Captures| {
+            let whole = caps.get(0).expect("the match");
+            let earlier = ["a", "b", "c", "d"].iter().find_map(|g| caps.name(g)).expect("one alternative matched");
+            let blank = " ".repeat(earlier.as_str().chars().count());
+            let (a, b) = (earlier.start() - whole.start(), earlier.end() - whole.start());
+            format!("{}{blank}{}", &whole.as_str()[..a], &whole.as_str()[b..])
+        })
+        .into_owned()
+}
+
+/// The status of a result line: corrected or preliminary when the line says so, else the
+/// document's.
+pub fn line_status(text: &str, document: ResultStatus) -> ResultStatus {
+    if CORRECTED.is_match(text) {
+        ResultStatus::Corrected
+    } else if PRELIMINARY.is_match(text) {
+        ResultStatus::Preliminary
+    } else {
+        document
+    }
+}
+
+/// A report that calls itself preliminary on a line that is not a result (a title, a status
+/// line) has preliminary results; otherwise results are final unless their line says more.
+pub fn document_status(text: &str, result_spans: &[Span]) -> ResultStatus {
+    for line in super::lines::split_lines(text) {
+        let (start, end, t) = line.trimmed();
+        if PRELIMINARY.is_match(t) && !result_spans.iter().any(|&(s, e)| s < end && start < e) {
+            return ResultStatus::Preliminary;
+        }
+    }
+    ResultStatus::Final
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEXICON: &str = include_str!("../../../../pipelines/lab-report/analytes.tsv");
+
+    fn classifier() -> Classifier {
+        static LEX: LazyLock<Arc<Lexicon>> = LazyLock::new(|| Arc::new(Lexicon::parse(LEXICON).unwrap()));
+        Classifier::new(LEX.clone())
+    }
+
+    fn verdict(line: &str) -> Result<String, &'static str> {
+        let mut c = Candidate { start: 0, end: line.chars().count(), text: line.to_string() };
+        classifier().classify(&mut c).map(|()| c.text).map_err(NonResult::as_str)
+    }
+
+    #[test]
+    fn lexicon_file_loads_and_is_broad() {
+        let lex = &classifier().lexicon;
+        assert!(lex.len() >= 300, "{} entries", lex.len());
+        let entry = |text: &str| lex.first(text).unwrap_or_else(|| panic!("{text}")).1.clone();
+        for same in [
+            &["Kalium 5,8 mmol/l", "K 4.1", "potassium 4.1", "Potasio 4,1", "potassio 4,1"][..],
+            &["Hämoglobin 12,1", "hémoglobine 13", "Hemoglobina 13", "Hb 12", "haemoglobin 120"],
+            &["Leucocitos 7,2", "Leukozyten 7,2", "WBC 7.2", "leucocytes 7,2"],
+            &["γ-GT 40 U/L", "GGT 40", "gamma-GT 40"],
+            &["Kreatinin 1,1", "créatinine 82", "creatinina 1,1", "Creatinine 82"],
+        ] {
+            let first = entry(same[0]);
+            assert!(first.is_lab_test, "{}", same[0]);
+            for text in &same[1..] {
+                assert_eq!(entry(text), first, "{text}");
+            }
+        }
+        // Short mixed-case abbreviations match only as written; words never inside others.
+        assert!(lex.first("k").is_none());
+        assert!(lex.first("Kaliumchlorid-Infusion").is_none_or(|(_, a)| a.name != "Potassium"));
+    }
+
+    #[test]
+    fn parse_errors_name_the_line() {
+        assert!(Lexicon::parse("# c\nSodium\tanalyte\n").unwrap_err().contains("line 2"));
+        assert!(Lexicon::parse("Sodium\tlab\tNa").unwrap_err().contains("unknown kind"));
+        assert!(Lexicon::parse("# only\n").is_err());
+    }
+
+    #[test]
+    fn results_are_kept() {
+        for line in [
+            "Sodium 139 mmol/L (135-145)",
+            "Kalium 5,8 mmol/l 3,5-5,1 H",
+            "Créatinine ........ 82 µmol/L (45-90)",
+            "WBC       11.8     x10^9/L  4.0-11.0   H",
+            "Glucose              Negative         Negative",
+            "Zonulin 61 ng/mL",
+            "Total protein 72 g/L (60-80)",
+            "Total cholesterol 5.2 mmol/L",
+        ] {
+            assert!(verdict(line).is_ok(), "{line}: {:?}", verdict(line));
+        }
+    }
+
+    #[test]
+    fn non_results_are_set_aside_with_their_reason() {
+        for (line, reason) in [
+            ("Potassium            Pending", "pending"),
+            ("Lipase   Haemolysed sample - not performed   13-60", "cancelled"),
+            ("Ferritin: see comment", "not_reported"),
+            ("Serial no: 12345678", "metadata"),
+            ("Software version 4.2.1", "metadata"),
+            ("TOTAL  EUR 24.50", "metadata"),
+            ("Total: 3 tests", "metadata"),
+            ("Therapeutic range: 10-20 mg/L", "target"),
+            ("Borderline high   200-239", "interpretation"),
+            ("Blood pressure 132/84 mmHg", "vital_sign"),
+            ("Weight 82 kg", "vital_sign"),
+            ("Room 12 on floor 3", "metadata"),
+            ("Flat 4 Block 7", "no_analyte"),
+        ] {
+            assert_eq!(verdict(line), Err(reason), "{line}");
+        }
+    }
+
+    #[test]
+    fn earlier_values_of_a_trend_are_blanked() {
+        let got = verdict("haemoglobin has fallen from 128 to 96 g/L").unwrap();
+        assert_eq!(got, "haemoglobin has fallen          to 96 g/L");
+        assert_eq!(
+            verdict("Creatinine 180 umol/L (previously 120)").unwrap(),
+            "Creatinine 180 umol/L                )"
+        );
+        assert_eq!(verdict("Hb 128 -> 96 g/L").unwrap(), "Hb        96 g/L");
+        assert_eq!(verdict("Kreatinin von 1,4 auf 1,9 mg/dl").unwrap(), "Kreatinin         auf 1,9 mg/dl");
+        assert_eq!(verdict("previous potassium 4.1"), Err("previous"));
+        assert_eq!(
+            verdict("potassium was 5.9 mmol/L last month but is 5.1 mmol/L today").unwrap(),
+            "potassium was     mmol/L last month but is 5.1 mmol/L today"
+        );
+        assert_eq!(
+            verdict("creatinine rose from 98 umol/L in March to 126 in June and is 158 umol/L today").unwrap(),
+            "creatinine rose         umol/L in March to     in June and is 158 umol/L today"
+        );
+        assert_eq!(verdict("ferritin 12 ug/L three months ago"), Err("previous"));
+    }
+
+    #[test]
+    fn statuses_are_read() {
+        assert_eq!(read_status("F"), Some(Ok(ResultStatus::Final)));
+        assert_eq!(read_status("vorläufig"), Some(Ok(ResultStatus::Preliminary)));
+        assert_eq!(read_status("Corrected"), Some(Ok(ResultStatus::Corrected)));
+        assert_eq!(read_status("X"), Some(Err(NonResult::Cancelled)));
+        assert_eq!(read_status("in attesa"), Some(Err(NonResult::Pending)));
+        assert_eq!(read_status("storniert"), Some(Err(NonResult::Cancelled)));
+        assert_eq!(read_status("7.2"), None);
+        assert_eq!(line_status("Troponin 27 ng/L AMENDED", ResultStatus::Final), ResultStatus::Corrected);
+        let report = "PRELIMINARY REPORT\nSodium 139 mmol/L\n";
+        assert_eq!(document_status(report, &[(19, 36)]), ResultStatus::Preliminary);
+        assert_eq!(document_status("Sodium 139 mmol/L prelim\n", &[(0, 24)]), ResultStatus::Final);
+    }
+
+    #[test]
+    fn unresulted_lines_are_found_outside_candidates() {
+        let text = "Sodium 139 mmol/L\nPotassium   pending\nNotes: none pending\n";
+        let c = vec![Candidate { start: 0, end: 17, text: "Sodium 139 mmol/L".into() }];
+        let got = classifier().unresulted_lines(text, &[], &c);
+        assert_eq!(got, vec![SetAside { reason: NonResult::Pending, start: 18, end: 37 }]);
+    }
+}

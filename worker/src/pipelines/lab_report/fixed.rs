@@ -1,0 +1,337 @@
+//! Fixed-width (space-aligned) tables with a header row, read without the model.
+//!
+//! The header row's cells (separated by two spaces or more) name the columns in the
+//! languages of [`super::table`]; each row's cells are put under the header cell they
+//! overlap most (right-aligned numbers under a left-aligned header included). A header that
+//! names the test column twice is two tables printed side by side: each half of a row is a
+//! result of its own. A row is read only when every cell lands in a column of its own and
+//! every half that holds anything has a test and a value; other rows (section headings,
+//! comments, rows whose cells run together) are left to the model, line by line.
+
+use super::classify::SetAside;
+use super::items::{Flag, Method, Parsed};
+use super::lines::{split_lines, Line};
+use super::numbers::parse_value;
+use super::table::{header_role, table_item, Columns, Role};
+
+/// A cell of a space-aligned line: its character columns (within the line) and text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cell<'a> {
+    from: usize,
+    to: usize,
+    text: &'a str,
+}
+
+/// Cells of a line split at runs of two or more spaces. `None` for lines with tabs (tab
+/// tables are delimited ones) or without text.
+fn cells(line: &str) -> Option<Vec<Cell<'_>>> {
+    if line.contains('\t') || line.trim().is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    let chars: Vec<(usize, char)> = line.char_indices().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].1 == ' ' {
+            i += 1;
+            continue;
+        }
+        let from = i;
+        let mut to = i;
+        // A cell runs until two spaces in a row (or the end).
+        while to < chars.len() && !(chars[to].1 == ' ' && chars.get(to + 1).is_none_or(|c| c.1 == ' ')) {
+            to += 1;
+        }
+        let (a, b) = (chars[from].0, chars.get(to).map_or(line.len(), |c| c.0));
+        out.push(Cell { from, to, text: &line[a..b] });
+        i = to;
+    }
+    Some(out)
+}
+
+/// One table of a header: its columns (indices into the header's cells) and their roles.
+struct Half {
+    /// Header cells of this half, in order.
+    header: Vec<usize>,
+    columns: Columns,
+}
+
+/// A header row: its cells and the one or two tables it heads.
+struct Header<'a> {
+    cells: Vec<Cell<'a>>,
+    halves: Vec<Half>,
+}
+
+/// Reads a line as a header: at least three cells, three of them known column names, among
+/// them a test and a result column (twice for tables side by side).
+fn header(line: &str) -> Option<Header<'_>> {
+    let cells = cells(line)?;
+    if cells.len() < 3 {
+        return None;
+    }
+    let roles: Vec<Option<Role>> = cells.iter().map(|c| header_role(c.text)).collect();
+    if roles.iter().filter(|r| r.is_some()).count() < 3 {
+        return None;
+    }
+    // A second test column starts a second table.
+    let tests: Vec<usize> = (0..roles.len()).filter(|&k| roles[k] == Some(Role::Test)).collect();
+    let mut bounds = vec![0];
+    bounds.extend(tests.iter().skip(1).copied());
+    bounds.push(roles.len());
+    let mut halves = Vec::new();
+    for w in bounds.windows(2) {
+        let columns = Columns::from_roles(&roles[w[0]..w[1]])?;
+        halves.push(Half { header: (w[0]..w[1]).collect(), columns });
+    }
+    Some(Header { cells, halves })
+}
+
+/// The header cell a row cell belongs under: the one it overlaps most, else the one whose
+/// span (from its start to the next cell's start) holds the cell's start.
+fn column_of(header: &[Cell], cell: &Cell) -> usize {
+    let overlap = |h: &Cell| cell.to.min(h.to).saturating_sub(cell.from.max(h.from));
+    let best = (0..header.len()).max_by_key(|&k| (overlap(&header[k]), std::cmp::Reverse(k)));
+    match best {
+        Some(k) if overlap(&header[k]) > 0 => k,
+        _ => header.iter().rposition(|h| h.from <= cell.from).unwrap_or(0),
+    }
+}
+
+/// A value cell that is a value: a number (with `<`/`>`), a qualitative word, or a status
+/// the classifier reads (pending …); not a sentence.
+fn value_like(v: &str) -> bool {
+    let v = v.trim();
+    let bare = v.trim_start_matches(['<', '>', '≤', '≥', '=', ' ']);
+    let words = || v.split_whitespace();
+    parse_value(bare).is_some()
+        || super::classify::unresulted(v).is_some()
+        || (words().count() <= 2
+            && words().all(|w| parse_value(w).is_none())
+            && !v.contains(':')
+            && super::segment::looks_like_result(v))
+}
+
+/// The rows of one line under a header: items and set-aside entries with their character
+/// spans, or `None` when the line is not a row of the table.
+fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
+    let row = cells(line.text)?;
+    let mut at: Vec<Option<Cell>> = vec![None; header.cells.len()];
+    for c in &row {
+        let k = column_of(&header.cells, c);
+        if at[k].replace(*c).is_some() {
+            return None;
+        }
+    }
+    let mut out = Parsed::default();
+    for half in &header.halves {
+        let mine: Vec<Cell> = half.header.iter().filter_map(|&k| at[k]).collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else { continue };
+        let mut texts: Vec<String> =
+            half.header.iter().map(|&k| at[k].map_or(String::new(), |c| c.text.to_string())).collect();
+        // `5.9 H` under the result header: the flag printed right after the value.
+        let mut columns = half.columns.clone();
+        let v = columns.value;
+        if let Some((value, flag)) = texts[v].rsplit_once(' ') {
+            let free = columns.flag.is_none_or(|f| texts[f].is_empty());
+            if free && Flag::from_printed(flag).is_some() && parse_value(value.trim()).is_some() {
+                let (value, flag) = (value.trim().to_string(), flag.to_string());
+                texts[v] = value;
+                match columns.flag {
+                    Some(f) => texts[f] = flag,
+                    None => {
+                        texts.push(flag);
+                        columns.flag = Some(texts.len() - 1);
+                        columns.count = texts.len();
+                    }
+                }
+            }
+        }
+        if texts[columns.test].is_empty() || !value_like(&texts[columns.value]) {
+            return None;
+        }
+        let (start, end) = (line.start + first.from, line.start + last.to);
+        match table_item(&texts, &columns, start, end, Method::FixedWidthTable)? {
+            Ok(item) => out.items.push(item),
+            Err(reason) => out.set_aside.push(SetAside { reason, start, end }),
+        }
+    }
+    (!out.items.is_empty() || !out.set_aside.is_empty()).then(|| {
+        let (start, end, _) = line.trimmed();
+        out.claimed.push((start, end));
+        out
+    })
+}
+
+/// `----` and `====` rules under a header.
+fn is_rule(line: &str) -> bool {
+    let t = line.trim();
+    !t.is_empty() && t.chars().all(|c| matches!(c, '-' | '=' | '_' | ' ' | '+'))
+}
+
+/// Reads space-aligned tables with a header row (see the module comment). A table runs from
+/// its header to the next blank line (a rule or one blank line right under the header
+/// aside) or the next header. `None` when no row of any table is read.
+pub fn parse_fixed_width_table(text: &str) -> Option<Parsed> {
+    let lines = split_lines(text);
+    let mut parsed = Parsed::default();
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(h) = header(lines[i].text) else {
+            i += 1;
+            continue;
+        };
+        let mut j = i + 1;
+        let mut rows = 0;
+        let mut claimed = Vec::new();
+        while j < lines.len() {
+            let l = &lines[j];
+            if l.text.trim().is_empty() {
+                if rows == 0 && j == i + 1 {
+                    j += 1;
+                    continue;
+                }
+                break;
+            }
+            if header(l.text).is_some() {
+                break;
+            }
+            if is_rule(l.text) {
+                let (s, e, _) = l.trimmed();
+                claimed.push((s, e));
+            } else if let Some(p) = read_row(&h, l) {
+                rows += 1;
+                parsed.items.extend(p.items);
+                parsed.set_aside.extend(p.set_aside);
+                claimed.extend(p.claimed);
+            }
+            j += 1;
+        }
+        if rows > 0 {
+            let (s, e, _) = lines[i].trimmed();
+            parsed.claimed.push((s, e));
+            parsed.claimed.extend(claimed);
+        }
+        i = j.max(i + 1);
+    }
+    parsed.claimed.sort_unstable();
+    (!parsed.items.is_empty()).then_some(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::classify::{NonResult, ResultStatus};
+    use super::super::lines::span_text;
+    use super::super::segment::segment;
+    use super::*;
+
+    #[test]
+    fn cells_split_at_two_spaces() {
+        let got: Vec<_> =
+            cells("  Mean cell volume   88.1 fL  80-100").unwrap().iter().map(|c| (c.from, c.text)).collect();
+        assert_eq!(got, [(2, "Mean cell volume"), (21, "88.1 fL"), (30, "80-100")]);
+        assert!(cells("a\tb").is_none());
+    }
+
+    #[test]
+    fn aligned_table_with_header() {
+        let text = "\
+FULL BLOOD COUNT
+Test                      Result   Units      Reference    Flag
+-----------------------------------------------------------------
+Haemoglobin                11.4    g/dL       13.5-17.5    L
+White cell count            7.2    x10^9/L    4.0-11.0
+Platelets                   452    x10^9/L    150-400
+Reticulocytes            Pending   %          0.5-2.5
+Comment: sample slightly lipaemic, results not affected
+
+Signed";
+        let Parsed { items, claimed, set_aside } = parse_fixed_width_table(text).unwrap();
+        let got: Vec<_> = items
+            .iter()
+            .map(|i| (i.test.as_deref().unwrap(), i.value.as_deref().unwrap(), i.unit.as_deref(), i.ref_high, i.flag))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("Haemoglobin", "11.4", Some("g/dL"), Some(17.5), Some(Flag::Low)),
+                ("White cell count", "7.2", Some("x10^9/L"), Some(11.0), Some(Flag::Normal)),
+                ("Platelets", "452", Some("x10^9/L"), Some(400.0), Some(Flag::High)),
+            ]
+        );
+        assert!(items.iter().all(|i| i.method == Method::FixedWidthTable && i.status == ResultStatus::Final));
+        assert_eq!(set_aside.iter().map(|s| s.reason).collect::<Vec<_>>(), [NonResult::Pending]);
+        assert_eq!(
+            span_text(text, items[0].evidence_start, items[0].evidence_end),
+            "Haemoglobin                11.4    g/dL       13.5-17.5    L"
+        );
+        // Header, rule, four rows; the comment is left to the rest of the pipeline.
+        assert_eq!(claimed.len(), 6);
+        let left: Vec<_> = segment(text, &claimed).into_iter().map(|c| c.text).collect();
+        assert!(left.iter().all(|t| !t.contains("Platelets") && !t.contains("Reticulocytes")), "{left:?}");
+    }
+
+    #[test]
+    fn two_tables_side_by_side() {
+        let text = "\
+Analyte        Result  Units     Range         Analyte       Result  Units    Range
+Sodium            139  mmol/L    135-145       ALT               64  U/L      7-56
+Potassium         5.9  mmol/L    3.5-5.1       Albumin         33,0  g/L      35-50
+Urea              6.1  mmol/L    2.5-7.8
+                                               Bilirubin         12  umol/L   <21
+";
+        let Parsed { items, claimed, .. } = parse_fixed_width_table(text).unwrap();
+        let got: Vec<_> =
+            items.iter().map(|i| (i.test.as_deref().unwrap(), i.value.as_deref().unwrap(), i.flag)).collect();
+        assert_eq!(
+            got,
+            [
+                ("Sodium", "139", Some(Flag::Normal)),
+                ("ALT", "64", Some(Flag::High)),
+                ("Potassium", "5.9", Some(Flag::High)),
+                ("Albumin", "33,0", Some(Flag::Low)),
+                ("Urea", "6.1", Some(Flag::Normal)),
+                ("Bilirubin", "12", Some(Flag::Normal)),
+            ]
+        );
+        // Each half's evidence is its own cells.
+        assert_eq!(
+            span_text(text, items[1].evidence_start, items[1].evidence_end),
+            "ALT               64  U/L      7-56"
+        );
+        assert_eq!(claimed.len(), 5);
+    }
+
+    #[test]
+    fn other_languages_and_flags_after_values() {
+        let text = "\
+Untersuchung        Ergebnis    Einheit    Referenzbereich
+Kalium              5,8 H       mmol/l     3,5-5,1
+Natrium             131 L       mmol/l     135-145
+";
+        // No flag column: the letter after the value is the flag.
+        let Parsed { items, .. } = parse_fixed_width_table(text).unwrap();
+        let got: Vec<_> = items.iter().map(|i| (i.value.as_deref().unwrap(), i.flag)).collect();
+        assert_eq!(got, [("5,8", Some(Flag::High)), ("131", Some(Flag::Low))]);
+        let text = "\
+Paramètre         Résultat   Unité      Valeurs de référence   Indicateur
+Créatinine        82 H       µmol/L     45-80
+";
+        let Parsed { items, .. } = parse_fixed_width_table(text).unwrap();
+        assert_eq!((items[0].value.as_deref(), items[0].flag), (Some("82"), Some(Flag::High)));
+    }
+
+    #[test]
+    fn rows_that_do_not_fit_are_left_to_the_model() {
+        let text = "\
+Test          Result   Units    Reference
+CHEMISTRY
+Sodium        139      mmol/L   135-145
+Mean corpuscular haemoglobin concentration 331 g/L 320-360
+";
+        let Parsed { items, claimed, .. } = parse_fixed_width_table(text).unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(claimed.len(), 2, "the header and the sodium row");
+        // Prose and two-cell lines are no header.
+        assert!(parse_fixed_width_table("Test results  are  attached\nSodium  139\n").is_none());
+    }
+}
