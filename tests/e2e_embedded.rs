@@ -307,6 +307,9 @@ fn eval_scores_the_demo_model_on_the_gold_set() {
         "eval",
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // The dev split has pending and cancelled entries: the summary counts them (no rows).
+    let summary = text(&o.stdout);
+    assert!(summary.contains("set aside") && summary.contains("pending"), "{summary}");
     let e = medbatch(&["eval", "lab-report", "--pred", out.to_str().unwrap(), "--run-id", "eval", "--json"]);
     assert!(e.status.success(), "{}", text(&e.stderr));
     let r: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();

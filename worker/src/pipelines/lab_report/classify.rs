@@ -212,20 +212,9 @@ pub fn unresulted(text: &str) -> Option<NonResult> {
 static VALUE_NUMBER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?:^|[\s:=(\[])[<>≤≥]?=?\s?\d+(?:[.,]\d+)?(?:\s*[-–]\s*\d)?").unwrap());
 
-static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?ix)
-        \b\d{4}-\d{1,2}-\d{1,2}(?:[T\ ]\d{2}:\d{2}(?::\d{2})?)?\b
-        | \b\d{1,2}[/.-]\d{1,2}[/.-]\d{2,4}\b
-        | \b\d{1,2}[-\ ](?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\.?[-\ ,]+\d{2,4}\b
-        | \b[0-2]?\d:[0-5]\d(?::[0-5]\d)?\b",
-    )
-    .unwrap()
-});
-
 /// Whether `text` holds a value number (a date, a time or a range is not one).
 fn has_value_number(text: &str) -> bool {
-    let t = DATE_OR_TIME.replace_all(text, " ");
+    let t = super::segment::DATE_OR_TIME.replace_all(text, " ");
     VALUE_NUMBER.find_iter(&t).any(|m| {
         let s = m.as_str();
         !(s.contains('-') || s.contains('–')) || s.trim_start().starts_with(['<', '>', '≤', '≥'])

@@ -4,8 +4,10 @@
 //! A report reaches the model only where code cannot read it reliably. The order is:
 //!
 //! 1. Deterministic parsers read standard structured formats: HL7 v2 OBX segments
-//!    ([`hl7`]) and delimited tables with a header row ([`table`]). Each returns its items
-//!    and the character spans it claimed; a second parser never re-reads a claimed span.
+//!    ([`hl7`]), delimited tables with a header row ([`table`]) and fixed-width tables with
+//!    a header row ([`fixed`]). Each returns its items, the entries it set aside (pending,
+//!    cancelled …) and the character spans it claimed; a second parser never re-reads a
+//!    claimed span.
 //! 2. [`segment`] cuts the rest into candidate result lines (prose sentences into phrases),
 //!    skipping claimed spans, headers, addresses, dates, signatures and comments.
 //! 3. [`classify`] keeps the candidates that name a laboratory test of the pipeline's

@@ -40,7 +40,7 @@ static PHONE: LazyLock<Regex> =
 
 /// Dates (`2024-03-12`, `03/12/2024`, `12.03.2024`, `12-Mar-2024`, `Mar 12, 2024`) and
 /// clock times with a two-digit hour (`08:15`, so titres like `1:40` survive).
-static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
+pub(super) static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)
         \b\d{4}-\d{1,2}-\d{1,2}(?:[T\ ]\d{2}:\d{2}(?::\d{2})?)?\b
