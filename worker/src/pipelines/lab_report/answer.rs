@@ -139,13 +139,30 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let before = &text[..value_start];
     let after = &text[value_end..];
 
-    let test = choose_test(test, text, before);
+    // Range and unit may be printed in brackets between the test name and the value.
+    let bracket = range_before_value(before);
+    let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]));
     // A unit the model copied together with the value is the better witness.
     let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
-    let (ref_low, ref_high) = match parse_range(after) {
-        (None, None) => model_bounds(ref_low, ref_high, after),
-        read => read,
+    let (ref_low, ref_high) = match (parse_range(after), bracket) {
+        ((None, None), Some((s, e))) => parse_range(&before[s..e]),
+        ((None, None), None) => model_bounds(ref_low, ref_high, after),
+        (read, _) => read,
     };
+    let unit = unit.or_else(|| {
+        let (s, e) = bracket?;
+        let group = &before[s + 1..e - 1];
+        // The group's text after its range: `3.9-5.5 mmol/L` → `mmol/L`.
+        group
+            .split_whitespace()
+            .rev()
+            .find(|t| {
+                parse_value(t).is_none()
+                    && !t.chars().next().is_some_and(|c| c.is_ascii_digit() || matches!(c, '<' | '>' | '≤' | '≥'))
+                    && t.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/')
+            })
+            .map(str::to_string)
+    });
     let model_flag = flag.filter(|f| Flag::from_printed(f).is_some() && find_token(text, f, true).is_some());
     let printed = model_flag.or_else(|| printed_flag_after(after));
     Ok(LabItem {
@@ -205,11 +222,16 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     if word_ok {
         return None;
     }
+    let brackets = bracket_spans(text);
+    let in_brackets = |s: usize, e: usize| brackets.iter().any(|&(bs, be)| bs <= s && e <= be);
     if numeric {
-        // Only a number printed nowhere but in an exponent (`x10^9/L`) is misread; one not
-        // printed at all is left to grounding (`alignment = none`).
+        // A number printed nowhere but in an exponent (`x10^9/L`) or in a bracketed range
+        // before the value (`ALT (<33 U/L) ..... 28`) is misread; one not printed at all is
+        // left to grounding (`alignment = none`).
         let spans = token_spans(text, v, false);
-        if spans.is_empty() || spans.iter().any(|&(s, _)| !text[..s].ends_with(['^', '*'])) {
+        let in_exponent = spans.iter().all(|&(s, _)| text[..s].ends_with(['^', '*']));
+        let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && has_value_token(text);
+        if spans.is_empty() || !(in_exponent || in_range_before) {
             return None;
         }
     }
@@ -221,15 +243,45 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         text[..s].chars().next_back().is_some_and(|c| c.is_alphanumeric() || matches!(c, '^' | '.' | ','))
             || text[e..].chars().next().is_some_and(|c| c.is_alphabetic() || c == '^')
     };
-    let ranges: Vec<(usize, usize)> = [&*RANGE_BOTH, &*RANGE_UPPER, &*RANGE_LOWER]
-        .iter()
-        .flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end())))
-        .collect();
+    first_value_token(text, &brackets, glued)
+}
+
+/// The first number that stands as a value: not glued to a word or unit, not in brackets,
+/// not part of a two-sided range (a one-sided `>90` outside brackets is a value).
+fn first_value_token(text: &str, brackets: &[(usize, usize)], glued: impl Fn(usize, usize) -> bool) -> Option<String> {
+    let ranges: Vec<(usize, usize)> = RANGE_BOTH.find_iter(text).map(|m| (m.start(), m.end())).collect();
+    let inside = |spans: &[(usize, usize)], s: usize, e: usize| spans.iter().any(|&(a, b)| a <= s && e <= b);
     VALUE_TOKEN
         .find_iter(text)
         .filter(|m| !glued(m.start(), m.end()))
-        .find(|m| !ranges.iter().any(|&(rs, re)| rs <= m.start() && m.end() <= re))
+        .find(|m| !inside(&ranges, m.start(), m.end()) && !inside(brackets, m.start(), m.end()))
         .map(|m| m.as_str().to_string())
+}
+
+/// Whether `text` holds a number standing as a value ([`first_value_token`]).
+fn has_value_token(text: &str) -> bool {
+    let glued = |s: usize, e: usize| {
+        text[..s].chars().next_back().is_some_and(|c| c.is_alphanumeric() || matches!(c, '^' | '.' | ','))
+            || text[e..].chars().next().is_some_and(|c| c.is_alphabetic() || c == '^')
+    };
+    first_value_token(text, &bracket_spans(text), glued).is_some()
+}
+
+/// Byte spans of the bracketed groups (`(…)`, `[…]`, not nested) of `text`.
+fn bracket_spans(text: &str) -> Vec<(usize, usize)> {
+    BRACKETED.find_iter(text).map(|m| (m.start(), m.end())).collect()
+}
+
+static BRACKETED: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[(\[][^()\[\]]*[)\]]").unwrap());
+
+/// `Glucose, fasting (3.9-5.5 mmol/L) ...... 7.8`: the bracketed group of `before` holding a
+/// range, printed between the test name and the value; its byte span in `before`.
+fn range_before_value(before: &str) -> Option<(usize, usize)> {
+    let (s, e) = *bracket_spans(before).last()?;
+    let between = &before[e..];
+    let plain = between.chars().all(|c| c.is_whitespace() || matches!(c, '.' | ':' | '=' | '…' | '-' | '_'));
+    let range = parse_range(&before[s..e]);
+    (plain && (range.0.is_some() || range.1.is_some())).then_some((s, e))
 }
 
 /// An answer whose value the candidate does not bear out: kept as the model gave it,
@@ -753,6 +805,17 @@ mod tests {
             (it.test.as_deref(), it.value.as_deref(), it.flag),
             (Some("Neutrófilos"), Some("9,07"), Some(Flag::High))
         );
+        // Range and unit in brackets between the test name and the value.
+        let c = cand("Glucose, fasting (3.9-5.5 mmol/L) ......... 7.8  H");
+        let it = parse_answer(r#"{"test":"Glucose","value":"7.8"}"#, &c).unwrap();
+        let got = (it.test.as_deref(), it.unit.as_deref(), it.ref_low, it.ref_high, it.flag);
+        assert_eq!(got, (Some("Glucose, fasting"), Some("mmol/L"), Some(3.9), Some(5.5), Some(Flag::High)));
+        let c = cand("Urine ACR (<3.0 mg/mmol) .................. 4.6  H");
+        let it = parse_answer(r#"{"test":"Urine ACR","value":"<3.0","unit":"mg/mmol"}"#, &c).unwrap();
+        assert_eq!((it.value.as_deref(), it.unit.as_deref(), it.ref_high), (Some("4.6"), Some("mg/mmol"), Some(3.0)));
+        let c = cand("eGFR (>60 mL/min/1.73m2) .................. >90");
+        let it = parse_answer(r#"{"test":"eGFR","value":">60"}"#, &c).unwrap();
+        assert_eq!((it.value.as_deref(), it.ref_low), (Some(">90"), Some(60.0)));
         // Grades and signs stay.
         let c = cand("Nitrite  +   Protein 30 mg/dL");
         assert_eq!(parse_answer(r#"{"test":"Nitrite","value":"+"}"#, &c).unwrap().value.as_deref(), Some("+"));

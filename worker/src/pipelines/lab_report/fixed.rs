@@ -13,6 +13,8 @@ use super::items::{Flag, Method, Parsed};
 use super::lines::{split_lines, Line};
 use super::numbers::parse_value;
 use super::table::{header_role, table_item, Columns, Role};
+use regex::Regex;
+use std::sync::LazyLock;
 
 /// A cell of a space-aligned line: its character columns (within the line) and text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +110,16 @@ fn value_like(v: &str) -> bool {
         || (words().count() <= 2
             && words().all(|w| parse_value(w).is_none())
             && !v.contains(':')
-            && super::segment::looks_like_result(v))
+            && (super::segment::is_qualitative(v) || is_grade(v) || super::segment::looks_like_result(v)))
+}
+
+/// A dipstick grade or a titre: `1+`, `++`, `1:80`, `1/8`.
+fn is_grade(v: &str) -> bool {
+    let v = v.trim();
+    let plus = v.trim_start_matches(|c: char| c.is_ascii_digit());
+    (!plus.is_empty() && plus.chars().all(|c| c == '+') && plus.len() <= 4)
+        || v.split_once([':', '/'])
+            .is_some_and(|(a, b)| a == "1" && !b.is_empty() && b.chars().all(|c| c.is_ascii_digit()))
 }
 
 /// The rows of one line under a header: items and set-aside entries with their character
@@ -128,8 +139,24 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         let (Some(first), Some(last)) = (mine.first(), mine.last()) else { continue };
         let mut texts: Vec<String> =
             half.header.iter().map(|&k| at[k].map_or(String::new(), |c| c.text.to_string())).collect();
-        // `5.9 H` under the result header: the flag printed right after the value.
         let mut columns = half.columns.clone();
+        // `125 mUI/mL` under the result header of a table without a unit column (or with
+        // an empty unit cell): the value and its unit.
+        if columns.unit.is_none_or(|u| texts[u].is_empty()) {
+            let cell = texts[columns.value].clone();
+            if let Some(c) = VALUE_WITH_UNIT.captures(&cell).filter(|c| Flag::from_printed(&c[2]).is_none()) {
+                texts[columns.value] = c[1].to_string();
+                match columns.unit {
+                    Some(u) => texts[u] = c[2].to_string(),
+                    None => {
+                        texts.push(c[2].to_string());
+                        columns.unit = Some(texts.len() - 1);
+                        columns.count = texts.len();
+                    }
+                }
+            }
+        }
+        // `5.9 H` under the result header: the flag printed right after the value.
         let v = columns.value;
         if let Some((value, flag)) = texts[v].rsplit_once(' ') {
             let free = columns.flag.is_none_or(|f| texts[f].is_empty());
@@ -161,6 +188,12 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         out
     })
 }
+
+/// A value and a unit in one cell (`125 mUI/mL`, `>250 UI/mL`, `8 %`); not a value with a
+/// flag (`5.9 H`).
+static VALUE_WITH_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^((?:[<>≤≥]=?\s?)?\d+(?:[.,]\d+)?)\s+((?:[µμa-zA-Z%][^\s]*|x\s?10\S*|10\^\S*))$").unwrap()
+});
 
 /// `----` and `====` rules under a header.
 fn is_rule(line: &str) -> bool {
@@ -318,6 +351,31 @@ Créatinine        82 H       µmol/L     45-80
 ";
         let Parsed { items, .. } = parse_fixed_width_table(text).unwrap();
         assert_eq!((items[0].value.as_deref(), items[0].flag), (Some("82"), Some(Flag::High)));
+    }
+
+    #[test]
+    fn values_with_units_and_qualitative_results() {
+        let text = "\
+Determinación                    Resultado       Valor de referencia
+Anticuerpos anti-HBs             125 mUI/mL      >10
+Treponema pallidum               Positivo        Negativo
+Anticuerpos anti-VHC             Negativo        Negativo
+Toxoplasma IgG                   Pendiente
+Rubéola IgG                      >250 UI/mL      >10
+";
+        let Parsed { items, set_aside, .. } = parse_fixed_width_table(text).unwrap();
+        let got: Vec<_> =
+            items.iter().map(|i| (i.value.as_deref().unwrap(), i.unit.as_deref(), i.ref_low, i.flag)).collect();
+        assert_eq!(
+            got,
+            [
+                ("125", Some("mUI/mL"), Some(10.0), Some(Flag::Normal)),
+                ("Positivo", None, None, Some(Flag::Abnormal)),
+                ("Negativo", None, None, None),
+                (">250", Some("UI/mL"), Some(10.0), None),
+            ]
+        );
+        assert_eq!(set_aside.len(), 1);
     }
 
     #[test]

@@ -57,7 +57,12 @@ pub(super) static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
 /// Result words of qualitative tests (urinalysis, serology, microscopy).
 static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?i)\b(?:not\s+detected|none\s+seen|non-?reactive|negative|positive|neg|pos|trace|detected|reactive|absent|present|few|moderate|many|rare|occasional|yellow|amber|straw|clear|cloudy|hazy|turbid)\b",
+        r"(?ix)\b(?:not\s+detected|none\s+seen|non-?reactive|negative|positive|neg|pos|trace|detected|reactive|absent|present
+        |few|moderate|many|rare|occasional|yellow|amber|straw|clear|cloudy|hazy|turbid
+        |negativ[oae]?|positiv[oae]?|négati(?:f|ve)|positi(?:f|ve)|negatief|positief|no\s+detectad[oa]|detectad[oa]
+        |non\s+détecté|détecté|nicht\s+nachweisbar|nachweisbar|non\s+rilevat[oa]|rilevat[oa]|niet\s+aantoonbaar
+        |aantoonbaar|no\s+reactiv[oa]|reactiv[oa]|non\s+réacti(?:f|ve)|réacti(?:f|ve)|reaktiv|nicht\s+reaktiv
+        |ausente|presente|assente|absente?|spuren|trazas|traces|tracce|sporen)\b",
     )
     .unwrap()
 });

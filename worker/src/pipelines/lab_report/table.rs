@@ -1,10 +1,12 @@
 //! Delimited tables with a header row, read without the model.
 
 use super::classify::{read_status, unresulted, NonResult, ResultStatus, SetAside};
-use super::items::{LabItem, Method, Parsed};
+use super::items::{Flag, LabItem, Method, Parsed};
 use super::lines::split_lines;
 use super::numbers::{compute_flag, parse_range, parse_value};
 use crate::grounding::Alignment;
+use regex::Regex;
+use std::sync::LazyLock;
 
 /// Delimiters a table may use, tried in this order. A comma table must be real CSV: its
 /// header names a test and a result column, and each row has exactly the header's number of
@@ -130,6 +132,13 @@ const HEADERS: &[(Role, &[&str])] = &[
             "normbereich",
             "normalwerte",
             "valores de referencia",
+            "valor de referencia",
+            "valeur de référence",
+            "valeur de reference",
+            "valore di riferimento",
+            "valor de referência",
+            "referenzintervall",
+            "referenz",
             "intervalo de referencia",
             "rango de referencia",
             "rango",
@@ -351,6 +360,22 @@ pub fn parse_delimited_table(text: &str) -> Option<Parsed> {
     (!parsed.claimed.is_empty()).then_some(parsed)
 }
 
+/// Words of a positive qualitative result and of a negative reference, in the languages of
+/// [`HEADERS`].
+static POSITIVE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)^(?:positive?|pos|positiv[oae]?|positif|positief|reactive|reactiv[oa]|réactif|reaktiv|detected|detectad[oa]|détecté|nachweisbar|rilevat[oa]|aantoonbaar|present|presente|présent)$").unwrap()
+});
+static NEGATIVE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)^(?:negative?|neg|negativ[oae]?|négatif|negatief|non-?reactive|no\s+reactiv[oa]|non\s+réactif|nicht\s+reaktiv|not\s+detected|no\s+detectad[oa]|non\s+détecté|nicht\s+nachweisbar|non\s+rilevat[oa]|niet\s+aantoonbaar|absent|ausente|assente|absente)$").unwrap()
+});
+
+/// `abnormal` for a positive result whose reference is negative (`Positivo` against
+/// `Negativo`); no flag otherwise (a negative result without a printed flag has none).
+fn qualitative_flag(value: &str, reference: Option<&str>) -> Option<Flag> {
+    (POSITIVE.is_match(value.trim()) && reference.is_some_and(|r| NEGATIVE.is_match(r.trim())))
+        .then_some(Flag::Abnormal)
+}
+
 /// A row's item, or why the row is not a result; `None` for a row without a value (a
 /// section row).
 pub(super) fn table_item(
@@ -375,6 +400,8 @@ pub(super) fn table_item(
         Some(r) => parse_range(r),
         None => (cell(cols.low).and_then(parse_value), cell(cols.high).and_then(parse_value)),
     };
+    let flag = compute_flag(value_numeric, ref_low, ref_high, cell(cols.flag))
+        .or_else(|| qualitative_flag(&value, cell(cols.range)));
     Some(Ok(LabItem {
         test: cell(Some(cols.test)).map(str::to_string),
         value: Some(value),
@@ -382,7 +409,7 @@ pub(super) fn table_item(
         unit: cell(cols.unit).map(str::to_string),
         ref_low,
         ref_high,
-        flag: compute_flag(value_numeric, ref_low, ref_high, cell(cols.flag)),
+        flag,
         evidence_start: start,
         evidence_end: end,
         method,
