@@ -30,17 +30,14 @@ impl RunProgress {
         if self.set_aside.is_empty() {
             return None;
         }
-        const UNRESULTED: [&str; 4] = ["pending", "cancelled", "not_reported", "withdrawn"];
+        use medbatch_schemas::job::UNRESULTED_KINDS;
         let count = |k: &str| self.set_aside.get(k).copied().unwrap_or(0);
-        let entries: Vec<String> = UNRESULTED.iter().map(|k| format!("{} {}", count(k), k.replace('_', " "))).collect();
-        let others: Vec<String> = self
-            .set_aside
-            .iter()
-            .filter(|(k, _)| !UNRESULTED.contains(&k.as_str()))
-            .map(|(k, n)| format!("{k} {n}"))
-            .collect();
-        let other_total: u64 =
-            self.set_aside.iter().filter(|(k, _)| !UNRESULTED.contains(&k.as_str())).map(|(_, n)| n).sum();
+        let entries: Vec<String> =
+            UNRESULTED_KINDS.iter().map(|k| format!("{} {}", count(k), k.replace('_', " "))).collect();
+        let others: Vec<(&String, &u64)> =
+            self.set_aside.iter().filter(|(k, _)| !UNRESULTED_KINDS.contains(&k.as_str())).collect();
+        let other_total: u64 = others.iter().map(|(_, n)| **n).sum();
+        let others: Vec<String> = others.iter().map(|(k, n)| format!("{k} {n}")).collect();
         Some(format!(
             "{} (tests without a result, no row); {other_total} other non-result lines{}",
             entries.join(", "),

@@ -4,6 +4,10 @@ use crate::ids::{Digest, JobId, RunId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+/// The `set_aside` kinds that are ordered tests without a result (no row was written for
+/// them), as the lab-report pipeline names them; summaries list them first.
+pub const UNRESULTED_KINDS: [&str; 4] = ["pending", "cancelled", "not_reported", "withdrawn"];
+
 /// Version of the job, completion and manifest formats; bumped on incompatible change.
 pub const JOB_SCHEMA_VERSION: u32 = 1;
 

@@ -182,28 +182,14 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     })
 }
 
-/// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, right before `at`: the
-/// start of the value with it.
+/// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, right before `at` and not
+/// glued to a word or number before it (`x<5` is no value): the start of the value with it.
 fn comparator_before(text: &str, at: usize) -> usize {
-    let before = &text[..at];
-    let trimmed = before.strip_suffix(' ').unwrap_or(before);
-    let mut start = trimmed.len();
-    let mut chars = trimmed.char_indices().rev();
-    if let Some((i, '=')) = chars.clone().next() {
-        if matches!(chars.nth(1), Some((_, '<' | '>'))) {
-            start = i - 1;
-        }
-    } else if let Some((i, '<' | '>' | '≤' | '≥')) = chars.next() {
-        start = i;
-    }
-    // Not a comparator when glued to a word or number before it (`x<5` is no value).
-    let glued = trimmed[..start].chars().next_back().is_some_and(char::is_alphanumeric);
-    if start < trimmed.len() && !glued {
-        start
-    } else {
-        at
-    }
+    COMPARATOR_AT_END.captures(&text[..at]).and_then(|c| c.get(1)).map_or(at, |m| m.start())
 }
+
+static COMPARATOR_AT_END: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:^|[^\p{L}\p{N}])([<>]=?|[≤≥]) ?$").unwrap());
 
 /// Numbers printed as values: not inside a word or unit (`B12`, `x10^9`, `HbA1c`), with an
 /// optional comparator.
@@ -230,7 +216,7 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         // left to grounding (`alignment = none`).
         let spans = token_spans(text, v, false);
         let in_exponent = spans.iter().all(|&(s, _)| text[..s].ends_with(['^', '*']));
-        let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && has_value_token(text);
+        let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && first_value_span(text).is_some();
         if spans.is_empty() || !(in_exponent || in_range_before) {
             return None;
         }
@@ -239,32 +225,24 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         // A word answer of some length (a test-specific result word) is judged by grounding.
         return None;
     }
+    first_value_span(text).map(|(s, e)| text[s..e].to_string())
+}
+
+/// Byte span of the first number that stands as a value, its comparator included: not glued
+/// to a word or unit (`B12`, `x10^9`), not in brackets, not part of a two-sided range (a
+/// one-sided `>90` outside brackets is a value).
+fn first_value_span(text: &str) -> Option<(usize, usize)> {
     let glued = |s: usize, e: usize| {
         text[..s].chars().next_back().is_some_and(|c| c.is_alphanumeric() || matches!(c, '^' | '.' | ','))
             || text[e..].chars().next().is_some_and(|c| c.is_alphabetic() || c == '^')
     };
-    first_value_token(text, &brackets, glued)
-}
-
-/// The first number that stands as a value: not glued to a word or unit, not in brackets,
-/// not part of a two-sided range (a one-sided `>90` outside brackets is a value).
-fn first_value_token(text: &str, brackets: &[(usize, usize)], glued: impl Fn(usize, usize) -> bool) -> Option<String> {
     let ranges: Vec<(usize, usize)> = RANGE_BOTH.find_iter(text).map(|m| (m.start(), m.end())).collect();
+    let brackets = bracket_spans(text);
     let inside = |spans: &[(usize, usize)], s: usize, e: usize| spans.iter().any(|&(a, b)| a <= s && e <= b);
     VALUE_TOKEN
         .find_iter(text)
-        .filter(|m| !glued(m.start(), m.end()))
-        .find(|m| !inside(&ranges, m.start(), m.end()) && !inside(brackets, m.start(), m.end()))
-        .map(|m| m.as_str().to_string())
-}
-
-/// Whether `text` holds a number standing as a value ([`first_value_token`]).
-fn has_value_token(text: &str) -> bool {
-    let glued = |s: usize, e: usize| {
-        text[..s].chars().next_back().is_some_and(|c| c.is_alphanumeric() || matches!(c, '^' | '.' | ','))
-            || text[e..].chars().next().is_some_and(|c| c.is_alphabetic() || c == '^')
-    };
-    first_value_token(text, &bracket_spans(text), glued).is_some()
+        .map(|m| (m.start(), m.end()))
+        .find(|&(s, e)| !glued(s, e) && !inside(&ranges, s, e) && !inside(&brackets, s, e))
 }
 
 /// Byte spans of the bracketed groups (`(…)`, `[…]`, not nested) of `text`.
@@ -418,15 +396,10 @@ fn find_value(text: &str, value: &str, numeric: Option<f64>) -> Option<(usize, u
         .collect();
     let in_range = |(s, e): (usize, usize)| ranges.iter().any(|&(rs, re)| rs <= s && e <= re && (rs, re) != (s, e));
     let spans = token_spans(text, value, false);
-    // A value printed with its comparator (`>1476`, `<5`) reads like a one-sided range: the
-    // first such is the value when no plain occurrence is.
-    let one_sided: Vec<(usize, usize)> =
-        [&*RANGE_UPPER, &*RANGE_LOWER].iter().flat_map(|re| re.find_iter(text).map(|m| (m.start(), m.end()))).collect();
-    let compared = |(s, e): (usize, usize)| {
-        one_sided.iter().any(|&(rs, re)| {
-            rs <= s && e == re && text[rs..s].trim().chars().all(|c| matches!(c, '<' | '>' | '≤' | '≥' | '='))
-        })
-    };
+    // A value printed with its comparator (`>1476`, `<5`) reads like a one-sided range: it is
+    // the value when it is the line's first value ([`first_value_span`]).
+    let first = first_value_span(text);
+    let compared = |(s, e): (usize, usize)| first.is_some_and(|(fs, fe)| fs <= s && e == fe);
     let literal = spans.iter().copied().find(|&span| !in_range(span));
     let literal = literal.or_else(|| spans.iter().copied().min().filter(|&span| compared(span)));
     literal.or_else(|| {
@@ -816,6 +789,9 @@ mod tests {
         let c = cand("eGFR (>60 mL/min/1.73m2) .................. >90");
         let it = parse_answer(r#"{"test":"eGFR","value":">60"}"#, &c).unwrap();
         assert_eq!((it.value.as_deref(), it.ref_low), (Some(">90"), Some(60.0)));
+        // A one-sided bound after the value is no value.
+        let c = cand("TSH 2.1 mIU/L <4.0");
+        assert_eq!(parse_answer(r#"{"test":"TSH","value":"4.0"}"#, &c).unwrap().alignment, Alignment::None);
         // Grades and signs stay.
         let c = cand("Nitrite  +   Protein 30 mg/dL");
         assert_eq!(parse_answer(r#"{"test":"Nitrite","value":"+"}"#, &c).unwrap().value.as_deref(), Some("+"));

@@ -44,19 +44,6 @@ pub enum NonResult {
 }
 
 impl NonResult {
-    pub const ALL: [NonResult; 10] = [
-        NonResult::Metadata,
-        NonResult::Pending,
-        NonResult::Cancelled,
-        NonResult::NotReported,
-        NonResult::Withdrawn,
-        NonResult::Previous,
-        NonResult::Target,
-        NonResult::Interpretation,
-        NonResult::VitalSign,
-        NonResult::NoAnalyte,
-    ];
-
     /// The label used in summaries and the manifest.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,11 +58,6 @@ impl NonResult {
             NonResult::VitalSign => "vital_sign",
             NonResult::NoAnalyte => "no_analyte",
         }
-    }
-
-    /// An entry of an ordered test that has no result (what the run summary reports).
-    pub fn is_unresulted_entry(self) -> bool {
-        matches!(self, NonResult::Pending | NonResult::Cancelled | NonResult::NotReported | NonResult::Withdrawn)
     }
 }
 
@@ -439,10 +421,6 @@ impl Classifier {
         Self { lexicon }
     }
 
-    pub fn lexicon(&self) -> &Lexicon {
-        &self.lexicon
-    }
-
     /// `Ok` when the candidate is a result (its earlier values of a trend blanked out, so the
     /// model reads the current one), else why it is not.
     pub fn classify(&self, c: &mut Candidate) -> Result<(), NonResult> {
@@ -450,10 +428,13 @@ impl Classifier {
         if let Some(reason) = self.unresulted_entry(text) {
             return Err(reason);
         }
+        // Blanking earlier values (below) keeps every offset and touches no test name, so the
+        // lexicon is searched once.
+        let analyte = self.lexicon.first(text).map(|(at, a)| (at, a.is_lab_test));
         // A line that starts with a test name is not a label line (`Total protein`,
         // `Charge` of a German lot number aside).
         let leading = text.len() - text.trim_start().len();
-        let starts_with_test = self.lexicon.first(text).is_some_and(|(at, a)| a.is_lab_test && at == leading);
+        let starts_with_test = analyte.is_some_and(|(at, lab)| lab && at == leading);
         if (METADATA.is_match(text) && !starts_with_test) || MONEY.is_match(text) {
             return Err(NonResult::Metadata);
         }
@@ -470,9 +451,9 @@ impl Classifier {
             }
             c.text = masked;
         }
-        match self.lexicon.first(&c.text) {
-            Some((_, a)) if a.is_lab_test => Ok(()),
-            Some(_) => Err(NonResult::VitalSign),
+        match analyte {
+            Some((_, true)) => Ok(()),
+            Some((_, false)) => Err(NonResult::VitalSign),
             None if INTERPRETATION.is_match(&c.text) => Err(NonResult::Interpretation),
             None if NUMBER_WITH_LAB_UNIT.is_match(&c.text) => Ok(()),
             None => Err(NonResult::NoAnalyte),
@@ -650,6 +631,12 @@ mod tests {
             "creatinine rose         umol/L in March to     in June and is 158 umol/L today"
         );
         assert_eq!(verdict("ferritin 12 ug/L three months ago"), Err("previous"));
+    }
+
+    #[test]
+    fn unresulted_labels_are_the_summarys() {
+        let ours = [NonResult::Pending, NonResult::Cancelled, NonResult::NotReported, NonResult::Withdrawn];
+        assert_eq!(ours.map(NonResult::as_str), medbatch_schemas::job::UNRESULTED_KINDS);
     }
 
     #[test]

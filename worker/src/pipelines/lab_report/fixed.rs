@@ -142,37 +142,17 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         let mut columns = half.columns.clone();
         // `125 mUI/mL` under the result header of a table without a unit column (or with
         // an empty unit cell): the value and its unit.
-        if columns.unit.is_none_or(|u| texts[u].is_empty()) {
-            let cell = texts[columns.value].clone();
-            if let Some(c) = VALUE_WITH_UNIT.captures(&cell).filter(|c| Flag::from_printed(&c[2]).is_none()) {
-                texts[columns.value] = c[1].to_string();
-                match columns.unit {
-                    Some(u) => texts[u] = c[2].to_string(),
-                    None => {
-                        texts.push(c[2].to_string());
-                        columns.unit = Some(texts.len() - 1);
-                        columns.count = texts.len();
-                    }
-                }
-            }
+        let v = columns.value;
+        if let Some(c) = VALUE_WITH_UNIT.captures(&texts[v].clone()).filter(|c| Flag::from_printed(&c[2]).is_none()) {
+            split_cell(&mut texts, &mut columns.unit, v, &c[1], &c[2]);
         }
         // `5.9 H` under the result header: the flag printed right after the value.
-        let v = columns.value;
-        if let Some((value, flag)) = texts[v].rsplit_once(' ') {
-            let free = columns.flag.is_none_or(|f| texts[f].is_empty());
-            if free && Flag::from_printed(flag).is_some() && parse_value(value.trim()).is_some() {
-                let (value, flag) = (value.trim().to_string(), flag.to_string());
-                texts[v] = value;
-                match columns.flag {
-                    Some(f) => texts[f] = flag,
-                    None => {
-                        texts.push(flag);
-                        columns.flag = Some(texts.len() - 1);
-                        columns.count = texts.len();
-                    }
-                }
-            }
+        let split = texts[v].rsplit_once(' ').map(|(value, flag)| (value.trim().to_string(), flag.to_string()));
+        if let Some((value, flag)) = split.filter(|(v, f)| Flag::from_printed(f).is_some() && parse_value(v).is_some())
+        {
+            split_cell(&mut texts, &mut columns.flag, v, &value, &flag);
         }
+        columns.count = texts.len();
         if texts[columns.test].is_empty() || !value_like(&texts[columns.value]) {
             return None;
         }
@@ -187,6 +167,21 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         out.claimed.push((start, end));
         out
     })
+}
+
+/// Splits the value cell `v` into `value` and a `rest` (a unit or a flag) that goes to the
+/// column `slot` when that cell is empty, or to a new cell when the table has no such column.
+/// Nothing changes when the column's cell already holds something.
+fn split_cell(texts: &mut Vec<String>, slot: &mut Option<usize>, v: usize, value: &str, rest: &str) {
+    match *slot {
+        Some(k) if !texts[k].is_empty() => return,
+        Some(k) => texts[k] = rest.to_string(),
+        None => {
+            texts.push(rest.to_string());
+            *slot = Some(texts.len() - 1);
+        }
+    }
+    texts[v] = value.to_string();
 }
 
 /// A value and a unit in one cell (`125 mUI/mL`, `>250 UI/mL`, `8 %`); not a value with a

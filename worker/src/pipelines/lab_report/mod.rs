@@ -200,15 +200,14 @@ impl Pipeline for LabReport {
             for result in results {
                 match result {
                     Ok(mut item) => {
-                        if spec.extraction.unit == ExtractionUnit::Line {
-                            item.status = classify::line_status(&c.text, document_status);
-                        } else if let Some(l) =
-                            lines.iter().find(|l| (l.start, l.end) == (item.evidence_start, item.evidence_end))
-                        {
-                            item.status = classify::line_status(&l.text, document_status);
-                        } else {
-                            item.status = document_status;
-                        }
+                        // The line the row came from may say corrected or preliminary.
+                        let line = match spec.extraction.unit {
+                            ExtractionUnit::Line => Some(c),
+                            ExtractionUnit::Document => {
+                                lines.iter().find(|l| (l.start, l.end) == (item.evidence_start, item.evidence_end))
+                            }
+                        };
+                        item.status = line.map_or(document_status, |l| classify::line_status(&l.text, document_status));
                         if item.alignment == Alignment::None {
                             let copied = |s: &Option<String>| {
                                 s.as_deref().is_some_and(|s| from_examples(s, &self.examples, &doc.text))

@@ -451,10 +451,7 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
         pieces.push((from, cut));
         from = (cut + 1).min(text.len());
     }
-    let is_result = |(a, b): (usize, usize)| {
-        let p = &text[a..b];
-        has_value(p) && has_test_word(p) && looks_like_result(p.trim())
-    };
+    let is_result = |(a, b): (usize, usize)| looks_like_result(&text[a..b]);
     if pieces.iter().filter(|&&p| is_result(p)).count() < 2 {
         return vec![c];
     }
