@@ -1,6 +1,5 @@
 //! Model answers: JSON objects turned into items, every value grounded in the candidate.
 
-use super::classify::ResultStatus;
 use super::items::{Candidate, Flag, LabItem, Method};
 use super::numbers::{compute_flag, parse_range, parse_value, NUM, RANGE_BOTH, RANGE_LOWER, RANGE_UPPER};
 use super::segment::RESULT_VERBS;
@@ -29,8 +28,11 @@ const MAX_LABEL_WORDS: usize = 5;
 /// adds nothing the range does not say, and `N` is too often something else.
 const PRINTED_FLAG_TOKENS: &[&str] = &[
     "H", "L", "HH", "LL", "A", "AA", "HIGH", "LOW", "CRIT", "CRITICAL", "PANIC", "ABN", "ABNORMAL", "↑", "↓", "↑↑",
-    "↓↓", "*", "!!",
+    "↓↓", "▲", "▼", "⇑", "⇓", "*", "!!",
 ];
+
+/// Arrows, the flags some reports print right before the value (`WBC ..... ↑ 12.4`).
+const ARROWS: &[&str] = &["↑", "↓", "↑↑", "↓↓", "▲", "▼", "⇑", "⇓"];
 
 /// Why a model answer gives no row. Messages carry positions and field names only.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -80,8 +82,9 @@ impl AnswerError {
 ///   (`x10^9` → `x10^9/L`); otherwise none.
 /// - range: [`parse_range`] of the text after the value; only when that finds nothing,
 ///   the model's bounds, each kept if it occurs after the value (swapped if reversed).
-/// - flag: the model's flag if it occurs in the candidate and is a known flag, else a flag
-///   printed after the value (`PRINTED_FLAG_TOKENS`); then [`compute_flag`].
+/// - flag: the model's flag if it is a known flag printed as a token of its own after the
+///   value (not the `L` of `g/L`) or an arrow right before it, else a flag printed after the
+///   value (`PRINTED_FLAG_TOKENS`) or an arrow before it; then [`compute_flag`].
 pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, AnswerError> {
     let lead = answer.len() - answer.trim_start().len();
     let body = &answer[lead..];
@@ -163,8 +166,12 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
             })
             .map(str::to_string)
     });
-    let model_flag = flag.filter(|f| Flag::from_printed(f).is_some() && find_token(text, f, true).is_some());
-    let printed = model_flag.or_else(|| printed_flag_after(after));
+    let arrow = arrow_before(before);
+    let model_flag = flag.filter(|f| {
+        Flag::from_printed(f).is_some()
+            && (flag_tokens_after(after).any(|t| same_flag(t, f)) || arrow.as_deref() == Some(f.trim()))
+    });
+    let printed = model_flag.or_else(|| printed_flag_after(after)).or(arrow);
     Ok(LabItem {
         test,
         value: Some(value),
@@ -178,7 +185,7 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         method: Method::Model,
         alignment,
         from_examples: false,
-        status: ResultStatus::Final,
+        status: None,
     })
 }
 
@@ -205,23 +212,35 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         && (super::segment::is_qualitative(v)
             || v.chars().any(|c| c.is_ascii_digit())
             || v.chars().all(|c| matches!(c, '+' | '-' | '±')));
-    if word_ok {
+    // A unit given as the value (`g/dL`, `mmol/L`, `%`) is no value.
+    let unit_word = !numeric && (v == "%" || (v.contains('/') && !v.chars().any(|c| c.is_ascii_digit())));
+    if word_ok && !unit_word {
         return None;
     }
     let brackets = bracket_spans(text);
     let in_brackets = |s: usize, e: usize| brackets.iter().any(|&(bs, be)| bs <= s && e <= be);
     if numeric {
-        // A number printed nowhere but in an exponent (`x10^9/L`) or in a bracketed range
-        // before the value (`ALT (<33 U/L) ..... 28`) is misread; one not printed at all is
-        // left to grounding (`alignment = none`).
+        // A number printed nowhere but in an exponent (`x10^9/L`), a unit, a bracketed range
+        // before the value (`ALT (<33 U/L) ..... 28`) or the range after it is misread; one
+        // not printed at all is left to grounding (`alignment = none`).
         let spans = token_spans(text, v, false);
         let in_exponent = spans.iter().all(|&(s, _)| text[..s].ends_with(['^', '*']));
+        // Printed nowhere but inside a unit (`mL/min/1.73m2`), where it is no token.
+        let occurrences: Vec<usize> = text.match_indices(v).map(|(at, _)| at).collect();
+        let in_unit = !occurrences.is_empty() && occurrences.iter().all(|&at| text[..at].ends_with('/'));
+        if in_unit && first_value_span(text).is_some() {
+            return first_value_span(text).map(|(s, e)| text[s..e].to_string());
+        }
         let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && first_value_span(text).is_some();
-        if spans.is_empty() || !(in_exponent || in_range_before) {
+        // A bound of the range printed after the value (`↑ >2000  pg/mL  232-1245`: `232`).
+        let ranges: Vec<(usize, usize)> = RANGE_BOTH.find_iter(text).map(|m| (m.start(), m.end())).collect();
+        let in_range_after = spans.iter().all(|&(s, e)| ranges.iter().any(|&(a, b)| a <= s && e <= b))
+            && first_value_span(text).is_some_and(|(first, _)| spans.iter().all(|&(s, _)| first < s));
+        if spans.is_empty() || !(in_exponent || in_range_before || in_range_after) {
             return None;
         }
     }
-    if !numeric && v.chars().count() > 2 {
+    if !numeric && !unit_word && v.chars().count() > 2 {
         // A word answer of some length (a test-specific result word) is judged by grounding.
         return None;
     }
@@ -284,7 +303,7 @@ fn ungrounded_item(
         method: Method::Model,
         alignment: Alignment::None,
         from_examples: false,
-        status: ResultStatus::Final,
+        status: None,
     }
 }
 
@@ -451,9 +470,16 @@ fn token_spans(haystack: &str, needle: &str, short_case_sensitive: bool) -> Vec<
 /// that text is longer than `MAX_LABEL_WORDS` or has no letter.
 fn label_before(before: &str) -> Option<String> {
     let separators = |c: char| c.is_whitespace() || matches!(c, ':' | '.' | '=' | ',' | '…' | '-');
-    let label = before.trim_end_matches(separators);
-    // A prefix such as "AMENDED:" or "Result:" names the line, not the test.
-    let label = label.rsplit_once(':').map_or(label, |(_, rest)| rest);
+    // The name ends where dot leaders start (`WBC ........ ↑ 12.4`); an arrow flag printed
+    // before the value is no part of it.
+    let before = LEADER.find(before).map_or(before, |m| &before[..m.start()]);
+    let mut label = before.trim_end_matches(separators);
+    while let Some(last) = label.split_whitespace().next_back().filter(|w| ARROWS.contains(w)) {
+        label = label[..label.len() - last.len()].trim_end_matches(separators);
+    }
+    // A prefix such as "AMENDED:" or "Result:" names the line, not the test (a colon inside
+    // a name, `albumin:creatinine ratio`, does not).
+    let label = label.rsplit_once(": ").map_or(label, |(_, rest)| rest);
     let words: Vec<&str> = label.split_whitespace().collect();
     let end = words.iter().position(|w| ends_label(&w.to_lowercase())).unwrap_or(words.len());
     let start = words.iter().take_while(|w| ARTICLES.contains(&w.to_lowercase().as_str())).count();
@@ -463,6 +489,9 @@ fn label_before(before: &str) -> Option<String> {
     (label.chars().any(char::is_alphabetic) && words.len() <= MAX_LABEL_WORDS).then(|| label.to_string())
 }
 
+/// Dot or underscore leaders between a test name and its value.
+static LEADER: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\.{2,}|…|_{2,}|(?:\s\.){3,}").unwrap());
+
 /// Words besides [`RESULT_VERBS`] that end a test name in running text
 /// (`Hemoglobin of ...`, `CRP rose to ...`).
 const LABEL_END_WORDS: &[&str] = &["rose", "fell", "measured", "at", "of", "to"];
@@ -471,18 +500,26 @@ fn ends_label(w: &str) -> bool {
     RESULT_VERBS.contains(&w) || LABEL_END_WORDS.contains(&w)
 }
 /// Words before a test name in letters (`His creatinine`, `the patient's potassium`).
-const ARTICLES: &[&str] = &["the", "a", "an", "his", "her", "their", "its", "patient's"];
+const ARTICLES: &[&str] =
+    &["the", "a", "an", "his", "her", "their", "its", "patient's", "with", "and", "but", "while", "whereas", "also"];
 
 /// The test: the printed label before the value when it and the model's test contain one
-/// another (the demo model shortens `Urea nitrogen` to `Urea`) or the model's test is not
+/// another or share a word (the demo model shortens `Urea nitrogen` to `Urea`) or the model's test is not
 /// printed at all (`K` for `Potassium`, misspellings); otherwise the model's test if printed.
 fn choose_test(model: Option<String>, text: &str, before: &str) -> Option<String> {
     let label = label_before(before);
-    let model = model.filter(|t| find_token(text, t, false).is_some());
+    // A number is no test name (`86` for `CRP 86 (<5)`).
+    let model = model.filter(|t| t.chars().any(char::is_alphabetic) && find_token(text, t, false).is_some());
     match (model, label) {
         (Some(m), Some(l)) => {
             let (ml, ll) = (m.to_lowercase(), l.to_lowercase());
-            Some(if ll.contains(&ml) || ml.contains(&ll) { l } else { m })
+            // The model cut or stretched the printed name (`His urine albumin` for `urine
+            // albumin:creatinine ratio`): they share a word.
+            let words = |s: &str| -> Vec<String> {
+                s.split(|c: char| !c.is_alphanumeric()).filter(|w| w.chars().count() >= 3).map(str::to_string).collect()
+            };
+            let shared = words(&ml).iter().any(|w| !ARTICLES.contains(&w.as_str()) && words(&ll).contains(w));
+            Some(if ll.contains(&ml) || ml.contains(&ll) || shared { l } else { m })
         }
         (m, l) => l.or(m),
     }
@@ -525,16 +562,32 @@ fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Opti
     }
 }
 
+/// The tokens printed after the value that may be a flag: words split at spaces, brackets
+/// and list punctuation trimmed (`(H)`, `L,`), so a unit's letter (`g/L`) is never one.
+fn flag_tokens_after(after: &str) -> impl Iterator<Item = &str> {
+    after.split_whitespace().map(|t| t.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ';' | '.')))
+}
+
+/// Whether a printed token is the flag `f`: short flags match case (`L`, not `l`), words not.
+fn same_flag(token: &str, f: &str) -> bool {
+    let f = f.trim();
+    token == f || (f.chars().count() > 2 && token.eq_ignore_ascii_case(f))
+}
+
 /// The first flag printed after the value (`PRINTED_FLAG_TOKENS`).
 fn printed_flag_after(after: &str) -> Option<String> {
-    after
-        .split_whitespace()
-        .map(|t| t.trim_matches(|c: char| matches!(c, '(' | ')' | '[' | ']' | ',' | ';' | '.')))
+    flag_tokens_after(after)
         .find(|t| {
             PRINTED_FLAG_TOKENS.contains(t)
                 || (t.chars().count() > 2 && PRINTED_FLAG_TOKENS.contains(&t.to_uppercase().as_str()))
         })
         .map(str::to_string)
+}
+
+/// An arrow printed right before the value, as its flag.
+fn arrow_before(before: &str) -> Option<String> {
+    let last = before.split_whitespace().next_back()?;
+    ARROWS.contains(&last).then(|| last.to_string())
 }
 
 #[cfg(test)]
@@ -661,6 +714,48 @@ mod tests {
         assert_eq!(parse_answer(a, &c).unwrap().test, None);
         let a = r#"{"test":"serum potassium","value":"5.9"}"#;
         assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("serum potassium"));
+    }
+
+    #[test]
+    fn answer_reads_arrows_and_leaders_and_refuses_flags_inside_units() {
+        // An arrow before the value is its flag, and no part of the test name.
+        let c = cand("WBC .................. ↑ 12.4     x10E3/uL     3.4-10.8");
+        let a = r#"{"test":"WBC .................. ↑","value":"12.4","unit":"x10E3/uL","flag":"LL"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.flag), (Some("WBC"), Some(Flag::High)));
+        let c = cand("Hematocrit ........... ↓ 36.1     %            37.5-51.0");
+        let a = r#"{"test":"Hematocrit","value":"36.1","unit":"%","flag":null}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::Low));
+        // The model's `L` is the `L` of `x10^9/L`, not a printed flag: the range decides.
+        let c = cand("B-Leukocyter            11,2       x10^9/L      3,5 - 8,8         *");
+        let a =
+            r#"{"test":"B-Leukocyter","value":"11,2","unit":"x10^9/L","ref_low":"3,5","ref_high":"8,8","flag":"L"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::High));
+        // A bound of the range after the value is read again as the value.
+        let c = cand("Vitamin B12 ........... ↑ >2000   pg/mL        232-1245");
+        let a = r#"{"test":"B12","value":"232","unit":"pg/mL","ref_low":null,"ref_high":"1245","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Vitamin B12"), Some(">2000")));
+        assert_eq!(item.flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn answer_units_and_numbers_in_the_wrong_field_are_read_again() {
+        // A unit given as the value, a number inside a unit: the printed value instead.
+        let c = cand("Hemoglobin was 8.7 g/dL on admission (reference 13.5-17.5)");
+        let a = r#"{"test":"Hemoglobin","value":"g/dL","unit":"g/dL"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().value.as_deref(), Some("8.7"));
+        let c = cand("with an eGFR of 38 mL/min/1.73m2");
+        let a = r#"{"test":"with an eGFR","value":"1.73","unit":"mL/min/1.73m2"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("eGFR"), Some("38")));
+        // A number is no test name; a colon inside a name does not cut it.
+        let c = cand("CRP 86 (<5)");
+        let a = r#"{"test":"86","value":"86"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("CRP"));
+        let c = cand("His urine albumin:creatinine ratio is 12.4 mg/mmol (normal <3)");
+        let a = r#"{"test":"His urine albumin","value":"12.4"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("urine albumin:creatinine ratio"));
     }
 
     #[test]
@@ -803,8 +898,10 @@ mod tests {
         let c = cand("Hämoglobin          12,1   g/dl       12,0–16,0");
         let a = r#"{"test":"Hämoglobin","value":"12","unit":"g/dl","ref_low":"12","ref_high":"16","flag":"H"}"#;
         assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
+        // A bound of the range after the value is read again as the value.
         let a = r#"{"test":"Hämoglobin","value":"12,0","unit":"g/dl"}"#;
-        assert_eq!(parse_answer(a, &c).unwrap().alignment, Alignment::None);
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value.as_deref(), item.alignment), (Some("12,1"), Alignment::Exact));
         // A range-shaped value is its own token, not a bound.
         let c2 = cand("WBC                  25-50 /hpf       0-5          H");
         let a = r#"{"test":"WBC","value":"25-50","unit":"/hpf","ref_low":"0","ref_high":"5","flag":"H"}"#;

@@ -127,7 +127,8 @@ pub fn read_status(cell: &str) -> Option<Result<ResultStatus, NonResult>> {
 
 static PENDING: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?ix)\b(?:pending|to\ follow|result\ to\ follow|in\ progress|awaited|awaiting|not\ yet\ (?:available|reported)
+        r"(?ix)\b(?:pending|to\ follow|result\ to\ follow|in\ progress|in\ process|processing|awaited|awaiting
+        |not\ yet\ (?:available|reported|resulted)
         |ordered|ausstehend|folgt|in\ bearbeitung|en\ cours|à\ suivre|a\ suivre|en\ attente|pendiente|en\ curso
         |en\ proceso|in\ corso|in\ attesa|da\ eseguire|volgt|in\ behandeling|pendente|em\ curso)\b",
     )
@@ -273,6 +274,11 @@ static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// A time point of the current stay (`on admission`): earlier than a value beside it, but
+/// the result when it is the only one.
+static ADMISSION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i)\b(?:on|at)\s+(?:admission|presentation|arrival)\b").unwrap());
 
 /// Lines that give an earlier result (`Previous result: 4.1`, `Vorwert 3,9`).
 static PREVIOUS_LINE: LazyLock<Regex> = LazyLock::new(|| {
@@ -445,7 +451,10 @@ impl Classifier {
             return Err(NonResult::Previous);
         }
         let masked = blank_earlier_values(text);
-        if masked != c.text {
+        // A value dated on admission with no later one beside it (`Hemoglobin was 8.7 g/dL on
+        // admission`) is this stay's result, kept as printed.
+        let admission_only = !has_value_number(&masked) && ADMISSION.is_match(text);
+        if masked != c.text && !admission_only {
             if !has_value_number(&masked) && !super::segment::looks_like_result(&masked) {
                 return Err(NonResult::Previous);
             }
@@ -516,16 +525,40 @@ pub fn line_status(text: &str, document: ResultStatus) -> ResultStatus {
     }
 }
 
-/// A report that calls itself preliminary on a line that is not a result (a title, a status
-/// line) has preliminary results; otherwise results are final unless their line says more.
-pub fn document_status(text: &str, result_spans: &[Span]) -> ResultStatus {
-    for line in super::lines::split_lines(text) {
-        let (start, end, t) = line.trimmed();
-        if PRELIMINARY.is_match(t) && !result_spans.iter().any(|&(s, e)| s < end && start < e) {
-            return ResultStatus::Preliminary;
+/// What the report says of its results' status outside result lines: titles and section
+/// headings (`PRELIMINARY REPORT`, `MAGNESIUM - Preliminary result`, `Final result`), in
+/// document order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StatusMarks(Vec<(usize, ResultStatus)>);
+
+impl StatusMarks {
+    /// The marks of `text`: lines that say preliminary or final and hold no result.
+    pub fn read(text: &str, result_spans: &[Span]) -> Self {
+        let mut marks = Vec::new();
+        for line in super::lines::split_lines(text) {
+            let (start, end, t) = line.trimmed();
+            if result_spans.iter().any(|&(s, e)| s < end && start < e) {
+                continue;
+            }
+            if PRELIMINARY.is_match(t) {
+                marks.push((start, ResultStatus::Preliminary));
+            } else if FINAL.is_match(t) {
+                marks.push((start, ResultStatus::Final));
+            }
+        }
+        Self(marks)
+    }
+
+    /// The status of a result at `offset` whose own row or line says none: the last mark
+    /// before it (its section's heading or the report's title); a result before every mark
+    /// is preliminary when the first mark says so (a report that calls itself preliminary
+    /// below its results), else final.
+    pub fn at(&self, offset: usize) -> ResultStatus {
+        match self.0.iter().rev().find(|&&(at, _)| at <= offset) {
+            Some(&(_, status)) => status,
+            None => self.0.first().map_or(ResultStatus::Final, |&(_, status)| status),
         }
     }
-    ResultStatus::Final
 }
 
 #[cfg(test)]
@@ -631,6 +664,13 @@ mod tests {
             "creatinine rose         umol/L in March to     in June and is 158 umol/L today"
         );
         assert_eq!(verdict("ferritin 12 ug/L three months ago"), Err("previous"));
+        // The admission value is the result when nothing later stands beside it.
+        let line = "Hemoglobin was 8.7 g/dL on admission (reference 13.5-17.5)";
+        assert_eq!(verdict(line).unwrap(), line);
+        assert_eq!(
+            verdict("Hb 8.7 g/dL on admission, 10.2 g/dL at discharge").unwrap(),
+            "Hb     g/dL on admission, 10.2 g/dL at discharge"
+        );
     }
 
     #[test]
@@ -650,8 +690,15 @@ mod tests {
         assert_eq!(read_status("7.2"), None);
         assert_eq!(line_status("Troponin 27 ng/L AMENDED", ResultStatus::Final), ResultStatus::Corrected);
         let report = "PRELIMINARY REPORT\nSodium 139 mmol/L\n";
-        assert_eq!(document_status(report, &[(19, 36)]), ResultStatus::Preliminary);
-        assert_eq!(document_status("Sodium 139 mmol/L prelim\n", &[(0, 24)]), ResultStatus::Final);
+        assert_eq!(StatusMarks::read(report, &[(19, 36)]).at(19), ResultStatus::Preliminary);
+        assert_eq!(StatusMarks::read("Sodium 139 mmol/L prelim\n", &[(0, 24)]).at(0), ResultStatus::Final);
+        // Section headings: each section's status holds until the next heading that says one.
+        let report = "CHEMISTRY - Final result\nSodium 139\nMAGNESIUM - Preliminary result\nMagnesium 0.7\n";
+        let marks = StatusMarks::read(report, &[(25, 35), (67, 80)]);
+        assert_eq!((marks.at(25), marks.at(67)), (ResultStatus::Final, ResultStatus::Preliminary));
+        // A report calling itself preliminary below its results.
+        let report = "Sodium 139\nThis report is preliminary.\n";
+        assert_eq!(StatusMarks::read(report, &[(0, 10)]).at(0), ResultStatus::Preliminary);
     }
 
     #[test]

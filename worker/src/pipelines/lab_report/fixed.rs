@@ -71,7 +71,8 @@ fn header(line: &str) -> Option<Header<'_>> {
     if cells.len() < 3 {
         return None;
     }
-    let roles: Vec<Option<Role>> = cells.iter().map(|c| header_role(c.text)).collect();
+    let mut roles: Vec<Option<Role>> = cells.iter().map(|c| header_role(c.text)).collect();
+    dated_columns(&cells, &mut roles);
     if roles.iter().filter(|r| r.is_some()).count() < 3 {
         return None;
     }
@@ -87,6 +88,88 @@ fn header(line: &str) -> Option<Header<'_>> {
     }
     Some(Header { cells, halves })
 }
+
+/// A cumulative report heads its result columns with the dates of the samples: with no
+/// result column named, the column of the latest date (or the one marked `*` or current) is
+/// the result, the others earlier values, which are not read.
+fn dated_columns(cells: &[Cell], roles: &mut [Option<Role>]) {
+    if roles.contains(&Some(Role::Value)) {
+        return;
+    }
+    let dated: Vec<(usize, Option<ColumnDate>)> = cells
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| roles[k].is_none())
+        .filter_map(|(k, c)| column_date(c.text).map(|d| (k, d)))
+        .collect();
+    if dated.len() < 2 {
+        return;
+    }
+    let marked = dated.iter().find(|(k, _)| cells[*k].text.contains('*')).map(|&(k, _)| k);
+    // Day and month in the order that makes every date valid and the columns run in order
+    // (day first when both do).
+    let keys = |day_first: bool| -> Option<Vec<(u32, u32, u32)>> {
+        dated.iter().map(|(_, d)| d.as_ref().and_then(|d| d.key(day_first))).collect()
+    };
+    let monotonic = |k: &Vec<(u32, u32, u32)>| k.windows(2).all(|w| w[0] <= w[1]) || k.windows(2).all(|w| w[0] >= w[1]);
+    let keys = [true, false].into_iter().filter_map(keys).max_by_key(|k| monotonic(k));
+    let current = marked.or_else(|| {
+        let keys = keys?;
+        let latest = (0..keys.len()).max_by_key(|&i| keys[i])?;
+        Some(dated[latest].0)
+    });
+    let Some(current) = current else { return };
+    for &(k, _) in &dated {
+        roles[k] = Some(if k == current { Role::Value } else { Role::Previous });
+    }
+}
+
+/// A date heading a result column: day and month in either order (`17/02/25`, `02.17.2025`),
+/// or with the month named (`17-Feb-25`); a time after it is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColumnDate {
+    first: u32,
+    second: u32,
+    year: u32,
+    /// The month was named, so `second` is the month and `first` the day.
+    named: bool,
+}
+
+impl ColumnDate {
+    /// (year, month, day) with day first or month first; `None` when that order is no date.
+    fn key(&self, day_first: bool) -> Option<(u32, u32, u32)> {
+        let (day, month) = if day_first || self.named { (self.first, self.second) } else { (self.second, self.first) };
+        ((1..=12).contains(&month) && (1..=31).contains(&day)).then_some((self.year, month, day))
+    }
+}
+
+/// `Some(None)`: a date-like heading whose numbers cannot be read; `None`: no date.
+fn column_date(cell: &str) -> Option<Option<ColumnDate>> {
+    let c = COLUMN_DATE.captures(cell.trim())?;
+    let num = |i: usize| c.get(i).and_then(|m| m.as_str().parse::<u32>().ok());
+    let year = |i: usize| num(i).map(|y| if y < 100 { 2000 + y } else { y }).unwrap_or(0);
+    if let (Some(y), Some(m), Some(d)) = (num(4), num(5), num(6)) {
+        return Some(Some(ColumnDate { first: d, second: m, year: y, named: true }));
+    }
+    if let Some(name) = c.get(8) {
+        let month = MONTHS.iter().position(|m| name.as_str().to_lowercase().starts_with(m)).map(|i| i as u32 + 1);
+        return Some(month.and_then(|m| Some(ColumnDate { first: num(7)?, second: m, year: year(9), named: true })));
+    }
+    Some(Some(ColumnDate { first: num(1)?, second: num(2)?, year: year(3), named: false }))
+}
+
+const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+
+static COLUMN_DATE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?x)^\*?\s*(?:
+            (\d{1,2})[./-](\d{1,2})(?:[./-](\d{4}|\d{2}))?
+          | (\d{4})-(\d{2})-(\d{2})
+          | (\d{1,2})[\s-]([A-Za-z]{3})[a-z]*\.?[\s-](\d{4}|\d{2})
+        )(?:\s+\d{1,2}:\d{2})?\s*\*?$",
+    )
+    .unwrap()
+});
 
 /// The header cell a row cell belongs under: the one it overlaps most, else the one whose
 /// span (from its start to the next cell's start) holds the cell's start.
@@ -153,7 +236,19 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
             split_cell(&mut texts, &mut columns.flag, v, &value, &flag);
         }
         columns.count = texts.len();
-        if texts[columns.test].is_empty() || !value_like(&texts[columns.value]) {
+        // A row without a value whose status cell says why (`In process`, `Cancelled`) is
+        // an entry without a result.
+        let unresulted =
+            columns.status.is_some_and(|k| matches!(super::classify::read_status(&texts[k]), Some(Err(_))));
+        if texts[columns.test].is_empty() || !(value_like(&texts[columns.value]) || unresulted) {
+            return None;
+        }
+        // A row indented under the test column and without a unit in a table that prints
+        // units (a phase- or age-specific reference range under its result,
+        // `   Postmenopausal   < 103`) is no result of its own: left to the line reader.
+        let indented = at[half.header[half.columns.test]]
+            .is_some_and(|t| t.from > header.cells[half.header[half.columns.test]].from + 1);
+        if indented && half.columns.unit.is_some() && columns.unit.is_some_and(|u| texts[u].is_empty()) {
             return None;
         }
         let (start, end) = (line.start + first.from, line.start + last.to);
@@ -247,7 +342,7 @@ pub fn parse_fixed_width_table(text: &str) -> Option<Parsed> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::classify::{NonResult, ResultStatus};
+    use super::super::classify::NonResult;
     use super::super::lines::span_text;
     use super::super::segment::segment;
     use super::*;
@@ -286,7 +381,7 @@ Signed";
                 ("Platelets", "452", Some("x10^9/L"), Some(400.0), Some(Flag::High)),
             ]
         );
-        assert!(items.iter().all(|i| i.method == Method::FixedWidthTable && i.status == ResultStatus::Final));
+        assert!(items.iter().all(|i| i.method == Method::FixedWidthTable && i.status.is_none()));
         assert_eq!(set_aside.iter().map(|s| s.reason).collect::<Vec<_>>(), [NonResult::Pending]);
         assert_eq!(
             span_text(text, items[0].evidence_start, items[0].evidence_end),
@@ -386,5 +481,41 @@ Mean corpuscular haemoglobin concentration 331 g/L 320-360
         assert_eq!(claimed.len(), 2, "the header and the sodium row");
         // Prose and two-cell lines are no header.
         assert!(parse_fixed_width_table("Test results  are  attached\nSodium  139\n").is_none());
+    }
+
+    #[test]
+    fn cumulative_tables_read_the_latest_column() {
+        let values = |text: &str| -> Vec<String> {
+            parse_fixed_width_table(text).unwrap().items.into_iter().filter_map(|i| i.value).collect()
+        };
+        // Oldest first, day first.
+        let text = "\
+Test        03/02/25   10/02/25   17/02/25   Units    Ref range
+            08:10      07:55      08:20
+Sodium      131        134        137        mmol/L   133-146
+Potassium   5.8        5.2        4.6        mmol/L   3.5-5.3
+";
+        assert_eq!(values(text), ["137", "4.6"]);
+        // Newest first, month first (`12/28` can only be month/day), and a marked column.
+        let text = "\
+Test        01/03/2025   12/28/2024   12/14/2024   Units
+Sodium      140          138          135          mmol/L
+";
+        assert_eq!(values(text), ["140"]);
+        let text = "\
+Test        2025-02-03   2025-02-10*   2025-02-17   Units
+Sodium      131          134           137          mmol/L
+";
+        assert_eq!(values(text), ["134"]);
+        let text = "Test     Previous   Current   Units\nCRP      41         18        mg/L\n";
+        assert_eq!(values(text), ["18"]);
+        // Indented rows without a unit under a result (phase-specific ranges) are left alone.
+        let text = "\
+Test                 Result   Units
+FSH                  7.4      IU/L
+   Luteal phase      1.7 - 7.7
+   Postmenopausal    < 103
+";
+        assert_eq!(values(text), ["7.4"]);
     }
 }

@@ -1,6 +1,6 @@
 //! HL7 v2 OBX segments, read without the model.
 
-use super::classify::{read_status, NonResult, ResultStatus, SetAside};
+use super::classify::{read_status, NonResult, SetAside};
 use super::items::{LabItem, Method, Parsed};
 use super::lines::{split_lines, Line};
 use super::numbers::{compute_flag, parse_range, parse_value};
@@ -115,13 +115,10 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<Re
         let c = d.unescape(c).trim().to_string();
         (!c.is_empty()).then_some(c)
     };
-    let status = match field(11).trim() {
-        "" => ResultStatus::Final,
-        code => match read_status(code) {
-            Some(Err(reason)) => return Some(Err(reason)),
-            Some(Ok(status)) => status,
-            None => ResultStatus::Final,
-        },
+    let status = match read_status(field(11)) {
+        Some(Err(reason)) => return Some(Err(reason)),
+        Some(Ok(status)) => Some(status),
+        None => None,
     };
     let test = component(field(3), 2).or_else(|| component(field(3), 5));
     let raw_value = field(5);
@@ -158,6 +155,7 @@ fn obx_item(seg: &str, d: &Hl7Delimiters, start: usize, end: usize) -> Option<Re
 
 #[cfg(test)]
 mod tests {
+    use super::super::classify::ResultStatus;
     use super::super::items::Flag;
     use super::super::lines::span_text;
     use super::super::segment::segment;
@@ -185,8 +183,9 @@ NTE|1||Comment 123 text";
         assert_eq!(items.len(), 8, "the deleted and the pending observation give no item");
         let reasons: Vec<_> = set_aside.iter().map(|s| s.reason).collect();
         assert_eq!(reasons, [NonResult::Withdrawn, NonResult::Pending]);
-        let statuses: Vec<_> = items.iter().map(|i| i.status.as_str()).collect();
-        assert_eq!(statuses[5..], ["final", "corrected", "preliminary"]);
+        let statuses: Vec<_> = items.iter().map(|i| i.status.map_or("-", ResultStatus::as_str)).collect();
+        // OBX 6 leaves OBX-11 empty: no status of its own (the report's applies).
+        assert_eq!(statuses[5..], ["-", "corrected", "preliminary"]);
         let hb = &items[0];
         assert_eq!(hb.test.as_deref(), Some("Hemoglobin"));
         assert_eq!(hb.value.as_deref(), Some("13.2"));

@@ -43,8 +43,8 @@ impl Flag {
         let first = s.split_whitespace().next().unwrap_or("");
         match first {
             "HH" | "LL" | "AA" | "↑↑" | "↓↓" => Some(Flag::Critical),
-            "H" | "HI" | "HIGH" | "↑" => Some(Flag::High),
-            "L" | "LO" | "LOW" | "↓" => Some(Flag::Low),
+            "H" | "HI" | "HIGH" | "↑" | "▲" | "⇑" => Some(Flag::High),
+            "L" | "LO" | "LOW" | "↓" | "▼" | "⇓" => Some(Flag::Low),
             "A" | "ABN" | "ABNL" | "ABNORMAL" => Some(Flag::Abnormal),
             "N" | "NORM" | "NORMAL" | "WNL" => Some(Flag::Normal),
             _ => None,
@@ -94,8 +94,9 @@ pub struct LabItem {
     pub alignment: Alignment,
     /// The value is not in the document but is in the prompt's examples: copied from them.
     pub from_examples: bool,
-    /// Final, preliminary or corrected, as the report says.
-    pub status: ResultStatus,
+    /// Final, preliminary or corrected, as the row or line says; `None` when it says nothing
+    /// (the status of its section or report then applies, [`super::classify::StatusMarks`]).
+    pub status: Option<ResultStatus>,
 }
 
 /// A character span `(start, end)` of the document, end exclusive.

@@ -138,11 +138,9 @@ impl Pipeline for LabReport {
             }
         };
         let results_at: Vec<Span> = claimed.iter().copied().chain(lines.iter().map(|c| (c.start, c.end))).collect();
-        let document_status = classify::document_status(&doc.text, &results_at);
+        let marks = classify::StatusMarks::read(&doc.text, &results_at);
         for r in &mut rows {
-            if r.item.status == ResultStatus::Final {
-                r.item.status = document_status;
-            }
+            r.item.status = Some(r.item.status.unwrap_or_else(|| marks.at(r.item.evidence_start)));
         }
         let candidates: Vec<Candidate> = match spec.extraction.unit {
             ExtractionUnit::Line => lines.clone(),
@@ -207,7 +205,8 @@ impl Pipeline for LabReport {
                                 lines.iter().find(|l| (l.start, l.end) == (item.evidence_start, item.evidence_end))
                             }
                         };
-                        item.status = line.map_or(document_status, |l| classify::line_status(&l.text, document_status));
+                        let section = marks.at(item.evidence_start);
+                        item.status = Some(line.map_or(section, |l| classify::line_status(&l.text, section)));
                         if item.alignment == Alignment::None {
                             let copied = |s: &Option<String>| {
                                 s.as_deref().is_some_and(|s| from_examples(s, &self.examples, &doc.text))

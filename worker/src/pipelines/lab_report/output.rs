@@ -1,5 +1,6 @@
 //! `lab_results` rows and their record batch.
 
+use super::classify::ResultStatus;
 use super::items::LabItem;
 use crate::parquet_out::{job_columns, to_u32, JobProvenance, ParquetOutError};
 use arrow::array::{ArrayRef, BooleanBuilder, Float64Builder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
@@ -60,7 +61,7 @@ pub fn lab_results_batch(rows: &[LabRow], prov: &JobProvenance) -> Result<Record
         method.append_value(it.method.as_str());
         alignment.append_value(it.alignment.as_str());
         from_examples.append_value(it.from_examples);
-        status.append_value(it.status.as_str());
+        status.append_value(it.status.unwrap_or(ResultStatus::Final).as_str());
         source_uri.append_value(&r.source_uri);
         input_sha256.append_value(&r.input_sha256);
         tokens_in.append_value(r.tokens_in);
@@ -115,7 +116,7 @@ mod tests {
             method: Method::Model,
             alignment: Alignment::Normalized,
             from_examples: false,
-            status: crate::pipelines::lab_report::ResultStatus::Corrected,
+            status: Some(crate::pipelines::lab_report::ResultStatus::Corrected),
         };
         let rows = vec![LabRow {
             document_id: "d1".into(),

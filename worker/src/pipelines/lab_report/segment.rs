@@ -407,13 +407,15 @@ fn columns(c: Candidate) -> Vec<Candidate> {
         let left: String = chars[..gap_start].iter().collect();
         let right: String = chars[k..].iter().collect();
         let first_word = lowercase_words(&right).next().unwrap_or_default();
+        // A one-letter name is an element's symbol printed before its value (`K 5.9`).
+        let symbol = SYMBOL_THEN_VALUE.is_match(&right);
         let starts_with_name = right.starts_with(char::is_alphabetic)
-            && first_word.chars().count() >= 2
+            && (first_word.chars().count() >= 2 || symbol)
             && !NOT_TEST_WORDS.contains(&first_word.as_str())
             && !UNIT_OR_RANGE_WORD.is_match(right.split_whitespace().next().unwrap_or(""));
         if starts_with_name
             && looks_like_result(&left)
-            && RANGE_OR_UNIT_AFTER_VALUE.is_match(&left)
+            && (RANGE_OR_UNIT_AFTER_VALUE.is_match(&left) || ENDS_WITH_VALUE.is_match(&left))
             && looks_like_result(&right)
         {
             let mut out = vec![Candidate { start: c.start, end: c.start + gap_start, text: left }];
@@ -481,8 +483,16 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
         .collect()
 }
 
-/// The smallest run of spaces that separates two columns of results.
-const MIN_COLUMN_GAP: usize = 6;
+/// The smallest run of spaces that separates two columns of results (both sides must be
+/// whole results, so a narrow gap is enough: `Ca adj 2.11 (2.20-2.60) L   PO4 2.31`).
+const MIN_COLUMN_GAP: usize = 3;
+
+/// An upper-case letter alone, then the value: `K 5.9`, `P 1.2`.
+static SYMBOL_THEN_VALUE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\p{Lu}\s+[<>]?\d").unwrap());
+
+/// A result line ending with its value (and a flag): `Glucose: 5.4`, `Hb 94 L`.
+static ENDS_WITH_VALUE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\p{L}.*\s[<>]?\d+(?:[.,]\d+)?(?:\s*(?:[HL]{1,2}|\*|↑|↓))?$").unwrap());
 
 /// A value followed by a unit or range: the left part of a two-column line is a whole result.
 static RANGE_OR_UNIT_AFTER_VALUE: LazyLock<Regex> =
@@ -663,7 +673,9 @@ pH 6.5 5.0-8.0
     fn segment_splits_two_results_side_by_side() {
         let text = "Sodium        139     mmol/L  135-145           Haemoglobin   128     g/L       130-170\n\
 Na: 131 mmol/L (135-145)                 Hb: 96 g/L (115-165)\n\
-Creatinine    77      umol/L  60-110\n";
+Creatinine    77      umol/L  60-110\n\
+Na 138 (133-146)          K 5.9 (3.5-5.3) H   Urea 21.4 (2.5-7.8) H\n\
+Glucose 5.4        HbA1c 48 mmol/mol\n";
         let c = segment(text, &[]);
         assert_eq!(
             texts(&c),
@@ -673,6 +685,11 @@ Creatinine    77      umol/L  60-110\n";
                 "Na: 131 mmol/L (135-145)",
                 "Hb: 96 g/L (115-165)",
                 "Creatinine    77      umol/L  60-110",
+                "Na 138 (133-146)",
+                "K 5.9 (3.5-5.3) H",
+                "Urea 21.4 (2.5-7.8) H",
+                "Glucose 5.4",
+                "HbA1c 48 mmol/mol",
             ]
         );
         for x in &c {

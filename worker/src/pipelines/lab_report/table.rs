@@ -1,6 +1,6 @@
 //! Delimited tables with a header row, read without the model.
 
-use super::classify::{read_status, unresulted, NonResult, ResultStatus, SetAside};
+use super::classify::{read_status, unresulted, NonResult, SetAside};
 use super::items::{Flag, LabItem, Method, Parsed};
 use super::lines::split_lines;
 use super::numbers::{compute_flag, parse_range, parse_value};
@@ -21,10 +21,14 @@ pub(super) enum Role {
     Value,
     Unit,
     Range,
+    /// A range with its unit after it (`135 - 145 mmol/L` under `Ref Range & Units`).
+    RangeUnit,
     Low,
     High,
     Flag,
     Status,
+    /// An earlier result (a cumulative report's previous column): not read.
+    Previous,
 }
 
 /// Header names of each role, in English, French, German, Spanish, Italian, Dutch and
@@ -80,6 +84,16 @@ const HEADERS: &[(Role, &[&str])] = &[
             "result",
             "results",
             "value",
+            "current",
+            "current result",
+            "latest",
+            "latest result",
+            "aktuell",
+            "actuel",
+            "actual",
+            "attuale",
+            "huidig",
+            "atual",
             "result value",
             "observed value",
             "résultat",
@@ -156,6 +170,32 @@ const HEADERS: &[(Role, &[&str])] = &[
         ],
     ),
     (
+        Role::RangeUnit,
+        &[
+            "ref range & units",
+            "ref range and units",
+            "ref range/units",
+            "reference range & units",
+            "reference range and units",
+            "reference range/units",
+            "reference interval & units",
+            "reference interval/units",
+            "normal range & units",
+            "normal range/units",
+            "range & units",
+            "range and units",
+            "range/units",
+            "référence et unité",
+            "référence/unité",
+            "referenzbereich/einheit",
+            "referenzbereich und einheit",
+            "rango/unidades",
+            "valores de referencia/unidades",
+            "riferimento/unità",
+            "referentie/eenheid",
+        ],
+    ),
+    (
         Role::Low,
         &[
             "low",
@@ -223,6 +263,29 @@ const HEADERS: &[(Role, &[&str])] = &[
         ],
     ),
     (
+        Role::Previous,
+        &[
+            "previous",
+            "prev",
+            "previous result",
+            "last result",
+            "prior",
+            "prior result",
+            "vorwert",
+            "vorbefund",
+            "précédent",
+            "precedent",
+            "résultat antérieur",
+            "antérieur",
+            "anterior",
+            "resultado anterior",
+            "previo",
+            "precedente",
+            "vorige",
+            "vorige uitslag",
+        ],
+    ),
+    (
         Role::Status,
         &["status", "result status", "statut", "état", "etat", "befundstatus", "estado", "stato", "stato referto"],
     ),
@@ -236,6 +299,7 @@ pub(super) struct Columns {
     pub(super) value: usize,
     pub(super) unit: Option<usize>,
     pub(super) range: Option<usize>,
+    pub(super) range_unit: Option<usize>,
     pub(super) low: Option<usize>,
     pub(super) high: Option<usize>,
     pub(super) flag: Option<usize>,
@@ -253,6 +317,7 @@ impl Columns {
             value: find(Role::Value)?,
             unit: find(Role::Unit),
             range: find(Role::Range),
+            range_unit: find(Role::RangeUnit),
             low: find(Role::Low),
             high: find(Role::High),
             flag: find(Role::Flag),
@@ -369,6 +434,17 @@ static NEGATIVE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)^(?:negative?|neg|negativ[oae]?|négatif|negatief|non-?reactive|no\s+reactiv[oa]|non\s+réactif|nicht\s+reaktiv|not\s+detected|no\s+detectad[oa]|non\s+détecté|nicht\s+nachweisbar|non\s+rilevat[oa]|niet\s+aantoonbaar|absent|ausente|assente|absente)$").unwrap()
 });
 
+/// The unit printed after a range in a `Ref Range & Units` cell (`135 - 145 mmol/L`,
+/// `>=60 mL/min/1.73 m2`); `None` for a range alone or a qualitative reference.
+fn unit_after_range(cell: &str) -> Option<String> {
+    let unit = RANGE_THEN_UNIT.captures(cell)?.get(1)?.as_str().trim();
+    unit.chars().any(|c| c.is_alphabetic() || c == '%').then(|| unit.to_string())
+}
+
+static RANGE_THEN_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\s*(?:(?:[<>≤≥]=?|<=|>=)\s*)?\d+(?:[.,]\d+)?(?:\s*(?:-|–|to)\s*\d+(?:[.,]\d+)?)?\s+(\S.*)$").unwrap()
+});
+
 /// `abnormal` for a positive result whose reference is negative (`Positivo` against
 /// `Negativo`); no flag otherwise (a negative result without a printed flag has none).
 fn qualitative_flag(value: &str, reference: Option<&str>) -> Option<Flag> {
@@ -388,15 +464,15 @@ pub(super) fn table_item(
     let cell = |i: Option<usize>| i.and_then(|i| cells.get(i)).map(|c| c.trim()).filter(|c| !c.is_empty());
     let status = match cell(cols.status).and_then(read_status) {
         Some(Err(reason)) => return Some(Err(reason)),
-        Some(Ok(status)) => status,
-        None => ResultStatus::Final,
+        Some(Ok(status)) => Some(status),
+        None => None,
     };
     let value = cell(Some(cols.value))?.to_string();
     if let Some(reason) = unresulted(&value) {
         return Some(Err(reason));
     }
     let value_numeric = parse_value(&value);
-    let (ref_low, ref_high) = match cell(cols.range) {
+    let (ref_low, ref_high) = match cell(cols.range).or(cell(cols.range_unit)) {
         Some(r) => parse_range(r),
         None => (cell(cols.low).and_then(parse_value), cell(cols.high).and_then(parse_value)),
     };
@@ -406,7 +482,7 @@ pub(super) fn table_item(
         test: cell(Some(cols.test)).map(str::to_string),
         value: Some(value),
         value_numeric,
-        unit: cell(cols.unit).map(str::to_string),
+        unit: cell(cols.unit).map(str::to_string).or_else(|| cell(cols.range_unit).and_then(unit_after_range)),
         ref_low,
         ref_high,
         flag,
@@ -421,6 +497,7 @@ pub(super) fn table_item(
 
 #[cfg(test)]
 mod tests {
+    use super::super::classify::ResultStatus;
     use super::super::items::Flag;
     use super::super::lines::span_text;
     use super::super::segment::segment;
@@ -468,7 +545,7 @@ mod tests {
         let reasons: Vec<_> = set_aside.iter().map(|s| s.reason).collect();
         assert_eq!(reasons, [NonResult::Pending, NonResult::Cancelled]);
         let statuses: Vec<_> = items.iter().map(|i| i.status).collect();
-        assert_eq!(statuses, [ResultStatus::Final, ResultStatus::Preliminary]);
+        assert_eq!(statuses, [Some(ResultStatus::Final), Some(ResultStatus::Preliminary)]);
         let got: Vec<_> =
             items.iter().map(|i| (i.test.as_deref(), i.value.as_deref(), i.ref_low, i.ref_high, i.flag)).collect();
         assert_eq!(
