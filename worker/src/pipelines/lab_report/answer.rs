@@ -147,6 +147,14 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]));
     // A unit the model copied together with the value is the better witness.
     let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
+    // A unit printed in brackets after the test name (`Sodium (mmol/L)  140`).
+    let (test, unit) = match (test, unit) {
+        (Some(t), None) => match UNIT_AFTER_NAME.captures(&t) {
+            Some(c) => (Some(c[1].trim_end().to_string()), Some(c[2].to_string())),
+            None => (Some(t), None),
+        },
+        other => other,
+    };
     let (ref_low, ref_high) = match (parse_range(after), bracket) {
         ((None, None), Some((s, e))) => parse_range(&before[s..e]),
         ((None, None), None) => model_bounds(ref_low, ref_high, after),
@@ -188,6 +196,10 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         status: None,
     })
 }
+
+/// A test name with its unit in brackets after it: `Sodium (mmol/L)`, `HbA1c (%)`.
+static UNIT_AFTER_NAME: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(.*\p{L}.*?)\s*[(\[]((?:[^()\[\]\s\d]*/[^()\[\]\s]+)|%)[)\]]$").unwrap());
 
 /// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, right before `at` and not
 /// glued to a word or number before it (`x<5` is no value): the start of the value with it.
@@ -558,6 +570,8 @@ fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Opti
     };
     match (bound(low), bound(high)) {
         (Some(l), Some(h)) if l > h => (Some(h), Some(l)),
+        // One printed number for both bounds (`7.1 % (53 mmol/mol)`) is no range.
+        (Some(l), Some(h)) if l == h => (None, None),
         bounds => bounds,
     }
 }
@@ -737,6 +751,21 @@ mod tests {
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Vitamin B12"), Some(">2000")));
         assert_eq!(item.flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn answer_unit_after_the_name_and_one_number_is_no_range() {
+        let c = cand("Sodium (mmol/L)  140   135-145");
+        let a = r#"{"test":"Sodium (mmol/L)","value":"140"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.unit.as_deref()), (Some("Sodium"), Some("mmol/L")));
+        let c = cand("Neutrophils (Absolute) 4.1");
+        let a = r#"{"test":"Neutrophils (Absolute)","value":"4.1"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("Neutrophils (Absolute)"));
+        let c = cand("HbA1c 7.1 % (53 mmol/mol)");
+        let a = r#"{"test":"HbA1c","value":"7.1","unit":"%","ref_low":"53","ref_high":"53"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
     }
 
     #[test]

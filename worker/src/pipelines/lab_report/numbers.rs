@@ -108,8 +108,9 @@ pub fn compute_flag(
 ) -> Option<Flag> {
     // `*`, `!`, `+` and `-` beside a value mark it as out of range without saying which way
     // (or say it the way the range does): the range gives the direction.
-    let marker =
-        printed.map(str::trim).filter(|p| !p.is_empty() && p.chars().all(|c| matches!(c, '*' | '!' | '+' | '-')));
+    let marker = printed
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.contains("!!") && p.chars().all(|c| matches!(c, '*' | '!' | '+' | '-')));
     if marker.is_none() {
         if let Some(flag) = printed.and_then(Flag::from_printed) {
             return Some(flag);
@@ -243,5 +244,7 @@ mod tests {
         assert_eq!(compute_flag(Some(9.0), Some(3.5), Some(5.1), Some(" + ")), Some(Flag::High));
         assert_eq!(compute_flag(Some(9.0), None, None, Some("*")), Some(Flag::Abnormal));
         assert_eq!(compute_flag(None, None, None, Some("-")), None);
+        // `!!` is the critical mark, not a direction-less one.
+        assert_eq!(compute_flag(Some(4.1), None, Some(2.0), Some("!!")), Some(Flag::Critical));
     }
 }
