@@ -155,9 +155,14 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
         },
         other => other,
     };
+    // After a result word, a number with a unit is something else (a cut-off,
+    // `Negative    50 ng/mL`): neither its unit nor the number belongs to the result.
+    let unit = unit
+        .filter(|u| value_numeric.is_some() || after.split_whitespace().next().is_some_and(|t| t.contains(u.as_str())));
     let (ref_low, ref_high) = match (parse_range(after), bracket) {
         ((None, None), Some((s, e))) => parse_range(&before[s..e]),
-        ((None, None), None) => model_bounds(ref_low, ref_high, after),
+        ((None, None), None) if value_numeric.is_some() => model_bounds(ref_low, ref_high, after),
+        ((None, None), None) => (None, None),
         (read, _) => read,
     };
     let unit = unit.or_else(|| {
@@ -197,6 +202,14 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     })
 }
 
+/// Words that introduce a cut-off or threshold, right before its number.
+static CUTOFF_BEFORE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?i)(?:cut-?\s?off|threshold|seuil|grenzwert|umbral|soglia|drempel(?:waarde)?)\s*:?\s*(?:[<>≤≥]=?\s*)?$",
+    )
+    .unwrap()
+});
+
 /// A test name with its unit in brackets after it: `Sodium (mmol/L)`, `HbA1c (%)`.
 static UNIT_AFTER_NAME: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(.*\p{L}.*?)\s*[(\[]((?:[^()\[\]\s\d]*/[^()\[\]\s]+)|%)[)\]]$").unwrap());
@@ -226,12 +239,31 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
             || v.chars().all(|c| matches!(c, '+' | '-' | '±')));
     // A unit given as the value (`g/dL`, `mmol/L`, `%`) is no value.
     let unit_word = !numeric && (v == "%" || (v.contains('/') && !v.chars().any(|c| c.is_ascii_digit())));
+    let brackets = bracket_spans(text);
+    let in_brackets = |s: usize, e: usize| brackets.iter().any(|&(bs, be)| bs <= s && e <= be);
+    // A code printed in brackets in the test's name (`Dog dander (e5)`) is no value either.
+    let code_in_brackets = !numeric && v.chars().any(|c| c.is_ascii_digit()) && {
+        let spans = token_spans(text, v, false);
+        !spans.is_empty() && spans.iter().all(|&(s, e)| in_brackets(s, e))
+    };
+    if code_in_brackets {
+        return first_value_span(text).map(|(s, e)| text[s..e].to_string());
+    }
     if word_ok && !unit_word {
         return None;
     }
-    let brackets = bracket_spans(text);
-    let in_brackets = |s: usize, e: usize| brackets.iter().any(|&(bs, be)| bs <= s && e <= be);
     if numeric {
+        // A result word printed in a column before the number (`Cannabinoids  Negative  50
+        // ng/mL`: the number is the cut-off) is the value.
+        if let Some(at) = token_spans(text, v, false).first().map(|&(s, _)| s) {
+            let word = super::segment::QUALITATIVE
+                .find_iter(&text[..at])
+                .filter(|m| text[..m.start()].ends_with("  ") && !in_brackets(m.start(), m.end()))
+                .last();
+            if let Some(m) = word {
+                return Some(m.as_str().to_string());
+            }
+        }
         // A number printed nowhere but in an exponent (`x10^9/L`), a unit, a bracketed range
         // before the value (`ALT (<33 U/L) ..... 28`) or the range after it is misread; one
         // not printed at all is left to grounding (`alignment = none`).
@@ -556,10 +588,13 @@ fn unit_token(after: &str, unit: &str) -> Option<String> {
 /// The model's reference bounds, each kept only if that number is printed after the value
 /// on its own (not the `10` or `9` of `x10^9/L`); a reversed pair is put in order.
 fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Option<f64>, Option<f64>) {
+    // A cut-off or threshold (`(cut-off 100)`) is no reference bound.
     let standalone = |m: &regex::Match| {
         let before = after[..m.start()].chars().next_back();
         let next = after[m.end()..].chars().next();
-        !before.is_some_and(|c| c.is_alphanumeric() || c == '^') && !next.is_some_and(|c| c.is_alphabetic() || c == '^')
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '^')
+            && !next.is_some_and(|c| c.is_alphabetic() || c == '^')
+            && !CUTOFF_BEFORE.is_match(&after[..m.start()])
     };
     let printed: Vec<f64> =
         NUMBER.find_iter(after).filter(standalone).filter_map(|m| parse_value(m.as_str())).collect();
@@ -751,6 +786,25 @@ mod tests {
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Vitamin B12"), Some(">2000")));
         assert_eq!(item.flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn answer_result_words_codes_and_cutoffs() {
+        // The number after a result word is a cut-off, not the value, nor a bound.
+        let c = cand("Cannabinoids (THC)              Negative    50 ng/mL");
+        let a = r#"{"test":"Cannabinoids (THC) Negative","value":"50","unit":"ng/mL","ref_low":"50"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Cannabinoids (THC)"), Some("Negative")));
+        assert_eq!((item.unit, item.ref_low, item.ref_high), (None, None, None));
+        let c = cand("Oxazepam                        840 ng/mL         (cut-off 100)");
+        let a = r#"{"test":"Oxazepam","value":"840","unit":"ng/mL","ref_low":"100","ref_high":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (None, None, None));
+        // An allergen code in brackets is no value.
+        let c = cand("Dog dander (e5)                  < 0.10 kU/L       Class 0");
+        let a = r#"{"test":"Dog dander (","value":"e5","unit":"kU/L"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Dog dander (e5)"), Some("< 0.10")));
     }
 
     #[test]

@@ -137,7 +137,7 @@ static PENDING: LazyLock<Regex> = LazyLock::new(|| {
 
 static CANCELLED: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?ix)\b(?:cancell?ed|not\ performed|not\ done|not\ sent|not\ received|not\ collected|not\ tested|not\ processed|unable\ to\ (?:perform|process|analy[sz]e)
+        r"(?ix)\b(?:cancell?ed|not\ performed|not\ done|not\ sent|not\ received|not\ collected|not\ tested|not\ processed|not\ requested|unable\ to\ (?:perform|process|analy[sz]e)
         |insufficient|qns|clotted|coagulated|ha?emoly[sz]ed|lipa?emic|icteric|rejected|unsuitable|sample\ lost|specimen\ lost
         |storniert|nicht\ durchgeführt|nicht\ bestimmt|nicht\ messbar|hämolytisch|geronnen|material\ fehlt
         |annulée?|non\ réalisée?|non\ fait|non\ effectuée?|échantillon\ insuffisant|hémolysée?|coagulée?

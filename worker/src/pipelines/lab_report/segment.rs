@@ -55,7 +55,7 @@ pub(super) static DATE_OR_TIME: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Result words of qualitative tests (urinalysis, serology, microscopy).
-static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
+pub(super) static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)\b(?:not\s+detected|none\s+seen|non-?reactive|negative|positive|neg|pos|trace|detected|reactive|absent|present
         |few|moderate|many|rare|occasional|yellow|amber|straw|clear|cloudy|hazy|turbid
