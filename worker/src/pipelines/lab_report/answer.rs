@@ -31,7 +31,8 @@ const PRINTED_FLAG_TOKENS: &[&str] = &[
     "↓↓", "▲", "▼", "⇑", "⇓", "*", "!!",
 ];
 
-/// Arrows, the flags some reports print right before the value (`WBC ..... ↑ 12.4`).
+/// Arrows, the flags some reports print right before the value (`WBC ..... ↑ 12.4`); see
+/// `flag_before`.
 const ARROWS: &[&str] = &["↑", "↓", "↑↑", "↓↓", "▲", "▼", "⇑", "⇓"];
 
 /// Why a model answer gives no row. Messages carry positions and field names only.
@@ -83,8 +84,8 @@ impl AnswerError {
 /// - range: [`parse_range`] of the text after the value; only when that finds nothing,
 ///   the model's bounds, each kept if it occurs after the value (swapped if reversed).
 /// - flag: the model's flag if it is a known flag printed as a token of its own after the
-///   value (not the `L` of `g/L`) or an arrow right before it, else a flag printed after the
-///   value (`PRINTED_FLAG_TOKENS`) or an arrow before it; then [`compute_flag`].
+///   value (not the `L` of `g/L`) or right before it (`flag_before`), else a flag printed
+///   after the value (`PRINTED_FLAG_TOKENS`) or before it; then [`compute_flag`].
 pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, AnswerError> {
     let lead = answer.len() - answer.trim_start().len();
     let body = &answer[lead..];
@@ -179,12 +180,12 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
             })
             .map(str::to_string)
     });
-    let arrow = arrow_before(before);
+    let before_flag = flag_before(before);
     let model_flag = flag.filter(|f| {
         Flag::from_printed(f).is_some()
-            && (flag_tokens_after(after).any(|t| same_flag(t, f)) || arrow.as_deref() == Some(f.trim()))
+            && (flag_tokens_after(after).any(|t| same_flag(t, f)) || before_flag.as_deref() == Some(f.trim()))
     });
-    let printed = model_flag.or_else(|| printed_flag_after(after)).or(arrow);
+    let printed = model_flag.or_else(|| printed_flag_after(after)).or(before_flag);
     Ok(LabItem {
         test,
         value: Some(value),
@@ -518,8 +519,8 @@ fn label_before(before: &str) -> Option<String> {
     // before the value is no part of it.
     let before = LEADER.find(before).map_or(before, |m| &before[..m.start()]);
     let mut label = before.trim_end_matches(separators);
-    while let Some(last) = label.split_whitespace().next_back().filter(|w| ARROWS.contains(w)) {
-        label = label[..label.len() - last.len()].trim_end_matches(separators);
+    if let Some(flag) = flag_before(label) {
+        label = label[..label.len() - flag.len()].trim_end_matches(separators);
     }
     // A prefix such as "AMENDED:" or "Result:" names the line, not the test (a colon inside
     // a name, `albumin:creatinine ratio`, does not).
@@ -633,10 +634,14 @@ fn printed_flag_after(after: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// An arrow printed right before the value, as its flag.
-fn arrow_before(before: &str) -> Option<String> {
-    let last = before.split_whitespace().next_back()?;
-    ARROWS.contains(&last).then(|| last.to_string())
+/// A flag printed right before the value: an arrow (`WBC .... ↑ 12.4`), or a flag token in
+/// a column of its own, two spaces or more after the name (`Potassium   H   5.8`).
+fn flag_before(before: &str) -> Option<String> {
+    let trimmed = before.trim_end();
+    let last = trimmed.split_whitespace().next_back()?;
+    let rest = &trimmed[..trimmed.len() - last.len()];
+    let column = rest.ends_with("  ") && !rest.trim().is_empty() && PRINTED_FLAG_TOKENS.contains(&last);
+    (ARROWS.contains(&last) || column).then(|| last.to_string())
 }
 
 #[cfg(test)]
@@ -775,6 +780,15 @@ mod tests {
         let c = cand("Hematocrit ........... ↓ 36.1     %            37.5-51.0");
         let a = r#"{"test":"Hematocrit","value":"36.1","unit":"%","flag":null}"#;
         assert_eq!(parse_answer(a, &c).unwrap().flag, Some(Flag::Low));
+        // A flag in a column of its own before the value; a letter of the name is none.
+        let c = cand("Potassium     H     5.8 mmol/L");
+        let a = r#"{"test":"Potassium H","value":"5.8","unit":"mmol/L","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.flag), (Some("Potassium"), Some(Flag::High)));
+        let c = cand("Vitamin A 1.2 umol/L");
+        let a = r#"{"test":"Vitamin A","value":"1.2","flag":"A"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.flag), (Some("Vitamin A"), None));
         // The model's `L` is the `L` of `x10^9/L`, not a printed flag: the range decides.
         let c = cand("B-Leukocyter            11,2       x10^9/L      3,5 - 8,8         *");
         let a =
