@@ -215,14 +215,15 @@ static CUTOFF_BEFORE: LazyLock<Regex> = LazyLock::new(|| {
 static UNIT_AFTER_NAME: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"^(.*\p{L}.*?)\s*[(\[]((?:[^()\[\]\s\d]*/[^()\[\]\s]+)|%)[)\]]$").unwrap());
 
-/// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, right before `at` and not
-/// glued to a word or number before it (`x<5` is no value): the start of the value with it.
+/// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, or a minus sign glued to the
+/// number (`BE −4.1`), right before `at` and not glued to a word or number before it (`x<5`
+/// is no value, `3.5-5.1` a range): the start of the value with it.
 fn comparator_before(text: &str, at: usize) -> usize {
-    COMPARATOR_AT_END.captures(&text[..at]).and_then(|c| c.get(1)).map_or(at, |m| m.start())
+    COMPARATOR_AT_END.captures(&text[..at]).and_then(|c| c.get(1).or(c.get(2))).map_or(at, |m| m.start())
 }
 
 static COMPARATOR_AT_END: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?:^|[^\p{L}\p{N}])([<>]=?|[≤≥]) ?$").unwrap());
+    LazyLock::new(|| Regex::new(r"(?:^|[^\p{L}\p{N}])((?:[<>]=?|[≤≥]) ?)$|(?:^|[\s(\[:=])([-−])$").unwrap());
 
 /// Numbers printed as values: not inside a word or unit (`B12`, `x10^9`, `HbA1c`), with an
 /// optional comparator.
@@ -514,7 +515,7 @@ fn token_spans(haystack: &str, needle: &str, short_case_sensitive: bool) -> Vec<
 /// `AMENDED: Potassium ` → `Potassium`, `The troponin I was ` → `troponin I`. `None` when
 /// that text is longer than `MAX_LABEL_WORDS` or has no letter.
 fn label_before(before: &str) -> Option<String> {
-    let separators = |c: char| c.is_whitespace() || matches!(c, ':' | '.' | '=' | ',' | '…' | '-');
+    let separators = |c: char| c.is_whitespace() || matches!(c, ':' | '.' | '=' | ',' | '…' | '-' | '−');
     // The name ends where dot leaders start (`WBC ........ ↑ 12.4`); an arrow flag printed
     // before the value is no part of it.
     let before = LEADER.find(before).map_or(before, |m| &before[..m.start()]);
@@ -800,6 +801,19 @@ mod tests {
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("Vitamin B12"), Some(">2000")));
         assert_eq!(item.flag, Some(Flag::High));
+    }
+
+    #[test]
+    fn answer_negative_values_keep_their_sign() {
+        let c = cand("BE(B) −4.1 mmol/L");
+        let a = r#"{"test":"BE(B) −","value":"4.1","unit":"mmol/L"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.test.as_deref(), item.value.as_deref()), (Some("BE(B)"), Some("−4.1")));
+        assert_eq!(item.value_numeric, Some(-4.1));
+        // The high bound of a range is no negative value.
+        let c = cand("Potassium 3.5-5.1 5.9 mmol/L");
+        let a = r#"{"test":"Potassium","value":"5.9"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().value.as_deref(), Some("5.9"));
     }
 
     #[test]

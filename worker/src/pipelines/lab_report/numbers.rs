@@ -76,6 +76,21 @@ pub(super) static RANGE_LOWER: LazyLock<Regex> =
 /// is not a bound, and a range whose low bound exceeds its high bound is discarded.
 pub fn parse_range(s: &str) -> (Option<f64>, Option<f64>) {
     let free = |m: &regex::Match| !preceded_by_alphanumeric(s, m.start());
+    // A titre (`<1:80`) has no numeric bound.
+    let titre = |c: &regex::Captures| {
+        c.iter().skip(1).flatten().any(|m| {
+            let rest = &s[m.end()..];
+            rest.starts_with(':') && rest[1..].starts_with(|d: char| d.is_ascii_digit())
+        })
+    };
+    if RANGE_BOTH
+        .captures_iter(s)
+        .chain(RANGE_UPPER.captures_iter(s))
+        .chain(RANGE_LOWER.captures_iter(s))
+        .any(|c| titre(&c))
+    {
+        return (None, None);
+    }
     if let Some(c) = RANGE_BOTH.captures_iter(s).find(|c| free(&c.get(0).unwrap())) {
         let low = parse_value(&c[1]);
         let high = parse_value(&c[2]);
@@ -225,6 +240,13 @@ mod tests {
         }
         assert_eq!(Flag::from_printed(""), None);
         assert_eq!(Flag::from_printed("see note"), None);
+    }
+
+    #[test]
+    fn titres_have_no_numeric_bounds() {
+        assert_eq!(parse_range("(<1:80)"), (None, None));
+        assert_eq!(parse_range("1:40 - 1:160"), (None, None));
+        assert_eq!(parse_range("(< 80)"), (None, Some(80.0)));
     }
 
     #[test]
