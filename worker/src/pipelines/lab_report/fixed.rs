@@ -131,7 +131,8 @@ struct ColumnDate {
     first: u32,
     second: u32,
     year: u32,
-    /// The month was named, so `second` is the month and `first` the day.
+    /// The order is known (the month named, or year-month-day): `second` is the month and
+    /// `first` the day.
     named: bool,
 }
 
