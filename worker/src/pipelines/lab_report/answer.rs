@@ -243,13 +243,16 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     let unit_word = !numeric && (v == "%" || (v.contains('/') && !v.chars().any(|c| c.is_ascii_digit())));
     let brackets = bracket_spans(text);
     let in_brackets = |s: usize, e: usize| brackets.iter().any(|&(bs, be)| bs <= s && e <= be);
+    let spans = token_spans(text, v, false);
+    let first = first_value_span(text);
+    let reread = || first.map(|(s, e)| text[s..e].to_string());
     // A code printed in brackets in the test's name (`Dog dander (e5)`) is no value either.
-    let code_in_brackets = !numeric && v.chars().any(|c| c.is_ascii_digit()) && {
-        let spans = token_spans(text, v, false);
-        !spans.is_empty() && spans.iter().all(|&(s, e)| in_brackets(s, e))
-    };
+    let code_in_brackets = !numeric
+        && v.chars().any(|c| c.is_ascii_digit())
+        && !spans.is_empty()
+        && spans.iter().all(|&(s, e)| in_brackets(s, e));
     if code_in_brackets {
-        return first_value_span(text).map(|(s, e)| text[s..e].to_string());
+        return reread();
     }
     if word_ok && !unit_word {
         return None;
@@ -257,7 +260,7 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     if numeric {
         // A result word printed in a column before the number (`Cannabinoids  Negative  50
         // ng/mL`: the number is the cut-off) is the value.
-        if let Some(at) = token_spans(text, v, false).first().map(|&(s, _)| s) {
+        if let Some(&(at, _)) = spans.first() {
             let word = super::segment::QUALITATIVE
                 .find_iter(&text[..at])
                 .filter(|m| text[..m.start()].ends_with("  ") && !in_brackets(m.start(), m.end()))
@@ -266,22 +269,20 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
                 return Some(m.as_str().to_string());
             }
         }
-        // A number printed nowhere but in an exponent (`x10^9/L`), a unit, a bracketed range
-        // before the value (`ALT (<33 U/L) ..... 28`) or the range after it is misread; one
-        // not printed at all is left to grounding (`alignment = none`).
-        let spans = token_spans(text, v, false);
-        let in_exponent = spans.iter().all(|&(s, _)| text[..s].ends_with(['^', '*']));
-        // Printed nowhere but inside a unit (`mL/min/1.73m2`), where it is no token.
-        let occurrences: Vec<usize> = text.match_indices(v).map(|(at, _)| at).collect();
-        let in_unit = !occurrences.is_empty() && occurrences.iter().all(|&at| text[..at].ends_with('/'));
-        if in_unit && first_value_span(text).is_some() {
-            return first_value_span(text).map(|(s, e)| text[s..e].to_string());
+        // A number printed nowhere but in an exponent (`x10^9/L`), a unit (`mL/min/1.73m2`,
+        // where it is no token), a bracketed range before the value (`ALT (<33 U/L) ..... 28`)
+        // or the range after it (`↑ >2000  pg/mL  232-1245`: `232`) is misread; one not
+        // printed at all is left to grounding (`alignment = none`).
+        let mut occurrences = text.match_indices(v).peekable();
+        let in_unit = occurrences.peek().is_some() && occurrences.all(|(at, _)| text[..at].ends_with('/'));
+        if in_unit {
+            return reread();
         }
-        let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && first_value_span(text).is_some();
-        // A bound of the range printed after the value (`↑ >2000  pg/mL  232-1245`: `232`).
+        let in_exponent = spans.iter().all(|&(s, _)| text[..s].ends_with(['^', '*']));
+        let in_range_before = spans.iter().all(|&(s, e)| in_brackets(s, e)) && first.is_some();
         let ranges: Vec<(usize, usize)> = RANGE_BOTH.find_iter(text).map(|m| (m.start(), m.end())).collect();
         let in_range_after = spans.iter().all(|&(s, e)| ranges.iter().any(|&(a, b)| a <= s && e <= b))
-            && first_value_span(text).is_some_and(|(first, _)| spans.iter().all(|&(s, _)| first < s));
+            && first.is_some_and(|(f, _)| spans.iter().all(|&(s, _)| f < s));
         if spans.is_empty() || !(in_exponent || in_range_before || in_range_after) {
             return None;
         }
@@ -290,7 +291,7 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         // A word answer of some length (a test-specific result word) is judged by grounding.
         return None;
     }
-    first_value_span(text).map(|(s, e)| text[s..e].to_string())
+    reread()
 }
 
 /// Byte span of the first number that stands as a value, its comparator included: not glued

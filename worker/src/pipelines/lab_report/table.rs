@@ -3,7 +3,7 @@
 use super::classify::{read_status, unresulted, NonResult, SetAside};
 use super::items::{Flag, LabItem, Method, Parsed};
 use super::lines::split_lines;
-use super::numbers::{compute_flag, parse_range, parse_value};
+use super::numbers::{compute_flag, parse_range, parse_value, NUM};
 use crate::grounding::Alignment;
 use regex::Regex;
 use std::sync::LazyLock;
@@ -441,9 +441,8 @@ fn unit_after_range(cell: &str) -> Option<String> {
     unit.chars().any(|c| c.is_alphabetic() || c == '%').then(|| unit.to_string())
 }
 
-static RANGE_THEN_UNIT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^\s*(?:(?:[<>≤≥]=?|<=|>=)\s*)?\d+(?:[.,]\d+)?(?:\s*(?:-|–|to)\s*\d+(?:[.,]\d+)?)?\s+(\S.*)$").unwrap()
-});
+static RANGE_THEN_UNIT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"^\s*(?:[<>≤≥]=?\s*)?{NUM}(?:\s*(?:-|–|to)\s*{NUM})?\s+(\S.*)$")).unwrap());
 
 /// `abnormal` for a positive result whose reference is negative (`Positivo` against
 /// `Negativo`); no flag otherwise (a negative result without a printed flag has none).
