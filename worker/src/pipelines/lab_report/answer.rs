@@ -1,7 +1,7 @@
 //! Model answers: JSON objects turned into items, every value grounded in the candidate.
 
 use super::items::{Candidate, Flag, LabItem, Method};
-use super::numbers::{compute_flag, parse_range, parse_value, NUM, RANGE_BOTH, RANGE_LOWER, RANGE_UPPER};
+use super::numbers::{compute_flag, parse_range, parse_value, NUM, RANGE_BOTH, RANGE_LOWER, RANGE_UPPER, SPACED_RANGE};
 use super::segment::RESULT_VERBS;
 use crate::grounding::Alignment;
 use regex::Regex;
@@ -137,6 +137,7 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let alignment = if text[value_start..value_end] == value { Alignment::Exact } else { Alignment::Normalized };
     // `<5`, `> 1476`: the comparator printed before the number belongs to the value.
     let value_start = comparator_before(text, value_start);
+    let value_end = spaced_groups_end(text, value_start, value_end);
     // The row keeps the value as printed (`0,92` where the model wrote `0.92`).
     let value = text[value_start..value_end].to_string();
     let value_numeric = parse_value(&value);
@@ -148,6 +149,15 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]));
     // A unit the model copied together with the value is the better witness.
     let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
+    // No unit from the model: a unit printed right after the value (`36.4  %`, `13,9  g/dL`).
+    let unit = unit.or_else(|| {
+        let first = after.split_whitespace().next()?;
+        let unit_like = first == "%"
+            || (first.contains('/') && first.chars().any(char::is_alphabetic) && !first.contains("//"))
+            || first.starts_with("10^")
+            || first.starts_with("x10");
+        (value_numeric.is_some() && unit_like && Flag::from_printed(first).is_none()).then(|| first.to_string())
+    });
     // A unit printed in brackets after the test name (`Sodium (mmol/L)  140`).
     let (test, unit) = match (test, unit) {
         (Some(t), None) => match UNIT_AFTER_NAME.captures(&t) {
@@ -288,8 +298,12 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
         }
     }
     if !numeric && !unit_word && v.chars().count() > 2 {
-        // A word answer of some length (a test-specific result word) is judged by grounding.
-        return None;
+        // A word printed before the line's first value number is part of the test's name
+        // (`Glucosa basal   126 mg/dL`, `Cholesterol LDL   148`): the value is that number.
+        // Another word answer of some length (a test-specific result word) is judged by
+        // grounding.
+        let in_name = !word_ok && !spans.is_empty() && first.is_some_and(|(f, _)| spans.iter().all(|&(_, e)| e <= f));
+        return if in_name { reread() } else { None };
     }
     reread()
 }
@@ -376,7 +390,27 @@ fn byte_offset(s: &str, line: usize, column: usize) -> usize {
 /// A number followed by a unit (`255 x10^3/uL`, `8%`, `5.9mmol/L`); grades (`1+`) and
 /// ranges (`25-50`) are not split.
 static GLUED_UNIT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(&format!(r"^((?:[<>≤≥]=?\s?)?[-−]?{NUM})\s*([\p{{L}}%µ/].*)$")).unwrap());
+    LazyLock::new(|| Regex::new(&format!(r"^((?:[<>≤≥]=?\s?)?[-−]?(?:{SPACED}|{NUM}))\s*([\p{{L}}%µ/].*)$")).unwrap());
+
+/// A count with its thousands grouped by spaces (`251 000`).
+const SPACED: &str = r"\d{1,3}(?:[ \u{a0}\u{202f}]\d{3})+(?:[.,]\d+)?";
+
+/// `251` of `251 000`: the groups printed after a value that belong to it, when the next
+/// group starts with `0` (no value does) or the line prints a range in grouped thousands too
+/// (`150 000 - 400 000`). The byte end of the value `text[start..end]` with them.
+fn spaced_groups_end(text: &str, start: usize, end: usize) -> usize {
+    let Some(tail) = SPACED_TAIL.captures(&text[end..]).and_then(|c| c.get(1)) else { return end };
+    let zero = tail.as_str().trim_start_matches([' ', '\u{a0}', '\u{202f}']).starts_with('0');
+    let whole = end + tail.end();
+    if (zero || SPACED_RANGE.is_match(text)) && parse_value(&text[start..whole]).is_some() {
+        whole
+    } else {
+        end
+    }
+}
+
+static SPACED_TAIL: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^((?:[ \u{a0}\u{202f}]\d{3})+(?:[.,]\d+)?)(?:$|[^\d.,\-–])").unwrap());
 
 /// `"255 x10^3/uL"` → value `255` and unit `x10^3/uL`; other values unchanged.
 fn split_glued_unit(value: String) -> (String, Option<String>) {
@@ -390,6 +424,9 @@ fn split_glued_unit(value: String) -> (String, Option<String>) {
 }
 
 static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new(NUM).unwrap());
+
+/// A token joining the bounds of a range (`3.5 - 5.1`, `3.5 to 5.1`).
+static RANGE_WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)^(?:-|–|—|to|bis|à|a|\.\.)$").unwrap());
 
 /// The `k`-th element of a whole-report answer's array, as JSON text.
 pub fn nth_answer_object(answer: &str, k: usize) -> Option<String> {
@@ -581,11 +618,20 @@ fn unit_token(after: &str, unit: &str) -> Option<String> {
         return None;
     }
     let needle = unit.to_lowercase();
-    after.split_whitespace().map(trim).find(|token| token.to_lowercase().contains(&needle)).filter(|token| {
-        Flag::from_printed(token).is_none()
-            && parse_value(token).is_none()
-            && token.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/')
-    })
+    let tokens: Vec<String> = after.split_whitespace().map(trim).collect();
+    let k = tokens.iter().position(|token| token.to_lowercase().contains(&needle))?;
+    let token = &tokens[k];
+    // A unit belongs to the value or to a range after it (`3.5 - 5.1 mmol/L`, low and high
+    // `3.5  5.1 mmol/L`), not to another number printed alone in a column of its own
+    // (`INR  2.5   31.5 mg`: a dose).
+    let number = |i: usize| parse_value(&tokens[i]).is_some();
+    let of_other_number =
+        k >= 1 && number(k - 1) && !(k >= 2 && (number(k - 2) || RANGE_WORD.is_match(&tokens[k - 2])));
+    (!of_other_number
+        && Flag::from_printed(token).is_none()
+        && parse_value(token).is_none()
+        && token.chars().any(|c| c.is_alphabetic() || c == '%' || c == '/'))
+    .then(|| token.clone())
 }
 
 /// The model's reference bounds, each kept only if that number is printed after the value
@@ -610,6 +656,9 @@ fn model_bounds(low: Option<String>, high: Option<String>, after: &str) -> (Opti
         (Some(l), Some(h)) if l > h => (Some(h), Some(l)),
         // One printed number for both bounds (`7.1 % (53 mmol/mol)`) is no range.
         (Some(l), Some(h)) if l == h => (None, None),
+        // A number printed alone, without `<`/`>` (which the range reader would have read),
+        // is no limit either (`INR  2.5   31.5 mg`: a dose).
+        (Some(_), None) | (None, Some(_)) => (None, None),
         bounds => bounds,
     }
 }
@@ -677,7 +726,7 @@ mod tests {
         let a = r#"{"test": "Kalium", "value": 3.4, "unit": "", "ref_low": 3.5, "ref_high": "5,1", "flag": null}"#;
         let item = parse_answer(a, &c).unwrap();
         assert_eq!(item.value.as_deref(), Some("3,4"), "as printed");
-        assert_eq!(item.unit, None);
+        assert_eq!(item.unit.as_deref(), Some("mmol/l"), "printed right after the value");
         assert_eq!((item.ref_low, item.ref_high), (Some(3.5), Some(5.1)));
         assert_eq!(item.flag, Some(Flag::Low), "computed");
     }
@@ -905,9 +954,57 @@ mod tests {
         let item = parse_answer(a, &c).unwrap();
         assert_eq!((item.unit, item.ref_low, item.ref_high), (None, None, None));
         assert_eq!(item.flag, Some(Flag::Abnormal));
+        // A unit the model got wrong gives way to the one printed right after the value.
         let c = cand("Creatinine 68 µmol/L (ref 45-90)");
         let a = r#"{"test":"Creatinine","value":"68","unit":"mmol/L","ref_low":"45","ref_high":"90","flag":null}"#;
-        assert_eq!(parse_answer(a, &c).unwrap().unit, None);
+        assert_eq!(parse_answer(a, &c).unwrap().unit.as_deref(), Some("µmol/L"));
+        let c = cand("HCT      36.4  %         [40.0  - 50.0 ]  L");
+        let a = r#"{"test":"HCT","value":"36.4","unit":null,"ref_low":"40.0","ref_high":"50.0","flag":"L"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().unit.as_deref(), Some("%"));
+    }
+
+    #[test]
+    fn answer_words_of_the_name_and_numbers_of_other_columns_are_not_the_result() {
+        // A word of the test's name given as the value: the number after it is the value.
+        let c = cand("Glucosa basal                    126 mg/dL (6,99 mmol/L)      74 - 106 mg/dL           *");
+        let a = r#"{"test":"Glucosa","value":"basal","unit":null,"ref_low":null,"ref_high":null,"flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!(item.value.as_deref(), Some("126"));
+        assert_eq!((item.ref_low, item.ref_high, item.flag), (Some(74.0), Some(106.0), Some(Flag::High)));
+        let c = cand("Cholesterol LDL                     148    H       mg/dl        < 115");
+        let a = r#"{"test":"Cholesterol","value":"LDL","unit":"mg/dl","ref_low":null,"ref_high":"115","flag":"H"}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.value.as_deref(), item.unit.as_deref()), (Some("148"), Some("mg/dl")));
+        // A number with a unit in a column of its own (a dose) gives neither unit nor limit.
+        let c = cand("18/11/2026    INR     2.5         31.5 mg        SN");
+        let a = r#"{"test":"INR","value":"2.5","unit":"mg","ref_low":"31.5","ref_high":null,"flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.unit, item.ref_low, item.ref_high, item.flag), (None, None, None, None));
+        // Low and high limits in columns of their own still carry the unit.
+        let c = cand("Potassium   4.1   3.5   5.1 mmol/L");
+        let a = r#"{"test":"Potassium","value":"4.1","unit":"mmol/L","ref_low":"3.5","ref_high":"5.1","flag":null}"#;
+        let item = parse_answer(a, &c).unwrap();
+        assert_eq!((item.unit.as_deref(), item.ref_low, item.ref_high), (Some("mmol/L"), Some(3.5), Some(5.1)));
+    }
+
+    #[test]
+    fn answer_counts_with_thousands_grouped_by_spaces() {
+        let c = cand("Plaquettes ...........  251 000 /mm3       150 000 - 400 000     238 000  (02/05/26)");
+        for value in ["251 000 /mm3", "251 000", "251"] {
+            let a = format!(
+                r#"{{"test":"Plaquettes","value":"{value}","unit":"/mm3","ref_low":null,"ref_high":null,"flag":null}}"#
+            );
+            let item = parse_answer(&a, &c).unwrap();
+            assert_eq!(item.value.as_deref(), Some("251 000"), "{value}");
+            assert_eq!(item.value_numeric, Some(251_000.0));
+            assert_eq!(item.unit.as_deref(), Some("/mm3"));
+            assert_eq!((item.ref_low, item.ref_high), (Some(150_000.0), Some(400_000.0)));
+            assert_eq!(item.flag, Some(Flag::Normal));
+        }
+        // Without a grouped range, a group starting with another digit is another number.
+        let c = cand("Glucose   105   110 mg/dL");
+        let a = r#"{"test":"Glucose","value":"105","unit":null,"ref_low":null,"ref_high":null,"flag":null}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().value.as_deref(), Some("105"));
     }
 
     #[test]

@@ -14,6 +14,9 @@ use std::sync::LazyLock;
 /// Comparators (`<0.27`, `>60`), words (`negative`) and grades (`1+`) give `None`.
 pub fn parse_value(s: &str) -> Option<f64> {
     let s = s.trim();
+    if let Some(v) = space_grouped(s) {
+        return Some(v);
+    }
     let (negative, body) = match s.strip_prefix('-').or_else(|| s.strip_prefix('−')) {
         Some(rest) => (true, rest),
         None => (false, s),
@@ -27,6 +30,35 @@ pub fn parse_value(s: &str) -> Option<f64> {
     let normalized = normalize_separators(body)?;
     let v: f64 = normalized.parse().ok()?;
     v.is_finite().then_some(if negative { -v } else { v })
+}
+
+/// A count printed with spaces between groups of three digits (`251 000`, `1 180 000`; a
+/// normal or narrow no-break space too), as French and other European reports print
+/// thousands: only when every group after the first has three digits and no decimal mark
+/// follows a group but the last.
+fn space_grouped(s: &str) -> Option<f64> {
+    let mut groups = s.split([' ', '\u{a0}', '\u{202f}']);
+    let first = groups.next()?;
+    let rest: Vec<&str> = groups.collect();
+    if rest.is_empty() || !(1..=3).contains(&first.len()) || !first.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let (last, middle) = rest.split_last()?;
+    let three = |g: &str| g.len() == 3 && g.chars().all(|c| c.is_ascii_digit());
+    let (int_last, frac) = match last.split_once([',', '.']) {
+        Some((a, b)) if !b.is_empty() && b.chars().all(|c| c.is_ascii_digit()) => (a, Some(b)),
+        Some(_) => return None,
+        None => (*last, None),
+    };
+    if !middle.iter().all(|g| three(g)) || !three(int_last) {
+        return None;
+    }
+    let mut digits: String = [first].into_iter().chain(middle.iter().copied()).chain([int_last]).collect();
+    if let Some(f) = frac {
+        digits.push('.');
+        digits.push_str(f);
+    }
+    digits.parse().ok()
 }
 
 /// Rewrites digits with `.`/`,` separators to a form `f64::from_str` reads, or `None` when
@@ -65,10 +97,18 @@ pub(super) const NUM: &str = r"\d+(?:[.,]\d+)*";
 
 pub(super) static RANGE_BOTH: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(&format!(r"(?i)([-−]?{NUM})\s*(?:-|–|—|\.\.|\bto\b|\bbis\b)\s*([-−]?{NUM})")).unwrap());
-pub(super) static RANGE_UPPER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(&format!(r"(?i)(?:<=|≤|<|\bup to\b|\bbelow\b|\bless than\b)\s*({NUM})")).unwrap());
-pub(super) static RANGE_LOWER: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(&format!(r"(?i)(?:>=|≥|>|\babove\b|\bgreater than\b)\s*({NUM})")).unwrap());
+pub(super) static RANGE_UPPER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(r"(?i)(?:<\s*or\s*=|<=|=<|≤|<|\bup to\b|\bbelow\b|\bless than\b)\s*({NUM})")).unwrap()
+});
+pub(super) static RANGE_LOWER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(r"(?i)(?:>\s*or\s*=|>=|=>|≥|>|\babove\b|\bgreater than\b)\s*({NUM})")).unwrap()
+});
+
+/// A range of counts with thousands grouped by spaces on both sides (`150 000 - 400 000`).
+pub(super) static SPACED_RANGE: LazyLock<Regex> = LazyLock::new(|| {
+    let g = r"\d{1,3}(?:[ \u{a0}\u{202f}]\d{3})+";
+    Regex::new(&format!(r"(?:^|[^\d.,])({g})\s*(?:-|–|—|\bto\b|\bà\b|\ba\b|\bbis\b)\s*({g})(?:$|[^\d.,])")).unwrap()
+});
 
 /// Reads a reference range: `12.0-15.5`, `12.0 - 15.5`, `12,0–15,5`, `3.5 to 5.1`,
 /// `(ref 3.5-5.1 mmol/L)` → both bounds; `<5`, `≤5`, `up to 5` → upper only; `>60`, `≥60` →
@@ -90,6 +130,12 @@ pub fn parse_range(s: &str) -> (Option<f64>, Option<f64>) {
         .any(|c| titre(&c))
     {
         return (None, None);
+    }
+    if let Some(c) = SPACED_RANGE.captures(s) {
+        return match (parse_value(&c[1]), parse_value(&c[2])) {
+            (Some(l), Some(h)) if l <= h => (Some(l), Some(h)),
+            _ => (None, None),
+        };
     }
     if let Some(c) = RANGE_BOTH.captures_iter(s).find(|c| free(&c.get(0).unwrap())) {
         let low = parse_value(&c[1]);
@@ -177,6 +223,13 @@ mod tests {
         assert_eq!(parse_value("12,34,5"), None);
         assert_eq!(parse_value("1.2.3"), None);
         assert_eq!(parse_value("12.03.2024"), None);
+        // Thousands grouped with spaces (a no-break space too).
+        assert_eq!(parse_value("251 000"), Some(251_000.0));
+        assert_eq!(parse_value("1 180 000"), Some(1_180_000.0));
+        assert_eq!(parse_value("12\u{a0}500,5"), Some(12_500.5));
+        for s in ["251 00", "7 1", "2510 000", "1 180 00", "4 5.6", "12 abc"] {
+            assert_eq!(parse_value(s), None, "{s:?}");
+        }
     }
 
     #[test]
@@ -201,6 +254,12 @@ mod tests {
         assert_eq!(parse_range(">60"), (Some(60.0), None));
         assert_eq!(parse_range("≥ 1.0"), (Some(1.0), None));
         assert_eq!(parse_range("4.0-11.0 x10^9/L"), (Some(4.0), Some(11.0)));
+        // Reference-laboratory spellings of one-sided limits.
+        assert_eq!(parse_range("< OR = 4.0 ng/mL"), (None, Some(4.0)));
+        assert_eq!(parse_range("> OR = 60"), (Some(60.0), None));
+        assert_eq!(parse_range("=< 5"), (None, Some(5.0)));
+        // Thousands printed with spaces.
+        assert_eq!(parse_range("150 000 - 400 000"), (Some(150_000.0), Some(400_000.0)));
     }
 
     #[test]
