@@ -209,7 +209,14 @@ fn is_grade(v: &str) -> bool {
 /// The rows of one line under a header: items and set-aside entries with their character
 /// spans, or `None` when the line is not a row of the table.
 fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
-    let row = cells(line.text)?;
+    let mut row = cells(line.text)?;
+    // A flag printed in a column the header does not name, right of every header cell
+    // (`Kalium  5,4 ... 3,5 - 5,1   +`): the row's flag.
+    let header_end = header.cells.last().map_or(0, |c| c.to);
+    let trailing_flag = match row.last() {
+        Some(c) if row.len() > 1 && c.from >= header_end && is_flag_mark(c.text) => row.pop().map(|c| c.text),
+        _ => None,
+    };
     let mut at: Vec<Option<Cell>> = vec![None; header.cells.len()];
     for c in &row {
         let k = column_of(&header.cells, c);
@@ -224,6 +231,10 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         let mut texts: Vec<String> =
             half.header.iter().map(|&k| at[k].map_or(String::new(), |c| c.text.to_string())).collect();
         let mut columns = half.columns.clone();
+        // `IN RANGE | OUT OF RANGE`: a value in the second column is the row's value.
+        if let Some(o) = columns.out_of_range.filter(|_| texts[columns.value].is_empty()) {
+            texts.swap(columns.value, o);
+        }
         // `125 mUI/mL` under the result header of a table without a unit column (or with
         // an empty unit cell): the value and its unit.
         let v = columns.value;
@@ -235,6 +246,16 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         if let Some((value, flag)) = split.filter(|(v, f)| Flag::from_printed(f).is_some() && parse_value(v).is_some())
         {
             split_cell(&mut texts, &mut columns.flag, v, &value, &flag);
+        }
+        if let Some(flag) = trailing_flag.filter(|_| std::ptr::eq(half, header.halves.last().expect("a half"))) {
+            match columns.flag {
+                Some(k) if texts[k].is_empty() => texts[k] = flag.to_string(),
+                Some(_) => {}
+                None => {
+                    texts.push(flag.to_string());
+                    columns.flag = Some(texts.len() - 1);
+                }
+            }
         }
         columns.count = texts.len();
         // A row without a value whose status cell says why (`In process`, `Cancelled`) is
@@ -263,6 +284,13 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         out.claimed.push((start, end));
         out
     })
+}
+
+/// A printed flag or an out-of-range mark (`H`, `+`, `-`, `*`, `!`).
+fn is_flag_mark(text: &str) -> bool {
+    let t = text.trim();
+    Flag::from_printed(t).is_some()
+        || (!t.is_empty() && t.len() <= 2 && t.chars().all(|c| matches!(c, '+' | '-' | '*' | '!')))
 }
 
 /// Splits the value cell `v` into `value` and a `rest` (a unit or a flag) that goes to the
@@ -482,6 +510,38 @@ Mean corpuscular haemoglobin concentration 331 g/L 320-360
         assert_eq!(claimed.len(), 2, "the header and the sodium row");
         // Prose and two-cell lines are no header.
         assert!(parse_fixed_width_table("Test results  are  attached\nSodium  139\n").is_none());
+    }
+
+    #[test]
+    fn in_range_and_out_of_range_columns() {
+        let text = "TEST NAME                     IN RANGE     OUT OF RANGE    REFERENCE RANGE       LAB\n\
+HEMOGLOBIN A1c                             6.9 H           <5.7 %                01\n\
+   For someone without known diabetes, a value of 6.5% or greater indicates diabetes.\n\
+GLUCOSE                       94                           65-99 mg/dL           01\n\
+PSA, TOTAL                    1.2                          < OR = 4.0 ng/mL      02\n";
+        let p = parse_fixed_width_table(text).unwrap();
+        let got: Vec<_> = p
+            .items
+            .iter()
+            .map(|i| {
+                (
+                    i.test.as_deref().unwrap(),
+                    i.value.as_deref().unwrap(),
+                    i.unit.as_deref(),
+                    i.ref_low,
+                    i.ref_high,
+                    i.flag,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("HEMOGLOBIN A1c", "6.9", Some("%"), None, Some(5.7), Some(Flag::High)),
+                ("GLUCOSE", "94", Some("mg/dL"), Some(65.0), Some(99.0), Some(Flag::Normal)),
+                ("PSA, TOTAL", "1.2", Some("ng/mL"), None, Some(4.0), Some(Flag::Normal)),
+            ]
+        );
     }
 
     #[test]

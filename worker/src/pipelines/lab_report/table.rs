@@ -29,6 +29,9 @@ pub(super) enum Role {
     Status,
     /// An earlier result (a cumulative report's previous column): not read.
     Previous,
+    /// The result column of out-of-range values, beside a `Value` column of in-range ones
+    /// (`IN RANGE | OUT OF RANGE`): a row's value is in one of the two.
+    OutOfRange,
 }
 
 /// Header names of each role, in English, French, German, Spanish, Italian, Dutch and
@@ -112,13 +115,37 @@ const HEADERS: &[(Role, &[&str])] = &[
             "resultaat",
             "waarde",
             "resultado do exame",
+            "in range",
+            "within range",
+            "normal result",
         ],
     ),
     (
         Role::Unit,
         &[
-            "unit", "units", "uom", "unité", "unite", "unités", "einheit", "unidad", "unidades", "unità", "unita",
-            "udm", "u m", "eenheid", "eenheden", "unidade",
+            "unit",
+            "units",
+            "uom",
+            "unité",
+            "unite",
+            "unités",
+            "einheit",
+            "unidad",
+            "unidades",
+            "unità",
+            "unita",
+            "udm",
+            "u m",
+            "eenheid",
+            "eenheden",
+            "unidade",
+            "unità di misura",
+            "unita di misura",
+            "unité de mesure",
+            "unidad de medida",
+            "unidade de medida",
+            "maßeinheit",
+            "masseinheit",
         ],
     ),
     (
@@ -283,8 +310,20 @@ const HEADERS: &[(Role, &[&str])] = &[
             "precedente",
             "vorige",
             "vorige uitslag",
+            "antériorité",
+            "antériorités",
+            "anteriorite",
+            "anteriorites",
+            "résultats antérieurs",
+            "historique",
+            "vorwerte",
+            "resultados anteriores",
+            "risultati precedenti",
+            "vorige uitslagen",
+            "resultado anterior",
         ],
     ),
+    (Role::OutOfRange, &["out of range", "outside range", "out of range result", "abnormal result"]),
     (
         Role::Status,
         &["status", "result status", "statut", "état", "etat", "befundstatus", "estado", "stato", "stato referto"],
@@ -304,6 +343,7 @@ pub(super) struct Columns {
     pub(super) high: Option<usize>,
     pub(super) flag: Option<usize>,
     pub(super) status: Option<usize>,
+    pub(super) out_of_range: Option<usize>,
 }
 
 impl Columns {
@@ -322,14 +362,20 @@ impl Columns {
             high: find(Role::High),
             flag: find(Role::Flag),
             status: find(Role::Status),
+            out_of_range: find(Role::OutOfRange),
         })
     }
 }
 
 /// What a header cell names, if it is a known column name.
 pub(super) fn header_role(cell: &str) -> Option<Role> {
+    let role = |name: &str| HEADERS.iter().find(|(_, names)| names.contains(&name)).map(|(r, _)| *r);
     let name = header_name(cell);
-    HEADERS.iter().find(|(_, names)| names.contains(&name.as_str())).map(|(r, _)| *r)
+    // A name with a date or unit in brackets after it (`Vorwert (08.10.26)`, `Result (SI)`).
+    role(&name).or_else(|| {
+        let (bare, rest) = name.split_once(" (")?;
+        rest.ends_with(')').then(|| role(bare.trim())).flatten()
+    })
 }
 
 /// Cells of a delimited line, trimmed. `|` tables drop the empty outer cells of `| a | b |`;
@@ -441,8 +487,10 @@ fn unit_after_range(cell: &str) -> Option<String> {
     unit.chars().any(|c| c.is_alphabetic() || c == '%').then(|| unit.to_string())
 }
 
-static RANGE_THEN_UNIT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(&format!(r"^\s*(?:[<>≤≥]=?\s*)?{NUM}(?:\s*(?:-|–|to)\s*{NUM})?\s+(\S.*)$")).unwrap());
+static RANGE_THEN_UNIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(r"(?i)^\s*(?:(?:[<>]\s*or\s*=|[<>≤≥=]=?|=[<>])\s*)?{NUM}(?:\s*(?:-|–|to)\s*{NUM})?\s+(\S.*)$"))
+        .unwrap()
+});
 
 /// `abnormal` for a positive result whose reference is negative (`Positivo` against
 /// `Negativo`); no flag otherwise (a negative result without a printed flag has none).
@@ -466,9 +514,13 @@ pub(super) fn table_item(
         Some(Ok(status)) => Some(status),
         None => None,
     };
-    let value = cell(Some(cols.value))?.to_string();
+    let value = cell(Some(cols.value)).or(cell(cols.out_of_range))?.to_string();
     if let Some(reason) = unresulted(&value) {
         return Some(Err(reason));
+    }
+    // A dash for the value (`—`, `--`, `n/a` is a word of `unresulted`): nothing reported.
+    if value.chars().all(|c| matches!(c, '-' | '–' | '—' | '.' | '*' | '/')) {
+        return Some(Err(NonResult::NotReported));
     }
     let value_numeric = parse_value(&value);
     let (ref_low, ref_high) = match cell(cols.range).or(cell(cols.range_unit)) {
@@ -481,7 +533,10 @@ pub(super) fn table_item(
         test: cell(Some(cols.test)).map(str::to_string),
         value: Some(value),
         value_numeric,
-        unit: cell(cols.unit).map(str::to_string).or_else(|| cell(cols.range_unit).and_then(unit_after_range)),
+        // Without a unit column, a unit printed after the range (`<5.7 %`) is the unit.
+        unit: cell(cols.unit).map(str::to_string).or_else(|| {
+            cell(cols.range_unit).or(cell(cols.range).filter(|_| cols.unit.is_none())).and_then(unit_after_range)
+        }),
         ref_low,
         ref_high,
         flag,
@@ -519,6 +574,17 @@ mod tests {
         assert_eq!(span_text(text, items[0].evidence_start, items[0].evidence_end), "| ALT | 64 | U/L | 7-56 | H |");
         assert_eq!(claimed.len(), 5, "header, separator and three rows");
         assert!(segment(text, &claimed).is_empty());
+    }
+
+    #[test]
+    fn dashes_for_values_and_earlier_result_columns() {
+        let text = "| Test | Result | Unit | Reference range | Flag |\n|:--|--:|:--|:--|:-:|\n\
+| Free T4 | 11.9 | pmol/L | 12.0–22.0 | **L** |\n| Folate (serum) | — | nmol/L | > 7.0 | |\n\n\
+Examen;Résultat;Unité;Valeurs de référence;Antériorités\nFerritine;18;µg/L;30 - 400;25 (02/05/26)\n";
+        let p = parse_delimited_table(text).unwrap();
+        let got: Vec<_> = p.items.iter().map(|i| (i.value.as_deref().unwrap(), i.flag)).collect();
+        assert_eq!(got, vec![("11.9", Some(Flag::Low)), ("18", Some(Flag::Low))]);
+        assert_eq!(p.set_aside.iter().map(|s| s.reason.as_str()).collect::<Vec<_>>(), vec!["not_reported"]);
     }
 
     #[test]
