@@ -16,13 +16,15 @@ static NON_RESULT_LINE: LazyLock<Regex> = LazyLock::new(|| {
             |specimen|collected|collection|received|reported|report\ date|printed|ordered|ordering
             |requested|requesting|physician|doctor|dr\.|provider|clinician|page|phone|tel|telephone
             |fax|address|verified|signed|electronically|reviewed|released|authori[sz]ed|approved
-            |performed|called|comments?|notes?|interpretation|disclaimer|footnote|reference
+            |performed|called|comments?|notes?|interpretation|interprétation|interpretación|interpretazione
+            |interpretatie|interpretação|beurteilung|disclaimer|footnote|reference
             |ref\.?\ ranges?|previously|previous\ results?|originally|reason\ for
-            |probe|eingang|befund|geb\.|geburtsdatum|einsender|auftrag|seite|kommentar|bemerkung
+            |probe|eingang|befund|geb\.|geburtsdatum|einsender|auftrag|auftragsnummer|auftrags-nr|seite|kommentar|bemerkung
             |validiert)\b
           | (?:name|date|time|location|ward|room|bed|sex|gender|age|account|visit|encounter|order
             |sample|method|methodology|nb|reason|datum|record|hospital|nhs|acc|lab|laboratory
-            |department|source|status|priority)\s*[:\#]
+            |department|source|status|priority|prescription|indication|plan|medications?|dose|dosage|regimen
+            |treatment|therapy|advice|instructions?|diagnosis|history|allerg(?:y|ies)|material|matériel|materiale)\s*[:\#]
         )",
     )
     .unwrap()
@@ -179,6 +181,8 @@ const HEADER_WORDS: &[&str] = &[
     "previous",
     "specimen",
     "method",
+    "your",
+    "standard",
 ];
 
 /// Verbs that report a result in running text (`Potassium was ...`, `sodium remained ...`).
@@ -265,9 +269,13 @@ fn has_value(s: &str) -> bool {
     without_dates.chars().any(|c| c.is_ascii_digit()) || QUALITATIVE.is_match(s)
 }
 
+/// An abbreviation printed with dots between its capitals (`V.G.M.`, `C.C.M.H.`).
+static DOTTED_ABBREVIATION: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b(?:\p{Lu}\.){2,}").unwrap());
+
 fn has_test_word(s: &str) -> bool {
     let stripped = QUALITATIVE.replace_all(s, " ");
     ONE_LETTER_TEST.is_match(s)
+        || DOTTED_ABBREVIATION.is_match(s)
         || lowercase_words(&stripped).any(|w| w.chars().count() >= 2 && !NOT_TEST_WORDS.contains(&w.as_str()))
 }
 
@@ -280,8 +288,15 @@ fn is_header_line(s: &str) -> bool {
     words.peek().is_some() && words.all(|w| HEADER_WORDS.contains(&w.as_str()))
 }
 
+/// A street name with its abbreviated kind after it, then a comma or the end (`Harbor Rd,`,
+/// `Research Park Dr,`): `Dr` here is no doctor.
+static STREET_ABBREVIATION: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\b\p{Lu}\p{Ll}+\s(?:Rd|Dr|St|Ave|Blvd|Ln|Hwy|Pkwy)\.?(?:,|\s*$)").unwrap());
+
 fn is_address_line(s: &str) -> bool {
-    PHONE.is_match(s) || (s.trim_start().starts_with(|c: char| c.is_ascii_digit()) && ADDRESS_WORD.is_match(s))
+    PHONE.is_match(s)
+        || (s.trim_start().starts_with(|c: char| c.is_ascii_digit())
+            && (ADDRESS_WORD.is_match(s) || STREET_ABBREVIATION.is_match(s)))
 }
 
 fn is_non_result_line(s: &str) -> bool {
@@ -336,6 +351,10 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
         } else {
             let (start, mut end, t) = first.trimmed();
             if !looks_like_result(t) {
+                if let Some((c, next)) = stacked_result(&lines, i - 1, claimed) {
+                    out.push(c);
+                    i = next;
+                }
                 continue;
             }
             // A value printed alone, its unit and range on the lines below: one candidate,
@@ -365,6 +384,67 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
         }
     }
     out
+}
+
+/// Most label lines (`Your value`, `Standard range`) between a test name printed alone and
+/// its value.
+const STACK_MAX_LABELS: usize = 2;
+/// Most words of a test name printed alone on a line.
+const STACK_MAX_NAME_WORDS: usize = 6;
+
+/// A result printed as a stack of lines, as patient portals and some printouts show them: the
+/// test name alone, label lines (`Your value`), the value with its unit, then the range and
+/// flag on lines of their own, each possibly under a label (`Standard range`). One candidate
+/// from the name to the last line of the stack, its label lines and line breaks blanked with
+/// spaces (offsets still map onto the text); the index of the line after it. `None` when the
+/// line at `k` does not start such a stack.
+fn stacked_result(lines: &[Line], k: usize, claimed: &[Span]) -> Option<(Candidate, usize)> {
+    let name = lines[k].text;
+    let free = |l: &Line| {
+        !l.text.trim().is_empty()
+            && !overlaps_any(claimed, l.start, l.char_end())
+            && !NON_RESULT_LINE.is_match(l.text)
+            && !is_address_line(l.text)
+    };
+    if has_value(name) || !has_test_word(name) || lowercase_words(name).count() > STACK_MAX_NAME_WORDS {
+        return None;
+    }
+    let mut j = k + 1;
+    while j < lines.len() && j - k - 1 < STACK_MAX_LABELS && is_header_line(lines[j].text) {
+        j += 1;
+    }
+    let value = lines.get(j)?;
+    // The value line holds a value, not just the range (`0 - 32 IU/L` under `Pending`).
+    let outside_ranges = super::numbers::RANGE_BOTH.replace_all(value.text, " ");
+    if !free(value) || !has_value(&outside_ranges) || !continuation(value.text) {
+        return None;
+    }
+    let mut last = j;
+    while last + 1 < lines.len() {
+        let l = &lines[last + 1];
+        if !(free(l) || is_header_line(l.text)) || !(is_header_line(l.text) || continuation(l.text)) {
+            break;
+        }
+        last += 1;
+    }
+    // Trailing label lines belong to the next stack.
+    while is_header_line(lines[last].text) {
+        last -= 1;
+    }
+    let (start, _, _) = lines[k].trimmed();
+    let mut text = String::new();
+    let mut at = start;
+    for l in &lines[k..=last] {
+        let (s, e, t) = l.trimmed();
+        text.push_str(&" ".repeat(s - at));
+        if is_header_line(t) {
+            text.push_str(&" ".repeat(e - s));
+        } else {
+            text.push_str(t);
+        }
+        at = e;
+    }
+    Some((Candidate { start, end: at, text }, last + 1))
 }
 
 /// Whether a line holds only a unit, range or flag (no test name of its own, and a number
@@ -453,7 +533,11 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
         pieces.push((from, cut));
         from = (cut + 1).min(text.len());
     }
-    let is_result = |(a, b): (usize, usize)| looks_like_result(&text[a..b]);
+    // A piece's number must stand free: `25-OH` of `Vitamin D, 25-OH, total` is a name.
+    let is_result = |(a, b): (usize, usize)| {
+        let piece = &text[a..b];
+        looks_like_result(piece) && (FREE_NUMBER.is_match(piece) || QUALITATIVE.is_match(piece))
+    };
     if pieces.iter().filter(|&&p| is_result(p)).count() < 2 {
         return vec![c];
     }
@@ -482,6 +566,10 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
         })
         .collect()
 }
+
+/// A number not glued to a word by a hyphen or letter (`25-OH`, `B12`, `CA19-9` are names).
+static FREE_NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:^|[^\p{L}\d.,\-])\d+(?:[.,]\d+)?(?:$|[^\p{L}\d.,\-]|-\d)").unwrap());
 
 /// The smallest run of spaces that separates two columns of results (both sides must be
 /// whole results, so a narrow gap is enough: `Ca adj 2.11 (2.20-2.60) L   PO4 2.31`).
@@ -632,6 +720,37 @@ Previously reported as 6.9 mmol/L\n";
         for cand in &c {
             assert_eq!(span_text(text, cand.start, cand.end), cand.text);
         }
+    }
+
+    #[test]
+    fn segment_joins_results_printed_as_stacks() {
+        let text = "Sodium\nYour value\n137 mmol/L\nStandard range\n135 - 145 mmol/L\n\n\
+Potassium\nYour value\n5.4 mmol/L\nStandard range\n3.5 - 5.1 mmol/L\nHigh\n\n\
+ALT\nYour value\nPending\nStandard range\n0 - 32 IU/L\n\nLIVER PANEL\nCollected: Nov 2, 2026\n";
+        let c = segment(text, &[]);
+        assert_eq!(
+            texts(&c),
+            vec![
+                "Sodium            137 mmol/L                135 - 145 mmol/L",
+                "Potassium            5.4 mmol/L                3.5 - 5.1 mmol/L High",
+            ]
+        );
+        for cand in &c {
+            assert_eq!(span_text(text, cand.start, cand.end).chars().count(), cand.text.chars().count());
+            assert!(span_text(text, cand.start, cand.end).starts_with(cand.text.split(' ').next().unwrap()));
+        }
+    }
+
+    #[test]
+    fn segment_keeps_names_with_numbers_and_skips_addresses() {
+        // `25-OH` is part of the name: no list of results.
+        let line = "VITAMIN D, 25-OH, TOTAL                              21 L            30-100 ng/mL          02";
+        assert_eq!(texts(&segment(line, &[])), vec![line]);
+        let text = "02 Summit Esoterics, 18 Research Park Dr, Elm Grove 00000    Lab Director: K. Liu, PhD\n\
+01 Summit Reference Laboratories, 4100 Harbor Rd, Bay City 00000\n\
+Plan: continue 31.5 mg per week. Next INR in 4 weeks.\n\
+Interprétation du DFG (KDIGO) : G1 > 90 ; G2 60 à 89\nV.G.M. ........  90,7 fL   78,0 - 97,0\n";
+        assert_eq!(texts(&segment(text, &[])), vec!["V.G.M. ........  90,7 fL   78,0 - 97,0"]);
     }
 
     #[test]
