@@ -41,6 +41,8 @@ pub enum NonResult {
     VitalSign,
     /// No laboratory test named.
     NoAnalyte,
+    /// A test named with no value: only a reference range, a limit or a threshold.
+    NoValue,
 }
 
 impl NonResult {
@@ -57,6 +59,7 @@ impl NonResult {
             NonResult::Interpretation => "interpretation",
             NonResult::VitalSign => "vital_sign",
             NonResult::NoAnalyte => "no_analyte",
+            NonResult::NoValue => "no_value",
         }
     }
 }
@@ -200,8 +203,41 @@ fn has_value_number(text: &str) -> bool {
     let t = super::segment::DATE_OR_TIME.replace_all(text, " ");
     VALUE_NUMBER.find_iter(&t).any(|m| {
         let s = m.as_str();
-        !(s.contains('-') || s.contains('–')) || s.trim_start().starts_with(['<', '>', '≤', '≥'])
+        // A number glued to a word after it is part of a name (`25-OH`, `17-OHP`).
+        let mut next = t[m.end()..].chars();
+        let glued = match next.next() {
+            Some(c) if c.is_alphabetic() => true,
+            Some('-' | '–') => next.next().is_some_and(char::is_alphabetic),
+            _ => false,
+        };
+        !glued && (!(s.contains('-') || s.contains('–')) || s.trim_start().starts_with(['<', '>', '≤', '≥']))
     })
+}
+
+/// A number given as a limit: `6.5% or greater`, `200 and above`, `or less`.
+static THRESHOLD: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\d\s*(?:%|\S*/\S+)?\s+(?:or|and)\s+(?:greater|higher|above|more|over|less|lower|below|under)\b
+        |\d\s*(?:%|\S*/\S+)?\s+(?:et\s+plus|ou\s+plus|o\s+m[aá]s|oder\s+mehr|und\s+mehr|o\s+superiore|of\s+hoger)\b",
+    )
+    .unwrap()
+});
+
+/// A range-shaped value of microscopy (`5-10 /hpf`, cells per field).
+static FIELD_COUNT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\d\s*[-–]\s*\d+\s*(?:/\s*(?:hpf|lpf|field|champ|campo|veld|gf)|per\s+(?:high|low)[-\s]power)")
+        .unwrap()
+});
+
+/// Whether `text` holds a value: a number outside dates, times and two-sided ranges (a
+/// range-shaped count per microscope field aside), or a qualitative result word.
+fn has_value_outside_ranges(text: &str) -> bool {
+    if FIELD_COUNT.is_match(text) || super::segment::is_qualitative(text) {
+        return true;
+    }
+    let t = super::segment::DATE_OR_TIME.replace_all(text, " ");
+    let t = super::numbers::RANGE_BOTH.replace_all(&t, " ");
+    has_value_number(&t)
 }
 
 /// Labels of metadata lines the segmentation does not already skip: instruments and their
@@ -237,6 +273,37 @@ static TARGET: LazyLock<Regex> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// Category words of interpretation tables, in the lexicon's languages.
+const CATEGORY: &str = r"desirable|borderline|optimal|near\ optimal|above\ optimal|very\ high|high\ risk|low\ risk
+        |moderate\ risk|intermediate\ risk|average\ risk|increased\ risk|prediabetes|pre-diabetes|diabetes|deficien\w*
+        |insufficien\w*|sufficien\w*|adequate|elevated\ risk|euthyroid|non-?diabetic|pre-?diabetic|diabetic
+        |(?:possible\ |potential\ |posible\ |possible\ )?toxi\w*
+        |wünschenswert|grenzwertig|erhöhtes\ risiko|mangel|insuffizienz|ausreichend
+        |souhaitable|limite|risque|carence|insuffisance|suffisance|déficit|deficit|deseable|límite|riesgo|deficiencia
+        |insuficiencia|suficiencia|óptimo|optimo|casi\ óptimo|desiderabile|rischio|carenza|insufficienza|sufficienza
+        |ottimale|wenselijk|grenswaarde|risico|tekort|onvoldoende|voldoende|optimaal|deficiência|insuficiência
+        |suficiência|desejável|limítrofe|risco";
+
+/// A category label with its limit after it, at the start of a line (`Déficit: < 20 ng/mL`,
+/// `Optimal >= 30`, `Very high: >= 190`): a row of an interpretation table even where it
+/// names the test. Plain `high`/`low` count only as a label (with `:`).
+static CATEGORY_LIMIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(
+        r"(?ix)^\s*[(\[*-]?\s*(?:(?:{CATEGORY})\w*\s*:?|(?:very\ |muy\ |sehr\ |très\ |molto\ |zeer\ )?(?:high|low|alto|bajo|hoch|niedrig|élevé|bas|alta|baixo|hoog|laag)\s*:)
+        \s*(?:[<>≤≥]=?|from|between|de|entre|von|zwischen)?\s*\d"
+    ))
+    .unwrap()
+});
+
+/// A line of category names only (`Normal   Prediabetes   Diabetes`): the header of an
+/// interpretation table, whose rows follow it up to a blank line.
+static CATEGORY_WORD: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!(r"(?ix)\b(?:{CATEGORY}|normal|normale?|normaal|high|low)\b")).unwrap());
+
+/// A category name of its own (not `normal`, `high` or `low`, which also head flag and
+/// limit columns).
+static STRONG_CATEGORY: LazyLock<Regex> = LazyLock::new(|| Regex::new(&format!(r"(?ix)\b(?:{CATEGORY})\b")).unwrap());
 
 /// Category words of interpretation tables (`Desirable < 200`, `Prediabetes 5.7-6.4`).
 static INTERPRETATION: LazyLock<Regex> = LazyLock::new(|| {
@@ -293,7 +360,7 @@ static PREVIOUS_LINE: LazyLock<Regex> = LazyLock::new(|| {
 /// a test that the lexicon does not know is still read when it prints such a unit.
 static NUMBER_WITH_LAB_UNIT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r"(?ix)\d\s*(?:[mµunp]?mol/[lmd]?l|[mµunp]?mol/(?:kg|mmol|24\ ?h|d)|[mµunpk]?g/[mdµu]?l|[mµunp]?g/(?:kg|g|24\ ?h|d|mmol)
+        r"(?ix)\d\s*(?:(?:[HL]{1,2}|\*|↑|↓|!)\s+)?(?:[mµunp]?mol/[lmd]?l|[mµunp]?mol/(?:kg|mmol|24\ ?h|d)|[mµunpk]?g/[mdµu]?l|[mµunp]?g/(?:kg|g|24\ ?h|d|mmol)
         |(?:m|k)?i?u/[mµ]?l|[mµ]?iu/[mµ]?l|u/g\ ?hb|x\ ?10\^?\*?\d+/[lµu]?l|10\^?\*?\d+/[lµu]?l|/[nµu]l|/hpf|/lpf|fl\b|pg\b
         |mosm(?:ol)?/kg|meq/l|mg/mmol|ml/min(?:/1\.73\ ?m2)?|kpa\b|mm\ ?hg\b|sec\b|s\b|ratio\b)",
     )
@@ -364,7 +431,12 @@ impl Lexicon {
             };
             let id = entries.len();
             entries.push(Analyte { name: name.trim().to_string(), is_lab_test });
-            for s in synonyms.split('|').map(str::trim).filter(|s| !s.is_empty()).chain([name.trim()]) {
+            let written = synonyms.split('|').map(str::trim).filter(|s| !s.is_empty()).chain([name.trim()]);
+            // An abbreviation of capitals is also printed with dots (`V.G.M.`, `M.C.V.`).
+            let dotted =
+                written.clone().filter(|s| (2..=5).contains(&s.len()) && s.chars().all(|c| c.is_ascii_uppercase()));
+            let dotted: Vec<String> = dotted.map(|s| s.chars().flat_map(|c| [c, '.']).collect()).collect();
+            for s in written.chain(dotted.iter().map(String::as_str)) {
                 if s.chars().count() <= 3 && s.chars().any(char::is_uppercase) {
                     exact.push(s.to_string());
                     exact_entry.push(id);
@@ -447,6 +519,9 @@ impl Classifier {
         if TARGET.is_match(text) {
             return Err(NonResult::Target);
         }
+        if CATEGORY_LIMIT.is_match(text) {
+            return Err(NonResult::Interpretation);
+        }
         if PREVIOUS_LINE.is_match(text) {
             return Err(NonResult::Previous);
         }
@@ -460,10 +535,15 @@ impl Classifier {
             }
             c.text = masked;
         }
+        // A value of 6.5 % or greater, 25 to 50 nmol/L: limits of an interpretation, no value.
+        if THRESHOLD.is_match(&c.text) {
+            return Err(NonResult::Interpretation);
+        }
         match analyte {
+            None if INTERPRETATION.is_match(&c.text) => Err(NonResult::Interpretation),
+            _ if !has_value_outside_ranges(&c.text) => Err(NonResult::NoValue),
             Some((_, true)) => Ok(()),
             Some((_, false)) => Err(NonResult::VitalSign),
-            None if INTERPRETATION.is_match(&c.text) => Err(NonResult::Interpretation),
             None if NUMBER_WITH_LAB_UNIT.is_match(&c.text) => Ok(()),
             None => Err(NonResult::NoAnalyte),
         }
@@ -497,6 +577,103 @@ impl Classifier {
             }
         }
         out
+    }
+}
+
+/// The rows of interpretation tables headed by a line of category names only (`Normal
+/// Prediabetes   Diabetes`, at least two of them and no digit): character spans of the lines
+/// from the header to the next blank line.
+pub fn interpretation_tables(text: &str) -> Vec<Span> {
+    let lines = super::lines::split_lines(text);
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < lines.len() {
+        let t = lines[k].text;
+        let words = t.split_whitespace().count();
+        let categories = CATEGORY_WORD.find_iter(t).count();
+        let strong = STRONG_CATEGORY.is_match(t);
+        let header = categories >= 2
+            && strong
+            && !t.chars().any(|c| c.is_ascii_digit())
+            && CATEGORY_WORD.replace_all(t, " ").split_whitespace().count() * 2 < words;
+        if !header {
+            k += 1;
+            continue;
+        }
+        let start = lines[k].start;
+        let mut end = lines[k].char_end();
+        k += 1;
+        while k < lines.len() && !lines[k].text.trim().is_empty() {
+            end = lines[k].char_end();
+            k += 1;
+        }
+        out.push((start, end));
+    }
+    out
+}
+
+/// A date opening a line: `02/09/2026`, `2.9.26`, `2026-09-02`.
+static LEADING_DATE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\s*(?:(\d{1,2})[./-](\d{1,2})[./-](\d{2}|\d{4})|(\d{4})-(\d{1,2})-(\d{1,2}))\b").unwrap()
+});
+
+/// The date opening a line: its year and two other numbers, day and month in an order to
+/// be told (`iso` dates are year-month-day).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LeadingDate {
+    year: u32,
+    a: u32,
+    b: u32,
+    iso: bool,
+}
+
+impl LeadingDate {
+    fn read(line: &str) -> Option<Self> {
+        let c = LEADING_DATE.captures(line)?;
+        let n = |i: usize| c.get(i).and_then(|m| m.as_str().parse::<u32>().ok());
+        match (n(1), n(2), n(3)) {
+            (Some(a), Some(b), Some(y)) => Some(Self { year: if y < 100 { 2000 + y } else { y }, a, b, iso: false }),
+            _ => Some(Self { year: n(4)?, a: n(5)?, b: n(6)?, iso: true }),
+        }
+    }
+
+    /// (year, month, day), the first number read as the day when `day_first`.
+    fn key(self, day_first: bool) -> (u32, u32, u32) {
+        if day_first && !self.iso {
+            (self.year, self.b, self.a)
+        } else {
+            (self.year, self.a, self.b)
+        }
+    }
+}
+
+impl Classifier {
+    /// The rows of a result history, one row per date (`02/09/2026   INR   1.7`): of the
+    /// rows of one test whose lines open with a date, all but those of the latest date are
+    /// earlier values. `rows` are (line text, test name) pairs; the answer is their indices
+    /// of earlier values. Day and month are read in the order that makes every date valid
+    /// (day first when both do). Tests are told apart by their lexicon entry.
+    pub fn earlier_dated(&self, rows: &[(&str, Option<&str>)]) -> Vec<usize> {
+        let dated: Vec<(usize, LeadingDate, String)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(k, (line, test))| {
+                let date = LeadingDate::read(line)?;
+                let test = test.filter(|t| !t.trim().is_empty())?;
+                let key = self.lexicon.first(test).map_or_else(|| test.trim().to_lowercase(), |(_, a)| a.name.clone());
+                Some((k, date, key))
+            })
+            .collect();
+        let day_first = !dated.iter().any(|(_, d, _)| !d.iso && d.b > 12 && d.a <= 12);
+        let latest = |key: &str| {
+            let same = dated.iter().filter(|(_, _, t)| t == key);
+            (same.clone().count() >= 2).then(|| same.map(|(_, d, _)| d.key(day_first)).max()).flatten()
+        };
+        dated
+            .iter()
+            .filter(|(_, d, key)| latest(key).is_some_and(|l| d.key(day_first) < l))
+            .map(|&(k, _, _)| k)
+            .collect()
     }
 }
 
@@ -595,6 +772,8 @@ mod tests {
                 assert_eq!(entry(text), first, "{text}");
             }
         }
+        // Abbreviations of capitals printed with dots.
+        assert_eq!(entry("V.G.M. ........ 90,7 fL"), entry("MCV 90"));
         // Short mixed-case abbreviations match only as written; words never inside others.
         assert!(lex.first("k").is_none());
         assert!(lex.first("Kaliumchlorid-Infusion").is_none_or(|(_, a)| a.name != "Potassium"));
@@ -618,6 +797,12 @@ mod tests {
             "Zonulin 61 ng/mL",
             "Total protein 72 g/L (60-80)",
             "Total cholesterol 5.2 mmol/L",
+            "Leukocytes   5-10 /hpf   0-5",
+            "RBC  0-2 /HPF",
+            "Hb 13.2 12.0-15.5",
+            "CRP   < 4 mg/L   < 5",
+            "Urine protein   Trace   Negative",
+            "Triglicerydy     156    H       mg/dl        < 150",
         ] {
             assert!(verdict(line).is_ok(), "{line}: {:?}", verdict(line));
         }
@@ -639,6 +824,16 @@ mod tests {
             ("Weight 82 kg", "vital_sign"),
             ("Room 12 on floor 3", "metadata"),
             ("Flat 4 Block 7", "no_analyte"),
+            ("Target INR range: 2.0 - 3.0", "target"),
+            ("TSH    w realizacji    0,27 - 4,20", "no_value"),
+            ("Vitamin D: 25 to 50 nmol/L indicates insufficiency", "no_value"),
+            ("a hemoglobin A1c value of 6.5% or greater", "interpretation"),
+            ("LDL cholesterol 160 mg/dL and above", "interpretation"),
+            ("Vitamin D status      25-OH Vitamin D", "no_value"),
+            ("   Déficit: < 20 ng/mL", "interpretation"),
+            ("Posible toxicidad: > 150 ng/mL", "interpretation"),
+            ("Very high: >= 190 mg/dL", "interpretation"),
+            ("Optimal >= 30 ng/mL", "interpretation"),
         ] {
             assert_eq!(verdict(line), Err(reason), "{line}");
         }
@@ -671,6 +866,41 @@ mod tests {
             verdict("Hb 8.7 g/dL on admission, 10.2 g/dL at discharge").unwrap(),
             "Hb     g/dL on admission, 10.2 g/dL at discharge"
         );
+    }
+
+    #[test]
+    fn interpretation_tables_under_a_header_of_categories() {
+        let text = "Glucose 131 mg/dL\n\n                Normal     Prediabetes    Diabetes\n\
+Fasting glucose  <100       100-125        >=126 mg/dL\nHbA1c            <5.7       5.7-6.4        >=6.5 %\n\n\
+Sodium 139 mmol/L\nHigh  Low\n";
+        let spans = interpretation_tables(text);
+        assert_eq!(spans.len(), 1);
+        let (s, e) = spans[0];
+        let block: String = text.chars().skip(s).take(e - s).collect();
+        assert!(block.trim_start().starts_with("Normal") && block.ends_with(">=6.5 %"), "{block:?}");
+        // A flag header is no table of categories; a result line is no header.
+        assert!(interpretation_tables("Result   Flag\nHigh\nGlucose 7.1 high\n").is_empty());
+    }
+
+    #[test]
+    fn result_histories_keep_the_latest_date() {
+        let rows = [
+            ("02/09/2026    INR     1.7         31.5 mg", Some("INR")),
+            ("16/09/2026    INR     2.3         35 mg", Some("02/09/2026 INR")),
+            ("18/11/2026    INR     2.5", Some("INR")),
+            ("18/11/2026    Hb      128 g/L", Some("Hb")),
+            ("Potassium 4.1", Some("Potassium")),
+        ];
+        assert_eq!(classifier().earlier_dated(&rows), vec![0, 1]);
+        // Month first when a second number is above 12; ISO dates; a test of one date only.
+        let rows = [
+            ("11/02/2026 Sodium 139", Some("Sodium")),
+            ("09/14/2026 Sodium 141", Some("Na")),
+            ("2026-01-05 Potassium 4.1", Some("K")),
+            ("2025-12-30 Potassium 4.4", Some("Potassium")),
+            ("2026-01-05 Urea 7.1", Some("Urea")),
+        ];
+        assert_eq!(classifier().earlier_dated(&rows), vec![1, 3]);
     }
 
     #[test]

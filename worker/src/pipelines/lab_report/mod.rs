@@ -116,13 +116,22 @@ impl Pipeline for LabReport {
                 claimed.extend(p.claimed);
             }
         }
-        let segmented = segment(&doc.text, &claimed);
+        let mut segmented = segment(&doc.text, &claimed);
         // Candidates that are not results, kept for grounding whole-document answers on them
         // (an answer borne out only by such a line gives no row).
         let mut not_results: Vec<Candidate> = Vec::new();
         let lines: Vec<Candidate> = match &self.classifier {
             None => segmented,
             Some(cl) => {
+                // Rows of interpretation tables (under a header of category names).
+                let tables = classify::interpretation_tables(&doc.text);
+                segmented.retain(|c| {
+                    let inside = lines::overlaps_any(&tables, c.start, c.end);
+                    if inside {
+                        set_aside.push(SetAside { reason: NonResult::Interpretation, start: c.start, end: c.end });
+                    }
+                    !inside
+                });
                 set_aside.extend(cl.unresulted_lines(&doc.text, &claimed, &segmented));
                 let mut kept = Vec::with_capacity(segmented.len());
                 for mut c in segmented {
@@ -238,6 +247,24 @@ impl Pipeline for LabReport {
                         ));
                     }
                 }
+            }
+        }
+        // A result history (one row per date): only the latest date's rows are results.
+        if let Some(cl) = &self.classifier {
+            let doc_lines = lines::split_lines(&doc.text);
+            let line_of = |at: usize| {
+                doc_lines.iter().find(|l| l.start <= at && at < l.char_end().max(l.start + 1)).map_or("", |l| l.text)
+            };
+            let keys: Vec<(&str, Option<&str>)> =
+                rows.iter().map(|r| (line_of(r.item.evidence_start), r.item.test.as_deref())).collect();
+            let earlier = cl.earlier_dated(&keys);
+            for k in earlier.into_iter().rev() {
+                let r = rows.remove(k);
+                set_aside.push(SetAside {
+                    reason: NonResult::Previous,
+                    start: r.item.evidence_start,
+                    end: r.item.evidence_end,
+                });
             }
         }
         if !rows.is_empty() {
