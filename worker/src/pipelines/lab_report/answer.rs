@@ -149,7 +149,8 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
     let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]));
     // A unit the model copied together with the value is the better witness.
     let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
-    // No unit from the model: a unit printed right after the value (`36.4  %`, `13,9  g/dL`).
+    // No unit from the answer (none given, or not printed after the value): a unit printed
+    // right after the value (`36.4  %`, `13,9  g/dL`).
     let unit = unit.or_else(|| {
         let first = after.split_whitespace().next()?;
         let unit_like = first == "%"
