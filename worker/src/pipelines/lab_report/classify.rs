@@ -200,8 +200,12 @@ static VALUE_NUMBER: LazyLock<Regex> =
 
 /// Whether `text` holds a value number (a date, a time or a range is not one).
 fn has_value_number(text: &str) -> bool {
-    let t = super::segment::DATE_OR_TIME.replace_all(text, " ");
-    VALUE_NUMBER.find_iter(&t).any(|m| {
+    value_number_in(&super::segment::DATE_OR_TIME.replace_all(text, " "))
+}
+
+/// [`has_value_number`] of a text whose dates and times are already blanked.
+fn value_number_in(t: &str) -> bool {
+    VALUE_NUMBER.find_iter(t).any(|m| {
         let s = m.as_str();
         // A number glued to a word after it is part of a name (`25-OH`, `17-OHP`).
         let mut next = t[m.end()..].chars();
@@ -235,9 +239,9 @@ fn has_value_outside_ranges(text: &str) -> bool {
     if FIELD_COUNT.is_match(text) || super::segment::is_qualitative(text) {
         return true;
     }
+    // Dates first: a range pattern would eat part of `12-11-2026`.
     let t = super::segment::DATE_OR_TIME.replace_all(text, " ");
-    let t = super::numbers::RANGE_BOTH.replace_all(&t, " ");
-    has_value_number(&t)
+    value_number_in(&super::numbers::RANGE_BOTH.replace_all(&t, " "))
 }
 
 /// Labels of metadata lines the segmentation does not already skip: instruments and their
@@ -665,13 +669,15 @@ impl Classifier {
             })
             .collect();
         let day_first = !dated.iter().any(|(_, d, _)| !d.iso && d.b > 12 && d.a <= 12);
-        let latest = |key: &str| {
-            let same = dated.iter().filter(|(_, _, t)| t == key);
-            (same.clone().count() >= 2).then(|| same.map(|(_, d, _)| d.key(day_first)).max()).flatten()
-        };
+        // Per test: its latest date and how many dated rows it has.
+        let mut latest: BTreeMap<&str, ((u32, u32, u32), usize)> = BTreeMap::new();
+        for (_, d, key) in &dated {
+            let e = latest.entry(key.as_str()).or_insert((d.key(day_first), 0));
+            *e = (e.0.max(d.key(day_first)), e.1 + 1);
+        }
         dated
             .iter()
-            .filter(|(_, d, key)| latest(key).is_some_and(|l| d.key(day_first) < l))
+            .filter(|(_, d, key)| latest[key.as_str()].1 >= 2 && d.key(day_first) < latest[key.as_str()].0)
             .map(|&(k, _, _)| k)
             .collect()
     }

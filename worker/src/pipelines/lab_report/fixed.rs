@@ -225,7 +225,7 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         }
     }
     let mut out = Parsed::default();
-    for half in &header.halves {
+    for (h, half) in header.halves.iter().enumerate() {
         let mine: Vec<Cell> = half.header.iter().filter_map(|&k| at[k]).collect();
         let (Some(first), Some(last)) = (mine.first(), mine.last()) else { continue };
         let mut texts: Vec<String> =
@@ -247,7 +247,7 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
         {
             split_cell(&mut texts, &mut columns.flag, v, &value, &flag);
         }
-        if let Some(flag) = trailing_flag.filter(|_| std::ptr::eq(half, header.halves.last().expect("a half"))) {
+        if let Some(flag) = trailing_flag.filter(|_| h + 1 == header.halves.len()) {
             match columns.flag {
                 Some(k) if texts[k].is_empty() => texts[k] = flag.to_string(),
                 Some(_) => {}

@@ -329,9 +329,7 @@ fn continues(prev: &str, next: &str) -> bool {
 /// "Potassium was 5.9 mmol/L (3.5-5.1) and sodium 139 mmol/L" gives two candidates.
 pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
     let lines = split_lines(text);
-    let usable = |l: &Line| {
-        !l.text.trim().is_empty() && !overlaps_any(claimed, l.start, l.char_end()) && !is_non_result_line(l.text)
-    };
+    let usable = |l: &Line| usable(l, claimed);
     let mut out = Vec::new();
     let mut i = 0;
     while i < lines.len() {
@@ -386,6 +384,12 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
     out
 }
 
+/// A line segmentation may read: not blank, not claimed by a parser, not a header,
+/// identification, address or other non-result line.
+fn usable(l: &Line, claimed: &[Span]) -> bool {
+    !l.text.trim().is_empty() && !overlaps_any(claimed, l.start, l.char_end()) && !is_non_result_line(l.text)
+}
+
 /// Most label lines (`Your value`, `Standard range`) between a test name printed alone and
 /// its value.
 const STACK_MAX_LABELS: usize = 2;
@@ -400,12 +404,6 @@ const STACK_MAX_NAME_WORDS: usize = 6;
 /// line at `k` does not start such a stack.
 fn stacked_result(lines: &[Line], k: usize, claimed: &[Span]) -> Option<(Candidate, usize)> {
     let name = lines[k].text;
-    let free = |l: &Line| {
-        !l.text.trim().is_empty()
-            && !overlaps_any(claimed, l.start, l.char_end())
-            && !NON_RESULT_LINE.is_match(l.text)
-            && !is_address_line(l.text)
-    };
     if has_value(name) || !has_test_word(name) || lowercase_words(name).count() > STACK_MAX_NAME_WORDS {
         return None;
     }
@@ -416,13 +414,14 @@ fn stacked_result(lines: &[Line], k: usize, claimed: &[Span]) -> Option<(Candida
     let value = lines.get(j)?;
     // The value line holds a value, not just the range (`0 - 32 IU/L` under `Pending`).
     let outside_ranges = super::numbers::RANGE_BOTH.replace_all(value.text, " ");
-    if !free(value) || !has_value(&outside_ranges) || !continuation(value.text) {
+    if !usable(value, claimed) || !has_value(&outside_ranges) || !continuation(value.text) {
         return None;
     }
     let mut last = j;
     while last + 1 < lines.len() {
+        // Label lines, and unit, range or flag lines.
         let l = &lines[last + 1];
-        if !(free(l) || is_header_line(l.text)) || !(is_header_line(l.text) || continuation(l.text)) {
+        if !(is_header_line(l.text) || (usable(l, claimed) && continuation(l.text))) {
             break;
         }
         last += 1;
