@@ -146,7 +146,9 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
 
     // Range and unit may be printed in brackets between the test name and the value.
     let bracket = range_before_value(before);
-    let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]));
+    let test = choose_test(test, text, bracket.map_or(before, |(s, _)| &before[..s]))
+        .map(|t| super::items::without_footnote_marks(&t).to_string())
+        .filter(|t| !t.is_empty());
     // A unit the model copied together with the value is the better witness.
     let unit = glued_unit.and_then(|u| unit_token(after, &u)).or_else(|| unit.and_then(|u| unit_token(after, &u)));
     // No unit from the answer (none given, or not printed after the value): a unit printed
@@ -191,6 +193,11 @@ pub fn parse_answer(answer: &str, candidate: &Candidate) -> Result<LabItem, Answ
             })
             .map(str::to_string)
     });
+    // A unit per collection period printed with a space (`g/24 h`, `mmol/24 Std`).
+    let unit = unit.map(|u| match PER_HOURS.captures(after).filter(|c| c[1].eq_ignore_ascii_case(&u)) {
+        Some(c) => c[0].trim().to_string(),
+        None => u,
+    });
     let before_flag = flag_before(before);
     let model_flag = flag.filter(|f| {
         Flag::from_printed(f).is_some()
@@ -222,9 +229,10 @@ static CUTOFF_BEFORE: LazyLock<Regex> = LazyLock::new(|| {
     .unwrap()
 });
 
-/// A test name with its unit in brackets after it: `Sodium (mmol/L)`, `HbA1c (%)`.
-static UNIT_AFTER_NAME: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"^(.*\p{L}.*?)\s*[(\[]((?:[^()\[\]\s\d]*/[^()\[\]\s]+)|%)[)\]]$").unwrap());
+/// A test name with its unit in brackets after it: `Sodium (mmol/L)`, `HbA1c (%)`, `MCV (fL)`.
+pub(super) static UNIT_AFTER_NAME: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^(.*\p{L}.*?)\s*[(\[]((?:[^()\[\]\s\d]*/[^()\[\]\s]+)|(?:x\s?)?10\^?\*?\d+/[^()\[\]\s]+|%|(?i:fl|pg|kpa|mm\s?hg|secs?))[)\]]$").unwrap()
+});
 
 /// `<`, `>`, `≤`, `≥` (or `<=`, `>=`), with at most one space, or a minus sign glued to the
 /// number (`BE −4.1`), right before `at` and not glued to a word or number before it (`x<5`
@@ -265,6 +273,16 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     if code_in_brackets {
         return reread();
     }
+    // A clock time (`at 11:30`) is no value; nor a number printed only inside a word
+    // (`3` of `Complement C3`) or as a collection period (`24` of `orina de 24 h`).
+    let clock = CLOCK.is_match(v);
+    let glued_only = numeric
+        && spans.is_empty()
+        && text.match_indices(v).any(|(at, _)| text[..at].chars().next_back().is_some_and(char::is_alphabetic));
+    let hours_only = numeric && !spans.is_empty() && spans.iter().all(|&(_, e)| HOURS_AFTER.is_match(&text[e..]));
+    if (clock || glued_only || hours_only) && first.is_some() {
+        return reread();
+    }
     if word_ok && !unit_word {
         return None;
     }
@@ -298,6 +316,15 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
             return None;
         }
     }
+    // A word of the test's name given as the value of a line with no value number whose
+    // value is a result word (`Sputum culture: Streptococcus pneumoniae`): that result word.
+    if !numeric && !word_ok && !unit_word && first.is_none() && !spans.is_empty() {
+        let after_name =
+            super::segment::QUALITATIVE.find_iter(text).find(|m| spans.iter().all(|&(_, e)| e <= m.start()));
+        if let Some(m) = after_name {
+            return Some(m.as_str().to_string());
+        }
+    }
     if !numeric && !unit_word && v.chars().count() > 2 {
         // A word printed before the line's first value number is part of the test's name
         // (`Glucosa basal   126 mg/dL`, `Cholesterol LDL   148`): the value is that number.
@@ -308,6 +335,20 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     }
     reread()
 }
+
+/// The first token after a value when it is a unit per hours printed with a space
+/// (`g/24 h`): that token (group 1) and the hours.
+static PER_HOURS: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?i)^\s*(\S+/\d+)\s(?:h|hrs?|std|horas?|heures?|ore|uur)\b").unwrap());
+
+/// A clock time with a two-digit hour (`08:45`, `11:30`); titres (`1:320`) are not.
+static CLOCK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[0-2]\d:[0-5]\d$").unwrap());
+
+/// Hours right after a number: a collection period or time point (`24 h`, `24-h`, `2 hours`).
+static HOURS_AFTER: LazyLock<Regex> = LazyLock::new(|| {
+    // `h` in lower case only: `4.6 H` is a flag.
+    Regex::new(r"^\s?-?\s?(?:h|(?i:hrs?|hours?|horas?|heures?|std|stunden|ore|uur))\b").unwrap()
+});
 
 /// Byte span of the first number that stands as a value, its comparator included: not glued
 /// to a word or unit (`B12`, `x10^9`), not in brackets, not part of a two-sided range (a
@@ -320,10 +361,13 @@ fn first_value_span(text: &str) -> Option<(usize, usize)> {
     let ranges: Vec<(usize, usize)> = RANGE_BOTH.find_iter(text).map(|m| (m.start(), m.end())).collect();
     let brackets = bracket_spans(text);
     let inside = |spans: &[(usize, usize)], s: usize, e: usize| spans.iter().any(|&(a, b)| a <= s && e <= b);
-    VALUE_TOKEN
-        .find_iter(text)
-        .map(|m| (m.start(), m.end()))
-        .find(|&(s, e)| !glued(s, e) && !inside(&ranges, s, e) && !inside(&brackets, s, e))
+    VALUE_TOKEN.find_iter(text).map(|m| (m.start(), m.end())).find(|&(s, e)| {
+        !glued(s, e)
+            && !inside(&ranges, s, e)
+            && !inside(&brackets, s, e)
+            && !HOURS_AFTER.is_match(&text[e..])
+            && !CLOCK.is_match(&text[s..e])
+    })
 }
 
 /// Byte spans of the bracketed groups (`(…)`, `[…]`, not nested) of `text`.
@@ -811,6 +855,10 @@ mod tests {
         let c = cand("AMENDED: Potassium 4.4 mmol/L (ref 3.5-5.1)");
         let a = r#"{"test":"K","value":"4.4"}"#;
         assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("Potassium"));
+        // A word of the name given as the value of a culture: the organism printed after it.
+        let c = cand("Sputum culture: Streptococcus pneumoniae, sensitive to amoxicillin");
+        let a = r#"{"test":"Sputum","value":"Sputum"}"#;
+        assert_eq!(parse_answer(a, &c).unwrap().value.as_deref(), Some("Streptococcus pneumoniae"));
         let c = cand("The troponin I was negative");
         let a = r#"{"test":"The troponin I","value":"negative"}"#;
         assert_eq!(parse_answer(a, &c).unwrap().test.as_deref(), Some("troponin I"));
@@ -1100,6 +1148,22 @@ mod tests {
         // Grades and signs stay.
         let c = cand("Nitrite  +   Protein 30 mg/dL");
         assert_eq!(parse_answer(r#"{"test":"Nitrite","value":"+"}"#, &c).unwrap().value.as_deref(), Some("+"));
+    }
+
+    #[test]
+    fn answer_numbers_of_names_times_and_periods_are_read_again() {
+        let value = |line: &str, answer: &str| parse_answer(answer, &cand(line)).unwrap().value;
+        let c3 = "Complement C3                           0.62 g/L          (0.75 - 1.65)";
+        assert_eq!(value(c3, r#"{"test":"Complement C","value":"3"}"#).as_deref(), Some("0.62"));
+        let time = "Repeat K 5.2 on fresh sample at 11:30";
+        assert_eq!(value(time, r#"{"test":"K","value":"11:30"}"#).as_deref(), Some("5.2"));
+        let period = "Albúmina en orina de 24 h         236 mg/24 h       < 30";
+        let item = parse_answer(r#"{"test":"Albúmina","value":"24","unit":"mg/24"}"#, &cand(period)).unwrap();
+        assert_eq!((item.value.as_deref(), item.unit.as_deref()), (Some("236"), Some("mg/24 h")));
+        // A titre is no clock time; `4.6 H` is a value and its flag.
+        let titre = "ANA (IIF)   1:320   (< 1:80)";
+        assert_eq!(value(titre, r#"{"test":"ANA","value":"1:320"}"#).as_deref(), Some("1:320"));
+        assert_eq!(value("Urine ACR (<3.0 mg/mmol) .... 4.6 H", r#"{"value":"<3.0"}"#).as_deref(), Some("4.6"));
     }
 
     #[test]

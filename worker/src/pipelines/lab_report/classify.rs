@@ -262,6 +262,9 @@ static METADATA: LazyLock<Regex> = LazyLock::new(|| {
     .unwrap()
 });
 
+/// `Total` and then a word: the start of a test name such as `Total protein`.
+static TOTAL_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)^\s*total\s+\p{L}").unwrap());
+
 /// A price or a payment: a currency sign or code next to a number.
 static MONEY: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)[€$£¥]\s?\d|\d\s?[€$£¥]|\b(?:eur|usd|gbp|chf)\s?\d|\d\s?(?:eur|usd|gbp|chf)\b").unwrap()
@@ -274,6 +277,24 @@ static TARGET: LazyLock<Regex> = LazyLock::new(|| {
         |decision\ limit|cut-?off|action\ limit|alert\ (?:level|limit)|zielbereich|therapeutisch\w*|toxisch\w*|grenzwert
         |entscheidungsgrenze|zone\ thérapeutique|cible|seuil|toxique|objetivo|diana|rango\ terap\w*|tóxic\w*|umbral
         |bersaglio|intervallo\ terap\w*|tossic\w*|soglia|streef\w*|therapeutisch\ bereik|toxisch)\b",
+    )
+    .unwrap()
+});
+
+/// A threshold named before the line's first number (`Phototherapy threshold at 62 hours:
+/// 300 umol/L`, `Exchange transfusion limit 450`), outside brackets (a result may print its
+/// cut-off in brackets: `Troponin (99th percentile cut-off 14 ng/L)  45`).
+fn target_label(text: &str) -> bool {
+    let first_digit = text.find(|c: char| c.is_ascii_digit()).unwrap_or(text.len());
+    let label = &text[..first_digit];
+    let label = label.split_once(['(', '[']).map_or(label, |(a, _)| a);
+    THRESHOLD_WORD.is_match(label)
+}
+
+static THRESHOLD_WORD: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:threshold|cut-?off|action\ limit|decision\ limit|treatment\ line|schwelle|schwellenwert|seuil|umbral
+        |soglia|drempel(?:waarde)?|limiar)\b",
     )
     .unwrap()
 });
@@ -330,13 +351,17 @@ static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)
         (?P<a>(?:\b(?:from|previously|previous|prior|earlier|baseline|last|compared\ (?:with|to)|vs\.?|versus|vorher|zuvor
-            |vorwert|précédemment|auparavant|antérieurement|anteriormente|previamente|precedentemente|eerder|voorheen)
-            (?:\ (?:of|value|result|was|at|being))?:?
-          | \(\s*(?:was|previously|prev\.?|prior))
+            |vorwert|précédemment|auparavant|antérieurement|anteriormente|previamente|precedentemente|eerder|voorheen
+            |peaked|peak|initially|initial|nadir|maximal|maximum|highest|lowest|worst|anfangs|initialement|inicialmente
+            |inizialmente|aanvankelijk)
+            (?:\ (?:of|value|result|was|at|being|à|a|de|bei|di|op|em))?:?
+          | \(\s*(?:was|previously|prev\.?|prior)
+          | \b(?:on\ admission|at\ presentation|all['’]ingresso|à\ l['’]entrée|à\ l['’]admission|bei\ aufnahme|al\ ingreso
+            |bij\ opname|na\ admissão)(?:\ (?:was|of|at|à|a|di|de|bei|op|em|von|van|di))?:?)
           \s+[<>]?\d+(?:[.,]\d+)?)
         | (?P<b>\b(?:von|de|da|van|desde)\s+[<>]?\d+(?:[.,]\d+)?)(?:\s*\S+)?\s+(?:auf|à|a|al|naar|para|to)\s+[<>]?\d
         | (?P<c>[<>]?\d+(?:[.,]\d+)?\s*(?:→|->|=>|⟶))\s*[<>]?\d
-        | (?P<d>[<>]?\d+(?:[.,]\d+)?)(?:\s*[^\s\d,;()]+)?\s+(?:last\ (?:week|month|year|time|visit)|yesterday
+        | (?P<d>[<>]?\d+(?:[.,]\d+)?(?:\s*[^\s\d,;()][^\s,;()]*)?)\s+(?:last\ (?:week|month|year|time|visit)|yesterday
             |(?:\d+|a|one|two|three|six)\ (?:days?|weeks?|months?|years?)\ ago
             |in\ (?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b|at\ baseline|on\ admission
             |letzte[nr]?\ (?:woche|monat|jahr)|im\ vormonat|vor\ \d+\ (?:tagen|wochen|monaten)
@@ -346,10 +371,39 @@ static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
     .unwrap()
 });
 
-/// A time point of the current stay (`on admission`): earlier than a value beside it, but
-/// the result when it is the only one.
-static ADMISSION: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?i)\b(?:on|at)\s+(?:admission|presentation|arrival)\b").unwrap());
+/// The byte offset where the clause holding `at` starts: after the last `;`, `:`, sentence
+/// end or blank line before it.
+fn clause_start(text: &str, at: usize) -> usize {
+    let before = &text[..at];
+    let mut start = before.rfind("\n\n").map_or(0, |k| k + 2);
+    for m in CLAUSE_END.find_iter(before) {
+        start = start.max(m.end());
+    }
+    start
+}
+
+static CLAUSE_END: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[;:]|[.!?]\s").unwrap());
+
+/// Words that date a value to the start of a stay or course, in the lexicon's languages:
+/// earlier than a value beside it or named again later, but the result when it is the only
+/// one.
+static EARLY_MARK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:on|at)\s+(?:admission|presentation|arrival|baseline)\b|\binitial(?:ly)?\b|à\s+l['’]entrée|à\s+l['’]admission
+        |à\s+l['’]arrivée|initialement|bei\s+aufnahme|anfangs|zu\s+beginn|al\s+ingreso|inicialmente|all['’]ingresso
+        |inizialmente|bij\s+opname|aanvankelijk|na\s+admissão",
+    )
+    .unwrap()
+});
+
+/// Words that date a value to the end of a stay or to now.
+static LATE_MARK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:at|on)\s+discharge\b|\btoday\b|\bnow\b|\blatest\b|\bmost\s+recent|à\s+la\s+sortie|bei\s+entlassung
+        |al\s+alta|alla\s+dimissione|bij\s+ontslag|na\s+alta|aujourd['’]hui|heute|hoy|oggi|vandaag",
+    )
+    .unwrap()
+});
 
 /// Lines that give an earlier result (`Previous result: 4.1`, `Vorwert 3,9`).
 static PREVIOUS_LINE: LazyLock<Regex> = LazyLock::new(|| {
@@ -506,6 +560,12 @@ impl Classifier {
     /// `Ok` when the candidate is a result (its earlier values of a trend blanked out, so the
     /// model reads the current one), else why it is not.
     pub fn classify(&self, c: &mut Candidate) -> Result<(), NonResult> {
+        // Durations, days of a stay and a method's year are no values (`no growth at 5 days`,
+        // `weaned day 2`, `CKD-EPI 2021`).
+        let plain = blank_counts(&c.text);
+        if plain != c.text {
+            c.text = plain;
+        }
         let text = c.text.as_str();
         if let Some(reason) = self.unresulted_entry(text) {
             return Err(reason);
@@ -516,11 +576,14 @@ impl Classifier {
         // A line that starts with a test name is not a label line (`Total protein`,
         // `Charge` of a German lot number aside).
         let leading = text.len() - text.trim_start().len();
-        let starts_with_test = analyte.is_some_and(|(at, lab)| lab && at == leading);
+        // `Total` opens the name of a test the lexicon may not know (`Total Kolesterol  238
+        // mg/dL`) as well as a receipt's sum: with a laboratory unit it is the test.
+        let starts_with_test = analyte.is_some_and(|(at, lab)| lab && at == leading)
+            || (TOTAL_NAME.is_match(text) && NUMBER_WITH_LAB_UNIT.is_match(text));
         if (METADATA.is_match(text) && !starts_with_test) || MONEY.is_match(text) {
             return Err(NonResult::Metadata);
         }
-        if TARGET.is_match(text) {
+        if TARGET.is_match(text) || target_label(text) {
             return Err(NonResult::Target);
         }
         if CATEGORY_LIMIT.is_match(text) {
@@ -532,7 +595,7 @@ impl Classifier {
         let masked = blank_earlier_values(text);
         // A value dated on admission with no later one beside it (`Hemoglobin was 8.7 g/dL on
         // admission`) is this stay's result, kept as printed.
-        let admission_only = !has_value_number(&masked) && ADMISSION.is_match(text);
+        let admission_only = !has_value_number(&masked) && EARLY_MARK.is_match(text);
         if masked != c.text && !admission_only {
             if !has_value_number(&masked) && !super::segment::looks_like_result(&masked) {
                 return Err(NonResult::Previous);
@@ -551,6 +614,39 @@ impl Classifier {
             None if NUMBER_WITH_LAB_UNIT.is_match(&c.text) => Ok(()),
             None => Err(NonResult::NoAnalyte),
         }
+    }
+
+    /// Indices (ascending) of the candidates whose value is an earlier one of a test the
+    /// document gives again: a value dated to the start of the stay or course, in the
+    /// candidate or earlier in its clause (`on admission`, `initially`, `à l'entrée`, `bei
+    /// Aufnahme`), when another candidate names the same lexicon entry without such a date.
+    /// A value beside its later one in the same candidate is blanked by `classify` instead.
+    pub fn earlier_mentions(&self, text: &str, kept: &[Candidate]) -> Vec<usize> {
+        let chars: Vec<(usize, char)> = text.char_indices().collect();
+        let byte_at = |at: usize| chars.get(at).map_or(text.len(), |&(b, _)| b);
+        let early: Vec<Option<(&str, bool)>> = kept
+            .iter()
+            .map(|c| {
+                let (_, analyte) = self.lexicon.first(&c.text)?;
+                let start = byte_at(c.start);
+                let clause = &text[clause_start(text, start)..start];
+                let dated_early =
+                    (EARLY_MARK.is_match(clause) || EARLY_MARK.is_match(&c.text)) && !LATE_MARK.is_match(&c.text);
+                Some((analyte.name.as_str(), dated_early))
+            })
+            .collect();
+        (0..kept.len())
+            .filter(|&k| {
+                let Some((name, true)) = early[k] else { return false };
+                early.iter().any(|e| matches!(e, Some((n, false)) if *n == name))
+            })
+            .collect()
+    }
+
+    /// Whether a test name read by a parser names a vital sign, body measurement or input
+    /// setting of the lexicon (its first mention) rather than a laboratory test.
+    pub fn names_vital_sign(&self, test: Option<&str>) -> bool {
+        test.and_then(|t| self.lexicon.first(t)).is_some_and(|(_, a)| !a.is_lab_test)
     }
 
     /// A line that names a test and says it has no result (`Potassium   pending`): the kind
@@ -618,7 +714,10 @@ pub fn interpretation_tables(text: &str) -> Vec<Span> {
 
 /// A date opening a line: `02/09/2026`, `2.9.26`, `2026-09-02`.
 static LEADING_DATE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"^\s*(?:(\d{1,2})[./-](\d{1,2})[./-](\d{2}|\d{4})|(\d{4})-(\d{1,2})-(\d{1,2}))\b").unwrap()
+    Regex::new(
+        r"^\s*(?:(\d{1,2})[./-](\d{1,2})[./-](\d{2}|\d{4})|(\d{4})-(\d{1,2})-(\d{1,2})|(\d{1,2})[-\s]([A-Za-z]{3})[a-z]*\.?[-\s](\d{2}|\d{4}))\b",
+    )
+    .unwrap()
 });
 
 /// The date opening a line: its year and two other numbers, day and month in an order to
@@ -635,8 +734,16 @@ impl LeadingDate {
     fn read(line: &str) -> Option<Self> {
         let c = LEADING_DATE.captures(line)?;
         let n = |i: usize| c.get(i).and_then(|m| m.as_str().parse::<u32>().ok());
+        let year = |y: u32| if y < 100 { 2000 + y } else { y };
+        if let Some(name) = c.get(8) {
+            // `02-Dec-2026`: the month named, so the order is known (kept as year-month-day).
+            const MONTHS: [&str; 12] =
+                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+            let month = MONTHS.iter().position(|m| name.as_str().eq_ignore_ascii_case(m))? as u32 + 1;
+            return Some(Self { year: year(n(9)?), a: month, b: n(7)?, iso: true });
+        }
         match (n(1), n(2), n(3)) {
-            (Some(a), Some(b), Some(y)) => Some(Self { year: if y < 100 { 2000 + y } else { y }, a, b, iso: false }),
+            (Some(a), Some(b), Some(y)) => Some(Self { year: year(y), a, b, iso: false }),
             _ => Some(Self { year: n(4)?, a: n(5)?, b: n(6)?, iso: true }),
         }
     }
@@ -681,6 +788,58 @@ impl Classifier {
             .map(|&(k, _, _)| k)
             .collect()
     }
+}
+
+/// A number of days, hours, weeks, months or years after a preposition (`at 5 days`, `over
+/// 12 hours`, `nach 3 Tagen`), or after the word for a day, week, cycle or visit (`day 2`,
+/// `Tag 3`): a duration or a time point, in the lexicon's languages; or a count of blood
+/// products (`2 units`, `2 unità di emazie`).
+static DURATION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)\b(?:at|after|for|over|within|in|since|during|until|by|nach|seit|für|innerhalb|après|pendant|depuis|en|à
+            |tras|durante|desde|a\ los|dopo|per|entro|da|na|gedurende|binnen|após|em)\s+(?P<n>\d+)\s+
+            (?:days?|hours?|hrs?|weeks?|wks?|months?|years?|minutes?|mins?|tagen?|stunden?|wochen?|monaten?|jahren?|jours?
+            |heures?|semaines?|mois|ans|días|dias|horas?|semanas?|meses|años|anos|giorni|ore|settimane|mesi|anni|dagen
+            |uur|weken|maanden|jaren)\b
+        | \b(?:day|week|cycle|visit|tag|woche|jour|semaine|día|dia|semana|giorno|settimana|dag)\s+(?P<d>\d{1,3})\b
+        | (?P<u>\d+)\s+(?:units?|unità|unidades|unités|einheiten|eenheden|bags?|pools?)\b",
+    )
+    .unwrap()
+});
+
+/// The year of a method or guideline after its acronym (`CKD-EPI 2021`, `(KDIGO 2012)`),
+/// followed by a word or a bracket rather than a unit.
+static METHOD_YEAR: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\b\p{Lu}{2,}(?:-\p{Lu}+)*\s+(?P<y>(?:19|20)\d{2})(?:\s*\)|\s+(?:without|with|equation|formula|criteria|guidelines?|recommendations?|ohne|mit|sans|avec|sin|con|senza|zonder|met|sem)\b)").unwrap()
+});
+
+/// `text` with the numbers of [`DURATION`] and [`METHOD_YEAR`] blanked out (same length, so
+/// offsets still hold).
+fn blank_counts(text: &str) -> String {
+    let mut spans: Vec<(usize, usize)> = DURATION
+        .captures_iter(text)
+        .filter_map(|c| {
+            // `45 units/L` is a value with its unit, not a count of blood products.
+            let units = c.name("u").filter(|_| !text[c.get(0).expect("the match").end()..].starts_with('/'));
+            c.name("n").or(c.name("d")).or(units)
+        })
+        // `Tag 3,5` is no day: a decimal number after the word.
+        .filter(|m| {
+            let mut next = text[m.end()..].chars();
+            !(matches!(next.next(), Some('.' | ',')) && next.next().is_some_and(|c| c.is_ascii_digit()))
+        })
+        .chain(METHOD_YEAR.captures_iter(text).filter_map(|c| c.name("y")))
+        .map(|m| (m.start(), m.end()))
+        .collect();
+    if spans.is_empty() {
+        return text.to_string();
+    }
+    spans.sort_unstable();
+    let mut out = text.to_string();
+    for (a, b) in spans.into_iter().rev() {
+        out.replace_range(a..b, &" ".repeat(b - a));
+    }
+    out
 }
 
 /// Blanks out (with spaces, so offsets still hold) the earlier values of a trend.
@@ -846,6 +1005,32 @@ mod tests {
     }
 
     #[test]
+    fn durations_days_and_method_years_are_no_values() {
+        assert_eq!(verdict("Blood cultures: no growth at 5 days").unwrap(), "Blood cultures: no growth at   days");
+        assert_eq!(verdict("Organ support: noradrenaline weaned day 2"), Err("no_value"));
+        assert_eq!(verdict("eGFR reported using CKD-EPI 2021 without ethnicity coefficient"), Err("no_value"));
+        // A value after the same words stays (`LDH 2010 U/L`, `Tag 3,5`).
+        assert_eq!(verdict("LDH 2010 U/L").unwrap(), "LDH 2010 U/L");
+        assert_eq!(verdict("Glucose after 2 hours 8.9 mmol/L").unwrap(), "Glucose after   hours 8.9 mmol/L");
+        // `Total` opening a name the lexicon lacks, with a lab unit, is no receipt line.
+        assert!(verdict("Total Kolesterol   238   mg/dL   0 - 200").is_ok());
+        assert_eq!(verdict("Total 3 items"), Err("metadata"));
+        // Blood products given, and thresholds named before their number.
+        assert_eq!(verdict("dopo trasfusione di 2 unità di emazie concentrate"), Err("no_value"));
+        assert_eq!(verdict("ALP 145 units/L").unwrap(), "ALP 145 units/L");
+        assert_eq!(verdict("Phototherapy threshold at 62 hours: 300 umol/L"), Err("target"));
+        assert!(verdict("Troponin T (99th percentile cut-off 14 ng/L)   45 ng/L").is_ok());
+        // An admission value before the discharge one, in Italian.
+        assert_eq!(
+            verdict("emoglobina all'ingresso 7,8 g/dL, alla dimissione 10,1 g/dL").unwrap(),
+            "emoglobina                  g/dL, alla dimissione 10,1 g/dL"
+        );
+        let cl = classifier();
+        assert!(cl.names_vital_sign(Some("Weight (kg)")) && cl.names_vital_sign(Some("Pulse (/min)")));
+        assert!(!cl.names_vital_sign(Some("Haemoglobin")) && !cl.names_vital_sign(None));
+    }
+
+    #[test]
     fn earlier_values_of_a_trend_are_blanked() {
         let got = verdict("haemoglobin has fallen from 128 to 96 g/L").unwrap();
         assert_eq!(got, "haemoglobin has fallen          to 96 g/L");
@@ -858,7 +1043,7 @@ mod tests {
         assert_eq!(verdict("previous potassium 4.1"), Err("previous"));
         assert_eq!(
             verdict("potassium was 5.9 mmol/L last month but is 5.1 mmol/L today").unwrap(),
-            "potassium was     mmol/L last month but is 5.1 mmol/L today"
+            "potassium was            last month but is 5.1 mmol/L today"
         );
         assert_eq!(
             verdict("creatinine rose from 98 umol/L in March to 126 in June and is 158 umol/L today").unwrap(),
@@ -870,7 +1055,16 @@ mod tests {
         assert_eq!(verdict(line).unwrap(), line);
         assert_eq!(
             verdict("Hb 8.7 g/dL on admission, 10.2 g/dL at discharge").unwrap(),
-            "Hb     g/dL on admission, 10.2 g/dL at discharge"
+            "Hb          on admission, 10.2 g/dL at discharge"
+        );
+        // A unit with digits goes with its earlier value; a peak is an earlier value too.
+        assert_eq!(
+            verdict("white cell count 19.4 x10^9/L on admission, 8.2 x10^9/L").unwrap(),
+            "white cell count              on admission, 8.2 x10^9/L"
+        );
+        assert_eq!(
+            verdict("CRP peaked at 286 mg/L and was 41 mg/L at discharge").unwrap(),
+            "CRP               mg/L and was 41 mg/L at discharge"
         );
     }
 
@@ -907,6 +1101,33 @@ Sodium 139 mmol/L\nHigh  Low\n";
             ("2026-01-05 Urea 7.1", Some("Urea")),
         ];
         assert_eq!(classifier().earlier_dated(&rows), vec![1, 3]);
+        // Months by name (`02-Dec-2026`).
+        let rows = [
+            ("02-Dec-2026   Serum sodium   139 mmol/L", Some("Serum sodium")),
+            ("14-Jun-2026   Serum sodium   137 mmol/L", Some("Serum sodium")),
+        ];
+        assert_eq!(classifier().earlier_dated(&rows), vec![1]);
+    }
+
+    #[test]
+    fn values_dated_to_admission_give_way_to_later_mentions() {
+        let text = "Biologie : à l'entrée, natrémie à 124 mmol/L et kaliémie à 3,1 mmol/L ; à la sortie,\n\
+natrémie à 134 mmol/L (N : 136-145) et kaliémie à 4,0 mmol/L.\nGlucose on admission 9.1 mmol/L.\n";
+        let kept: Vec<Candidate> = [
+            "natrémie à 124 mmol/L",
+            "kaliémie à 3,1 mmol/L",
+            "natrémie à 134 mmol/L (N : 136-145)",
+            "kaliémie à 4,0 mmol/L",
+            "Glucose on admission 9.1 mmol/L",
+        ]
+        .iter()
+        .map(|s| {
+            let start = text[..text.find(s).unwrap()].chars().count();
+            Candidate { start, end: start + s.chars().count(), text: s.to_string() }
+        })
+        .collect();
+        // The glucose of admission is the only one: it stays.
+        assert_eq!(classifier().earlier_mentions(text, &kept), vec![0, 1]);
     }
 
     #[test]

@@ -71,8 +71,17 @@ fn header(line: &str) -> Option<Header<'_>> {
     if cells.len() < 3 {
         return None;
     }
+    let mut cells = cells;
     let mut roles: Vec<Option<Role>> = cells.iter().map(|c| header_role(c.text)).collect();
     dated_columns(&cells, &mut roles);
+    // A monitoring sheet or cumulative table may leave the test column's heading blank
+    // (`                Baseline   Week 2   Week 6`): the text left of the first heading is
+    // the test column.
+    let dated = roles.iter().filter(|r| matches!(r, Some(Role::Value | Role::Previous))).count();
+    if !roles.contains(&Some(Role::Test)) && dated >= 2 && cells[0].from >= MIN_TEST_COLUMN_WIDTH {
+        cells.insert(0, Cell { from: 0, to: cells[0].from - 1, text: "" });
+        roles.insert(0, Some(Role::Test));
+    }
     if roles.iter().filter(|r| r.is_some()).count() < 3 {
         return None;
     }
@@ -89,11 +98,31 @@ fn header(line: &str) -> Option<Header<'_>> {
     Some(Header { cells, halves })
 }
 
-/// A cumulative report heads its result columns with the dates of the samples: with no
-/// result column named, the column of the latest date (or the one marked `*` or current) is
-/// the result, the others earlier values, which are not read.
+/// Fewest characters left blank before the first heading for that blank to be read as an
+/// unnamed test column (a test name is rarely shorter).
+const MIN_TEST_COLUMN_WIDTH: usize = 6;
+
+/// A cumulative report heads its result columns with the dates of the samples, a monitoring
+/// sheet or a stay's summary with time points (`Admission  Day 3  Discharge`, `Baseline
+/// Week 2  Week 12`): with no result column named, the column of the latest date or time
+/// point (or the one marked `*` or current) is the result, the others earlier values, which
+/// are not read.
 fn dated_columns(cells: &[Cell], roles: &mut [Option<Role>]) {
     if roles.contains(&Some(Role::Value)) {
+        return;
+    }
+    let points: Vec<(usize, u32)> = cells
+        .iter()
+        .enumerate()
+        .filter(|&(k, _)| roles[k].is_none())
+        .filter_map(|(k, c)| time_point(c.text).map(|p| (k, p)))
+        .collect();
+    if points.len() >= 2 {
+        // The latest time point; of equal ones (two `Post` columns), the rightmost.
+        let current = points.iter().max_by_key(|&&(k, p)| (p, k)).map(|&(k, _)| k);
+        for &(k, _) in &points {
+            roles[k] = Some(if Some(k) == current { Role::Value } else { Role::Previous });
+        }
         return;
     }
     let dated: Vec<(usize, Option<ColumnDate>)> = cells
@@ -144,6 +173,57 @@ impl ColumnDate {
     }
 }
 
+/// A time point heading a result column, as an order key (earlier points smaller): the start
+/// of a stay or treatment (`Admission`, `Baseline`, `Pre`, `J0`), a numbered day, week,
+/// month, visit or cycle (`Day 3`, `Week 12`, `M6`, `Tag 5`, `Semaine 4`), or its end
+/// (`Discharge`, `Post`, `Current`), in the lexicon's languages. Hours and minutes are no
+/// time points here: the columns of a tolerance test (`0 min`, `120 min`) are all results.
+fn time_point(cell: &str) -> Option<u32> {
+    let c = cell.trim().trim_matches('*').trim().to_lowercase();
+    if START_POINT.is_match(&c) {
+        return Some(0);
+    }
+    if END_POINT.is_match(&c) {
+        return Some(u32::MAX);
+    }
+    let caps = NUMBERED_POINT.captures(&c)?;
+    let n: u32 = caps.name("n")?.as_str().parse().ok()?;
+    let scale = match &caps["unit"] {
+        "week" | "wk" | "w" | "woche" | "semaine" | "semana" | "settimana" | "sem" => 7,
+        "month" | "mo" | "m" | "monat" | "mois" | "mes" | "mese" | "maand" => 30,
+        "year" | "yr" | "jahr" | "an" | "año" | "ano" | "anno" | "jaar" => 365,
+        _ => 1,
+    };
+    Some(n.saturating_mul(scale).saturating_add(1))
+}
+
+static START_POINT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?x)^(?:admission|on\ admission|baseline|pre|pre-?treatment|pre-?op|pre-?dialysis|before|initial|screening
+        |aufnahme|ausgangswert|vorher|entrée|entree|avant|ingreso|basal|inicial|antes|ricovero|ingresso
+        |prima|opname|início|inicio|[dj]0|t0|day\ 0|week\ 0)$",
+    )
+    .unwrap()
+});
+
+static END_POINT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?x)^(?:discharge|at\ discharge|on\ discharge|post|post-?treatment|post-?op|post-?dialysis|after|final|latest
+        |current|entlassung|nachher|aktuell|sortie|après|apres|actuel|alta|después|despues|actual|dimissione|dopo|attuale
+        |ontslag|huidig|atual)$",
+    )
+    .unwrap()
+});
+
+static NUMBERED_POINT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?x)^(?P<unit>day|d|tag|jour|j|día|dia|giorno|gg|dag|week|wk|w|woche|semaine|semana|settimana|sem|month|mo|m
+        |monat|mois|mes|mese|maand|year|yr|jahr|an|año|ano|anno|jaar|visit|visite|visita|bezoek|cycle|zyklus|ciclo
+        |cyclus)\.?\s?(?P<n>\d{1,3})$",
+    )
+    .unwrap()
+});
+
 /// `Some(None)`: a date-like heading whose numbers cannot be read; `None`: no date.
 fn column_date(cell: &str) -> Option<Option<ColumnDate>> {
     let c = COLUMN_DATE.captures(cell.trim())?;
@@ -171,6 +251,14 @@ static COLUMN_DATE: LazyLock<Regex> = LazyLock::new(|| {
     )
     .unwrap()
 });
+
+/// A line of dates or clock times only (`21/11   23/11   26/11`, `08:10   07:55`).
+fn dates_only(line: &str) -> bool {
+    cells(line)
+        .is_some_and(|cells| cells.iter().all(|c| column_date(c.text).is_some() || CLOCK_TIME.is_match(c.text.trim())))
+}
+
+static CLOCK_TIME: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^\d{1,2}[:.h]\d{2}$").unwrap());
 
 /// The header cell a row cell belongs under: the one it overlaps most, else the one whose
 /// span (from its start to the next cell's start) holds the cell's start.
@@ -209,7 +297,7 @@ fn is_grade(v: &str) -> bool {
 /// The rows of one line under a header: items and set-aside entries with their character
 /// spans, or `None` when the line is not a row of the table.
 fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
-    let mut row = cells(line.text)?;
+    let mut row: Vec<Cell> = cells(line.text)?.into_iter().flat_map(|c| split_overflow(&header.cells, c)).collect();
     // A flag printed in a column the header does not name, right of every header cell
     // (`Kalium  5,4 ... 3,5 - 5,1   +`): the row's flag.
     let header_end = header.cells.last().map_or(0, |c| c.to);
@@ -286,6 +374,21 @@ fn read_row(header: &Header, line: &Line) -> Option<Parsed> {
     })
 }
 
+/// A long test name pushes the first value against it with one space
+/// (`eGFR (mL/min/1.73m2) >90   >90   86`): a cell that runs past the start of the next
+/// heading and ends in a number there is two cells, the name and the number.
+fn split_overflow<'a>(header: &[Cell], c: Cell<'a>) -> Vec<Cell<'a>> {
+    let Some(h) = header.iter().find(|h| c.from < h.from && h.from < c.to) else { return vec![c] };
+    let Some((head, tail)) = c.text.rsplit_once(' ') else { return vec![c] };
+    let head_to = c.from + head.trim_end().chars().count();
+    let number = parse_value(tail.trim_start_matches(['<', '>', '≤', '≥'])).is_some();
+    if !number || !head.chars().any(char::is_alphabetic) || head_to > h.from + 1 {
+        return vec![c];
+    }
+    let tail_from = c.to - tail.chars().count();
+    vec![Cell { from: c.from, to: head_to, text: head.trim_end() }, Cell { from: tail_from, to: c.to, text: tail }]
+}
+
 /// A printed flag or an out-of-range mark (`H`, `+`, `-`, `*`, `!`).
 fn is_flag_mark(text: &str) -> bool {
     let t = text.trim();
@@ -343,6 +446,12 @@ pub fn parse_fixed_width_table(text: &str) -> Option<Parsed> {
                     continue;
                 }
                 break;
+            }
+            // The dates or times of the samples printed under the columns' time points
+            // (`Admission   Day 3   Discharge` over `21/11   23/11   26/11`) head no table.
+            if rows == 0 && dates_only(l.text) {
+                j += 1;
+                continue;
             }
             if header(l.text).is_some() {
                 break;
@@ -578,5 +687,68 @@ FSH                  7.4      IU/L
    Postmenopausal    < 103
 ";
         assert_eq!(values(text), ["7.4"]);
+    }
+
+    #[test]
+    fn lower_reference_limit_columns() {
+        let text = "Parameter              Result        Lower reference limit\n\
+Sperm concentration    12 x10^6/mL   16\nVitality               61 %          54\nAgglutination          Not seen\n";
+        let items = parse_fixed_width_table(text).unwrap().items;
+        let read: Vec<_> =
+            items.iter().map(|i| (i.value.as_deref().unwrap(), i.unit.as_deref(), i.ref_low, i.flag)).collect();
+        assert_eq!(
+            read,
+            [
+                ("12", Some("x10^6/mL"), Some(16.0), Some(Flag::Low)),
+                ("61", Some("%"), Some(54.0), Some(Flag::Normal)),
+                ("Not seen", None, None, None)
+            ]
+        );
+    }
+
+    #[test]
+    fn time_point_columns_read_the_latest_point() {
+        let items = |text: &str| parse_fixed_width_table(text).expect(text).items;
+        // A stay's summary: time points over the dates of the samples.
+        let text = "\
+Test            Units     Admission   Day 3     Discharge   Ref. range
+                          21/11       23/11     26/11
+Sodium          mmol/L    129         134       139         133 - 146
+CRP             mg/L      311         190       46          < 5
+";
+        let got = items(text);
+        let values: Vec<_> = got.iter().filter_map(|i| i.value.as_deref()).collect();
+        assert_eq!(values, ["139", "46"]);
+        assert_eq!(got[1].flag, Some(Flag::High));
+        // A monitoring sheet: no heading over the tests, units in the names, a value pushed
+        // against a long name, `*` marks, the latest point first or last.
+        let text = concat!(
+            "                    Baseline     Week 2       Week 12\n",
+            "ALT (U/L)           22           31           71 *\n",
+            "eGFR (mL/min/1.73m2) >90         >90          83\n",
+            "WBC (x10^9/L)       7.9          6.1          3.6 *\n",
+        );
+        let got = items(text);
+        let read: Vec<_> = got
+            .iter()
+            .map(|i| (i.test.as_deref().unwrap(), i.value.as_deref().unwrap(), i.unit.as_deref(), i.flag))
+            .collect();
+        assert_eq!(
+            read,
+            [
+                ("ALT", "71", Some("U/L"), Some(Flag::Abnormal)),
+                ("eGFR", "83", Some("mL/min/1.73m2"), None),
+                ("WBC", "3.6", Some("x10^9/L"), Some(Flag::Abnormal)),
+            ]
+        );
+        let text = "Test        Week 12   Week 6   Baseline   Units\nAlbumin     38        39       41         g/L\n";
+        assert_eq!(items(text)[0].value.as_deref(), Some("38"));
+        // Minutes of a tolerance test are no time points: every column is a result of its own.
+        assert_eq!(time_point("120 min"), None);
+        assert_eq!(
+            (time_point("Admission"), time_point("Tag 3"), time_point("Entlassung")),
+            (Some(0), Some(4), Some(u32::MAX))
+        );
+        assert!(time_point("Semaine 2") > time_point("J10"));
     }
 }

@@ -121,3 +121,14 @@ pub struct Candidate {
     /// break character, so offsets inside `text` still map onto the document).
     pub text: String,
 }
+
+/// A test name without the footnote marks printed after it (`Ferritin ¹`, `Free T4 †`,
+/// `Total protein *`): the marks point to a note at the foot of the report, not to the test.
+pub fn without_footnote_marks(name: &str) -> &str {
+    name.trim_end_matches(|c: char| c.is_whitespace() || is_footnote_mark(c))
+}
+
+/// A footnote mark: a superscript digit, a dagger, a section or pilcrow sign, an asterisk.
+pub fn is_footnote_mark(c: char) -> bool {
+    matches!(c, '¹' | '²' | '³' | '⁴' | '⁵' | '⁶' | '⁷' | '⁸' | '⁹' | '⁰' | '†' | '‡' | '§' | '¶' | '*')
+}

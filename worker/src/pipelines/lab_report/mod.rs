@@ -108,7 +108,19 @@ impl Pipeline for LabReport {
             if let Some(p) = parsed {
                 let new = |s: usize, e: usize| !claimed.iter().any(|&(a, b)| s >= a && e <= b);
                 for it in p.items {
-                    if new(it.evidence_start, it.evidence_end) {
+                    if !new(it.evidence_start, it.evidence_end) {
+                        continue;
+                    }
+                    // A table of observations (`Weight (kg)   74.6   72.3`) is read like one of
+                    // results; the lexicon tells the vital signs apart.
+                    let vital = self.classifier.as_ref().is_some_and(|cl| cl.names_vital_sign(it.test.as_deref()));
+                    if vital {
+                        set_aside.push(SetAside {
+                            reason: NonResult::VitalSign,
+                            start: it.evidence_start,
+                            end: it.evidence_end,
+                        });
+                    } else {
                         rows.push(row(it, 0, 0));
                     }
                 }
@@ -142,6 +154,13 @@ impl Pipeline for LabReport {
                             not_results.push(c);
                         }
                     }
+                }
+                // A test named again later in the letter, its first value dated to
+                // admission (`à l'entrée, natrémie à 124 … à la sortie, natrémie à 134`).
+                for k in cl.earlier_mentions(&doc.text, &kept).into_iter().rev() {
+                    let c = kept.remove(k);
+                    set_aside.push(SetAside { reason: NonResult::Previous, start: c.start, end: c.end });
+                    not_results.push(c);
                 }
                 kept
             }

@@ -20,11 +20,13 @@ static NON_RESULT_LINE: LazyLock<Regex> = LazyLock::new(|| {
             |interpretatie|interpretação|beurteilung|disclaimer|footnote|reference
             |ref\.?\ ranges?|previously|previous\ results?|originally|reason\ for
             |probe|eingang|befund|geb\.|geburtsdatum|einsender|auftrag|auftragsnummer|auftrags-nr|seite|kommentar|bemerkung
-            |validiert)\b
+            |validiert|registration|vorbefund|vorbefunde|vorwerte?|antériorités?|anteriorites?|résultats\ antérieurs
+            |resultados\ anteriores|risultati\ precedenti|vorige\ uitslag(?:en)?|prior\ results?|last\ results?)\b
           | (?:name|date|time|location|ward|room|bed|sex|gender|age|account|visit|encounter|order
             |sample|method|methodology|nb|reason|datum|record|hospital|nhs|acc|lab|laboratory
             |department|source|status|priority|prescription|indication|plan|medications?|dose|dosage|regimen
-            |treatment|therapy|advice|instructions?|diagnosis|history|allerg(?:y|ies)|material|matériel|materiale)\s*[:\#]
+            |treatment|therapy|advice|instructions?|diagnosis|history|allerg(?:y|ies)|material|matériel|materiale
+            |drugs?|medicines?|medikation|médicament|médicaments|medicamento|medicamentos|farmaco|farmaci)\s*[:\#]
         )",
     )
     .unwrap()
@@ -64,12 +66,22 @@ pub(super) static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
         |negativ[oae]?|positiv[oae]?|négati(?:f|ve)|positi(?:f|ve)|negatief|positief|no\s+detectad[oa]|detectad[oa]
         |non\s+détecté|détecté|nicht\s+nachweisbar|nachweisbar|non\s+rilevat[oa]|rilevat[oa]|niet\s+aantoonbaar
         |aantoonbaar|no\s+reactiv[oa]|reactiv[oa]|non\s+réacti(?:f|ve)|réacti(?:f|ve)|reaktiv|nicht\s+reaktiv
-        |ausente|presente|assente|absente?|spuren|trazas|traces|tracce|sporen)\b",
+        |ausente|presente|assente|absente?|spuren|trazas|traces|tracce|sporen
+        |not\s+seen|nil\s+seen|not\s+observed|nicht\s+gesehen|non\s+vus?|no\s+se\s+observa|non\s+osservat[oia]
+        |négati(?:f|ve)s|positi(?:f|ve)s|no\s+growth|no\s+significant\s+growth|sterile|kein\s+wachstum|steril|stériles?
+        |pas\s+de\s+culture
+        |sin\s+crecimiento|estéril|nessuna\s+crescita|geen\s+groei|sem\s+crescimento|mixed\s+growth|normal\s+flora
+        |no\s+pathogens?\s+isolated|coliforms
+        |(?:\p{L}+|\p{L}\.)\s?(?:aureus|epidermidis|lugdunensis|saprophyticus|pneumoniae|pyogenes|agalactiae|anginosus|coli
+        |faecalis|faecium|aeruginosa|influenzae|albicans|glabrata|auris|mirabilis|cloacae|aerogenes|oxytoca|freundii
+        |morganii|marcescens|baumannii|maltophilia|enterica|typhi|jejuni|difficile|perfringens|meningitidis|gonorrhoeae
+        |tuberculosis|catarrhalis|fragilis|fumigatus|pylori|monocytogenes|spp\.?))\b",
     )
     .unwrap()
 });
 
-/// Whether a value is a result word of a qualitative test (`Negative`, `Trace`, `Clear`).
+/// Whether a value is a result word of a qualitative test (`Negative`, `Trace`, `Clear`, a
+/// culture's `No growth` or the organism grown, `Streptococcus pneumoniae`, `E. coli`).
 pub(super) fn is_qualitative(value: &str) -> bool {
     QUALITATIVE.is_match(value)
 }
@@ -203,8 +215,14 @@ pub(super) const RESULT_VERBS: &[&str] = &[
     "decreased",
     "increased",
 ];
-/// Other words that mark running text rather than a table or label line.
-const PROSE_WORDS: &[&str] = &["noted", "revealed", "the", "with", "which", "and", "but"];
+/// Other words that mark running text rather than a table or label line, in English and
+/// (verbs and conjunctions only: articles and prepositions occur in test names) the other
+/// languages of the lexicon.
+const PROSE_WORDS: &[&str] = &[
+    "noted", "revealed", "the", "with", "which", "and", "but", "et", "est", "était", "avec", "mais", "und", "ist",
+    "war", "wurde", "mit", "aber", "fue", "está", "estaba", "pero", "è", "era", "ed", "ma", "werd", "maar", "foi",
+    "estava",
+];
 
 fn is_prose_word(w: &str) -> bool {
     RESULT_VERBS.contains(&w) || PROSE_WORDS.contains(&w)
@@ -249,15 +267,49 @@ const CONTINUATION_WORDS: &[&str] = &[
     "are",
     "i.e.",
     "e.g.",
+    "corrected",
+    "improving",
+    "improved",
+    "recovering",
+    "recovered",
+    "normalised",
+    "normalized",
+    "settling",
+    "settled",
+    "now",
+    "then",
+    "subsequently",
+    "later",
+    "dropping",
+    "dropped",
+    "fell",
+    "rose",
+    "increasing",
+    "decreasing",
+    "declining",
+    "trending",
+    "returning",
+    "returned",
+    "reaching",
+    "to",
+    "contrôlée",
+    "contrôlé",
+    "corrigée",
+    "normalisée",
+    "kontrolliert",
+    "controlada",
+    "controllata",
 ];
 /// A phrase without a value of at most this many words (a bare test name, as in
 /// "Glucose, fasting, was 108") is carried into the next phrase instead of dropped.
 const CARRY_MAX_WORDS: usize = 3;
 
-/// Splits clauses of a sentence: `, and`, `and`, `but`, `while`, `whereas`, commas followed
-/// by a space (decimal commas have none) and semicolons.
-static PHRASE_SPLIT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?i),?\s+(?:and|but|while|whereas)\s+|,\s+|;\s*").unwrap());
+/// Splits clauses of a sentence: `, and`, `and`, `but`, `while`, `whereas` (and their
+/// French, German, Spanish, Italian and Dutch words), commas followed by a space (decimal
+/// commas have none) and semicolons.
+static PHRASE_SPLIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i),?\s+(?:and|but|while|whereas|et|mais|und|aber|sowie|y|pero|ma|maar)\s+|,\s+|;\s*").unwrap()
+});
 
 fn lowercase_words(s: &str) -> impl Iterator<Item = String> + '_ {
     WORD.find_iter(s).map(|m| m.as_str().to_lowercase())
@@ -305,7 +357,10 @@ fn is_non_result_line(s: &str) -> bool {
 
 fn is_prose(s: &str) -> bool {
     let words: Vec<String> = lowercase_words(s).collect();
-    words.len() >= PROSE_MIN_WORDS && words.iter().any(|w| is_prose_word(w.as_str()))
+    // Two sentences on one line (`CRP à 12 mg/L (N < 5). Hémoglobine stable à 11,2 g/dL.`)
+    // are running text in any language; a table row has no sentence end inside it.
+    words.len() >= PROSE_MIN_WORDS
+        && (words.iter().any(|w| is_prose_word(w.as_str())) || sentence_ranges(s.trim()).len() >= 2)
 }
 
 /// Whether `next` continues a wrapped prose line `prev`: `prev` does not end a sentence,
@@ -336,6 +391,13 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
         let first = lines[i];
         i += 1;
         if !usable(&first) {
+            continue;
+        }
+        // A footnote and its indented continuation lines: notes on methods and thresholds.
+        if let Some(indent) = footnote_indent(first.text) {
+            while i < lines.len() && !lines[i].text.trim().is_empty() && indentation(lines[i].text) > indent {
+                i += 1;
+            }
             continue;
         }
         if is_prose(first.text) {
@@ -382,6 +444,30 @@ pub fn segment(text: &str, claimed: &[Span]) -> Vec<Candidate> {
         }
     }
     out
+}
+
+/// The indentation of a footnote line: one that opens with a footnote mark (`¹`, `†`, or `*`
+/// before a word in lower case) and then text. `None` for other lines; a line opening
+/// with `*` and a test name is a flagged result (`*Potassium  6.8`).
+fn footnote_indent(line: &str) -> Option<usize> {
+    let t = line.trim_start();
+    let indent = line.len() - t.len();
+    let rest = if let Some(r) = t.strip_prefix(|c: char| super::items::is_footnote_mark(c) && c != '*') {
+        r.trim_start_matches(super::items::is_footnote_mark)
+    } else if let Some(r) = t.strip_prefix('*') {
+        let r = r.trim_start();
+        if !r.starts_with(|c: char| c.is_lowercase()) {
+            return None;
+        }
+        r
+    } else {
+        return None;
+    };
+    rest.trim_start().starts_with(char::is_alphabetic).then_some(indent)
+}
+
+fn indentation(line: &str) -> usize {
+    line.len() - line.trim_start().len()
 }
 
 /// A line segmentation may read: not blank, not claimed by a parser, not a header,
@@ -533,9 +619,14 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
         from = (cut + 1).min(text.len());
     }
     // A piece's number must stand free: `25-OH` of `Vitamin D, 25-OH, total` is a name.
+    // A piece that opens with its value, the end of the stay or a continuation word has no
+    // name of its own: a later value of the previous piece's test (`WCC 19.4 on admission,
+    // 8.2 on discharge`, `all'ingresso 7,8 g/dL, alla dimissione 10,1 g/dL`, `initialement à
+    // 168 µmol/L, contrôlée à 92 µmol/L`).
+    let unnamed = |(a, b): (usize, usize)| starts_with_continuation(&text[a..b]);
     let is_result = |(a, b): (usize, usize)| {
         let piece = &text[a..b];
-        looks_like_result(piece) && (FREE_NUMBER.is_match(piece) || QUALITATIVE.is_match(piece))
+        !unnamed((a, b)) && looks_like_result(piece) && (FREE_NUMBER.is_match(piece) || QUALITATIVE.is_match(piece))
     };
     if pieces.iter().filter(|&&p| is_result(p)).count() < 2 {
         return vec![c];
@@ -544,6 +635,10 @@ fn list_items(c: Candidate) -> Vec<Candidate> {
     let mut merged: Vec<(usize, usize)> = Vec::new();
     let mut carry: Option<usize> = None;
     for (a, b) in pieces {
+        if let (None, Some(last), true) = (carry, merged.last_mut(), unnamed((a, b))) {
+            last.1 = b;
+            continue;
+        }
         let start = carry.take().unwrap_or(a);
         if is_result((a, b)) {
             merged.push((start, b));
@@ -642,10 +737,25 @@ fn phrase_ranges(block: &str, (s0, s1): (usize, usize)) -> Vec<(usize, usize)> {
     merged
 }
 
+/// A phrase that continues the previous one: it opens with a continuation word, or with a
+/// value and no name of its own (`…on admission, 8.2 x10^9/L on discharge`), or with the end
+/// of the stay and a value.
 fn starts_with_continuation(piece: &str) -> bool {
     let first = piece.split_whitespace().next().unwrap_or("").to_lowercase();
     CONTINUATION_WORDS.contains(&first.as_str())
+        || first.trim_start_matches(['<', '>', '≤', '≥']).starts_with(|c: char| c.is_ascii_digit())
+        || (LATE_START.is_match(piece.trim_start()) && has_value(piece))
 }
+
+/// A phrase opening with the end of a stay (`alla dimissione 10,1 g/dL`, `à la sortie`,
+/// `at discharge`): the later value of the previous phrase's test.
+static LATE_START: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r"(?ix)^(?:(?:at|on)\s+discharge|à\s+la\s+sortie|bei\s+entlassung|al\s+alta|alla\s+dimissione|bij\s+ontslag
+        |na\s+alta|today|now|aujourd['’]hui|heute|hoy|oggi|vandaag)\b",
+    )
+    .unwrap()
+});
 
 fn prose_candidates(block: &str, block_start: usize) -> Vec<Candidate> {
     let mut out = Vec::new();
@@ -719,6 +829,53 @@ Previously reported as 6.9 mmol/L\n";
         for cand in &c {
             assert_eq!(span_text(text, cand.start, cand.end), cand.text);
         }
+    }
+
+    #[test]
+    fn segment_skips_footnotes_and_keeps_later_values_with_their_test() {
+        let text = "Ferritin ¹   9 ug/L\n¹ Method changed on 01/10/2026; results are not comparable\n  with values 150 - 300 ng/L before.\n\
+* outside the thresholds: ALT > 2x upper limit,\n  WBC < 3.5, platelets < 140.\n*Potassium 6.8 mmol/L\n\
+Bloods: white cell count 19.4 x10^9/L on admission, 8.2 x10^9/L on discharge, CRP 41 mg/L.\n\
+Sodium was 131 mmol/L on admission, corrected to 136 mmol/L (133-146) and urea was 9.8 mmol/L.\n";
+        let c = segment(text, &[]);
+        assert_eq!(
+            texts(&c),
+            vec![
+                "Ferritin ¹   9 ug/L",
+                "*Potassium 6.8 mmol/L",
+                "Bloods: white cell count 19.4 x10^9/L on admission, 8.2 x10^9/L on discharge",
+                "CRP 41 mg/L.",
+                "Sodium was 131 mmol/L on admission, corrected to 136 mmol/L (133-146)",
+                "urea was 9.8 mmol/L"
+            ]
+        );
+        assert!(is_qualitative("Streptococcus pneumoniae") && is_qualitative("E. coli") && is_qualitative("No growth"));
+        assert!(is_qualitative("Not seen") && is_qualitative("stériles"));
+        // List pieces that continue the previous one stay with it.
+        let text = "Créatininémie initialement à 168 µmol/L, contrôlée à 92 µmol/L (N : 45-90)\n\
+Esami: emoglobina all'ingresso 7,8 g/dL, alla dimissione 10,1 g/dL (v.n. 13-17)\n";
+        assert_eq!(
+            texts(&segment(text, &[])),
+            vec![
+                "Créatininémie initialement à 168 µmol/L, contrôlée à 92 µmol/L (N : 45-90)",
+                "Esami: emoglobina all'ingresso 7,8 g/dL, alla dimissione 10,1 g/dL (v.n. 13-17)"
+            ]
+        );
+        // Running text in other languages, and two sentences on a line, are split into phrases;
+        // a registration line and earlier results under their label are no candidates.
+        let text = "Biologie : natrémie à 134 mmol/L et kaliémie à 4,0 mmol/L (N : 3,5-5,1).\n\
+CRP à 12 mg/L (N < 5). Hémoglobine stable à 11,2 g/dL (N : 12-16).\n\
+Registration no. 660 184 2291\nVorbefund vom 12.09.2026: Ferritin 25 µg/l, Vitamin B12 221 pg/ml.\n";
+        assert_eq!(
+            texts(&segment(text, &[])),
+            vec![
+                "Biologie : natrémie à 134 mmol/L",
+                "kaliémie à 4,0 mmol/L (N : 3,5-5,1)",
+                "CRP à 12 mg/L (N < 5)",
+                "Hémoglobine stable à 11,2 g/dL (N : 12-16)"
+            ]
+        );
+        assert!(!is_qualitative("Legionella urinary antigen"));
     }
 
     #[test]

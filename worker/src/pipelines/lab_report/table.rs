@@ -51,6 +51,8 @@ const HEADERS: &[(Role, &[&str])] = &[
             "investigation",
             "examination",
             "observation",
+            "term",
+            "description",
             "assay",
             "determination",
             "analyse",
@@ -237,6 +239,19 @@ const HEADERS: &[(Role, &[&str])] = &[
             "untere grenze",
             "untergrenze",
             "unterer referenzwert",
+            "lower reference limit",
+            "lower reference limits",
+            "lower reference",
+            "reference low",
+            "ref lower",
+            "lower ref",
+            "lower limit of normal",
+            "lln",
+            "normal low",
+            "valeur inférieure",
+            "untere referenzgrenze",
+            "límite inferior de referencia",
+            "limite inferiore",
             "límite inferior",
             "limite inferior",
             "mínimo",
@@ -258,6 +273,19 @@ const HEADERS: &[(Role, &[&str])] = &[
             "obere grenze",
             "obergrenze",
             "oberer referenzwert",
+            "upper reference limit",
+            "upper reference limits",
+            "upper reference",
+            "reference high",
+            "ref upper",
+            "upper ref",
+            "upper limit of normal",
+            "uln",
+            "normal high",
+            "valeur supérieure",
+            "obere referenzgrenze",
+            "límite superior de referencia",
+            "limite superiore",
             "límite superior",
             "limite superior",
             "máximo",
@@ -529,12 +557,21 @@ pub(super) fn table_item(
     };
     let flag = compute_flag(value_numeric, ref_low, ref_high, cell(cols.flag))
         .or_else(|| qualitative_flag(&value, cell(cols.range)));
+    // A unit in brackets after the test name (`Sodium (mmol/L)`, a header `Analyte (unit)`):
+    // the row's unit when its unit cell gives none.
+    let test = cell(Some(cols.test)).map(super::items::without_footnote_marks).filter(|t| !t.is_empty());
+    let name_unit = test.and_then(|t| super::answer::UNIT_AFTER_NAME.captures(t));
+    let unit = cell(cols.unit).map(str::to_string).or_else(|| name_unit.as_ref().map(|c| c[2].to_string()));
+    let test = match (&name_unit, cell(cols.unit)) {
+        (Some(c), None) => Some(c[1].to_string()),
+        _ => test.map(str::to_string),
+    };
     Some(Ok(LabItem {
-        test: cell(Some(cols.test)).map(str::to_string),
+        test,
         value: Some(value),
         value_numeric,
         // Without a unit column, a unit printed after the range (`<5.7 %`) is the unit.
-        unit: cell(cols.unit).map(str::to_string).or_else(|| {
+        unit: unit.or_else(|| {
             cell(cols.range_unit).or(cell(cols.range).filter(|_| cols.unit.is_none())).and_then(unit_after_range)
         }),
         ref_low,
@@ -574,6 +611,15 @@ mod tests {
         assert_eq!(span_text(text, items[0].evidence_start, items[0].evidence_end), "| ALT | 64 | U/L | 7-56 | H |");
         assert_eq!(claimed.len(), 5, "header, separator and three rows");
         assert!(segment(text, &claimed).is_empty());
+    }
+
+    #[test]
+    fn units_in_test_names_and_footnote_marks() {
+        let text = "Analyte (unit);Result;Flag;Reference interval\nSodium (mmol/L);143;;133 - 146\n\
+MCV (fL);101;H;80 - 100\nFerritin ¹;9;L;15 - 300\n";
+        let items = parse_delimited_table(text).unwrap().items;
+        let read: Vec<_> = items.iter().map(|i| (i.test.as_deref().unwrap(), i.unit.as_deref())).collect();
+        assert_eq!(read, [("Sodium", Some("mmol/L")), ("MCV", Some("fL")), ("Ferritin", None)]);
     }
 
     #[test]
