@@ -343,21 +343,23 @@ static INTERPRETATION: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// Where a trend's earlier value is written: `from 128` (… to 96), `previously 120`,
-/// `(was 4.1)`, `compared with 5.1`, `vs 4.2`, `128 → 96`, a value dated in the past
-/// (`5.9 mmol/L last month`, `126 in June`, `3 weeks ago`), and the same in German,
-/// French, Spanish, Italian, Dutch and Portuguese. The match covers the earlier value, which is
-/// blanked out before the model reads the candidate.
+/// `(was 4.1)`, `compared with 5.1`, `vs 4.2`, `peaked at 286`, `initially 168`, `on
+/// admission 7.8`, `128 → 96`, a value dated in the past (`5.9 mmol/L last month`, `126 in
+/// June`, `3 weeks ago`, with its unit), and the same in German, French, Spanish, Italian,
+/// Dutch and Portuguese. The match covers the earlier value, which is blanked out before the
+/// model reads the candidate. (`peak` alone is no such word: drug monitoring reports peak
+/// levels.)
 static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)
         (?P<a>(?:\b(?:from|previously|previous|prior|earlier|baseline|last|compared\ (?:with|to)|vs\.?|versus|vorher|zuvor
             |vorwert|précédemment|auparavant|antérieurement|anteriormente|previamente|precedentemente|eerder|voorheen
-            |peaked|peak|initially|initial|nadir|maximal|maximum|highest|lowest|worst|anfangs|initialement|inicialmente
+            |peaked|initially|initial|highest|lowest|worst|anfangs|initialement|inicialmente
             |inizialmente|aanvankelijk)
             (?:\ (?:of|value|result|was|at|being|à|a|de|bei|di|op|em))?:?
           | \(\s*(?:was|previously|prev\.?|prior)
           | \b(?:on\ admission|at\ presentation|all['’]ingresso|à\ l['’]entrée|à\ l['’]admission|bei\ aufnahme|al\ ingreso
-            |bij\ opname|na\ admissão)(?:\ (?:was|of|at|à|a|di|de|bei|op|em|von|van|di))?:?)
+            |bij\ opname|na\ admissão)(?:\ (?:was|of|at|à|a|di|de|bei|op|em|von|van))?:?)
           \s+[<>]?\d+(?:[.,]\d+)?)
         | (?P<b>\b(?:von|de|da|van|desde)\s+[<>]?\d+(?:[.,]\d+)?)(?:\s*\S+)?\s+(?:auf|à|a|al|naar|para|to)\s+[<>]?\d
         | (?P<c>[<>]?\d+(?:[.,]\d+)?\s*(?:→|->|=>|⟶))\s*[<>]?\d
@@ -562,10 +564,7 @@ impl Classifier {
     pub fn classify(&self, c: &mut Candidate) -> Result<(), NonResult> {
         // Durations, days of a stay and a method's year are no values (`no growth at 5 days`,
         // `weaned day 2`, `CKD-EPI 2021`).
-        let plain = blank_counts(&c.text);
-        if plain != c.text {
-            c.text = plain;
-        }
+        c.text = blank_counts(&c.text);
         let text = c.text.as_str();
         if let Some(reason) = self.unresulted_entry(text) {
             return Err(reason);
@@ -1009,8 +1008,11 @@ mod tests {
         assert_eq!(verdict("Blood cultures: no growth at 5 days").unwrap(), "Blood cultures: no growth at   days");
         assert_eq!(verdict("Organ support: noradrenaline weaned day 2"), Err("no_value"));
         assert_eq!(verdict("eGFR reported using CKD-EPI 2021 without ethnicity coefficient"), Err("no_value"));
-        // A value after the same words stays (`LDH 2010 U/L`, `Tag 3,5`).
+        // A value after the same words stays (`LDH 2010 U/L`, `Tag 3,5`), and a peak level
+        // of drug monitoring is a result.
         assert_eq!(verdict("LDH 2010 U/L").unwrap(), "LDH 2010 U/L");
+        assert_eq!(verdict("Kalium am Tag 3,5 mmol/l").unwrap(), "Kalium am Tag 3,5 mmol/l");
+        assert_eq!(verdict("Gentamicin peak 8.2 mg/L").unwrap(), "Gentamicin peak 8.2 mg/L");
         assert_eq!(verdict("Glucose after 2 hours 8.9 mmol/L").unwrap(), "Glucose after   hours 8.9 mmol/L");
         // `Total` opening a name the lexicon lacks, with a lab unit, is no receipt line.
         assert!(verdict("Total Kolesterol   238   mg/dL   0 - 200").is_ok());

@@ -67,11 +67,10 @@ struct Header<'a> {
 /// Reads a line as a header: at least three cells, three of them known column names, among
 /// them a test and a result column (twice for tables side by side).
 fn header(line: &str) -> Option<Header<'_>> {
-    let cells = cells(line)?;
+    let mut cells = cells(line)?;
     if cells.len() < 3 {
         return None;
     }
-    let mut cells = cells;
     let mut roles: Vec<Option<Role>> = cells.iter().map(|c| header_role(c.text)).collect();
     dated_columns(&cells, &mut roles);
     // A monitoring sheet or cumulative table may leave the test column's heading blank

@@ -72,7 +72,7 @@ pub(super) static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
         |pas\s+de\s+culture
         |sin\s+crecimiento|estéril|nessuna\s+crescita|geen\s+groei|sem\s+crescimento|mixed\s+growth|normal\s+flora
         |no\s+pathogens?\s+isolated|coliforms
-        |(?:\p{L}+|\p{L}\.)\s?(?:aureus|epidermidis|lugdunensis|saprophyticus|pneumoniae|pyogenes|agalactiae|anginosus|coli
+        |(?:\p{L}+\s|\p{L}\.\s?)(?:aureus|epidermidis|lugdunensis|saprophyticus|pneumoniae|pyogenes|agalactiae|anginosus|coli
         |faecalis|faecium|aeruginosa|influenzae|albicans|glabrata|auris|mirabilis|cloacae|aerogenes|oxytoca|freundii
         |morganii|marcescens|baumannii|maltophilia|enterica|typhi|jejuni|difficile|perfringens|meningitidis|gonorrhoeae
         |tuberculosis|catarrhalis|fragilis|fumigatus|pylori|monocytogenes|spp\.?))\b",
@@ -875,7 +875,7 @@ Registration no. 660 184 2291\nVorbefund vom 12.09.2026: Ferritin 25 µg/l, Vita
                 "Hémoglobine stable à 11,2 g/dL (N : 12-16)"
             ]
         );
-        assert!(!is_qualitative("Legionella urinary antigen"));
+        assert!(!is_qualitative("Legionella urinary antigen") && !is_qualitative("broccoli"));
     }
 
     #[test]
