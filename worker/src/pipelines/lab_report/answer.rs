@@ -283,6 +283,11 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
     if (clock || glued_only || hours_only) && first.is_some() {
         return reread();
     }
+    // Part of an ABO and RhD group (`negative` of `A RhD negative`): the whole group.
+    let group = BLOOD_GROUP.find(text).map(|m| m.as_str().trim_end());
+    if let Some(g) = group.filter(|g| !numeric && *g != v && g.to_lowercase().contains(&v.to_lowercase())) {
+        return Some(g.to_string());
+    }
     if word_ok && !unit_word {
         return None;
     }
@@ -340,6 +345,11 @@ fn misread_value(text: &str, value: &str) -> Option<String> {
 /// (`g/24 h`): that token (group 1) and the hours.
 static PER_HOURS: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)^\s*(\S+/\d+)\s(?:h|hrs?|std|horas?|heures?|ore|uur)\b").unwrap());
+
+/// An ABO group with its RhD type: `A RhD negative`, `O Rh+`, `AB pos`.
+static BLOOD_GROUP: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b(?:AB|A|B|O)\s*(?:Rh\s?\(?D\)?|RhD)?\s*(?:positive|negative|pos|neg|\+|-)(?:\s|$)").unwrap()
+});
 
 /// A clock time with a two-digit hour (`08:45`, `11:30`); titres (`1:320`) are not.
 static CLOCK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"^[0-2]\d:[0-5]\d$").unwrap());
@@ -1161,6 +1171,8 @@ mod tests {
         let item = parse_answer(r#"{"test":"Albúmina","value":"24","unit":"mg/24"}"#, &cand(period)).unwrap();
         assert_eq!((item.value.as_deref(), item.unit.as_deref()), (Some("236"), Some("mg/24 h")));
         // A titre is no clock time; `4.6 H` is a value and its flag.
+        let group = "Blood group                  A RhD negative";
+        assert_eq!(value(group, r#"{"test":"Blood group","value":"negative"}"#).as_deref(), Some("A RhD negative"));
         let titre = "ANA (IIF)   1:320   (< 1:80)";
         assert_eq!(value(titre, r#"{"test":"ANA","value":"1:320"}"#).as_deref(), Some("1:320"));
         assert_eq!(value("Urine ACR (<3.0 mg/mmol) .... 4.6 H", r#"{"value":"<3.0"}"#).as_deref(), Some("4.6"));

@@ -791,8 +791,9 @@ impl Classifier {
 
 /// A number of days, hours, weeks, months or years after a preposition (`at 5 days`, `over
 /// 12 hours`, `nach 3 Tagen`), or after the word for a day, week, cycle or visit (`day 2`,
-/// `Tag 3`): a duration or a time point, in the lexicon's languages; or a count of blood
-/// products (`2 units`, `2 unità di emazie`).
+/// `Tag 3`): a duration or a time point, in the lexicon's languages; a count of blood
+/// products (`2 units`, `2 unità di emazie`); a dose with its frequency (`210 mg twice
+/// daily`, `1 g par jour`).
 static DURATION: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)\b(?:at|after|for|over|within|in|since|during|until|by|nach|seit|für|innerhalb|après|pendant|depuis|en|à
@@ -801,7 +802,10 @@ static DURATION: LazyLock<Regex> = LazyLock::new(|| {
             |heures?|semaines?|mois|ans|días|dias|horas?|semanas?|meses|años|anos|giorni|ore|settimane|mesi|anni|dagen
             |uur|weken|maanden|jaren)\b
         | \b(?:day|week|cycle|visit|tag|woche|jour|semaine|día|dia|semana|giorno|settimana|dag)\s+(?P<d>\d{1,3})\b
-        | (?P<u>\d+)\s+(?:units?|unità|unidades|unités|einheiten|eenheden|bags?|pools?)\b",
+        | (?P<u>\d+)\s+(?:units?|unità|unidades|unités|einheiten|eenheden|bags?|pools?)\b
+        | (?P<m>\d+(?:[.,]\d+)?)\s*(?:mg|g|mcg|µg|micrograms?|iu|ml|mmol)\s+(?:once|twice|three\ times|four\ times|daily
+            |bd|b\.d\.|tds|t\.d\.s\.|qds|od|o\.d\.|nocte|mane|weekly|at\ night|per\ day|a\ day|every|prn|stat|fois\ par
+            |par\ jour|täglich|taeglich|al\ día|al\ dia|al\ giorno|per\ dag|por\ dia)\b",
     )
     .unwrap()
 });
@@ -820,7 +824,7 @@ fn blank_counts(text: &str) -> String {
         .filter_map(|c| {
             // `45 units/L` is a value with its unit, not a count of blood products.
             let units = c.name("u").filter(|_| !text[c.get(0).expect("the match").end()..].starts_with('/'));
-            c.name("n").or(c.name("d")).or(units)
+            c.name("n").or(c.name("d")).or(units).or(c.name("m"))
         })
         // `Tag 3,5` is no day: a decimal number after the word.
         .filter(|m| {
@@ -1019,6 +1023,7 @@ mod tests {
         assert_eq!(verdict("Total 3 items"), Err("metadata"));
         // Blood products given, and thresholds named before their number.
         assert_eq!(verdict("dopo trasfusione di 2 unità di emazie concentrate"), Err("no_value"));
+        assert_eq!(verdict("Iron supplements started: ferrous fumarate 210 mg twice daily"), Err("no_value"));
         assert_eq!(verdict("ALP 145 units/L").unwrap(), "ALP 145 units/L");
         assert_eq!(verdict("Phototherapy threshold at 62 hours: 300 umol/L"), Err("target"));
         assert!(verdict("Troponin T (99th percentile cut-off 14 ng/L)   45 ng/L").is_ok());

@@ -67,6 +67,7 @@ pub(super) static QUALITATIVE: LazyLock<Regex> = LazyLock::new(|| {
         |non\s+détecté|détecté|nicht\s+nachweisbar|nachweisbar|non\s+rilevat[oa]|rilevat[oa]|niet\s+aantoonbaar
         |aantoonbaar|no\s+reactiv[oa]|reactiv[oa]|non\s+réacti(?:f|ve)|réacti(?:f|ve)|reaktiv|nicht\s+reaktiv
         |ausente|presente|assente|absente?|spuren|trazas|traces|tracce|sporen
+        |immune|non-?immune|not\s+immune|equivocal|indeterminate|inconclusive|immun|nicht\s+immun|immunisée?|inmune
         |not\s+seen|nil\s+seen|not\s+observed|nicht\s+gesehen|non\s+vus?|no\s+se\s+observa|non\s+osservat[oia]
         |négati(?:f|ve)s|positi(?:f|ve)s|no\s+growth|no\s+significant\s+growth|sterile|kein\s+wachstum|steril|stériles?
         |pas\s+de\s+culture
@@ -850,7 +851,7 @@ Sodium was 131 mmol/L on admission, corrected to 136 mmol/L (133-146) and urea w
             ]
         );
         assert!(is_qualitative("Streptococcus pneumoniae") && is_qualitative("E. coli") && is_qualitative("No growth"));
-        assert!(is_qualitative("Not seen") && is_qualitative("stériles"));
+        assert!(is_qualitative("Not seen") && is_qualitative("stériles") && is_qualitative("Immune"));
         // List pieces that continue the previous one stay with it.
         let text = "Créatininémie initialement à 168 µmol/L, contrôlée à 92 µmol/L (N : 45-90)\n\
 Esami: emoglobina all'ingresso 7,8 g/dL, alla dimissione 10,1 g/dL (v.n. 13-17)\n";
