@@ -246,14 +246,15 @@ fn has_value_outside_ranges(text: &str) -> bool {
 
 /// Labels of metadata lines the segmentation does not already skip: instruments and their
 /// software, operators, quality control, locations, identifiers, money. Matched at the start
-/// of a line or as a `label:` anywhere.
+/// of a line or as a `label:` anywhere. `Total` is a receipt's sum only before a number
+/// (`Total 3 items`): before a word it opens a test name (`Total Kolesterol  238 mg/dL`).
 static METADATA: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
         r"(?ix)^\s*(?:
             (?:s/n|serial|serial\ (?:no|number)|instrument|analy[sz]er|device|software|firmware|version|operator|user
             |technician|tech\ id|qc|quality\ control|control\ lot|lot|reagent|calibrat\w*|cartridge|barcode|sample\ id
             |specimen\ id|order\ (?:no|number|id)|request\ (?:no|number)|episode|ward|unit\ no|bed|room|clinic|location
-            |consultant|gp|hospital\ (?:no|number)|nhs\ (?:no|number)|id|ref\ no|invoice|receipt|total|subtotal|amount
+            |consultant|gp|hospital\ (?:no|number)|nhs\ (?:no|number)|id|ref\ no|invoice|receipt|total\s*[:=]?\s*\d+|subtotal|amount
             |price|paid|payment|card|cash|change|vat|tax|fee|till|served\ by|cashier|register|terminal|transaction|station|zimmer|gerät|geraet|bediener|charge|rechnung|betrag
             |numéro|n°|dossier|service|appareil|opérateur|montant|prix|número|historia|servicio|equipo|operador|importe
             |precio|reparto|strumento|operatore|importo|prezzo|afdeling|apparaat|bedrag|prijs)\b
@@ -261,9 +262,6 @@ static METADATA: LazyLock<Regex> = LazyLock::new(|| {
     )
     .unwrap()
 });
-
-/// `Total` and then a word: the start of a test name such as `Total protein`.
-static TOTAL_NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)^\s*total\s+\p{L}").unwrap());
 
 /// A price or a payment: a currency sign or code next to a number.
 static MONEY: LazyLock<Regex> = LazyLock::new(|| {
@@ -350,16 +348,14 @@ static INTERPRETATION: LazyLock<Regex> = LazyLock::new(|| {
 /// model reads the candidate. (`peak` alone is no such word: drug monitoring reports peak
 /// levels.)
 static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
+    Regex::new(&format!(
         r"(?ix)
-        (?P<a>(?:\b(?:from|previously|previous|prior|earlier|baseline|last|compared\ (?:with|to)|vs\.?|versus|vorher|zuvor
+        (?P<a>(?:(?:\b(?:from|previously|previous|prior|earlier|baseline|last|compared\ (?:with|to)|vs\.?|versus|vorher|zuvor
             |vorwert|précédemment|auparavant|antérieurement|anteriormente|previamente|precedentemente|eerder|voorheen
-            |peaked|initially|initial|highest|lowest|worst|anfangs|initialement|inicialmente
-            |inizialmente|aanvankelijk)
-            (?:\ (?:of|value|result|was|at|being|à|a|de|bei|di|op|em))?:?
-          | \(\s*(?:was|previously|prev\.?|prior)
-          | \b(?:on\ admission|at\ presentation|all['’]ingresso|à\ l['’]entrée|à\ l['’]admission|bei\ aufnahme|al\ ingreso
-            |bij\ opname|na\ admissão)(?:\ (?:was|of|at|à|a|di|de|bei|op|em|von|van))?:?)
+            |peaked|highest|lowest|worst)
+            | (?:{EARLY_TIME}))
+            (?:\ (?:of|value|result|was|at|being|à|a|de|di|bei|op|em|von|van))?:?
+          | \(\s*(?:was|previously|prev\.?|prior))
           \s+[<>]?\d+(?:[.,]\d+)?)
         | (?P<b>\b(?:von|de|da|van|desde)\s+[<>]?\d+(?:[.,]\d+)?)(?:\s*\S+)?\s+(?:auf|à|a|al|naar|para|to)\s+[<>]?\d
         | (?P<c>[<>]?\d+(?:[.,]\d+)?\s*(?:→|->|=>|⟶))\s*[<>]?\d
@@ -368,20 +364,18 @@ static EARLIER_VALUE: LazyLock<Regex> = LazyLock::new(|| {
             |in\ (?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)[a-z]*\b|at\ baseline|on\ admission
             |letzte[nr]?\ (?:woche|monat|jahr)|im\ vormonat|vor\ \d+\ (?:tagen|wochen|monaten)
             |le\ mois\ dernier|la\ semaine\ dernière|il\ y\ a\ \d+|el\ mes\ pasado|hace\ \d+
-            |il\ mese\ scorso|vorige\ (?:week|maand))",
-    )
+            |il\ mese\ scorso|vorige\ (?:week|maand))"
+    ))
     .unwrap()
 });
 
-/// The byte offset where the clause holding `at` starts: after the last `;`, `:`, sentence
-/// end or blank line before it.
-fn clause_start(text: &str, at: usize) -> usize {
-    let before = &text[..at];
-    let mut start = before.rfind("\n\n").map_or(0, |k| k + 2);
-    for m in CLAUSE_END.find_iter(before) {
-        start = start.max(m.end());
-    }
-    start
+/// Byte offsets where clauses start, in order: after each `;`, `:`, sentence end or blank
+/// line (found once per document).
+fn clause_starts(text: &str) -> Vec<usize> {
+    let mut starts: Vec<usize> = CLAUSE_END.find_iter(text).map(|m| m.end()).collect();
+    starts.extend(text.match_indices("\n\n").map(|(k, _)| k + 2));
+    starts.sort_unstable();
+    starts
 }
 
 static CLAUSE_END: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[;:]|[.!?]\s").unwrap());
@@ -389,23 +383,18 @@ static CLAUSE_END: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"[;:]|[.!?]\s"
 /// Words that date a value to the start of a stay or course, in the lexicon's languages:
 /// earlier than a value beside it or named again later, but the result when it is the only
 /// one.
-static EARLY_MARK: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?ix)\b(?:on|at)\s+(?:admission|presentation|arrival|baseline)\b|\binitial(?:ly)?\b|à\s+l['’]entrée|à\s+l['’]admission
-        |à\s+l['’]arrivée|initialement|bei\s+aufnahme|anfangs|zu\s+beginn|al\s+ingreso|inicialmente|all['’]ingresso
-        |inizialmente|bij\s+opname|aanvankelijk|na\s+admissão",
-    )
-    .unwrap()
-});
+const EARLY_TIME: &str = r"\b(?:on|at)\s+(?:admission|presentation|arrival|baseline)\b|\binitial(?:ly)?\b|à\s+l['’]entrée
+        |à\s+l['’]admission|à\s+l['’]arrivée|initialement|bei\s+aufnahme|anfangs|zu\s+beginn|al\s+ingreso|inicialmente
+        |all['’]ingresso|inizialmente|bij\s+opname|aanvankelijk|na\s+admissão";
 
-/// Words that date a value to the end of a stay or to now.
-static LATE_MARK: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?ix)\b(?:at|on)\s+discharge\b|\btoday\b|\bnow\b|\blatest\b|\bmost\s+recent|à\s+la\s+sortie|bei\s+entlassung
-        |al\s+alta|alla\s+dimissione|bij\s+ontslag|na\s+alta|aujourd['’]hui|heute|hoy|oggi|vandaag",
-    )
-    .unwrap()
-});
+static EARLY_MARK: LazyLock<Regex> = LazyLock::new(|| Regex::new(&format!("(?ix){EARLY_TIME}")).unwrap());
+
+/// Words that date a value to the end of a stay or to now (also what opens a phrase that
+/// continues the previous one, in segmentation).
+pub(super) const LATE_TIME: &str = r"\b(?:at|on)\s+discharge\b|\btoday\b|\bnow\b|\blatest\b|\bmost\s+recent|à\s+la\s+sortie
+        |bei\s+entlassung|al\s+alta|alla\s+dimissione|bij\s+ontslag|na\s+alta|aujourd['’]hui|heute|hoy|oggi|vandaag";
+
+static LATE_MARK: LazyLock<Regex> = LazyLock::new(|| Regex::new(&format!("(?ix){LATE_TIME}")).unwrap());
 
 /// Lines that give an earlier result (`Previous result: 4.1`, `Vorwert 3,9`).
 static PREVIOUS_LINE: LazyLock<Regex> = LazyLock::new(|| {
@@ -575,10 +564,7 @@ impl Classifier {
         // A line that starts with a test name is not a label line (`Total protein`,
         // `Charge` of a German lot number aside).
         let leading = text.len() - text.trim_start().len();
-        // `Total` opens the name of a test the lexicon may not know (`Total Kolesterol  238
-        // mg/dL`) as well as a receipt's sum: with a laboratory unit it is the test.
-        let starts_with_test = analyte.is_some_and(|(at, lab)| lab && at == leading)
-            || (TOTAL_NAME.is_match(text) && NUMBER_WITH_LAB_UNIT.is_match(text));
+        let starts_with_test = analyte.is_some_and(|(at, lab)| lab && at == leading);
         if (METADATA.is_match(text) && !starts_with_test) || MONEY.is_match(text) {
             return Err(NonResult::Metadata);
         }
@@ -623,12 +609,14 @@ impl Classifier {
     pub fn earlier_mentions(&self, text: &str, kept: &[Candidate]) -> Vec<usize> {
         let chars: Vec<(usize, char)> = text.char_indices().collect();
         let byte_at = |at: usize| chars.get(at).map_or(text.len(), |&(b, _)| b);
+        let starts = clause_starts(text);
         let early: Vec<Option<(&str, bool)>> = kept
             .iter()
             .map(|c| {
                 let (_, analyte) = self.lexicon.first(&c.text)?;
                 let start = byte_at(c.start);
-                let clause = &text[clause_start(text, start)..start];
+                let clause_start = starts[..starts.partition_point(|&s| s <= start)].last().copied().unwrap_or(0);
+                let clause = &text[clause_start..start];
                 let dated_early =
                     (EARLY_MARK.is_match(clause) || EARLY_MARK.is_match(&c.text)) && !LATE_MARK.is_match(&c.text);
                 Some((analyte.name.as_str(), dated_early))
@@ -736,9 +724,7 @@ impl LeadingDate {
         let year = |y: u32| if y < 100 { 2000 + y } else { y };
         if let Some(name) = c.get(8) {
             // `02-Dec-2026`: the month named, so the order is known (kept as year-month-day).
-            const MONTHS: [&str; 12] =
-                ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
-            let month = MONTHS.iter().position(|m| name.as_str().eq_ignore_ascii_case(m))? as u32 + 1;
+            let month = super::numbers::month_number(name.as_str())?;
             return Some(Self { year: year(n(9)?), a: month, b: n(7)?, iso: true });
         }
         match (n(1), n(2), n(3)) {

@@ -232,13 +232,11 @@ fn column_date(cell: &str) -> Option<Option<ColumnDate>> {
         return Some(Some(ColumnDate { first: d, second: m, year: y, named: true }));
     }
     if let Some(name) = c.get(8) {
-        let month = MONTHS.iter().position(|m| name.as_str().to_lowercase().starts_with(m)).map(|i| i as u32 + 1);
+        let month = super::numbers::month_number(name.as_str());
         return Some(month.and_then(|m| Some(ColumnDate { first: num(7)?, second: m, year: year(9), named: true })));
     }
     Some(Some(ColumnDate { first: num(1)?, second: num(2)?, year: year(3), named: false }))
 }
-
-const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
 
 static COLUMN_DATE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(

@@ -110,6 +110,14 @@ pub(super) static SPACED_RANGE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(&format!(r"(?:^|[^\d.,])({g})\s*(?:-|–|—|\bto\b|\bà\b|\ba\b|\bbis\b)\s*({g})(?:$|[^\d.,])")).unwrap()
 });
 
+/// The number (1–12) of a month named in English by its first three letters or more
+/// (`Feb`, `february`), ignoring case.
+pub fn month_number(name: &str) -> Option<u32> {
+    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
+    let name = name.to_lowercase();
+    MONTHS.iter().position(|m| name.starts_with(m)).map(|i| i as u32 + 1)
+}
+
 /// Reads a reference range: `12.0-15.5`, `12.0 - 15.5`, `12,0–15,5`, `3.5 to 5.1`,
 /// `(ref 3.5-5.1 mmol/L)` → both bounds; `<5`, `≤5`, `up to 5` → upper only; `>60`, `≥60` →
 /// lower only. Bounds are read with [`parse_value`]. A number glued to a letter (`CA19-9`)

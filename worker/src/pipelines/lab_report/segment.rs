@@ -750,13 +750,8 @@ fn starts_with_continuation(piece: &str) -> bool {
 
 /// A phrase opening with the end of a stay (`alla dimissione 10,1 g/dL`, `à la sortie`,
 /// `at discharge`): the later value of the previous phrase's test.
-static LATE_START: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?ix)^(?:(?:at|on)\s+discharge|à\s+la\s+sortie|bei\s+entlassung|al\s+alta|alla\s+dimissione|bij\s+ontslag
-        |na\s+alta|today|now|aujourd['’]hui|heute|hoy|oggi|vandaag)\b",
-    )
-    .unwrap()
-});
+static LATE_START: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!("(?ix)^(?:{})", super::classify::LATE_TIME)).unwrap());
 
 fn prose_candidates(block: &str, block_start: usize) -> Vec<Candidate> {
     let mut out = Vec::new();
