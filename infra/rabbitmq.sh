@@ -18,4 +18,12 @@ if ! up; then
   up || { echo "RabbitMQ did not come up within 60 s" >&2; exit 1; }
   rabbitmqctl -q await_startup >&2 || true
 fi
+# A broker short of disk or memory blocks every publisher until the alarm clears: runs would
+# hang waiting for jobs, so say so plainly.
+if alarms="$(rabbitmq-diagnostics -q alarms 2>/dev/null)" && [ -n "$(printf '%s' "$alarms" | tr -d '[:space:]')" ] \
+  && ! printf '%s' "$alarms" | grep -qi "no alarms"; then
+  echo "RabbitMQ reports resource alarms; publishers are blocked until they clear (free disk or memory on the broker):" >&2
+  printf '%s\n' "$alarms" >&2
+  exit 1
+fi
 echo "$URL"

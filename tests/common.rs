@@ -162,3 +162,70 @@ pub fn embedded_lab_rows(inputs: &[&str], run_id: &str) -> (usize, Vec<arrow::re
     let (rows, _, batches) = read_parquet_dir(&local.join("lab_results"));
     (rows, batches)
 }
+
+/// Names of the broker's `what` (`queues`, `exchanges`) that belong to `namespace`
+/// (`MEDBATCH_AMQP_NAMESPACE`: the shipped names with `-namespace` appended).
+fn broker_names(what: &str, namespace: &str) -> Vec<String> {
+    let o = Command::new("rabbitmqctl")
+        .args([&format!("list_{what}"), "-q", "--no-table-headers", "name"])
+        .output()
+        .expect("rabbitmqctl");
+    let tag = format!("-{namespace}");
+    text(&o.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|n| n.ends_with(&tag) || n.contains(&format!("{tag}.")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The broker objects of a test's namespace, deleted when this is dropped (also when the
+/// test fails), so that test runs leave the shared broker as they found it.
+pub struct BrokerNamespace(pub String);
+
+impl Drop for BrokerNamespace {
+    fn drop(&mut self) {
+        let (queues, exchanges) = (broker_names("queues", &self.0), broker_names("exchanges", &self.0));
+        let Ok(url) = std::env::var("MEDBATCH_AMQP_URL") else { return };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            let Ok(conn) = lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await else {
+                return;
+            };
+            let Ok(ch) = conn.create_channel().await else { return };
+            for q in &queues {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            for x in &exchanges {
+                let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
+            }
+            let _ = conn.close(200, "test done".into()).await;
+        });
+    }
+}
+
+/// What the broker says about a namespace, for failure messages: resource alarms (a broker
+/// short of disk or memory blocks publishers) and each queue's ready and unacknowledged
+/// messages and consumers.
+pub fn broker_state(namespace: &str) -> String {
+    let run = |args: &[&str]| {
+        Command::new(args[0]).args(&args[1..]).output().map(|o| text(&o.stdout) + &text(&o.stderr)).unwrap_or_default()
+    };
+    let alarms = run(&["rabbitmq-diagnostics", "-q", "alarms"]);
+    let tag = format!("-{namespace}");
+    let queues: Vec<String> = run(&[
+        "rabbitmqctl",
+        "list_queues",
+        "-q",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "consumers",
+    ])
+    .lines()
+    .filter(|l| l.contains(&tag))
+    .map(str::to_string)
+    .collect();
+    format!("broker alarms: {}; queues (ready, unacked, consumers): {queues:?}", alarms.trim())
+}

@@ -116,13 +116,24 @@ impl Worker {
         open
     }
 
+    /// The last `n` lines of its log.
+    fn tail(&self, n: usize) -> Vec<String> {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(n)..].to_vec()
+    }
+
     /// Waits for the worker to start a job, then kills it with SIGKILL; returns the jobs it
-    /// held.
-    fn kill_mid_job(&mut self) -> Vec<String> {
+    /// held. `state` describes the rest of the run for the failure message.
+    fn kill_mid_job(&mut self, state: &dyn Fn() -> String) -> Vec<String> {
         let before = self.count("job started");
         let t = Instant::now();
         while self.count("job started") == before {
-            assert!(t.elapsed() < Duration::from_secs(120), "worker started no job: {:?}", self.log.lock().unwrap());
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "worker started no job in 300 s: {:?}\n{}",
+                self.log.lock().unwrap(),
+                state()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         let held = self.in_hand();
@@ -192,6 +203,7 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
         std::fs::write(inputs.join(format!("note-{i:04}.txt")), note).unwrap();
     }
     let namespace = format!("chaos-{}", std::process::id());
+    let _broker = BrokerNamespace(namespace.clone());
     let bucket = format!("medbatch-chaos-{}", std::process::id());
     py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
     let out = format!("s3://{bucket}/out");
@@ -222,7 +234,11 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
         match step {
             0 | 2 | 4 => {
                 let mut victim = workers.remove(step / 2 % workers.len());
-                kills.push(victim.kill_mid_job());
+                let state = || {
+                    let others: Vec<Vec<String>> = workers.iter().chain(retired.iter()).map(|w| w.tail(4)).collect();
+                    format!("other workers' last lines: {others:?}\n{}", broker_state(&namespace))
+                };
+                kills.push(victim.kill_mid_job(&state));
                 retired.push(victim);
                 workers.push(Worker::spawn(&namespace, &model, &pipelines));
             }

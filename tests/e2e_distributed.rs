@@ -57,6 +57,7 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     let model = model.to_str().unwrap();
     std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
     let namespace = format!("e2e-{}", std::process::id());
+    let _broker = BrokerNamespace(namespace.clone());
     let bucket = format!("medbatch-dist-{}", std::process::id());
     py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
     let mut workers = vec![worker(&namespace, model), worker(&namespace, model)];
@@ -119,6 +120,7 @@ fn a_worker_whose_engine_hangs_exits_and_another_does_its_jobs() {
     let model = model.to_str().unwrap();
     std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
     let namespace = format!("e2e-stall-{}", std::process::id());
+    let _broker = BrokerNamespace(namespace.clone());
     let bucket = format!("medbatch-stall-{}", std::process::id());
     py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
     let stalled = worker_with(&namespace, model, &["--stall-timeout", "0.05"]);

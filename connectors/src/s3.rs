@@ -6,7 +6,8 @@
 //! `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` or an explicit override. Path-style addressing
 //! is used when the endpoint's host is an IP address or `localhost` (no per-bucket DNS
 //! there). Requests are retried with exponential backoff on throttling, timeouts and 5xx
-//! (the SDK's standard retry mode, more attempts than its default). Errors name the
+//! (the SDK's standard retry mode, more attempts than its default); an attempt that gets no
+//! response within two minutes counts as a timeout. Errors name the
 //! operation and key, never credentials or object contents.
 
 use crate::store::{check_key, ObjectStore, StoreError};
@@ -22,6 +23,12 @@ pub const MULTIPART_THRESHOLD: usize = 16 << 20;
 pub const PART_SIZE: usize = 8 << 20;
 /// Attempts per request (first try included).
 const MAX_ATTEMPTS: u32 = 6;
+/// The SDK sets no limit on the wait for a response: a server that accepts a request and
+/// never answers would hold a worker (and its jobs) forever. An attempt whose first response
+/// byte has not come after this long fails and is retried like a timeout. Generous enough for
+/// a 16 MiB part over a slow link (about 140 KB/s).
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A parsed `s3://bucket/prefix` location.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +73,13 @@ pub fn needs_path_style(endpoint: &str) -> bool {
 /// variables), `endpoint` overriding the endpoint; path-style for IP/localhost endpoints.
 pub async fn client(endpoint: Option<&str>) -> aws_sdk_s3::Client {
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS));
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(CONNECT_TIMEOUT)
+                .read_timeout(READ_TIMEOUT)
+                .build(),
+        );
     if let Some(e) = endpoint {
         loader = loader.endpoint_url(e);
     }
