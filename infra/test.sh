@@ -16,7 +16,9 @@ bash infra/s3-server.sh start >/dev/null
 eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
 # nibabel is installed without numpy: its data folder is found without importing it.
 MEDBATCH_NIBABEL_DATA="$("$MEDBATCH_PYTHON" -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("nibabel").origin).parent / "tests" / "data")')"
-export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DATA MEDBATCH_NIBABEL_DATA
+# OpenSlide's sample slides (LGPL, fetched into the cache, never committed).
+MEDBATCH_OPENSLIDE_DATA="$(MEDBATCH_PYTHON="$MEDBATCH_PYTHON" bash infra/openslide-samples.sh)"
+export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DATA MEDBATCH_NIBABEL_DATA MEDBATCH_OPENSLIDE_DATA
 # Tests run concurrently (several test threads and binaries, each with a model): one compute
 # thread each keeps 2-core machines from oversubscription, which slows candle's synchronized
 # kernels several-fold.

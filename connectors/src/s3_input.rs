@@ -219,3 +219,98 @@ impl Seek for S3Reader {
         Ok(target)
     }
 }
+
+/// Random access to one S3 object for whole-slide images: each read is one bounded ranged
+/// GET (`Range: bytes=A-B`, `If-Match` the ETag seen at planning), so a worker fetches the
+/// slide's header and the tiles it reads and nothing else. Counts its requests and bytes.
+/// Use it from blocking threads (it waits on the runtime).
+pub struct S3RangeSource {
+    client: aws_sdk_s3::Client,
+    handle: Handle,
+    object: ObjectInfo,
+    requests: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl S3RangeSource {
+    pub fn new(client: aws_sdk_s3::Client, handle: Handle, object: ObjectInfo) -> Self {
+        Self { client, handle, object, requests: Default::default(), bytes: Default::default() }
+    }
+
+    /// (ranged GETs sent, bytes received) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.requests.load(Relaxed), self.bytes.load(Relaxed))
+    }
+
+    pub fn object(&self) -> &ObjectInfo {
+        &self.object
+    }
+
+    fn error(&self, kind: io::ErrorKind, reason: String) -> io::Error {
+        io::Error::new(kind, format!("{}: {reason}", self.object.uri()))
+    }
+
+    fn get(&self, offset: u64, len: usize) -> io::Result<Bytes> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.requests.fetch_add(1, Relaxed);
+        let last = offset + len as u64 - 1;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.object.bucket)
+            .key(&self.object.key)
+            .range(format!("bytes={offset}-{last}"))
+            .set_if_match(self.object.etag.clone());
+        let changed = || {
+            self.error(
+                io::ErrorKind::InvalidData,
+                "the object changed since the run was planned (ETag differs); plan a new run".into(),
+            )
+        };
+        let out = match self.handle.block_on(req.send()) {
+            Ok(o) if self.object.etag.as_deref().is_some_and(|want| o.e_tag().is_some_and(|got| got != want)) => {
+                return Err(changed())
+            }
+            Ok(o) => o,
+            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 412 => return Err(changed()),
+            Err(e) => return Err(self.error(io::ErrorKind::Other, sdk_message(&e))),
+        };
+        let body = self
+            .handle
+            .block_on(out.body.collect())
+            .map_err(|e| self.error(io::ErrorKind::UnexpectedEof, format!("reading bytes {offset}..: {e}")))?
+            .into_bytes();
+        self.bytes.fetch_add(body.len() as u64, Relaxed);
+        Ok(body)
+    }
+}
+
+impl medbatch_formats::wsi::RangeRead for S3RangeSource {
+    fn size(&self) -> u64 {
+        self.object.size
+    }
+
+    fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        medbatch_formats::wsi::source::check_range(offset, len, self.object.size)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        // The SDK retries failed requests; a body cut short is asked for again a few times.
+        let mut last = None;
+        for _ in 0..=REOPEN_ATTEMPTS {
+            match self.get(offset, len) {
+                Ok(b) if b.len() == len => return Ok(b.to_vec()),
+                Ok(b) => {
+                    last = Some(self.error(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} of {len} bytes came back for bytes {offset}..", b.len()),
+                    ))
+                }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+}

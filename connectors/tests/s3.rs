@@ -219,3 +219,61 @@ async fn inputs_are_listed_and_streamed_with_ranged_reads() {
     assert!(msg.contains("big.bin") && msg.contains("changed since"), "{msg}");
     drop_bucket(&s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slide_is_read_from_s3_a_range_at_a_time() {
+    use medbatch_connectors::s3::{client, S3Location};
+    use medbatch_connectors::s3_input::{list_objects, S3RangeSource};
+    use medbatch_formats::wsi::{FileSource, Slide, WsiLimits};
+
+    // Synthetic pyramids written by the whole-slide oracle (tifffile).
+    let dir = tempfile::tempdir().unwrap();
+    let python = std::env::var("MEDBATCH_PYTHON").expect("MEDBATCH_PYTHON: run the tests through `bash infra/test.sh`");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../formats/tests/support/wsi_oracle.py");
+    let o = std::process::Command::new(python).arg(script).arg("make").arg(dir.path()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let local = dir.path().join("deflate.tiff");
+    let bytes = std::fs::read(&local).unwrap();
+
+    let s = store("wsi").await;
+    let bucket = s.location_parts().bucket.clone();
+    s.put("slides/deflate.tiff", Bytes::from(bytes.clone())).await.unwrap();
+    let c = client(None).await;
+    let loc = S3Location::parse(&format!("s3://{bucket}/out/run/slides/deflate.tiff")).unwrap();
+    let object = list_objects(&c, &loc).await.unwrap().remove(0);
+    let handle = tokio::runtime::Handle::current();
+    let (c2, obj, size) = (c.clone(), object.clone(), bytes.len() as u64);
+    tokio::task::spawn_blocking(move || {
+        let limits = WsiLimits::default();
+        let remote = Slide::open(S3RangeSource::new(c2, handle, obj), &limits).unwrap();
+        let here = Slide::open(FileSource::open(&local).unwrap(), &limits).unwrap();
+        assert_eq!(remote.info(), here.info(), "the same description from S3 as from the file");
+        let (header_requests, header_bytes) = remote.source().counts();
+        assert!(header_requests <= 4, "{header_requests} requests for the header");
+        assert_eq!(header_bytes, remote.info().header_bytes_read);
+        for (level, col, row) in [(0, 0, 0), (0, 3, 2), (1, 1, 1), (2, 0, 0)] {
+            assert_eq!(remote.read_tile(level, col, row).unwrap(), here.read_tile(level, col, row).unwrap());
+        }
+        let (requests, read) = remote.source().counts();
+        assert_eq!(requests, header_requests + 4, "one ranged GET a tile");
+        // Four of the slide's seventeen tiles.
+        let tiles = read - header_bytes;
+        assert!(tiles < size / 3, "{tiles} bytes of tiles read of {size}");
+    })
+    .await
+    .unwrap();
+
+    // The slide replaced after planning: a tile read fails, naming the object and why.
+    let (c2, obj) = (c.clone(), object.clone());
+    let handle = tokio::runtime::Handle::current();
+    let remote = tokio::task::spawn_blocking(move || {
+        Slide::open(S3RangeSource::new(c2, handle, obj), &WsiLimits::default()).unwrap()
+    })
+    .await
+    .unwrap();
+    s.put("slides/deflate.tiff", Bytes::from(bytes[..bytes.len() - 10].to_vec())).await.unwrap();
+    let err = tokio::task::spawn_blocking(move || remote.read_tile(0, 1, 1).unwrap_err()).await.unwrap();
+    let msg = err.to_string();
+    assert!(msg.contains("deflate.tiff") && msg.contains("changed since"), "{msg}");
+    drop_bucket(&s).await;
+}

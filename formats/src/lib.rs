@@ -12,6 +12,8 @@
 //! - [`records`]: whole-file text, JSON Lines and CSV, one record at a time.
 //! - [`dicom`]: DICOM headers (feature `dicom-header`) and stored pixel values (`pixels`).
 //! - [`nifti`], [`image`]: NIfTI-1 volumes, PNG and JPEG files (`pixels`).
+//! - [`wsi`]: whole-slide pyramids (TIFF, BigTIFF, Aperio SVS): descriptions from headers
+//!   (feature `wsi-header`), tiles and regions (`pixels`), read a range at a time.
 //!
 //! The coordinator builds this crate without `pixels`: planning reads headers, never pixels.
 
@@ -28,5 +30,7 @@ pub mod dicom;
 pub mod image;
 #[cfg(feature = "pixels")]
 pub mod nifti;
+#[cfg(feature = "wsi-header")]
+pub mod wsi;
 
 pub use limits::{ImageLimits, InputLimits};

@@ -1,0 +1,295 @@
+//! Tile decoding: the stored bytes of one tile to RGB pixels, and regions assembled from
+//! tiles. Every decoder runs under [`crate::guard::guarded`] with its output size known
+//! beforehand (the tile's dimensions), so a tile that lies about itself is an error.
+
+use super::source::{check_range, RangeRead};
+use super::{Level, Slide, TileCodec, TileTable, WsiError};
+use image::RgbImage;
+use std::io::Read;
+
+/// The colour of a region outside the slide or of a tile the file leaves out (byte count 0):
+/// white, as glass without tissue looks.
+pub const BACKGROUND: [u8; 3] = [255, 255, 255];
+
+impl<S: RangeRead> Slide<S> {
+    /// Tile (`col`, `row`) of `level` as RGB, at the full tile size (edge tiles include the
+    /// padding the file stores past the level's edge).
+    pub fn read_tile(&self, level: usize, col: u64, row: u64) -> Result<RgbImage, WsiError> {
+        let (l, t) = self.level(level)?;
+        let err = |reason: String| WsiError::Tile { level, col, row, reason };
+        if col >= l.tiles_across() || row >= l.tiles_down() {
+            return Err(err(format!("outside the {}x{} tile grid", l.tiles_across(), l.tiles_down())));
+        }
+        let i = (row * l.tiles_across() + col) as usize;
+        let (offset, count) = (t.offsets[i], t.byte_counts[i]);
+        let (tw, th) = (l.tile_width, l.tile_height);
+        if count == 0 {
+            return Ok(RgbImage::from_pixel(tw, th, image::Rgb(BACKGROUND)));
+        }
+        if count > self.limits.max_tile_bytes {
+            return Err(err(format!("{count} stored bytes, over the limit of {}", self.limits.max_tile_bytes)));
+        }
+        check_range(offset, count as usize, self.src.size())
+            .map_err(|_| err(format!("its bytes {offset}..{} lie past the end of the file", offset + count)))?;
+        let bytes = self.src.read_at(offset, count as usize).map_err(|e| err(format!("reading failed: {e}")))?;
+        crate::guard::guarded(l.codec.name(), || decode(&bytes, l, t))
+            .unwrap_or_else(Err)
+            .map_err(|reason| err(format!("{} tile does not decode: {reason}", l.codec.name())))
+    }
+
+    /// The `width` × `height` region of `level` whose top-left corner is (`x`, `y`) in that
+    /// level's pixels; what lies outside the level is [`BACKGROUND`].
+    pub fn read_region(&self, level: usize, x: i64, y: i64, width: u32, height: u32) -> Result<RgbImage, WsiError> {
+        let (l, _) = self.level(level)?;
+        let bytes = u64::from(width) * u64::from(height) * 3;
+        if bytes > self.limits.max_region_bytes {
+            return Err(WsiError::TooLarge(format!(
+                "a region of {width}x{height} pixels is over the limit of {} bytes",
+                self.limits.max_region_bytes
+            )));
+        }
+        let mut out = RgbImage::from_pixel(width, height, image::Rgb(BACKGROUND));
+        let (tw, th) = (i64::from(l.tile_width), i64::from(l.tile_height));
+        // The part of the region inside the level.
+        let (x0, y0) = (x.max(0), y.max(0));
+        let (x1, y1) = ((x + i64::from(width)).min(l.width as i64), (y + i64::from(height)).min(l.height as i64));
+        if x0 >= x1 || y0 >= y1 {
+            return Ok(out);
+        }
+        for row in (y0 / th)..=((y1 - 1) / th) {
+            for col in (x0 / tw)..=((x1 - 1) / tw) {
+                let tile = self.read_tile(level, col as u64, row as u64)?;
+                let (tx, ty) = (col * tw, row * th);
+                // Overlap of this tile with the region, in level pixels.
+                let (ox0, oy0) = (tx.max(x0), ty.max(y0));
+                let (ox1, oy1) = ((tx + tw).min(x1), (ty + th).min(y1));
+                for py in oy0..oy1 {
+                    let src =
+                        &tile.as_raw()[(((py - ty) * tw + (ox0 - tx)) * 3) as usize..][..((ox1 - ox0) * 3) as usize];
+                    let at = (((py - y) * i64::from(width) + (ox0 - x)) * 3) as usize;
+                    out.as_mut()[at..at + src.len()].copy_from_slice(src);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn decode(bytes: &[u8], l: &Level, t: &TileTable) -> Result<RgbImage, String> {
+    let (tw, th) = (l.tile_width, l.tile_height);
+    match l.codec {
+        TileCodec::Jpeg => jpeg(bytes, t, tw, th),
+        TileCodec::Jpeg2000YCbCr => jpeg2000(bytes, tw, th, true),
+        TileCodec::Jpeg2000Rgb => jpeg2000(bytes, tw, th, false),
+        TileCodec::None | TileCodec::Lzw | TileCodec::Deflate => {
+            let want = tw as usize * th as usize * t.samples as usize;
+            let mut raw = match l.codec {
+                TileCodec::None => bytes.to_vec(),
+                TileCodec::Deflate => inflate(bytes, want)?,
+                _ => lzw(bytes, want)?,
+            };
+            if raw.len() < want {
+                return Err(format!("{} bytes where the tile needs {want}", raw.len()));
+            }
+            raw.truncate(want);
+            match t.predictor {
+                1 => {}
+                2 => undo_horizontal_predictor(&mut raw, tw as usize, t.samples as usize),
+                p => return Err(format!("predictor {p} is not supported")),
+            }
+            samples_to_rgb(raw, tw, th, t.samples, t.photometric)
+        }
+    }
+}
+
+/// Deflate (zlib) data, inflated to at most `want` bytes.
+fn inflate(bytes: &[u8], want: usize) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(want);
+    flate2::read::ZlibDecoder::new(bytes).take(want as u64).read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// TIFF LZW (most significant bit first, with TIFF's early code size switch), decoded into a
+/// buffer of exactly `want` bytes: LZW can expand far beyond any ratio check.
+fn lzw(bytes: &[u8], want: usize) -> Result<Vec<u8>, String> {
+    let mut out = vec![0u8; want];
+    let mut d = weezl::decode::Decoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8);
+    let (mut read, mut written) = (0, 0);
+    while written < want {
+        let r = d.decode_bytes(&bytes[read..], &mut out[written..]);
+        read += r.consumed_in;
+        written += r.consumed_out;
+        match r.status {
+            Ok(weezl::LzwStatus::Ok) if r.consumed_in == 0 && r.consumed_out == 0 => break,
+            Ok(weezl::LzwStatus::Ok) => {}
+            Ok(weezl::LzwStatus::Done | weezl::LzwStatus::NoProgress) => break,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    out.truncate(written);
+    Ok(out)
+}
+
+fn undo_horizontal_predictor(raw: &mut [u8], width: usize, samples: usize) {
+    for row in raw.chunks_mut(width * samples) {
+        for i in samples..row.len() {
+            row[i] = row[i].wrapping_add(row[i - samples]);
+        }
+    }
+}
+
+fn samples_to_rgb(raw: Vec<u8>, w: u32, h: u32, samples: u16, photometric: u16) -> Result<RgbImage, String> {
+    let rgb = match (samples, photometric) {
+        (3, 2) => raw,
+        (4, 2) => raw.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        (1, 1) => raw.iter().flat_map(|&v| [v, v, v]).collect(),
+        (1, 0) => raw.iter().flat_map(|&v| [255 - v, 255 - v, 255 - v]).collect(),
+        (s, p) => return Err(format!("{s} samples with photometric interpretation {p} are not supported")),
+    };
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "the samples do not fill the tile".to_string())
+}
+
+/// A JPEG tile: the level's JPEGTables spliced in front (an abbreviated stream carries no
+/// tables of its own), colour as the photometric tag says.
+fn jpeg(bytes: &[u8], t: &TileTable, tw: u32, th: u32) -> Result<RgbImage, String> {
+    let stream: std::borrow::Cow<[u8]> = match &t.jpeg_tables {
+        Some(tables) if tables.len() >= 4 && bytes.starts_with(&[0xFF, 0xD8]) => {
+            // Tables: SOI, tables, EOI. Tile: SOI, the rest. Joined: SOI, tables, the rest.
+            let mut s = Vec::with_capacity(tables.len() + bytes.len());
+            s.extend_from_slice(&tables[..tables.len() - 2]);
+            s.extend_from_slice(&bytes[2..]);
+            s.into()
+        }
+        _ => bytes.into(),
+    };
+    let mut d = jpeg_decoder::Decoder::new(&stream[..]);
+    // Photometric RGB: the components are R, G, B as stored (Aperio writes such tiles with
+    // no marker saying so; guessing from the markers would turn them magenta). YCbCr (6) and
+    // anything else with three components: converted to RGB.
+    d.set_color_transform(match (t.photometric, t.samples) {
+        (_, 1) => jpeg_decoder::ColorTransform::Grayscale,
+        (2, _) => jpeg_decoder::ColorTransform::RGB,
+        _ => jpeg_decoder::ColorTransform::YCbCr,
+    });
+    d.read_info().map_err(|e| e.to_string())?;
+    let info = d.info().ok_or("no JPEG header")?;
+    if u32::from(info.width) != tw || u32::from(info.height) != th {
+        return Err(format!("the JPEG is {}x{}, the tile {tw}x{th}", info.width, info.height));
+    }
+    d.set_max_decoding_buffer_size(tw as usize * th as usize * 4);
+    let px = d.decode().map_err(|e| e.to_string())?;
+    let rgb = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => px,
+        jpeg_decoder::PixelFormat::L8 => px.iter().flat_map(|&v| [v, v, v]).collect(),
+        other => return Err(format!("JPEG pixel format {other:?} is not supported")),
+    };
+    RgbImage::from_raw(tw, th, rgb).ok_or_else(|| "the JPEG does not fill the tile".to_string())
+}
+
+/// The image size a JPEG 2000 codestream declares (SIZ marker), read before decoding.
+fn j2k_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    // SOC (FF4F) then SIZ (FF51): length, capabilities, Xsiz, Ysiz, XOsiz, YOsiz.
+    if bytes.len() < 24 || bytes[..4] != [0xFF, 0x4F, 0xFF, 0x51] {
+        return None;
+    }
+    let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+    let (x, y, xo, yo) = (be(8), be(12), be(16), be(20));
+    Some((x.checked_sub(xo)?, y.checked_sub(yo)?))
+}
+
+/// Whether the codestream's coding style (COD marker of the main header) applies the
+/// multiple component transform: the decoder then returns RGB itself.
+fn j2k_mct(bytes: &[u8]) -> bool {
+    let mut at = 4; // after SOC and at SIZ
+    while at + 4 <= bytes.len() && bytes[at] == 0xFF {
+        let marker = bytes[at + 1];
+        if marker == 0x90 {
+            break; // SOT: the main header is over
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[at + 2], bytes[at + 3]]));
+        if marker == 0x52 {
+            return bytes.get(at + 8).is_some_and(|&m| m != 0);
+        }
+        at += 2 + len;
+    }
+    false
+}
+
+/// Aperio's JPEG 2000 tiles: a bare codestream of three components, chroma possibly
+/// subsampled. 33003 stores YCbCr without the codestream's colour transform and is converted
+/// here; a 33003 codestream that does use the transform (some converters write one) comes
+/// out of the decoder as RGB already and is taken as it is.
+fn jpeg2000(bytes: &[u8], tw: u32, th: u32, ycbcr: bool) -> Result<RgbImage, String> {
+    let ycbcr = ycbcr && !j2k_mct(bytes);
+    let (w, h) = j2k_size(bytes).ok_or("not a JPEG 2000 codestream")?;
+    if w != tw || h != th {
+        return Err(format!("the codestream is {w}x{h}, the tile {tw}x{th}"));
+    }
+    let img = jpeg2k::Image::from_bytes(bytes).map_err(|e| e.to_string())?;
+    let comps = img.components();
+    if comps.len() < 3 {
+        return Err(format!("{} components where 3 are needed", comps.len()));
+    }
+    let planes: Vec<(&[i32], u32, u32, u32)> = comps[..3]
+        .iter()
+        .map(|c| {
+            let (cw, ch) = (c.width().max(1), c.height().max(1));
+            (c.data(), cw, tw.div_ceil(cw), th.div_ceil(ch))
+        })
+        .collect();
+    for (data, cw, dx, dy) in &planes {
+        if data.len() < (*cw as usize) * (th.div_ceil(*dy) as usize) || *dx > 4 || *dy > 4 {
+            return Err("a component is smaller than the tile".into());
+        }
+    }
+    let sample = |p: usize, x: u32, y: u32| {
+        let (data, cw, dx, dy) = planes[p];
+        data[((y / dy) * cw + (x / dx)) as usize]
+    };
+    let mut out = RgbImage::new(tw, th);
+    for y in 0..th {
+        for x in 0..tw {
+            let (a, b, c) = (sample(0, x, y), sample(1, x, y), sample(2, x, y));
+            let px = if ycbcr {
+                let (yy, cb, cr) = (f64::from(a), f64::from(b) - 128.0, f64::from(c) - 128.0);
+                let clamp = |v: f64| v.round().clamp(0.0, 255.0) as u8;
+                [clamp(yy + 1.402 * cr), clamp(yy - 0.344136 * cb - 0.714136 * cr), clamp(yy + 1.772 * cb)]
+            } else {
+                [a.clamp(0, 255) as u8, b.clamp(0, 255) as u8, c.clamp(0, 255) as u8]
+            };
+            out.put_pixel(x, y, image::Rgb(px));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_horizontal_predictor_is_undone_per_row() {
+        let mut raw = vec![10, 20, 30, 1, 1, 1, 5, 5, 5, 2, 2, 2];
+        undo_horizontal_predictor(&mut raw, 2, 3);
+        assert_eq!(raw, vec![10, 20, 30, 11, 21, 31, 5, 5, 5, 7, 7, 7]);
+    }
+
+    #[test]
+    fn lzw_output_is_capped() {
+        let data = vec![7u8; 10_000];
+        let packed = weezl::encode::Encoder::with_tiff_size_switch(weezl::BitOrder::Msb, 8).encode(&data).unwrap();
+        assert_eq!(lzw(&packed, 10_000).unwrap(), data);
+        assert_eq!(lzw(&packed, 100).unwrap().len(), 100);
+        assert!(lzw(&[0xFF; 20], 100).is_err() || lzw(&[0xFF; 20], 100).unwrap().len() < 100);
+    }
+
+    #[test]
+    fn codestream_sizes() {
+        let mut siz = vec![0xFF, 0x4F, 0xFF, 0x51, 0, 41, 0, 0];
+        for v in [240u32, 240, 0, 0] {
+            siz.extend_from_slice(&v.to_be_bytes());
+        }
+        assert_eq!(j2k_size(&siz), Some((240, 240)));
+        assert_eq!(j2k_size(b"not a codestream at all here"), None);
+    }
+}
