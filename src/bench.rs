@@ -31,6 +31,8 @@ pub enum Mode {
     DecodeStep,
     /// The quantized matrix kernels against candle's.
     Kernels,
+    /// Whole-slide reading: header, tiles, tissue patches; TARGET: a slide file or `s3://` object.
+    Wsi,
 }
 
 #[derive(clap::Args)]
@@ -39,7 +41,7 @@ pub struct BenchArgs {
     #[arg(value_enum)]
     pub mode: Option<Mode>,
     /// The mode's target: Ns for `parallel`, a job or image count for `publish` and
-    /// `images`, a folder for `dicom`, a config for `decode-step`.
+    /// `images`, a folder for `dicom`, a config for `decode-step`, a slide for `wsi`.
     pub target: Option<String>,
     /// Model: a Gemma 3 GGUF file, a checkpoint folder, or `demo`.
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
@@ -129,6 +131,9 @@ pub struct BenchArgs {
     /// against candle's row-wise and repacked kernels. Needs no model.
     #[arg(hide = true, long)]
     pub kernels: bool,
+    /// Set from the `wsi` mode's TARGET.
+    #[arg(skip)]
+    pub slide: Option<String>,
     /// With `kernels`: weight shapes as OUTxIN (defaults: Gemma 3 270M's MLP up and down
     /// projections, MedGemma 4B's MLP up projection).
     #[arg(long, value_delimiter = ',', default_value = "2048x640,640x2048,10240x2560", value_parser = parse_shape)]
@@ -188,6 +193,10 @@ fn resolve(mut args: BenchArgs) -> anyhow::Result<(Mode, BenchArgs)> {
             args.decode_step = Some(need("decode-step")?.into());
             Mode::DecodeStep
         }
+        Some(Mode::Wsi) => {
+            args.slide = Some(need("wsi")?);
+            Mode::Wsi
+        }
         Some(m) => {
             let name = clap::ValueEnum::to_possible_value(&m).map(|v| v.get_name().to_string()).unwrap_or_default();
             anyhow::ensure!(target.is_none(), "`medbatch bench {name}` takes no TARGET");
@@ -213,6 +222,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         Mode::Vision => return vision_bench(args.runs.max(1), args.text_hidden),
         Mode::Dicom => return dicom_bench(args.dicom.as_deref().expect("resolved"), args.runs.max(1)),
         Mode::Images => return image_bench(args.images.expect("resolved").max(1)),
+        Mode::Wsi => return crate::wsi_bench::run(args.slide.as_deref().expect("resolved")),
         Mode::Publish => {
             let rt = crate::runtime()?;
             return rt.block_on(publish_bench(args.publish.expect("resolved").max(1), &args.amqp));

@@ -15,6 +15,7 @@ mod model_path;
 mod models;
 mod progress;
 mod status;
+mod wsi_bench;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -2,7 +2,10 @@
 //! small.svs; fetched from openslide-python's source package by infra/test.sh, LGPL, never
 //! committed) and synthetic pyramids written by tifffile and imagecodecs in every codec the
 //! reader takes (JPEG in YCbCr and in RGB, JPEG 2000 as Aperio's 33003 and 33005, LZW with
-//! the predictor, Deflate, uncompressed; TIFF and BigTIFF). Levels, dimensions, downsamples,
+//! the predictor, Deflate, uncompressed; TIFF and BigTIFF), and DICOM VL Whole Slide
+//! Microscopy pyramids written with pydicom (JPEG frames found through a basic or an extended
+//! offset table, JPEG 2000 frames through their fragment items, a TILED_SPARSE uncompressed
+//! level whose glass tiles are left out). Levels, dimensions, downsamples,
 //! µm per pixel and magnification equal OpenSlide's; every pixel of several regions per level
 //! (across tile edges, at the level's edge) equals OpenSlide's `read_region`, exactly for
 //! lossless tiles and within JPEG decoder tolerance for lossy ones. Damaged slides give the
@@ -44,7 +47,21 @@ fn synthetic() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// A TIFF slide, or a DICOM slide made of every `.dcm` file in the folder of `path` (as
+/// OpenSlide finds the instances of a series beside the one it is given).
 fn open(path: &Path) -> Result<Slide<FileSource>, WsiError> {
+    if path.extension().is_some_and(|e| e == "dcm") {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+            .collect();
+        // In reverse order: the reader sorts the levels itself.
+        files.sort();
+        files.reverse();
+        let sources = files.iter().map(|p| FileSource::open(p).unwrap()).collect();
+        return Slide::open_dicom(sources, &WsiLimits::default());
+    }
     Slide::open(FileSource::open(path).unwrap(), &WsiLimits::default())
 }
 
@@ -145,6 +162,13 @@ fn openslide_sample_slides_read_as_openslide_reads_them() {
     assert_eq!(open(&small).unwrap().info().format, SlideFormat::Aperio);
     // One JPEG tile with JPEGTables, RGB components as stored (a YCbCr guess turns it magenta).
     same_region(&small, 0, (0, 0, 16, 16), (2, 0.5));
+
+    // The same slide as DICOM VL Whole Slide Microscopy: a JPEG level (empty basic offset
+    // table) and an uncompressed thumbnail instance.
+    let dicom = openslide_fixture("boxes_0.dcm");
+    same_description(&dicom);
+    assert_eq!(open(&dicom).unwrap().info().format, SlideFormat::Dicom);
+    same_region(&dicom, 0, (0, 0, 16, 16), (2, 0.5));
 }
 
 #[test]
@@ -162,6 +186,10 @@ fn synthetic_pyramids_in_every_codec_read_as_openslide_reads_them() {
         ("jpeg-rgb.tiff", 4, 0.2),
         ("aperio-j2k-ycbcr.svs", 1, 0.01),
         ("aperio-j2k-rgb.svs", 1, 0.01),
+        ("dicom-jpeg-bot/level-0.dcm", 4, 0.2),
+        ("dicom-jpeg-eot/level-0.dcm", 4, 0.2),
+        ("dicom-j2k/level-0.dcm", 1, 0.01),
+        ("dicom-sparse/level-0.dcm", 0, 0.0),
     ];
     for (name, tol, mean) in slides {
         let path = dir.join(name);

@@ -11,7 +11,7 @@ mod scan;
 pub use header::{header_of, read_header, read_header_from, sniff_preamble, BadField, DicomHeader};
 #[cfg(feature = "pixels")]
 pub use pixels::{read_frames, read_frames_from, Frames};
-pub use scan::check_lengths;
+pub use scan::{check_lengths, pixel_data_at};
 
 use medbatch_schemas::InputErrorKind;
 

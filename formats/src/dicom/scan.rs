@@ -171,34 +171,55 @@ impl Walk<'_> {
 /// what follows it. A deflated data set is not walked (its values are checked by the size
 /// limits instead).
 pub fn check_lengths(bytes: &[u8], file_len: u64, until_pixel_data: bool) -> Result<(), DicomError> {
+    walk_top_level(bytes, file_len, until_pixel_data).map(|_| ())
+}
+
+/// Where the top-level pixel data element of a DICOM Part 10 file starts, with every
+/// element length before it checked: `Ok(None)` when `bytes` (a prefix of the file) ends
+/// before it or the data set is deflated. The second value: whether the data set is
+/// explicit VR (the pixel data header is then 12 bytes, else 8).
+pub fn pixel_data_at(bytes: &[u8], file_len: u64) -> Result<Option<(usize, bool)>, DicomError> {
+    let Some((pos, e)) = walk_top_level(bytes, file_len, true)? else { return Ok(None) };
+    let walk = Walk { bytes, file_len, until_pixel_data: true };
+    let found = walk.u16(pos, e) == Some(0x7FE0) && walk.u16(pos + 2, e) == Some(0x0010);
+    Ok(found.then_some((pos, !e.implicit)))
+}
+
+/// Walks the meta group and the data set; returns where the top-level walk stopped and the
+/// data set's encoding (`None` when it is not walked).
+fn walk_top_level(
+    bytes: &[u8],
+    file_len: u64,
+    until_pixel_data: bool,
+) -> Result<Option<(usize, Encoding)>, DicomError> {
     let start = if crate::sniff::looks_like_dicom(bytes) {
         DICOM_PREAMBLE_BYTES + 4
     } else if bytes.starts_with(b"DICM") {
         4
     } else {
-        return Ok(());
+        return Ok(None);
     };
     let walk = Walk { bytes, file_len, until_pixel_data };
     // The meta group is explicit VR little endian; its transfer syntax says how the rest is.
     let mut pos = start;
     let mut syntax = String::new();
     while walk.u16(pos, META) == Some(0x0002) {
-        let Some(elem) = walk.u16(pos + 2, META) else { return Ok(()) };
+        let Some(elem) = walk.u16(pos + 2, META) else { return Ok(None) };
         let end = walk.elements(pos, Some(pos + 1), META, 0, false)?;
         if elem == 0x0010 {
             let value = bytes.get(pos + 8..end).unwrap_or_default();
             syntax = String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_string();
         }
         if end <= pos {
-            return Ok(());
+            return Ok(None);
         }
         pos = end;
     }
     let e = match syntax.as_str() {
-        DEFLATED => return Ok(()),
+        DEFLATED => return Ok(None),
         IMPLICIT_LE => Encoding { implicit: true, big_endian: false },
         EXPLICIT_BE => Encoding { implicit: false, big_endian: true },
         _ => Encoding { implicit: false, big_endian: false },
     };
-    walk.elements(pos, None, e, 0, false).map(|_| ())
+    walk.elements(pos, None, e, 0, false).map(|stop| Some((stop, e)))
 }

@@ -1,4 +1,5 @@
-//! Whole-slide images: pyramidal tiled TIFF and BigTIFF, Aperio SVS.
+//! Whole-slide images: pyramidal tiled TIFF and BigTIFF, Aperio SVS, DICOM VL Whole Slide
+//! Microscopy (TILED_FULL and TILED_SPARSE, one instance a level).
 //!
 //! Two calls. [`Slide::open`] reads the header only: the IFD chain, its tags and the tile
 //! tables, through a small block cache and within a byte budget ([`WsiLimits`]) — what
@@ -18,6 +19,8 @@
 //! its associated images (thumbnail, label, macro). Errors name the level and tile and the
 //! reason, never pixel content.
 
+#[cfg(feature = "dicom-header")]
+mod dicom;
 pub mod source;
 mod structure;
 #[cfg(feature = "pixels")]
@@ -76,6 +79,8 @@ pub enum SlideFormat {
     GenericTiff,
     /// Aperio SVS (ImageDescription starting `Aperio`).
     Aperio,
+    /// DICOM VL Whole Slide Microscopy: one instance a level.
+    Dicom,
 }
 
 impl SlideFormat {
@@ -84,6 +89,7 @@ impl SlideFormat {
         match self {
             Self::GenericTiff => "generic-tiff",
             Self::Aperio => "aperio",
+            Self::Dicom => "dicom",
         }
     }
 }
@@ -236,9 +242,15 @@ impl WsiError {
 /// Where one level's tiles lie and how they are stored.
 #[derive(Clone, Debug)]
 struct TileTable {
+    /// Which of the slide's sources holds the level (DICOM: one instance a level).
+    source: usize,
     offsets: Vec<u64>,
     byte_counts: Vec<u64>,
+    /// The ranges hold DICOM fragment items (8-byte item headers before each fragment's
+    /// bytes) rather than the tile's bytes alone.
+    fragments: bool,
     jpeg_tables: Option<Vec<u8>>,
+    /// As TIFF numbers it: 1 grey, 2 RGB, 6 YCbCr.
     photometric: u16,
     samples: u16,
     predictor: u16,
@@ -246,26 +258,39 @@ struct TileTable {
 
 /// An open slide: its description and tile tables; tiles are read on request.
 pub struct Slide<S: RangeRead> {
-    src: S,
+    sources: Vec<S>,
     info: SlideInfo,
     tables: Vec<TileTable>,
     limits: WsiLimits,
 }
 
 impl<S: RangeRead> Slide<S> {
-    /// Reads the header of the slide in `src`.
+    /// Reads the header of the TIFF slide (TIFF, BigTIFF, SVS) in `src`.
     pub fn open(src: S, limits: &WsiLimits) -> Result<Self, WsiError> {
         let (info, tables) = crate::guard::guarded("TIFF structure", || structure::read(&src, limits))
             .unwrap_or_else(|panic| Err(WsiError::Corrupt(panic)))?;
-        Ok(Self { src, info, tables, limits: *limits })
+        Ok(Self { sources: vec![src], info, tables, limits: *limits })
+    }
+
+    /// Reads the headers of a DICOM whole-slide image: the instances of one series (one a
+    /// level, plus label, overview and thumbnail images), in any order.
+    pub fn open_dicom(sources: Vec<S>, limits: &WsiLimits) -> Result<Self, WsiError> {
+        let (info, tables) = crate::guard::guarded("DICOM whole-slide", || dicom::read(&sources, limits))
+            .unwrap_or_else(|panic| Err(WsiError::Corrupt(panic)))?;
+        Ok(Self { sources, info, tables, limits: *limits })
     }
 
     pub fn info(&self) -> &SlideInfo {
         &self.info
     }
 
+    /// The (first) source: the file of a TIFF slide.
     pub fn source(&self) -> &S {
-        &self.src
+        &self.sources[0]
+    }
+
+    pub fn sources(&self) -> &[S] {
+        &self.sources
     }
 
     fn level(&self, level: usize) -> Result<(&Level, &TileTable), WsiError> {

@@ -165,6 +165,8 @@ fn check_level(i: usize, d: &Directory, limits: &WsiLimits) -> Result<(Level, Ti
     }
     let level = Level { width: d.width, height: d.height, tile_width: tw, tile_height: th, downsample: 1.0, codec };
     let table = TileTable {
+        source: 0,
+        fragments: false,
         offsets: d.offsets.clone(),
         byte_counts: d.byte_counts.clone(),
         jpeg_tables: d.jpeg_tables.clone(),

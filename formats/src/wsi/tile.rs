@@ -29,9 +29,16 @@ impl<S: RangeRead> Slide<S> {
         if count > self.limits.max_tile_bytes {
             return Err(err(format!("{count} stored bytes, over the limit of {}", self.limits.max_tile_bytes)));
         }
-        check_range(offset, count as usize, self.src.size())
+        let src = &self.sources[t.source];
+        // The last frame of a DICOM level with a basic offset table runs to the end of the
+        // file (its fragments end at the sequence delimiter).
+        let count = if t.fragments { count.min(src.size().saturating_sub(offset)) } else { count };
+        check_range(offset, count as usize, src.size())
             .map_err(|_| err(format!("its bytes {offset}..{} lie past the end of the file", offset + count)))?;
-        let bytes = self.src.read_at(offset, count as usize).map_err(|e| err(format!("reading failed: {e}")))?;
+        let mut bytes = src.read_at(offset, count as usize).map_err(|e| err(format!("reading failed: {e}")))?;
+        if t.fragments {
+            bytes = join_fragments(&bytes).map_err(err)?;
+        }
         crate::guard::guarded(l.codec.name(), || decode(&bytes, l, t))
             .unwrap_or_else(Err)
             .map_err(|reason| err(format!("{} tile does not decode: {reason}", l.codec.name())))
@@ -73,6 +80,31 @@ impl<S: RangeRead> Slide<S> {
         }
         Ok(out)
     }
+}
+
+/// The bytes of a frame stored as DICOM fragment items (item tag FFFE,E000 and a 32-bit
+/// length, little endian), up to the end of the range or a sequence delimiter.
+fn join_fragments(span: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(span.len());
+    let mut at = 0;
+    while at + 8 <= span.len() {
+        let tag = &span[at..at + 4];
+        let len = u32::from_le_bytes([span[at + 4], span[at + 5], span[at + 6], span[at + 7]]) as usize;
+        if tag == [0xFE, 0xFF, 0xDD, 0xE0] {
+            break;
+        }
+        if tag != [0xFE, 0xFF, 0x00, 0xE0] {
+            return Err(format!("no fragment item at byte {at} of the frame"));
+        }
+        let body = at + 8;
+        let end = body.checked_add(len).filter(|&e| e <= span.len()).ok_or("a fragment runs past the frame")?;
+        out.extend_from_slice(&span[body..end]);
+        at = end;
+    }
+    if out.is_empty() {
+        return Err("the frame holds no fragment".into());
+    }
+    Ok(out)
 }
 
 fn decode(bytes: &[u8], l: &Level, t: &TileTable) -> Result<RgbImage, String> {

@@ -119,6 +119,107 @@ def make(out):
                     w.write(thumb, photometric="rgb", compression="jpeg", metadata=None)
 
 
+def dicom_level(path, img, level, series, study, frame_of_ref, tile, syntax, sparse=False, offsets="bot"):
+    """One DICOM VL Whole Slide Microscopy instance holding `img` as a level."""
+    import imagecodecs
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate, encapsulate_extended
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    h, w = img.shape[:2]
+    across, down = -(-w // tile), -(-h // tile)
+    tiles = list(tiles_of(img, tile))
+    positions = [(tx * tile + 1, ty * tile + 1) for ty in range(down) for tx in range(across)]
+    if sparse:
+        # Glass tiles (almost white) are left out, as scanners do.
+        keep = [i for i, t in enumerate(tiles) if t.mean() < 240]
+        tiles = [tiles[i] for i in keep]
+        positions = [positions[i] for i in keep]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
+    ds.Modality = "SM"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.PatientName, ds.PatientID = "Synthetic^Slide", "SYNTH-1"
+    ds.Rows = ds.Columns = tile
+    ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = w, h
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.NumberOfOpticalPaths = 1
+    ds.NumberOfFrames = len(tiles)
+    ds.SamplesPerPixel = 3
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PlanarConfiguration = 0
+    ds.DimensionOrganizationType = "TILED_SPARSE" if sparse else "TILED_FULL"
+    ds.InstanceNumber = level + 1
+    spacing = 0.0005 * 2**level
+    shared = Dataset()
+    pm = Dataset()
+    pm.PixelSpacing = [spacing, spacing]
+    pm.SliceThickness = 0.001
+    shared.PixelMeasuresSequence = Sequence([pm])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    op = Dataset()
+    op.OpticalPathIdentifier = "1"
+    op.ObjectiveLensPower = 20
+    ds.OpticalPathSequence = Sequence([op])
+    if sparse:
+        per = []
+        for col, row in positions:
+            item, pos = Dataset(), Dataset()
+            pos.ColumnPositionInTotalImagePixelMatrix, pos.RowPositionInTotalImagePixelMatrix = col, row
+            pos.XOffsetInSlideCoordinateSystem = pos.YOffsetInSlideCoordinateSystem = 0
+            pos.ZOffsetInSlideCoordinateSystem = 0
+            item.PlanePositionSlideSequence = Sequence([pos])
+            per.append(item)
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per)
+    if syntax == "1.2.840.10008.1.2.1":
+        ds.PhotometricInterpretation = "RGB"
+        ds.PixelData = b"".join(t.tobytes() for t in tiles)
+    else:
+        if syntax == "1.2.840.10008.1.2.4.50":
+            ds.PhotometricInterpretation = "YBR_FULL_422"
+            frames = [imagecodecs.jpeg8_encode(t, level=90) for t in tiles]
+        else:
+            ds.PhotometricInterpretation = "YBR_ICT"
+            frames = [imagecodecs.jpeg2k_encode(t, level=90, codecformat="j2k", mct=True) for t in tiles]
+        if offsets == "eot":
+            ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(frames)
+        else:
+            ds.PixelData = encapsulate(frames, has_bot=offsets == "bot")
+        ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+
+
+def make_dicom(out):
+    """DICOM pyramids of the synthetic tissue, a folder each: JPEG with a basic offset
+    table, JPEG with an extended one, JPEG 2000 without offsets, sparse uncompressed."""
+    import os
+
+    from pydicom.uid import generate_uid
+
+    levels = pyramid(tissue(1000, 760, 7), 3)
+    kinds = [
+        ("dicom-jpeg-bot", "1.2.840.10008.1.2.4.50", False, "bot"),
+        ("dicom-jpeg-eot", "1.2.840.10008.1.2.4.50", False, "eot"),
+        ("dicom-j2k", "1.2.840.10008.1.2.4.91", False, "none"),
+        ("dicom-sparse", "1.2.840.10008.1.2.1", True, "none"),
+    ]
+    for name, syntax, sparse, offsets in kinds:
+        os.makedirs(f"{out}/{name}", exist_ok=True)
+        series, study, ref = generate_uid(), generate_uid(), generate_uid()
+        for i, lvl in enumerate(levels):
+            dicom_level(f"{out}/{name}/level-{i}.dcm", lvl, i, series, study, ref, 256, syntax, sparse, offsets)
+
+
 def describe(path):
     import openslide
 
@@ -140,7 +241,11 @@ def region(path, level, x, y, w, h):
 
     s = openslide.OpenSlide(path)
     rgba = np.asarray(s.read_region((x, y), level, (w, h)))
-    sys.stdout.buffer.write(np.ascontiguousarray(rgba[..., :3]).tobytes())
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    # Where the slide has no data (a sparse level's missing tiles), OpenSlide is transparent;
+    # readers render it as white glass.
+    rgb[rgba[..., 3] == 0] = 255
+    sys.stdout.buffer.write(rgb.tobytes())
 
 
 def tissue_cells(path, level, cell, cols, rows):
@@ -196,6 +301,7 @@ if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     if cmd == "make":
         make(args[0])
+        make_dicom(args[0])
     elif cmd == "describe":
         describe(args[0])
     elif cmd == "region":
