@@ -5,7 +5,7 @@
 //! streamed with ranged requests ([`crate::s3_input`]).
 
 use crate::s3::S3Location;
-use crate::s3_input::{list_objects, ObjectInfo, S3Reader};
+use crate::s3_input::{list_objects, ObjectInfo, S3RangeSource, S3Reader};
 use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -121,6 +121,29 @@ impl InputSource {
         }
         let p = local_path(uri)?;
         let f = std::fs::File::open(&p).map_err(|source| InputsError::Io { path: p.display().to_string(), source })?;
+        Ok(Box::new(f))
+    }
+
+    /// Opens an input for random access a range at a time (whole-slide images): a local
+    /// file with positioned reads, an S3 object with one bounded ranged GET a read
+    /// (`If-Match: etag` when an ETag is given). Blocking, like [`InputSource::open`].
+    pub fn open_range(
+        &self,
+        uri: &str,
+        size: u64,
+        etag: Option<&str>,
+    ) -> Result<Box<dyn medbatch_formats::wsi::RangeRead>, InputsError> {
+        if uri.starts_with("s3://") {
+            let loc = S3Location::parse(uri)
+                .filter(|l| !l.prefix.is_empty())
+                .ok_or_else(|| InputsError::Remote(format!("{uri}: not a valid s3://bucket/key location")))?;
+            let (access, client) = self.s3(uri)?;
+            let object = ObjectInfo { bucket: loc.bucket, key: loc.prefix, size, etag: etag.map(str::to_string) };
+            return Ok(Box::new(S3RangeSource::new(client, access.handle.clone(), object)));
+        }
+        let p = local_path(uri)?;
+        let f = medbatch_formats::wsi::FileSource::open(&p)
+            .map_err(|source| InputsError::Io { path: p.display().to_string(), source })?;
         Ok(Box::new(f))
     }
 }

@@ -263,6 +263,27 @@ async fn a_slide_is_read_from_s3_a_range_at_a_time() {
     .await
     .unwrap();
 
+    // The same through the input source planning and workers use, for the object and for
+    // the local file.
+    let source = medbatch_connectors::inputs::InputSource::with_s3(None);
+    let (uri, etag, local_path) = (object.uri(), object.etag.clone(), dir.path().join("deflate.tiff"));
+    let size = bytes.len() as u64;
+    tokio::task::spawn_blocking(move || {
+        let remote = source.open_range(&uri, size, etag.as_deref()).unwrap();
+        let local = source.open_range(local_path.to_str().unwrap(), size, None).unwrap();
+        let (a, b) =
+            (Slide::open(remote, &WsiLimits::default()).unwrap(), Slide::open(local, &WsiLimits::default()).unwrap());
+        assert_eq!(a.info().header_digest, b.info().header_digest);
+        assert_eq!(a.read_tile(0, 2, 1).unwrap(), b.read_tile(0, 2, 1).unwrap());
+        assert_ne!(
+            a.info().identity(etag.as_deref(), size),
+            b.info().identity(None, size),
+            "the ETag is part of the identity"
+        );
+    })
+    .await
+    .unwrap();
+
     // The slide replaced after planning: a tile read fails, naming the object and why.
     let (c2, obj) = (c.clone(), object.clone());
     let handle = tokio::runtime::Handle::current();

@@ -199,6 +199,15 @@ impl SlideInfo {
         Some((0..mags.len()).rev().find(|&i| mags[i] >= magnification * 0.99).unwrap_or(0))
     }
 
+    /// The slide's identity, for planning and job ids: a SHA-256 over its version tag (an
+    /// object store's ETag, when it has one), its size and its header digest. Planning never
+    /// reads gigabytes of pixels to digest a slide.
+    pub fn identity(&self, etag: Option<&str>, size: u64) -> medbatch_schemas::Digest {
+        medbatch_schemas::Digest::of_bytes(
+            format!("slide\n{}\n{size}\n{}", etag.unwrap_or(""), self.header_digest).as_bytes(),
+        )
+    }
+
     /// Micrometres per pixel of `level` (x, y).
     pub fn level_mpp(&self, level: usize) -> Option<(f64, f64)> {
         let l = self.levels.get(level)?;
@@ -340,6 +349,10 @@ mod tests {
         assert_eq!(a.level_for_magnification(1.25), Some(2));
         assert_eq!(a.level_for_magnification(80.0), Some(0));
         assert_eq!(b.level_for_magnification(10.0), Some(0));
+        let id = a.identity(Some("\"abc\""), 100);
+        assert_eq!(id, a.identity(Some("\"abc\""), 100));
+        assert_ne!(id, a.identity(Some("\"abd\""), 100));
+        assert_ne!(id, a.identity(Some("\"abc\""), 101));
     }
 
     #[test]
