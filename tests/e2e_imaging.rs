@@ -557,3 +557,64 @@ fn tensor_parallel_runs_write_the_same_rows() {
         assert_eq!(reasons(&split), reasons(&one), "--tp {tp}");
     }
 }
+
+/// Slides: two patches a prompt, short answers (the instruction and two patches are ~400
+/// tokens of the 512).
+const SLIDES: Size = Size { max_images: 2, max_new_tokens: 110, max_length: 8, max_items: 1 };
+
+#[test]
+fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pipeline(dir.path(), "pathology-report", &SLIDES);
+    // The synthetic slides are 1,000 x 760 pixels at 20x: patches of 64 px at 10x (a 7 x 5
+    // grid on level 1) instead of 896.
+    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
+    let toml = toml.replace("patch = 896", "patch = 64").replace("stride = 896", "stride = 64");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    // Synthetic slides written by the whole-slide oracle (tifffile, pydicom).
+    let slides = dir.path().join("slides");
+    std::fs::create_dir(&slides).unwrap();
+    let oracle = repo_root().join("formats/tests/support/wsi_oracle.py");
+    let make = std::process::Command::new(python()).arg(&oracle).arg("make").arg(&slides).output().unwrap();
+    assert!(make.status.success(), "{}", text(&make.stderr));
+    let damaged = slides.join("truncated.tiff");
+    let o = std::process::Command::new(python())
+        .arg(&oracle)
+        .args(["damage", slides.join("jpeg-ycbcr.tiff").to_str().unwrap(), damaged.to_str().unwrap(), "truncate"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    std::fs::write(slides.join("note.svs"), "Seen in clinic today.").unwrap();
+    let path = |n: &str| slides.join(n).to_string_lossy().into_owned();
+    let inputs = [
+        path("jpeg-ycbcr.tiff"),
+        path("aperio-j2k-ycbcr.svs"),
+        path("dicom-jpeg-bot"),
+        path("glass.tiff"),
+        path("truncated.tiff"),
+        path("note.svs"),
+    ];
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let o = run(&p, &inputs, "pathology_reports");
+    // Three slides with tissue: a TIFF, an SVS and a DICOM slide of three instances.
+    assert_eq!(o.rows, 3, "{:?}", o.errors);
+    let mut ids = o.document_ids.clone();
+    ids.sort();
+    assert_eq!(&ids[1..], ["aperio-j2k-ycbcr.svs", "jpeg-ycbcr.tiff"], "{ids:?}");
+    assert_eq!(ids[0].len(), 16, "a DICOM slide is named by its header digest: {ids:?}");
+    // Two patches of 9 soft tokens each, after the instruction.
+    assert!(o.prompt_tokens.iter().all(|t| t.parse::<u32>().unwrap() > 2 * 9), "{:?}", o.prompt_tokens);
+    assert_eq!(
+        reasons(&o),
+        vec![("glass.tiff", "not_applicable"), ("note.svs", "wrong_format"), ("truncated.tiff", "corrupt_image")]
+    );
+    assert!(o.errors[0].2.contains("no tissue found"), "{:?}", o.errors[0]);
+    assert!(!o.errors[1].2.contains("clinic"), "no file content in errors: {:?}", o.errors[1]);
+    // The patches come from the file holding the 10x level; the DICOM slide's other
+    // instances gave none.
+    let images: Vec<(&str, Option<&str>)> =
+        o.documents.iter().filter(|d| d.1 == "ok").map(|d| (d.0.as_str(), d.3.as_deref())).collect();
+    assert!(images.contains(&("jpeg-ycbcr.tiff", Some("2"))), "{images:?}");
+    assert!(images.contains(&("level-1.dcm", Some("2"))), "{images:?}");
+    assert!(images.contains(&("level-0.dcm", Some("0"))), "{images:?}");
+}

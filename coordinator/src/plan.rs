@@ -198,6 +198,9 @@ impl Instance {
 /// file whose header cannot be read, a kind the pipeline does not read) is a job alone, and
 /// its worker reports what is wrong with it.
 fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
+    if imaging.unit == ImagingUnit::Slide {
+        return plan_slides(cfg, found);
+    }
     let mut singles: Vec<InputRef> = Vec::new();
     let mut instances: Vec<Instance> = Vec::new();
     for f in found {
@@ -222,7 +225,7 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
     let mut groups: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
     for i in instances {
         let key = match imaging.unit {
-            ImagingUnit::Series => i.header.series_uid.clone(),
+            ImagingUnit::Series | ImagingUnit::Slide => i.header.series_uid.clone(),
             ImagingUnit::Study | ImagingUnit::PriorCurrent => i.header.study_uid.clone(),
         };
         groups.entry(key).or_default().push(i);
@@ -259,6 +262,87 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
         job_inputs.extend(groups.into_values().map(|g| g.into_iter().map(|i| i.input).collect()));
     }
     job_inputs.extend(singles.into_iter().map(|i| vec![i]));
+    let jobs: Vec<Job> = job_inputs
+        .into_iter()
+        .map(|inputs| Job::new(cfg.run_id.clone(), cfg.pipeline.clone(), cfg.model.clone(), inputs, cfg.output.clone()))
+        .collect();
+    Ok(PlannedRun {
+        run_id: cfg.run_id.clone(),
+        pipeline: cfg.pipeline.clone(),
+        model: cfg.model.clone(),
+        units: jobs.len() as u64,
+        jobs,
+        files: found.len() as u64,
+    })
+}
+
+/// A slide file's identity from its header alone (`SlideInfo::identity`: ETag, size, header
+/// digest); a slide whose header cannot be read gets one from its ETag, size and name, and
+/// its worker reports what is wrong with it.
+fn slide_identity(source: &InputSource, f: &FoundInput) -> Digest {
+    let etag = f.etag.as_deref();
+    source
+        .open_range(&f.uri, f.size, etag)
+        .ok()
+        .and_then(|src| medbatch_formats::wsi::Slide::open(src, &medbatch_formats::wsi::WsiLimits::default()).ok())
+        .map(|slide| slide.info().identity(etag, f.size))
+        .unwrap_or_else(|| {
+            Digest::of_bytes(format!("unreadable slide\n{}\n{}\n{}", etag.unwrap_or(""), f.size, f.uri).as_bytes())
+        })
+}
+
+/// Slide runs: an SVS or pyramidal TIFF file is a job; DICOM files are grouped by series
+/// (a DICOM whole-slide image is the instances of one series), a job each. No slide is read
+/// past its header: a slide's identity is its ETag, size and header digest, a DICOM
+/// instance's its ETag, size and header fields (up to the pixel data).
+fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
+    let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
+    let mut series: BTreeMap<String, Vec<(i64, InputRef)>> = BTreeMap::new();
+    for f in found {
+        let io_err = |source| inputs::InputsError::Io { path: f.uri.clone(), source };
+        let mut kind = InputKind::from_name(&f.uri);
+        let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
+        let bare = kind == InputKind::Unsupported && !base.contains('.');
+        let mut header = None;
+        if kind == InputKind::Dicom || bare {
+            let mut r = cfg.source.open(&f.uri, f.size, f.etag.as_deref())?;
+            let mut head = Vec::new();
+            (&mut r).take(DICOM_PREAMBLE_BYTES as u64 + 4).read_to_end(&mut head).map_err(io_err)?;
+            if bare && looks_like_dicom(&head) {
+                kind = InputKind::Dicom;
+            }
+            if kind == InputKind::Dicom {
+                let stream = std::io::Cursor::new(head).chain(r);
+                header = read_header_from(std::io::BufReader::new(stream), f.size).ok();
+            }
+        }
+        let sha256 = match (kind, &header) {
+            (InputKind::Slide, _) => slide_identity(&cfg.source, f),
+            (InputKind::Dicom, Some(h)) => Digest::of_bytes(
+                format!("dicom instance\n{}\n{}\n{h:?}", f.etag.as_deref().unwrap_or(""), f.size).as_bytes(),
+            ),
+            _ => sha256_file(&cfg.source, f)?,
+        };
+        let input = InputRef {
+            uri: f.uri.clone(),
+            size: f.size,
+            sha256,
+            kind,
+            selection: Selection::Whole,
+            etag: f.etag.clone(),
+        };
+        match header {
+            Some(h) if !h.series_uid.is_empty() => {
+                series.entry(h.series_uid.clone()).or_default().push((h.instance_number.unwrap_or(i64::MAX), input))
+            }
+            _ => job_inputs.push(vec![input]),
+        }
+    }
+    for mut g in series.into_values() {
+        g.sort_by(|a, b| (a.0, &a.1.uri).cmp(&(b.0, &b.1.uri)));
+        job_inputs.push(g.into_iter().map(|(_, i)| i).collect());
+    }
+    job_inputs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
     let jobs: Vec<Job> = job_inputs
         .into_iter()
         .map(|inputs| Job::new(cfg.run_id.clone(), cfg.pipeline.clone(), cfg.model.clone(), inputs, cfg.output.clone()))
@@ -358,6 +442,7 @@ mod tests {
             max_images: 85,
             pad_to_square: false,
             max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+            slide: Default::default(),
         };
         let c = PlanConfig { imaging: Some(spec), ..cfg(vec![dir.to_str().unwrap().into()], "r") };
         plan_run(&c).unwrap()
@@ -365,6 +450,48 @@ mod tests {
 
     fn names(job: &Job) -> Vec<&str> {
         job.inputs.iter().map(|i| i.uri.rsplit('/').next().unwrap()).collect()
+    }
+
+    #[test]
+    fn slides_are_planned_from_their_headers_one_job_each() {
+        // Synthetic slides written by the whole-slide oracle (tifffile, pydicom).
+        let python =
+            std::env::var("MEDBATCH_PYTHON").expect("MEDBATCH_PYTHON: run the tests through `bash infra/test.sh`");
+        let oracle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../formats/tests/support/wsi_oracle.py");
+        let d = tempfile::tempdir().unwrap();
+        let o = std::process::Command::new(python).arg(oracle).arg("make").arg(d.path()).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let spec = ImagingSpec {
+            unit: ImagingUnit::Slide,
+            modalities: Vec::new(),
+            max_images: 125,
+            pad_to_square: false,
+            max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+            slide: Default::default(),
+        };
+        let c = PlanConfig { imaging: Some(spec), ..cfg(vec![d.path().to_str().unwrap().into()], "r") };
+        let p = plan_run(&c).unwrap();
+        // Eight TIFF and SVS files, four DICOM slides of three instances each.
+        assert_eq!(p.files, 8 + 4 * 3);
+        assert_eq!(p.jobs.len(), 8 + 4, "{:?}", p.jobs.iter().map(names).collect::<Vec<_>>());
+        let dicom: Vec<&Job> = p.jobs.iter().filter(|j| j.inputs[0].kind == InputKind::Dicom).collect();
+        assert_eq!(dicom.len(), 4);
+        for j in &dicom {
+            assert_eq!(names(j), ["level-0.dcm", "level-1.dcm", "level-2.dcm"], "instances in instance-number order");
+        }
+        // A slide's identity comes from its header, not from digesting its bytes.
+        let svs = p.jobs.iter().find(|j| j.inputs[0].uri.ends_with("aperio-j2k-rgb.svs")).unwrap();
+        let path = d.path().join("aperio-j2k-rgb.svs");
+        let size = std::fs::metadata(&path).unwrap().len();
+        let slide = medbatch_formats::wsi::Slide::open(
+            medbatch_formats::wsi::FileSource::open(&path).unwrap(),
+            &medbatch_formats::wsi::WsiLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(svs.inputs[0].kind, InputKind::Slide);
+        assert_eq!(svs.inputs[0].sha256, slide.info().identity(None, size));
+        assert_ne!(svs.inputs[0].sha256, Digest::of_bytes(&std::fs::read(&path).unwrap()));
+        assert_eq!(p, plan_run(&c).unwrap(), "planning is deterministic");
     }
 
     #[test]

@@ -77,6 +77,9 @@ pub enum InputKind {
     Image,
     /// A NIfTI-1 or NIfTI-2 volume (.nii, .nii.gz).
     Nifti,
+    /// A whole-slide image in a tiled TIFF: Aperio SVS, pyramidal TIFF or BigTIFF (.svs,
+    /// .tif, .tiff). DICOM whole-slide images are `Dicom` files.
+    Slide,
     /// An extension medbatch does not read; the worker reports it as an error row.
     Unsupported,
 }
@@ -103,6 +106,8 @@ impl InputKind {
             Self::Image
         } else if n.ends_with(".nii") || n.ends_with(".nii.gz") {
             Self::Nifti
+        } else if n.ends_with(".svs") || n.ends_with(".tif") || n.ends_with(".tiff") {
+            Self::Slide
         } else {
             Self::Unsupported
         }
@@ -114,7 +119,7 @@ impl InputKind {
 
     /// Images and volumes, read by imaging pipelines.
     pub fn is_imaging(self) -> bool {
-        matches!(self, Self::Dicom | Self::Image | Self::Nifti)
+        matches!(self, Self::Dicom | Self::Image | Self::Nifti | Self::Slide)
     }
 }
 

@@ -65,6 +65,69 @@ pub enum ImagingUnit {
     /// A patient's study and the study before it (by study date): the prior's image, then
     /// the current one.
     PriorCurrent,
+    /// A whole-slide image (an SVS or pyramidal TIFF file, or the DICOM instances of one
+    /// slide's series): tissue patches chosen by `imaging.slide`, up to `max_images`.
+    Slide,
+}
+
+/// How tissue is told from glass on a slide's mask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TissueDetection {
+    /// Mean luminance of a cell within [1/255, 0.8] (Google's recipe, for white glass).
+    Luminance,
+    /// Mean saturation of a cell above the Otsu threshold of the slide's saturations.
+    OtsuSaturation,
+}
+
+/// Patches of a whole-slide image (Google's MedGemma pathology recipe by default).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlideSpec {
+    /// Magnification the patches are read at.
+    #[serde(default = "default_slide_magnification")]
+    pub magnification: f64,
+    /// Patch side in pixels at that magnification (MedGemma's image size).
+    #[serde(default = "default_patch")]
+    pub patch: u32,
+    /// Distance between patch origins (the patch side: no overlap).
+    #[serde(default = "default_patch")]
+    pub stride: u32,
+    /// Magnification of the tissue mask.
+    #[serde(default = "default_mask_magnification")]
+    pub mask_magnification: f64,
+    #[serde(default = "default_tissue")]
+    pub tissue: TissueDetection,
+    /// Seed of the patch sample (with each slide's header digest): a rerun picks the same
+    /// patches.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_slide_magnification() -> f64 {
+    10.0
+}
+fn default_patch() -> u32 {
+    896
+}
+fn default_mask_magnification() -> f64 {
+    1.25
+}
+fn default_tissue() -> TissueDetection {
+    TissueDetection::Luminance
+}
+
+impl Default for SlideSpec {
+    fn default() -> Self {
+        Self {
+            magnification: default_slide_magnification(),
+            patch: default_patch(),
+            stride: default_patch(),
+            mask_magnification: default_mask_magnification(),
+            tissue: default_tissue(),
+            seed: 0,
+        }
+    }
 }
 
 /// How an imaging pipeline reads its inputs.
@@ -89,6 +152,10 @@ pub struct ImagingSpec {
     /// NIfTI is never inflated past it.
     #[serde(default = "default_max_decoded_bytes")]
     pub max_decoded_bytes: u64,
+    /// Whole-slide patches (`unit = "slide"`); `max_images` is the most patches a prompt
+    /// holds (125 in Google's recipe).
+    #[serde(default)]
+    pub slide: SlideSpec,
 }
 
 fn default_max_images() -> usize {

@@ -120,7 +120,7 @@ pub fn read_documents(
         }
         // Images and volumes are read by imaging pipelines (crate::imaging), whose specs
         // are the only ones that may list them; the check above has already refused them.
-        InputKind::Dicom | InputKind::Image | InputKind::Nifti | InputKind::Unsupported => {}
+        InputKind::Dicom | InputKind::Image | InputKind::Nifti | InputKind::Slide | InputKind::Unsupported => {}
     }
 }
 

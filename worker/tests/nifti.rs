@@ -58,6 +58,7 @@ fn slices_equal_nibabel() {
         max_images: r["max_images"].as_u64().unwrap() as usize,
         pad_to_square: false,
         max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+        slide: Default::default(),
     };
     for (name, e) in r["files"].as_object().unwrap() {
         let bytes = std::fs::read(data().join(name)).unwrap();
@@ -84,6 +85,7 @@ fn nifti2_and_garbage_are_named_errors() {
         max_images: 4,
         pad_to_square: false,
         max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+        slide: Default::default(),
     };
     let r = reference();
     assert_eq!(r["nifti2"]["sizeof_hdr"], 540);

@@ -302,6 +302,11 @@ impl<S: RangeRead> Slide<S> {
         &self.sources
     }
 
+    /// Which source holds `level` (DICOM: the instance of that level; TIFF: 0).
+    pub fn level_source(&self, level: usize) -> usize {
+        self.tables.get(level).map_or(0, |t| t.source)
+    }
+
     fn level(&self, level: usize) -> Result<(&Level, &TileTable), WsiError> {
         match (self.info.levels.get(level), self.tables.get(level)) {
             (Some(l), Some(t)) => Ok((l, t)),

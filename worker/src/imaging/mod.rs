@@ -10,6 +10,7 @@
 //!   series. Each slice is followed by the label `SLICE n`.
 //! - A prior and a current study of one patient: the first image of each, prior first.
 //! - A PNG or JPEG file: one image. A NIfTI volume: a series (min–max over the volume).
+//! - A whole-slide image: up to `max_images` tissue patches ([`slide`]).
 //!
 //! The document handed to the prompt template is the image block: one `<start_of_image>`
 //! marker per image (with its label), which the engine expands and fills. Its id is the
@@ -17,6 +18,7 @@
 //! naming the file and the reason; the rest of the job goes on.
 
 pub mod recipes;
+pub mod slide;
 
 use crate::pipelines::{Source, Unit};
 use medbatch_connectors::inputs::InputSource;
@@ -99,6 +101,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
     let max = limits.max_file_bytes;
     let mut out: Vec<ImagingRead> = Vec::new();
     let mut dicoms: Vec<Instance<'_>> = Vec::new();
+    let mut slides: Vec<&InputRef> = Vec::new();
     for input in inputs {
         if !spec.input.kinds.contains(&input.kind) {
             let reads: Vec<String> = spec.input.kinds.iter().map(|k| format!("{k:?}").to_lowercase()).collect();
@@ -107,6 +110,11 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
                 InputErrorKind::UnsupportedKind,
                 format!("this pipeline reads {}; {} is not one of them", reads.join(", "), file_name(&input.uri)),
             )));
+            continue;
+        }
+        // Slides are read a range at a time, never whole.
+        if imaging.unit == ImagingUnit::Slide {
+            slides.push(input);
             continue;
         }
         let bytes = match read_bytes(input, source, max) {
@@ -142,11 +150,16 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
             _ => out.push(Err(error(input, InputErrorKind::UnsupportedKind, "not an image or volume"))),
         }
     }
+    if !slides.is_empty() {
+        out.extend(slide::read(&slides, source, imaging));
+    }
     if !dicoms.is_empty() {
         out.extend(match imaging.unit {
             ImagingUnit::Study => study(dicoms, imaging),
             ImagingUnit::Series => series(dicoms, imaging),
             ImagingUnit::PriorCurrent => prior_current(dicoms, imaging),
+            // Collected as slides above.
+            ImagingUnit::Slide => Vec::new(),
         });
     }
     out
