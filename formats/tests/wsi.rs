@@ -215,6 +215,21 @@ fn a_tile_read_fetches_only_that_tiles_bytes() {
     let (r2, b2) = slide.source().counts();
     assert_eq!(r2, requests + 1, "one request a tile");
     assert!(b2 - bytes < size / 8, "a tile read {} of {size} bytes", b2 - bytes);
+    // A region over 4 x 3 tiles: tiles stored back to back (here all twelve, row after row)
+    // come with one read.
+    let before = slide.source().counts().0;
+    let region = slide.read_region(0, 0, 0, 1000, 700).unwrap();
+    assert_eq!(slide.source().counts().0 - before, 1, "tiles stored back to back come with one read");
+    let one_by_one = open(&path).unwrap();
+    for (col, row) in [(0u32, 0u32), (3, 2)] {
+        let tile = one_by_one.read_tile(0, u64::from(col), u64::from(row)).unwrap();
+        let (x, y) = (col * 256, row * 256);
+        for (dx, dy) in [(0, 0), (100, 50), (200, 150)] {
+            if x + dx < 1000 && y + dy < 700 {
+                assert_eq!(region.get_pixel(x + dx, y + dy), tile.get_pixel(dx, dy));
+            }
+        }
+    }
 }
 
 fn damaged(dir: &Path, kind: &str) -> PathBuf {

@@ -248,8 +248,9 @@ impl<S: RangeRead> Slide<S> {
     fn scan_level(&self, level: usize, mut f: impl FnMut(u64, u64, f64, f64)) -> Result<(), WsiError> {
         let m = &self.info().levels[level];
         for row in 0..m.tiles_down() {
-            for col in 0..m.tiles_across() {
-                let tile = self.read_tile(level, col, row)?;
+            let wanted: Vec<(u64, u64)> = (0..m.tiles_across()).map(|col| (col, row)).collect();
+            let tiles = self.read_tiles(level, &wanted)?;
+            for (&(col, _), tile) in wanted.iter().zip(&tiles) {
                 let (tx, ty) = (col * u64::from(m.tile_width), row * u64::from(m.tile_height));
                 for (px, py, rgb) in tile.enumerate_pixels() {
                     let (x, y) = (tx + u64::from(px), ty + u64::from(py));
