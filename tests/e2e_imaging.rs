@@ -562,17 +562,22 @@ fn tensor_parallel_runs_write_the_same_rows() {
 /// tokens of the 512).
 const SLIDES: Size = Size { max_images: 2, max_new_tokens: 110, max_length: 8, max_items: 1 };
 
-#[test]
-fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = tiny_pipeline(dir.path(), "pathology-report", &SLIDES);
-    // The synthetic slides are 1,000 x 760 pixels at 20x: patches of 64 px at 10x (a 7 x 5
-    // grid on level 1) instead of 896.
+/// The pathology-report pipeline sized for the tiny model: two patches of 64 px at 10x (the
+/// synthetic slides are 1,000 x 760 pixels at 20x: a 7 x 5 grid on level 1).
+fn tiny_pathology(dir: &Path) -> PathBuf {
+    let p = tiny_pipeline(dir, "pathology-report", &SLIDES);
     let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
     let toml = toml.replace("patch = 896", "patch = 64").replace("stride = 896", "stride = 64");
     std::fs::write(p.join("pipeline.toml"), toml).unwrap();
-    // Synthetic slides written by the whole-slide oracle (tifffile, pydicom).
-    let slides = dir.path().join("slides");
+    p
+}
+
+/// Synthetic slides written by the whole-slide oracle (tifffile, pydicom) into `root/slides`,
+/// with a truncated copy and a text file named `.svs`; returns the folder and the inputs of
+/// a run (a TIFF, an SVS with JPEG 2000 tiles, a DICOM slide's folder, a glass-only slide and
+/// the two broken files), relative to the folder.
+fn synthetic_slides(root: &Path) -> (PathBuf, [&'static str; 6]) {
+    let slides = root.join("slides");
     std::fs::create_dir(&slides).unwrap();
     let oracle = repo_root().join("formats/tests/support/wsi_oracle.py");
     let make = std::process::Command::new(python()).arg(&oracle).arg("make").arg(&slides).output().unwrap();
@@ -585,15 +590,24 @@ fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
     std::fs::write(slides.join("note.svs"), "Seen in clinic today.").unwrap();
-    let path = |n: &str| slides.join(n).to_string_lossy().into_owned();
-    let inputs = [
-        path("jpeg-ycbcr.tiff"),
-        path("aperio-j2k-ycbcr.svs"),
-        path("dicom-jpeg-bot"),
-        path("glass.tiff"),
-        path("truncated.tiff"),
-        path("note.svs"),
-    ];
+    // Only what the runs read.
+    for f in ["raw.tiff", "deflate.tiff", "lzw-predictor.tiff", "jpeg-rgb.tiff", "aperio-j2k-rgb.svs"] {
+        std::fs::remove_file(slides.join(f)).unwrap();
+    }
+    for d in ["dicom-jpeg-eot", "dicom-j2k", "dicom-sparse"] {
+        std::fs::remove_dir_all(slides.join(d)).unwrap();
+    }
+    let inputs =
+        ["jpeg-ycbcr.tiff", "aperio-j2k-ycbcr.svs", "dicom-jpeg-bot", "glass.tiff", "truncated.tiff", "note.svs"];
+    (slides, inputs)
+}
+
+#[test]
+fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pathology(dir.path());
+    let (slides, names) = synthetic_slides(dir.path());
+    let inputs: Vec<String> = names.iter().map(|n| slides.join(n).to_string_lossy().into_owned()).collect();
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let o = run(&p, &inputs, "pathology_reports");
     // Three slides with tissue: a TIFF, an SVS and a DICOM slide of three instances.
@@ -617,4 +631,43 @@ fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
     assert!(images.contains(&("jpeg-ycbcr.tiff", Some("2"))), "{images:?}");
     assert!(images.contains(&("level-1.dcm", Some("2"))), "{images:?}");
     assert!(images.contains(&("level-0.dcm", Some("0"))), "{images:?}");
+}
+
+#[test]
+fn pathology_report_reads_slides_straight_from_s3_like_the_files_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pathology(dir.path());
+    let (slides, names) = synthetic_slides(dir.path());
+    let bucket = format!("medbatch-wsi-{}", std::process::id());
+    // Uploaded with pyarrow, not with medbatch's code.
+    py_s3(&format!(
+        "import pathlib\n\
+         fs.create_dir('{bucket}')\n\
+         root = pathlib.Path('{src}')\n\
+         for p in sorted(root.rglob('*')):\n\
+         \x20   if p.is_file():\n\
+         \x20       with fs.open_output_stream('{bucket}/slides/' + str(p.relative_to(root)), compression=None) as f:\n\
+         \x20           f.write(p.read_bytes())\n\
+         print('{{}}')",
+        src = slides.display()
+    ));
+    let remote: Vec<String> = names.iter().map(|n| format!("s3://{bucket}/slides/{n}")).collect();
+    let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+    let local: Vec<String> = names.iter().map(|n| slides.join(n).to_string_lossy().into_owned()).collect();
+    let local: Vec<&str> = local.iter().map(String::as_str).collect();
+    let s3 = run(&p, &remote, "pathology_reports");
+    let disk = run(&p, &local, "pathology_reports");
+    py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
+    let sorted = |o: &Outcome| {
+        let mut v = o.document_ids.clone();
+        v.sort();
+        v
+    };
+    assert_eq!(s3.rows, 3, "{:?}", s3.errors);
+    assert_eq!(sorted(&s3), sorted(&disk), "the same slides, the same rows");
+    assert_eq!(reasons(&s3), reasons(&disk));
+    let patches = |o: &Outcome| -> Vec<(String, Option<String>)> {
+        o.documents.iter().map(|d| (d.0.clone(), d.3.clone())).collect()
+    };
+    assert_eq!(patches(&s3), patches(&disk), "the same patches from each file");
 }

@@ -9,14 +9,15 @@
 //! from a more detailed level (the slide has none at 10×) is resized to the patch size. The
 //! image block has one marker per patch, after the prompt's text. A slide that cannot be
 //! read, has a tile that does not decode, or shows no tissue is an error row naming the
-//! slide and the reason.
+//! slide and the reason. Each slide read is logged with its requests and bytes against its
+//! size (at `info`).
 
 use super::{error, file_name, image_block, source, ImagingRead};
 use crate::pipelines::Unit;
 use medbatch_connectors::inputs::InputSource;
 use medbatch_engine::image::{resize_bilinear, Rgb8};
 use medbatch_formats::wsi::tissue::{PatchParams, TissueMethod};
-use medbatch_formats::wsi::{RangeRead, Slide, WsiLimits};
+use medbatch_formats::wsi::{Metered, RangeRead, Slide, WsiLimits};
 use medbatch_schemas::pipeline::{ImagingSpec, TissueDetection};
 use medbatch_schemas::{Digest, Document, InputErrorKind, InputKind, InputRef};
 use std::sync::Arc;
@@ -50,9 +51,14 @@ pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec) -> V
                     .open_range(&input.uri, input.size, input.etag.as_deref())
                     .map_err(|e| error(input, InputErrorKind::Unreadable, e.to_string()))
                     .and_then(|src| {
-                        Slide::open(src, &WsiLimits::default()).map_err(|e| error(input, e.kind(), e.to_string()))
+                        Slide::open(Metered::new(src), &WsiLimits::default())
+                            .map_err(|e| error(input, e.kind(), e.to_string()))
                     });
-                out.push(opened.and_then(|slide| unit(&slide, &[input], spec)));
+                out.push(opened.and_then(|slide| {
+                    let u = unit(&slide, &[input], spec);
+                    log_reads(&slide, input.size);
+                    u
+                }));
             }
             InputKind::Dicom => dicom.push(input),
             _ => out.push(Err(error(input, InputErrorKind::UnsupportedKind, "not a whole-slide image"))),
@@ -62,20 +68,34 @@ pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec) -> V
         let mut sources = Vec::with_capacity(dicom.len());
         for &input in &dicom {
             match source.open_range(&input.uri, input.size, input.etag.as_deref()) {
-                Ok(s) => sources.push(s),
+                Ok(s) => sources.push(Metered::new(s)),
                 Err(e) => {
                     out.push(Err(error(input, InputErrorKind::Unreadable, e.to_string())));
                     return out;
                 }
             }
         }
+        let size = dicom.iter().map(|i| i.size).sum();
         out.push(
             Slide::open_dicom(sources, &WsiLimits::default())
                 .map_err(|e| error(dicom[0], e.kind(), format!("{e} (a DICOM slide of {} files)", dicom.len())))
-                .and_then(|slide| unit(&slide, &dicom, spec)),
+                .and_then(|slide| {
+                    let u = unit(&slide, &dicom, spec);
+                    log_reads(&slide, size);
+                    u
+                }),
         );
     }
     out
+}
+
+/// What reading a slide cost: requests and bytes against its size (the slide named by its
+/// header digest, never by its name or content).
+fn log_reads<S: RangeRead>(slide: &Slide<Metered<S>>, size: u64) {
+    let (requests, bytes) =
+        slide.sources().iter().map(Metered::counts).fold((0, 0), |(r, b), (r2, b2)| (r + r2, b + b2));
+    let digest = &slide.info().header_digest;
+    tracing::info!(slide = &digest[..16.min(digest.len())], requests, bytes, size, "slide read");
 }
 
 /// The prompt's unit of one open slide.
