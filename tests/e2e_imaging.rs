@@ -512,22 +512,26 @@ fn damaged_files_of_every_format_never_stop_a_run() {
 /// DICOM on S3 (the local S3-compatible server of infra/test.sh): planning reads the headers
 /// through ranged requests and the workers the files, with the same rows and error rows as
 /// the same folder on disk.
-#[test]
-fn dicom_on_s3_groups_and_reads_like_the_same_files_on_disk() {
-    let bucket = format!("medbatch-img-{}", std::process::id());
-    let src = repo_root().join("examples/imaging/cxr");
-    // Uploaded with pyarrow, not with medbatch's code.
+/// Uploads every file below `folder` to `s3://bucket/prefix/` (a new bucket) with pyarrow,
+/// not with medbatch's code.
+fn upload_folder(folder: &Path, bucket: &str, prefix: &str) {
     py_s3(&format!(
         "import pathlib\n\
          fs.create_dir('{bucket}')\n\
          root = pathlib.Path('{src}')\n\
          for p in sorted(root.rglob('*')):\n\
          \x20   if p.is_file():\n\
-         \x20       with fs.open_output_stream('{bucket}/cxr/' + str(p.relative_to(root)), compression=None) as f:\n\
+         \x20       with fs.open_output_stream('{bucket}/{prefix}/' + str(p.relative_to(root)), compression=None) as f:\n\
          \x20           f.write(p.read_bytes())\n\
          print('{{}}')",
-        src = src.display()
+        src = folder.display()
     ));
+}
+
+#[test]
+fn dicom_on_s3_groups_and_reads_like_the_same_files_on_disk() {
+    let bucket = format!("medbatch-img-{}", std::process::id());
+    upload_folder(&repo_root().join("examples/imaging/cxr"), &bucket, "cxr");
     let dir = tempfile::tempdir().unwrap();
     let p = tiny_pipeline(dir.path(), "cxr-report", &RADIOGRAPH);
     let s3 = run(&p, &[&format!("s3://{bucket}/cxr")], "cxr_reports");
@@ -639,18 +643,7 @@ fn pathology_report_reads_slides_straight_from_s3_like_the_files_on_disk() {
     let p = tiny_pathology(dir.path());
     let (slides, names) = synthetic_slides(dir.path());
     let bucket = format!("medbatch-wsi-{}", std::process::id());
-    // Uploaded with pyarrow, not with medbatch's code.
-    py_s3(&format!(
-        "import pathlib\n\
-         fs.create_dir('{bucket}')\n\
-         root = pathlib.Path('{src}')\n\
-         for p in sorted(root.rglob('*')):\n\
-         \x20   if p.is_file():\n\
-         \x20       with fs.open_output_stream('{bucket}/slides/' + str(p.relative_to(root)), compression=None) as f:\n\
-         \x20           f.write(p.read_bytes())\n\
-         print('{{}}')",
-        src = slides.display()
-    ));
+    upload_folder(&slides, &bucket, "slides");
     let remote: Vec<String> = names.iter().map(|n| format!("s3://{bucket}/slides/{n}")).collect();
     let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
     let local: Vec<String> = names.iter().map(|n| slides.join(n).to_string_lossy().into_owned()).collect();

@@ -92,6 +92,20 @@ impl InputSource {
         Ok((access, client))
     }
 
+    /// The object an `s3://bucket/key` URI names, with the access to read it.
+    fn object(
+        &self,
+        uri: &str,
+        size: u64,
+        etag: Option<&str>,
+    ) -> Result<(&S3Access, aws_sdk_s3::Client, ObjectInfo), InputsError> {
+        let loc = S3Location::parse(uri)
+            .filter(|l| !l.prefix.is_empty())
+            .ok_or_else(|| InputsError::Remote(format!("{uri}: not a valid s3://bucket/key location")))?;
+        let (access, client) = self.s3(uri)?;
+        Ok((access, client, ObjectInfo { bucket: loc.bucket, key: loc.prefix, size, etag: etag.map(str::to_string) }))
+    }
+
     /// Expands an input argument into files (blocking). A local file is itself; a local
     /// folder is every regular file below it (hidden files and folders skipped), sorted by
     /// path; symbolic links given directly are followed, links found inside folders are
@@ -112,11 +126,7 @@ impl InputSource {
     /// an ETag is given.
     pub fn open(&self, uri: &str, size: u64, etag: Option<&str>) -> Result<Box<dyn ReadSeek>, InputsError> {
         if uri.starts_with("s3://") {
-            let loc = S3Location::parse(uri)
-                .filter(|l| !l.prefix.is_empty())
-                .ok_or_else(|| InputsError::Remote(format!("{uri}: not a valid s3://bucket/key location")))?;
-            let (access, client) = self.s3(uri)?;
-            let object = ObjectInfo { bucket: loc.bucket, key: loc.prefix, size, etag: etag.map(str::to_string) };
+            let (access, client, object) = self.object(uri, size, etag)?;
             return Ok(Box::new(S3Reader::new(client, access.handle.clone(), object)));
         }
         let p = local_path(uri)?;
@@ -134,11 +144,7 @@ impl InputSource {
         etag: Option<&str>,
     ) -> Result<Box<dyn medbatch_formats::wsi::RangeRead>, InputsError> {
         if uri.starts_with("s3://") {
-            let loc = S3Location::parse(uri)
-                .filter(|l| !l.prefix.is_empty())
-                .ok_or_else(|| InputsError::Remote(format!("{uri}: not a valid s3://bucket/key location")))?;
-            let (access, client) = self.s3(uri)?;
-            let object = ObjectInfo { bucket: loc.bucket, key: loc.prefix, size, etag: etag.map(str::to_string) };
+            let (access, client, object) = self.object(uri, size, etag)?;
             return Ok(Box::new(S3RangeSource::new(client, access.handle.clone(), object)));
         }
         let p = local_path(uri)?;

@@ -94,6 +94,32 @@ pub async fn list_objects(client: &aws_sdk_s3::Client, loc: &S3Location) -> Resu
     Ok(found)
 }
 
+/// A ranged GET of `object` (`If-Match` its ETag when it has one). An object replaced since
+/// planning is an error saying so; errors name the object.
+fn ranged_get(
+    client: &aws_sdk_s3::Client,
+    handle: &Handle,
+    object: &ObjectInfo,
+    range: String,
+) -> io::Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
+    let error = |kind, reason: String| io::Error::new(kind, format!("{}: {reason}", object.uri()));
+    let req =
+        client.get_object().bucket(&object.bucket).key(&object.key).range(range).set_if_match(object.etag.clone());
+    let changed = || {
+        error(
+            io::ErrorKind::InvalidData,
+            "the object changed since the run was planned (ETag differs); plan a new run".into(),
+        )
+    };
+    match handle.block_on(req.send()) {
+        // The ETag is checked here too: not every S3-compatible server honours If-Match.
+        Ok(o) if object.etag.as_deref().is_some_and(|want| o.e_tag().is_some_and(|got| got != want)) => Err(changed()),
+        Ok(o) => Ok(o),
+        Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 412 => Err(changed()),
+        Err(e) => Err(error(io::ErrorKind::Other, sdk_message(&e))),
+    }
+}
+
 /// The open stream: bytes not yet consumed, starting at offset `at`.
 struct Body {
     stream: ByteStream,
@@ -129,28 +155,8 @@ impl S3Reader {
 
     fn open_at(&mut self, pos: u64) -> io::Result<Body> {
         self.requests += 1;
-        let req = self
-            .client
-            .get_object()
-            .bucket(&self.object.bucket)
-            .key(&self.object.key)
-            .range(format!("bytes={pos}-"))
-            .set_if_match(self.object.etag.clone());
-        let changed = || {
-            self.error(
-                io::ErrorKind::InvalidData,
-                "the object changed since the run was planned (ETag differs); plan a new run".into(),
-            )
-        };
-        match self.handle.block_on(req.send()) {
-            // The ETag is checked here too: not every S3-compatible server honours If-Match.
-            Ok(o) if self.object.etag.as_deref().is_some_and(|want| o.e_tag().is_some_and(|got| got != want)) => {
-                Err(changed())
-            }
-            Ok(o) => Ok(Body { stream: o.body, buf: Bytes::new(), at: pos }),
-            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 412 => Err(changed()),
-            Err(e) => Err(self.error(io::ErrorKind::Other, sdk_message(&e))),
-        }
+        let o = ranged_get(&self.client, &self.handle, &self.object, format!("bytes={pos}-"))?;
+        Ok(Body { stream: o.body, buf: Bytes::new(), at: pos })
     }
 }
 
@@ -255,27 +261,7 @@ impl S3RangeSource {
         use std::sync::atomic::Ordering::Relaxed;
         self.requests.fetch_add(1, Relaxed);
         let last = offset + len as u64 - 1;
-        let req = self
-            .client
-            .get_object()
-            .bucket(&self.object.bucket)
-            .key(&self.object.key)
-            .range(format!("bytes={offset}-{last}"))
-            .set_if_match(self.object.etag.clone());
-        let changed = || {
-            self.error(
-                io::ErrorKind::InvalidData,
-                "the object changed since the run was planned (ETag differs); plan a new run".into(),
-            )
-        };
-        let out = match self.handle.block_on(req.send()) {
-            Ok(o) if self.object.etag.as_deref().is_some_and(|want| o.e_tag().is_some_and(|got| got != want)) => {
-                return Err(changed())
-            }
-            Ok(o) => o,
-            Err(SdkError::ServiceError(s)) if s.raw().status().as_u16() == 412 => return Err(changed()),
-            Err(e) => return Err(self.error(io::ErrorKind::Other, sdk_message(&e))),
-        };
+        let out = ranged_get(&self.client, &self.handle, &self.object, format!("bytes={offset}-{last}"))?;
         let body = self
             .handle
             .block_on(out.body.collect())

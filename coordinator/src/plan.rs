@@ -161,23 +161,38 @@ fn scan_imaging(
 ) -> Result<(Digest, InputKind, Option<DicomHeader>), CoordinatorError> {
     let io_err = |source| inputs::InputsError::Io { path: f.uri.clone(), source };
     let mut r = Digesting { inner: source.open(&f.uri, f.size, f.etag.as_deref())?, hash: Sha256::new() };
+    let (kind, header) = kind_and_header(f, &mut r)?;
+    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err)?;
+    Ok((Digest::from_sha256(r.hash.finalize()), kind, header))
+}
+
+/// An imaging input's kind and, for DICOM, its header, read from the start of `r` up to the
+/// pixel data. The kind is the extension's; a file without an extension that carries the
+/// DICOM marker is DICOM.
+fn kind_and_header(f: &FoundInput, r: &mut impl Read) -> Result<(InputKind, Option<DicomHeader>), CoordinatorError> {
     let mut kind = InputKind::from_name(&f.uri);
     let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
     let bare = kind == InputKind::Unsupported && !base.contains('.');
     let mut header = None;
     if kind == InputKind::Dicom || bare {
         let mut head = Vec::new();
-        (&mut r).take(DICOM_PREAMBLE_BYTES as u64 + 4).read_to_end(&mut head).map_err(io_err)?;
+        r.take(DICOM_PREAMBLE_BYTES as u64 + 4)
+            .read_to_end(&mut head)
+            .map_err(|source| inputs::InputsError::Io { path: f.uri.clone(), source })?;
         if bare && looks_like_dicom(&head) {
             kind = InputKind::Dicom;
         }
         if kind == InputKind::Dicom {
-            let stream = std::io::Cursor::new(head).chain(&mut r);
+            let stream = std::io::Cursor::new(head).chain(r);
             header = read_header_from(std::io::BufReader::new(stream), f.size).ok();
         }
     }
-    std::io::copy(&mut r, &mut std::io::sink()).map_err(io_err)?;
-    Ok((Digest::from_sha256(r.hash.finalize()), kind, header))
+    Ok((kind, header))
+}
+
+/// The whole of a found input as a job's input.
+fn whole_input(f: &FoundInput, sha256: Digest, kind: InputKind) -> InputRef {
+    InputRef { uri: f.uri.clone(), size: f.size, sha256, kind, selection: Selection::Whole, etag: f.etag.clone() }
 }
 
 /// One DICOM file with its header, for grouping.
@@ -205,14 +220,7 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
     let mut instances: Vec<Instance> = Vec::new();
     for f in found {
         let (sha256, kind, header) = scan_imaging(&cfg.source, f)?;
-        let input = InputRef {
-            uri: f.uri.clone(),
-            size: f.size,
-            sha256,
-            kind,
-            selection: Selection::Whole,
-            etag: f.etag.clone(),
-        };
+        let input = whole_input(f, sha256, kind);
         let key_ok = |h: &DicomHeader| match imaging.unit {
             ImagingUnit::Series => !h.series_uid.is_empty(),
             _ => !h.study_uid.is_empty(),
@@ -262,18 +270,23 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
         job_inputs.extend(groups.into_values().map(|g| g.into_iter().map(|i| i.input).collect()));
     }
     job_inputs.extend(singles.into_iter().map(|i| vec![i]));
+    Ok(one_unit_a_job(cfg, job_inputs, found.len()))
+}
+
+/// The plan of a run whose jobs are one unit each (imaging: a study, series or slide).
+fn one_unit_a_job(cfg: &PlanConfig, job_inputs: Vec<Vec<InputRef>>, files: usize) -> PlannedRun {
     let jobs: Vec<Job> = job_inputs
         .into_iter()
         .map(|inputs| Job::new(cfg.run_id.clone(), cfg.pipeline.clone(), cfg.model.clone(), inputs, cfg.output.clone()))
         .collect();
-    Ok(PlannedRun {
+    PlannedRun {
         run_id: cfg.run_id.clone(),
         pipeline: cfg.pipeline.clone(),
         model: cfg.model.clone(),
         units: jobs.len() as u64,
         jobs,
-        files: found.len() as u64,
-    })
+        files: files as u64,
+    }
 }
 
 /// A slide file's identity from its header alone (`SlideInfo::identity`: ETag, size, header
@@ -299,23 +312,11 @@ fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, Coo
     let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
     let mut series: BTreeMap<String, Vec<(i64, InputRef)>> = BTreeMap::new();
     for f in found {
-        let io_err = |source| inputs::InputsError::Io { path: f.uri.clone(), source };
-        let mut kind = InputKind::from_name(&f.uri);
-        let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
-        let bare = kind == InputKind::Unsupported && !base.contains('.');
-        let mut header = None;
-        if kind == InputKind::Dicom || bare {
-            let mut r = cfg.source.open(&f.uri, f.size, f.etag.as_deref())?;
-            let mut head = Vec::new();
-            (&mut r).take(DICOM_PREAMBLE_BYTES as u64 + 4).read_to_end(&mut head).map_err(io_err)?;
-            if bare && looks_like_dicom(&head) {
-                kind = InputKind::Dicom;
-            }
-            if kind == InputKind::Dicom {
-                let stream = std::io::Cursor::new(head).chain(r);
-                header = read_header_from(std::io::BufReader::new(stream), f.size).ok();
-            }
-        }
+        let (kind, header) = match InputKind::from_name(&f.uri) {
+            // Slides are not opened as streams: their headers are read a range at a time.
+            InputKind::Slide => (InputKind::Slide, None),
+            _ => kind_and_header(f, &mut cfg.source.open(&f.uri, f.size, f.etag.as_deref())?)?,
+        };
         let sha256 = match (kind, &header) {
             (InputKind::Slide, _) => slide_identity(&cfg.source, f),
             (InputKind::Dicom, Some(h)) => Digest::of_bytes(
@@ -323,14 +324,7 @@ fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, Coo
             ),
             _ => sha256_file(&cfg.source, f)?,
         };
-        let input = InputRef {
-            uri: f.uri.clone(),
-            size: f.size,
-            sha256,
-            kind,
-            selection: Selection::Whole,
-            etag: f.etag.clone(),
-        };
+        let input = whole_input(f, sha256, kind);
         match header {
             Some(h) if !h.series_uid.is_empty() => {
                 series.entry(h.series_uid.clone()).or_default().push((h.instance_number.unwrap_or(i64::MAX), input))
@@ -343,18 +337,7 @@ fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, Coo
         job_inputs.push(g.into_iter().map(|(_, i)| i).collect());
     }
     job_inputs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
-    let jobs: Vec<Job> = job_inputs
-        .into_iter()
-        .map(|inputs| Job::new(cfg.run_id.clone(), cfg.pipeline.clone(), cfg.model.clone(), inputs, cfg.output.clone()))
-        .collect();
-    Ok(PlannedRun {
-        run_id: cfg.run_id.clone(),
-        pipeline: cfg.pipeline.clone(),
-        model: cfg.model.clone(),
-        units: jobs.len() as u64,
-        jobs,
-        files: found.len() as u64,
-    })
+    Ok(one_unit_a_job(cfg, job_inputs, found.len()))
 }
 
 /// Records the plan (or checks it against the one recorded by an earlier attempt of the

@@ -72,26 +72,17 @@ fn same_description(path: &Path) {
     let want: Value = serde_json::from_slice(&oracle(&["describe", path.to_str().unwrap()])).unwrap();
     let name = path.file_name().unwrap().to_string_lossy();
     assert_eq!(want["vendor"], info.format.vendor(), "{name}");
+    let pairs = |v: &Value| -> Vec<(u64, u64)> {
+        v.as_array().unwrap().iter().map(|d| (d[0].as_u64().unwrap(), d[1].as_u64().unwrap())).collect()
+    };
     let dims: Vec<(u64, u64)> = info.levels.iter().map(|l| (l.width, l.height)).collect();
-    let want_dims: Vec<(u64, u64)> = want["level_dimensions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d[0].as_u64().unwrap(), d[1].as_u64().unwrap()))
-        .collect();
-    assert_eq!(dims, want_dims, "{name}");
+    assert_eq!(dims, pairs(&want["level_dimensions"]), "{name}");
     for (l, d) in info.levels.iter().zip(want["level_downsamples"].as_array().unwrap()) {
         assert!((l.downsample - d.as_f64().unwrap()).abs() < 1e-9, "{name}: {} vs {d}", l.downsample);
     }
     let tiles: Vec<(u64, u64)> =
         info.levels.iter().map(|l| (u64::from(l.tile_width), u64::from(l.tile_height))).collect();
-    let want_tiles: Vec<(u64, u64)> = want["tile_sizes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| (d[0].as_u64().unwrap(), d[1].as_u64().unwrap()))
-        .collect();
-    assert_eq!(tiles, want_tiles, "{name}");
+    assert_eq!(tiles, pairs(&want["tile_sizes"]), "{name}");
     match (info.mpp, want["mpp"][0].as_f64()) {
         (Some((x, y)), Some(wx)) => {
             assert!((x - wx).abs() < 1e-6 && (y - want["mpp"][1].as_f64().unwrap()).abs() < 1e-6, "{name}: {x} vs {wx}")
