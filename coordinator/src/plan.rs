@@ -304,6 +304,38 @@ fn slide_identity(source: &InputSource, f: &FoundInput) -> Digest {
         })
 }
 
+/// Like [`kind_and_header`], reading only the header's bytes (in ranges of 256 KiB and up)
+/// instead of a stream: DICOM whole-slide instances run to gigabytes.
+fn dicom_kind_and_header(
+    source: &InputSource,
+    f: &FoundInput,
+) -> Result<(InputKind, Option<DicomHeader>), CoordinatorError> {
+    let mut kind = InputKind::from_name(&f.uri);
+    let base = f.uri.rsplit('/').next().unwrap_or(&f.uri);
+    let bare = kind == InputKind::Unsupported && !base.contains('.');
+    if kind != InputKind::Dicom && !bare {
+        return Ok((kind, None));
+    }
+    let src = source.open_range(&f.uri, f.size, f.etag.as_deref())?;
+    let marker = (DICOM_PREAMBLE_BYTES as u64 + 4).min(f.size) as usize;
+    let head = src.read_at(0, marker).map_err(|source| inputs::InputsError::Io { path: f.uri.clone(), source })?;
+    if bare && looks_like_dicom(&head) {
+        kind = InputKind::Dicom;
+    }
+    if kind != InputKind::Dicom {
+        return Ok((kind, None));
+    }
+    // A header that cannot be read leaves the file to a job alone; its worker reports why.
+    let header =
+        medbatch_formats::wsi::dicom::header_prefix(&*src, medbatch_formats::wsi::DEFAULT_WSI_LIMITS.max_header_bytes)
+            .ok()
+            .and_then(|(prefix, at, _)| {
+                let len = prefix.len() as u64;
+                read_header_from(std::io::Cursor::new(&prefix[..at]), f.size.max(len)).ok()
+            });
+    Ok((kind, header))
+}
+
 /// Slide runs: an SVS or pyramidal TIFF file is a job; DICOM files are grouped by series
 /// (a DICOM whole-slide image is the instances of one series), a job each. No slide is read
 /// past its header: a slide's identity is its ETag, size and header digest, a DICOM
@@ -312,10 +344,10 @@ fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, Coo
     let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
     let mut series: BTreeMap<String, Vec<(i64, InputRef)>> = BTreeMap::new();
     for f in found {
+        // Nothing is streamed: DICOM headers and slide headers are read a range at a time.
         let (kind, header) = match InputKind::from_name(&f.uri) {
-            // Slides are not opened as streams: their headers are read a range at a time.
             InputKind::Slide => (InputKind::Slide, None),
-            _ => kind_and_header(f, &mut cfg.source.open(&f.uri, f.size, f.etag.as_deref())?)?,
+            _ => dicom_kind_and_header(&cfg.source, f)?,
         };
         let sha256 = match (kind, &header) {
             (InputKind::Slide, _) => slide_identity(&cfg.source, f),

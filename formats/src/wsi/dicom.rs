@@ -62,32 +62,43 @@ fn first_item(obj: &InMemDicomObject, tag: dicom_core::Tag) -> Option<&InMemDico
     obj.get(tag).and_then(|e| e.items()).and_then(|items| items.first())
 }
 
-fn header(src: &dyn RangeRead, i: usize, limits: &WsiLimits) -> Result<(DefaultDicomObject, usize, bool), WsiError> {
+/// The bytes of a DICOM file up to its top-level pixel data element, read a range at a time
+/// (256 KiB, doubled until the element is inside, up to `max` bytes), with every element
+/// length before it checked; and where the pixel data starts and whether the data set is
+/// explicit VR. Planning groups DICOM slides by these headers without streaming the files.
+pub fn header_prefix(src: &dyn RangeRead, max: u64) -> Result<(Vec<u8>, usize, bool), WsiError> {
     let mut want = FIRST_READ.min(src.size());
     loop {
         let prefix = src.read_at(0, want as usize).map_err(|e| WsiError::Io(e.to_string()))?;
-        let found = pixel_data_at(&prefix, src.size()).map_err(|e| corrupt(i, e))?;
+        let found = pixel_data_at(&prefix, src.size()).map_err(|e| WsiError::Corrupt(e.to_string()))?;
         if let Some((at, explicit)) = found {
-            let (preamble, reader) = sniff_preamble(&prefix[..at]).map_err(|e| WsiError::NotASlide(e.to_string()))?;
-            let obj = OpenFileOptions::new()
-                .read_preamble(preamble)
-                .read_until(tags::PIXEL_DATA)
-                .from_reader(reader)
-                .map_err(|e| corrupt(i, e))?;
-            return Ok((obj, at, explicit));
+            return Ok((prefix, at, explicit));
         }
         if want >= src.size() {
             sniff_preamble(&prefix[..]).map_err(|e| WsiError::NotASlide(e.to_string()))?;
-            return Err(corrupt(i, "no pixel data"));
+            return Err(WsiError::Corrupt("no pixel data".into()));
         }
-        if want >= limits.max_header_bytes {
-            return Err(WsiError::TooLarge(format!(
-                "instance {i}: no pixel data within the first {} bytes",
-                limits.max_header_bytes
-            )));
+        if want >= max {
+            return Err(WsiError::TooLarge(format!("no pixel data within the first {max} bytes")));
         }
-        want = (want * 2).min(src.size()).min(limits.max_header_bytes);
+        want = (want * 2).min(src.size()).min(max);
     }
+}
+
+fn header(src: &dyn RangeRead, i: usize, limits: &WsiLimits) -> Result<(DefaultDicomObject, usize, bool), WsiError> {
+    let in_instance = |e: WsiError| match e {
+        WsiError::Corrupt(r) => corrupt(i, r),
+        WsiError::TooLarge(r) => WsiError::TooLarge(format!("instance {i}: {r}")),
+        other => other,
+    };
+    let (prefix, at, explicit) = header_prefix(src, limits.max_header_bytes).map_err(in_instance)?;
+    let (preamble, reader) = sniff_preamble(&prefix[..at]).map_err(|e| WsiError::NotASlide(e.to_string()))?;
+    let obj = OpenFileOptions::new()
+        .read_preamble(preamble)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(reader)
+        .map_err(|e| corrupt(i, e))?;
+    Ok((obj, at, explicit))
 }
 
 /// Reads a little-endian u32 at `at` of `src`.

@@ -20,7 +20,7 @@
 //! reason, never pixel content.
 
 #[cfg(feature = "dicom-header")]
-mod dicom;
+pub mod dicom;
 pub mod source;
 mod structure;
 #[cfg(feature = "pixels")]
