@@ -1,7 +1,8 @@
 //! `medbatch bench wsi SLIDE`: whole-slide reading speed on one slide (a file or an
 //! `s3://` object): the header, tiles decoded per second on level 0, tissue patch selection
 //! with the pathology recipe's defaults, and reading the selected patches; bytes and requests
-//! against the slide's size, and the process's peak memory.
+//! (reads, each one ranged GET from S3) against the slide's size, and the process's peak
+//! memory.
 
 use medbatch_formats::wsi::tissue::PatchParams;
 use medbatch_formats::wsi::{FileSource, Metered, RangeRead, Slide, WsiLimits};
@@ -10,23 +11,6 @@ use std::time::Instant;
 
 /// Level-0 tiles decoded for the tile rate (spread over the slide by a fixed stride).
 const SAMPLE_TILES: u64 = 400;
-
-/// Requests and bytes a source has served.
-trait Counted {
-    fn counts(&self) -> (u64, u64);
-}
-
-impl<S: RangeRead> Counted for Metered<S> {
-    fn counts(&self) -> (u64, u64) {
-        Metered::counts(self)
-    }
-}
-
-impl Counted for medbatch_connectors::s3_input::S3RangeSource {
-    fn counts(&self) -> (u64, u64) {
-        medbatch_connectors::s3_input::S3RangeSource::counts(self)
-    }
-}
 
 pub fn run(target: &str) -> anyhow::Result<ExitCode> {
     if target.starts_with("s3://") {
@@ -40,7 +24,7 @@ pub fn run(target: &str) -> anyhow::Result<ExitCode> {
             anyhow::Ok((c, object))
         })?;
         let object = object.ok_or_else(|| anyhow::anyhow!("{target}: no such object"))?;
-        let src = medbatch_connectors::s3_input::S3RangeSource::new(client, rt.handle().clone(), object);
+        let src = Metered::new(medbatch_connectors::s3_input::S3RangeSource::new(client, rt.handle().clone(), object));
         // The source waits on the runtime: measure from a thread outside it.
         std::thread::scope(|s| s.spawn(|| measure(target, src)).join().expect("bench thread"))
     } else {
@@ -49,7 +33,7 @@ pub fn run(target: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn measure<S: RangeRead + Counted>(target: &str, src: S) -> anyhow::Result<ExitCode> {
+fn measure<S: RangeRead>(target: &str, src: Metered<S>) -> anyhow::Result<ExitCode> {
     let size = src.size();
     let t = Instant::now();
     let slide = Slide::open(src, &WsiLimits::default())?;

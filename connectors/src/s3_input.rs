@@ -228,25 +228,18 @@ impl Seek for S3Reader {
 
 /// Random access to one S3 object for whole-slide images: each read is one bounded ranged
 /// GET (`Range: bytes=A-B`, `If-Match` the ETag seen at planning), so a worker fetches the
-/// slide's header and the tiles it reads and nothing else. Counts its requests and bytes.
-/// Use it from blocking threads (it waits on the runtime).
+/// slide's header and the tiles it reads and nothing else (wrap it in
+/// `medbatch_formats::wsi::Metered` to count reads and bytes). Use it from blocking threads
+/// (it waits on the runtime).
 pub struct S3RangeSource {
     client: aws_sdk_s3::Client,
     handle: Handle,
     object: ObjectInfo,
-    requests: std::sync::atomic::AtomicU64,
-    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl S3RangeSource {
     pub fn new(client: aws_sdk_s3::Client, handle: Handle, object: ObjectInfo) -> Self {
-        Self { client, handle, object, requests: Default::default(), bytes: Default::default() }
-    }
-
-    /// (ranged GETs sent, bytes received) so far.
-    pub fn counts(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.requests.load(Relaxed), self.bytes.load(Relaxed))
+        Self { client, handle, object }
     }
 
     pub fn object(&self) -> &ObjectInfo {
@@ -258,8 +251,6 @@ impl S3RangeSource {
     }
 
     fn get(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.requests.fetch_add(1, Relaxed);
         let last = offset + len as u64 - 1;
         let out = ranged_get(&self.client, &self.handle, &self.object, format!("bytes={offset}-{last}"))?;
         let body = self
@@ -267,7 +258,6 @@ impl S3RangeSource {
             .block_on(out.body.collect())
             .map_err(|e| self.error(io::ErrorKind::UnexpectedEof, format!("reading bytes {offset}..: {e}")))?
             .into_bytes();
-        self.bytes.fetch_add(body.len() as u64, Relaxed);
         Ok(body)
     }
 }

@@ -224,7 +224,7 @@ async fn inputs_are_listed_and_streamed_with_ranged_reads() {
 async fn a_slide_is_read_from_s3_a_range_at_a_time() {
     use medbatch_connectors::s3::{client, S3Location};
     use medbatch_connectors::s3_input::{list_objects, S3RangeSource};
-    use medbatch_formats::wsi::{FileSource, Slide, WsiLimits};
+    use medbatch_formats::wsi::{FileSource, Metered, Slide, WsiLimits};
 
     // Synthetic pyramids written by the whole-slide oracle (tifffile).
     let dir = tempfile::tempdir().unwrap();
@@ -245,7 +245,7 @@ async fn a_slide_is_read_from_s3_a_range_at_a_time() {
     let (c2, obj, size) = (c.clone(), object.clone(), bytes.len() as u64);
     tokio::task::spawn_blocking(move || {
         let limits = WsiLimits::default();
-        let remote = Slide::open(S3RangeSource::new(c2, handle, obj), &limits).unwrap();
+        let remote = Slide::open(Metered::new(S3RangeSource::new(c2, handle, obj)), &limits).unwrap();
         let here = Slide::open(FileSource::open(&local).unwrap(), &limits).unwrap();
         assert_eq!(remote.info(), here.info(), "the same description from S3 as from the file");
         let (header_requests, header_bytes) = remote.source().counts();

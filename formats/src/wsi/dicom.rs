@@ -8,11 +8,13 @@
 //! background.
 
 use super::source::{check_range, RangeRead};
-use super::{AssociatedImage, Level, SlideFormat, SlideInfo, TileCodec, TileTable, WsiError, WsiLimits};
+use super::{
+    header_digest, order_levels, AssociatedImage, Level, SlideFormat, SlideInfo, TileCodec, TileTable, WsiError,
+    WsiLimits,
+};
 use crate::dicom::{pixel_data_at, sniff_preamble};
 use dicom_dictionary_std::tags;
 use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
-use medbatch_schemas::Digest;
 
 /// First bytes read for a header; doubled until the pixel data element is inside, up to the
 /// header budget.
@@ -319,19 +321,15 @@ pub(super) fn read<S: RangeRead>(sources: &[S], limits: &WsiLimits) -> Result<(S
     if let Some(i) = instances.iter().position(|x| x.series != series) {
         return Err(WsiError::Corrupt(format!("instance {i} belongs to another series than instance 0")));
     }
-    let mut levels: Vec<(Level, TileTable)> = instances.iter_mut().filter_map(|x| x.level.take()).collect();
+    let levels: Vec<(Level, TileTable)> = instances.iter_mut().filter_map(|x| x.level.take()).collect();
     if levels.is_empty() {
         return Err(WsiError::NotASlide("no instance of the series is a pyramid level (ImageType VOLUME)".into()));
     }
     if levels.len() > limits.max_levels {
         return Err(WsiError::TooLarge(format!("{} levels, over the limit of {}", levels.len(), limits.max_levels)));
     }
-    levels.sort_by(|a, b| b.0.width.cmp(&a.0.width).then(b.0.height.cmp(&a.0.height)));
-    let (w0, h0) = (levels[0].0.width as f64, levels[0].0.height as f64);
-    for (l, _) in &mut levels {
-        l.downsample = (w0 / l.width as f64 + h0 / l.height as f64) / 2.0;
-    }
-    let base = instances.iter().find(|x| x.kind == Kind::Volume && x.width == levels[0].0.width);
+    let (levels, tables) = order_levels(levels);
+    let base = instances.iter().find(|x| x.kind == Kind::Volume && x.width == levels[0].width);
     let mpp = base.and_then(|b| b.mpp);
     let objective_power = base.and_then(|b| b.objective);
     let mut associated: Vec<AssociatedImage> = instances
@@ -347,26 +345,10 @@ pub(super) fn read<S: RangeRead>(sources: &[S], limits: &WsiLimits) -> Result<(S
         })
         .collect();
     associated.sort_by_key(|a| a.name);
-    let mut canon = format!("dicom|{series}|{mpp:?}|{objective_power:?}|").into_bytes();
-    for (l, t) in &levels {
-        canon.extend_from_slice(
-            format!("{}x{}/{}x{}/{:?}/{}|", l.width, l.height, l.tile_width, l.tile_height, l.codec, t.photometric)
-                .as_bytes(),
-        );
-        for (o, c) in t.offsets.iter().zip(&t.byte_counts) {
-            canon.extend_from_slice(&o.to_le_bytes());
-            canon.extend_from_slice(&c.to_le_bytes());
-        }
-    }
-    let (mut info_levels, mut tables) = (Vec::new(), Vec::new());
-    for (l, t) in levels {
-        info_levels.push(l);
-        tables.push(t);
-    }
-    let header_digest = Digest::of_bytes(&canon).as_str().to_string();
+    let header_digest = header_digest(&format!("dicom|{series}|{mpp:?}|{objective_power:?}"), &levels, &tables);
     let info = SlideInfo {
         format: SlideFormat::Dicom,
-        levels: info_levels,
+        levels,
         mpp,
         objective_power,
         associated,

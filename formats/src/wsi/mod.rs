@@ -248,8 +248,9 @@ impl WsiError {
     }
 }
 
-/// Where one level's tiles lie and how they are stored.
+/// Where one level's tiles lie and how they are stored (how: read by the pixel readers only).
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "pixels"), allow(dead_code))]
 struct TileTable {
     /// Which of the slide's sources holds the level (DICOM: one instance a level).
     source: usize,
@@ -265,11 +266,48 @@ struct TileTable {
     predictor: u16,
 }
 
+/// Levels sorted largest first, each with its downsample from the first (the mean of the two
+/// axes, as OpenSlide gives it), split into descriptions and tile tables.
+fn order_levels(mut levels: Vec<(Level, TileTable)>) -> (Vec<Level>, Vec<TileTable>) {
+    levels.sort_by(|a, b| b.0.width.cmp(&a.0.width).then(b.0.height.cmp(&a.0.height)));
+    let (w0, h0) = levels.first().map_or((1.0, 1.0), |(l, _)| (l.width as f64, l.height as f64));
+    levels
+        .into_iter()
+        .map(|(mut l, t)| {
+            l.downsample = (w0 / l.width as f64 + h0 / l.height as f64) / 2.0;
+            (l, t)
+        })
+        .unzip()
+}
+
+/// The header digest: `head` (format, pixel size, objective and what else identifies the
+/// slide), then each level's description and every tile's place, in a fixed layout.
+fn header_digest(head: &str, levels: &[Level], tables: &[TileTable]) -> String {
+    let mut canon = head.as_bytes().to_vec();
+    for (l, t) in levels.iter().zip(tables) {
+        let d = format!(
+            "|{}x{}/{}x{}/{:?}/{}/{}|",
+            l.width, l.height, l.tile_width, l.tile_height, l.codec, t.photometric, t.samples
+        );
+        canon.extend_from_slice(d.as_bytes());
+        for (o, c) in t.offsets.iter().zip(&t.byte_counts) {
+            canon.extend_from_slice(&o.to_le_bytes());
+            canon.extend_from_slice(&c.to_le_bytes());
+        }
+        if let Some(j) = &t.jpeg_tables {
+            canon.extend_from_slice(j);
+        }
+    }
+    medbatch_schemas::Digest::of_bytes(&canon).as_str().to_string()
+}
+
 /// An open slide: its description and tile tables; tiles are read on request.
 pub struct Slide<S: RangeRead> {
     sources: Vec<S>,
     info: SlideInfo,
     tables: Vec<TileTable>,
+    /// Region sizes (the pixel readers').
+    #[cfg_attr(not(feature = "pixels"), allow(dead_code))]
     limits: WsiLimits,
 }
 
@@ -307,6 +345,7 @@ impl<S: RangeRead> Slide<S> {
         self.tables.get(level).map_or(0, |t| t.source)
     }
 
+    #[cfg(feature = "pixels")]
     fn level(&self, level: usize) -> Result<(&Level, &TileTable), WsiError> {
         match (self.info.levels.get(level), self.tables.get(level)) {
             (Some(l), Some(t)) => Ok((l, t)),

@@ -2,8 +2,10 @@
 //! tiled directories as levels, an SVS's stripped ones as associated images.
 
 use super::source::{HeaderCursor, RangeRead};
-use super::{AssociatedImage, Level, SlideFormat, SlideInfo, TileCodec, TileTable, WsiError, WsiLimits};
-use medbatch_schemas::Digest;
+use super::{
+    header_digest, order_levels, AssociatedImage, Level, SlideFormat, SlideInfo, TileCodec, TileTable, WsiError,
+    WsiLimits,
+};
 use tiff::decoder::{ifd::Value, Decoder};
 use tiff::tags::Tag;
 use tiff::TiffError;
@@ -120,7 +122,7 @@ fn aperio_value(description: &str, key: &str) -> Option<f64> {
     })
 }
 
-fn check_level(i: usize, d: &Directory, limits: &WsiLimits) -> Result<(Level, TileTable), WsiError> {
+fn check_level(i: usize, d: Directory, limits: &WsiLimits) -> Result<(Level, TileTable), WsiError> {
     let (tw, th) = d.tile.expect("levels are tiled");
     let what = |s: String| WsiError::Corrupt(format!("level {i}: {s}"));
     if d.width == 0 || d.height == 0 || tw == 0 || th == 0 {
@@ -167,9 +169,9 @@ fn check_level(i: usize, d: &Directory, limits: &WsiLimits) -> Result<(Level, Ti
     let table = TileTable {
         source: 0,
         fragments: false,
-        offsets: d.offsets.clone(),
-        byte_counts: d.byte_counts.clone(),
-        jpeg_tables: d.jpeg_tables.clone(),
+        offsets: d.offsets,
+        byte_counts: d.byte_counts,
+        jpeg_tables: d.jpeg_tables,
         photometric: d.photometric,
         samples: d.samples,
         predictor: d.predictor,
@@ -215,26 +217,6 @@ pub(super) fn read(src: &dyn RangeRead, limits: &WsiLimits) -> Result<(SlideInfo
     if first.tile.is_none() {
         return Err(WsiError::NotASlide("its first image is not tiled (a plain TIFF picture, not a pyramid)".into()));
     }
-    // Levels: the tiled directories that are not marked as masks or associated images,
-    // largest first.
-    let mut level_dirs: Vec<&Directory> = dirs.iter().filter(|d| d.tile.is_some() && d.subfile & !1 == 0).collect();
-    level_dirs.sort_by(|a, b| b.width.cmp(&a.width).then(b.height.cmp(&a.height)));
-    if level_dirs.len() > limits.max_levels {
-        return Err(WsiError::TooLarge(format!(
-            "{} levels, over the limit of {}",
-            level_dirs.len(),
-            limits.max_levels
-        )));
-    }
-    let mut levels = Vec::new();
-    let mut tables = Vec::new();
-    for (i, d) in level_dirs.iter().enumerate() {
-        let (mut level, table) = check_level(i, d, limits)?;
-        let base = &level_dirs[0];
-        level.downsample = (base.width as f64 / level.width as f64 + base.height as f64 / level.height as f64) / 2.0;
-        levels.push(level);
-        tables.push(table);
-    }
     let mut associated = Vec::new();
     if aperio {
         for (i, d) in dirs.iter().enumerate().filter(|(_, d)| d.tile.is_none()) {
@@ -263,25 +245,21 @@ pub(super) fn read(src: &dyn RangeRead, limits: &WsiLimits) -> Result<(SlideInfo
     };
     let format = if aperio { SlideFormat::Aperio } else { SlideFormat::GenericTiff };
 
-    // The header digest: the description and every tile's place, in a fixed layout.
-    let mut canon = format!("{}|{:?}|{:?}|", format.vendor(), mpp, objective_power).into_bytes();
-    for (l, t) in levels.iter().zip(&tables) {
-        canon.extend_from_slice(
-            format!(
-                "{}x{}/{}x{}/{:?}/{}/{}|",
-                l.width, l.height, l.tile_width, l.tile_height, l.codec, t.photometric, t.samples
-            )
-            .as_bytes(),
-        );
-        for (o, c) in t.offsets.iter().zip(&t.byte_counts) {
-            canon.extend_from_slice(&o.to_le_bytes());
-            canon.extend_from_slice(&c.to_le_bytes());
-        }
-        if let Some(j) = &t.jpeg_tables {
-            canon.extend_from_slice(j);
-        }
+    // Levels: the tiled directories that are not marked as masks or associated images,
+    // largest first (numbered so in errors).
+    let mut level_dirs: Vec<Directory> = dirs.into_iter().filter(|d| d.tile.is_some() && d.subfile & !1 == 0).collect();
+    level_dirs.sort_by(|a, b| b.width.cmp(&a.width).then(b.height.cmp(&a.height)));
+    if level_dirs.len() > limits.max_levels {
+        return Err(WsiError::TooLarge(format!(
+            "{} levels, over the limit of {}",
+            level_dirs.len(),
+            limits.max_levels
+        )));
     }
-    let header_digest = Digest::of_bytes(&canon).as_str().to_string();
+    let checked =
+        level_dirs.into_iter().enumerate().map(|(i, d)| check_level(i, d, limits)).collect::<Result<Vec<_>, _>>()?;
+    let (levels, tables) = order_levels(checked);
+    let header_digest = header_digest(&format!("{}|{mpp:?}|{objective_power:?}", format.vendor()), &levels, &tables);
     Ok((SlideInfo { format, levels, mpp, objective_power, associated, header_digest, header_bytes_read }, tables))
 }
 
