@@ -12,7 +12,7 @@ use medbatch_coordinator::{
     follow_and_commit, plan_run, publish_pending, run_progress, FollowConfig, Followed, PlanConfig,
 };
 use medbatch_engine::EngineHandle;
-use medbatch_schemas::RunId;
+use medbatch_schemas::{Digest, ModelRef, RunId, NO_MODEL};
 use medbatch_worker::pipeline::LoadedPipeline;
 use medbatch_worker::serve::{serve, Contexts, Resolver, Served};
 use std::process::ExitCode;
@@ -83,7 +83,8 @@ pub struct SubmitArgs {
 pub struct WorkArgs {
     #[command(flatten)]
     pub broker: BrokerArgs,
-    /// Model: a GGUF file, a checkpoint folder, or `demo`. The worker takes only jobs for it.
+    /// Model: a GGUF file, a checkpoint folder, or `demo`. The worker takes only jobs for it;
+    /// `none` serves the pipelines that call no model (`tiles`).
     #[arg(long, env = "MEDBATCH_MODEL", default_value = "demo")]
     pub model: String,
     /// Jobs worked on at once (their requests share the engine's batches).
@@ -141,8 +142,13 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let run_id = RunId::new(args.run_id.clone().unwrap_or_else(crate::embedded::new_run_id))?;
     let pipeline = LoadedPipeline::load(&args.pipeline)?;
     let (store, root) = open_store(&args.out, args.broker.s3_endpoint.as_deref()).await?;
-    let model_arg = args.model.clone();
-    let model = tokio::task::spawn_blocking(move || model_path::model_ref(&model_arg)).await??;
+    // A pipeline that calls no model (tiles) is served by workers started with `--model none`.
+    let model = if pipeline.spec.task.needs_model() {
+        let model_arg = args.model.clone();
+        tokio::task::spawn_blocking(move || model_path::model_ref(&model_arg)).await??
+    } else {
+        ModelRef::none()
+    };
     let cfg = PlanConfig {
         run_id: run_id.clone(),
         pipeline: pipeline.reference(),
@@ -212,24 +218,30 @@ pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency.max(1);
-    let model_arg = args.model.clone();
-    eprintln!("medbatch: loading model {model_arg}");
-    let split = args.split.clone();
-    let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
-    let info = engine.info.clone();
-    let engine = EngineHandle::start(engine, args.limits.limits()?)?;
-    let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
-    anyhow::ensure!(stall.is_finite() && stall >= 0.0, "--stall-timeout must be a number of seconds, 0 or more");
-    if stall > 0.0 {
-        spawn_watchdog(engine.clone(), Duration::from_secs_f64(stall));
-    }
+    // `--model none`: a worker of the pipelines that call no model (tiles).
+    let (engine, model) = if args.model == NO_MODEL {
+        (None, ModelRef::none())
+    } else {
+        let model_arg = args.model.clone();
+        eprintln!("medbatch: loading model {model_arg}");
+        let split = args.split.clone();
+        let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
+        let info = engine.info.clone();
+        let engine = EngineHandle::start(engine, args.limits.limits()?)?;
+        let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
+        anyhow::ensure!(stall.is_finite() && stall >= 0.0, "--stall-timeout must be a number of seconds, 0 or more");
+        if stall > 0.0 {
+            spawn_watchdog(engine.clone(), Duration::from_secs_f64(stall));
+        }
+        (Some(engine), ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? })
+    };
     let mut cfg = args.broker.config();
     cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
-    let route = model_route(&info.digest);
+    let route = model_route(model.digest.as_str());
     let queue = Arc::new(RabbitQueue::connect(cfg, &route).await?);
     eprintln!(
         "medbatch: worker for model {} (route {route}) on {}, {concurrency} at once",
-        info.id,
+        model.id,
         queue_url(&args.broker.amqp)
     );
     // SIGTERM or Ctrl-C: take no new job; the jobs in hand finish (or go back to the queue

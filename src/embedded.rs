@@ -74,19 +74,26 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let pipeline = runner.loaded();
     let (store, out_root) = crate::status::open_store(&args.out, args.s3_endpoint.as_deref()).await?;
 
-    let model_arg = args.model.clone();
-    eprintln!("medbatch: loading model {model_arg}");
-    let split = args.split.clone();
-    let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
-    let info = engine.info.clone();
-    let engine = EngineHandle::start(engine, args.limits.limits()?)?;
-    tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
+    // A pipeline that calls no model (tiles) runs without one, whatever --model says.
+    let (engine, model) = if pipeline.spec.task.needs_model() {
+        let model_arg = args.model.clone();
+        eprintln!("medbatch: loading model {model_arg}");
+        let split = args.split.clone();
+        let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
+        let info = engine.info.clone();
+        let engine = EngineHandle::start(engine, args.limits.limits()?)?;
+        tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
+        (Some(engine), ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? })
+    } else {
+        eprintln!("medbatch: the {} pipeline calls no model: none is loaded", pipeline.spec.name);
+        (None, ModelRef::none())
+    };
 
     let source = InputSource::with_s3(args.s3_endpoint.clone());
     let cfg = PlanConfig {
         run_id: run_id.clone(),
         pipeline: pipeline.reference(),
-        model: ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? },
+        model: model.clone(),
         output: out_root.clone(),
         inputs: args.inputs.clone(),
         source: source.clone(),
@@ -112,6 +119,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let n = j.inputs.iter().map(|i| match &i.selection {
                 Selection::Whole => 1,
                 Selection::Members(m) => m.len() as u64,
+                // A band of a slide's grid: the slide counts once, on its first band.
+                Selection::Tiles { first_row, .. } => u64::from(*first_row == 0),
             });
             (j.job_id.to_string(), n.sum())
         })
@@ -157,7 +166,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let status = run_progress(&plan, store.as_ref()).await?;
     let wall = started.elapsed().as_secs_f64();
     let table = &pipeline.spec.output.table;
-    println!("medbatch run {run_id} ({} pipeline, model {})", pipeline.spec.name, info.id);
+    println!("medbatch run {run_id} ({} pipeline, model {})", pipeline.spec.name, model.id);
     println!("  documents  {} ok, {} failed", status.documents_ok, status.documents_failed);
     println!("  rows       {table}: {}   {}: {}", status.rows, tables::ERRORS_TABLE, status.error_rows);
     println!(
@@ -170,7 +179,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("  set aside  {line}");
     }
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
-    println!("  engine     {}", engine_summary(&engine.stats()));
+    if let Some(engine) = &engine {
+        println!("  engine     {}", engine_summary(&engine.stats()));
+    }
     println!(
         "  wall time  {wall:.1} s ({:.2} documents/s){}",
         progress.done as f64 / wall.max(1e-3),

@@ -21,7 +21,7 @@ pub fn demo_model() -> PathBuf {
 }
 
 /// `medbatch ARGS`, to be run from the repository root with warnings logged.
-fn command(args: &[&str]) -> Command {
+pub fn command(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_medbatch"));
     c.args(args).current_dir(repo_root()).env("MEDBATCH_LOG", "warn");
     c

@@ -148,3 +148,63 @@ fn a_worker_whose_engine_hangs_exits_and_another_does_its_jobs() {
     assert_each_part_once(got["keys"].as_array().unwrap());
     py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
 }
+
+/// A pipeline that calls no model over RabbitMQ: `submit wsi-tiles` routes its band jobs to
+/// a worker started with `--model none` (which loads none), and the rows equal an embedded
+/// run's.
+#[test]
+fn tile_jobs_go_to_a_worker_without_a_model() {
+    std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
+    let namespace = format!("e2e-tiles-{}", std::process::id());
+    let _broker = BrokerNamespace(namespace.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let slides = dir.path().join("slides");
+    std::fs::create_dir(&slides).unwrap();
+    let o = Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .arg("make")
+        .arg(&slides)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // 64-px tiles at 10x: a 7 x 5 grid a slide, in bands of two rows.
+    let p = dir.path().join("wsi-tiles");
+    std::fs::create_dir(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("patch = 896", "patch = 64")
+        .replace("stride = 896", "stride = 64")
+        .replace("tiles_per_job = 4096", "tiles_per_job = 16");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let inputs = [slides.join("jpeg-ycbcr.tiff"), slides.join("aperio-j2k-rgb.svs"), slides.join("dicom-j2k")];
+    let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
+
+    let mut w = worker_with(&namespace, "none", &["--pipelines", dir.path().to_str().unwrap()]);
+    let out = dir.path().join("out");
+    let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(["submit", p.to_str().unwrap()])
+        .args(&inputs)
+        .args(["--out", out.to_str().unwrap(), "--run-id", "tiles"])
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+    let log = text(&w.wait_with_output().unwrap().stderr);
+    let stdout = text(&submitted.stdout);
+    assert!(submitted.status.success(), "{stdout}\n{}\n{log}", text(&submitted.stderr));
+    assert!(!log.contains("loading model"), "{log}");
+    // Three slides, three bands each.
+    assert!(stdout.contains("9/9 done") && stdout.contains("model none"), "{stdout}");
+    let (rows, _, _) = read_parquet_dir(&out.join("wsi_tiles"));
+
+    let embedded = dir.path().join("embedded");
+    let mut args = vec!["run", p.to_str().unwrap()];
+    args.extend(&inputs);
+    args.extend(["--out", embedded.to_str().unwrap()]);
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (local_rows, _, _) = read_parquet_dir(&embedded.join("wsi_tiles"));
+    assert!(rows > 0);
+    assert_eq!(rows, local_rows);
+}

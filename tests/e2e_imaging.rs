@@ -98,6 +98,35 @@ struct Outcome {
     stderr: String,
     /// `_documents`: (file name, status, reason, images, rows) of each row, sorted.
     documents: Vec<DocumentRow>,
+    /// Slide-level tables: each row's `patches`.
+    patches: Vec<Vec<PatchRow>>,
+}
+
+/// A patch of a slide-level row: level, x, y, width, tissue fraction.
+type PatchRow = (u32, u64, u64, u32, f32);
+
+/// The `patches` column of a slide-level table, where there is one.
+fn patches_of(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<PatchRow>> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float32Type, UInt32Type, UInt64Type};
+    let mut out = Vec::new();
+    for b in batches {
+        let Some(col) = b.column_by_name("patches") else { continue };
+        let list = col.as_list::<i32>();
+        for i in 0..list.len() {
+            let v = list.value(i);
+            let s = v.as_struct();
+            let u32s = |n: &str| s.column_by_name(n).unwrap().as_primitive::<UInt32Type>().clone();
+            let u64s = |n: &str| s.column_by_name(n).unwrap().as_primitive::<UInt64Type>().clone();
+            let (level, width) = (u32s("level"), u32s("width"));
+            let (x, y) = (u64s("x"), u64s("y"));
+            let f = s.column_by_name("tissue_fraction").unwrap().as_primitive::<Float32Type>().clone();
+            out.push(
+                (0..s.len()).map(|k| (level.value(k), x.value(k), y.value(k), width.value(k), f.value(k))).collect(),
+            );
+        }
+    }
+    out
 }
 
 /// A `_documents` row: file name (`#member` included), status, reason, images, rows.
@@ -125,6 +154,7 @@ fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Ou
         .map(|u| u.rsplit('/').next().unwrap().to_string())
         .collect();
     let prompt_tokens = string_column(&batches, "tokens_in").into_iter().flatten().collect();
+    let patches = patches_of(&batches);
     let mut answers: Vec<(String, String)> = string_column(&batches, "document_id")
         .into_iter()
         .zip(string_column(&batches, if table == "cxr_reports" { "findings" } else { "document_id" }))
@@ -160,7 +190,7 @@ fn run_with(pipeline: &Path, inputs: &[&str], table: &str, extra: &[&str]) -> Ou
         .collect();
     documents.sort();
     let stderr = text(&o.stderr);
-    Outcome { rows, document_ids, prompt_tokens, errors, answers, peak_mib, row_sources, stderr, documents }
+    Outcome { rows, document_ids, prompt_tokens, errors, answers, peak_mib, row_sources, stderr, documents, patches }
 }
 
 fn reasons(o: &Outcome) -> Vec<(&str, &str)> {
@@ -509,9 +539,6 @@ fn damaged_files_of_every_format_never_stop_a_run() {
     }
 }
 
-/// DICOM on S3 (the local S3-compatible server of infra/test.sh): planning reads the headers
-/// through ranged requests and the workers the files, with the same rows and error rows as
-/// the same folder on disk.
 /// Uploads every file below `folder` to `s3://bucket/prefix/` (a new bucket) with pyarrow,
 /// not with medbatch's code.
 fn upload_folder(folder: &Path, bucket: &str, prefix: &str) {
@@ -528,6 +555,9 @@ fn upload_folder(folder: &Path, bucket: &str, prefix: &str) {
     ));
 }
 
+/// DICOM on S3 (the local S3-compatible server of infra/test.sh): planning reads the headers
+/// through ranged requests and the workers the files, with the same rows and error rows as
+/// the same folder on disk.
 #[test]
 fn dicom_on_s3_groups_and_reads_like_the_same_files_on_disk() {
     let bucket = format!("medbatch-img-{}", std::process::id());
@@ -616,10 +646,26 @@ fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
     let o = run(&p, &inputs, "pathology_reports");
     // Three slides with tissue: a TIFF, an SVS and a DICOM slide of three instances.
     assert_eq!(o.rows, 3, "{:?}", o.errors);
-    let mut ids = o.document_ids.clone();
-    ids.sort();
-    assert_eq!(&ids[1..], ["aperio-j2k-ycbcr.svs", "jpeg-ycbcr.tiff"], "{ids:?}");
-    assert_eq!(ids[0].len(), 16, "a DICOM slide is named by its header digest: {ids:?}");
+    // The single-file slides are named by their files; the DICOM slide (a folder of
+    // instances) by the first 16 hex digits of its header digest.
+    let (mut named, digests): (Vec<&str>, Vec<&str>) =
+        o.document_ids.iter().map(String::as_str).partition(|id| id.contains('.'));
+    named.sort();
+    assert_eq!(named, ["aperio-j2k-ycbcr.svs", "jpeg-ycbcr.tiff"], "{:?}", o.document_ids);
+    assert!(
+        matches!(digests[..], [d] if d.len() == 16 && d.bytes().all(|b| b.is_ascii_hexdigit())),
+        "a DICOM slide is named by its header digest: {:?}",
+        o.document_ids
+    );
+    // Each row lists its two patches: 64 px on the 10x level, in reading order, on whole
+    // grid cells, partly tissue.
+    assert_eq!(o.patches.len(), 3);
+    for p in &o.patches {
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p.iter().all(|q| q.0 == 1 && q.3 == 64 && q.1 % 64 == 0 && q.2 % 64 == 0), "{p:?}");
+        assert!(p.iter().all(|q| q.4 > 0.0 && q.4 <= 1.0), "{p:?}");
+        assert!((p[0].2, p[0].1) < (p[1].2, p[1].1), "{p:?}");
+    }
     // Two patches of 9 soft tokens each, after the instruction.
     assert!(o.prompt_tokens.iter().all(|t| t.parse::<u32>().unwrap() > 2 * 9), "{:?}", o.prompt_tokens);
     assert_eq!(
@@ -663,4 +709,199 @@ fn pathology_report_reads_slides_straight_from_s3_like_the_files_on_disk() {
         o.documents.iter().map(|d| (d.0.clone(), d.3.clone())).collect()
     };
     assert_eq!(patches(&s3), patches(&disk), "the same patches from each file");
+}
+
+/// The wsi-tiles pipeline with 64-px tiles at 10x (a 7 x 5 grid on the synthetic slides) in
+/// jobs of `tiles_per_job` cells.
+fn tiny_tiles(dir: &Path, tiles_per_job: u64) -> PathBuf {
+    let p = dir.join(format!("wsi-tiles-{tiles_per_job}"));
+    std::fs::create_dir_all(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("patch = 896", "patch = 64")
+        .replace("stride = 896", "stride = 64")
+        .replace("tiles_per_job = 4096", &format!("tiles_per_job = {tiles_per_job}"));
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    p
+}
+
+/// A tile row: document id, level, grid column, grid row, tissue fraction, model id.
+type TileRow = (String, u32, u32, u32, String, String);
+
+/// A wsi-tiles run: its tile rows (document id, level, grid column and row, tissue fraction,
+/// model id), its error rows (file, reason, detail), and its stderr.
+#[allow(clippy::type_complexity)]
+fn tiles_run(pipeline: &Path, inputs: &[&str]) -> (Vec<TileRow>, Vec<(String, String, String)>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = vec!["run", pipeline.to_str().unwrap()];
+    args.extend_from_slice(inputs);
+    args.extend_from_slice(&["--out", out.to_str().unwrap(), "--model", "/no/such/model"]);
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (_, _, b) = read_parquet_dir(&out.join("wsi_tiles"));
+    let col = |name: &str| string_column(&b, name).into_iter().map(Option::unwrap).collect::<Vec<_>>();
+    let num = |name: &str| col(name).into_iter().map(|v| v.parse::<u32>().unwrap()).collect::<Vec<_>>();
+    let (ids, levels, cols, rows) = (col("document_id"), num("level"), num("grid_col"), num("grid_row"));
+    let (fractions, models) = (col("tissue_fraction"), col("model_id"));
+    let (xs, steps) = (col("x"), col("width"));
+    for (x, (c, w)) in xs.iter().zip(cols.iter().zip(&steps)) {
+        assert_eq!(x.parse::<u64>().unwrap(), u64::from(*c) * w.parse::<u64>().unwrap(), "x is the column's place");
+    }
+    let mut tiles: Vec<_> = (0..ids.len())
+        .map(|i| (ids[i].clone(), levels[i], cols[i], rows[i], fractions[i].clone(), models[i].clone()))
+        .collect();
+    tiles.sort_by(|a, b| (&a.0, a.3, a.2).cmp(&(&b.0, b.3, b.2)));
+    let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
+    let files =
+        string_column(&eb, "source_uri").into_iter().map(|u| u.unwrap().rsplit('/').next().unwrap().to_string());
+    let mut errors: Vec<(String, String, String)> = files
+        .zip(string_column(&eb, "reason"))
+        .zip(string_column(&eb, "detail"))
+        .map(|((f, r), d)| (f, r.unwrap(), d.unwrap()))
+        .collect();
+    errors.sort();
+    (tiles, errors, text(&o.stderr))
+}
+
+#[test]
+fn wsi_tiles_one_row_per_tissue_tile_in_bands_without_a_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let (slides, names) = synthetic_slides(dir.path());
+    // A slide whose header is sound and whose mask level has a tile of noise.
+    let masked = slides.join("mask-garbage.tiff");
+    let o = std::process::Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .args(["damage", slides.join("jpeg-ycbcr.tiff").to_str().unwrap(), masked.to_str().unwrap(), "garbage-last"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut inputs: Vec<String> = names.iter().map(|n| slides.join(n).to_string_lossy().into_owned()).collect();
+    inputs.push(masked.to_string_lossy().into_owned());
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    // Bands of two grid rows (three jobs a slide), and one job a slide.
+    let (tiles, errors, stderr) = tiles_run(&tiny_tiles(dir.path(), 16), &inputs);
+    let (whole, whole_errors, _) = tiles_run(&tiny_tiles(dir.path(), 4096), &inputs);
+    assert!(stderr.contains("calls no model"), "{stderr}");
+    assert_eq!(tiles, whole, "the bands' rows are the whole slides' rows, each once");
+    assert!(tiles.iter().all(|t| t.1 == 1 && t.5 == "none"), "10x is level 1; no model: {tiles:?}");
+    for t in &tiles {
+        let f: f32 = t.4.parse().unwrap();
+        assert!(f > 0.0 && f <= 1.0, "{t:?}");
+    }
+    // The TIFF's tiles are the tissue cells as the recipe computes them from OpenSlide's
+    // pixels (the 5x level is the mask; a cell is 32 of its pixels).
+    let tiff = slides.join("jpeg-ycbcr.tiff");
+    let o = std::process::Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .args(["tissue", tiff.to_str().unwrap(), "2", "32", "7", "5"])
+        .output()
+        .unwrap();
+    let want: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut want: Vec<(u32, u32)> = want
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c[1].as_u64().unwrap() as u32, c[0].as_u64().unwrap() as u32))
+        .collect();
+    want.sort_unstable();
+    let got: Vec<(u32, u32)> = tiles.iter().filter(|t| t.0 == "jpeg-ycbcr.tiff").map(|t| (t.3, t.2)).collect();
+    assert!(!want.is_empty() && want.len() < 35, "{want:?}");
+    assert_eq!(got, want);
+    // The SVS and the DICOM slide (named by its header digest) have tiles too.
+    let slides_with_tiles: std::collections::BTreeSet<&str> = tiles.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(slides_with_tiles.len(), 3, "{slides_with_tiles:?}");
+    assert!(slides_with_tiles.contains("aperio-j2k-ycbcr.svs"));
+    // Glass is reported once (by its first band), as are the text file and the truncated
+    // slide (whose header is cut: one job); the mask tile that does not decode fails each
+    // band's job, each row naming its rows.
+    let reasons: Vec<(&str, &str)> = errors.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("glass.tiff", "not_applicable"),
+            ("mask-garbage.tiff", "corrupt_image"),
+            ("mask-garbage.tiff", "corrupt_image"),
+            ("mask-garbage.tiff", "corrupt_image"),
+            ("note.svs", "wrong_format"),
+            ("truncated.tiff", "corrupt_image"),
+        ],
+        "{errors:?}"
+    );
+    for (k, rows) in ["0..2", "2..4", "4..5"].iter().enumerate() {
+        assert!(errors[1 + k].2.contains(&format!("grid rows {rows}")), "{errors:?}");
+        assert!(errors[1 + k].2.contains("level 2"), "the mask's level and tile are named: {errors:?}");
+    }
+    let whole_reasons: Vec<(&str, &str)> = whole_errors.iter().map(|e| (e.0.as_str(), e.1.as_str())).collect();
+    assert_eq!(whole_reasons, [reasons[0], reasons[1], reasons[4], reasons[5]]);
+}
+
+/// A slide of over 200 MB on S3 (an uncompressed pyramid written by the oracle): tiled in
+/// three band jobs from ranged reads of its header and mask only, each job logging its
+/// requests and bytes against the slide's size, with the same rows as the file on disk.
+#[test]
+fn a_large_slide_on_s3_is_tiled_from_a_few_ranged_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let slides = dir.path().join("large");
+    std::fs::create_dir(&slides).unwrap();
+    let path = slides.join("large.tiff");
+    let o = std::process::Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .args(["large", path.to_str().unwrap(), "210"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size >= 200 << 20, "{size}");
+    // 224-px tiles at 10x: a 9 x 9 grid on the 10x level (2,112 px), in bands of 3 rows.
+    let p = dir.path().join("wsi-tiles");
+    std::fs::create_dir(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("patch = 896", "patch = 224")
+        .replace("stride = 896", "stride = 224")
+        .replace("tiles_per_job = 4096", "tiles_per_job = 27");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let bucket = format!("medbatch-large-{}", std::process::id());
+    upload_folder(&slides, &bucket, "slides");
+    let run = |input: &str| {
+        let out = dir.path().join(format!("out-{}", input.len()));
+        let o = command(&["run", p.to_str().unwrap(), input, "--out", out.to_str().unwrap()])
+            .env("MEDBATCH_LOG", "medbatch_worker=info,warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let (rows, _, b) = read_parquet_dir(&out.join("wsi_tiles"));
+        let mut cells: Vec<(String, String)> = string_column(&b, "grid_row")
+            .into_iter()
+            .flatten()
+            .zip(string_column(&b, "grid_col").into_iter().flatten())
+            .collect();
+        cells.sort();
+        assert_eq!(cells.len(), rows);
+        (cells, text(&o.stderr))
+    };
+    let (s3_cells, log) = run(&format!("s3://{bucket}/slides/large.tiff"));
+    let (disk_cells, _) = run(path.to_str().unwrap());
+    py_s3(&format!("fs.delete_dir('{bucket}')\nprint('{{}}')"));
+    assert_eq!(s3_cells, disk_cells, "the same tiles from S3 as from disk");
+    assert!(!s3_cells.is_empty() && s3_cells.len() < 81, "tissue and glass: {}", s3_cells.len());
+    // One log line per band job: requests and bytes against the slide's size.
+    let field = |line: &str, name: &str| -> u64 {
+        let at = line.find(&format!("{name}=")).unwrap_or_else(|| panic!("{name} in {line}")) + name.len() + 1;
+        line[at..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+    };
+    let reads: Vec<(u64, u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("slide read"))
+        .map(|l| (field(l, "requests"), field(l, "bytes"), field(l, "size")))
+        .collect();
+    assert_eq!(reads.len(), 3, "{log}");
+    for (requests, bytes, logged_size) in reads {
+        assert_eq!(logged_size, size);
+        // The header and the 2.5x mask level (528 x 528 pixels: nine uncompressed tiles of
+        // 192 KiB).
+        assert!(bytes < 4 << 20 && bytes < size / 50, "{bytes} bytes of {size}");
+        assert!(requests < 64, "{requests} requests");
+    }
 }

@@ -213,8 +213,8 @@ impl Instance {
 /// file whose header cannot be read, a kind the pipeline does not read) is a job alone, and
 /// its worker reports what is wrong with it.
 fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
-    if imaging.unit == ImagingUnit::Slide {
-        return plan_slides(cfg, found);
+    if matches!(imaging.unit, ImagingUnit::Slide | ImagingUnit::Tiles) {
+        return plan_slides(cfg, imaging, found);
     }
     let mut singles: Vec<InputRef> = Vec::new();
     let mut instances: Vec<Instance> = Vec::new();
@@ -233,7 +233,7 @@ fn plan_imaging(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -
     let mut groups: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
     for i in instances {
         let key = match imaging.unit {
-            ImagingUnit::Series | ImagingUnit::Slide => i.header.series_uid.clone(),
+            ImagingUnit::Series | ImagingUnit::Slide | ImagingUnit::Tiles => i.header.series_uid.clone(),
             ImagingUnit::Study | ImagingUnit::PriorCurrent => i.header.study_uid.clone(),
         };
         groups.entry(key).or_default().push(i);
@@ -339,8 +339,9 @@ fn dicom_kind_and_header(
 /// Slide runs: an SVS or pyramidal TIFF file is a job; DICOM files are grouped by series
 /// (a DICOM whole-slide image is the instances of one series), a job each. No slide is read
 /// past its header: a slide's identity is its ETag, size and header digest, a DICOM
-/// instance's its ETag, size and header fields (up to the pixel data).
-fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
+/// instance's its ETag, size and header fields (up to the pixel data). A tile-level
+/// pipeline's slide is split into bands of its patch grid ([`tile_bands`]).
+fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
     let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
     let mut series: BTreeMap<String, Vec<(i64, InputRef)>> = BTreeMap::new();
     for f in found {
@@ -369,7 +370,54 @@ fn plan_slides(cfg: &PlanConfig, found: &[FoundInput]) -> Result<PlannedRun, Coo
         job_inputs.push(g.into_iter().map(|(_, i)| i).collect());
     }
     job_inputs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
-    Ok(one_unit_a_job(cfg, job_inputs, found.len()))
+    if imaging.unit != ImagingUnit::Tiles {
+        return Ok(one_unit_a_job(cfg, job_inputs, found.len()));
+    }
+    let mut banded = Vec::new();
+    for inputs in job_inputs {
+        for selection in tile_bands(&cfg.source, imaging, &inputs) {
+            banded.push(inputs.iter().map(|i| InputRef { selection: selection.clone(), ..i.clone() }).collect());
+        }
+    }
+    let mut plan = one_unit_a_job(cfg, banded, found.len());
+    // A slide's bands are parts of one unit.
+    plan.units = plan
+        .jobs
+        .iter()
+        .filter(|j| !matches!(j.inputs[0].selection, Selection::Tiles { first_row, .. } if first_row > 0))
+        .count() as u64;
+    Ok(plan)
+}
+
+/// The bands of a slide's patch grid, from its header: whole grid rows, about
+/// `imaging.slide.tiles_per_job` cells each (one row at least). A slide whose grid cannot be
+/// found (an unreadable header, no magnification, smaller than a patch) is one job of the
+/// whole slide; its worker reports why.
+fn tile_bands(source: &InputSource, imaging: &ImagingSpec, inputs: &[InputRef]) -> Vec<Selection> {
+    use medbatch_formats::wsi::{tissue::PatchParams, Slide, WsiLimits};
+    let limits = WsiLimits::default();
+    let opened: Option<Vec<_>> =
+        inputs.iter().map(|i| source.open_range(&i.uri, i.size, i.etag.as_deref()).ok()).collect();
+    let slide = opened.and_then(|mut sources| match inputs[0].kind {
+        InputKind::Slide if sources.len() == 1 => Slide::open(sources.remove(0), &limits).ok(),
+        InputKind::Dicom => Slide::open_dicom(sources, &limits).ok(),
+        _ => None,
+    });
+    let grid = slide.and_then(|s| s.patch_grid(&PatchParams::from_spec(imaging)).ok());
+    match grid {
+        Some(g) if g.cols > 0 && g.rows > 0 => {
+            let per_job = (imaging.slide.tiles_per_job / g.cols).max(1);
+            (0..g.rows)
+                .step_by(per_job as usize)
+                .map(|first_row| Selection::Tiles {
+                    level: g.level as u32,
+                    first_row,
+                    rows: per_job.min(g.rows - first_row),
+                })
+                .collect()
+        }
+        _ => vec![Selection::Whole],
+    }
 }
 
 /// Records the plan (or checks it against the one recorded by an earlier attempt of the
@@ -507,6 +555,39 @@ mod tests {
         assert_eq!(svs.inputs[0].sha256, slide.info().identity(None, size));
         assert_ne!(svs.inputs[0].sha256, Digest::of_bytes(&std::fs::read(&path).unwrap()));
         assert_eq!(p, plan_run(&c).unwrap(), "planning is deterministic");
+
+        // A tile-level pipeline: each slide's 7 x 5 grid (64-px tiles at 10x) in bands of
+        // whole rows of about 16 cells (two rows), a job each; DICOM slides too.
+        let mut spec = c.imaging.clone().unwrap();
+        spec.unit = ImagingUnit::Tiles;
+        spec.slide.patch = 64;
+        spec.slide.stride = 64;
+        spec.slide.tiles_per_job = 16;
+        let t = PlanConfig { imaging: Some(spec), ..c.clone() };
+        let tp = plan_run(&t).unwrap();
+        assert_eq!(tp.units, 8 + 4, "a slide is one unit, whatever its bands");
+        let bands = |name: &str| -> Vec<Selection> {
+            tp.jobs.iter().filter(|j| j.inputs[0].uri.ends_with(name)).map(|j| j.inputs[0].selection.clone()).collect()
+        };
+        let want = |level| {
+            vec![
+                Selection::Tiles { level, first_row: 0, rows: 2 },
+                Selection::Tiles { level, first_row: 2, rows: 2 },
+                Selection::Tiles { level, first_row: 4, rows: 1 },
+            ]
+        };
+        assert_eq!(bands("jpeg-ycbcr.tiff"), want(1));
+        assert_eq!(bands("aperio-j2k-rgb.svs"), want(1));
+        let dicom: Vec<&Job> = tp.jobs.iter().filter(|j| j.inputs[0].kind == InputKind::Dicom).collect();
+        assert_eq!(dicom.len(), 4 * 3);
+        for j in &dicom {
+            assert_eq!(names(j), ["level-0.dcm", "level-1.dcm", "level-2.dcm"]);
+            assert!(j.inputs.iter().all(|i| i.selection == j.inputs[0].selection), "one band for the slide's files");
+        }
+        // Every band is its own job, with its own id.
+        let ids: std::collections::HashSet<_> = tp.jobs.iter().map(|j| j.job_id.clone()).collect();
+        assert_eq!(ids.len(), tp.jobs.len());
+        assert_eq!(tp, plan_run(&t).unwrap(), "planning is deterministic");
     }
 
     #[test]

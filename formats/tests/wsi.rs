@@ -355,3 +355,27 @@ fn tissue_patches_follow_the_recipe_and_a_rerun_picks_the_same() {
     let glass = open(&dir.join("glass.tiff")).unwrap().select_patches(&params).unwrap();
     assert_eq!((glass.grid_cells, glass.tissue_cells, glass.patches.len()), (35, 0, 0));
 }
+
+#[test]
+fn bands_of_grid_rows_partition_the_tissue_tiles() {
+    use medbatch_formats::wsi::tissue::{PatchGrid, PatchParams};
+    let (_keep, dir) = synthetic();
+    let slide = open(&dir.join("aperio-j2k-ycbcr.svs")).unwrap();
+    let params = PatchParams { patch: 64, stride: 64, max_patches: None, ..PatchParams::default() };
+    // The grid from the header alone: 64 px at 10x on level 1 (1,000 x 760 at 20x).
+    let grid = slide.patch_grid(&params).unwrap();
+    assert_eq!(grid, PatchGrid { level: 1, magnification: 10.0, mask_level: 2, side: 64, step: 64, cols: 7, rows: 5 });
+    let whole = slide.select_patches(&params).unwrap();
+    assert!(whole.tissue_cells > 0 && whole.patches.len() == whole.tissue_cells);
+    let mut joined = Vec::new();
+    for (start, end) in [(0, 2), (2, 3), (3, 5), (5, 9)] {
+        let band = slide.select_patches(&PatchParams { grid_rows: Some((start, end)), ..params.clone() }).unwrap();
+        assert_eq!(band.tissue_cells, whole.tissue_cells, "the tissue count is the whole slide's");
+        assert!(band.patches.iter().all(|p| (start..end).contains(&(p.y / grid.step))), "{start}..{end}");
+        joined.extend(band.patches);
+    }
+    assert_eq!(joined, whole.patches, "the bands' tiles are the whole grid's, each once, in reading order");
+    // Google's grid at 10x: 896 px, larger than this slide; none.
+    let large = slide.patch_grid(&PatchParams::default()).unwrap();
+    assert_eq!((large.cols, large.rows), (0, 0));
+}

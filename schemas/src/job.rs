@@ -54,6 +54,20 @@ pub struct ModelRef {
     pub digest: Digest,
 }
 
+/// The model id of runs whose pipeline calls no model (`task = "tiles"`).
+pub const NO_MODEL: &str = "none";
+
+impl ModelRef {
+    /// The model of a run whose pipeline calls none: id `none`, the digest of that word.
+    pub fn none() -> Self {
+        Self { id: NO_MODEL.into(), digest: Digest::of_bytes(NO_MODEL.as_bytes()) }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::none()
+    }
+}
+
 /// How an input's bytes are to be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +145,9 @@ pub enum Selection {
     Whole,
     /// These members of an archive (in archive order), as listed at planning time.
     Members(Vec<String>),
+    /// A band of a whole-slide image's patch grid: grid rows `first_row..first_row + rows`
+    /// of the cells read from pyramid level `level` (a tile-level pipeline's job).
+    Tiles { level: u32, first_row: u64, rows: u64 },
 }
 
 /// A reference to an input: where it is, how big, its digest, and the part this job covers.

@@ -27,6 +27,17 @@ pub enum Task {
     /// Rows are the answer schema's objects, with columns derived from the schema: one row
     /// per document, or one per element of the array property `output.items`.
     Structured,
+    /// No model: one row per tissue tile of each whole-slide image (`imaging.unit =
+    /// "tiles"`), with its level, place, size, tissue fraction and pixel size. Runs need no
+    /// model and take no prompt.
+    Tiles,
+}
+
+impl Task {
+    /// Whether the pipeline calls a model (every task but `tiles`).
+    pub fn needs_model(self) -> bool {
+        self != Self::Tiles
+    }
 }
 
 /// The whole spec.
@@ -40,6 +51,8 @@ pub struct PipelineSpec {
     pub task: Task,
     pub input: InputSpec,
     pub output: OutputSpec,
+    /// Every task but `tiles` (which calls no model) has a prompt.
+    #[serde(default)]
     pub prompt: PromptSpec,
     #[serde(default)]
     pub generation: GenerationSpec,
@@ -68,6 +81,10 @@ pub enum ImagingUnit {
     /// A whole-slide image (an SVS or pyramidal TIFF file, or the DICOM instances of one
     /// slide's series): tissue patches chosen by `imaging.slide`, up to `max_images`.
     Slide,
+    /// The tissue tiles of a whole-slide image (`task = "tiles"`): every tissue cell of the
+    /// patch grid of `imaging.slide`; a slide is planned as jobs of
+    /// `imaging.slide.tiles_per_job` cells, in bands of whole grid rows.
+    Tiles,
 }
 
 /// How tissue is told from glass on a slide's mask.
@@ -102,6 +119,13 @@ pub struct SlideSpec {
     /// patches.
     #[serde(default)]
     pub seed: u64,
+    /// Tile-level pipelines: grid cells per job (whole grid rows, at least one row).
+    #[serde(default = "default_tiles_per_job")]
+    pub tiles_per_job: u64,
+}
+
+fn default_tiles_per_job() -> u64 {
+    4096
 }
 
 fn default_slide_magnification() -> f64 {
@@ -126,6 +150,7 @@ impl Default for SlideSpec {
             mask_magnification: default_mask_magnification(),
             tissue: default_tissue(),
             seed: 0,
+            tiles_per_job: default_tiles_per_job(),
         }
     }
 }
@@ -217,7 +242,7 @@ pub enum RowMode {
 }
 
 /// How prompts are built.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PromptSpec {
     /// Prompt template file (minijinja), relative to the pipeline folder.
@@ -420,6 +445,9 @@ impl PipelineSpec {
         if self.generation.max_new_tokens == 0 {
             return Err(SpecError::Invalid("generation.max_new_tokens must be > 0".into()));
         }
+        if self.task.needs_model() && (self.prompt.template.is_empty() || self.prompt.schema.is_empty()) {
+            return Err(SpecError::Invalid("[prompt] needs a template and a schema".into()));
+        }
         for f in [&self.prompt.template, &self.prompt.schema] {
             if f.contains("..") || f.starts_with('/') {
                 return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
@@ -428,8 +456,17 @@ impl PipelineSpec {
         let imaging_kinds = self.input.kinds.iter().any(|k| k.is_imaging());
         match &self.imaging {
             Some(i) => {
-                if self.task != Task::Structured {
-                    return Err(SpecError::Invalid("imaging pipelines are `structured`".into()));
+                let tiles = i.unit == ImagingUnit::Tiles;
+                if tiles != (self.task == Task::Tiles) {
+                    return Err(SpecError::Invalid(
+                        "task = \"tiles\" goes with imaging.unit = \"tiles\", and only with it".into(),
+                    ));
+                }
+                if !tiles && self.task != Task::Structured {
+                    return Err(SpecError::Invalid("imaging pipelines are `structured` or `tiles`".into()));
+                }
+                if i.slide.tiles_per_job == 0 {
+                    return Err(SpecError::Invalid("imaging.slide.tiles_per_job must be > 0".into()));
                 }
                 if self.input.kinds.iter().any(|k| !k.is_imaging()) {
                     return Err(SpecError::Invalid("imaging pipelines read only dicom, image and nifti inputs".into()));
@@ -442,6 +479,11 @@ impl PipelineSpec {
                         "imaging.unit = \"prior_current\" pairs DICOM studies: input.kinds must be [\"dicom\"]".into(),
                     ));
                 }
+            }
+            None if self.task == Task::Tiles => {
+                return Err(SpecError::Invalid(
+                    "task = \"tiles\" needs an [imaging] section with unit = \"tiles\"".into(),
+                ));
             }
             None if imaging_kinds => {
                 return Err(SpecError::Invalid("dicom, image and nifti inputs need an [imaging] section".into()));

@@ -51,7 +51,7 @@ pub fn read_units(inputs: &[InputRef], source: &InputSource, spec: &PipelineSpec
                     images: None,
                     skipped: None,
                 };
-                Unit { doc, images: Vec::new(), sources: vec![source] }
+                Unit { doc, images: Vec::new(), sources: vec![source], slide: None }
             }))
         };
         match source.open(&input.uri, input.size, input.etag.as_deref()) {
@@ -166,7 +166,10 @@ struct Wanted<'s> {
 impl<'s> Wanted<'s> {
     fn new(selection: &'s Selection) -> Self {
         match selection {
-            Selection::Whole => Self { listed: None, names: HashSet::new(), found: HashSet::new() },
+            // A band of a slide's grid selects nothing in a document file: it is read whole.
+            Selection::Whole | Selection::Tiles { .. } => {
+                Self { listed: None, names: HashSet::new(), found: HashSet::new() }
+            }
             Selection::Members(names) => {
                 Self { listed: Some(names), names: names.iter().map(String::as_str).collect(), found: HashSet::new() }
             }

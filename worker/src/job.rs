@@ -11,7 +11,7 @@ use medbatch_connectors::queue::{Delivery, JobQueue};
 use medbatch_connectors::store::ObjectStore;
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::tables::{done_key, part_key, DOCUMENTS_TABLE, ERRORS_TABLE};
-use medbatch_schemas::{Completion, Digest, InputError, Job, OutputPart, JOB_SCHEMA_VERSION};
+use medbatch_schemas::{Completion, Digest, InputError, Job, ModelRef, OutputPart, JOB_SCHEMA_VERSION};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
@@ -46,7 +46,8 @@ pub enum WorkerEvent {
 #[derive(Clone)]
 pub struct WorkerContext {
     pub store: Arc<dyn ObjectStore>,
-    pub engine: EngineHandle,
+    /// The model's engine; `None` for a worker of pipelines that call no model (`tiles`).
+    pub engine: Option<EngineHandle>,
     /// The pipeline every job of this context runs.
     pub pipeline: Arc<dyn Pipeline>,
     pub worker_id: String,
@@ -258,12 +259,18 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         return Ok(true);
     }
     tracing::info!(inputs = job.inputs.len(), "job started");
-    let info = ctx.engine.info();
-    if job.model.digest.as_str() != info.digest {
+    // A model pipeline's job needs this worker's model; a job of a pipeline that calls
+    // none was planned without one.
+    let needs_model = ctx.pipeline.loaded().spec.task.needs_model();
+    let have = match (&ctx.engine, needs_model) {
+        (Some(engine), true) => engine.info().digest.clone(),
+        _ => ModelRef::none().digest.to_string(),
+    };
+    if job.model.digest.as_str() != have {
         return Err(JobError::WrongTarget {
             what: "model",
             want: job.model.digest.short().into(),
-            have: info.digest.chars().take(12).collect(),
+            have: have.chars().take(12).collect(),
         });
     }
     if job.pipeline.digest != ctx.pipeline.loaded().digest {
@@ -297,7 +304,8 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         generated_at_us: chrono::Utc::now().timestamp_micros(),
     };
     let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
-    let cx = RunCx { engine: &ctx.engine, job_seed: job_seed(job), provenance: &prov, on_generated: &on_generated };
+    let cx =
+        RunCx { engine: ctx.engine.as_ref(), job_seed: job_seed(job), provenance: &prov, on_generated: &on_generated };
     let mut batches: Vec<RecordBatch> = Vec::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
     let mut documents: Vec<DocumentRow> = Vec::new();
@@ -462,7 +470,7 @@ mod tests {
                 skipped: *skipped,
             })
             .collect();
-        Unit { doc, images: Vec::new(), sources }
+        Unit { doc, images: Vec::new(), sources, slide: None }
     }
 
     fn error(reason: ErrorReason) -> ErrorRow {

@@ -83,7 +83,7 @@ pub async fn ask_all(
             Ok((model_request(pipeline, rendered, seed, grammar, images.to_vec()), primed))
         });
         pending.push(prepared.map(|(req, primed)| {
-            let engine = cx.engine.clone();
+            let engine = cx.engine().clone();
             (tokio::spawn(async move { engine.generate(req).await }.in_current_span()), primed)
         }));
     }

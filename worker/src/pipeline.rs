@@ -66,14 +66,20 @@ impl LoadedPipeline {
         let invalid = |reason: String| PipelineError::Invalid { path: shown.clone(), reason };
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
-        let template = read(&spec.prompt.template)?;
-        let schema: serde_json::Value = serde_json::from_str(&read(&spec.prompt.schema)?)
-            .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+        // A pipeline that calls no model has no prompt.
+        let model = spec.task.needs_model();
+        let template = if model { read(&spec.prompt.template)? } else { String::new() };
+        let schema: serde_json::Value = if model {
+            serde_json::from_str(&read(&spec.prompt.schema)?)
+                .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?
+        } else {
+            serde_json::Value::Null
+        };
         if spec.task == medbatch_schemas::pipeline::Task::Structured {
             crate::pipelines::structured::check_pipeline(&schema, &spec.output)
                 .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }
-        if spec.generation.constrained {
+        if model && spec.generation.constrained {
             crate::grammar::check_schema(&schema).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }
         let mut digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
@@ -94,7 +100,9 @@ impl LoadedPipeline {
             }
         };
         let p = Self { dir, spec, template, schema, digest, lexicon };
-        p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
+        if model {
+            p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
+        }
         Ok(p)
     }
 

@@ -35,7 +35,8 @@ pub enum Contexts {
 
 /// Pipelines and output stores of the jobs a worker sees, opened once each.
 pub struct Resolver {
-    pub engine: EngineHandle,
+    /// `None`: a worker of pipelines that call no model.
+    pub engine: Option<EngineHandle>,
     pub s3_endpoint: Option<String>,
     pub inputs: InputSource,
     /// Pipelines looked for here first (by name), then among the built-in ones.
@@ -47,7 +48,7 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(
-        engine: EngineHandle,
+        engine: Option<EngineHandle>,
         s3_endpoint: Option<String>,
         pipeline_dir: Option<std::path::PathBuf>,
         worker_id: String,

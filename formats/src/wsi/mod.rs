@@ -25,7 +25,6 @@ pub mod source;
 mod structure;
 #[cfg(feature = "pixels")]
 mod tile;
-#[cfg(feature = "pixels")]
 pub mod tissue;
 
 pub use source::{BytesSource, FileSource, Metered, RangeRead};

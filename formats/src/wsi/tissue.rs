@@ -12,6 +12,7 @@
 
 use super::source::RangeRead;
 use super::{Slide, WsiError};
+#[cfg(feature = "pixels")]
 use rand::SeedableRng;
 
 /// How tissue is told from glass.
@@ -42,6 +43,10 @@ pub struct PatchParams {
     pub max_patches: Option<usize>,
     /// Seed of the sample; with the slide's header digest it fixes which patches are kept.
     pub seed: u64,
+    /// Only the grid rows `start..end` (a tile-range job's band of the grid); `None`: all.
+    /// The mask is still computed over the whole slide, so a band's cells are judged as
+    /// they are in a whole-slide selection.
+    pub grid_rows: Option<(u64, u64)>,
 }
 
 impl Default for PatchParams {
@@ -56,6 +61,30 @@ impl Default for PatchParams {
             max_luminance: 0.8,
             max_patches: Some(125),
             seed: 0,
+            grid_rows: None,
+        }
+    }
+}
+
+impl PatchParams {
+    /// The patch parameters of an imaging pipeline: its `imaging.slide` settings, up to
+    /// `max_images` patches for a slide-level pipeline, every tissue cell for a tile-level
+    /// one.
+    pub fn from_spec(spec: &medbatch_schemas::pipeline::ImagingSpec) -> Self {
+        use medbatch_schemas::pipeline::{ImagingUnit, TissueDetection};
+        let s = &spec.slide;
+        Self {
+            magnification: s.magnification,
+            patch: s.patch,
+            stride: s.stride,
+            mask_magnification: s.mask_magnification,
+            method: match s.tissue {
+                TissueDetection::Luminance => TissueMethod::Luminance,
+                TissueDetection::OtsuSaturation => TissueMethod::OtsuSaturation,
+            },
+            max_patches: (spec.unit != ImagingUnit::Tiles).then_some(spec.max_images),
+            seed: s.seed,
+            ..Self::default()
         }
     }
 }
@@ -74,7 +103,25 @@ pub struct Patch {
     pub tissue_fraction: f32,
 }
 
+/// The patch grid of a slide at a magnification: which level it is read from, and its cells.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PatchGrid {
+    /// Level the patches are read from, and its magnification.
+    pub level: usize,
+    pub magnification: f64,
+    /// Level the tissue mask is computed on.
+    pub mask_level: usize,
+    /// Patch side and stride in pixels of `level` (larger than asked when the level is
+    /// more detailed than the magnification asked).
+    pub side: u64,
+    pub step: u64,
+    /// Cells across and down (0 when the level is smaller than one patch).
+    pub cols: u64,
+    pub rows: u64,
+}
+
 /// The outcome of selection for one slide.
+#[cfg(feature = "pixels")]
 #[derive(Clone, Debug, PartialEq)]
 pub struct PatchSelection {
     /// Level the patches are read from, and its magnification.
@@ -82,15 +129,16 @@ pub struct PatchSelection {
     pub magnification: f64,
     /// Level the mask was computed on.
     pub mask_level: usize,
-    /// Cells of the grid, and how many are tissue.
+    /// Cells of the grid, and how many are tissue (in the whole grid, whatever the band).
     pub grid_cells: usize,
     pub tissue_cells: usize,
-    /// The kept patches, in reading order (top to bottom, left to right).
+    /// The kept patches (of the band, when one is asked), in reading order (top to bottom, left to right).
     pub patches: Vec<Patch>,
     /// The Otsu threshold used (saturation, 0–1), for [`TissueMethod::OtsuSaturation`].
     pub threshold: Option<f64>,
 }
 
+#[cfg(feature = "pixels")]
 #[derive(Clone, Copy, Default)]
 struct Cell {
     luminance: f64,
@@ -100,6 +148,7 @@ struct Cell {
 }
 
 /// Otsu's threshold of a 256-bin histogram, as a bin index.
+#[cfg(feature = "pixels")]
 pub fn otsu(hist: &[u64; 256]) -> usize {
     let total: u64 = hist.iter().sum();
     let sum_all: f64 = hist.iter().enumerate().map(|(i, &n)| i as f64 * n as f64).sum();
@@ -122,8 +171,9 @@ pub fn otsu(hist: &[u64; 256]) -> usize {
 }
 
 impl<S: RangeRead> Slide<S> {
-    /// Finds the tissue patches of this slide.
-    pub fn select_patches(&self, p: &PatchParams) -> Result<PatchSelection, WsiError> {
+    /// The patch grid for these parameters, from the header alone (planning splits it into
+    /// bands of rows).
+    pub fn patch_grid(&self, p: &PatchParams) -> Result<PatchGrid, WsiError> {
         let info = self.info();
         if p.patch == 0 || p.stride == 0 {
             return Err(WsiError::Corrupt("patch size and stride must be positive".into()));
@@ -131,12 +181,12 @@ impl<S: RangeRead> Slide<S> {
         let level = info.level_for_magnification(p.magnification).ok_or_else(|| {
             WsiError::Unsupported("a slide that states neither its magnification nor its pixel size".into())
         })?;
-        let mag = info.magnification(level).expect("a level was found by magnification");
+        let magnification = info.magnification(level).expect("a level was found by magnification");
         let mask_level = info.level_for_magnification(p.mask_magnification).unwrap_or(info.levels.len() - 1);
         let l = &info.levels[level];
         // Patch and stride in pixels of the patch level (larger when it is more detailed
         // than asked).
-        let scale = (mag / p.magnification).max(1.0);
+        let scale = (magnification / p.magnification).max(1.0);
         let side = (f64::from(p.patch) * scale).round() as u64;
         let step = (f64::from(p.stride) * scale).round() as u64;
         let (cols, rows) = if l.width >= side && l.height >= side {
@@ -144,6 +194,17 @@ impl<S: RangeRead> Slide<S> {
         } else {
             (0, 0)
         };
+        Ok(PatchGrid { level, magnification, mask_level, side, step, cols, rows })
+    }
+}
+
+#[cfg(feature = "pixels")]
+impl<S: RangeRead> Slide<S> {
+    /// Finds the tissue patches of this slide (of the band `p.grid_rows` when given).
+    pub fn select_patches(&self, p: &PatchParams) -> Result<PatchSelection, WsiError> {
+        let info = self.info();
+        let PatchGrid { level, magnification: mag, mask_level, side, step, cols, rows } = self.patch_grid(p)?;
+        let l = &info.levels[level];
         let cells_n = (cols * rows) as usize;
         if cells_n == 0 {
             return Ok(PatchSelection {
@@ -194,6 +255,7 @@ impl<S: RangeRead> Slide<S> {
             c.in_range += u64::from(tissue_px);
         })?;
         let mut tissue: Vec<Patch> = Vec::new();
+        let mut tissue_cells = 0;
         for (i, c) in cells.iter().enumerate() {
             if c.pixels == 0 {
                 continue;
@@ -206,7 +268,11 @@ impl<S: RangeRead> Slide<S> {
             if !is_tissue {
                 continue;
             }
+            tissue_cells += 1;
             let (cx, cy) = (i as u64 % cols, i as u64 / cols);
+            if p.grid_rows.is_some_and(|(start, end)| cy < start || cy >= end) {
+                continue;
+            }
             tissue.push(Patch {
                 level,
                 x: cx * step,
@@ -216,7 +282,6 @@ impl<S: RangeRead> Slide<S> {
                 tissue_fraction: c.in_range as f32 / c.pixels as f32,
             });
         }
-        let tissue_cells = tissue.len();
         let patches = match p.max_patches {
             Some(n) if n < tissue.len() => {
                 // The same slide and seed give the same sample: the seed is mixed with the
@@ -242,6 +307,7 @@ impl<S: RangeRead> Slide<S> {
     }
 }
 
+#[cfg(feature = "pixels")]
 impl<S: RangeRead> Slide<S> {
     /// Visits every pixel of `level` inside the level, tile by tile: (x, y, luminance 0–1 as
     /// OpenCV's RGB to grey, HSV saturation 0–1).
@@ -269,7 +335,7 @@ impl<S: RangeRead> Slide<S> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "pixels"))]
 mod tests {
     use super::*;
 

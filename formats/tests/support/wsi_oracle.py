@@ -9,6 +9,9 @@ reads any slide with OpenSlide (openslide-python + openslide-bin), for formats/t
   wsi_oracle.py tissue FILE LEVEL CELL COLS ROWS
                                              grid cells (CELL pixels of LEVEL a side) whose
                                              mean luminance lies in [1/255, 0.8], as JSON
+  wsi_oracle.py large FILE MIB               an uncompressed BigTIFF pyramid of about MIB
+                                             MiB (40x, 0.25 µm a pixel; tissue in a central
+                                             ellipse), written tile by tile in seconds
 
 The slides hold smooth synthetic "tissue" (no patient data): colour gradients with stained
 blobs on white glass, so that lossy tiles decode close to what was written.
@@ -266,7 +269,8 @@ def tissue_cells(path, level, cell, cols, rows):
 
 def damage(src, dst, kind):
     """truncate: the file cut after 60 % of its bytes; offset-past-end: one tile of level 0
-    placed past the end; garbage-tile: one tile's bytes overwritten with noise; huge: level 0
+    placed past the end; garbage-tile: one tile's bytes overwritten with noise (garbage-last:
+the same on the least detailed level, a tissue mask's); huge: level 0
     declaring 2^31 - 1 pixels a side; short-table: level 1's tile table cut to one entry."""
     import shutil
 
@@ -283,10 +287,11 @@ def damage(src, dst, kind):
             offsets = list(p.dataoffsets)
             offsets[1] = len(data) + 4096
             p.tags["TileOffsets"].overwrite(offsets)
-        elif kind == "garbage-tile":
+        elif kind in ("garbage-tile", "garbage-last"):
+            q, k = (p, 1) if kind == "garbage-tile" else (t.pages[-1], 0)
             fh = t.filehandle
-            fh.seek(p.dataoffsets[1])
-            fh.write(np.random.default_rng(3).integers(0, 256, p.databytecounts[1], dtype=np.uint8).tobytes())
+            fh.seek(q.dataoffsets[k])
+            fh.write(np.random.default_rng(3).integers(0, 256, q.databytecounts[k], dtype=np.uint8).tobytes())
         elif kind == "huge":
             p.tags["ImageWidth"].overwrite(2**31 - 1)
         elif kind == "short-table":
@@ -295,6 +300,38 @@ def damage(src, dst, kind):
             q.tags["TileByteCounts"].overwrite([q.databytecounts[0]])
         else:
             sys.exit(f"unknown damage {kind}")
+
+
+def large(path, mib):
+    """An uncompressed pyramid (levels 1, 1/4, 1/16, 1/64) of about `mib` MiB: tiles drawn
+    from a few noisy "tissue" and "glass" tiles by where their centre falls (inside or outside
+    a central ellipse), so that any size is written in seconds with little memory."""
+    import tifffile
+
+    tile = 256
+    side = max(4, int((mib * 2**20 / 3) ** 0.5) // tile) * tile
+    rng = np.random.default_rng(3)
+    tissue_tiles = [np.clip(rng.normal((190, 110, 170), 25, (tile, tile, 3)), 0, 255).astype(np.uint8) for _ in range(4)]
+    glass_tiles = [np.clip(rng.normal(246, 3, (tile, tile, 3)), 0, 255).astype(np.uint8) for _ in range(2)]
+
+    def tiles(level_side, scale):
+        n = -(-level_side // tile)
+        ys, xs = np.mgrid[0:tile, 0:tile].astype(np.float32)
+        for ty in range(n):
+            for tx in range(n):
+                # Each pixel's place in the ellipse, in level-0 terms: the same shape on
+                # every level.
+                cx = ((tx * tile + xs + 0.5) * scale / side - 0.5) * 2
+                cy = ((ty * tile + ys + 0.5) * scale / side - 0.5) * 2
+                inside = ((cx / 0.7) ** 2 + (cy / 0.5) ** 2 <= 1)[..., None]
+                k = tx * 7 + ty * 13
+                yield np.where(inside, tissue_tiles[k % 4], glass_tiles[k % 2])
+
+    with tifffile.TiffWriter(path, bigtiff=True) as w:
+        for i, scale in enumerate([1, 4, 16, 64]):
+            level_side = side // scale
+            w.write(tiles(level_side, scale), shape=(level_side, level_side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression=None, subfiletype=1 if i else 0, resolution=(40000, 40000), resolutionunit="CENTIMETER", metadata=None)
+    print(json.dumps({"width": side, "height": side}))
 
 
 if __name__ == "__main__":
@@ -310,5 +347,7 @@ if __name__ == "__main__":
         damage(*args)
     elif cmd == "tissue":
         tissue_cells(args[0], *map(int, args[1:]))
+    elif cmd == "large":
+        large(args[0], int(args[1]))
     else:
         sys.exit(f"unknown command {cmd}")

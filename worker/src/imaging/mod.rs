@@ -113,7 +113,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
             continue;
         }
         // Slides are read a range at a time, never whole.
-        if imaging.unit == ImagingUnit::Slide {
+        if matches!(imaging.unit, ImagingUnit::Slide | ImagingUnit::Tiles) {
             slides.push(input);
             continue;
         }
@@ -159,7 +159,7 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
             ImagingUnit::Series => series(dicoms, imaging),
             ImagingUnit::PriorCurrent => prior_current(dicoms, imaging),
             // Collected as slides above.
-            ImagingUnit::Slide => Vec::new(),
+            ImagingUnit::Slide | ImagingUnit::Tiles => Vec::new(),
         });
     }
     out
@@ -174,7 +174,7 @@ fn whole_file_unit(input: &InputRef, text: String, images: Vec<Arc<Rgb8>>) -> Un
         text,
     };
     let sources = vec![source(input, Ok(images.len()))];
-    Unit { doc, images, sources }
+    Unit { doc, images, sources, slide: None }
 }
 
 /// A file of an imaging unit: the images it gave, or why it gave none.
@@ -276,6 +276,7 @@ fn item(doc_id: String, group: &[Instance<'_>], taken: &Taken, labels: &[String]
         },
         images,
         sources,
+        slide: None,
     }
 }
 

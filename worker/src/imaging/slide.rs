@@ -12,33 +12,15 @@
 //! slide and the reason. Each slide read is logged with its requests and bytes against its
 //! size (at `info`).
 
-use super::{error, file_name, image_block, source, ImagingRead};
-use crate::pipelines::Unit;
+use super::{error, file_name, group_digest, image_block, source, ImagingRead};
+use crate::pipelines::{SlideRegions, Unit};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_engine::image::{resize_bilinear, Rgb8};
-use medbatch_formats::wsi::tissue::{PatchParams, TissueMethod};
+use medbatch_formats::wsi::tissue::PatchParams;
 use medbatch_formats::wsi::{Metered, RangeRead, Slide, WsiLimits};
-use medbatch_schemas::pipeline::{ImagingSpec, TissueDetection};
-use medbatch_schemas::{Digest, Document, InputErrorKind, InputKind, InputRef};
+use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit};
+use medbatch_schemas::{Document, InputError, InputErrorKind, InputKind, InputRef, Selection};
 use std::sync::Arc;
-
-/// The patch parameters of a pipeline.
-pub fn patch_params(spec: &ImagingSpec) -> PatchParams {
-    let s = &spec.slide;
-    PatchParams {
-        magnification: s.magnification,
-        patch: s.patch,
-        stride: s.stride,
-        mask_magnification: s.mask_magnification,
-        method: match s.tissue {
-            TissueDetection::Luminance => TissueMethod::Luminance,
-            TissueDetection::OtsuSaturation => TissueMethod::OtsuSaturation,
-        },
-        max_patches: Some(spec.max_images),
-        seed: s.seed,
-        ..PatchParams::default()
-    }
-}
 
 /// Reads a slide job's inputs: each SVS or TIFF file a slide, the job's DICOM files one.
 pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec) -> Vec<ImagingRead> {
@@ -98,12 +80,45 @@ fn log_reads<S: RangeRead>(slide: &Slide<Metered<S>>, size: u64) {
     tracing::info!(slide = &digest[..16.min(digest.len())], requests, bytes, size, "slide read");
 }
 
-/// The prompt's unit of one open slide.
+/// The grid rows a job covers, from its selection (`None`: the whole grid), checked against
+/// the level the plan split.
+fn band(input: &InputRef, level: usize) -> Result<Option<(u64, u64)>, InputError> {
+    match &input.selection {
+        Selection::Whole => Ok(None),
+        Selection::Tiles { level: planned, first_row, rows } if *planned as usize == level => {
+            Ok(Some((*first_row, first_row.saturating_add(*rows))))
+        }
+        Selection::Tiles { level: planned, .. } => Err(error(
+            input,
+            InputErrorKind::NotApplicable,
+            format!("the job covers grid rows of level {planned}, the slide's patch grid is now on level {level}"),
+        )),
+        Selection::Members(_) => Err(error(input, InputErrorKind::UnsupportedKind, "a slide is not an archive")),
+    }
+}
+
+/// The unit of one open slide: its tissue patches as the images of one prompt
+/// (`unit = "slide"`), or the tissue tiles of the job's band of its grid (`unit = "tiles"`,
+/// no images).
 fn unit<S: RangeRead>(slide: &Slide<S>, inputs: &[&InputRef], spec: &ImagingSpec) -> ImagingRead {
     let first = inputs[0];
-    let params = patch_params(spec);
-    let sel = slide.select_patches(&params).map_err(|e| error(first, e.kind(), e.to_string()))?;
-    if sel.patches.is_empty() {
+    let tiles = spec.unit == ImagingUnit::Tiles;
+    let mut params = PatchParams::from_spec(spec);
+    let grid = slide.patch_grid(&params).map_err(|e| error(first, e.kind(), e.to_string()))?;
+    params.grid_rows = band(first, grid.level)?;
+    // Each band's job computes the slide's mask: a tile that does not decode fails every
+    // band, each error row naming its rows.
+    let sel = slide.select_patches(&params).map_err(|e| {
+        let detail = match params.grid_rows {
+            Some((start, end)) => format!("{e} (the job of grid rows {start}..{end})"),
+            None => e.to_string(),
+        };
+        error(first, e.kind(), detail)
+    })?;
+    // A band of glass on a slide with tissue elsewhere gives no rows; a slide without
+    // tissue is reported once, by the job of its first band.
+    let first_band = params.grid_rows.is_none_or(|(start, _)| start == 0);
+    if sel.patches.is_empty() && (!tiles || sel.tissue_cells == 0) && first_band {
         let detail = if sel.grid_cells == 0 {
             format!(
                 "the slide is smaller than one patch of {} px at {:.2}x (level {})",
@@ -117,37 +132,51 @@ fn unit<S: RangeRead>(slide: &Slide<S>, inputs: &[&InputRef], spec: &ImagingSpec
         };
         return Err(error(first, InputErrorKind::NotApplicable, detail));
     }
-    let side = params.patch as usize;
-    let mut images = Vec::with_capacity(sel.patches.len());
-    for p in &sel.patches {
-        let region = slide
-            .read_region(p.level, p.x as i64, p.y as i64, p.width, p.height)
-            .map_err(|e| error(first, e.kind(), e.to_string()))?;
-        let mut img = Rgb8::new(region.width() as usize, region.height() as usize, region.into_raw());
-        if img.width != side || img.height != side {
-            img = resize_bilinear(&img, side, side);
+    let mut images = Vec::new();
+    if !tiles {
+        let side = params.patch as usize;
+        for p in &sel.patches {
+            let region = slide
+                .read_region(p.level, p.x as i64, p.y as i64, p.width, p.height)
+                .map_err(|e| error(first, e.kind(), e.to_string()))?;
+            let mut img = Rgb8::new(region.width() as usize, region.height() as usize, region.into_raw());
+            if img.width != side || img.height != side {
+                img = resize_bilinear(&img, side, side);
+            }
+            images.push(Arc::new(img));
         }
-        images.push(Arc::new(img));
     }
     let id = if inputs.len() == 1 {
         file_name(&first.uri).to_string()
     } else {
         slide.info().header_digest[..16].to_string()
     };
-    let sha256 = if inputs.len() == 1 {
-        first.sha256.clone()
-    } else {
-        Digest::of_bytes(&inputs.iter().flat_map(|i| i.sha256.to_string().into_bytes()).collect::<Vec<u8>>())
-    };
+    let sha256 = group_digest(inputs);
     // The patches come from the file that holds their level; the other files of a DICOM
-    // slide gave none.
+    // slide gave none. Tiles are not images.
     let holder = slide.level_source(sel.level);
-    let sources =
-        inputs.iter().enumerate().map(|(k, i)| source(i, Ok(if k == holder { images.len() } else { 0 }))).collect();
+    let sources = inputs
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            let mut s = source(i, Ok(if k == holder { images.len() } else { 0 }));
+            if tiles {
+                s.images = None;
+            }
+            s
+        })
+        .collect();
     let labels = vec![String::new(); images.len()];
+    let regions = SlideRegions {
+        magnification: sel.magnification,
+        mpp: slide.info().level_mpp(sel.level),
+        step: grid.step,
+        regions: sel.patches,
+    };
     Ok(Unit {
         doc: Document { id, source_uri: first.uri.clone(), input_sha256: sha256, text: image_block(&labels) },
         images,
         sources,
+        slide: Some(regions),
     })
 }

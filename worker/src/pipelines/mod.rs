@@ -7,6 +7,7 @@
 
 pub mod lab_report;
 pub mod structured;
+pub mod tiles;
 
 use crate::parquet_out::{ErrorRow, JobProvenance, ParquetOutError};
 use crate::pipeline::{LoadedPipeline, PipelineError};
@@ -28,6 +29,23 @@ pub struct Unit {
     /// file of an imaging prompt, with the images it gave or why it gave none. One
     /// `_documents` row each.
     pub sources: Vec<Source>,
+    /// A whole-slide unit's regions: the patches of its prompt, or its tissue tiles.
+    pub slide: Option<SlideRegions>,
+}
+
+/// The regions of a whole-slide image a unit stands for: the patches of its prompt
+/// (slide-level pipelines) or the tissue tiles of its band (tile-level pipelines), each with
+/// its level, place and size in pixels of that level, and tissue fraction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlideRegions {
+    /// Magnification of the regions' level, and its micrometres per pixel (x, y) when the
+    /// slide states them.
+    pub magnification: f64,
+    pub mpp: Option<(f64, f64)>,
+    /// Distance between grid cells in pixels of that level: a region's grid column and row
+    /// are its x and y over it.
+    pub step: u64,
+    pub regions: Vec<medbatch_formats::wsi::tissue::Patch>,
 }
 
 /// An input file (or archive member) a unit was read from.
@@ -44,13 +62,22 @@ pub struct Source {
 
 /// What running a unit needs besides the pipeline.
 pub struct RunCx<'a> {
-    pub engine: &'a EngineHandle,
+    /// The model's engine (`None` only for pipelines that call no model: the job checks it
+    /// before any unit runs).
+    pub engine: Option<&'a EngineHandle>,
     /// Seeds sampling (when the pipeline samples) so that a rerun reproduces it.
     pub job_seed: u64,
     /// The job columns of every row.
     pub provenance: &'a JobProvenance,
     /// Called with the tokens of each model answer, for progress.
     pub on_generated: &'a (dyn Fn(u64) + Sync),
+}
+
+impl RunCx<'_> {
+    /// The engine of a model pipeline.
+    pub fn engine(&self) -> &EngineHandle {
+        self.engine.expect("a job of a model pipeline is taken only by a worker with the model")
+    }
 }
 
 /// What one unit gave: its rows in the pipeline's table, its error rows, what it cost.
@@ -98,6 +125,7 @@ pub fn for_spec(loaded: Arc<LoadedPipeline>) -> Result<Arc<dyn Pipeline>, Pipeli
     match loaded.spec.task {
         Task::Extract => Ok(Arc::new(lab_report::LabReport::new(loaded))),
         Task::Structured => Ok(Arc::new(structured::Structured::new(loaded)?)),
+        Task::Tiles => Ok(Arc::new(tiles::Tiles::new(loaded))),
         Task::Generate => Err(PipelineError::Invalid {
             path: loaded.dir.display().to_string(),
             reason: "task \"generate\" is not implemented".into(),

@@ -12,11 +12,11 @@ use crate::grounding::{align, Alignment, Located};
 use crate::model_call::{ask_all, u32_of, Segment};
 use crate::parquet_out::{job_columns, ErrorReason, ErrorRow, ErrorStage, JobProvenance, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
-use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
+use crate::pipelines::{Outcome, Pipeline, RunCx, SlideRegions, Unit};
 use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use medbatch_schemas::pipeline::{OutputSpec, RowMode};
+use medbatch_schemas::pipeline::{ImagingUnit, OutputSpec, RowMode};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -194,11 +194,64 @@ pub fn table_schema(pipeline: &LoadedPipeline) -> Result<Arc<Schema>, ColumnsErr
         Field::new("evidence_end", DataType::UInt32, true),
         Field::new("alignment", dict_utf8(), true),
         Field::new("from_examples", DataType::Boolean, false),
-        Field::new("source_uri", DataType::Utf8, false),
-        Field::new("input_sha256", DataType::Utf8, false),
     ]);
+    if slide_level(pipeline) {
+        fields.push(Field::new("patches", patches_type(), false));
+    }
+    fields.extend([Field::new("source_uri", DataType::Utf8, false), Field::new("input_sha256", DataType::Utf8, false)]);
     fields.extend(medbatch_schemas::tables::provenance_fields().into_iter().skip(2));
     Ok(Arc::new(Schema::new(fields)))
+}
+
+/// Whether the pipeline reads whole-slide images (its rows then say which patches the model
+/// saw).
+fn slide_level(pipeline: &LoadedPipeline) -> bool {
+    pipeline.spec.imaging.as_ref().is_some_and(|i| i.unit == ImagingUnit::Slide)
+}
+
+/// The fields of one patch: its level, place and size in that level's pixels, and its
+/// tissue fraction.
+fn patch_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("level", DataType::UInt32, false),
+        Field::new("x", DataType::UInt64, false),
+        Field::new("y", DataType::UInt64, false),
+        Field::new("width", DataType::UInt32, false),
+        Field::new("height", DataType::UInt32, false),
+        Field::new("tissue_fraction", DataType::Float32, false),
+    ])
+}
+
+/// `patches`: the patches of the slide's prompt, in prompt order.
+fn patches_type() -> DataType {
+    DataType::List(Arc::new(Field::new("item", DataType::Struct(patch_fields()), false)))
+}
+
+/// The `patches` column of `n` rows of one slide: its patches on every row.
+fn patches_column(patches: &[medbatch_formats::wsi::tissue::Patch], n: usize) -> Result<ArrayRef, ParquetOutError> {
+    use arrow::array::{Float32Array, ListArray, StructArray, UInt32Array, UInt64Array};
+    let all = || (0..n).flat_map(|_| patches.iter());
+    let u32s = |f: fn(&medbatch_formats::wsi::tissue::Patch) -> u32| -> ArrayRef {
+        Arc::new(UInt32Array::from_iter_values(all().map(f)))
+    };
+    let u64s = |f: fn(&medbatch_formats::wsi::tissue::Patch) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(all().map(f)))
+    };
+    let values = StructArray::try_new(
+        patch_fields(),
+        vec![
+            u32s(|p| u32::try_from(p.level).unwrap_or(u32::MAX)),
+            u64s(|p| p.x),
+            u64s(|p| p.y),
+            u32s(|p| p.width),
+            u32s(|p| p.height),
+            Arc::new(Float32Array::from_iter_values(all().map(|p| p.tissue_fraction))),
+        ],
+        None,
+    )?;
+    let offsets = arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(patches.len(), n));
+    let DataType::List(item) = patches_type() else { unreachable!("patches are a list") };
+    Ok(Arc::new(ListArray::try_new(item, offsets, Arc::new(values), None)?))
 }
 
 /// Builds a structured table's batch from its records.
@@ -206,6 +259,7 @@ pub fn records_batch(
     pipeline: &LoadedPipeline,
     schema: &SchemaRef,
     records: &[Record],
+    slide: Option<&SlideRegions>,
     prov: &JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
     let row =
@@ -267,6 +321,9 @@ pub fn records_batch(
     cols.push(Arc::new(ev_end.finish()));
     cols.push(Arc::new(alignment.finish()));
     cols.push(Arc::new(from_examples.finish()));
+    if slide_level(pipeline) {
+        cols.push(patches_column(slide.map_or(&[], |s| &s.regions), n)?);
+    }
     cols.push(Arc::new(uri.finish()));
     cols.push(Arc::new(sha.finish()));
     cols.extend(job_columns(n, prov));
@@ -313,7 +370,7 @@ impl Pipeline for Structured {
         let err = |stage: ErrorStage, reason: ErrorReason, detail: String, span: Option<(usize, usize)>| {
             ErrorRow::of_document(doc, stage, reason, detail, span)
         };
-        let tokenizer = cx.engine.tokenizer();
+        let tokenizer = cx.engine().tokenizer();
         let count = |s: &str| tokenizer.encode(s, false, false).len();
         // An imaging document (its image block) is one prompt with all its images.
         let chunks = if images.is_empty() {
@@ -408,7 +465,8 @@ impl Pipeline for Structured {
             }
         }
         if !records.is_empty() {
-            out.batch = Some(records_batch(&self.pipeline, &self.schema, &records, cx.provenance)?);
+            out.batch =
+                Some(records_batch(&self.pipeline, &self.schema, &records, unit.slide.as_ref(), cx.provenance)?);
         }
         Ok(out)
     }

@@ -58,7 +58,7 @@ pub fn one_note_job(dir: &Path, run: &str, pipeline: &LoadedPipeline, info: &Mod
 pub fn context(store: Arc<dyn ObjectStore>, engine: EngineHandle, pipeline: LoadedPipeline) -> WorkerContext {
     WorkerContext {
         store,
-        engine,
+        engine: Some(engine),
         pipeline: medbatch_worker::pipelines::for_spec(Arc::new(pipeline)).unwrap(),
         worker_id: "w".into(),
         events: None,

@@ -176,7 +176,7 @@ impl Pipeline for LabReport {
             ExtractionUnit::Document if lines.is_empty() => Vec::new(),
             // Long reports are read in token-budgeted chunks of whole lines.
             ExtractionUnit::Document => {
-                let tokenizer = cx.engine.tokenizer();
+                let tokenizer = cx.engine().tokenizer();
                 let count = |s: &str| tokenizer.encode(s, false, false).len();
                 let (budget, overlap) = (spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens);
                 crate::chunk::chunk_by_tokens(&doc.text, budget, overlap, &count)
