@@ -179,7 +179,7 @@ fn tile_jobs_go_to_a_worker_without_a_model() {
     let inputs = [slides.join("jpeg-ycbcr.tiff"), slides.join("aperio-j2k-rgb.svs"), slides.join("dicom-j2k")];
     let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
 
-    let mut w = worker_with(&namespace, "none", &["--pipelines", dir.path().to_str().unwrap()]);
+    let w = worker_with(&namespace, "none", &["--pipelines", dir.path().to_str().unwrap()]);
     let out = dir.path().join("out");
     let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
         .args(["submit", p.to_str().unwrap()])
