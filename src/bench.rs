@@ -522,6 +522,7 @@ async fn publish_bench(n: u32, url: &str) -> anyhow::Result<ExitCode> {
                 kind: InputKind::TarGz,
                 selection: Selection::Whole,
                 etag: None,
+                case: None,
             };
             Job::new(run.clone(), pipeline.clone(), model.clone(), vec![input], "s3://bucket/out".into())
         })

@@ -102,8 +102,8 @@ struct Outcome {
     patches: Vec<Vec<PatchRow>>,
 }
 
-/// A patch of a slide-level row: level, x, y, width, tissue fraction.
-type PatchRow = (u32, u64, u64, u32, f32);
+/// A patch of a slide-level row: slide, level, x, y, width, tissue fraction.
+type PatchRow = (String, u32, u64, u64, u32, f32);
 
 /// The `patches` column of a slide-level table, where there is one.
 fn patches_of(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<PatchRow>> {
@@ -121,9 +121,10 @@ fn patches_of(batches: &[arrow::record_batch::RecordBatch]) -> Vec<Vec<PatchRow>
             let (level, width) = (u32s("level"), u32s("width"));
             let (x, y) = (u64s("x"), u64s("y"));
             let f = s.column_by_name("tissue_fraction").unwrap().as_primitive::<Float32Type>().clone();
-            out.push(
-                (0..s.len()).map(|k| (level.value(k), x.value(k), y.value(k), width.value(k), f.value(k))).collect(),
-            );
+            let slide = s.column_by_name("slide").unwrap().as_string::<i32>().clone();
+            let row =
+                |k| (slide.value(k).to_string(), level.value(k), x.value(k), y.value(k), width.value(k), f.value(k));
+            out.push((0..s.len()).map(row).collect());
         }
     }
     out
@@ -662,9 +663,10 @@ fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
     assert_eq!(o.patches.len(), 3);
     for p in &o.patches {
         assert_eq!(p.len(), 2, "{p:?}");
-        assert!(p.iter().all(|q| q.0 == 1 && q.3 == 64 && q.1 % 64 == 0 && q.2 % 64 == 0), "{p:?}");
-        assert!(p.iter().all(|q| q.4 > 0.0 && q.4 <= 1.0), "{p:?}");
-        assert!((p[0].2, p[0].1) < (p[1].2, p[1].1), "{p:?}");
+        assert!(p.iter().all(|q| q.1 == 1 && q.4 == 64 && q.2 % 64 == 0 && q.3 % 64 == 0), "{p:?}");
+        assert!(p.iter().all(|q| q.5 > 0.0 && q.5 <= 1.0), "{p:?}");
+        assert!((p[0].3, p[0].2) < (p[1].3, p[1].2), "{p:?}");
+        assert_eq!(p[0].0, p[1].0, "one slide's patches: {p:?}");
     }
     // Two patches of 9 soft tokens each, after the instruction.
     assert!(o.prompt_tokens.iter().all(|t| t.parse::<u32>().unwrap() > 2 * 9), "{:?}", o.prompt_tokens);
@@ -681,6 +683,55 @@ fn pathology_report_one_row_per_slide_from_its_tissue_patches() {
     assert!(images.contains(&("jpeg-ycbcr.tiff", Some("2"))), "{images:?}");
     assert!(images.contains(&("level-1.dcm", Some("2"))), "{images:?}");
     assert!(images.contains(&("level-0.dcm", Some("0"))), "{images:?}");
+}
+
+/// Slides grouped by case: a manifest puts the TIFF and the SVS in one case (one row, the
+/// two patches shared between them, each labelled with its slide) and the glass slide with
+/// the truncated one in another (no row: an error for each); the DICOM slide, not in the
+/// manifest, is a case of its study.
+#[test]
+fn pathology_report_one_row_per_case_of_a_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = tiny_pathology(dir.path());
+    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
+    // The labels (`SLIDE n`) take a few tokens of the tiny model's 512.
+    let toml =
+        toml.replace("seed = 0", "seed = 0\ngroup = \"case\"").replace("max_new_tokens = 110", "max_new_tokens = 96");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let (slides, _) = synthetic_slides(dir.path());
+    std::fs::write(
+        slides.join("cases.csv"),
+        "slide,case\njpeg-ycbcr.tiff,CASE-1\naperio-j2k-ycbcr.svs,CASE-1\nglass.tiff,CASE-2\ntruncated.tiff,CASE-2\n",
+    )
+    .unwrap();
+    std::fs::remove_file(slides.join("note.svs")).unwrap();
+    let o = run(&p, &[slides.to_str().unwrap()], "pathology_reports");
+    let mut ids = o.document_ids.clone();
+    ids.sort();
+    assert_eq!(ids.len(), 2, "{:?}", o.errors);
+    assert_eq!(ids[1], "CASE-1");
+    assert!(ids[0].starts_with("1.2."), "the DICOM slide's case is its study: {ids:?}");
+    assert_eq!(reasons(&o), vec![("glass.tiff", "not_applicable"), ("truncated.tiff", "corrupt_image")]);
+    // CASE-1's row: one patch of each slide (two patches a prompt, shared).
+    let case = &o.patches[o.document_ids.iter().position(|d| d == "CASE-1").unwrap()];
+    let mut from: Vec<&str> = case.iter().map(|q| q.0.as_str()).collect();
+    from.sort();
+    assert_eq!(from, ["aperio-j2k-ycbcr.svs", "jpeg-ycbcr.tiff"], "{case:?}");
+    let images: Vec<(&str, Option<&str>)> = o
+        .documents
+        .iter()
+        .filter(|d| d.0.ends_with(".tiff") || d.0.ends_with(".svs"))
+        .map(|d| (d.0.as_str(), d.3.as_deref()))
+        .collect();
+    assert_eq!(
+        images,
+        [
+            ("aperio-j2k-ycbcr.svs", Some("1")),
+            ("glass.tiff", None),
+            ("jpeg-ycbcr.tiff", Some("1")),
+            ("truncated.tiff", None)
+        ]
+    );
 }
 
 #[test]

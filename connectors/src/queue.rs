@@ -222,6 +222,7 @@ mod tests {
                 kind: medbatch_schemas::InputKind::Text,
                 selection: medbatch_schemas::Selection::Whole,
                 etag: None,
+                case: None,
             }],
             "/out".into(),
         )

@@ -27,6 +27,7 @@ fn job(n: u32) -> Job {
             kind: InputKind::Text,
             selection: Selection::Whole,
             etag: None,
+            case: None,
         }],
         "/out".into(),
     )

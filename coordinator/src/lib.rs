@@ -26,6 +26,9 @@ pub enum CoordinatorError {
     Queue(#[from] medbatch_connectors::queue::QueueError),
     #[error("no input files found in {0}")]
     NoInputs(String),
+    /// A slide manifest that cannot be used (it is configuration: the run stops).
+    #[error("slide manifest {path}: {reason}")]
+    Manifest { path: String, reason: String },
     #[error("run {run_id} was planned before with other inputs or settings; use a new --run-id")]
     PlanMismatch { run_id: String },
     #[error("corrupt run metadata {key}: {reason}")]

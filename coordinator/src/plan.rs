@@ -6,9 +6,9 @@ use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_formats::dicom::{read_header_from, DicomHeader};
 use medbatch_formats::sniff::{looks_like_dicom, DICOM_PREAMBLE_BYTES};
-use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit};
+use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, SlideGroup};
 use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
-use medbatch_schemas::{Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
+use medbatch_schemas::{CaseRef, Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -95,6 +95,7 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
             kind,
             selection: Selection::Whole,
             etag: f.etag.clone(),
+            case: None,
         };
         let mut selections = vec![Selection::Whole];
         if kind.is_archive() {
@@ -192,7 +193,15 @@ fn kind_and_header(f: &FoundInput, r: &mut impl Read) -> Result<(InputKind, Opti
 
 /// The whole of a found input as a job's input.
 fn whole_input(f: &FoundInput, sha256: Digest, kind: InputKind) -> InputRef {
-    InputRef { uri: f.uri.clone(), size: f.size, sha256, kind, selection: Selection::Whole, etag: f.etag.clone() }
+    InputRef {
+        uri: f.uri.clone(),
+        size: f.size,
+        sha256,
+        kind,
+        selection: Selection::Whole,
+        etag: f.etag.clone(),
+        case: None,
+    }
 }
 
 /// One DICOM file with its header, for grouping.
@@ -342,9 +351,18 @@ fn dicom_kind_and_header(
 /// instance's its ETag, size and header fields (up to the pixel data). A tile-level
 /// pipeline's slide is split into bands of its patch grid ([`tile_bands`]).
 fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) -> Result<PlannedRun, CoordinatorError> {
+    let by_case = imaging.slide.group == SlideGroup::Case;
     let mut job_inputs: Vec<Vec<InputRef>> = Vec::new();
-    let mut series: BTreeMap<String, Vec<(i64, InputRef)>> = BTreeMap::new();
+    // Series UID → (study UID, instances).
+    let mut series: BTreeMap<String, (String, Vec<(i64, InputRef)>)> = BTreeMap::new();
+    let mut manifest = Manifest::default();
+    let mut slide_files = 0;
     for f in found {
+        if by_case && InputKind::from_name(&f.uri) == InputKind::Csv {
+            manifest.read(&cfg.source, f)?;
+            continue;
+        }
+        slide_files += 1;
         // Nothing is streamed: DICOM headers and slide headers are read a range at a time.
         let (kind, header) = match InputKind::from_name(&f.uri) {
             InputKind::Slide => (InputKind::Slide, None),
@@ -360,18 +378,27 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
         let input = whole_input(f, sha256, kind);
         match header {
             Some(h) if !h.series_uid.is_empty() => {
-                series.entry(h.series_uid.clone()).or_default().push((h.instance_number.unwrap_or(i64::MAX), input))
+                let entry = series.entry(h.series_uid.clone()).or_insert_with(|| (h.study_uid.clone(), Vec::new()));
+                entry.1.push((h.instance_number.unwrap_or(i64::MAX), input));
             }
             _ => job_inputs.push(vec![input]),
         }
     }
-    for mut g in series.into_values() {
+    let mut studies: BTreeMap<String, String> = BTreeMap::new();
+    for (study, mut g) in series.into_values() {
         g.sort_by(|a, b| (a.0, &a.1.uri).cmp(&(b.0, &b.1.uri)));
+        if !study.is_empty() {
+            studies.insert(g[0].1.uri.clone(), study);
+        }
         job_inputs.push(g.into_iter().map(|(_, i)| i).collect());
+    }
+    if by_case {
+        job_inputs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
+        return Ok(one_unit_a_job(cfg, group_cases(job_inputs, &manifest, &studies), slide_files));
     }
     job_inputs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
     if imaging.unit != ImagingUnit::Tiles {
-        return Ok(one_unit_a_job(cfg, job_inputs, found.len()));
+        return Ok(one_unit_a_job(cfg, job_inputs, slide_files));
     }
     let mut banded = Vec::new();
     for inputs in job_inputs {
@@ -379,7 +406,7 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
             banded.push(inputs.iter().map(|i| InputRef { selection: selection.clone(), ..i.clone() }).collect());
         }
     }
-    let mut plan = one_unit_a_job(cfg, banded, found.len());
+    let mut plan = one_unit_a_job(cfg, banded, slide_files);
     // A slide's bands are parts of one unit.
     plan.units = plan
         .jobs
@@ -387,6 +414,100 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
         .filter(|j| !matches!(j.inputs[0].selection, Selection::Tiles { first_row, .. } if first_row > 0))
         .count() as u64;
     Ok(plan)
+}
+
+/// Slide manifests of a run grouped by case: which case each slide belongs to, by the
+/// slide's file name, URI or (for a DICOM slide) folder name.
+#[derive(Default)]
+struct Manifest {
+    cases: BTreeMap<String, String>,
+}
+
+/// Largest manifest read: a line per slide of an archive is far below it.
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+impl Manifest {
+    /// Reads a manifest CSV: a header row with `slide` and `case` columns (other columns
+    /// ignored), then a row per slide. A slide named twice with two cases is refused.
+    fn read(&mut self, source: &InputSource, f: &FoundInput) -> Result<(), CoordinatorError> {
+        let bad = |reason: String| CoordinatorError::Manifest { path: f.uri.clone(), reason };
+        if f.size > MAX_MANIFEST_BYTES {
+            return Err(bad(format!("{} bytes, over the limit of {MAX_MANIFEST_BYTES}", f.size)));
+        }
+        let file = source.open(&f.uri, f.size, f.etag.as_deref())?;
+        let mut r = csv::ReaderBuilder::new().flexible(true).from_reader(file);
+        let headers = r.headers().map_err(|e| bad(format!("header row: {e}")))?.clone();
+        let column = |name: &str| {
+            headers
+                .iter()
+                .position(|h| h.trim().eq_ignore_ascii_case(name))
+                .ok_or_else(|| bad(format!("no `{name}` column (a manifest has `slide` and `case` columns)")))
+        };
+        let (slide, case) = (column("slide")?, column("case")?);
+        for (line, record) in r.records().enumerate() {
+            // Line numbers, never the values: they may name patients.
+            let record = record.map_err(|e| bad(format!("line {}: {e}", line + 2)))?;
+            let (Some(s), Some(c)) = (record.get(slide), record.get(case)) else {
+                return Err(bad(format!("line {}: fewer columns than the header", line + 2)));
+            };
+            let (s, c) = (s.trim(), c.trim());
+            if s.is_empty() || c.is_empty() {
+                continue;
+            }
+            match self.cases.insert(s.to_string(), c.to_string()) {
+                Some(before) if before != c => {
+                    return Err(bad(format!("line {}: a slide named before with another case", line + 2)))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The case of a slide (its inputs), by URI, file name, or a DICOM slide's folder name.
+    fn case_of(&self, inputs: &[InputRef]) -> Option<&String> {
+        inputs.iter().find_map(|i| {
+            let mut parts = i.uri.rsplit('/');
+            let name = parts.next().unwrap_or(&i.uri);
+            let folder = parts.next().filter(|_| i.kind == InputKind::Dicom);
+            let path = i.uri.strip_prefix("file://");
+            [Some(i.uri.as_str()), path, Some(name), folder].into_iter().flatten().find_map(|k| self.cases.get(k))
+        })
+    }
+}
+
+/// Slides grouped into cases: a manifest's case, else a DICOM slide's study; a slide with
+/// neither is a job alone. Each input of a case carries the case id and its slide's place
+/// in it (slides in URI order).
+fn group_cases(
+    slides: Vec<Vec<InputRef>>,
+    manifest: &Manifest,
+    studies: &BTreeMap<String, String>,
+) -> Vec<Vec<InputRef>> {
+    let mut cases: BTreeMap<String, Vec<Vec<InputRef>>> = BTreeMap::new();
+    let mut alone = Vec::new();
+    for slide in slides {
+        match manifest.case_of(&slide).or_else(|| studies.get(&slide[0].uri)) {
+            Some(case) => cases.entry(case.clone()).or_default().push(slide),
+            None => alone.push(slide),
+        }
+    }
+    let mut jobs: Vec<Vec<InputRef>> = cases
+        .into_iter()
+        .map(|(id, slides)| {
+            slides
+                .into_iter()
+                .enumerate()
+                .flat_map(|(k, inputs)| {
+                    let case = CaseRef { id: id.clone(), slide: k as u32 };
+                    inputs.into_iter().map(move |i| InputRef { case: Some(case.clone()), ..i })
+                })
+                .collect()
+        })
+        .collect();
+    jobs.extend(alone);
+    jobs.sort_by(|a, b| a[0].uri.cmp(&b[0].uri));
+    jobs
 }
 
 /// The bands of a slide's patch grid, from its header: whole grid rows, about
@@ -588,6 +709,102 @@ mod tests {
         let ids: std::collections::HashSet<_> = tp.jobs.iter().map(|j| j.job_id.clone()).collect();
         assert_eq!(ids.len(), tp.jobs.len());
         assert_eq!(tp, plan_run(&t).unwrap(), "planning is deterministic");
+    }
+
+    /// The oracle's synthetic slides (`make`) and a DICOM case of two slides (`make-case`)
+    /// in one folder.
+    fn slides_folder() -> tempfile::TempDir {
+        let python =
+            std::env::var("MEDBATCH_PYTHON").expect("MEDBATCH_PYTHON: run the tests through `bash infra/test.sh`");
+        let oracle = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../formats/tests/support/wsi_oracle.py");
+        let d = tempfile::tempdir().unwrap();
+        for (cmd, sub) in [("make", ""), ("make-case", "case")] {
+            let at = d.path().join(sub);
+            let o = std::process::Command::new(&python).arg(&oracle).arg(cmd).arg(&at).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        d
+    }
+
+    fn by_case(folder: &std::path::Path) -> PlanConfig {
+        let mut spec = ImagingSpec {
+            unit: ImagingUnit::Slide,
+            modalities: Vec::new(),
+            max_images: 125,
+            pad_to_square: false,
+            max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
+            slide: Default::default(),
+        };
+        spec.slide.group = SlideGroup::Case;
+        PlanConfig { imaging: Some(spec), ..cfg(vec![folder.to_str().unwrap().into()], "r") }
+    }
+
+    #[test]
+    fn slides_are_grouped_into_cases_by_a_manifest_or_their_dicom_study() {
+        let d = slides_folder();
+        // By file name, by path, and a DICOM slide by its folder; a line for a slide not in
+        // the run, and an extra column.
+        let tiff = d.path().join("jpeg-ycbcr.tiff");
+        std::fs::write(
+            d.path().join("cases.csv"),
+            format!(
+                "Slide,stain,Case\n{},HE,S-1\naperio-j2k-rgb.svs,HE,S-1\ndicom-jpeg-bot,HE,S-2\nraw.tiff,IHC,S-2\nelsewhere.svs,HE,S-9\n",
+                tiff.display()
+            ),
+        )
+        .unwrap();
+        let p = plan_run(&by_case(d.path())).unwrap();
+        let case_of = |j: &Job| j.inputs[0].case.as_ref().map(|c| c.id.clone());
+        let job = |id: &str| p.jobs.iter().find(|j| case_of(j).as_deref() == Some(id)).unwrap();
+        let slides = |j: &Job| -> Vec<(String, u32)> {
+            j.inputs.iter().map(|i| (names_of(i), i.case.as_ref().unwrap().slide)).collect()
+        };
+        assert_eq!(slides(job("S-1")), [("aperio-j2k-rgb.svs".into(), 0), ("jpeg-ycbcr.tiff".into(), 1)]);
+        assert_eq!(
+            slides(job("S-2")),
+            [
+                ("dicom-jpeg-bot/level-0.dcm".into(), 0),
+                ("dicom-jpeg-bot/level-1.dcm".into(), 0),
+                ("dicom-jpeg-bot/level-2.dcm".into(), 0),
+                ("raw.tiff".into(), 1)
+            ]
+        );
+        // The two DICOM slides of one study are a case, by their headers.
+        let study: Vec<&Job> = p.jobs.iter().filter(|j| j.inputs.len() == 6).collect();
+        assert_eq!(study.len(), 1, "{:?}", p.jobs.iter().map(names).collect::<Vec<_>>());
+        let parts: Vec<(String, u32)> = slides(study[0]);
+        assert_eq!(parts.iter().filter(|s| s.0.starts_with("a/") && s.1 == 0).count(), 3, "{parts:?}");
+        assert_eq!(parts.iter().filter(|s| s.0.starts_with("b/") && s.1 == 1).count(), 3, "{parts:?}");
+        // The other TIFF files are slides alone; the manifest is not an input.
+        let alone: Vec<&Job> = p.jobs.iter().filter(|j| case_of(j).is_none()).collect();
+        assert!(alone.iter().all(|j| j.inputs.len() == 1 && j.inputs[0].kind == InputKind::Slide));
+        assert_eq!(alone.len(), 8 - 3);
+        assert_eq!(p.files, 8 + 4 * 3 + 2 * 3);
+        // Other DICOM slides: a study each, a case of one slide.
+        assert_eq!(p.jobs.len(), 2 + 1 + 3 + alone.len());
+        assert_eq!(p, plan_run(&by_case(d.path())).unwrap(), "planning is deterministic");
+
+        // A manifest that cannot be used stops planning, naming it and the line (never a value).
+        for (csv, why) in [
+            ("slide,specimen\nraw.tiff,S-1\n", "no `case` column"),
+            ("slide,case\nraw.tiff,S-1\nraw.tiff,S-7\n", "line 3: a slide named before with another case"),
+        ] {
+            std::fs::write(d.path().join("cases.csv"), csv).unwrap();
+            let e = plan_run(&by_case(d.path())).unwrap_err().to_string();
+            assert!(e.contains("cases.csv") && e.contains(why), "{e}");
+            assert!(!e.contains("S-7"), "{e}");
+        }
+    }
+
+    /// An input's path below the test folder.
+    fn names_of(i: &InputRef) -> String {
+        let mut parts: Vec<&str> = i.uri.rsplit('/').take(2).collect();
+        parts.reverse();
+        if i.kind == InputKind::Dicom {
+            parts.join("/")
+        } else {
+            parts[1].to_string()
+        }
     }
 
     #[test]

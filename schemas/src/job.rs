@@ -163,6 +163,19 @@ pub struct InputRef {
     /// (and then not serialized, so their job ids stay the same).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etag: Option<String>,
+    /// Slide runs grouped by case: the case this input's slide belongs to and the slide's
+    /// place in it. Absent otherwise (and then not serialized).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub case: Option<CaseRef>,
+}
+
+/// A slide's case in a job of several slides (`imaging.slide.group = "case"`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CaseRef {
+    /// The case id: a manifest's `case` value, or a DICOM slide's study instance UID.
+    pub id: String,
+    /// Which slide of the case (0, 1, …): the inputs of one slide share it.
+    pub slide: u32,
 }
 
 /// One Parquet part written by a job.
@@ -246,6 +259,7 @@ mod tests {
             kind: InputKind::Text,
             selection: Selection::Whole,
             etag: None,
+            case: None,
         }];
         let p = PipelineRef { name: "p".into(), version: "1".into(), digest: Digest::of_bytes(b"p") };
         let m = ModelRef { id: "m".into(), digest: Digest::of_bytes(b"m") };

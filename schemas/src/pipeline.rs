@@ -122,6 +122,24 @@ pub struct SlideSpec {
     /// Tile-level pipelines: grid cells per job (whole grid rows, at least one row).
     #[serde(default = "default_tiles_per_job")]
     pub tiles_per_job: u64,
+    /// Slide-level pipelines: a prompt per slide, or per case (the slides a manifest CSV
+    /// among the inputs puts in one case, or the DICOM slides of one study).
+    #[serde(default)]
+    pub group: SlideGroup,
+}
+
+/// What one prompt of a slide-level pipeline covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlideGroup {
+    /// One slide.
+    #[default]
+    Slide,
+    /// The slides of one case: a manifest CSV among the inputs (columns `slide`: a slide's
+    /// file name, URI, or a DICOM slide's folder name; `case`) groups them, and DICOM slides
+    /// it does not name are grouped by study. `max_images` patches are shared among the
+    /// case's slides; each patch is labelled with its slide (`SLIDE n`).
+    Case,
 }
 
 fn default_tiles_per_job() -> u64 {
@@ -151,6 +169,7 @@ impl Default for SlideSpec {
             tissue: default_tissue(),
             seed: 0,
             tiles_per_job: default_tiles_per_job(),
+            group: SlideGroup::Slide,
         }
     }
 }
@@ -464,6 +483,11 @@ impl PipelineSpec {
                 }
                 if !tiles && self.task != Task::Structured {
                     return Err(SpecError::Invalid("imaging pipelines are `structured` or `tiles`".into()));
+                }
+                if i.slide.group == SlideGroup::Case && i.unit != ImagingUnit::Slide {
+                    return Err(SpecError::Invalid(
+                        "imaging.slide.group = \"case\" needs imaging.unit = \"slide\"".into(),
+                    ));
                 }
                 if i.slide.tiles_per_job == 0 {
                     return Err(SpecError::Invalid("imaging.slide.tiles_per_job must be > 0".into()));

@@ -51,7 +51,7 @@ pub fn read_units(inputs: &[InputRef], source: &InputSource, spec: &PipelineSpec
                     images: None,
                     skipped: None,
                 };
-                Unit { doc, images: Vec::new(), sources: vec![source], slide: None }
+                Unit { doc, images: Vec::new(), sources: vec![source], slides: Vec::new() }
             }))
         };
         match source.open(&input.uri, input.size, input.etag.as_deref()) {
@@ -734,6 +734,7 @@ mod tests {
             kind: InputKind::from_name(uri),
             selection,
             etag: None,
+            case: None,
         }
     }
 

@@ -470,7 +470,7 @@ mod tests {
                 skipped: *skipped,
             })
             .collect();
-        Unit { doc, images: Vec::new(), sources, slide: None }
+        Unit { doc, images: Vec::new(), sources, slides: Vec::new() }
     }
 
     fn error(reason: ErrorReason) -> ErrorRow {

@@ -46,6 +46,7 @@ fn input(name: &str, bytes: &[u8]) -> InputRef {
         kind: InputKind::Nifti,
         selection: Selection::Whole,
         etag: None,
+        case: None,
     }
 }
 

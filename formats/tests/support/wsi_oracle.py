@@ -9,6 +9,8 @@ reads any slide with OpenSlide (openslide-python + openslide-bin), for formats/t
   wsi_oracle.py tissue FILE LEVEL CELL COLS ROWS
                                              grid cells (CELL pixels of LEVEL a side) whose
                                              mean luminance lies in [1/255, 0.8], as JSON
+  wsi_oracle.py make-case DIR                two DICOM slides of one study (a case): DIR/a
+                                             and DIR/b, JPEG tiles, three levels each
   wsi_oracle.py large FILE MIB               an uncompressed BigTIFF pyramid of about MIB
                                              MiB (40x, 0.25 µm a pixel; tissue in a central
                                              ellipse), written tile by tile in seconds
@@ -302,6 +304,19 @@ the same on the least detailed level, a tissue mask's); huge: level 0
             sys.exit(f"unknown damage {kind}")
 
 
+def make_case(out):
+    import os
+
+    from pydicom.uid import generate_uid
+
+    study, ref = generate_uid(), generate_uid()
+    for name, seed in [("a", 7), ("b", 8)]:
+        os.makedirs(f"{out}/{name}", exist_ok=True)
+        series = generate_uid()
+        for i, lvl in enumerate(pyramid(tissue(1000, 760, seed), 3)):
+            dicom_level(f"{out}/{name}/level-{i}.dcm", lvl, i, series, study, ref, 256, "1.2.840.10008.1.2.4.50")
+
+
 def large(path, mib):
     """An uncompressed pyramid (levels 1, 1/4, 1/16, 1/64) of about `mib` MiB: tiles drawn
     from a few noisy "tissue" and "glass" tiles by where their centre falls (inside or outside
@@ -347,6 +362,8 @@ if __name__ == "__main__":
         damage(*args)
     elif cmd == "tissue":
         tissue_cells(args[0], *map(int, args[1:]))
+    elif cmd == "make-case":
+        make_case(args[0])
     elif cmd == "large":
         large(args[0], int(args[1]))
     else:

@@ -174,7 +174,7 @@ fn whole_file_unit(input: &InputRef, text: String, images: Vec<Arc<Rgb8>>) -> Un
         text,
     };
     let sources = vec![source(input, Ok(images.len()))];
-    Unit { doc, images, sources, slide: None }
+    Unit { doc, images, sources, slides: Vec::new() }
 }
 
 /// A file of an imaging unit: the images it gave, or why it gave none.
@@ -276,7 +276,7 @@ fn item(doc_id: String, group: &[Instance<'_>], taken: &Taken, labels: &[String]
         },
         images,
         sources,
-        slide: None,
+        slides: Vec::new(),
     }
 }
 

@@ -29,8 +29,9 @@ pub struct Unit {
     /// file of an imaging prompt, with the images it gave or why it gave none. One
     /// `_documents` row each.
     pub sources: Vec<Source>,
-    /// A whole-slide unit's regions: the patches of its prompt, or its tissue tiles.
-    pub slide: Option<SlideRegions>,
+    /// A whole-slide unit's regions, a slide at a time: the patches of its prompt (of each
+    /// slide of a case), or its tissue tiles. Empty for other units.
+    pub slides: Vec<SlideRegions>,
 }
 
 /// The regions of a whole-slide image a unit stands for: the patches of its prompt
@@ -38,6 +39,8 @@ pub struct Unit {
 /// its level, place and size in pixels of that level, and tissue fraction.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SlideRegions {
+    /// The slide: its file name, or a DICOM slide's first 16 hex digits of its header digest.
+    pub id: String,
     /// Magnification of the regions' level, and its micrometres per pixel (x, y) when the
     /// slide states them.
     pub magnification: f64,

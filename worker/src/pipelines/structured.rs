@@ -209,10 +209,11 @@ fn slide_level(pipeline: &LoadedPipeline) -> bool {
     pipeline.spec.imaging.as_ref().is_some_and(|i| i.unit == ImagingUnit::Slide)
 }
 
-/// The fields of one patch: its level, place and size in that level's pixels, and its
-/// tissue fraction.
+/// The fields of one patch: its slide (file name, or a DICOM slide's header digest), its
+/// level, place and size in that level's pixels, and its tissue fraction.
 fn patch_fields() -> Fields {
     Fields::from(vec![
+        Field::new("slide", DataType::Utf8, false),
         Field::new("level", DataType::UInt32, false),
         Field::new("x", DataType::UInt64, false),
         Field::new("y", DataType::UInt64, false),
@@ -222,34 +223,34 @@ fn patch_fields() -> Fields {
     ])
 }
 
-/// `patches`: the patches of the slide's prompt, in prompt order.
+/// `patches`: the patches of the row's prompt, in prompt order.
 fn patches_type() -> DataType {
     DataType::List(Arc::new(Field::new("item", DataType::Struct(patch_fields()), false)))
 }
 
-/// The `patches` column of `n` rows of one slide: its patches on every row.
-fn patches_column(patches: &[medbatch_formats::wsi::tissue::Patch], n: usize) -> Result<ArrayRef, ParquetOutError> {
-    use arrow::array::{Float32Array, ListArray, StructArray, UInt32Array, UInt64Array};
-    let all = || (0..n).flat_map(|_| patches.iter());
-    let u32s = |f: fn(&medbatch_formats::wsi::tissue::Patch) -> u32| -> ArrayRef {
-        Arc::new(UInt32Array::from_iter_values(all().map(f)))
-    };
-    let u64s = |f: fn(&medbatch_formats::wsi::tissue::Patch) -> u64| -> ArrayRef {
-        Arc::new(UInt64Array::from_iter_values(all().map(f)))
-    };
+/// The `patches` column of `n` rows of one unit: its slides' patches on every row.
+fn patches_column(slides: &[SlideRegions], n: usize) -> Result<ArrayRef, ParquetOutError> {
+    use arrow::array::{Float32Array, ListArray, StringArray, StructArray, UInt32Array, UInt64Array};
+    use medbatch_formats::wsi::tissue::Patch;
+    let per_row: Vec<(&str, &Patch)> =
+        slides.iter().flat_map(|s| s.regions.iter().map(move |p| (s.id.as_str(), p))).collect();
+    let all = || (0..n).flat_map(|_| per_row.iter());
+    let u32s = |f: fn(&Patch) -> u32| -> ArrayRef { Arc::new(UInt32Array::from_iter_values(all().map(|p| f(p.1)))) };
+    let u64s = |f: fn(&Patch) -> u64| -> ArrayRef { Arc::new(UInt64Array::from_iter_values(all().map(|p| f(p.1)))) };
     let values = StructArray::try_new(
         patch_fields(),
         vec![
+            Arc::new(StringArray::from_iter_values(all().map(|p| p.0))),
             u32s(|p| u32::try_from(p.level).unwrap_or(u32::MAX)),
             u64s(|p| p.x),
             u64s(|p| p.y),
             u32s(|p| p.width),
             u32s(|p| p.height),
-            Arc::new(Float32Array::from_iter_values(all().map(|p| p.tissue_fraction))),
+            Arc::new(Float32Array::from_iter_values(all().map(|p| p.1.tissue_fraction))),
         ],
         None,
     )?;
-    let offsets = arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(patches.len(), n));
+    let offsets = arrow::buffer::OffsetBuffer::from_lengths(std::iter::repeat_n(per_row.len(), n));
     let DataType::List(item) = patches_type() else { unreachable!("patches are a list") };
     Ok(Arc::new(ListArray::try_new(item, offsets, Arc::new(values), None)?))
 }
@@ -259,7 +260,7 @@ pub fn records_batch(
     pipeline: &LoadedPipeline,
     schema: &SchemaRef,
     records: &[Record],
-    slide: Option<&SlideRegions>,
+    slides: &[SlideRegions],
     prov: &JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
     let row =
@@ -322,7 +323,7 @@ pub fn records_batch(
     cols.push(Arc::new(alignment.finish()));
     cols.push(Arc::new(from_examples.finish()));
     if slide_level(pipeline) {
-        cols.push(patches_column(slide.map_or(&[], |s| &s.regions), n)?);
+        cols.push(patches_column(slides, n)?);
     }
     cols.push(Arc::new(uri.finish()));
     cols.push(Arc::new(sha.finish()));
@@ -465,8 +466,7 @@ impl Pipeline for Structured {
             }
         }
         if !records.is_empty() {
-            out.batch =
-                Some(records_batch(&self.pipeline, &self.schema, &records, unit.slide.as_ref(), cx.provenance)?);
+            out.batch = Some(records_batch(&self.pipeline, &self.schema, &records, &unit.slides, cx.provenance)?);
         }
         Ok(out)
     }

@@ -58,10 +58,7 @@ fn tiles_batch(
     unit: &Unit,
     prov: &crate::parquet_out::JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
-    let Some(s) = &unit.slide else {
-        return Ok(RecordBatch::new_empty(schema.clone()));
-    };
-    let n = s.regions.len();
+    let n = unit.slides.iter().map(|s| s.regions.len()).sum();
     let u32_of = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     let mut doc = StringBuilder::new();
     let (mut level, mut width, mut height) =
@@ -73,22 +70,24 @@ fn tiles_batch(
         (Float64Builder::with_capacity(n), Float64Builder::with_capacity(n), Float64Builder::with_capacity(n));
     let (mut uri, mut sha) = (StringBuilder::new(), StringBuilder::new());
     let mut zeros = UInt32Builder::with_capacity(n);
-    for r in &s.regions {
-        doc.append_value(&unit.doc.id);
-        level.append_value(u32_of(r.level as u64));
-        x.append_value(r.x);
-        y.append_value(r.y);
-        width.append_value(r.width);
-        height.append_value(r.height);
-        col.append_value(u32_of(r.x / s.step.max(1)));
-        row.append_value(u32_of(r.y / s.step.max(1)));
-        fraction.append_value(r.tissue_fraction);
-        mag.append_value(s.magnification);
-        mpp_x.append_option(s.mpp.map(|m| m.0));
-        mpp_y.append_option(s.mpp.map(|m| m.1));
-        uri.append_value(&unit.doc.source_uri);
-        sha.append_value(unit.doc.input_sha256.as_str());
-        zeros.append_value(0);
+    for s in &unit.slides {
+        for r in &s.regions {
+            doc.append_value(&s.id);
+            level.append_value(u32_of(r.level as u64));
+            x.append_value(r.x);
+            y.append_value(r.y);
+            width.append_value(r.width);
+            height.append_value(r.height);
+            col.append_value(u32_of(r.x / s.step.max(1)));
+            row.append_value(u32_of(r.y / s.step.max(1)));
+            fraction.append_value(r.tissue_fraction);
+            mag.append_value(s.magnification);
+            mpp_x.append_option(s.mpp.map(|m| m.0));
+            mpp_y.append_option(s.mpp.map(|m| m.1));
+            uri.append_value(&unit.doc.source_uri);
+            sha.append_value(unit.doc.input_sha256.as_str());
+            zeros.append_value(0);
+        }
     }
     let mut cols: Vec<ArrayRef> = vec![
         Arc::new(doc.finish()),

@@ -42,6 +42,7 @@ pub fn one_note_job(dir: &Path, run: &str, pipeline: &LoadedPipeline, info: &Mod
         kind: InputKind::Text,
         selection: Selection::Whole,
         etag: None,
+        case: None,
     };
     let out = dir.join("out");
     let job = Job::new(
