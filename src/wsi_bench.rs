@@ -2,10 +2,14 @@
 //! `s3://` object): the header, tiles decoded per second on level 0, tissue patch selection
 //! with the pathology recipe's defaults, and reading the selected patches; bytes and requests
 //! (reads, each one ranged GET from S3) against the slide's size, and the process's peak
-//! memory.
+//! memory; then the worker's reader of the pathology-report pipeline, holding a prompt's
+//! patches as a job does until the engine takes them, and the peak memory with them.
 
+use medbatch_connectors::inputs::InputSource;
 use medbatch_formats::wsi::tissue::PatchParams;
 use medbatch_formats::wsi::{FileSource, Metered, RangeRead, Slide, WsiLimits};
+use medbatch_schemas::{Digest, InputKind, InputRef, Selection};
+use medbatch_worker::LoadedPipeline;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -24,16 +28,36 @@ pub fn run(target: &str) -> anyhow::Result<ExitCode> {
             anyhow::Ok((c, object))
         })?;
         let object = object.ok_or_else(|| anyhow::anyhow!("{target}: no such object"))?;
+        let input = slide_input(target, object.size, object.etag.clone());
+        let inputs = {
+            let _in_runtime = rt.enter();
+            InputSource::with_s3(None)
+        };
         let src = Metered::new(medbatch_connectors::s3_input::S3RangeSource::new(client, rt.handle().clone(), object));
         // The source waits on the runtime: measure from a thread outside it.
-        std::thread::scope(|s| s.spawn(|| measure(target, src)).join().expect("bench thread"))
+        std::thread::scope(|s| s.spawn(|| measure(target, src, (&input, &inputs))).join().expect("bench thread"))
     } else {
-        let src = Metered::new(FileSource::open(std::path::Path::new(target))?);
-        measure(target, src)
+        let path = std::path::Path::new(target);
+        let src = Metered::new(FileSource::open(path)?);
+        let input = slide_input(&medbatch_connectors::inputs::file_uri(&path.canonicalize()?), src.size(), None);
+        measure(target, src, (&input, &InputSource::local()))
     }
 }
 
-fn measure<S: RangeRead>(target: &str, src: Metered<S>) -> anyhow::Result<ExitCode> {
+/// The input of a job of one slide.
+fn slide_input(uri: &str, size: u64, etag: Option<String>) -> InputRef {
+    InputRef {
+        uri: uri.to_string(),
+        size,
+        sha256: Digest::of_bytes(uri.as_bytes()),
+        kind: InputKind::Slide,
+        selection: Selection::Whole,
+        etag,
+        case: None,
+    }
+}
+
+fn measure<S: RangeRead>(target: &str, src: Metered<S>, job: (&InputRef, &InputSource)) -> anyhow::Result<ExitCode> {
     let size = src.size();
     let t = Instant::now();
     let slide = Slide::open(src, &WsiLimits::default())?;
@@ -111,12 +135,39 @@ fn measure<S: RangeRead>(target: &str, src: Metered<S>) -> anyhow::Result<ExitCo
         (b2 - b1) as f64 / 1e6
     );
     let (requests, bytes) = slide.source().counts();
+    let mib = || crate::bench::peak_rss_mib().map_or("?".to_string(), |m| format!("{m:.0}"));
     println!(
         "  summary    {requests} requests, {:.1} MB read of {:.1} MB ({:.2} %); peak memory {} MiB",
         bytes as f64 / 1e6,
         size as f64 / 1e6,
         100.0 * bytes as f64 / size.max(1) as f64,
-        crate::bench::peak_rss_mib().map_or("?".to_string(), |m| format!("{m:.0}"))
+        mib()
+    );
+    drop(slide);
+
+    // A pathology-report job's prompt: the worker's slide reader with the pipeline's
+    // settings, its patches held until the engine would take them.
+    let spec = LoadedPipeline::load("pathology-report")?
+        .spec
+        .imaging
+        .ok_or_else(|| anyhow::anyhow!("pathology-report has no [imaging] section"))?;
+    let t = Instant::now();
+    let units = medbatch_worker::imaging::slide::read(&[job.0], job.1, &spec);
+    let read_s = t.elapsed().as_secs_f64();
+    let unit = match units.into_iter().next() {
+        Some(Ok(u)) => u,
+        Some(Err(e)) => anyhow::bail!("the worker's reader: {} ({})", e.detail, e.kind.label()),
+        None => anyhow::bail!("the worker's reader gave nothing"),
+    };
+    let held: usize = unit.images.iter().map(|i| i.data.len()).sum();
+    println!(
+        "  prompt     the worker's reader: {} patches of {}x{} held ({:.1} MB) in {:.2} s; peak memory {} MiB",
+        unit.images.len(),
+        unit.images.first().map_or(0, |i| i.width),
+        unit.images.first().map_or(0, |i| i.height),
+        held as f64 / 1e6,
+        read_s,
+        mib()
     );
     Ok(ExitCode::SUCCESS)
 }
