@@ -637,7 +637,7 @@ fn image_bench(n: u32) -> anyhow::Result<ExitCode> {
 fn random_tower(text_hidden: usize) -> anyhow::Result<medbatch_engine::models::siglip::VisionTower> {
     use candle_core::{Device, Tensor};
     use medbatch_engine::models::gemma3::RmsNorm;
-    use medbatch_engine::models::siglip::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
+    use medbatch_engine::models::siglip::{BiasLinear, LayerNorm, VisionEncoder, VisionLayer, VisionTower};
     let cfg = medbatch_engine::load::hf_config::VisionConfig::siglip_896();
     let dev = Device::Cpu;
     let (d, inter) = (cfg.hidden_size, cfg.intermediate_size);
@@ -669,15 +669,22 @@ fn random_tower(text_hidden: usize) -> anyhow::Result<medbatch_engine::models::s
     }
     let patch_in = cfg.num_channels * cfg.patch_size * cfg.patch_size;
     let patches = (cfg.image_size / cfg.patch_size).pow(2);
-    Ok(VisionTower {
+    let encoder = VisionEncoder {
+        image_size: cfg.image_size,
+        patch_size: cfg.patch_size,
+        num_channels: cfg.num_channels,
+        num_heads: cfg.num_heads,
         patch: lin(d, patch_in)?,
         position: Tensor::randn(0f32, 0.02, (patches, d), &dev)?,
         layers,
         post_layernorm: ln()?,
+        device: dev.clone(),
+    };
+    Ok(VisionTower {
+        encoder,
         soft_emb_norm: RmsNorm::new((Tensor::randn(0f32, 0.1, d, &dev)? + 1.0)?, cfg.layer_norm_eps),
         projection: Tensor::randn(0f32, (1.0 / d as f64).sqrt() as f32, (d, text_hidden), &dev)?,
         cfg,
-        device: dev,
     })
 }
 

@@ -76,6 +76,24 @@ pub enum DebugCommand {
         images: Vec<std::path::PathBuf>,
         prompt: Option<String>,
     },
+    /// A SigLIP model's (MedSigLIP's) embeddings, as transformers' `SiglipModel` gives them:
+    /// `{"image_embeds": [[…]], "text_embeds": [[…]], "logits_per_image": [[…]]}` (embeddings
+    /// L2-normalised; logits before the sigmoid).
+    Embed {
+        /// A `SiglipModel` checkpoint folder (config.json, safetensors, tokenizer.json,
+        /// preprocessor_config.json).
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// An image (PNG or JPEG); repeat for several.
+        #[arg(long = "image")]
+        images: Vec<std::path::PathBuf>,
+        /// A text; repeat for several.
+        #[arg(long = "text")]
+        texts: Vec<String>,
+        /// Print JSON (the only output format).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn numeric(name: &str, default: NumericOptions) -> anyhow::Result<NumericOptions> {
@@ -90,6 +108,34 @@ fn numeric(name: &str, default: NumericOptions) -> anyhow::Result<NumericOptions
 }
 
 /// Decodes the images given on the command line.
+/// `debug embed`: a SigLIP model's (MedSigLIP's) L2-normalised image and text embeddings
+/// and `logits_per_image`, as transformers' `SiglipModel` returns them.
+fn embed(model: &std::path::Path, images: &[std::path::PathBuf], texts: &[String]) -> anyhow::Result<()> {
+    use medbatch_engine::models::siglip::l2_normalize;
+    anyhow::ensure!(!images.is_empty() || !texts.is_empty(), "give at least one --image or --text");
+    let (siglip, tokenizer) = medbatch_engine::load::siglip::load_siglip(model, &candle_core::Device::Cpu)?;
+    let cfg = medbatch_engine::image::read_preprocessor_config(model, siglip.vision.image_size)?;
+    let mut image_embeds = Vec::with_capacity(images.len());
+    for img in read_images(images)? {
+        let mut e = siglip.image_features(&medbatch_engine::image::pixel_values(&img, &cfg))?;
+        l2_normalize(&mut e);
+        image_embeds.push(e);
+    }
+    let mut text_embeds = Vec::with_capacity(texts.len());
+    for t in texts {
+        let mut e = siglip.text_features(&tokenizer.encode(t)?)?;
+        l2_normalize(&mut e);
+        text_embeds.push(e);
+    }
+    let logits: Vec<Vec<f32>> =
+        image_embeds.iter().map(|i| text_embeds.iter().map(|t| siglip.logit(i, t)).collect()).collect();
+    println!(
+        "{}",
+        serde_json::json!({ "image_embeds": image_embeds, "text_embeds": text_embeds, "logits_per_image": logits })
+    );
+    Ok(())
+}
+
 fn read_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::sync::Arc<medbatch_engine::image::Rgb8>>> {
     paths
         .iter()
@@ -132,6 +178,7 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                 None => println!("{}", serde_json::json!({ "logits": last })),
             }
         }
+        DebugCommand::Embed { model, images, texts, json: _ } => embed(&model, &images, &texts)?,
         DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, split, images, prompt } => {
             let mut engine = split.load(&model)?;
             let images = read_images(&images)?;

@@ -53,18 +53,21 @@ pub struct ImageConfig {
     pub rescale_factor: f32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// The resize filter (`resample`: 2 bilinear, Gemma 3's; 3 bicubic, SigLIP's).
+    pub filter: Filter,
 }
 
 impl Default for ImageConfig {
     /// Gemma 3 and MedGemma: 896, 1/255, mean = std = 0.5.
     fn default() -> Self {
-        Self { size: 896, rescale_factor: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3] }
+        Self { size: 896, rescale_factor: 1.0 / 255.0, mean: [0.5; 3], std: [0.5; 3], filter: Filter::Bilinear }
     }
 }
 
 /// The processor settings of a checkpoint folder (`preprocessor_config.json`), `size` when
-/// the file is absent or does not say. Only what Gemma 3's processor does is accepted: a
-/// bilinear resize to a square, rescale and normalise (pan-and-scan is refused).
+/// the file is absent or does not say. Only what Gemma 3's and SigLIP's processors do is
+/// accepted: a bilinear or bicubic resize to a square, rescale and normalise (pan-and-scan
+/// is refused).
 pub fn read_preprocessor_config(dir: &std::path::Path, size: usize) -> Result<ImageConfig, crate::EngineError> {
     let p = dir.join("preprocessor_config.json");
     let mut cfg = ImageConfig { size, ..ImageConfig::default() };
@@ -82,9 +85,11 @@ pub fn read_preprocessor_config(dir: &std::path::Path, size: usize) -> Result<Im
     if flag("do_resize") == Some(false) || flag("do_rescale") == Some(false) || flag("do_normalize") == Some(false) {
         return Err(bad("only processors that resize, rescale and normalise are supported".into()));
     }
-    if let Some(r) = v.get("resample").and_then(serde_json::Value::as_u64) {
-        if r != 2 {
-            return Err(bad(format!("resample {r} is not supported (Gemma 3 uses 2, bilinear)")));
+    match v.get("resample").and_then(serde_json::Value::as_u64) {
+        None | Some(2) => {}
+        Some(3) => cfg.filter = Filter::Bicubic,
+        Some(r) => {
+            return Err(bad(format!("resample {r} is not supported (2, bilinear, as Gemma 3; 3, bicubic, as SigLIP)")))
         }
     }
     if let Some(s) = v.get("size") {
@@ -173,18 +178,53 @@ pub fn pad_to_square(img: &Rgb8) -> Rgb8 {
 /// Fractional bits of the fixed-point filter weights (Pillow: 32 − 8 − 2).
 const PRECISION_BITS: u32 = 22;
 
+/// Pillow's resampling filters (`Image.BILINEAR`, `Image.BICUBIC`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    /// Support 1 (Gemma 3's processor, resample 2).
+    Bilinear,
+    /// Keys' cubic with a = -0.5, support 2 (SigLIP's processor, resample 3).
+    Bicubic,
+}
+
+impl Filter {
+    fn support(self) -> f64 {
+        match self {
+            Self::Bilinear => 1.0,
+            Self::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Self::Bilinear => (1.0 - x).max(0.0),
+            Self::Bicubic => {
+                let a = -0.5;
+                if x < 1.0 {
+                    ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * a
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
 /// For each output index, the first input index, how many inputs, and their fixed-point
-/// weights (Pillow's `precompute_coeffs` with the bilinear filter, then normalised to ints).
+/// weights (Pillow's `precompute_coeffs`, then normalised to ints).
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
     ksize: usize,
     weights: Vec<i32>,
 }
 
-fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = filterscale; // the bilinear filter's support is 1
+    let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
     let mut weights = vec![0i32; out_size * ksize];
@@ -198,7 +238,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Coeffs {
         let mut total = 0.0;
         for (x, w) in k.iter_mut().enumerate().take(xmax) {
             let t = ((x + xmin) as f64 - center + 0.5) * ss;
-            *w = (1.0 - t.abs()).max(0.0);
+            *w = filter.weight(t);
             total += *w;
         }
         for (x, w) in k.iter().enumerate().take(xmax) {
@@ -218,11 +258,16 @@ fn clip8(v: i32) -> u8 {
 /// Pillow's bilinear `Image.resize` of an RGB image: antialiased (the filter widens when
 /// shrinking), horizontal pass then vertical, each rounded to 8 bits.
 pub fn resize_bilinear(img: &Rgb8, width: usize, height: usize) -> Rgb8 {
+    resize(img, width, height, Filter::Bilinear)
+}
+
+/// Pillow's `Image.resize` of an RGB image with `filter`, as [`resize_bilinear`] describes.
+pub fn resize(img: &Rgb8, width: usize, height: usize, filter: Filter) -> Rgb8 {
     if (width, height) == (img.width, img.height) {
         return img.clone();
     }
-    let horiz = coeffs(img.width, width);
-    let vert = coeffs(img.height, height);
+    let horiz = coeffs(img.width, width, filter);
+    let vert = coeffs(img.height, height, filter);
     let round = 1i32 << (PRECISION_BITS - 1);
     // Horizontal pass over the rows the vertical pass reads (all of them, when the height
     // changes; Pillow skips rows outside the first and last output rows' windows).
@@ -286,7 +331,7 @@ pub fn normalize(img: &Rgb8, cfg: &ImageConfig) -> Vec<f32> {
 
 /// The processor's whole path for one decoded image: resize, rescale, normalise, CHW.
 pub fn pixel_values(img: &Rgb8, cfg: &ImageConfig) -> Vec<f32> {
-    normalize(&resize_bilinear(img, cfg.size, cfg.size), cfg)
+    normalize(&resize(img, cfg.size, cfg.size, cfg.filter), cfg)
 }
 
 #[cfg(test)]
@@ -304,7 +349,7 @@ mod tests {
     #[test]
     fn weights_sum_to_one_and_cover_the_input() {
         for (i, o) in [(300, 896), (896, 896), (640, 224), (7, 3), (3, 7)] {
-            let c = coeffs(i, o);
+            let c = coeffs(i, o, Filter::Bilinear);
             assert_eq!(c.bounds.len(), o);
             for (xx, &(xmin, n)) in c.bounds.iter().enumerate() {
                 assert!(xmin + n <= i && n >= 1);

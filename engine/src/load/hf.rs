@@ -16,7 +16,7 @@ use crate::load::hf_config::{parse_config, CheckpointConfig};
 use crate::models::gemma3::{
     Embedding, Gemma3, Layer, LayerParam, LayerSource, Linear, NumericOptions, RmsNorm, Shard,
 };
-use crate::models::siglip::{BiasLinear, LayerNorm, VisionLayer, VisionTower};
+use crate::models::siglip::{BiasLinear, LayerNorm, VisionEncoder, VisionLayer, VisionTower};
 use crate::EngineError;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -104,7 +104,7 @@ fn embed_scale(hidden: usize, dtype: DType) -> f64 {
     }
 }
 
-fn open_weights(dir: &Path) -> Result<(MmapedSafetensors, BTreeSet<String>), EngineError> {
+pub(crate) fn open_weights(dir: &Path) -> Result<(MmapedSafetensors, BTreeSet<String>), EngineError> {
     let files = weight_files(dir)?;
     // SAFETY: the files are memory-mapped read-only; medbatch never writes them, and a file
     // changed underneath a running worker is outside what it can guard against.
@@ -127,48 +127,18 @@ pub fn load_vision(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Resul
     })?;
     let pp = find(&PROJECTOR_PREFIXES, "mm_input_projection_weight")
         .ok_or_else(|| load_err(format!("{}: no multi_modal_projector weights", dir.display())))?;
-    let get = |name: String| -> Result<Tensor, EngineError> {
-        st.load(&name, device).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| load_err(format!("tensor {name}: {e}")))
+    let shape = EncoderShape {
+        hidden: vc.hidden_size,
+        layers: vc.num_layers,
+        heads: vc.num_heads,
+        image_size: vc.image_size,
+        patch_size: vc.patch_size,
+        channels: vc.num_channels,
+        eps: vc.layer_norm_eps,
     };
+    let encoder = load_vision_encoder(&st, vp, &shape, device)?;
+    let get = |name: String| f32_tensor(&st, &name, device);
     let eps = vc.layer_norm_eps;
-    let ln = |p: &str| -> Result<LayerNorm, EngineError> {
-        Ok(LayerNorm { weight: get(format!("{vp}{p}.weight"))?, bias: get(format!("{vp}{p}.bias"))?, eps })
-    };
-    let lin = |p: &str| -> Result<BiasLinear, EngineError> {
-        Ok(BiasLinear { weight: get(format!("{vp}{p}.weight"))?, bias: get(format!("{vp}{p}.bias"))? })
-    };
-    let conv = get(format!("{vp}embeddings.patch_embedding.weight"))?;
-    let expect = [vc.hidden_size, vc.num_channels, vc.patch_size, vc.patch_size];
-    if conv.dims() != expect {
-        return Err(load_err(format!("patch embedding is {:?}, config says {expect:?}", conv.dims())));
-    }
-    let patch = BiasLinear {
-        weight: conv.reshape((vc.hidden_size, vc.num_channels * vc.patch_size * vc.patch_size)).map_err(load_err)?,
-        bias: get(format!("{vp}embeddings.patch_embedding.bias"))?,
-    };
-    let position = get(format!("{vp}embeddings.position_embedding.weight"))?;
-    let patches = (vc.image_size / vc.patch_size).pow(2);
-    if position.dims() != [patches, vc.hidden_size] {
-        return Err(load_err(format!(
-            "position table is {:?}, expected [{patches}, {}]",
-            position.dims(),
-            vc.hidden_size
-        )));
-    }
-    let mut layers = Vec::with_capacity(vc.num_layers);
-    for i in 0..vc.num_layers {
-        let p = |s: &str| format!("encoder.layers.{i}.{s}");
-        layers.push(VisionLayer {
-            layer_norm1: ln(&p("layer_norm1"))?,
-            q: lin(&p("self_attn.q_proj"))?,
-            k: lin(&p("self_attn.k_proj"))?,
-            v: lin(&p("self_attn.v_proj"))?,
-            out: lin(&p("self_attn.out_proj"))?,
-            layer_norm2: ln(&p("layer_norm2"))?,
-            fc1: lin(&p("mlp.fc1"))?,
-            fc2: lin(&p("mlp.fc2"))?,
-        });
-    }
     let norm_w = (get(format!("{pp}mm_soft_emb_norm.weight"))? + 1.0).map_err(load_err)?;
     let projection = get(format!("{pp}mm_input_projection_weight"))?;
     if projection.dims() != [vc.hidden_size, cfg.text.hidden_size] {
@@ -179,16 +149,109 @@ pub fn load_vision(dir: &Path, cfg: &CheckpointConfig, device: &Device) -> Resul
             cfg.text.hidden_size
         )));
     }
-    Ok(Some(VisionTower {
-        post_layernorm: ln("post_layernorm")?,
-        soft_emb_norm: RmsNorm::new(norm_w, eps),
-        projection,
+    Ok(Some(VisionTower { encoder, soft_emb_norm: RmsNorm::new(norm_w, eps), projection, cfg: vc }))
+}
+
+/// A tensor of the checkpoint as f32 on `device`.
+pub(crate) fn f32_tensor(st: &MmapedSafetensors, name: &str, device: &Device) -> Result<Tensor, EngineError> {
+    st.load(name, device).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| load_err(format!("tensor {name}: {e}")))
+}
+
+/// The shape of a SigLIP vision encoder, from whichever config describes it.
+pub(crate) struct EncoderShape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub channels: usize,
+    pub eps: f64,
+}
+
+/// A LayerNorm `{prefix}.weight` / `.bias`.
+pub(crate) fn layer_norm(
+    st: &MmapedSafetensors,
+    prefix: &str,
+    eps: f64,
+    device: &Device,
+) -> Result<LayerNorm, EngineError> {
+    Ok(LayerNorm {
+        weight: f32_tensor(st, &format!("{prefix}.weight"), device)?,
+        bias: f32_tensor(st, &format!("{prefix}.bias"), device)?,
+        eps,
+    })
+}
+
+/// A linear layer with bias `{prefix}.weight` / `.bias`.
+pub(crate) fn bias_linear(st: &MmapedSafetensors, prefix: &str, device: &Device) -> Result<BiasLinear, EngineError> {
+    Ok(BiasLinear {
+        weight: f32_tensor(st, &format!("{prefix}.weight"), device)?,
+        bias: f32_tensor(st, &format!("{prefix}.bias"), device)?,
+    })
+}
+
+/// The pre-norm encoder layers `{prefix}encoder.layers.{i}.*` of a SigLIP tower.
+pub(crate) fn encoder_layers(
+    st: &MmapedSafetensors,
+    prefix: &str,
+    n: usize,
+    eps: f64,
+    device: &Device,
+) -> Result<Vec<VisionLayer>, EngineError> {
+    let mut layers = Vec::with_capacity(n);
+    for i in 0..n {
+        let p = |s: &str| format!("{prefix}encoder.layers.{i}.{s}");
+        layers.push(VisionLayer {
+            layer_norm1: layer_norm(st, &p("layer_norm1"), eps, device)?,
+            q: bias_linear(st, &p("self_attn.q_proj"), device)?,
+            k: bias_linear(st, &p("self_attn.k_proj"), device)?,
+            v: bias_linear(st, &p("self_attn.v_proj"), device)?,
+            out: bias_linear(st, &p("self_attn.out_proj"), device)?,
+            layer_norm2: layer_norm(st, &p("layer_norm2"), eps, device)?,
+            fc1: bias_linear(st, &p("mlp.fc1"), device)?,
+            fc2: bias_linear(st, &p("mlp.fc2"), device)?,
+        });
+    }
+    Ok(layers)
+}
+
+/// A SigLIP vision encoder under `vp` (patch embedding, position table, layers, post
+/// LayerNorm), shapes checked against `shape`.
+pub(crate) fn load_vision_encoder(
+    st: &MmapedSafetensors,
+    vp: &str,
+    shape: &EncoderShape,
+    device: &Device,
+) -> Result<VisionEncoder, EngineError> {
+    let conv = f32_tensor(st, &format!("{vp}embeddings.patch_embedding.weight"), device)?;
+    let expect = [shape.hidden, shape.channels, shape.patch_size, shape.patch_size];
+    if conv.dims() != expect {
+        return Err(load_err(format!("patch embedding is {:?}, config says {expect:?}", conv.dims())));
+    }
+    let patch = BiasLinear {
+        weight: conv.reshape((shape.hidden, shape.channels * shape.patch_size * shape.patch_size)).map_err(load_err)?,
+        bias: f32_tensor(st, &format!("{vp}embeddings.patch_embedding.bias"), device)?,
+    };
+    let position = f32_tensor(st, &format!("{vp}embeddings.position_embedding.weight"), device)?;
+    let patches = (shape.image_size / shape.patch_size).pow(2);
+    if position.dims() != [patches, shape.hidden] {
+        return Err(load_err(format!(
+            "position table is {:?}, expected [{patches}, {}]",
+            position.dims(),
+            shape.hidden
+        )));
+    }
+    Ok(VisionEncoder {
+        image_size: shape.image_size,
+        patch_size: shape.patch_size,
+        num_channels: shape.channels,
+        num_heads: shape.heads,
         patch,
         position,
-        layers,
-        cfg: vc,
+        layers: encoder_layers(st, vp, shape.layers, shape.eps, device)?,
+        post_layernorm: layer_norm(st, &format!("{vp}post_layernorm"), shape.eps, device)?,
         device: device.clone(),
-    }))
+    })
 }
 
 /// Loads the text decoder of a checkpoint folder, computing in f32 on the CPU.

@@ -5,3 +5,4 @@ pub mod config;
 pub mod gguf;
 pub mod hf;
 pub mod hf_config;
+pub mod siglip;

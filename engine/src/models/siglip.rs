@@ -63,9 +63,13 @@ pub struct VisionLayer {
     pub fc2: BiasLinear,
 }
 
-/// The vision tower and the projector of a multimodal checkpoint.
-pub struct VisionTower {
-    pub cfg: VisionConfig,
+/// The SigLIP vision transformer up to its post LayerNorm: the part MedSigLIP's image tower
+/// and Gemma 3's vision side share.
+pub struct VisionEncoder {
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub num_heads: usize,
     /// Patch embedding as a matrix `[hidden, channels·patch·patch]` (the conv kernel
     /// flattened in (channel, row, column) order) and its bias.
     pub patch: BiasLinear,
@@ -73,18 +77,93 @@ pub struct VisionTower {
     pub position: Tensor,
     pub layers: Vec<VisionLayer>,
     pub post_layernorm: LayerNorm,
+    pub device: Device,
+}
+
+impl VisionEncoder {
+    /// Patches along one side of the image.
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// The hidden states of one image given as `pixel_values` (CHW f32 of `image_size`²,
+    /// already resized and normalised): `[patches, hidden]`.
+    pub fn forward(&self, pixel_values: &[f32]) -> candle_core::Result<Tensor> {
+        let (s, p, ch) = (self.image_size, self.patch_size, self.num_channels);
+        if pixel_values.len() != ch * s * s {
+            candle_core::bail!("pixel values hold {} numbers, the tower takes {ch}×{s}×{s}", pixel_values.len());
+        }
+        let n = self.patches_per_side();
+        // [C, n, p, n, p] → [n(row), n(col), C, p, p] → one row per patch.
+        let px = Tensor::from_slice(pixel_values, (ch, n, p, n, p), &self.device)?;
+        let rows = px.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n * n, ch * p * p))?;
+        let x = self.patch.forward(&rows)?.broadcast_add(&self.position)?;
+        let x = encoder(&self.layers, self.num_heads, x, "vision_layer")?;
+        self.post_layernorm.forward(&x)
+    }
+}
+
+/// Pre-norm transformer layers without a mask (SigLIP's vision and text towers):
+/// `x += attn(LN1(x)); x += fc2(gelu_tanh(fc1(LN2(x))))`.
+pub fn encoder(layers: &[VisionLayer], heads: usize, mut x: Tensor, span: &'static str) -> candle_core::Result<Tensor> {
+    for (i, layer) in layers.iter().enumerate() {
+        let _span = tracing::trace_span!("layer", kind = span, i).entered();
+        let h = layer.layer_norm1.forward(&x)?;
+        let h = attention([&layer.q, &layer.k, &layer.v, &layer.out], heads, &h, &h)?;
+        x = (x + h)?;
+        let h = layer.layer_norm2.forward(&x)?;
+        let h = layer.fc2.forward(&layer.fc1.forward(&h)?.gelu()?)?;
+        x = (x + h)?;
+    }
+    Ok(x)
+}
+
+/// Multi-head attention of the rows of `queries` over those of `keys` (keys and values from
+/// the same rows, no mask), a few heads at a time, through the output projection:
+/// `[q, k, v, out]` projections with bias.
+pub fn attention(
+    [wq, wk, wv, wo]: [&BiasLinear; 4],
+    heads: usize,
+    queries: &Tensor,
+    keys: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (m, hidden) = queries.dims2()?;
+    let n = keys.dim(0)?;
+    let hd = hidden / heads;
+    let split = |t: Tensor, rows: usize| t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous();
+    let q = (split(wq.forward(queries)?, m)? * (hd as f64).powf(-0.5))?;
+    let k = split(wk.forward(keys)?, n)?;
+    let v = split(wv.forward(keys)?, n)?;
+    let group = (SCORE_BUDGET_BYTES / (m * n * 4).max(1)).clamp(1, heads);
+    let mut outs = Vec::with_capacity(heads.div_ceil(group));
+    for h0 in (0..heads).step_by(group) {
+        let g = group.min(heads - h0);
+        let (qg, kg, vg) = (q.narrow(0, h0, g)?, k.narrow(0, h0, g)?, v.narrow(0, h0, g)?);
+        let scores = qg.matmul(&kg.t()?)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        outs.push(probs.matmul(&vg)?);
+    }
+    let out = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 0)? };
+    wo.forward(&out.transpose(0, 1)?.reshape((m, hidden))?)
+}
+
+/// The vision tower and the projector of a multimodal checkpoint.
+pub struct VisionTower {
+    pub cfg: VisionConfig,
+    pub encoder: VisionEncoder,
     /// The projector's `mm_soft_emb_norm`, `1 + w` resolved.
     pub soft_emb_norm: RmsNorm,
     /// `mm_input_projection_weight`, `[vision hidden, text hidden]` (used as is, not
     /// transposed).
     pub projection: Tensor,
-    pub device: Device,
 }
 
 impl VisionTower {
     /// Patches along one side of the image.
     pub fn patches_per_side(&self) -> usize {
-        self.cfg.image_size / self.cfg.patch_size
+        self.encoder.patches_per_side()
     }
 
     /// Soft tokens per image along one side (the pooled grid).
@@ -114,51 +193,8 @@ impl VisionTower {
     /// The soft-token embeddings of one image given as `pixel_values` (CHW f32 of
     /// `image_size`², already resized and normalised): `[mm_tokens_per_image, text hidden]`.
     pub fn encode(&self, pixel_values: &[f32]) -> candle_core::Result<Tensor> {
-        let c = &self.cfg;
-        let (s, p, ch) = (c.image_size, c.patch_size, c.num_channels);
-        if pixel_values.len() != ch * s * s {
-            candle_core::bail!("pixel values hold {} numbers, the tower takes {ch}×{s}×{s}", pixel_values.len());
-        }
-        let n = self.patches_per_side();
-        // [C, n, p, n, p] → [n(row), n(col), C, p, p] → one row per patch.
-        let px = Tensor::from_slice(pixel_values, (ch, n, p, n, p), &self.device)?;
-        let rows = px.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n * n, ch * p * p))?;
-        let mut x = self.patch.forward(&rows)?.broadcast_add(&self.position)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let _span = tracing::trace_span!("vision_layer", i).entered();
-            let h = layer.layer_norm1.forward(&x)?;
-            let h = self.attention(layer, &h)?;
-            x = (x + layer.out.forward(&h)?)?;
-            let h = layer.layer_norm2.forward(&x)?;
-            let h = layer.fc2.forward(&layer.fc1.forward(&h)?.gelu()?)?;
-            x = (x + h)?;
-        }
-        let x = self.post_layernorm.forward(&x)?;
+        let x = self.encoder.forward(pixel_values)?;
         self.project(&x)
-    }
-
-    /// Multi-head self-attention over all patches (no mask), a few heads at a time.
-    fn attention(&self, layer: &VisionLayer, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (n, hidden) = x.dims2()?;
-        let heads = self.cfg.num_heads;
-        let hd = hidden / heads;
-        let split = |t: Tensor| t.reshape((n, heads, hd))?.transpose(0, 1)?.contiguous();
-        let q = (split(layer.q.forward(x)?)? * (hd as f64).powf(-0.5))?;
-        let k = split(layer.k.forward(x)?)?;
-        let v = split(layer.v.forward(x)?)?;
-        let group = (SCORE_BUDGET_BYTES / (n * n * 4).max(1)).clamp(1, heads);
-        let mut outs = Vec::with_capacity(heads.div_ceil(group));
-        for h0 in (0..heads).step_by(group) {
-            let g = group.min(heads - h0);
-            let (qg, kg, vg) = (q.narrow(0, h0, g)?, k.narrow(0, h0, g)?, v.narrow(0, h0, g)?);
-            let scores = qg.matmul(&kg.t()?)?;
-            let max = scores.max_keepdim(D::Minus1)?;
-            let e = scores.broadcast_sub(&max)?.exp()?;
-            let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            outs.push(probs.matmul(&vg)?);
-        }
-        let out = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 0)? };
-        out.transpose(0, 1)?.reshape((n, hidden))
     }
 
     /// Average-pools the patch grid to the token grid, normalises and projects.
@@ -169,6 +205,105 @@ impl VisionTower {
         let d = x.dim(1)?;
         let pooled = (x.reshape((t, k, t, k, d))?.sum(3)?.sum(1)? / (k * k) as f64)?.reshape((t * t, d))?;
         self.soft_emb_norm.forward(&pooled)?.matmul(&self.projection)
+    }
+}
+
+/// SigLIP's attention-pooling head: a learned probe attends over the tower's hidden states,
+/// then `x + mlp(LN(x))`; the pooled image vector.
+pub struct PoolingHead {
+    /// `[1, hidden]`.
+    pub probe: Tensor,
+    pub q: BiasLinear,
+    pub k: BiasLinear,
+    pub v: BiasLinear,
+    pub out: BiasLinear,
+    pub layernorm: LayerNorm,
+    pub fc1: BiasLinear,
+    pub fc2: BiasLinear,
+}
+
+impl PoolingHead {
+    pub fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+        let h = attention([&self.q, &self.k, &self.v, &self.out], heads, &self.probe, x)?;
+        let m = self.fc2.forward(&self.fc1.forward(&self.layernorm.forward(&h)?)?.gelu()?)?;
+        (h + m)?.squeeze(0)
+    }
+}
+
+/// SigLIP's text tower: token and position embeddings, the encoder (no mask: pad tokens take
+/// part, as in the reference), the final LayerNorm, the last position's state through the
+/// head.
+pub struct TextTower {
+    /// `[vocab, hidden]`.
+    pub token: Tensor,
+    /// `[max_length, hidden]`.
+    pub position: Tensor,
+    pub layers: Vec<VisionLayer>,
+    pub final_layer_norm: LayerNorm,
+    pub head: BiasLinear,
+    pub num_heads: usize,
+}
+
+impl TextTower {
+    /// The sequence length the tower reads (its position table).
+    pub fn max_length(&self) -> usize {
+        self.position.dim(0).unwrap_or(0)
+    }
+
+    /// The pooled (unnormalised) embedding of one token sequence.
+    pub fn forward(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
+        let (vocab, _) = self.token.dims2()?;
+        if ids.is_empty() || ids.len() > self.max_length() {
+            candle_core::bail!("{} tokens; the text tower reads 1 to {}", ids.len(), self.max_length());
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), self.token.device())?;
+        let x = self.token.index_select(&idx, 0)?.broadcast_add(&self.position.narrow(0, 0, ids.len())?)?;
+        let x = encoder(&self.layers, self.num_heads, x, "text_layer")?;
+        let x = self.final_layer_norm.forward(&x)?;
+        let last = x.narrow(0, ids.len() - 1, 1)?;
+        self.head.forward(&last)?.squeeze(0)
+    }
+}
+
+/// A whole SigLIP model (MedSigLIP): image and text towers in one space, with the logit
+/// scale (stored as its log) and bias of the sigmoid loss.
+pub struct SiglipModel {
+    pub vision: VisionEncoder,
+    pub head: PoolingHead,
+    pub text: TextTower,
+    pub logit_scale: f32,
+    pub logit_bias: f32,
+}
+
+impl SiglipModel {
+    /// The pooled, unnormalised embedding of one image (`pixel_values`: CHW f32 of the
+    /// tower's size, normalised to [-1, 1]).
+    pub fn image_features(&self, pixel_values: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let x = self.vision.forward(pixel_values)?;
+        self.head.forward(&x, self.vision.num_heads)?.to_vec1()
+    }
+
+    /// The pooled, unnormalised embedding of one token sequence.
+    pub fn text_features(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
+        self.text.forward(ids)?.to_vec1()
+    }
+
+    /// `logit_scale.exp() · ⟨text, image⟩ + logit_bias` of two L2-normalised embeddings: the
+    /// logit whose sigmoid is the probability that the text describes the image.
+    pub fn logit(&self, image: &[f32], text: &[f32]) -> f32 {
+        let dot: f32 = image.iter().zip(text).map(|(a, b)| a * b).sum();
+        self.logit_scale.exp() * dot + self.logit_bias
+    }
+}
+
+/// `v / ‖v‖₂` (a zero vector stays zero).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
     }
 }
 

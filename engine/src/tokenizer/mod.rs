@@ -3,6 +3,7 @@
 //! interface.
 
 pub mod hf;
+pub mod siglip;
 pub mod spm;
 
 pub use hf::HfTokenizer;
