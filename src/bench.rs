@@ -33,6 +33,9 @@ pub enum Mode {
     Kernels,
     /// Whole-slide reading: header, tiles, tissue patches; TARGET: a slide file or `s3://` object.
     Wsi,
+    /// Embedding speed of a SigLIP of MedSigLIP-448's shape with random weights (`--runs`
+    /// images, four times as many texts).
+    Siglip,
 }
 
 #[derive(clap::Args)]
@@ -220,6 +223,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match mode {
         Mode::Kernels => return crate::kernel_bench::run(&args.shapes, &args.batches, args.runs.max(1)),
         Mode::Vision => return vision_bench(args.runs.max(1), args.text_hidden),
+        Mode::Siglip => return crate::siglip_bench::run(args.runs.max(1)),
         Mode::Dicom => return dicom_bench(args.dicom.as_deref().expect("resolved"), args.runs.max(1)),
         Mode::Images => return image_bench(args.images.expect("resolved").max(1)),
         Mode::Wsi => return crate::wsi_bench::run(args.slide.as_deref().expect("resolved")),
@@ -580,7 +584,12 @@ async fn publish_bench(n: u32, url: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// Encodes a synthetic image (smooth gradients and edges, like a scan) with the `image` crate.
-fn synthetic_image(width: u32, height: u32, gray: bool, format: image::ImageFormat) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn synthetic_image(
+    width: u32,
+    height: u32,
+    gray: bool,
+    format: image::ImageFormat,
+) -> anyhow::Result<Vec<u8>> {
     let value = |x: u32, y: u32, c: u32| {
         let v = 127.0 + 90.0 * ((x as f64 * 0.013 + c as f64).sin() * (y as f64 * 0.009).cos());
         (v + if (x / 37 + y / 29).is_multiple_of(2) { 20.0 } else { 0.0 }) as u8

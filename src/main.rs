@@ -14,6 +14,7 @@ mod kernel_bench;
 mod model_path;
 mod models;
 mod progress;
+mod siglip_bench;
 mod status;
 mod wsi_bench;
 
