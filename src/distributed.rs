@@ -12,7 +12,7 @@ use medbatch_coordinator::{
     follow_and_commit, plan_run, publish_pending, run_progress, FollowConfig, Followed, PlanConfig,
 };
 use medbatch_engine::EngineHandle;
-use medbatch_schemas::{Digest, ModelRef, RunId, NO_MODEL};
+use medbatch_schemas::{ModelRef, RunId, NO_MODEL};
 use medbatch_worker::pipeline::LoadedPipeline;
 use medbatch_worker::serve::{serve, Contexts, Resolver, Served};
 use std::process::ExitCode;
@@ -222,18 +222,13 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let (engine, model) = if args.model == NO_MODEL {
         (None, ModelRef::none())
     } else {
-        let model_arg = args.model.clone();
-        eprintln!("medbatch: loading model {model_arg}");
-        let split = args.split.clone();
-        let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
-        let info = engine.info.clone();
-        let engine = EngineHandle::start(engine, args.limits.limits()?)?;
+        let (engine, model) = model_path::start_engine(&args.model, &args.split, &args.limits).await?;
         let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
         anyhow::ensure!(stall.is_finite() && stall >= 0.0, "--stall-timeout must be a number of seconds, 0 or more");
         if stall > 0.0 {
             spawn_watchdog(engine.clone(), Duration::from_secs_f64(stall));
         }
-        (Some(engine), ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? })
+        (Some(engine), model)
     };
     let mut cfg = args.broker.config();
     cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);

@@ -7,8 +7,7 @@ use anyhow::{bail, Context};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
 use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
-use medbatch_engine::EngineHandle;
-use medbatch_schemas::{tables, Digest, ModelRef, RunId, Selection};
+use medbatch_schemas::{tables, ModelRef, RunId, Selection};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -76,14 +75,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     // A pipeline that calls no model (tiles) runs without one, whatever --model says.
     let (engine, model) = if pipeline.spec.task.needs_model() {
-        let model_arg = args.model.clone();
-        eprintln!("medbatch: loading model {model_arg}");
-        let split = args.split.clone();
-        let engine = tokio::task::spawn_blocking(move || split.load(&model_arg)).await??;
-        let info = engine.info.clone();
-        let engine = EngineHandle::start(engine, args.limits.limits()?)?;
-        tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
-        (Some(engine), ModelRef { id: info.id.clone(), digest: Digest::parse(&info.digest).context("model digest")? })
+        let (engine, model) = model_path::start_engine(&args.model, &args.split, &args.limits).await?;
+        (Some(engine), model)
     } else {
         eprintln!("medbatch: the {} pipeline calls no model: none is loaded", pipeline.spec.name);
         (None, ModelRef::none())

@@ -163,3 +163,20 @@ pub fn model_ref(arg: &str) -> anyhow::Result<medbatch_schemas::ModelRef> {
     let id = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(medbatch_schemas::ModelRef { id, digest: medbatch_schemas::Digest::parse(&digest).context("model digest")? })
 }
+
+/// Loads `model` (split as `split` says) on a blocking thread and starts its engine service:
+/// the engine, and the model as jobs name it (id and weights digest).
+pub async fn start_engine(
+    model: &str,
+    split: &SplitArgs,
+    limits: &EngineLimitArgs,
+) -> anyhow::Result<(medbatch_engine::EngineHandle, medbatch_schemas::ModelRef)> {
+    eprintln!("medbatch: loading model {model}");
+    let (arg, split) = (model.to_string(), split.clone());
+    let engine = tokio::task::spawn_blocking(move || split.load(&arg)).await??;
+    let info = engine.info.clone();
+    let engine = medbatch_engine::EngineHandle::start(engine, limits.limits()?)?;
+    tracing::info!(model = %info.id, digest = %&info.digest[..12], "model loaded");
+    let digest = medbatch_schemas::Digest::parse(&info.digest).context("model digest")?;
+    Ok((engine, medbatch_schemas::ModelRef { id: info.id, digest }))
+}

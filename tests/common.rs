@@ -229,3 +229,17 @@ pub fn broker_state(namespace: &str) -> String {
     .collect();
     format!("broker alarms: {}; queues (ready, unacked, consumers): {queues:?}", alarms.trim())
 }
+
+/// The wsi-tiles pipeline copied with tiles of `patch` px at 10x in jobs of `tiles_per_job`
+/// cells, as `dir/PATCH-TILES/wsi-tiles` (a folder of pipelines a worker can serve from).
+pub fn tiles_pipeline(dir: &Path, patch: u32, tiles_per_job: u64) -> PathBuf {
+    let p = dir.join(format!("{patch}-{tiles_per_job}")).join("wsi-tiles");
+    std::fs::create_dir_all(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("patch = 896", &format!("patch = {patch}"))
+        .replace("stride = 896", &format!("stride = {patch}"))
+        .replace("tiles_per_job = 4096", &format!("tiles_per_job = {tiles_per_job}"));
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    p
+}

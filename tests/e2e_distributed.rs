@@ -168,18 +168,11 @@ fn tile_jobs_go_to_a_worker_without_a_model() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o.stderr));
     // 64-px tiles at 10x: a 7 x 5 grid a slide, in bands of two rows.
-    let p = dir.path().join("wsi-tiles");
-    std::fs::create_dir(&p).unwrap();
-    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
-    let toml = toml
-        .replace("patch = 896", "patch = 64")
-        .replace("stride = 896", "stride = 64")
-        .replace("tiles_per_job = 4096", "tiles_per_job = 16");
-    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let p = tiles_pipeline(dir.path(), 64, 16);
     let inputs = [slides.join("jpeg-ycbcr.tiff"), slides.join("aperio-j2k-rgb.svs"), slides.join("dicom-j2k")];
     let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
 
-    let w = worker_with(&namespace, "none", &["--pipelines", dir.path().to_str().unwrap()]);
+    let w = worker_with(&namespace, "none", &["--pipelines", p.parent().unwrap().to_str().unwrap()]);
     let out = dir.path().join("out");
     let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
         .args(["submit", p.to_str().unwrap()])

@@ -762,20 +762,6 @@ fn pathology_report_reads_slides_straight_from_s3_like_the_files_on_disk() {
     assert_eq!(patches(&s3), patches(&disk), "the same patches from each file");
 }
 
-/// The wsi-tiles pipeline with 64-px tiles at 10x (a 7 x 5 grid on the synthetic slides) in
-/// jobs of `tiles_per_job` cells.
-fn tiny_tiles(dir: &Path, tiles_per_job: u64) -> PathBuf {
-    let p = dir.join(format!("wsi-tiles-{tiles_per_job}"));
-    std::fs::create_dir_all(&p).unwrap();
-    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
-    let toml = toml
-        .replace("patch = 896", "patch = 64")
-        .replace("stride = 896", "stride = 64")
-        .replace("tiles_per_job = 4096", &format!("tiles_per_job = {tiles_per_job}"));
-    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
-    p
-}
-
 /// A tile row: document id, level, grid column, grid row, tissue fraction, model id.
 type TileRow = (String, u32, u32, u32, String, String);
 
@@ -831,8 +817,8 @@ fn wsi_tiles_one_row_per_tissue_tile_in_bands_without_a_model() {
     inputs.push(masked.to_string_lossy().into_owned());
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     // Bands of two grid rows (three jobs a slide), and one job a slide.
-    let (tiles, errors, stderr) = tiles_run(&tiny_tiles(dir.path(), 16), &inputs);
-    let (whole, whole_errors, _) = tiles_run(&tiny_tiles(dir.path(), 4096), &inputs);
+    let (tiles, errors, stderr) = tiles_run(&tiles_pipeline(dir.path(), 64, 16), &inputs);
+    let (whole, whole_errors, _) = tiles_run(&tiles_pipeline(dir.path(), 64, 4096), &inputs);
     assert!(stderr.contains("calls no model"), "{stderr}");
     assert_eq!(tiles, whole, "the bands' rows are the whole slides' rows, each once");
     assert!(tiles.iter().all(|t| t.1 == 1 && t.5 == "none"), "10x is level 1; no model: {tiles:?}");
@@ -905,14 +891,7 @@ fn a_large_slide_on_s3_is_tiled_from_a_few_ranged_reads() {
     let size = std::fs::metadata(&path).unwrap().len();
     assert!(size >= 200 << 20, "{size}");
     // 224-px tiles at 10x: a 9 x 9 grid on the 10x level (2,112 px), in bands of 3 rows.
-    let p = dir.path().join("wsi-tiles");
-    std::fs::create_dir(&p).unwrap();
-    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tiles/pipeline.toml")).unwrap();
-    let toml = toml
-        .replace("patch = 896", "patch = 224")
-        .replace("stride = 896", "stride = 224")
-        .replace("tiles_per_job = 4096", "tiles_per_job = 27");
-    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let p = tiles_pipeline(dir.path(), 224, 27);
     let bucket = format!("medbatch-large-{}", std::process::id());
     upload_folder(&slides, &bucket, "slides");
     let run = |input: &str| {

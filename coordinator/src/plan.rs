@@ -88,15 +88,7 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     for f in &found {
         let sha256 = sha256_file(&cfg.source, f)?;
         let kind = InputKind::from_name(&f.uri);
-        let base = InputRef {
-            uri: f.uri.clone(),
-            size: f.size,
-            sha256,
-            kind,
-            selection: Selection::Whole,
-            etag: f.etag.clone(),
-            case: None,
-        };
+        let base = whole_input(f, sha256, kind);
         let mut selections = vec![Selection::Whole];
         if kind.is_archive() {
             // A listing that fails leaves the whole archive to one job, whose worker reports
