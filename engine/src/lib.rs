@@ -11,6 +11,7 @@ pub mod comm;
 pub mod comm_nccl;
 pub mod constrain;
 pub mod describe;
+pub mod embed;
 pub mod engine;
 pub mod image;
 pub mod kernels;

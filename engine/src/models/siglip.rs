@@ -47,7 +47,14 @@ pub struct BiasLinear {
 }
 
 impl BiasLinear {
+    /// `x · Wᵀ + b` for `x` of shape `[rows, in]` or `[batch, rows, in]`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.rank() == 3 {
+            // One matrix product over every row of the batch.
+            let (b, rows, inp) = x.dims3()?;
+            let y = x.reshape((b * rows, inp))?.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+            return y.reshape((b, rows, self.weight.dim(0)?));
+        }
         x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
     }
 }
@@ -89,14 +96,23 @@ impl VisionEncoder {
     /// The hidden states of one image given as `pixel_values` (CHW f32 of `image_size`²,
     /// already resized and normalised): `[patches, hidden]`.
     pub fn forward(&self, pixel_values: &[f32]) -> candle_core::Result<Tensor> {
+        self.forward_batch(&[pixel_values])?.squeeze(0)
+    }
+
+    /// The hidden states of several images at once: `[images, patches, hidden]`.
+    pub fn forward_batch(&self, images: &[&[f32]]) -> candle_core::Result<Tensor> {
         let (s, p, ch) = (self.image_size, self.patch_size, self.num_channels);
-        if pixel_values.len() != ch * s * s {
-            candle_core::bail!("pixel values hold {} numbers, the tower takes {ch}×{s}×{s}", pixel_values.len());
-        }
         let n = self.patches_per_side();
-        // [C, n, p, n, p] → [n(row), n(col), C, p, p] → one row per patch.
-        let px = Tensor::from_slice(pixel_values, (ch, n, p, n, p), &self.device)?;
-        let rows = px.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n * n, ch * p * p))?;
+        let mut rows = Vec::with_capacity(images.len());
+        for pixel_values in images {
+            if pixel_values.len() != ch * s * s {
+                candle_core::bail!("pixel values hold {} numbers, the tower takes {ch}×{s}×{s}", pixel_values.len());
+            }
+            // [C, n, p, n, p] → [n(row), n(col), C, p, p] → one row per patch.
+            let px = Tensor::from_slice(pixel_values, (ch, n, p, n, p), &self.device)?;
+            rows.push(px.permute((1, 3, 0, 2, 4))?.contiguous()?.reshape((n * n, ch * p * p))?);
+        }
+        let rows = Tensor::stack(&rows, 0)?;
         let x = self.patch.forward(&rows)?.broadcast_add(&self.position)?;
         let x = encoder(&self.layers, self.num_heads, x, "vision_layer")?;
         self.post_layernorm.forward(&x)
@@ -120,33 +136,37 @@ pub fn encoder(layers: &[VisionLayer], heads: usize, mut x: Tensor, span: &'stat
 
 /// Multi-head attention of the rows of `queries` over those of `keys` (keys and values from
 /// the same rows, no mask), a few heads at a time, through the output projection:
-/// `[q, k, v, out]` projections with bias.
+/// `[q, k, v, out]` projections with bias. Inputs are `[rows, hidden]` or, for a batch,
+/// `[batch, rows, hidden]` (each item attends within itself).
 pub fn attention(
     [wq, wk, wv, wo]: [&BiasLinear; 4],
     heads: usize,
     queries: &Tensor,
     keys: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let (m, hidden) = queries.dims2()?;
-    let n = keys.dim(0)?;
+    if queries.rank() == 2 {
+        return attention([wq, wk, wv, wo], heads, &queries.unsqueeze(0)?, &keys.unsqueeze(0)?)?.squeeze(0);
+    }
+    let (b, m, hidden) = queries.dims3()?;
+    let n = keys.dim(1)?;
     let hd = hidden / heads;
-    let split = |t: Tensor, rows: usize| t.reshape((rows, heads, hd))?.transpose(0, 1)?.contiguous();
+    let split = |t: Tensor, rows: usize| t.reshape((b, rows, heads, hd))?.transpose(1, 2)?.contiguous();
     let q = (split(wq.forward(queries)?, m)? * (hd as f64).powf(-0.5))?;
     let k = split(wk.forward(keys)?, n)?;
     let v = split(wv.forward(keys)?, n)?;
-    let group = (SCORE_BUDGET_BYTES / (m * n * 4).max(1)).clamp(1, heads);
+    let group = (SCORE_BUDGET_BYTES / (b * m * n * 4).max(1)).clamp(1, heads);
     let mut outs = Vec::with_capacity(heads.div_ceil(group));
     for h0 in (0..heads).step_by(group) {
         let g = group.min(heads - h0);
-        let (qg, kg, vg) = (q.narrow(0, h0, g)?, k.narrow(0, h0, g)?, v.narrow(0, h0, g)?);
+        let (qg, kg, vg) = (q.narrow(1, h0, g)?, k.narrow(1, h0, g)?, v.narrow(1, h0, g)?);
         let scores = qg.matmul(&kg.t()?)?;
         let max = scores.max_keepdim(D::Minus1)?;
         let e = scores.broadcast_sub(&max)?.exp()?;
         let probs = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
         outs.push(probs.matmul(&vg)?);
     }
-    let out = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 0)? };
-    wo.forward(&out.transpose(0, 1)?.reshape((m, hidden))?)
+    let out = if outs.len() == 1 { outs.pop().expect("one group") } else { Tensor::cat(&outs, 1)? };
+    wo.forward(&out.transpose(1, 2)?.reshape((b, m, hidden))?)
 }
 
 /// The vision tower and the projector of a multimodal checkpoint.
@@ -223,10 +243,14 @@ pub struct PoolingHead {
 }
 
 impl PoolingHead {
+    /// The pooled vectors of a batch of hidden states `[batch, patches, hidden]`:
+    /// `[batch, hidden]`.
     pub fn forward(&self, x: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-        let h = attention([&self.q, &self.k, &self.v, &self.out], heads, &self.probe, x)?;
+        let b = x.dim(0)?;
+        let probe = self.probe.unsqueeze(0)?.broadcast_as((b, 1, self.probe.dim(1)?))?.contiguous()?;
+        let h = attention([&self.q, &self.k, &self.v, &self.out], heads, &probe, x)?;
         let m = self.fc2.forward(&self.fc1.forward(&self.layernorm.forward(&h)?)?.gelu()?)?;
-        (h + m)?.squeeze(0)
+        (h + m)?.squeeze(1)
     }
 }
 
@@ -252,19 +276,27 @@ impl TextTower {
 
     /// The pooled (unnormalised) embedding of one token sequence.
     pub fn forward(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
-        let (vocab, _) = self.token.dims2()?;
-        if ids.is_empty() || ids.len() > self.max_length() {
-            candle_core::bail!("{} tokens; the text tower reads 1 to {}", ids.len(), self.max_length());
+        self.forward_batch(&[ids])?.squeeze(0)
+    }
+
+    /// The pooled embeddings of several sequences of one length: `[texts, hidden]`.
+    pub fn forward_batch(&self, texts: &[&[u32]]) -> candle_core::Result<Tensor> {
+        let (vocab, hidden) = self.token.dims2()?;
+        let len = texts.first().map_or(0, |t| t.len());
+        if len == 0 || len > self.max_length() || texts.iter().any(|t| t.len() != len) {
+            candle_core::bail!("texts of 1 to {} tokens, all of one length, are read", self.max_length());
         }
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+        let flat: Vec<u32> = texts.iter().flat_map(|t| t.iter().copied()).collect();
+        if let Some(bad) = flat.iter().find(|&&i| i as usize >= vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
-        let idx = Tensor::from_slice(ids, ids.len(), self.token.device())?;
-        let x = self.token.index_select(&idx, 0)?.broadcast_add(&self.position.narrow(0, 0, ids.len())?)?;
+        let idx = Tensor::from_slice(&flat, flat.len(), self.token.device())?;
+        let x = self.token.index_select(&idx, 0)?.reshape((texts.len(), len, hidden))?;
+        let x = x.broadcast_add(&self.position.narrow(0, 0, len)?)?;
         let x = encoder(&self.layers, self.num_heads, x, "text_layer")?;
         let x = self.final_layer_norm.forward(&x)?;
-        let last = x.narrow(0, ids.len() - 1, 1)?;
-        self.head.forward(&last)?.squeeze(0)
+        let last = x.narrow(1, len - 1, 1)?.squeeze(1)?;
+        self.head.forward(&last)
     }
 }
 
@@ -282,13 +314,24 @@ impl SiglipModel {
     /// The pooled, unnormalised embedding of one image (`pixel_values`: CHW f32 of the
     /// tower's size, normalised to [-1, 1]).
     pub fn image_features(&self, pixel_values: &[f32]) -> candle_core::Result<Vec<f32>> {
-        let x = self.vision.forward(pixel_values)?;
-        self.head.forward(&x, self.vision.num_heads)?.to_vec1()
+        Ok(self.image_features_batch(&[pixel_values])?.pop().expect("one image"))
+    }
+
+    /// The pooled, unnormalised embeddings of several images in one batch.
+    pub fn image_features_batch(&self, images: &[&[f32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let x = self.vision.forward_batch(images)?;
+        self.head.forward(&x, self.vision.num_heads)?.to_vec2()
     }
 
     /// The pooled, unnormalised embedding of one token sequence.
     pub fn text_features(&self, ids: &[u32]) -> candle_core::Result<Vec<f32>> {
-        self.text.forward(ids)?.to_vec1()
+        Ok(self.text_features_batch(&[ids])?.pop().expect("one text"))
+    }
+
+    /// The pooled, unnormalised embeddings of several token sequences of one length (the
+    /// tokenizer's fixed length) in one batch.
+    pub fn text_features_batch(&self, texts: &[&[u32]]) -> candle_core::Result<Vec<Vec<f32>>> {
+        self.text.forward_batch(texts)?.to_vec2()
     }
 
     /// `logit_scale.exp() · ⟨text, image⟩ + logit_bias` of two L2-normalised embeddings: the
