@@ -219,8 +219,13 @@ pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
 async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency.max(1);
     // `--model none`: a worker of the pipelines that call no model (tiles).
+    let mut embedder = None;
     let (engine, model) = if args.model == NO_MODEL {
         (None, ModelRef::none())
+    } else if model_path::is_siglip(&args.model) {
+        let (handle, model) = model_path::start_embedder(&args.model).await?;
+        embedder = Some(handle);
+        (None, model)
     } else {
         let (engine, model) = model_path::start_engine(&args.model, &args.split, &args.limits).await?;
         let stall = args.stall_timeout.unwrap_or(if args.split.devices.is_empty() { 0.0 } else { GPU_STALL_TIMEOUT_S });
@@ -253,7 +258,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
         stopper.close().await;
     });
     let contexts = Arc::new(Contexts::Resolved(Resolver::new(
-        engine,
+        (engine, embedder),
         args.broker.s3_endpoint.clone(),
         args.pipelines.clone(),
         format!("{}-{}", crate::hostname(), std::process::id()),

@@ -74,7 +74,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let (store, out_root) = crate::status::open_store(&args.out, args.s3_endpoint.as_deref()).await?;
 
     // A pipeline that calls no model (tiles) runs without one, whatever --model says.
-    let (engine, model) = if pipeline.spec.task.needs_model() {
+    let mut embedder = None;
+    let (engine, model) = if pipeline.spec.task == medbatch_schemas::pipeline::Task::Embed {
+        let (handle, model) = model_path::start_embedder(&args.model).await?;
+        embedder = Some(handle);
+        (None, model)
+    } else if pipeline.spec.task.needs_model() {
         let (engine, model) = model_path::start_engine(&args.model, &args.split, &args.limits).await?;
         (Some(engine), model)
     } else {
@@ -127,6 +132,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let ctx = WorkerContext {
             store: store.clone(),
             engine: engine.clone(),
+            embedder: embedder.clone(),
             pipeline: runner.clone(),
             worker_id: format!("{}-{}", crate::hostname(), i),
             events: Some(tx.clone()),

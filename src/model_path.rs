@@ -180,3 +180,35 @@ pub async fn start_engine(
     let digest = medbatch_schemas::Digest::parse(&info.digest).context("model digest")?;
     Ok((engine, medbatch_schemas::ModelRef { id: info.id, digest }))
 }
+
+/// Whether a model folder holds a SigLIP checkpoint (`model_type = "siglip"`: MedSigLIP),
+/// served by the embedding service rather than the generation engine.
+pub fn is_siglip(arg: &str) -> bool {
+    let Ok(path) = resolve(arg) else { return false };
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("model_type").and_then(serde_json::Value::as_str) == Some("siglip"))
+}
+
+/// Images and texts an embedding batch holds at most.
+pub const EMBED_BATCH: usize = 8;
+
+/// Loads a SigLIP checkpoint folder on a blocking thread and starts its embedding service:
+/// the service, and the model as jobs name it (folder name and fingerprint).
+pub async fn start_embedder(
+    model: &str,
+) -> anyhow::Result<(medbatch_engine::embed::EmbedHandle, medbatch_schemas::ModelRef)> {
+    eprintln!("medbatch: loading embedding model {model}");
+    let path = resolve(model)?;
+    anyhow::ensure!(
+        is_siglip(model),
+        "model {}: not a SiglipModel checkpoint folder (model_type \"siglip\")",
+        path.display()
+    );
+    let handle =
+        tokio::task::spawn_blocking(move || medbatch_engine::embed::EmbedHandle::load(&path, EMBED_BATCH)).await??;
+    let info = handle.info().clone();
+    let digest = medbatch_schemas::Digest::parse(&info.digest).context("model digest")?;
+    Ok((handle, medbatch_schemas::ModelRef { id: info.id, digest }))
+}

@@ -30,6 +30,10 @@ pub struct Embeddings {
 /// What the service tells about its model.
 #[derive(Clone, Debug)]
 pub struct EmbedInfo {
+    /// The checkpoint folder's name, and its fingerprint (as generation models are named
+    /// in jobs).
+    pub id: String,
+    pub digest: String,
     /// The embedding width.
     pub dim: usize,
     /// `exp(logit_scale)` and `logit_bias`: a text's logit for an image is
@@ -58,6 +62,17 @@ pub struct EmbedHandle {
 }
 
 impl EmbedHandle {
+    /// Loads a `SiglipModel` checkpoint folder (weights, tokenizer, processor settings) on the
+    /// CPU and starts its thread.
+    pub fn load(dir: &std::path::Path, max_batch: usize) -> Result<Self, EngineError> {
+        let (model, tokenizer) = crate::load::siglip::load_siglip(dir, &candle_core::Device::Cpu)?;
+        let images = crate::image::read_preprocessor_config(dir, model.vision.image_size)?;
+        let mut h = Self::start(model, tokenizer, images, max_batch)?;
+        h.info.id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        h.info.digest = crate::engine::checkpoint_fingerprint(dir).map_err(|e| EngineError::Load(e.to_string()))?;
+        Ok(h)
+    }
+
     /// Starts the thread with its model, tokenizer and image processing settings.
     pub fn start(
         model: SiglipModel,
@@ -66,6 +81,8 @@ impl EmbedHandle {
         max_batch: usize,
     ) -> Result<Self, EngineError> {
         let info = EmbedInfo {
+            id: String::new(),
+            digest: String::new(),
             dim: model.text.head.weight.dim(0).map_err(EngineError::from)?,
             scale: model.logit_scale.exp(),
             bias: model.logit_bias,

@@ -31,6 +31,9 @@ pub enum Task {
     /// "tiles"`), with its level, place, size, tissue fraction and pixel size. Runs need no
     /// model and take no prompt.
     Tiles,
+    /// Embeddings from a SigLIP model (MedSigLIP): one row per image with its L2-normalised
+    /// embedding, and a probability column per zero-shot label of `[embed]`. No prompt.
+    Embed,
 }
 
 impl Task {
@@ -38,6 +41,32 @@ impl Task {
     pub fn needs_model(self) -> bool {
         self != Self::Tiles
     }
+
+    /// Whether the pipeline prompts a generative model (and so has a `[prompt]`).
+    pub fn needs_prompt(self) -> bool {
+        !matches!(self, Self::Tiles | Self::Embed)
+    }
+}
+
+/// Embedding pipelines (`task = "embed"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedSpec {
+    /// The embedding width the output column holds (MedSigLIP: 1,152); a model of another
+    /// width is refused.
+    pub dimensions: usize,
+    /// Zero-shot labels: a column `label_NAME` each, the sigmoid probability (SigLIP's) that
+    /// the label's text describes the image.
+    #[serde(default)]
+    pub labels: Vec<EmbedLabel>,
+}
+
+/// A zero-shot label: a column name and the text it is scored with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedLabel {
+    pub name: String,
+    pub text: String,
 }
 
 /// The whole spec.
@@ -63,6 +92,9 @@ pub struct PipelineSpec {
     /// Imaging pipelines: how images, DICOM studies and series, and volumes become prompts.
     #[serde(default)]
     pub imaging: Option<ImagingSpec>,
+    /// Embedding pipelines: the embedding width and the zero-shot labels.
+    #[serde(default)]
+    pub embed: Option<EmbedSpec>,
 }
 
 /// What one job (and one prompt) of an imaging pipeline covers.
@@ -464,13 +496,40 @@ impl PipelineSpec {
         if self.generation.max_new_tokens == 0 {
             return Err(SpecError::Invalid("generation.max_new_tokens must be > 0".into()));
         }
-        if self.task.needs_model() && (self.prompt.template.is_empty() || self.prompt.schema.is_empty()) {
+        if self.task.needs_prompt() && (self.prompt.template.is_empty() || self.prompt.schema.is_empty()) {
             return Err(SpecError::Invalid("[prompt] needs a template and a schema".into()));
         }
         for f in [&self.prompt.template, &self.prompt.schema] {
             if f.contains("..") || f.starts_with('/') {
                 return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
             }
+        }
+        match (&self.embed, self.task) {
+            (None, Task::Embed) => return Err(SpecError::Invalid("task = \"embed\" needs an [embed] section".into())),
+            (Some(_), t) if t != Task::Embed => {
+                return Err(SpecError::Invalid("an [embed] section goes with task = \"embed\"".into()))
+            }
+            (Some(e), _) => {
+                if e.dimensions == 0 {
+                    return Err(SpecError::Invalid("embed.dimensions must be > 0".into()));
+                }
+                let mut names = std::collections::HashSet::new();
+                for l in &e.labels {
+                    let ok = !l.name.is_empty() && l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                    if !ok || !names.insert(l.name.as_str()) || l.text.trim().is_empty() {
+                        return Err(SpecError::Invalid(format!(
+                            "embed.labels: {:?} needs a unique name of letters, digits and '_' and a text",
+                            l.name
+                        )));
+                    }
+                }
+                if self.imaging.is_none() {
+                    return Err(SpecError::Invalid(
+                        "task = \"embed\" embeds images: it needs an [imaging] section".into(),
+                    ));
+                }
+            }
+            (None, _) => {}
         }
         let imaging_kinds = self.input.kinds.iter().any(|k| k.is_imaging());
         match &self.imaging {
@@ -481,8 +540,8 @@ impl PipelineSpec {
                         "task = \"tiles\" goes with imaging.unit = \"tiles\", and only with it".into(),
                     ));
                 }
-                if !tiles && self.task != Task::Structured {
-                    return Err(SpecError::Invalid("imaging pipelines are `structured` or `tiles`".into()));
+                if !tiles && !matches!(self.task, Task::Structured | Task::Embed) {
+                    return Err(SpecError::Invalid("imaging pipelines are `structured`, `embed` or `tiles`".into()));
                 }
                 if i.slide.group == SlideGroup::Case && i.unit != ImagingUnit::Slide {
                     return Err(SpecError::Invalid(

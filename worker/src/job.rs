@@ -10,6 +10,7 @@ use bytes::Bytes;
 use medbatch_connectors::queue::{Delivery, JobQueue};
 use medbatch_connectors::store::ObjectStore;
 use medbatch_engine::EngineHandle;
+use medbatch_schemas::pipeline::Task;
 use medbatch_schemas::tables::{done_key, part_key, DOCUMENTS_TABLE, ERRORS_TABLE};
 use medbatch_schemas::{Completion, Digest, InputError, Job, ModelRef, OutputPart, JOB_SCHEMA_VERSION};
 use std::sync::Arc;
@@ -46,8 +47,11 @@ pub enum WorkerEvent {
 #[derive(Clone)]
 pub struct WorkerContext {
     pub store: Arc<dyn ObjectStore>,
-    /// The model's engine; `None` for a worker of pipelines that call no model (`tiles`).
+    /// The model's engine; `None` for a worker of pipelines that call no model (`tiles`) or
+    /// an embedding model.
     pub engine: Option<EngineHandle>,
+    /// The embedding model's service (`embed` pipelines); `None` otherwise.
+    pub embedder: Option<medbatch_engine::embed::EmbedHandle>,
     /// The pipeline every job of this context runs.
     pub pipeline: Arc<dyn Pipeline>,
     pub worker_id: String,
@@ -261,10 +265,12 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     tracing::info!(inputs = job.inputs.len(), "job started");
     // A model pipeline's job needs this worker's model; a job of a pipeline that calls
     // none was planned without one.
-    let needs_model = ctx.pipeline.loaded().spec.task.needs_model();
-    let have = match (&ctx.engine, needs_model) {
-        (Some(engine), true) => engine.info().digest.clone(),
-        _ => ModelRef::none().digest.to_string(),
+    let have = match (ctx.pipeline.loaded().spec.task, &ctx.engine, &ctx.embedder) {
+        (Task::Tiles, _, _) => ModelRef::none().digest.to_string(),
+        (Task::Embed, _, Some(embedder)) => embedder.info().digest.clone(),
+        (Task::Embed, _, None) => ModelRef::none().digest.to_string(),
+        (_, Some(engine), _) => engine.info().digest.clone(),
+        (_, None, _) => ModelRef::none().digest.to_string(),
     };
     if job.model.digest.as_str() != have {
         return Err(JobError::WrongTarget {
@@ -304,8 +310,13 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         generated_at_us: chrono::Utc::now().timestamp_micros(),
     };
     let on_generated = |tokens| ctx.emit(WorkerEvent::Generated { tokens });
-    let cx =
-        RunCx { engine: ctx.engine.as_ref(), job_seed: job_seed(job), provenance: &prov, on_generated: &on_generated };
+    let cx = RunCx {
+        engine: ctx.engine.as_ref(),
+        embedder: ctx.embedder.as_ref(),
+        job_seed: job_seed(job),
+        provenance: &prov,
+        on_generated: &on_generated,
+    };
     let mut batches: Vec<RecordBatch> = Vec::new();
     let mut errors: Vec<ErrorRow> = Vec::new();
     let mut documents: Vec<DocumentRow> = Vec::new();

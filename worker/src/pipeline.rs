@@ -66,8 +66,8 @@ impl LoadedPipeline {
         let invalid = |reason: String| PipelineError::Invalid { path: shown.clone(), reason };
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
-        // A pipeline that calls no model has no prompt.
-        let model = spec.task.needs_model();
+        // A pipeline that prompts no generative model has no prompt.
+        let model = spec.task.needs_prompt();
         let template = if model { read(&spec.prompt.template)? } else { String::new() };
         let schema: serde_json::Value = if model {
             serde_json::from_str(&read(&spec.prompt.schema)?)

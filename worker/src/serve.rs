@@ -35,8 +35,10 @@ pub enum Contexts {
 
 /// Pipelines and output stores of the jobs a worker sees, opened once each.
 pub struct Resolver {
-    /// `None`: a worker of pipelines that call no model.
+    /// `None`: a worker of pipelines that call no model, or of an embedding model.
     pub engine: Option<EngineHandle>,
+    /// The embedding model's service (a worker of `embed` pipelines).
+    pub embedder: Option<medbatch_engine::embed::EmbedHandle>,
     pub s3_endpoint: Option<String>,
     pub inputs: InputSource,
     /// Pipelines looked for here first (by name), then among the built-in ones.
@@ -48,7 +50,7 @@ pub struct Resolver {
 
 impl Resolver {
     pub fn new(
-        engine: Option<EngineHandle>,
+        (engine, embedder): (Option<EngineHandle>, Option<medbatch_engine::embed::EmbedHandle>),
         s3_endpoint: Option<String>,
         pipeline_dir: Option<std::path::PathBuf>,
         worker_id: String,
@@ -56,6 +58,7 @@ impl Resolver {
         let inputs = InputSource::with_s3(s3_endpoint.clone());
         Self {
             engine,
+            embedder,
             s3_endpoint,
             inputs,
             pipeline_dir,
@@ -99,6 +102,7 @@ impl Resolver {
         Ok(WorkerContext {
             store,
             engine: self.engine.clone(),
+            embedder: self.embedder.clone(),
             pipeline,
             worker_id: format!("{}-{slot}", self.worker_id),
             events: None,

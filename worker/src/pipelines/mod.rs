@@ -5,6 +5,7 @@
 //! table: its Arrow schema and the record batch of each document's rows. Model calls go
 //! through [`crate::model_call`], the one path from prompt to answer.
 
+pub mod embed;
 pub mod lab_report;
 pub mod structured;
 pub mod tiles;
@@ -68,6 +69,8 @@ pub struct RunCx<'a> {
     /// The model's engine (`None` only for pipelines that call no model: the job checks it
     /// before any unit runs).
     pub engine: Option<&'a EngineHandle>,
+    /// The embedding model's service (`embed` pipelines; checked like the engine).
+    pub embedder: Option<&'a medbatch_engine::embed::EmbedHandle>,
     /// Seeds sampling (when the pipeline samples) so that a rerun reproduces it.
     pub job_seed: u64,
     /// The job columns of every row.
@@ -129,6 +132,7 @@ pub fn for_spec(loaded: Arc<LoadedPipeline>) -> Result<Arc<dyn Pipeline>, Pipeli
         Task::Extract => Ok(Arc::new(lab_report::LabReport::new(loaded))),
         Task::Structured => Ok(Arc::new(structured::Structured::new(loaded)?)),
         Task::Tiles => Ok(Arc::new(tiles::Tiles::new(loaded))),
+        Task::Embed => Ok(Arc::new(embed::Embed::new(loaded))),
         Task::Generate => Err(PipelineError::Invalid {
             path: loaded.dir.display().to_string(),
             reason: "task \"generate\" is not implemented".into(),

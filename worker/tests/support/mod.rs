@@ -60,6 +60,7 @@ pub fn context(store: Arc<dyn ObjectStore>, engine: EngineHandle, pipeline: Load
     WorkerContext {
         store,
         engine: Some(engine),
+        embedder: None,
         pipeline: medbatch_worker::pipelines::for_spec(Arc::new(pipeline)).unwrap(),
         worker_id: "w".into(),
         events: None,
