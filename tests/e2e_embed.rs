@@ -98,3 +98,53 @@ fn image_embeddings_equal_transformers_with_label_probabilities() {
     let detail = string_column(&eb, "detail");
     assert!(detail[0].as_deref().unwrap().contains("32 dimensions"), "{detail:?}");
 }
+
+/// Text embeddings of a note: chunks of whole words covering the note in order, each row's
+/// embedding the one `medbatch debug embed --text CHUNK` gives for its text.
+#[test]
+fn text_embeddings_embed_each_chunk_of_a_note() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("text-embeddings");
+    std::fs::create_dir(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/text-embeddings/pipeline.toml")).unwrap();
+    std::fs::write(p.join("pipeline.toml"), toml.replace("dimensions = 1152", "dimensions = 32")).unwrap();
+    let note = "Chest radiograph: no acute findings. Small left pleural effusion, unchanged since \
+                the prior study; cardiomegaly is not seen. Recommend follow-up in six weeks.\n\
+                Pathology: invasive ductal carcinoma of the breast, grade 2, margins clear.";
+    let file = dir.path().join("note.txt");
+    std::fs::write(&file, note).unwrap();
+    let out = dir.path().join("out");
+    let model = siglip();
+    let o = medbatch(&[
+        "run",
+        p.to_str().unwrap(),
+        file.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (rows, _, batches) = read_parquet_dir(&out.join("text_embeddings"));
+    assert!(rows >= 2, "a note longer than 63 tokens of the tiny tokenizer is several chunks: {rows}");
+    let starts: Vec<usize> =
+        string_column(&batches, "evidence_start").into_iter().map(|v| v.unwrap().parse().unwrap()).collect();
+    let ends: Vec<usize> =
+        string_column(&batches, "evidence_end").into_iter().map(|v| v.unwrap().parse().unwrap()).collect();
+    let chars: Vec<char> = note.chars().collect();
+    let pieces: Vec<String> = starts.iter().zip(&ends).map(|(&a, &b)| chars[a..b].iter().collect()).collect();
+    // Every word once, in order; chunks end and start on word boundaries.
+    assert_eq!(pieces.join(" ").split_whitespace().collect::<Vec<_>>(), note.split_whitespace().collect::<Vec<_>>());
+    assert!(starts.windows(2).all(|w| w[0] < w[1]));
+    let b = batches.iter().find(|b| b.num_rows() > 0).unwrap();
+    let emb = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+    for (k, piece) in pieces.iter().enumerate() {
+        let o = medbatch(&["debug", "embed", "--model", model.to_str().unwrap(), "--text", piece, "--json"]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let want: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let want: Vec<f32> =
+            want["text_embeds"][0].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let got: Vec<f32> = emb.value(k).as_primitive::<Float32Type>().values().to_vec();
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "chunk {k}");
+    }
+}

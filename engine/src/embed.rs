@@ -59,6 +59,7 @@ type Reply = oneshot::Sender<Result<Embeddings, EngineError>>;
 pub struct EmbedHandle {
     tx: mpsc::Sender<(EmbedRequest, Reply)>,
     info: EmbedInfo,
+    tokenizer: Arc<SiglipTokenizer>,
 }
 
 impl EmbedHandle {
@@ -90,15 +91,22 @@ impl EmbedHandle {
         };
         let (tx, rx) = mpsc::channel();
         let batch = info.max_batch;
+        let tokenizer = Arc::new(tokenizer);
+        let theirs = tokenizer.clone();
         std::thread::Builder::new()
             .name("medbatch-embed".into())
-            .spawn(move || serve(&model, &tokenizer, &images, batch, &rx))
+            .spawn(move || serve(&model, &theirs, &images, batch, &rx))
             .map_err(|e| EngineError::Load(format!("embedding thread: {e}")))?;
-        Ok(Self { tx, info })
+        Ok(Self { tx, info, tokenizer })
     }
 
     pub fn info(&self) -> &EmbedInfo {
         &self.info
+    }
+
+    /// The model's tokenizer (to split texts into chunks the text tower reads whole).
+    pub fn tokenizer(&self) -> &SiglipTokenizer {
+        &self.tokenizer
     }
 
     /// Embeds a request's images and texts (batched with whatever else is waiting).

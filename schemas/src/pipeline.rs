@@ -32,7 +32,8 @@ pub enum Task {
     /// model and take no prompt.
     Tiles,
     /// Embeddings from a SigLIP model (MedSigLIP): one row per image with its L2-normalised
-    /// embedding, and a probability column per zero-shot label of `[embed]`. No prompt.
+    /// embedding and a probability column per zero-shot label of `[embed]` (imaging
+    /// pipelines), or one row per chunk of a document's text (text pipelines). No prompt.
     Embed,
 }
 
@@ -523,9 +524,9 @@ impl PipelineSpec {
                         )));
                     }
                 }
-                if self.imaging.is_none() {
+                if self.imaging.is_none() && !e.labels.is_empty() {
                     return Err(SpecError::Invalid(
-                        "task = \"embed\" embeds images: it needs an [imaging] section".into(),
+                        "embed.labels score images: a text embedding pipeline (no [imaging]) has none".into(),
                     ));
                 }
             }

@@ -193,6 +193,30 @@ mod tests {
     }
 
     #[test]
+    fn every_shipped_pipeline_loads_and_builds_its_table() {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(pipelines_dir()).unwrap() {
+            let dir = entry.unwrap().path();
+            if !dir.join("pipeline.toml").is_file() {
+                continue;
+            }
+            let loaded =
+                LoadedPipeline::load(dir.to_str().unwrap()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let pipeline = crate::pipelines::for_spec(std::sync::Arc::new(loaded))
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            let schema = pipeline.schema();
+            for column in ["document_id", "source_uri", "run_id", "model_digest"] {
+                assert!(schema.field_with_name(column).is_ok(), "{}: no {column} column", dir.display());
+            }
+            names.push(pipeline.loaded().spec.name.clone());
+        }
+        names.sort();
+        for want in ["image-embeddings", "pathology-report", "text-embeddings", "wsi-tiles"] {
+            assert!(names.iter().any(|n| n == want), "{names:?}");
+        }
+    }
+
+    #[test]
     fn digest_covers_every_file() {
         let d = tempfile::tempdir().unwrap();
         for f in ["pipeline.toml", "prompt.j2", "schema.json", "analytes.tsv"] {

@@ -25,6 +25,19 @@ impl SiglipTokenizer {
         Ok(Self { inner, max_length, eos })
     }
 
+    /// The longest text the tower reads whole, in tokens (`max_length` less the `</s>`).
+    pub fn capacity(&self) -> usize {
+        self.max_length - 1
+    }
+
+    /// Tokens of `text` before `</s>`, unpadded and uncut (to split long texts in chunks
+    /// that fit [`Self::capacity`]).
+    pub fn count(&self, text: &str) -> Result<usize, EngineError> {
+        let canonical: String = text.chars().filter(|c| !c.is_ascii_punctuation()).collect();
+        let enc = self.inner.encode(canonical, false).map_err(|e| EngineError::Request(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().iter().filter(|&&i| i != self.eos).count())
+    }
+
     /// Exactly `max_length` token ids for `text`. Every ASCII punctuation mark is removed
     /// first, as the reference tokenizer's text canonicalization does (the `tokenizer.json`
     /// Google ships leaves `/`, `<` and `>` in); the tokenizer's normalizer then lower-cases
