@@ -6,6 +6,8 @@ use medbatch_connectors::queue::JobQueue;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_formats::dicom::{read_header_from, DicomHeader};
 use medbatch_formats::sniff::{looks_like_dicom, DICOM_PREAMBLE_BYTES};
+use medbatch_formats::wsi::tissue::{PatchGrid, PatchParams};
+use medbatch_formats::wsi::{Slide, WsiLimits};
 use medbatch_schemas::pipeline::{ImagingSpec, ImagingUnit, SlideGroup};
 use medbatch_schemas::tables::{done_key, done_prefix, plan_key};
 use medbatch_schemas::{CaseRef, Digest, InputKind, InputRef, Job, ModelRef, PipelineRef, RunId, Selection};
@@ -291,18 +293,20 @@ fn one_unit_a_job(cfg: &PlanConfig, job_inputs: Vec<Vec<InputRef>>, files: usize
 }
 
 /// A slide file's identity from its header alone (`SlideInfo::identity`: ETag, size, header
-/// digest); a slide whose header cannot be read gets one from its ETag, size and name, and
-/// its worker reports what is wrong with it.
-fn slide_identity(source: &InputSource, f: &FoundInput) -> Digest {
+/// digest), with its patch grid for `params`; a slide whose header cannot be read gets an
+/// identity from its ETag, size and name, and its worker reports what is wrong with it.
+fn slide_identity(source: &InputSource, f: &FoundInput, params: &PatchParams) -> (Digest, Option<PatchGrid>) {
     let etag = f.etag.as_deref();
-    source
-        .open_range(&f.uri, f.size, etag)
-        .ok()
-        .and_then(|src| medbatch_formats::wsi::Slide::open(src, &medbatch_formats::wsi::WsiLimits::default()).ok())
-        .map(|slide| slide.info().identity(etag, f.size))
-        .unwrap_or_else(|| {
-            Digest::of_bytes(format!("unreadable slide\n{}\n{}\n{}", etag.unwrap_or(""), f.size, f.uri).as_bytes())
-        })
+    let slide =
+        source.open_range(&f.uri, f.size, etag).ok().and_then(|src| Slide::open(src, &WsiLimits::default()).ok());
+    match slide {
+        // The patch grid comes from the same header (tile-level runs split by it).
+        Some(slide) => (slide.info().identity(etag, f.size), slide.patch_grid(params).ok()),
+        None => (
+            Digest::of_bytes(format!("unreadable slide\n{}\n{}\n{}", etag.unwrap_or(""), f.size, f.uri).as_bytes()),
+            None,
+        ),
+    }
 }
 
 /// Like [`kind_and_header`], reading only the header's bytes (in ranges of 256 KiB and up)
@@ -349,6 +353,9 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
     let mut series: BTreeMap<String, (String, Vec<(i64, InputRef)>)> = BTreeMap::new();
     let mut manifest = Manifest::default();
     let mut slide_files = 0;
+    // Patch grids of TIFF slides, read with their identity (tile-level runs split by them).
+    let params = PatchParams::from_spec(imaging);
+    let mut grids: BTreeMap<String, PatchGrid> = BTreeMap::new();
     for f in found {
         if by_case && InputKind::from_name(&f.uri) == InputKind::Csv {
             manifest.read(&cfg.source, f)?;
@@ -361,7 +368,11 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
             _ => dicom_kind_and_header(&cfg.source, f)?,
         };
         let sha256 = match (kind, &header) {
-            (InputKind::Slide, _) => slide_identity(&cfg.source, f),
+            (InputKind::Slide, _) => {
+                let (identity, grid) = slide_identity(&cfg.source, f, &params);
+                grids.extend(grid.map(|g| (f.uri.clone(), g)));
+                identity
+            }
             (InputKind::Dicom, Some(h)) => Digest::of_bytes(
                 format!("dicom instance\n{}\n{}\n{h:?}", f.etag.as_deref().unwrap_or(""), f.size).as_bytes(),
             ),
@@ -394,7 +405,11 @@ fn plan_slides(cfg: &PlanConfig, imaging: &ImagingSpec, found: &[FoundInput]) ->
     }
     let mut banded = Vec::new();
     for inputs in job_inputs {
-        for selection in tile_bands(&cfg.source, imaging, &inputs) {
+        let grid = match inputs[0].kind {
+            InputKind::Dicom => dicom_grid(&cfg.source, &params, &inputs),
+            _ => grids.get(&inputs[0].uri).copied(),
+        };
+        for selection in tile_bands(grid, imaging.slide.tiles_per_job) {
             banded.push(inputs.iter().map(|i| InputRef { selection: selection.clone(), ..i.clone() }).collect());
         }
     }
@@ -502,24 +517,20 @@ fn group_cases(
     jobs
 }
 
-/// The bands of a slide's patch grid, from its header: whole grid rows, about
-/// `imaging.slide.tiles_per_job` cells each (one row at least). A slide whose grid cannot be
-/// found (an unreadable header, no magnification, smaller than a patch) is one job of the
-/// whole slide; its worker reports why.
-fn tile_bands(source: &InputSource, imaging: &ImagingSpec, inputs: &[InputRef]) -> Vec<Selection> {
-    use medbatch_formats::wsi::{tissue::PatchParams, Slide, WsiLimits};
-    let limits = WsiLimits::default();
-    let opened: Option<Vec<_>> =
+/// A DICOM slide's patch grid, from the headers of its instances.
+fn dicom_grid(source: &InputSource, params: &PatchParams, inputs: &[InputRef]) -> Option<PatchGrid> {
+    let sources: Option<Vec<_>> =
         inputs.iter().map(|i| source.open_range(&i.uri, i.size, i.etag.as_deref()).ok()).collect();
-    let slide = opened.and_then(|mut sources| match inputs[0].kind {
-        InputKind::Slide if sources.len() == 1 => Slide::open(sources.remove(0), &limits).ok(),
-        InputKind::Dicom => Slide::open_dicom(sources, &limits).ok(),
-        _ => None,
-    });
-    let grid = slide.and_then(|s| s.patch_grid(&PatchParams::from_spec(imaging)).ok());
+    Slide::open_dicom(sources?, &WsiLimits::default()).ok()?.patch_grid(params).ok()
+}
+
+/// The bands of a slide's patch grid: whole grid rows, about `tiles_per_job` cells each (one
+/// row at least). A slide without a grid (an unreadable header, no magnification, smaller
+/// than a patch) is one job of the whole slide; its worker reports why.
+fn tile_bands(grid: Option<PatchGrid>, tiles_per_job: u64) -> Vec<Selection> {
     match grid {
         Some(g) if g.cols > 0 && g.rows > 0 => {
-            let per_job = (imaging.slide.tiles_per_job / g.cols).max(1);
+            let per_job = (tiles_per_job / g.cols).max(1);
             (0..g.rows)
                 .step_by(per_job as usize)
                 .map(|first_row| Selection::Tiles {
@@ -637,15 +648,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let o = std::process::Command::new(python).arg(oracle).arg("make").arg(d.path()).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let spec = ImagingSpec {
-            unit: ImagingUnit::Slide,
-            modalities: Vec::new(),
-            max_images: 125,
-            pad_to_square: false,
-            max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
-            slide: Default::default(),
-        };
-        let c = PlanConfig { imaging: Some(spec), ..cfg(vec![d.path().to_str().unwrap().into()], "r") };
+        let c = slide_plan(d.path());
         let p = plan_run(&c).unwrap();
         // Eight TIFF and SVS files, four DICOM slides of three instances each.
         assert_eq!(p.files, 8 + 4 * 3);
@@ -718,8 +721,9 @@ mod tests {
         d
     }
 
-    fn by_case(folder: &std::path::Path) -> PlanConfig {
-        let mut spec = ImagingSpec {
+    /// A slide-level run (the pathology recipe's defaults) over `folder`.
+    fn slide_plan(folder: &std::path::Path) -> PlanConfig {
+        let spec = ImagingSpec {
             unit: ImagingUnit::Slide,
             modalities: Vec::new(),
             max_images: 125,
@@ -727,8 +731,13 @@ mod tests {
             max_decoded_bytes: medbatch_schemas::pipeline::DEFAULT_MAX_DECODED_BYTES,
             slide: Default::default(),
         };
-        spec.slide.group = SlideGroup::Case;
         PlanConfig { imaging: Some(spec), ..cfg(vec![folder.to_str().unwrap().into()], "r") }
+    }
+
+    fn by_case(folder: &std::path::Path) -> PlanConfig {
+        let mut c = slide_plan(folder);
+        c.imaging.as_mut().expect("imaging").slide.group = SlideGroup::Case;
+        c
     }
 
     #[test]

@@ -283,17 +283,8 @@ impl<S: RangeRead> Slide<S> {
             });
         }
         let patches = match p.max_patches {
-            Some(n) if n < tissue.len() => {
-                // The same slide and seed give the same sample: the seed is mixed with the
-                // slide's header digest, so slides of one run are sampled independently.
-                let digest =
-                    u64::from_str_radix(&info.header_digest[..16.min(info.header_digest.len())], 16).unwrap_or(0);
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(p.seed ^ digest);
-                let mut picked = rand::seq::index::sample(&mut rng, tissue.len(), n).into_vec();
-                picked.sort_unstable();
-                picked.into_iter().map(|i| tissue[i]).collect()
-            }
-            _ => tissue,
+            Some(n) => self.sample(tissue, n, p.seed),
+            None => tissue,
         };
         Ok(PatchSelection {
             level,
@@ -309,6 +300,21 @@ impl<S: RangeRead> Slide<S> {
 
 #[cfg(feature = "pixels")]
 impl<S: RangeRead> Slide<S> {
+    /// Up to `n` of this slide's `patches`, in their order: a sample seeded with `seed` and the
+    /// slide's header digest, so the same slide and seed give the same sample and slides of
+    /// one run are sampled independently.
+    pub fn sample(&self, patches: Vec<Patch>, n: usize, seed: u64) -> Vec<Patch> {
+        if n >= patches.len() {
+            return patches;
+        }
+        let info = self.info();
+        let digest = u64::from_str_radix(&info.header_digest[..16.min(info.header_digest.len())], 16).unwrap_or(0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ digest);
+        let mut picked = rand::seq::index::sample(&mut rng, patches.len(), n).into_vec();
+        picked.sort_unstable();
+        picked.into_iter().map(|i| patches[i]).collect()
+    }
+
     /// Visits every pixel of `level` inside the level, tile by tile: (x, y, luminance 0–1 as
     /// OpenCV's RGB to grey, HSV saturation 0–1).
     fn scan_level(&self, level: usize, mut f: impl FnMut(u64, u64, f64, f64)) -> Result<(), WsiError> {

@@ -284,18 +284,8 @@ fn case_unit(id: &str, slides: &[(OpenSlide, Vec<&InputRef>)], spec: &ImagingSpe
     let (mut images, mut labels, mut sources, mut regions_of) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let side = params.patch as usize;
     for (k, (slide, files, grid, sel)) in found.iter().enumerate() {
-        let patches = if share[k] < sel.patches.len() {
-            let few = PatchParams { max_patches: Some(share[k]), ..params.clone() };
-            match slide.select_patches(&few) {
-                Ok(s) => s.patches,
-                Err(e) => {
-                    errors.push(error(files[0], e.kind(), e.to_string()));
-                    continue;
-                }
-            }
-        } else {
-            sel.patches.clone()
-        };
+        // The slide's share, sampled from its tissue cells as a slide alone is.
+        let patches = slide.sample(sel.patches.clone(), share[k], params.seed);
         let read = match read_patches(*slide, &patches, side, files[0]) {
             Ok(r) => r,
             Err(e) => {
