@@ -152,7 +152,7 @@ fn measure<S: RangeRead>(target: &str, src: Metered<S>, job: (&InputRef, &InputS
         .imaging
         .ok_or_else(|| anyhow::anyhow!("pathology-report has no [imaging] section"))?;
     let t = Instant::now();
-    let units = medbatch_worker::imaging::slide::read(&[job.0], job.1, &spec);
+    let units = medbatch_worker::imaging::slide::read(&[job.0], job.1, &spec, true);
     let read_s = t.elapsed().as_secs_f64();
     let unit = match units.into_iter().next() {
         Some(Ok(u)) => u,

@@ -148,3 +148,130 @@ fn text_embeddings_embed_each_chunk_of_a_note() {
         assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "chunk {k}");
     }
 }
+
+/// Tile embeddings of a lossless slide (Deflate tiles) in bands of two grid rows: the same
+/// tiles as wsi-tiles finds, and each row's embedding and label probabilities those `medbatch
+/// debug embed` gives for the tile's pixels as OpenSlide reads them (written to a PNG). A
+/// slide of glass is an error row.
+#[test]
+fn wsi_tile_embeddings_embed_each_tissue_tile_like_debug_embed_of_its_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made");
+    std::fs::create_dir(&made).unwrap();
+    let oracle = repo_root().join("formats/tests/support/wsi_oracle.py");
+    let o = std::process::Command::new(python()).arg(&oracle).arg("make").arg(&made).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let slides = dir.path().join("slides");
+    std::fs::create_dir(&slides).unwrap();
+    for f in ["deflate.tiff", "glass.tiff"] {
+        std::fs::rename(made.join(f), slides.join(f)).unwrap();
+    }
+    // Tiles of 64 px at 10x (level 1 of the 20x slide), bands of 16 cells (two grid rows).
+    let p = dir.path().join("wsi-tile-embeddings");
+    std::fs::create_dir(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tile-embeddings/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("dimensions = 1152", "dimensions = 32")
+        .replace("patch = 896", "patch = 64")
+        .replace("stride = 896", "stride = 64")
+        .replace("tiles_per_job = 64", "tiles_per_job = 16");
+    std::fs::write(p.join("pipeline.toml"), &toml).unwrap();
+    let labels: Vec<String> =
+        toml.lines().filter_map(|l| l.strip_prefix("text = \"").map(|t| t.trim_end_matches('"').to_string())).collect();
+    assert_eq!(labels.len(), 3);
+    let out = dir.path().join("out");
+    let model = siglip();
+    let o = medbatch(&[
+        "run",
+        p.to_str().unwrap(),
+        slides.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (rows, _, batches) = read_parquet_dir(&out.join("wsi_tile_embeddings"));
+    let col = |name: &str| string_column(&batches, name).into_iter().map(Option::unwrap).collect::<Vec<_>>();
+    let num = |name: &str| col(name).into_iter().map(|v| v.parse::<u64>().unwrap()).collect::<Vec<_>>();
+    let (ids, levels, xs, ys, widths) = (col("document_id"), num("level"), num("x"), num("y"), num("width"));
+    assert!(rows >= 4, "{rows}");
+    assert!(ids.iter().all(|d| d == "deflate.tiff") && levels.iter().all(|&l| l == 1), "{ids:?} {levels:?}");
+    assert!(widths.iter().all(|&w| w == 64));
+    let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
+    let errors: Vec<(String, String)> = string_column(&eb, "source_uri")
+        .into_iter()
+        .zip(string_column(&eb, "reason"))
+        .map(|(u, r)| (u.unwrap().rsplit('/').next().unwrap().to_string(), r.unwrap()))
+        .collect();
+    assert_eq!(errors, [("glass.tiff".to_string(), "not_applicable".to_string())]);
+
+    // The tiles wsi-tiles finds with the same grid.
+    let tiles_out = dir.path().join("tiles-out");
+    let o = medbatch(&[
+        "run",
+        tiles_pipeline(dir.path(), 64, 16).to_str().unwrap(),
+        slides.join("deflate.tiff").to_str().unwrap(),
+        "--out",
+        tiles_out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (_, _, tb) = read_parquet_dir(&tiles_out.join("wsi_tiles"));
+    let places = |b: &[arrow::record_batch::RecordBatch]| {
+        let mut v: Vec<(String, String)> = string_column(b, "x")
+            .into_iter()
+            .zip(string_column(b, "y"))
+            .map(|(x, y)| (x.unwrap(), y.unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(places(&batches), places(&tb), "the tiles of wsi-tiles, each once");
+
+    // Each tile's pixels as OpenSlide reads them (level 1 is half of level 0), as a PNG.
+    let pngs = dir.path().join("tiles");
+    std::fs::create_dir(&pngs).unwrap();
+    let regions: Vec<String> = xs.iter().zip(&ys).map(|(x, y)| format!("[{}, {}]", x * 2, y * 2)).collect();
+    let script = format!(
+        "import imagecodecs, numpy as np, openslide\n\
+         s = openslide.OpenSlide({slide:?})\n\
+         for k, (x, y) in enumerate([{regions}]):\n\
+         \x20   rgb = np.ascontiguousarray(np.asarray(s.read_region((x, y), 1, (64, 64)))[..., :3])\n\
+         \x20   open(f'{dir}/{{k}}.png', 'wb').write(imagecodecs.png_encode(rgb))\n",
+        slide = slides.join("deflate.tiff").to_str().unwrap(),
+        regions = regions.join(", "),
+        dir = pngs.to_str().unwrap(),
+    );
+    let o = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let mut args = vec!["debug".to_string(), "embed".into(), "--model".into(), model.to_string_lossy().into_owned()];
+    for k in 0..rows {
+        args.extend(["--image".into(), pngs.join(format!("{k}.png")).to_string_lossy().into_owned()]);
+    }
+    for l in &labels {
+        args.extend(["--text".into(), l.clone()]);
+    }
+    args.push("--json".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let want: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let floats = |v: &Value| v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect::<Vec<f32>>();
+    let mut k = 0;
+    for b in batches.iter().filter(|b| b.num_rows() > 0) {
+        let emb = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+        for i in 0..b.num_rows() {
+            let got: Vec<f32> = emb.value(i).as_primitive::<Float32Type>().values().to_vec();
+            let expected = floats(&want["image_embeds"][k]);
+            assert!(got.iter().zip(&expected).all(|(a, b)| (a - b).abs() < 1e-5), "tile {k}: {got:?} {expected:?}");
+            let logits = floats(&want["logits_per_image"][k]);
+            for (j, name) in ["tumor", "benign", "necrosis"].iter().enumerate() {
+                let p = b.column_by_name(&format!("label_{name}")).unwrap().as_primitive::<Float32Type>().value(i);
+                let expected = 1.0 / (1.0 + (-logits[j]).exp());
+                assert!((p - expected).abs() < 1e-5, "tile {k} label {name}: {p} against {expected}");
+            }
+            k += 1;
+        }
+    }
+    assert_eq!(k, rows);
+}

@@ -935,3 +935,87 @@ fn a_large_slide_on_s3_is_tiled_from_a_few_ranged_reads() {
         assert!(requests < 64, "{requests} requests");
     }
 }
+
+/// cxr-localize with the tiny model over the bundled studies and a wide PNG: a row per box
+/// of each image and object, the box's corners in pixels of the original image (the padding
+/// to a square undone), the bad files error rows. The tiny model's boxes are noise; one box
+/// an answer is required of it (the shipped schema allows none).
+#[test]
+fn cxr_localize_a_row_per_box_in_pixels_of_the_original_image() {
+    let dir = tempfile::tempdir().unwrap();
+    // (maxItems capped at 4 keeps box_2d's four numbers.)
+    let size = Size { max_images: 2, max_new_tokens: 96, max_length: 6, max_items: 4 };
+    let p = tiny_pipeline(dir.path(), "cxr-localize", &size);
+    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
+    let toml = toml.replace("reasoning_tokens = 512", "reasoning_tokens = 8").replace(
+        "objects = [\"right clavicle\", \"left clavicle\", \"right lung\", \"left lung\", \"heart\"]",
+        "objects = [\"heart\", \"left lung\"]",
+    );
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let mut schema: Value = serde_json::from_slice(&std::fs::read(p.join("schema.json")).unwrap()).unwrap();
+    schema["minItems"] = Value::from(1);
+    schema["maxItems"] = Value::from(1);
+    std::fs::write(p.join("schema.json"), serde_json::to_vec(&schema).unwrap()).unwrap();
+    // The notebook's instructions are ~750 tokens of the fixture's vocabulary, past its context
+    // of 512: the question alone.
+    let prompt = std::fs::read_to_string(p.join("prompt.j2")).unwrap();
+    let question = &prompt[prompt.find("Where is the").unwrap()..];
+    std::fs::write(p.join("prompt.j2"), format!("{{{{ document }}}}{question}")).unwrap();
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir(&inputs).unwrap();
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(60, 24, |x, y| image::Rgb([x as u8 * 4, y as u8 * 10, 90]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    std::fs::write(inputs.join("wide.png"), png).unwrap();
+
+    let out = dir.path().join("out");
+    let m = model();
+    let args = [p.to_str().unwrap(), "examples/imaging/cxr", inputs.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let o = medbatch(&[&["run"][..], &args, &["--model", &m]].concat());
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let (rows, _, batches) = read_parquet_dir(&out.join("cxr_localizations"));
+    let col = |name: &str| string_column(&batches, name).into_iter().map(Option::unwrap).collect::<Vec<_>>();
+    let num = |name: &str| col(name).into_iter().map(|v| v.parse::<f64>().unwrap()).collect::<Vec<_>>();
+    let (ids, objects, labels) = (col("document_id"), col("object"), col("label"));
+    // Four images (three studies' radiographs and the PNG), two objects each, a box each.
+    let images: std::collections::BTreeSet<(String, String)> = ids.iter().cloned().zip(col("image_index")).collect();
+    assert_eq!(images.len(), 4, "{images:?} {:?}", text(&o.stderr));
+    assert_eq!(rows, 8, "one box per image and object");
+    assert!(objects.iter().all(|o| o == "heart" || o == "left lung"), "{objects:?}");
+    assert!(labels.iter().all(|l| !l.is_empty() && l.chars().count() <= 6), "{labels:?}");
+    let [y0, x0, y1, x1] = ["y0", "x0", "y1", "x1"].map(num);
+    let [x_min, y_min, x_max, y_max] = ["x_min", "y_min", "x_max", "y_max"].map(num);
+    let (w, h) = (num("image_width"), num("image_height"));
+    for k in 0..rows {
+        for v in [y0[k], x0[k], y1[k], x1[k]] {
+            assert!((0.0..=1000.0).contains(&v), "row {k}: {v}");
+        }
+        // The model saw the image padded to a square of its longer side, centred.
+        let side = w[k].max(h[k]);
+        let (left, top) = (((side - w[k]) / 2.0).floor(), ((side - h[k]) / 2.0).floor());
+        let px = |v: f64, pad: f64, max: f64| (v / 1000.0 * side - pad).clamp(0.0, max);
+        let want = [
+            px(x0[k], left, w[k]).min(px(x1[k], left, w[k])),
+            px(y0[k], top, h[k]).min(px(y1[k], top, h[k])),
+            px(x0[k], left, w[k]).max(px(x1[k], left, w[k])),
+            px(y0[k], top, h[k]).max(px(y1[k], top, h[k])),
+        ];
+        let got = [x_min[k], y_min[k], x_max[k], y_max[k]];
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-9), "row {k}: {got:?} against {want:?}");
+    }
+    let png_rows: Vec<usize> = (0..rows).filter(|&k| ids[k] == "wide.png").collect();
+    assert_eq!(png_rows.len(), 2);
+    assert!(png_rows.iter().all(|&k| (w[k], h[k]) == (60.0, 24.0)));
+    let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
+    let mut reasons: Vec<(String, String)> = string_column(&eb, "source_uri")
+        .into_iter()
+        .zip(string_column(&eb, "reason"))
+        .map(|(u, r)| (u.unwrap().rsplit('/').next().unwrap().to_string(), r.unwrap()))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        [("not-dicom.dcm".to_string(), "wrong_format".to_string()), ("truncated.dcm".into(), "corrupt_image".into())]
+    );
+}

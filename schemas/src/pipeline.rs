@@ -35,6 +35,11 @@ pub enum Task {
     /// embedding and a probability column per zero-shot label of `[embed]` (imaging
     /// pipelines), or one row per chunk of a document's text (text pipelines). No prompt.
     Embed,
+    /// Bounding boxes from MedGemma 1.5 (`[localize]`): each image of a unit asked where
+    /// each of the spec's objects is, the answer a list of `[y0, x0, y1, x1]` boxes on a
+    /// 0–1000 scale decoded under the schema's grammar; a row per box with its corners in
+    /// pixels of the original image.
+    Localize,
 }
 
 impl Task {
@@ -60,6 +65,28 @@ pub struct EmbedSpec {
     /// the label's text describes the image.
     #[serde(default)]
     pub labels: Vec<EmbedLabel>,
+}
+
+/// Localization pipelines (`task = "localize"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalizeSpec {
+    /// What to find: each image is asked about each object in a prompt of its own (the
+    /// template's `object`).
+    pub objects: Vec<String>,
+    /// Pad each image to a square (centred, black) before the model sees it, as Google's
+    /// localization notebook does; boxes are mapped back to the original image. (Done by
+    /// the pipeline, which knows each image's size: `imaging.pad_to_square` stays false.)
+    #[serde(default = "default_true")]
+    pub pad_to_square: bool,
+    /// Most tokens of visible reasoning before `Final Answer:` (the prompt asks for
+    /// reasoning first); past it the grammar moves on to the answer.
+    #[serde(default = "default_reasoning_tokens")]
+    pub reasoning_tokens: u32,
+}
+
+fn default_reasoning_tokens() -> u32 {
+    512
 }
 
 /// A zero-shot label: a column name and the text it is scored with.
@@ -96,6 +123,9 @@ pub struct PipelineSpec {
     /// Embedding pipelines: the embedding width and the zero-shot labels.
     #[serde(default)]
     pub embed: Option<EmbedSpec>,
+    /// Localization pipelines: the objects to find and how images are padded.
+    #[serde(default)]
+    pub localize: Option<LocalizeSpec>,
 }
 
 /// What one job (and one prompt) of an imaging pipeline covers.
@@ -114,8 +144,9 @@ pub enum ImagingUnit {
     /// A whole-slide image (an SVS or pyramidal TIFF file, or the DICOM instances of one
     /// slide's series): tissue patches chosen by `imaging.slide`, up to `max_images`.
     Slide,
-    /// The tissue tiles of a whole-slide image (`task = "tiles"`): every tissue cell of the
-    /// patch grid of `imaging.slide`; a slide is planned as jobs of
+    /// The tissue tiles of a whole-slide image (`task = "tiles"`, or `"embed"` for an
+    /// embedding a tile): every tissue cell of the patch grid of `imaging.slide`; a slide is
+    /// planned as jobs of
     /// `imaging.slide.tiles_per_job` cells, in bands of whole grid rows.
     Tiles,
 }
@@ -339,6 +370,12 @@ pub struct GenerationSpec {
     /// (until a stop string) and parses whatever comes.
     #[serde(default = "default_true")]
     pub constrained: bool,
+    /// The two special tokens a model's thinking trace lies between (MedGemma 1.5:
+    /// `["<unused94>", "<unused95>"]`): the trace is dropped from the answer before it is
+    /// parsed (its tokens still count as generated), and a localization grammar lets the
+    /// answer start with one. Empty: no thinking.
+    #[serde(default)]
+    pub thinking: Vec<String>,
 }
 
 impl Default for GenerationSpec {
@@ -350,6 +387,7 @@ impl Default for GenerationSpec {
             top_k: 0,
             top_p: 1.0,
             constrained: true,
+            thinking: Vec::new(),
         }
     }
 }
@@ -505,6 +543,40 @@ impl PipelineSpec {
                 return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
             }
         }
+        if !(self.generation.thinking.is_empty() || self.generation.thinking.len() == 2) {
+            return Err(SpecError::Invalid(
+                "generation.thinking names two special tokens (where a thinking trace starts and ends), or none".into(),
+            ));
+        }
+        match (&self.localize, self.task) {
+            (None, Task::Localize) => {
+                return Err(SpecError::Invalid("task = \"localize\" needs a [localize] section".into()))
+            }
+            (Some(_), t) if t != Task::Localize => {
+                return Err(SpecError::Invalid("a [localize] section goes with task = \"localize\"".into()))
+            }
+            (Some(l), _) => {
+                if l.objects.is_empty() || l.objects.iter().any(|o| o.trim().is_empty()) {
+                    return Err(SpecError::Invalid("localize.objects needs at least one object, none empty".into()));
+                }
+                match &self.imaging {
+                    Some(i) if matches!(i.unit, ImagingUnit::Study | ImagingUnit::Series) => {
+                        if i.pad_to_square {
+                            return Err(SpecError::Invalid(
+                                "a localization pipeline pads images itself (localize.pad_to_square), to map boxes back: leave imaging.pad_to_square false".into(),
+                            ));
+                        }
+                    }
+                    _ => {
+                        return Err(SpecError::Invalid(
+                            "task = \"localize\" reads images: it needs [imaging] with unit = \"study\" or \"series\""
+                                .into(),
+                        ))
+                    }
+                }
+            }
+            (None, _) => {}
+        }
         match (&self.embed, self.task) {
             (None, Task::Embed) => return Err(SpecError::Invalid("task = \"embed\" needs an [embed] section".into())),
             (Some(_), t) if t != Task::Embed => {
@@ -536,13 +608,19 @@ impl PipelineSpec {
         match &self.imaging {
             Some(i) => {
                 let tiles = i.unit == ImagingUnit::Tiles;
-                if tiles != (self.task == Task::Tiles) {
+                if self.task == Task::Tiles && !tiles {
+                    return Err(SpecError::Invalid("task = \"tiles\" needs imaging.unit = \"tiles\"".into()));
+                }
+                if tiles && !matches!(self.task, Task::Tiles | Task::Embed) {
                     return Err(SpecError::Invalid(
-                        "task = \"tiles\" goes with imaging.unit = \"tiles\", and only with it".into(),
+                        "imaging.unit = \"tiles\" goes with task = \"tiles\" (the tile table) or \"embed\" (an embedding a tile)"
+                            .into(),
                     ));
                 }
-                if !tiles && !matches!(self.task, Task::Structured | Task::Embed) {
-                    return Err(SpecError::Invalid("imaging pipelines are `structured`, `embed` or `tiles`".into()));
+                if !tiles && !matches!(self.task, Task::Structured | Task::Embed | Task::Localize) {
+                    return Err(SpecError::Invalid(
+                        "imaging pipelines are `structured`, `embed`, `localize` or `tiles`".into(),
+                    ));
                 }
                 if i.slide.group == SlideGroup::Case && i.unit != ImagingUnit::Slide {
                     return Err(SpecError::Invalid(
@@ -625,5 +703,40 @@ mod tests {
     fn generate_is_refused_until_it_is_implemented() {
         let e = PipelineSpec::from_toml(&MIN.replace("task = \"extract\"", "task = \"generate\"")).unwrap_err();
         assert!(e.to_string().contains("not implemented yet"), "{e}");
+    }
+
+    /// An imaging spec with `task`, `unit` and `extra` sections.
+    fn imaging(task: &str, unit: &str, extra: &str) -> Result<PipelineSpec, SpecError> {
+        PipelineSpec::from_toml(&format!(
+            "name = \"x\"\nversion = \"1\"\ntask = \"{task}\"\n[input]\nkinds = [\"dicom\", \"image\"]\n\
+             [output]\ntable = \"rows\"\n[prompt]\ntemplate = \"p.j2\"\nschema = \"s.json\"\n\
+             [imaging]\nunit = \"{unit}\"\n{extra}"
+        ))
+    }
+
+    #[test]
+    fn tiles_go_with_the_tile_table_and_tile_embeddings_only() {
+        assert!(imaging("tiles", "tiles", "").is_ok());
+        assert!(imaging("embed", "tiles", "[embed]\ndimensions = 8\n").is_ok());
+        let e = imaging("structured", "tiles", "").unwrap_err();
+        assert!(e.to_string().contains("task = \"tiles\""), "{e}");
+        assert!(imaging("tiles", "study", "").is_err());
+    }
+
+    #[test]
+    fn localize_needs_objects_and_leaves_the_padding_to_itself() {
+        let l = "[localize]\nobjects = [\"heart\"]\n";
+        let s = imaging("localize", "study", l).unwrap();
+        let spec = s.localize.unwrap();
+        assert!(spec.pad_to_square, "padded as Google's notebook does, by default");
+        assert_eq!(spec.reasoning_tokens, 512);
+        assert!(imaging("localize", "study", "").unwrap_err().to_string().contains("[localize]"));
+        let e = imaging("localize", "study", &format!("pad_to_square = true\n{l}")).unwrap_err();
+        assert!(e.to_string().contains("imaging.pad_to_square"), "{e}");
+        assert!(imaging("localize", "slide", l).is_err());
+        assert!(imaging("localize", "study", "[localize]\nobjects = []\n").is_err());
+        assert!(imaging("structured", "study", l).unwrap_err().to_string().contains("goes with"));
+        let t = imaging("localize", "study", &format!("{l}[generation]\nthinking = [\"<a>\"]\n")).unwrap_err();
+        assert!(t.to_string().contains("generation.thinking"), "{t}");
     }
 }

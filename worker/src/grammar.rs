@@ -49,6 +49,34 @@ pub fn answer_grammar(schema: &Value, source: &str) -> Result<Grammar, SchemaGra
     Ok(Grammar::Lark(lark))
 }
 
+/// The grammar of a localization answer, after Google's MedGemma 1.5 notebook: an optional
+/// thinking trace between the two `thinking` tokens (ids), visible reasoning of at most
+/// `reasoning_tokens` tokens ending with `Final Answer:`, then the boxes as JSON under
+/// `schema` in a ```` ```json ```` fence, written as the notebook's example writes it
+/// (`", "` and `": "` between items and keys).
+pub fn localize_grammar(schema: &Value, thinking: Option<(u32, u32)>, reasoning_tokens: u32) -> Grammar {
+    let mut s = strip_copy(schema);
+    if let Value::Object(m) = &mut s {
+        m.insert(
+            "x-guidance".into(),
+            json!({ "whitespace_flexible": false, "item_separator": ", ", "key_separator": ": " }),
+        );
+    }
+    let mut lark = String::from("start: ");
+    if thinking.is_some() {
+        lark.push_str("thought? ");
+    }
+    lark.push_str("reasoning \" \"? \"```json\" \"\\n\"? boxes \"\\n\"? \"```\"\n");
+    if let Some((start, end)) = thinking {
+        lark.push_str(&format!("thought: <[{start}]> thinking <[{end}]>\n"));
+        // The trace's text (special tokens end it: they are never text).
+        lark.push_str("thinking: /(?s:.*)/\n");
+    }
+    lark.push_str(&format!("reasoning[suffix=\"Final Answer:\", max_tokens={reasoning_tokens}]: /(?s:.*)/\n"));
+    lark.push_str(&format!("boxes: %json {}\n", serde_json::to_string(&s).expect("a schema serializes")));
+    Grammar::Lark(lark)
+}
+
 /// The schema with llguidance's option for compact JSON, `copy` markers removed.
 fn compact(schema: &Value) -> Value {
     let mut s = strip_copy(schema);

@@ -45,6 +45,14 @@ pub struct Asked {
     pub engine_ms: u64,
 }
 
+/// One prompt about a segment: its text, the grammar its answer is decoded under (`None`:
+/// free text), its images.
+pub struct Prompt {
+    pub rendered: RenderedPrompt,
+    pub grammar: Option<medbatch_engine::Grammar>,
+    pub images: Vec<Arc<Rgb8>>,
+}
+
 /// Asks the model about every segment of `doc`, each prompt with `images` (none for text).
 ///
 /// Every request is sent before any is awaited, so the engine batches them (and other
@@ -60,27 +68,46 @@ pub async fn ask_all(
     images: &[Arc<Rgb8>],
     primer: Option<&str>,
 ) -> Asked {
+    let prepare = |_: usize, s: &Segment<'_>| {
+        let rendered = pipeline
+            .render(s.text)
+            .map_err(|e| (ErrorReason::PromptRender, format!("template error: {}", e.kind())))?;
+        let grammar = match pipeline.spec.generation.constrained {
+            true => Some(
+                crate::grammar::answer_grammar(&pipeline.schema, s.text)
+                    .map_err(|e| (ErrorReason::Grammar, format!("answer grammar: {e}")))?,
+            ),
+            false => None,
+        };
+        Ok(Prompt { rendered, grammar, images: images.to_vec() })
+    };
+    ask_each(cx, pipeline, doc, segments, primer, prepare).await
+}
+
+/// [`ask_all`] with each segment's prompt made by `prepare` from its place and the segment
+/// (its text, grammar and images).
+/// A thinking trace (`generation.thinking`) is dropped from each answer.
+pub async fn ask_each(
+    cx: &RunCx<'_>,
+    pipeline: &LoadedPipeline,
+    doc: &Document,
+    segments: &[Segment<'_>],
+    primer: Option<&str>,
+    prepare: impl Fn(usize, &Segment<'_>) -> Result<Prompt, (ErrorReason, String)>,
+) -> Asked {
     let spec = &pipeline.spec;
     let chat = spec.prompt.format == PromptFormat::Chat;
     let started = std::time::Instant::now();
+    let thinking_end = thinking_ids(pipeline, cx.engine().tokenizer()).map(|(_, end)| end);
     let mut pending = Vec::with_capacity(segments.len());
-    for s in segments {
-        let prepared =
-            pipeline.render(s.text).map_err(|e| (ErrorReason::PromptRender, format!("template error: {}", e.kind())));
-        let prepared = prepared.and_then(|rendered| {
-            let grammar = match spec.generation.constrained {
-                true => Some(
-                    crate::grammar::answer_grammar(&pipeline.schema, s.text)
-                        .map_err(|e| (ErrorReason::Grammar, format!("answer grammar: {e}")))?,
-                ),
-                false => None,
-            };
+    for (k, s) in segments.iter().enumerate() {
+        let prepared = prepare(k, s).map(|p| {
             let primed = match primer {
-                Some(p) if grammar.is_none() && !chat && rendered.text.ends_with(p) => p,
+                Some(pr) if p.grammar.is_none() && !chat && p.rendered.text.ends_with(pr) => pr,
                 _ => "",
             };
             let seed = item_seed(cx.job_seed, &doc.id, s.start);
-            Ok((model_request(pipeline, rendered, seed, grammar, images.to_vec()), primed))
+            (model_request(pipeline, p.rendered, seed, p.grammar, p.images), primed)
         });
         pending.push(prepared.map(|(req, primed)| {
             let engine = cx.engine().clone();
@@ -114,8 +141,12 @@ pub async fn ask_all(
             out.replies.push(Err(err(e)));
             continue;
         }
+        let text = match thinking_end {
+            Some(end) => after_thinking(&generation.ids, end, cx.engine().tokenizer()).unwrap_or(generation.text),
+            None => generation.text,
+        };
         out.replies.push(Ok(Reply {
-            answer: format!("{primed}{}", generation.text),
+            answer: format!("{primed}{text}"),
             tokens_in: generation.prompt_tokens,
             tokens_out: u32_of(generation.ids.len()),
             cut_off: generation.finish == Finish::Length,
@@ -123,6 +154,27 @@ pub async fn ask_all(
     }
     out.engine_ms = started.elapsed().as_millis() as u64;
     out
+}
+
+/// The text of the generated `ids` after the last `end` of a thinking trace (`None`: the model
+/// did not think).
+pub fn after_thinking(ids: &[u32], end: u32, tokenizer: &medbatch_engine::tokenizer::Tokenizer) -> Option<String> {
+    let at = ids.iter().rposition(|&t| t == end)?;
+    Some(tokenizer.decode(&ids[at + 1..], false))
+}
+
+/// The ids of the tokens a thinking trace starts and ends with (`generation.thinking`), when
+/// the model's vocabulary has each as one token.
+pub fn thinking_ids(
+    pipeline: &LoadedPipeline,
+    tokenizer: &medbatch_engine::tokenizer::Tokenizer,
+) -> Option<(u32, u32)> {
+    let [start, end] = &pipeline.spec.generation.thinking[..] else { return None };
+    let one = |name: &str| match tokenizer.encode(name, false, true)[..] {
+        [id] => Some(id),
+        _ => None,
+    };
+    Some((one(start)?, one(end)?))
 }
 
 /// A seed per (job, document, segment): stable across reruns and machines.

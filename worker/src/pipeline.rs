@@ -127,9 +127,16 @@ impl LoadedPipeline {
     /// document when the pipeline extracts per document. Templates see it as `line` and as
     /// `document`.
     pub fn render(&self, item: &str) -> Result<RenderedPrompt, minijinja::Error> {
+        self.render_with(item, "")
+    }
+
+    /// [`Self::render`] with the template's `object` set (what a localization prompt asks
+    /// to find).
+    pub fn render_with(&self, item: &str, object: &str) -> Result<RenderedPrompt, minijinja::Error> {
         let env = minijinja::Environment::new();
         let tmpl = env.template_from_str(&self.template)?;
-        let with_marker = tmpl.render(minijinja::context! { line => ITEM_MARKER, document => ITEM_MARKER })?;
+        let with_marker =
+            tmpl.render(minijinja::context! { line => ITEM_MARKER, document => ITEM_MARKER, object => object })?;
         let shared_prefix_len = with_marker.find(ITEM_MARKER).unwrap_or(0);
         Ok(RenderedPrompt { text: with_marker.replace(ITEM_MARKER, item), shared_prefix_len })
     }
@@ -211,7 +218,14 @@ mod tests {
             names.push(pipeline.loaded().spec.name.clone());
         }
         names.sort();
-        for want in ["image-embeddings", "pathology-report", "text-embeddings", "wsi-tiles"] {
+        for want in [
+            "cxr-localize",
+            "image-embeddings",
+            "pathology-report",
+            "text-embeddings",
+            "wsi-tile-embeddings",
+            "wsi-tiles",
+        ] {
             assert!(names.iter().any(|n| n == want), "{names:?}");
         }
     }

@@ -151,7 +151,8 @@ pub fn read_imaging(inputs: &[InputRef], source: &InputSource, spec: &PipelineSp
         }
     }
     if !slides.is_empty() {
-        out.extend(slide::read(&slides, source, imaging));
+        // The tile table (no model) finds tiles; an embedding pipeline reads them.
+        out.extend(slide::read(&slides, source, imaging, spec.task.needs_model()));
     }
     if !dicoms.is_empty() {
         out.extend(match imaging.unit {

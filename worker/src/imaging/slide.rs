@@ -33,8 +33,10 @@ use std::sync::Arc;
 type OpenSlide = Slide<Metered<Box<dyn RangeRead>>>;
 
 /// Reads a slide job's inputs: each SVS or TIFF file a slide, the job's DICOM files one; a
-/// case job's inputs by the slide each belongs to.
-pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec) -> Vec<ImagingRead> {
+/// case job's inputs by the slide each belongs to. `pixels`: whether a tile unit reads its
+/// tiles' pixels as its images (an embedding a tile) or only finds them (the tile table);
+/// patches are always read.
+pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec, pixels: bool) -> Vec<ImagingRead> {
     let mut out = Vec::new();
     // The job's slides: (case slide or file order, DICOM or not) → its inputs.
     let mut slides: BTreeMap<(u32, usize), Vec<&InputRef>> = BTreeMap::new();
@@ -57,7 +59,7 @@ pub fn read(inputs: &[&InputRef], source: &InputSource, spec: &ImagingSpec) -> V
     match case {
         None => {
             for (slide, files) in &opened {
-                out.push(unit(slide, files, spec));
+                out.push(unit(slide, files, spec, pixels));
                 log_reads(slide, files);
             }
         }
@@ -180,7 +182,7 @@ fn regions<S: RangeRead>(
 }
 
 /// The `_documents` sources of one slide's files: the file holding the patches' level gave
-/// them, the others none (`None` for tiles, which are not images).
+/// them, the others none (`None` for tiles found but not read, which are not images).
 fn slide_sources<S: RangeRead>(
     slide: &Slide<S>,
     files: &[&InputRef],
@@ -202,32 +204,37 @@ fn slide_sources<S: RangeRead>(
 }
 
 /// The unit of one open slide: its tissue patches as the images of one prompt
-/// (`unit = "slide"`), or the tissue tiles of the job's band of its grid (`unit = "tiles"`,
-/// no images).
-fn unit<S: RangeRead>(slide: &Slide<S>, inputs: &[&InputRef], spec: &ImagingSpec) -> ImagingRead {
+/// (`unit = "slide"`), or the tissue tiles of the job's band of its grid (`unit = "tiles"`),
+/// their pixels its images when `pixels` (at most `tiles_per_job` of them: the band bounds
+/// the memory a job holds).
+fn unit<S: RangeRead>(slide: &Slide<S>, inputs: &[&InputRef], spec: &ImagingSpec, pixels: bool) -> ImagingRead {
     let first = inputs[0];
     let tiles = spec.unit == ImagingUnit::Tiles;
+    let read_pixels = !tiles || pixels;
     let mut params = PatchParams::from_spec(spec);
     let grid = slide.patch_grid(&params).map_err(|e| error(first, e.kind(), e.to_string()))?;
     params.grid_rows = band(first, grid.level)?;
     // Each band's job computes the slide's mask: a tile that does not decode fails every
     // band, each error row naming its rows.
-    let sel = slide.select_patches(&params).map_err(|e| {
-        let detail = match params.grid_rows {
-            Some((start, end)) => format!("{e} (the job of grid rows {start}..{end})"),
-            None => e.to_string(),
-        };
-        error(first, e.kind(), detail)
-    })?;
+    let in_band = |detail: String| match params.grid_rows {
+        Some((start, end)) => format!("{detail} (the job of grid rows {start}..{end})"),
+        None => detail,
+    };
+    let sel = slide.select_patches(&params).map_err(|e| error(first, e.kind(), in_band(e.to_string())))?;
     // A band of glass on a slide with tissue elsewhere gives no rows; a slide without
     // tissue is reported once, by the job of its first band.
     let first_band = params.grid_rows.is_none_or(|(start, _)| start == 0);
     if sel.patches.is_empty() && (!tiles || sel.tissue_cells == 0) && first_band {
         return Err(error(first, InputErrorKind::NotApplicable, no_patch_detail(&sel, &params)));
     }
-    let images = if tiles { Vec::new() } else { read_patches(slide, &sel.patches, params.patch as usize, first)? };
+    let images = if read_pixels {
+        read_patches(slide, &sel.patches, params.patch as usize, first)
+            .map_err(|e| InputError { detail: in_band(e.detail), ..e })?
+    } else {
+        Vec::new()
+    };
     let id = slide_id(slide, inputs);
-    let sources = slide_sources(slide, inputs, sel.level, (!tiles).then_some(images.len()));
+    let sources = slide_sources(slide, inputs, sel.level, read_pixels.then_some(images.len()));
     let labels = vec![String::new(); images.len()];
     let regions = regions(slide, id.clone(), &sel, grid.step, sel.patches.clone());
     Ok(Unit {

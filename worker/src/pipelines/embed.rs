@@ -4,6 +4,10 @@
 //! zero-shot label of the spec the sigmoid probability that its text describes the image.
 //! The labels' texts are embedded once per pipeline and kept.
 //!
+//! Tile pipelines (`imaging.unit = "tiles"`) embed each tissue tile of a band of a slide's
+//! grid, a row each with the tile table's columns (slide, level, place, grid cell, tissue
+//! fraction), so that the two tables join.
+//!
 //! Text pipelines (no `[imaging]`) embed documents instead: each document split at word
 //! boundaries into chunks the text tower reads whole (63 tokens before `</s>`), a row per
 //! chunk with its character offsets in the document.
@@ -11,11 +15,13 @@
 use crate::parquet_out::{job_columns, ErrorReason, ErrorRow, ErrorStage, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
 use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
-use arrow::array::{ArrayRef, FixedSizeListArray, Float32Array, Float32Builder, StringBuilder, UInt32Builder};
+use arrow::array::{
+    ArrayRef, FixedSizeListArray, Float32Array, Float32Builder, StringArray, StringBuilder, UInt32Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use medbatch_engine::embed::{EmbedHandle, EmbedRequest};
-use medbatch_schemas::pipeline::EmbedSpec;
+use medbatch_schemas::pipeline::{EmbedSpec, ImagingUnit};
 use std::sync::Arc;
 
 /// The spec's `[embed]` section (checked at load: an embed pipeline has one).
@@ -23,26 +29,48 @@ fn spec(p: &LoadedPipeline) -> &EmbedSpec {
     p.spec.embed.as_ref().expect("task = \"embed\" pipelines have an [embed] section")
 }
 
-/// The columns of an embedding table: of images, or of text chunks.
-pub fn table_schema(e: &EmbedSpec, images: bool) -> SchemaRef {
+/// What a row of an embedding table stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rows {
+    /// An image of a study, series or file.
+    Images,
+    /// A tissue tile of a whole-slide image (`imaging.unit = "tiles"`).
+    Tiles,
+    /// A chunk of a document's text (no `[imaging]`).
+    Chunks,
+}
+
+impl Rows {
+    fn of(p: &LoadedPipeline) -> Self {
+        match &p.spec.imaging {
+            None => Self::Chunks,
+            Some(i) if i.unit == ImagingUnit::Tiles => Self::Tiles,
+            Some(_) => Self::Images,
+        }
+    }
+}
+
+/// The columns of an embedding table: of images, of slide tiles, or of text chunks.
+fn table_schema(e: &EmbedSpec, rows: Rows) -> SchemaRef {
     let item = Arc::new(Field::new("item", DataType::Float32, false));
-    let mut fields = if images {
-        vec![
+    let mut fields = match rows {
+        Rows::Images => vec![
             // The unit the image came from (study or series UID, file name).
             Field::new("document_id", DataType::Utf8, false),
             // The image's place among the unit's images (0, 1, …).
             Field::new("image_index", DataType::UInt32, false),
             // The file the image came from.
             Field::new("image_source_uri", DataType::Utf8, false),
-        ]
-    } else {
-        vec![
+        ],
+        // The tile table's columns: the two join on slide, level and place.
+        Rows::Tiles => super::tiles::tile_fields(),
+        Rows::Chunks => vec![
             Field::new("document_id", DataType::Utf8, false),
             Field::new("chunk_index", DataType::UInt32, false),
             // The chunk's characters in the document (Unicode scalar values, end exclusive).
             Field::new("evidence_start", DataType::UInt32, false),
             Field::new("evidence_end", DataType::UInt32, false),
-        ]
+        ],
     };
     fields.push(Field::new("embedding", DataType::FixedSizeList(item, e.dimensions as i32), false));
     fields.extend(e.labels.iter().map(|l| Field::new(format!("label_{}", l.name), DataType::Float32, false)));
@@ -54,6 +82,7 @@ pub fn table_schema(e: &EmbedSpec, images: bool) -> SchemaRef {
 /// An `embed` pipeline.
 pub struct Embed {
     pipeline: Arc<LoadedPipeline>,
+    rows: Rows,
     schema: SchemaRef,
     /// The labels' text embeddings, computed by the first unit.
     labels: tokio::sync::OnceCell<Vec<Vec<f32>>>,
@@ -61,8 +90,9 @@ pub struct Embed {
 
 impl Embed {
     pub fn new(pipeline: Arc<LoadedPipeline>) -> Self {
-        let schema = table_schema(spec(&pipeline), pipeline.spec.imaging.is_some());
-        Self { pipeline, schema, labels: tokio::sync::OnceCell::new() }
+        let rows = Rows::of(&pipeline);
+        let schema = table_schema(spec(&pipeline), rows);
+        Self { pipeline, rows, schema, labels: tokio::sync::OnceCell::new() }
     }
 
     async fn label_embeddings(&self, embedder: &EmbedHandle) -> Result<&Vec<Vec<f32>>, medbatch_engine::EngineError> {
@@ -73,11 +103,6 @@ impl Embed {
             })
             .await
     }
-}
-
-/// Which file each of a unit's images came from, in image order.
-fn image_sources(unit: &Unit) -> Vec<&str> {
-    unit.sources.iter().flat_map(|s| std::iter::repeat_n(s.uri.as_str(), s.images.unwrap_or(0) as usize)).collect()
 }
 
 /// A document split at whitespace into chunks of whole words of at most `capacity` tokens
@@ -139,15 +164,15 @@ impl Embed {
         cx: &RunCx<'_>,
         started: std::time::Instant,
     ) -> Result<Outcome, ParquetOutError> {
+        let engine_ms = started.elapsed().as_millis() as u64;
+        if n == 0 {
+            return Ok(Outcome { engine_ms, ..Outcome::default() });
+        }
         cols.extend(job_columns(n, cx.provenance));
         let zeros: ArrayRef = Arc::new(arrow::array::UInt32Array::from(vec![0u32; n]));
         cols.extend([zeros.clone(), zeros]);
         let batch = RecordBatch::try_new(self.schema.clone(), cols)?;
-        Ok(Outcome {
-            batch: (n > 0).then_some(batch),
-            engine_ms: started.elapsed().as_millis() as u64,
-            ..Outcome::default()
-        })
+        Ok(Outcome { batch: Some(batch), engine_ms, ..Outcome::default() })
     }
 
     /// A text pipeline's unit: a row per chunk of the document.
@@ -224,8 +249,12 @@ impl Pipeline for Embed {
             )));
         }
         let started = std::time::Instant::now();
-        if self.pipeline.spec.imaging.is_none() {
+        if self.rows == Rows::Chunks {
             return self.run_text(unit, cx, embedder, started).await;
+        }
+        // A band of a slide's grid that is all glass: no tiles, no rows.
+        if unit.images.is_empty() {
+            return self.outcome(Vec::new(), 0, cx, started);
         }
         let labels = match self.label_embeddings(embedder).await {
             Ok(l) => l.clone(),
@@ -236,30 +265,43 @@ impl Pipeline for Embed {
             Err(err) => return Ok(fail(err.to_string())),
         };
         let n = images.len();
-        let files = image_sources(unit);
-        let (mut doc, mut index, mut file) =
-            (StringBuilder::new(), UInt32Builder::with_capacity(n), StringBuilder::new());
+        // The columns before the embedding: the image's place in its unit, or the tile's.
+        let mut cols: Vec<ArrayRef> = match self.rows {
+            Rows::Tiles => {
+                let (cols, tiles) = super::tiles::tile_columns(unit);
+                if tiles != n {
+                    return Ok(fail(format!("{n} tile images for {tiles} tiles")));
+                }
+                cols
+            }
+            _ => {
+                let files = unit.image_sources();
+                let (mut doc, mut index, mut file) =
+                    (StringBuilder::new(), UInt32Builder::with_capacity(n), StringBuilder::new());
+                for k in 0..n {
+                    doc.append_value(&unit.doc.id);
+                    index.append_value(k as u32);
+                    file.append_value(files.get(k).copied().unwrap_or(unit.doc.source_uri.as_str()));
+                }
+                vec![Arc::new(doc.finish()), Arc::new(index.finish()), Arc::new(file.finish())]
+            }
+        };
         let mut values = Float32Builder::with_capacity(n * e.dimensions);
         let mut label_cols: Vec<Float32Builder> = labels.iter().map(|_| Float32Builder::with_capacity(n)).collect();
-        let (mut uri, mut sha) = (StringBuilder::new(), StringBuilder::new());
-        for (k, v) in images.iter().enumerate() {
-            doc.append_value(&unit.doc.id);
-            index.append_value(k as u32);
-            file.append_value(files.get(k).copied().unwrap_or(unit.doc.source_uri.as_str()));
+        for v in &images {
             values.append_slice(v);
             for (col, label) in label_cols.iter_mut().zip(&labels) {
                 col.append_value(embedder.info().probability(v, label));
             }
-            uri.append_value(&unit.doc.source_uri);
-            sha.append_value(unit.doc.input_sha256.as_str());
         }
         let item = Arc::new(Field::new("item", DataType::Float32, false));
         let values: Float32Array = values.finish();
-        let embedding = FixedSizeListArray::try_new(item, e.dimensions as i32, Arc::new(values), None)?;
-        let mut cols: Vec<ArrayRef> =
-            vec![Arc::new(doc.finish()), Arc::new(index.finish()), Arc::new(file.finish()), Arc::new(embedding)];
+        cols.push(Arc::new(FixedSizeListArray::try_new(item, e.dimensions as i32, Arc::new(values), None)?));
         cols.extend(label_cols.iter_mut().map(|c| Arc::new(c.finish()) as ArrayRef));
-        cols.extend([Arc::new(uri.finish()) as ArrayRef, Arc::new(sha.finish())]);
+        cols.extend([
+            Arc::new(StringArray::from(vec![unit.doc.source_uri.as_str(); n])) as ArrayRef,
+            Arc::new(StringArray::from(vec![unit.doc.input_sha256.as_str(); n])),
+        ]);
         self.outcome(cols, n, cx, started)
     }
 }

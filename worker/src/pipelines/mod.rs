@@ -7,6 +7,7 @@
 
 pub mod embed;
 pub mod lab_report;
+pub mod localize;
 pub mod structured;
 pub mod tiles;
 
@@ -33,6 +34,13 @@ pub struct Unit {
     /// A whole-slide unit's regions, a slide at a time: the patches of its prompt (of each
     /// slide of a case), or its tissue tiles. Empty for other units.
     pub slides: Vec<SlideRegions>,
+}
+
+impl Unit {
+    /// Which file each of the unit's images came from, in image order.
+    pub fn image_sources(&self) -> Vec<&str> {
+        self.sources.iter().flat_map(|s| std::iter::repeat_n(s.uri.as_str(), s.images.unwrap_or(0) as usize)).collect()
+    }
 }
 
 /// The regions of a whole-slide image a unit stands for: the patches of its prompt
@@ -133,6 +141,7 @@ pub fn for_spec(loaded: Arc<LoadedPipeline>) -> Result<Arc<dyn Pipeline>, Pipeli
         Task::Structured => Ok(Arc::new(structured::Structured::new(loaded)?)),
         Task::Tiles => Ok(Arc::new(tiles::Tiles::new(loaded))),
         Task::Embed => Ok(Arc::new(embed::Embed::new(loaded))),
+        Task::Localize => Ok(Arc::new(localize::Localize::new(loaded)?)),
         Task::Generate => Err(PipelineError::Invalid {
             path: loaded.dir.display().to_string(),
             reason: "task \"generate\" is not implemented".into(),

@@ -9,14 +9,18 @@
 use crate::parquet_out::{job_columns, ParquetOutError};
 use crate::pipeline::LoadedPipeline;
 use crate::pipelines::{Outcome, Pipeline, RunCx, Unit};
-use arrow::array::{ArrayRef, Float32Builder, Float64Builder, StringBuilder, UInt32Builder, UInt64Builder};
+use arrow::array::{
+    ArrayRef, Float32Builder, Float64Builder, StringArray, StringBuilder, UInt32Array, UInt32Builder, UInt64Builder,
+};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use std::sync::Arc;
 
-/// The columns of a tile table.
-pub fn table_schema() -> SchemaRef {
-    let mut fields = vec![
+/// The columns that place a tile: its slide, level, place and size, grid cell, tissue
+/// fraction, magnification and pixel size (the tile table's, and the first of a tile
+/// embedding table's, so that the two join on them).
+pub fn tile_fields() -> Vec<Field> {
+    vec![
         // The slide: its file name, or a DICOM slide's header digest (16 hex digits).
         Field::new("document_id", DataType::Utf8, false),
         Field::new("level", DataType::UInt32, false),
@@ -33,9 +37,13 @@ pub fn table_schema() -> SchemaRef {
         // Micrometres per pixel of `level`, when the slide states its pixel size.
         Field::new("mpp_x", DataType::Float64, true),
         Field::new("mpp_y", DataType::Float64, true),
-        Field::new("source_uri", DataType::Utf8, false),
-        Field::new("input_sha256", DataType::Utf8, false),
-    ];
+    ]
+}
+
+/// The columns of a tile table.
+pub fn table_schema() -> SchemaRef {
+    let mut fields = tile_fields();
+    fields.extend([Field::new("source_uri", DataType::Utf8, false), Field::new("input_sha256", DataType::Utf8, false)]);
     fields.extend(medbatch_schemas::tables::provenance_fields().into_iter().skip(2));
     Arc::new(Schema::new(fields))
 }
@@ -52,12 +60,9 @@ impl Tiles {
     }
 }
 
-/// The rows of one unit's tiles.
-fn tiles_batch(
-    schema: &SchemaRef,
-    unit: &Unit,
-    prov: &crate::parquet_out::JobProvenance,
-) -> Result<RecordBatch, ParquetOutError> {
+/// The [`tile_fields`] columns of a unit's tiles, a slide at a time in reading order, and
+/// their number.
+pub fn tile_columns(unit: &Unit) -> (Vec<ArrayRef>, usize) {
     let n = unit.slides.iter().map(|s| s.regions.len()).sum();
     let u32_of = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     let mut doc = StringBuilder::new();
@@ -68,8 +73,6 @@ fn tiles_batch(
     let mut fraction = Float32Builder::with_capacity(n);
     let (mut mag, mut mpp_x, mut mpp_y) =
         (Float64Builder::with_capacity(n), Float64Builder::with_capacity(n), Float64Builder::with_capacity(n));
-    let (mut uri, mut sha) = (StringBuilder::new(), StringBuilder::new());
-    let mut zeros = UInt32Builder::with_capacity(n);
     for s in &unit.slides {
         for r in &s.regions {
             doc.append_value(&s.id);
@@ -84,12 +87,9 @@ fn tiles_batch(
             mag.append_value(s.magnification);
             mpp_x.append_option(s.mpp.map(|m| m.0));
             mpp_y.append_option(s.mpp.map(|m| m.1));
-            uri.append_value(&unit.doc.source_uri);
-            sha.append_value(unit.doc.input_sha256.as_str());
-            zeros.append_value(0);
         }
     }
-    let mut cols: Vec<ArrayRef> = vec![
+    let cols: Vec<ArrayRef> = vec![
         Arc::new(doc.finish()),
         Arc::new(level.finish()),
         Arc::new(x.finish()),
@@ -102,12 +102,23 @@ fn tiles_batch(
         Arc::new(mag.finish()),
         Arc::new(mpp_x.finish()),
         Arc::new(mpp_y.finish()),
-        Arc::new(uri.finish()),
-        Arc::new(sha.finish()),
     ];
+    (cols, n)
+}
+
+/// The rows of one unit's tiles.
+fn tiles_batch(
+    schema: &SchemaRef,
+    unit: &Unit,
+    prov: &crate::parquet_out::JobProvenance,
+) -> Result<RecordBatch, ParquetOutError> {
+    let (mut cols, n) = tile_columns(unit);
+    let uri: ArrayRef = Arc::new(StringArray::from(vec![unit.doc.source_uri.as_str(); n]));
+    let sha: ArrayRef = Arc::new(StringArray::from(vec![unit.doc.input_sha256.as_str(); n]));
+    cols.extend([uri, sha]);
     cols.extend(job_columns(n, prov));
     // No model: no tokens in or out.
-    let zeros: ArrayRef = Arc::new(zeros.finish());
+    let zeros: ArrayRef = Arc::new(UInt32Array::from(vec![0u32; n]));
     cols.extend([zeros.clone(), zeros]);
     Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
