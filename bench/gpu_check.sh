@@ -19,7 +19,10 @@
 #    a rank — weights and the keys it attends to — over the card's bandwidth): on device 0,
 #    then split over devices 0 and 1. A card too small for the 54 GB of weights keeps fewer
 #    layers (--layers);
-# 4. prefill tokens/s of the same shape at 8,192 tokens (one sequence).
+# 4. prefill tokens/s of the same shape at 8,192 tokens (one sequence);
+# 5. SigLIP (MedSigLIP): the tiny fixture's image and text embeddings and logits on device 0
+#    against the CPU build's (bound 1e-4), then images and texts per second of MedSigLIP-448's
+#    shape with random f32 weights in batches of 1, 16 and 64.
 #
 # HBM_GBPS overrides the bandwidth looked up from the card's name.
 set -euo pipefail
@@ -147,3 +150,23 @@ for devs in 0 0,1; do
   "$BIN" bench --decode-step "$CFG" --devices "$devs" --dtype bf16 --batches 1 --context 8192 --steps 2 \
     --layers "$(fit_layers "$ranks")" | grep -o '"prefill_tok_s":[0-9.]*' | sed "s/^/devices $devs: /"
 done
+
+echo "== SigLIP (MedSigLIP): the tiny fixture's embeddings on device 0 against the CPU's, then speed"
+fix=tests/fixtures/siglip/tiny
+texts=(--text "a chest x-ray with a pleural effusion" --text "a pathology image of tumor tissue")
+"$CPU" debug embed --model "$fix" --image "$fix/picture.png" "${texts[@]}" --json > /tmp/medbatch-siglip-cpu.json
+if "$BIN" debug embed --model "$fix" --image "$fix/picture.png" "${texts[@]}" --devices 0 --json > /tmp/medbatch-siglip-gpu.json; then
+  python3 - <<'PY'
+import json
+a = json.load(open("/tmp/medbatch-siglip-cpu.json"))
+b = json.load(open("/tmp/medbatch-siglip-gpu.json"))
+for k in ("image_embeds", "text_embeds", "logits_per_image"):
+    d = max(abs(x - y) for ra, rb in zip(a[k], b[k]) for x, y in zip(ra, rb))
+    print(f"siglip {k}: max |d| vs CPU = {d:.2e} (bound 1e-4)", "ok" if d <= 1e-4 else "TOO LARGE")
+PY
+else
+  echo "siglip debug embed on device 0: FAILED to run"
+fi
+# MedSigLIP-448's shape, random f32 weights: images (448 px, through the bicubic resize) and
+# texts (64 tokens) per second in batches.
+"$BIN" bench siglip --devices 0 --runs 5 --batches 1,16,64

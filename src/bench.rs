@@ -34,7 +34,8 @@ pub enum Mode {
     /// Whole-slide reading: header, tiles, tissue patches; TARGET: a slide file or `s3://` object.
     Wsi,
     /// Embedding speed of a SigLIP of MedSigLIP-448's shape with random weights (`--runs`
-    /// images, four times as many texts).
+    /// images, four times as many texts; on a GPU, `--devices N`, batches of each size of
+    /// `--batches`).
     Siglip,
 }
 
@@ -107,7 +108,8 @@ pub struct BenchArgs {
     /// `--steps` decode steps are timed (median). Needs no checkpoint.
     #[arg(hide = true, long, value_name = "CONFIG")]
     pub decode_step: Option<std::path::PathBuf>,
-    /// With `decode-step`: the batch sizes measured; with `kernels`: the activation rows.
+    /// With `decode-step` and `siglip` on a GPU: the batch sizes measured; with `kernels`: the
+    /// activation rows.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub batches: Vec<usize>,
     /// With `decode-step`: tokens in each sequence's cache before the timed steps.
@@ -223,7 +225,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match mode {
         Mode::Kernels => return crate::kernel_bench::run(&args.shapes, &args.batches, args.runs.max(1)),
         Mode::Vision => return vision_bench(args.runs.max(1), args.text_hidden),
-        Mode::Siglip => return crate::siglip_bench::run(args.runs.max(1)),
+        Mode::Siglip => return crate::siglip_bench::run(args.runs.max(1), &args.split.devices, &args.batches),
         Mode::Dicom => return dicom_bench(args.dicom.as_deref().expect("resolved"), args.runs.max(1)),
         Mode::Images => return image_bench(args.images.expect("resolved").max(1)),
         Mode::Wsi => return crate::wsi_bench::run(args.slide.as_deref().expect("resolved")),

@@ -90,6 +90,10 @@ pub enum DebugCommand {
         /// A text; repeat for several.
         #[arg(long = "text")]
         texts: Vec<String>,
+        /// The CUDA device to run on (the first of the list; a build with the `cuda`
+        /// feature). Default: the CPU.
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<usize>,
         /// Print JSON (the only output format).
         #[arg(long)]
         json: bool,
@@ -107,13 +111,18 @@ fn numeric(name: &str, default: NumericOptions) -> anyhow::Result<NumericOptions
     })
 }
 
-/// Decodes the images given on the command line.
 /// `debug embed`: a SigLIP model's (MedSigLIP's) L2-normalised image and text embeddings
 /// and `logits_per_image`, as transformers' `SiglipModel` returns them.
-fn embed(model: &std::path::Path, images: &[std::path::PathBuf], texts: &[String]) -> anyhow::Result<()> {
+fn embed(
+    model: &std::path::Path,
+    images: &[std::path::PathBuf],
+    texts: &[String],
+    devices: &[usize],
+) -> anyhow::Result<()> {
     use medbatch_engine::models::siglip::l2_normalize;
     anyhow::ensure!(!images.is_empty() || !texts.is_empty(), "give at least one --image or --text");
-    let (siglip, tokenizer) = medbatch_engine::load::siglip::load_siglip(model, &candle_core::Device::Cpu)?;
+    let device = crate::model_path::embed_device(devices)?;
+    let (siglip, tokenizer) = medbatch_engine::load::siglip::load_siglip(model, &device)?;
     let cfg = medbatch_engine::image::read_preprocessor_config(model, siglip.vision.image_size)?;
     let mut image_embeds = Vec::with_capacity(images.len());
     for img in read_images(images)? {
@@ -136,6 +145,7 @@ fn embed(model: &std::path::Path, images: &[std::path::PathBuf], texts: &[String
     Ok(())
 }
 
+/// Decodes the images given on the command line.
 fn read_images(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<std::sync::Arc<medbatch_engine::image::Rgb8>>> {
     paths
         .iter()
@@ -178,7 +188,7 @@ pub fn main(cmd: DebugCommand) -> anyhow::Result<ExitCode> {
                 None => println!("{}", serde_json::json!({ "logits": last })),
             }
         }
-        DebugCommand::Embed { model, images, texts, json: _ } => embed(&model, &images, &texts)?,
+        DebugCommand::Embed { model, images, texts, devices, json: _ } => embed(&model, &images, &texts, &devices)?,
         DebugCommand::Generate { model, chat, tokens, max_new_tokens, json: _, split, images, prompt } => {
             let mut engine = split.load(&model)?;
             let images = read_images(&images)?;

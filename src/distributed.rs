@@ -223,7 +223,7 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let (engine, model) = if args.model == NO_MODEL {
         (None, ModelRef::none())
     } else if model_path::is_siglip(&args.model) {
-        let (handle, model) = model_path::start_embedder(&args.model).await?;
+        let (handle, model) = model_path::start_embedder(&args.model, &args.split.devices).await?;
         embedder = Some(handle);
         (None, model)
     } else {

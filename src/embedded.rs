@@ -76,7 +76,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // A pipeline that calls no model (tiles) runs without one, whatever --model says.
     let mut embedder = None;
     let (engine, model) = if pipeline.spec.task == medbatch_schemas::pipeline::Task::Embed {
-        let (handle, model) = model_path::start_embedder(&args.model).await?;
+        let (handle, model) = model_path::start_embedder(&args.model, &args.split.devices).await?;
         embedder = Some(handle);
         (None, model)
     } else if pipeline.spec.task.needs_model() {

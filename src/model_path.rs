@@ -194,12 +194,25 @@ pub fn is_siglip(arg: &str) -> bool {
 /// Images and texts an embedding batch holds at most.
 pub const EMBED_BATCH: usize = 8;
 
-/// Loads a SigLIP checkpoint folder on a blocking thread and starts its embedding service:
-/// the service, and the model as jobs name it (folder name and fingerprint).
+/// The device an embedding model runs on: the first of `--devices` (the model is small
+/// enough for one), else the CPU.
+pub fn embed_device(devices: &[usize]) -> anyhow::Result<candle_core::Device> {
+    match devices.first() {
+        None => Ok(candle_core::Device::Cpu),
+        Some(&i) => candle_core::Device::new_cuda(i)
+            .with_context(|| format!("CUDA device {i} (a build with the `cuda` feature runs on GPUs)")),
+    }
+}
+
+/// Loads a SigLIP checkpoint folder on a blocking thread and starts its embedding service on
+/// the first of `devices` (none: the CPU): the service, and the model as jobs name it (folder
+/// name and fingerprint).
 pub async fn start_embedder(
     model: &str,
+    devices: &[usize],
 ) -> anyhow::Result<(medbatch_engine::embed::EmbedHandle, medbatch_schemas::ModelRef)> {
     eprintln!("medbatch: loading embedding model {model}");
+    let device = embed_device(devices)?;
     let path = resolve(model)?;
     anyhow::ensure!(
         is_siglip(model),
@@ -207,7 +220,8 @@ pub async fn start_embedder(
         path.display()
     );
     let handle =
-        tokio::task::spawn_blocking(move || medbatch_engine::embed::EmbedHandle::load(&path, EMBED_BATCH)).await??;
+        tokio::task::spawn_blocking(move || medbatch_engine::embed::EmbedHandle::load(&path, EMBED_BATCH, &device))
+            .await??;
     let info = handle.info().clone();
     let digest = medbatch_schemas::Digest::parse(&info.digest).context("model digest")?;
     Ok((handle, medbatch_schemas::ModelRef { id: info.id, digest }))

@@ -93,13 +93,22 @@ impl Random {
     }
 }
 
-pub fn run(runs: usize) -> anyhow::Result<ExitCode> {
+/// `--runs` timed batches of each size of `batches` (the CPU: one image or text at a time),
+/// on the first of `devices` (none: the CPU); the median of each is reported.
+pub fn run(runs: usize, devices: &[usize], batches: &[usize]) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
-    let model = Random { dev: Device::Cpu }.model()?;
+    let dev = crate::model_path::embed_device(devices)?;
+    let on_gpu = !devices.is_empty();
+    let batches: Vec<usize> = if on_gpu { batches.iter().copied().filter(|&b| b > 0).collect() } else { vec![1] };
+    anyhow::ensure!(!batches.is_empty(), "--batches: give at least one batch size");
+    let model = Random { dev: dev.clone() }.model()?;
+    let place = match devices.first() {
+        Some(i) => format!("CUDA device {i}"),
+        None => format!("CPU, {} threads", medbatch_engine::kernels::threads()),
+    };
     println!(
-        "SigLIP of MedSigLIP-448's shape: vision {IMAGE}/{PATCH} ({} patches) and text ({TEXT_LENGTH} tokens), {LAYERS} layers each, hidden {HIDDEN}, {HEADS} heads, MLP {MLP}; f32, CPU, {} threads; random weights made in {:.1} s",
+        "SigLIP of MedSigLIP-448's shape: vision {IMAGE}/{PATCH} ({} patches) and text ({TEXT_LENGTH} tokens), {LAYERS} layers each, hidden {HIDDEN}, {HEADS} heads, MLP {MLP}; f32, {place}; random weights made in {:.1} s",
         (IMAGE / PATCH).pow(2),
-        medbatch_engine::kernels::threads(),
         t.elapsed().as_secs_f64()
     );
     let cfg = medbatch_engine::image::ImageConfig {
@@ -109,36 +118,54 @@ pub fn run(runs: usize) -> anyhow::Result<ExitCode> {
     };
     let png = crate::bench::synthetic_image(1024, 1024, true, image::ImageFormat::Png)?;
     let img = medbatch_engine::image::to_rgb(medbatch_formats::image::decode(&png, &Default::default())?)?;
-    let mut image_times = Vec::with_capacity(runs);
-    for r in 0..runs {
+    // A batch of images: each through the processor's resize (on the CPU), then the tower.
+    let images = |b: usize| -> anyhow::Result<f64> {
         let t = Instant::now();
-        let mut e = model.image_features(&medbatch_engine::image::pixel_values(&img, &cfg))?;
-        l2_normalize(&mut e);
-        let secs = t.elapsed().as_secs_f64();
+        let pixels: Vec<Vec<f32>> = (0..b).map(|_| medbatch_engine::image::pixel_values(&img, &cfg)).collect();
+        let refs: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+        let mut out = model.image_features_batch(&refs)?;
+        out.iter_mut().for_each(|e| l2_normalize(e));
         anyhow::ensure!(
-            e.iter().all(|x| x.is_finite()) && e.len() == HIDDEN,
+            out.len() == b && out.iter().all(|e| e.len() == HIDDEN && e.iter().all(|x| x.is_finite())),
             "the image tower's output is not an embedding"
         );
-        println!("  image {}: {secs:.2} s", r + 1);
-        image_times.push(secs);
-    }
+        Ok(t.elapsed().as_secs_f64())
+    };
     // Texts: label prompts of the zero-shot kind; the tower always reads 64 positions.
-    let mut text_times = Vec::with_capacity(runs * 4);
-    for r in 0..runs * 4 {
-        let ids: Vec<u32> = (0..TEXT_LENGTH as u32).map(|i| (i * 37 + r as u32 * 101) % VOCAB as u32).collect();
+    let texts = |b: usize, r: usize| -> anyhow::Result<f64> {
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|k| (0..TEXT_LENGTH as u32).map(|i| (i * 37 + (r * b + k) as u32 * 101) % VOCAB as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
         let t = Instant::now();
-        let mut e = model.text_features(&ids)?;
-        l2_normalize(&mut e);
-        text_times.push(t.elapsed().as_secs_f64());
-        anyhow::ensure!(e.iter().all(|x| x.is_finite()), "the text tower produced non-finite values");
+        let mut out = model.text_features_batch(&refs)?;
+        out.iter_mut().for_each(|e| l2_normalize(e));
+        anyhow::ensure!(out.iter().flatten().all(|x| x.is_finite()), "the text tower produced non-finite values");
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for &b in &batches {
+        if on_gpu {
+            // The first call loads kernels and fills the allocator's pools: not timed.
+            images(b)?;
+            texts(b, 0)?;
+        }
+        let mut image_times = Vec::with_capacity(runs);
+        for r in 0..runs {
+            let secs = images(b)?;
+            if !on_gpu {
+                println!("  image {}: {secs:.2} s", r + 1);
+            }
+            image_times.push(secs);
+        }
+        let text_times = (0..runs * 4).map(|r| texts(b, r)).collect::<anyhow::Result<Vec<f64>>>()?;
+        let image_s = crate::bench::median(image_times);
+        let text_s = crate::bench::median(text_times);
+        println!(
+            "batch {b}: median {image_s:.3} s per batch of images ({:.2} images/s), {text_s:.4} s per batch of texts ({:.1} texts/s)",
+            b as f64 / image_s,
+            b as f64 / text_s,
+        );
     }
-    let image_s = crate::bench::median(image_times);
-    let text_s = crate::bench::median(text_times);
-    println!(
-        "median {image_s:.2} s per image ({:.3} images/s), {text_s:.3} s per text ({:.2} texts/s); peak memory {:.0} MiB",
-        1.0 / image_s,
-        1.0 / text_s,
-        crate::bench::peak_rss_mib().unwrap_or(0.0)
-    );
+    println!("peak memory {:.0} MiB (host)", crate::bench::peak_rss_mib().unwrap_or(0.0));
     Ok(ExitCode::SUCCESS)
 }

@@ -63,10 +63,11 @@ pub struct EmbedHandle {
 }
 
 impl EmbedHandle {
-    /// Loads a `SiglipModel` checkpoint folder (weights, tokenizer, processor settings) on the
-    /// CPU and starts its thread.
-    pub fn load(dir: &std::path::Path, max_batch: usize) -> Result<Self, EngineError> {
-        let (model, tokenizer) = crate::load::siglip::load_siglip(dir, &candle_core::Device::Cpu)?;
+    /// Loads a `SiglipModel` checkpoint folder (weights, tokenizer, processor settings) on
+    /// `device` (the CPU, or a CUDA device in a build with the `cuda` feature) and starts its
+    /// thread.
+    pub fn load(dir: &std::path::Path, max_batch: usize, device: &candle_core::Device) -> Result<Self, EngineError> {
+        let (model, tokenizer) = crate::load::siglip::load_siglip(dir, device)?;
         let images = crate::image::read_preprocessor_config(dir, model.vision.image_size)?;
         let mut h = Self::start(model, tokenizer, images, max_batch)?;
         h.info.id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

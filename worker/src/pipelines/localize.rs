@@ -189,6 +189,8 @@ impl Pipeline for Localize {
         let asked = ask_each(cx, &self.pipeline, doc, &segments, None, prepare).await;
         let mut out = Outcome::from_asked(&asked);
         let files = unit.image_sources();
+        let parse_error =
+            |reason: ErrorReason, detail: String| ErrorRow::of_document(doc, ErrorStage::Parse, reason, detail, None);
         let mut rows = Rows::default();
         for (&(k, object), reply) in asks.iter().zip(asked.replies) {
             let reply = match reply {
@@ -200,13 +202,7 @@ impl Pipeline for Localize {
             };
             let Some(boxes) = answer_boxes(&reply.answer) else {
                 let detail = format!("the answer about image {k} holds no JSON list of boxes");
-                out.errors.push(ErrorRow::of_document(
-                    doc,
-                    ErrorStage::Parse,
-                    ErrorReason::UnparseableAnswer,
-                    detail,
-                    None,
-                ));
+                out.errors.push(parse_error(ErrorReason::UnparseableAnswer, detail));
                 continue;
             };
             let img = &unit.images[k];
@@ -217,13 +213,7 @@ impl Pipeline for Localize {
                     (item.get("label").and_then(Value::as_str), coords.as_deref())
                 else {
                     let detail = format!("box {b} about image {k} is not a `box_2d` of 4 integers with a `label`");
-                    out.errors.push(ErrorRow::of_document(
-                        doc,
-                        ErrorStage::Parse,
-                        ErrorReason::BadAnswerField,
-                        detail,
-                        None,
-                    ));
+                    out.errors.push(parse_error(ErrorReason::BadAnswerField, detail));
                     continue;
                 };
                 let px = box_pixels([y0, x0, y1, x1], img.width, img.height, l.pad_to_square);
