@@ -31,6 +31,12 @@ pub fn main(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let sets = pipeline.spec.extraction.gold.as_deref().unwrap_or("eval");
     let split = pipeline.dir.join(sets).join(&args.gold);
     let gold_dir = if split.join("gold").is_dir() { split } else { PathBuf::from(&args.gold) };
+    // The table decides what is scored and how.
+    match pipeline.spec.output.table.as_str() {
+        "lab_results" => {}
+        "note_facts" => return cohort(&args, &pipeline, &gold_dir),
+        other => anyhow::bail!("no gold-set scoring for table {other:?} (lab_results and note_facts have one)"),
+    }
     let gold = load_gold(&gold_dir)?;
     let (pred, errors) = load_predictions(&args.pred, &pipeline.spec.output.table, args.run_id.as_deref())
         .with_context(|| format!("reading the run under {}", args.pred.display()))?;
@@ -39,6 +45,22 @@ pub fn main(args: EvalArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render_table(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Scores `note_facts` against a cohort-facts gold split (docs/cohort-facts.md, Scoring).
+fn cohort(args: &EvalArgs, pipeline: &LoadedPipeline, gold_dir: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use medbatch_worker::pipelines::cohort_eval;
+    let gold = cohort_eval::load_gold(gold_dir)?;
+    let synonyms = cohort_eval::load_synonyms(&gold_dir.join("../synonyms.tsv"))?;
+    let pred = cohort_eval::load_predictions(&args.pred, &pipeline.spec.output.table, args.run_id.as_deref())
+        .with_context(|| format!("reading the run under {}", args.pred.display()))?;
+    let report = cohort_eval::score(&gold, &pred, &synonyms);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", cohort_eval::render_table(&report));
     }
     Ok(ExitCode::SUCCESS)
 }

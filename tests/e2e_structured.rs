@@ -171,3 +171,137 @@ fn per_document_rows_have_a_column_of_each_schema_type() {
     assert_eq!(t["follow_up"], "struct<needed: bool not null, with: string>");
     assert!(t.get("item_index").is_none());
 }
+
+/// cohort-facts with the demo model over two gold-set notes as JSONL records (one with its
+/// patient and date) and one as a file whose name holds them: every note gives a row whose
+/// answer validates, its patient and date from the record or the file name, and every
+/// evidence offset lies within the note with an alignment (or no quote at all). Answers are
+/// shortened for the small model (lists of 2, strings of 40 characters).
+#[test]
+fn cohort_facts_one_row_per_note_with_patient_date_and_located_evidence() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("cohort-facts");
+    std::fs::create_dir(&p).unwrap();
+    let src = repo_root().join("pipelines/cohort-facts");
+    for f in ["pipeline.toml", "prompt.j2"] {
+        std::fs::copy(src.join(f), p.join(f)).unwrap();
+    }
+    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
+    let toml = toml.replace("max_new_tokens = 3072", "max_new_tokens = 700").replace(
+        "date_pattern = \"([0-9]{4}-[0-9]{2}-[0-9]{2})\"",
+        "date_pattern = \"([0-9]{4}-[0-9]{2}-[0-9]{2})\"\npatient_pattern = \"^([^_]+)_\"",
+    );
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let mut schema: Value = serde_json::from_slice(&std::fs::read(src.join("schema.json")).unwrap()).unwrap();
+    fn shorten(v: &mut Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m.iter_mut() {
+                    match k.as_str() {
+                        "maxLength" => *x = Value::from(x.as_u64().unwrap().min(40)),
+                        "maxItems" => *x = Value::from(2),
+                        // Five scalars' quotes and two of each list's.
+                        "maxProperties" => *x = Value::from(9),
+                        _ => shorten(x),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(shorten),
+            _ => {}
+        }
+    }
+    shorten(&mut schema);
+    std::fs::write(p.join("schema.json"), serde_json::to_vec_pretty(&schema).unwrap()).unwrap();
+
+    let notes = repo_root().join("pipelines/cohort-facts/eval/dev/notes");
+    let note = |n: &str| std::fs::read_to_string(notes.join(format!("{n}.txt"))).unwrap();
+    let (a, b, c) = (
+        note("telephone-anticoagulant-on-hold"),
+        note("paediatric-adolescent-well-visit"),
+        note("progress-primary-care-prediabetes"),
+    );
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir(&inputs).unwrap();
+    let jsonl = format!(
+        "{}\n{}\n",
+        json!({ "id": "n-a", "text": a, "patient_id": "P-1", "note_date": "2025-02-01" }),
+        json!({ "id": "n-b", "text": b })
+    );
+    std::fs::write(inputs.join("notes.jsonl"), jsonl).unwrap();
+    std::fs::write(inputs.join("P-9_2025-03-04_progress.txt"), &c).unwrap();
+    let out = run(dir.path(), p.to_str().unwrap(), &[inputs.to_str().unwrap()], "cohort");
+
+    let (rows, _, batches) = read_parquet_dir(&out.join("note_facts"));
+    let (_, _, eb) = read_parquet_dir(&out.join("_errors"));
+    assert_eq!(rows, 3, "errors: {:?}", string_column(&eb, "detail"));
+    let ids = string_column(&batches, "document_id");
+    let texts: std::collections::BTreeMap<&str, &str> =
+        [("n-a", a.as_str()), ("n-b", b.as_str()), ("P-9_2025-03-04_progress.txt", c.as_str())].into();
+    let meta: Vec<(Option<String>, Option<String>)> =
+        string_column(&batches, "patient_id").into_iter().zip(string_column(&batches, "note_date")).collect();
+    for (id, m) in ids.iter().zip(&meta) {
+        let want = match id.as_deref().unwrap() {
+            "n-a" => (Some("P-1".to_string()), Some("2025-02-01".to_string())),
+            "n-b" => (None, None),
+            _ => (Some("P-9".to_string()), Some("2025-03-04".to_string())),
+        };
+        assert_eq!(m, &want, "{id:?}");
+    }
+    // Every row validates against the (shortened) schema once its evidence columns are set
+    // aside; every offset lies within its note.
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys, glob, jsonschema, pyarrow.parquet as pq
+out, schema_path, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+schema = json.load(open(schema_path))
+del schema["properties"]["evidence"]; schema["required"].remove("evidence")
+aligned = flagged = unquoted = 0
+def check(span, text):
+    global aligned, flagged, unquoted
+    s, e, a = span
+    if a is None:
+        assert s is None and e is None; unquoted += 1
+    elif a == "none":
+        assert s is None and e is None; flagged += 1
+    else:
+        assert a in ("exact", "normalized", "fuzzy") and 0 <= s < e <= len(text), span
+        aligned += 1
+for f in glob.glob(out + "/note_facts/**/*.parquet", recursive=True):
+    for r in pq.ParquetFile(f).read().to_pylist():
+        text = texts[r["document_id"]]
+        answer = {}
+        for k in schema["properties"]:
+            v = r[k]
+            if isinstance(v, list):
+                for item in v:
+                    check((item.pop("evidence_start"), item.pop("evidence_end"), item.pop("alignment")), text)
+            else:
+                check((r[k + "_evidence_start"], r[k + "_evidence_end"], r[k + "_alignment"]), text)
+            answer[k] = v
+        jsonschema.validate(answer, schema)
+print(json.dumps({"aligned": aligned, "flagged": flagged, "unquoted": unquoted}))
+"#,
+        )
+        .arg(&out)
+        .arg(p.join("schema.json"))
+        .arg(serde_json::to_string(&texts).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let counts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("evidence: {counts}");
+}
+
+/// The cohort-facts gold set holds together: shapes and enums, every quote an exact substring
+/// of its note within one line, a quote for every asserted field and item, no held-out line
+/// in the dev split (pipelines/cohort-facts/eval/check_gold.py).
+#[test]
+fn the_cohort_facts_gold_set_is_consistent() {
+    let o = std::process::Command::new(python())
+        .arg(repo_root().join("pipelines/cohort-facts/eval/check_gold.py"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
+}

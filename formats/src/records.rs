@@ -21,8 +21,19 @@ const RECORD_SLACK_BYTES: u64 = 64 << 10;
 /// The csv reader's own buffer, counted as slack when bounding one record.
 const CSV_BUFFER_BYTES: usize = 8 << 10;
 
-/// One record read: its id and text, or why it cannot be a document.
-pub type Record = Result<(String, String), Reject>;
+/// One record read: its fields, or why it cannot be a document.
+pub type Record = Result<Fields, Reject>;
+
+/// What a record gives a document: its id and text, and its patient and date when the
+/// spec names their fields (`input.patient_field`, `input.date_field`) and the record has
+/// them (a string or a number; empty counts as absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fields {
+    pub id: String,
+    pub text: String,
+    pub patient: Option<String>,
+    pub date: Option<String>,
+}
 
 /// The largest JSONL line or CSV record read before its text is judged.
 pub fn max_record_bytes(limits: &InputLimits) -> u64 {
@@ -88,12 +99,7 @@ pub fn jsonl(
             continue;
         }
         records += 1;
-        let parsed =
-            jsonl_record(line, line_no, spec).and_then(|(id, text)| checked_text(id, text, line_no, spec, limits));
-        match parsed {
-            Ok((id, text)) => emit(Ok((id, text))),
-            Err(r) => emit(Err(r)),
-        }
+        emit(jsonl_record(line, line_no, spec).and_then(|f| checked_text(f, line_no, spec, limits)));
     }
     if records == 0 {
         fail(emit, None, InputErrorKind::Empty, "no records");
@@ -149,6 +155,16 @@ pub fn csv(
         fail(emit, None, InputErrorKind::MissingField, format!("no {id_field:?} column in the header"));
         return Ok(());
     };
+    // Optional columns: a file without them gives documents without a patient or date.
+    let patient_col = spec.patient_field.as_deref().and_then(column);
+    let date_col = spec.date_field.as_deref().and_then(column);
+    let optional = |row: &csv::ByteRecord, col: Option<usize>| {
+        col.and_then(|c| row.get(c))
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    };
 
     let mut row = csv::ByteRecord::new();
     let mut records = 0u64;
@@ -162,12 +178,11 @@ pub fn csv(
         feed.stop_at.set(csv.position().byte().saturating_add(record_cap).saturating_add(CSV_BUFFER_BYTES as u64));
         records += 1;
         let line = row.position().map_or(next_line, |p| p.line());
-        let parsed = csv_record(&row, (id_col, text_col), line, spec)
-            .and_then(|(id, text)| checked_text(id, text, line, spec, limits));
-        match parsed {
-            Ok((id, text)) => emit(Ok((id, text))),
-            Err(r) => emit(Err(r)),
-        }
+        let parsed = csv_record(&row, (id_col, text_col), line, spec).and_then(|(id, text)| {
+            let fields = Fields { id, text, patient: optional(&row, patient_col), date: optional(&row, date_col) };
+            checked_text(fields, line, spec, limits)
+        });
+        emit(parsed);
     }
     if records == 0 {
         fail(emit, None, InputErrorKind::Empty, "no records after the header");
@@ -213,7 +228,7 @@ pub struct Reject {
 }
 
 /// Parses one non-blank JSONL line into its id and text.
-fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<(String, String), Reject> {
+fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<Fields, Reject> {
     let at_line = |kind, detail| Reject { record: Some(line_no.to_string()), kind, detail };
     let text = std::str::from_utf8(line).map_err(|e| {
         let detail = format!("line {line_no}: invalid UTF-8 at byte offset {} of the line", e.valid_up_to());
@@ -258,7 +273,14 @@ fn jsonl_record(line: &[u8], line_no: u64, spec: &InputSpec) -> Result<(String, 
             return Err(at_id(InputErrorKind::MalformedRecord, detail));
         }
     };
-    Ok((id, text))
+    // Optional fields: a string or a number; anything else (or empty) counts as absent.
+    let optional = |field: &Option<String>| match field.as_ref().and_then(|f| object.get(f)) {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    let (patient, date) = (optional(&spec.patient_field), optional(&spec.date_field));
+    Ok(Fields { id, text, patient, date })
 }
 
 /// Takes the id and text out of one CSV row, given their column indexes.
@@ -292,23 +314,18 @@ fn csv_record(
 }
 
 /// The checks every record's text passes once id and text are known.
-fn checked_text(
-    id: String,
-    text: String,
-    line: u64,
-    spec: &InputSpec,
-    limits: &InputLimits,
-) -> Result<(String, String), Reject> {
+fn checked_text(fields: Fields, line: u64, spec: &InputSpec, limits: &InputLimits) -> Result<Fields, Reject> {
     let limit = limits.max_document_bytes;
+    let text = &fields.text;
     let (kind, detail) = if text.len() as u64 > limit {
         let detail = format!("line {line}: text is {} bytes, over the document limit of {limit} bytes", text.len());
         (InputErrorKind::TooLarge, detail)
     } else if text.trim().is_empty() {
         (InputErrorKind::Empty, format!("line {line}: {:?} is empty", spec.text_field))
     } else {
-        return Ok((id, text));
+        return Ok(fields);
     };
-    Err(Reject { record: Some(id), kind, detail })
+    Err(Reject { record: Some(fields.id), kind, detail })
 }
 
 enum Line {
@@ -433,6 +450,10 @@ mod tests {
             id_field: "id".into(),
             text_field: "text".into(),
             max_document_bytes: 1 << 20,
+            patient_field: None,
+            date_field: None,
+            patient_pattern: None,
+            date_pattern: None,
         }
     }
 
@@ -448,7 +469,8 @@ mod tests {
         let lines =
             b"{\"id\": \"a\", \"text\": \"Hb 13.1\"}\n{\"id\": 7, \"text\": \"Patient secret\"\n\n{\"id\": \"c\"}\n";
         let got = collect(|emit| jsonl(&mut &lines[..], &spec, &limits, emit));
-        assert_eq!(got[0], Ok(("a".into(), "Hb 13.1".into())));
+        let plain = |id: &str, text: &str| Fields { id: id.into(), text: text.into(), patient: None, date: None };
+        assert_eq!(got[0], Ok(plain("a", "Hb 13.1")));
         let bad = got[1].clone().unwrap_err();
         assert_eq!((bad.record.as_deref(), bad.kind), (Some("2"), InputErrorKind::MalformedRecord));
         assert!(!bad.detail.contains("secret"), "{}", bad.detail);
@@ -458,8 +480,25 @@ mod tests {
 
         let csv_bytes = b"id,text\nx,\"K 4.1, ok\"\ny,\n";
         let got = collect(|emit| csv(&mut &csv_bytes[..], &spec, &limits, emit));
-        assert_eq!(got[0], Ok(("x".into(), "K 4.1, ok".into())));
+        assert_eq!(got[0], Ok(plain("x", "K 4.1, ok")));
         assert_eq!(got[1].clone().unwrap_err().kind, InputErrorKind::Empty);
+    }
+
+    #[test]
+    fn patient_and_date_fields_are_read_when_named_and_present() {
+        let spec = InputSpec { patient_field: Some("patient".into()), date_field: Some("date".into()), ..spec() };
+        let limits = limits();
+        let lines = b"{\"id\": \"a\", \"text\": \"t\", \"patient\": 1042, \"date\": \"2025-01-10\"}\n{\"id\": \"b\", \"text\": \"t\", \"patient\": \" \", \"date\": [1]}\n";
+        let got = collect(|emit| jsonl(&mut &lines[..], &spec, &limits, emit));
+        let got: Vec<(Option<String>, Option<String>)> =
+            got.into_iter().map(|r| r.map(|f| (f.patient, f.date)).unwrap()).collect();
+        assert_eq!(got, [(Some("1042".into()), Some("2025-01-10".into())), (None, None)]);
+        // A CSV file without the date column: documents without a date.
+        let csv_bytes = b"id,patient,text\nx,P-7,note\ny,,note\n";
+        let got = collect(|emit| csv(&mut &csv_bytes[..], &spec, &limits, emit));
+        let got: Vec<(Option<String>, Option<String>)> =
+            got.into_iter().map(|r| r.map(|f| (f.patient, f.date)).unwrap()).collect();
+        assert_eq!(got, [(Some("P-7".into()), None), (None, None)]);
     }
 
     #[test]

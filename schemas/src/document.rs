@@ -17,6 +17,11 @@ pub struct Document {
     pub input_sha256: Digest,
     /// The document text (UTF-8).
     pub text: String,
+    /// The patient it belongs to, when the input says (`input.patient_field` of a record,
+    /// or `input.patient_pattern` over the file name).
+    pub patient_id: Option<String>,
+    /// Its date as written, when the input says (`input.date_field`, `input.date_pattern`).
+    pub date: Option<String>,
 }
 
 impl std::fmt::Debug for Document {
@@ -186,6 +191,8 @@ mod tests {
             source_uri: "file:///x.txt".into(),
             input_sha256: Digest::of_bytes(b"x"),
             text: "Jane Doe, potassium 6.1".into(),
+            patient_id: None,
+            date: None,
         };
         let s = format!("{d:?}");
         assert!(!s.contains("Jane"), "{s}");

@@ -294,6 +294,31 @@ pub struct InputSpec {
     /// Largest document accepted, in bytes.
     #[serde(default = "default_max_document_bytes")]
     pub max_document_bytes: u64,
+    /// Field (JSONL key or CSV column) holding the patient a record belongs to; a record
+    /// without it has none (or the file name's, by `patient_pattern`).
+    #[serde(default)]
+    pub patient_field: Option<String>,
+    /// Field holding the note's date, as written (ISO dates sort and compare as text).
+    #[serde(default)]
+    pub date_field: Option<String>,
+    /// A regular expression over a file's (or archive member's) name whose first capture
+    /// group is the patient, for documents that are whole files (e.g. `^([A-Z]+-[0-9]+)_`),
+    /// and for records without `patient_field`.
+    #[serde(default)]
+    pub patient_pattern: Option<String>,
+    /// The same for the note's date (e.g. `([0-9]{4}-[0-9]{2}-[0-9]{2})`).
+    #[serde(default)]
+    pub date_pattern: Option<String>,
+}
+
+impl InputSpec {
+    /// Whether documents carry a patient or a date (the tables then have their columns).
+    pub fn has_patient_or_date(&self) -> bool {
+        self.patient_field.is_some()
+            || self.date_field.is_some()
+            || self.patient_pattern.is_some()
+            || self.date_pattern.is_some()
+    }
 }
 
 /// How answers become rows of which table.
@@ -314,6 +339,13 @@ pub struct OutputSpec {
     /// `alignment`).
     #[serde(default)]
     pub evidence: Option<String>,
+    /// `structured` pipelines with one row per document: the answer's object property that
+    /// maps field paths (`NAME` of a top-level field, `NAME[i]` of an item of a list of
+    /// objects) to the quote supporting each. Each quote is aligned to the document: a
+    /// top-level field gets `NAME_evidence_start`, `NAME_evidence_end` and `NAME_alignment`
+    /// columns, each list item `evidence_start`, `evidence_end` and `alignment` fields.
+    #[serde(default)]
+    pub evidence_map: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

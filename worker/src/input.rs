@@ -80,7 +80,10 @@ pub fn read_documents(
     limits: &InputLimits,
     sink: &mut dyn FnMut(Result<Document, InputError>),
 ) {
-    let mut r = Reader { input, spec, limits, sink };
+    // The name patterns were checked when the pipeline was loaded.
+    let pattern = |p: &Option<String>| p.as_deref().and_then(|p| regex::Regex::new(p).ok());
+    let patterns = (pattern(&spec.patient_pattern), pattern(&spec.date_pattern));
+    let mut r = Reader { input, spec, limits, sink, patterns };
     let top = Place::file(input);
     if input.kind == InputKind::Unsupported || !spec.kinds.contains(&input.kind) {
         let detail = format!("input kind {:?} is not read by this pipeline", input.kind);
@@ -233,16 +236,33 @@ struct Reader<'a, 's> {
     spec: &'a InputSpec,
     limits: &'a InputLimits,
     sink: &'s mut dyn FnMut(Result<Document, InputError>),
+    /// `input.patient_pattern` and `input.date_pattern`, compiled.
+    patterns: (Option<regex::Regex>, Option<regex::Regex>),
 }
 
 impl Reader<'_, '_> {
-    fn doc(&mut self, place: &Place, id: String, text: String) {
+    /// A document of `fields`; its patient and date, where the record has none, from the
+    /// file's (or member's) name by the spec's patterns.
+    fn doc(&mut self, place: &Place, fields: records::Fields) {
+        let name = place.member.as_deref().unwrap_or_else(|| file_name(&self.input.uri));
+        let from_name = |p: &Option<regex::Regex>| {
+            p.as_ref().and_then(|re| re.captures(name)).and_then(|c| c.get(1)).map(|m| m.as_str().to_string())
+        };
+        let patient_id = fields.patient.or_else(|| from_name(&self.patterns.0));
+        let date = fields.date.or_else(|| from_name(&self.patterns.1));
         (self.sink)(Ok(Document {
-            id,
+            id: fields.id,
             source_uri: place.source_uri.clone(),
             input_sha256: self.input.sha256.clone(),
-            text,
+            text: fields.text,
+            patient_id,
+            date,
         }))
+    }
+
+    /// A whole-file document: its name is its id.
+    fn file_doc(&mut self, place: &Place, id: String, text: String) {
+        self.doc(place, records::Fields { id, text, patient: None, date: None });
     }
 
     fn fail(&mut self, place: &Place, record: Option<String>, kind: InputErrorKind, detail: impl Into<String>) {
@@ -269,7 +289,7 @@ impl Reader<'_, '_> {
                 format!("file exceeds the document limit of {limit} bytes"),
             ),
             Ok(Some(bytes)) => match records::text(bytes) {
-                Ok(text) => self.doc(&place, file_name(&self.input.uri).to_string(), text),
+                Ok(text) => self.file_doc(&place, file_name(&self.input.uri).to_string(), text),
                 Err((kind, detail)) => self.fail(&place, None, kind, detail),
             },
         }
@@ -291,7 +311,7 @@ impl Reader<'_, '_> {
 
     fn record(&mut self, place: &Place, rec: records::Record) {
         match rec {
-            Ok((id, text)) => self.doc(place, id, text),
+            Ok(fields) => self.doc(place, fields),
             Err(r) => self.fail(place, r.record, r.kind, r.detail),
         }
     }
@@ -346,7 +366,7 @@ impl Reader<'_, '_> {
         let _ = match kind {
             InputKind::Text => {
                 match records::text(bytes) {
-                    Ok(text) => self.doc(place, name.to_string(), text),
+                    Ok(text) => self.file_doc(place, name.to_string(), text),
                     Err((kind, detail)) => self.fail(place, None, kind, detail),
                 }
                 Ok(())
@@ -701,6 +721,10 @@ mod tests {
             id_field: "id".into(),
             text_field: "text".into(),
             max_document_bytes: 1 << 20,
+            patient_field: None,
+            date_field: None,
+            patient_pattern: None,
+            date_pattern: None,
         }
     }
 

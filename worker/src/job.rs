@@ -470,6 +470,8 @@ mod tests {
             source_uri: format!("file:///in/{}", files[0].0),
             input_sha256: Digest::of_bytes(b"group"),
             text: String::new(),
+            patient_id: None,
+            date: None,
         };
         let sources = files
             .iter()

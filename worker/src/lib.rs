@@ -8,6 +8,7 @@
 //! rows; the job still completes.
 
 pub mod chunk;
+pub mod clinical;
 pub mod grammar;
 pub mod grounding;
 pub mod imaging;

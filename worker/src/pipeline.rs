@@ -66,6 +66,15 @@ impl LoadedPipeline {
         let invalid = |reason: String| PipelineError::Invalid { path: shown.clone(), reason };
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
+        for (key, pattern) in
+            [("patient_pattern", &spec.input.patient_pattern), ("date_pattern", &spec.input.date_pattern)]
+        {
+            let Some(p) = pattern else { continue };
+            let re = regex::Regex::new(p).map_err(|e| invalid(format!("input.{key}: {e}")))?;
+            if re.captures_len() < 2 {
+                return Err(invalid(format!("input.{key} needs a capture group (the value)")));
+            }
+        }
         // A pipeline that prompts no generative model has no prompt.
         let model = spec.task.needs_prompt();
         let template = if model { read(&spec.prompt.template)? } else { String::new() };
@@ -219,6 +228,7 @@ mod tests {
         }
         names.sort();
         for want in [
+            "cohort-facts",
             "cxr-localize",
             "image-embeddings",
             "pathology-report",

@@ -173,6 +173,8 @@ fn whole_file_unit(input: &InputRef, text: String, images: Vec<Arc<Rgb8>>) -> Un
         source_uri: input.uri.clone(),
         input_sha256: input.sha256.clone(),
         text,
+        patient_id: None,
+        date: None,
     };
     let sources = vec![source(input, Ok(images.len()))];
     Unit { doc, images, sources, slides: Vec::new() }
@@ -274,6 +276,8 @@ fn item(doc_id: String, group: &[Instance<'_>], taken: &Taken, labels: &[String]
             source_uri: inputs[0].uri.clone(),
             input_sha256: group_digest(&inputs),
             text: image_block(labels),
+            patient_id: None,
+            date: None,
         },
         images,
         sources,

@@ -243,6 +243,8 @@ fn unit<S: RangeRead>(slide: &Slide<S>, inputs: &[&InputRef], spec: &ImagingSpec
             source_uri: first.uri.clone(),
             input_sha256: group_digest(inputs),
             text: image_block(&labels),
+            patient_id: None,
+            date: None,
         },
         images,
         sources,
@@ -319,6 +321,8 @@ fn case_unit(id: &str, slides: &[(OpenSlide, Vec<&InputRef>)], spec: &ImagingSpe
         source_uri: all[0].uri.clone(),
         input_sha256: group_digest(&all),
         text: image_block(&labels),
+        patient_id: None,
+        date: None,
     };
     out.push(Ok(Unit { doc, images, sources, slides: regions_of }));
     out

@@ -5,6 +5,7 @@
 //! table: its Arrow schema and the record batch of each document's rows. Model calls go
 //! through [`crate::model_call`], the one path from prompt to answer.
 
+pub mod cohort_eval;
 pub mod embed;
 pub mod lab_report;
 pub mod localize;

@@ -46,6 +46,25 @@ pub fn row_schema<'a>(schema: &'a Value, output: &OutputSpec) -> Result<&'a Valu
     }
 }
 
+/// The columns of a row: its schema's properties but the evidence map
+/// (`output.evidence_map`, which is no column), in property order.
+pub fn row_columns(schema: &Value, output: &OutputSpec) -> Result<Vec<Field>, ColumnsError> {
+    let row = row_schema(schema, output)?;
+    match &output.evidence_map {
+        None => schema_fields(row),
+        Some(map) => {
+            let mut row = row.clone();
+            if let Some(Value::Object(props)) = row.get_mut("properties") {
+                props.remove(map);
+            }
+            if let Some(Value::Array(req)) = row.get_mut("required") {
+                req.retain(|r| r.as_str() != Some(map.as_str()));
+            }
+            schema_fields(&row)
+        }
+    }
+}
+
 /// The columns a row schema (an object) maps to, in property order.
 pub fn schema_fields(row: &Value) -> Result<Vec<Field>, ColumnsError> {
     match column_type(row, "")? {
@@ -126,7 +145,7 @@ fn plain(dt: &DataType) -> DataType {
 /// Checks at pipeline load that a `structured` pipeline's schema maps to columns.
 pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), ColumnsError> {
     let row = row_schema(schema, output)?;
-    let fields = schema_fields(row)?;
+    let fields = row_columns(schema, output)?;
     if let Some(ev) = &output.evidence {
         let f = fields.iter().find(|f| f.name() == ev).ok_or_else(|| ColumnsError {
             pointer: "/".into(),
@@ -137,6 +156,22 @@ pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), Columns
                 pointer: "/".into(),
                 reason: format!("output.evidence `{ev}` must be a string"),
             });
+        }
+    }
+    if let Some(map) = &output.evidence_map {
+        let err = |reason: String| Err(ColumnsError { pointer: "/".into(), reason });
+        if output.rows != RowMode::PerDocument || output.evidence.is_some() {
+            return err("output.evidence_map goes with rows = \"per_document\" and no output.evidence".into());
+        }
+        let prop = row.pointer(&format!("/properties/{map}"));
+        if prop.and_then(|p| p.get("type")) != Some(&Value::from("object")) {
+            return err(format!("output.evidence_map names `{map}`, which is not an object property"));
+        }
+        let cols = evidence_fields(&fields, map);
+        for reserved in ["patient_id", "note_date"] {
+            if cols.iter().any(|f| f.name() == reserved) {
+                return err(format!("property `{reserved}` is a column medbatch adds"));
+            }
         }
     }
     for reserved in RESERVED {
@@ -167,6 +202,9 @@ const RESERVED: [&str; 9] = [
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
     pub document_id: String,
+    /// The document's patient and date, when the input gives them.
+    pub patient_id: Option<String>,
+    pub note_date: Option<String>,
     pub source_uri: String,
     pub input_sha256: String,
     /// Position among the document's rows (per-item tables).
@@ -183,24 +221,131 @@ pub struct Record {
 
 /// The Arrow schema of a structured pipeline's table.
 pub fn table_schema(pipeline: &LoadedPipeline) -> Result<Arc<Schema>, ColumnsError> {
-    let row = row_schema(&pipeline.schema, &pipeline.spec.output)?;
     let mut fields = vec![Field::new("document_id", DataType::Utf8, false)];
+    if pipeline.spec.input.has_patient_or_date() {
+        fields.extend([Field::new("patient_id", DataType::Utf8, true), Field::new("note_date", DataType::Utf8, true)]);
+    }
     if pipeline.spec.output.rows == RowMode::PerItem {
         fields.push(Field::new("item_index", DataType::UInt32, false));
     }
-    fields.extend(schema_fields(row)?);
-    fields.extend([
-        Field::new("evidence_start", DataType::UInt32, true),
-        Field::new("evidence_end", DataType::UInt32, true),
-        Field::new("alignment", dict_utf8(), true),
-        Field::new("from_examples", DataType::Boolean, false),
-    ]);
+    let columns = row_columns(&pipeline.schema, &pipeline.spec.output)?;
+    match &pipeline.spec.output.evidence_map {
+        Some(map) => fields.extend(evidence_fields(&columns, map)),
+        None => {
+            fields.extend(columns);
+            fields.extend([
+                Field::new("evidence_start", DataType::UInt32, true),
+                Field::new("evidence_end", DataType::UInt32, true),
+                Field::new("alignment", dict_utf8(), true),
+                Field::new("from_examples", DataType::Boolean, false),
+            ]);
+        }
+    }
     if slide_level(pipeline) {
         fields.push(Field::new("patches", patches_type(), false));
     }
     fields.extend([Field::new("source_uri", DataType::Utf8, false), Field::new("input_sha256", DataType::Utf8, false)]);
     fields.extend(medbatch_schemas::tables::provenance_fields().into_iter().skip(2));
     Ok(Arc::new(Schema::new(fields)))
+}
+
+/// The columns of a row whose quotes are in the evidence map `map` (which is not a column):
+/// each field in schema order, a top-level field followed by its `NAME_evidence_start`,
+/// `NAME_evidence_end` and `NAME_alignment`, a list of objects with `evidence_start`,
+/// `evidence_end` and `alignment` in each item.
+fn evidence_fields(fields: &[Field], map: &str) -> Vec<Field> {
+    let offsets = |prefix: &str, alignment: DataType| {
+        [
+            Field::new(format!("{prefix}evidence_start"), DataType::UInt32, true),
+            Field::new(format!("{prefix}evidence_end"), DataType::UInt32, true),
+            Field::new(format!("{prefix}alignment"), alignment, true),
+        ]
+    };
+    let mut out = Vec::new();
+    for f in fields.iter().filter(|f| f.name() != map) {
+        match object_items(f) {
+            Some(items) => {
+                let mut item_fields: Vec<Field> = items.iter().map(|x| x.as_ref().clone()).collect();
+                item_fields.extend(offsets("", DataType::Utf8));
+                let item = Field::new("item", DataType::Struct(item_fields.into()), false);
+                out.push(Field::new(f.name(), DataType::List(Arc::new(item)), f.is_nullable()));
+            }
+            None => {
+                out.push(f.clone());
+                out.extend(offsets(&format!("{}_", f.name()), dict_utf8()));
+            }
+        }
+    }
+    out
+}
+
+/// The item fields of a list-of-objects column.
+fn object_items(f: &Field) -> Option<&Fields> {
+    match f.data_type() {
+        DataType::List(item) => match item.data_type() {
+            DataType::Struct(fs) => Some(fs),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The answer with its evidence map's quotes aligned to `text` and written beside what they
+/// support (as [`evidence_fields`] lays them out), the map itself removed. A quote that is
+/// not found gives null offsets and `none`; a field without a quote, nulls.
+fn with_evidence(answer: &Value, map: &str, lists: &[&str], text: &str) -> Value {
+    let Value::Object(m) = answer else { return answer.clone() };
+    let quotes = m.get(map).and_then(Value::as_object);
+    let located = |key: &str| -> [Value; 3] {
+        match quotes.and_then(|q| q.get(key)).and_then(Value::as_str) {
+            None => [Value::Null, Value::Null, Value::Null],
+            Some(q) => match align(q, text) {
+                Some(l) => [l.start.into(), l.end.into(), l.alignment.as_str().into()],
+                None => [Value::Null, Value::Null, Alignment::None.as_str().into()],
+            },
+        }
+    };
+    let names = |prefix: &str| ["evidence_start", "evidence_end", "alignment"].map(|n| format!("{prefix}{n}"));
+    let mut out = serde_json::Map::new();
+    for (k, v) in m.iter().filter(|(k, _)| k.as_str() != map) {
+        match v {
+            Value::Array(items) if lists.contains(&k.as_str()) => {
+                let items = items.iter().enumerate().map(|(i, item)| {
+                    let mut item = item.clone();
+                    if let Value::Object(o) = &mut item {
+                        o.extend(names("").into_iter().zip(located(&format!("{k}[{i}]"))));
+                    }
+                    item
+                });
+                out.insert(k.clone(), Value::Array(items.collect()));
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+                out.extend(names(&format!("{k}_")).into_iter().zip(located(k)));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// Moves every evidence offset [`with_evidence`] wrote by `by` characters (a chunk's start
+/// in its document).
+fn shift_offsets(v: &mut Value, by: usize) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                if k.ends_with("evidence_start") || k.ends_with("evidence_end") {
+                    if let Some(n) = x.as_u64() {
+                        *x = (n + by as u64).into();
+                    }
+                } else {
+                    shift_offsets(x, by);
+                }
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| shift_offsets(x, by)),
+        _ => {}
+    }
 }
 
 /// Whether the pipeline reads whole-slide images (its rows then say which patches the model
@@ -263,9 +408,14 @@ pub fn records_batch(
     slides: &[SlideRegions],
     prov: &JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
-    let row =
-        row_schema(&pipeline.schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
-    let fields = schema_fields(row).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+    let fields =
+        row_columns(&pipeline.schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+    let map = pipeline.spec.output.evidence_map.as_deref();
+    // With an evidence map, the rows are already laid out with their quotes' offsets.
+    let fields = match map {
+        Some(m) => evidence_fields(&fields, m),
+        None => fields,
+    };
     let n = records.len();
     // The schema's columns, decoded from the row objects by arrow-json (dictionaries as
     // strings, then cast).
@@ -276,6 +426,7 @@ pub fn records_batch(
     let decoded = decoder.flush()?.unwrap_or_else(|| RecordBatch::new_empty(Arc::new(Schema::empty())));
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut doc = StringBuilder::new();
+    let (mut patient, mut date) = (StringBuilder::new(), StringBuilder::new());
     let mut index = UInt32Builder::with_capacity(n);
     let (mut ev_start, mut ev_end) = (UInt32Builder::with_capacity(n), UInt32Builder::with_capacity(n));
     let mut alignment = StringDictionaryBuilder::<Int32Type>::new();
@@ -284,6 +435,8 @@ pub fn records_batch(
     let (mut tin, mut tout) = (UInt32Builder::with_capacity(n), UInt32Builder::with_capacity(n));
     for r in records {
         doc.append_value(&r.document_id);
+        patient.append_option(r.patient_id.as_deref());
+        date.append_option(r.note_date.as_deref());
         index.append_value(r.item_index);
         match r.evidence {
             Some(l) if l.alignment != Alignment::None => {
@@ -311,6 +464,9 @@ pub fn records_batch(
         tout.append_value(r.tokens_out);
     }
     cols.push(Arc::new(doc.finish()));
+    if pipeline.spec.input.has_patient_or_date() {
+        cols.extend([Arc::new(patient.finish()) as ArrayRef, Arc::new(date.finish())]);
+    }
     if pipeline.spec.output.rows == RowMode::PerItem {
         cols.push(Arc::new(index.finish()));
     }
@@ -318,10 +474,12 @@ pub fn records_batch(
         let c = if n == 0 { arrow::array::new_empty_array(f.data_type()) } else { decoded.column(i).clone() };
         cols.push(arrow::compute::cast(&c, f.data_type())?);
     }
-    cols.push(Arc::new(ev_start.finish()));
-    cols.push(Arc::new(ev_end.finish()));
-    cols.push(Arc::new(alignment.finish()));
-    cols.push(Arc::new(from_examples.finish()));
+    if map.is_none() {
+        cols.push(Arc::new(ev_start.finish()));
+        cols.push(Arc::new(ev_end.finish()));
+        cols.push(Arc::new(alignment.finish()));
+        cols.push(Arc::new(from_examples.finish()));
+    }
     if slide_level(pipeline) {
         cols.push(patches_column(slides, n)?);
     }
@@ -337,6 +495,9 @@ pub fn records_batch(
 pub struct Structured {
     pipeline: Arc<LoadedPipeline>,
     schema: Arc<Schema>,
+    /// With an evidence map: the row's list-of-objects properties (their items carry their
+    /// own offsets).
+    lists: Vec<String>,
     /// The prompt's shared part (instructions and examples), to tell evidence copied from
     /// the examples from invented evidence.
     examples: String,
@@ -350,7 +511,10 @@ impl Structured {
             reason: format!("{}: {e}", pipeline.spec.prompt.schema),
         })?;
         let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
-        Ok(Self { pipeline, schema, examples })
+        let lists = row_columns(&pipeline.schema, &pipeline.spec.output)
+            .map(|fs| fs.iter().filter(|f| object_items(f).is_some()).map(|f| f.name().clone()).collect())
+            .unwrap_or_default();
+        Ok(Self { pipeline, schema, lists, examples })
     }
 }
 
@@ -425,6 +589,16 @@ impl Pipeline for Structured {
                 _ => vec![answer],
             };
             for row in rows {
+                // An evidence map's quotes, aligned to the chunk, beside what they support.
+                let row = match (&spec.output.evidence_map, &self.lists) {
+                    (Some(map), lists) => {
+                        let lists: Vec<&str> = lists.iter().map(String::as_str).collect();
+                        let mut v = with_evidence(&row, map, &lists, &chunk.text);
+                        shift_offsets(&mut v, chunk.start);
+                        v
+                    }
+                    (None, _) => row,
+                };
                 if !row.is_object() {
                     let detail = "a row is not an object".to_string();
                     out.errors.push(err(ErrorStage::Parse, ErrorReason::BadAnswerField, detail, span));
@@ -453,6 +627,8 @@ impl Pipeline for Structured {
                 }
                 records.push(Record {
                     document_id: doc.id.clone(),
+                    patient_id: doc.patient_id.clone(),
+                    note_date: doc.date.clone(),
                     source_uri: doc.source_uri.clone(),
                     input_sha256: doc.input_sha256.to_string(),
                     item_index: index,
@@ -529,10 +705,90 @@ mod tests {
         let e = schema_fields(&json!({ "type": "object", "properties": { "x": { "anyOf": [] } } }));
         assert!(e.unwrap_err().reason.contains("type"));
         assert!(schema_fields(&json!({ "type": "array", "items": {} })).is_err());
-        let out = OutputSpec { table: "t".into(), rows: RowMode::PerItem, items: None, evidence: None };
+        let out =
+            OutputSpec { table: "t".into(), rows: RowMode::PerItem, items: None, evidence: None, evidence_map: None };
         assert!(row_schema(&all_types(), &out).unwrap_err().reason.contains("output.items"));
         let out = OutputSpec { items: Some("conditions".into()), ..out };
         assert!(check_pipeline(&all_types(), &out).unwrap_err().reason.contains("object"));
+    }
+
+    /// The shipped cohort-facts pipeline, its evidence map laid out beside each field.
+    #[test]
+    fn an_evidence_map_puts_each_quote_beside_what_it_supports() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/cohort-facts");
+        let loaded = Arc::new(LoadedPipeline::load(dir.to_str().unwrap()).unwrap());
+        let pipeline = Structured::new(loaded.clone()).unwrap();
+        assert_eq!(pipeline.lists, ["current_medications", "diagnoses"]);
+        let names: Vec<String> = pipeline.schema.fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(
+            names[..9],
+            [
+                "document_id",
+                "patient_id",
+                "note_date",
+                "smoking_status",
+                "smoking_status_evidence_start",
+                "smoking_status_evidence_end",
+                "smoking_status_alignment",
+                "diabetes",
+                "diabetes_evidence_start"
+            ]
+        );
+        assert!(!names.iter().any(|n| n == "evidence" || n == "alignment"), "{names:?}");
+        let note = "Ex-smoker, quit 2019.\nMeds: furosemide 40 mg daily.\nNo h/o CAD.";
+        let answer = json!({
+            "smoking_status": "former", "diabetes": null, "diabetes_type": null,
+            "lvef_percent": null, "hba1c_percent": null,
+            "current_medications": [{ "name": "furosemide", "dose": "40 mg" }],
+            "diagnoses": [{ "name": "coronary artery disease", "icd10": "I25.10", "negated": true, "subject": "patient" },
+                          { "name": "asthma", "icd10": null, "negated": false, "subject": "patient" }],
+            "evidence": { "smoking_status": "Ex-smoker, quit 2019.", "current_medications[0]": "FUROSEMIDE 40 mg",
+                          "diagnoses[0]": "No h/o CAD", "diagnoses[1]": "asthma since childhood" }
+        });
+        let mut row = with_evidence(&answer, "evidence", &["current_medications", "diagnoses"], note);
+        // A chunk starting 5 characters into its document moves every offset by 5.
+        shift_offsets(&mut row, 5);
+        assert_eq!(row["smoking_status_evidence_start"], json!(5));
+        assert_eq!(row["smoking_status_evidence_end"], json!(26));
+        assert_eq!(row["smoking_status_alignment"], json!("exact"));
+        assert_eq!(row["diabetes_alignment"], Value::Null, "no quote for a null field");
+        let med = &row["current_medications"][0];
+        assert_eq!((med["alignment"].as_str(), med["evidence_start"].as_u64()), (Some("normalized"), Some(33)));
+        assert_eq!(row["diagnoses"][0]["evidence_start"], json!(57));
+        assert_eq!(row["diagnoses"][1]["alignment"], json!("none"));
+        assert_eq!(row["diagnoses"][1]["evidence_start"], Value::Null);
+        assert!(row.get("evidence").is_none());
+        let record = Record {
+            document_id: "n1".into(),
+            patient_id: Some("P-7".into()),
+            note_date: None,
+            source_uri: "file:///n1.txt".into(),
+            input_sha256: "0".repeat(64),
+            item_index: 0,
+            value: row,
+            evidence: None,
+            from_examples: false,
+            tokens_in: 1,
+            tokens_out: 1,
+        };
+        let prov = crate::parquet_out::JobProvenance {
+            job_id: "j".into(),
+            run_id: "r".into(),
+            pipeline: "cohort-facts".into(),
+            pipeline_digest: "d".into(),
+            model_id: "m".into(),
+            model_digest: "d".into(),
+            generated_at_us: 0,
+        };
+        let batch = records_batch(&loaded, &pipeline.schema, &[record], &[], &prov).unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        let meds = batch.column_by_name("current_medications").unwrap();
+        let meds = meds.as_any().downcast_ref::<arrow::array::ListArray>().unwrap().value(0);
+        let meds = meds.as_any().downcast_ref::<arrow::array::StructArray>().unwrap();
+        let start = meds.column_by_name("evidence_start").unwrap();
+        assert_eq!(start.as_any().downcast_ref::<arrow::array::UInt32Array>().unwrap().value(0), 33);
+        let patient = batch.column_by_name("patient_id").unwrap();
+        assert_eq!(patient.as_any().downcast_ref::<arrow::array::StringArray>().unwrap().value(0), "P-7");
     }
 
     #[test]

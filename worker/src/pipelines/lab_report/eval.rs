@@ -337,7 +337,7 @@ pub fn score(gold: &Gold, pred: &BTreeMap<String, Vec<Item>>, errors: ErrorCount
     r
 }
 
-fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
+pub(crate) fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -356,7 +356,7 @@ fn parquet_files(dir: &Path) -> Vec<std::path::PathBuf> {
 }
 
 /// Every record batch of one Parquet file.
-fn read_batches(f: &Path) -> Result<Vec<arrow::record_batch::RecordBatch>, EvalError> {
+pub(crate) fn read_batches(f: &Path) -> Result<Vec<arrow::record_batch::RecordBatch>, EvalError> {
     let err = |reason: String| EvalError::Pred { path: f.display().to_string(), reason };
     let file = std::fs::File::open(f).map_err(|e| err(e.to_string()))?;
     parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
@@ -366,7 +366,7 @@ fn read_batches(f: &Path) -> Result<Vec<arrow::record_batch::RecordBatch>, EvalE
         .collect()
 }
 
-fn partition_ok(p: &Path, run_id: Option<&str>) -> bool {
+pub(crate) fn partition_ok(p: &Path, run_id: Option<&str>) -> bool {
     run_id.is_none_or(|r| p.components().any(|c| c.as_os_str().to_string_lossy() == format!("run_id={r}")))
 }
 
