@@ -292,6 +292,33 @@ print(json.dumps({"aligned": aligned, "flagged": flagged, "unquoted": unquoted})
     assert!(o.status.success(), "{}", text(&o.stderr));
     let counts: Value = serde_json::from_slice(&o.stdout).unwrap();
     eprintln!("evidence: {counts}");
+
+    // `medbatch eval` reads the table back against a gold split of the file note.
+    let gold = dir.path().join("gold-split");
+    std::fs::create_dir_all(gold.join("gold")).unwrap();
+    std::fs::create_dir_all(gold.join("notes")).unwrap();
+    std::fs::write(gold.join("notes/P-9_2025-03-04_progress.txt"), &c).unwrap();
+    let gold_answer = repo_root().join("pipelines/cohort-facts/eval/dev/gold/progress-primary-care-prediabetes.json");
+    std::fs::copy(&gold_answer, gold.join("gold/P-9_2025-03-04_progress.json")).unwrap();
+    let o = medbatch(&[
+        "eval",
+        p.to_str().unwrap(),
+        "--gold",
+        gold.to_str().unwrap(),
+        "--pred",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want: Value = serde_json::from_slice(&std::fs::read(&gold_answer).unwrap()).unwrap();
+    assert_eq!((report["notes"].as_u64(), report["missing"].as_u64()), (Some(1), Some(0)), "{report}");
+    assert_eq!(
+        report["medications"]["gold"].as_u64(),
+        Some(want["current_medications"].as_array().unwrap().len() as u64)
+    );
+    let quotes: u64 = report["evidence"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(quotes, counts["aligned"].as_u64().unwrap() + counts["flagged"].as_u64().unwrap());
 }
 
 /// The cohort-facts gold set holds together: shapes and enums, every quote an exact substring

@@ -88,6 +88,23 @@ pub fn load_predictions(out: &Path, table: &str, run_id: Option<&str>) -> Result
     let mut p = Predictions { answers: BTreeMap::new(), alignments: BTreeMap::new() };
     for f in files {
         for b in read_batches(&f)? {
+            // The answer's columns and their alignments only (the provenance's timestamps
+            // have no JSON form here).
+            let keep: Vec<usize> = b
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, fd)| {
+                    let n = fd.name().as_str();
+                    n == "document_id"
+                        || n == "current_medications"
+                        || n == "diagnoses"
+                        || SCALARS.iter().any(|k| n == *k || n == format!("{k}_alignment"))
+                })
+                .map(|(i, _)| i)
+                .collect();
+            let b = b.project(&keep).map_err(|e| err(&f, e.to_string()))?;
             let mut w = arrow_json::ArrayWriter::new(Vec::new());
             w.write(&b).map_err(|e| err(&f, e.to_string()))?;
             w.finish().map_err(|e| err(&f, e.to_string()))?;
@@ -257,18 +274,27 @@ pub fn score(gold: &Gold, pred: &Predictions, synonyms: &HashMap<String, usize>)
     r
 }
 
+/// `a/b` to three places, or `–` where there is nothing to divide by.
+fn shown(a: u64, b: u64) -> String {
+    if b == 0 {
+        "–".into()
+    } else {
+        format!("{:.3}", a as f64 / b as f64)
+    }
+}
+
 /// The report as a table.
 pub fn render_table(r: &Report) -> String {
     let mut s = format!("notes {} (without a row: {})\n", r.notes, r.missing);
     for k in SCALARS {
         let right = r.scalars.get(k).copied().unwrap_or(0);
-        s.push_str(&format!("  {k:<22} {right:>3}/{:<3} {:.3}\n", r.notes, ratio(right, r.notes)));
+        s.push_str(&format!("  {k:<22} {right:>3}/{:<3} {}\n", r.notes, shown(right, r.notes)));
     }
     let m = &r.medications;
     s.push_str(&format!(
-        "medications  precision {:.3} recall {:.3} ({} matched of {} predicted, {} gold); doses right {}/{}\n",
-        m.precision(),
-        m.recall(),
+        "medications  precision {} recall {} ({} matched of {} predicted, {} gold); doses right {}/{}\n",
+        shown(m.matched, m.predicted),
+        shown(m.matched, m.gold),
         m.matched,
         m.predicted,
         m.gold,
@@ -277,21 +303,22 @@ pub fn render_table(r: &Report) -> String {
     ));
     let d = &r.diagnoses;
     s.push_str(&format!(
-        "diagnoses    precision {:.3} recall {:.3} ({} matched of {} predicted, {} gold; negated and subject agreeing)\n",
-        d.precision(),
-        d.recall(),
+        "diagnoses    precision {} recall {} ({} matched of {} predicted, {} gold; negated and subject agreeing)\n",
+        shown(d.matched, d.predicted),
+        shown(d.matched, d.gold),
         d.matched,
         d.predicted,
         d.gold
     ));
     s.push_str(&format!(
-        "  matched by name {}: negated right {:.3}, subject right {:.3}\n",
+        "  matched by name {}: negated right {}, subject right {}\n",
         r.diagnoses_by_name,
-        ratio(r.negated_right, r.diagnoses_by_name),
-        ratio(r.subject_right, r.diagnoses_by_name)
+        shown(r.negated_right, r.diagnoses_by_name),
+        shown(r.subject_right, r.diagnoses_by_name)
     ));
     let total: u64 = r.evidence.values().sum();
-    s.push_str(&format!("evidence     {total} quotes, exact {:.3} ({:?})\n", r.evidence_exact(), r.evidence));
+    let exact = r.evidence.get("exact").copied().unwrap_or(0);
+    s.push_str(&format!("evidence     {total} quotes, exact {} ({:?})\n", shown(exact, total), r.evidence));
     s
 }
 
