@@ -201,3 +201,87 @@ fn tile_jobs_go_to_a_worker_without_a_model() {
     assert!(rows > 0);
     assert_eq!(rows, local_rows);
 }
+
+/// An embedding pipeline over RabbitMQ: `submit wsi-tile-embeddings` plans band jobs for the
+/// SigLIP checkpoint, a worker started with it (the embedding service, no generation engine)
+/// takes them, and the rows — each tile's embedding — equal an embedded run's.
+#[test]
+fn tile_embedding_jobs_go_to_a_worker_with_the_siglip_model() {
+    use arrow::array::AsArray;
+    use arrow::datatypes::Float32Type;
+    std::env::var("MEDBATCH_AMQP_URL").expect("MEDBATCH_AMQP_URL: run the tests through `bash infra/test.sh`");
+    let namespace = format!("e2e-tile-embed-{}", std::process::id());
+    let _broker = BrokerNamespace(namespace.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let slides = dir.path().join("slides");
+    std::fs::create_dir(&slides).unwrap();
+    let o = Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .arg("make")
+        .arg(&slides)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // The tiny checkpoint's width, 64-px tiles at 10x, bands of two grid rows.
+    let pipelines = dir.path().join("pipelines");
+    let p = pipelines.join("wsi-tile-embeddings");
+    std::fs::create_dir_all(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tile-embeddings/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("dimensions = 1152", "dimensions = 32")
+        .replace("patch = 896", "patch = 64")
+        .replace("stride = 896", "stride = 64")
+        .replace("tiles_per_job = 64", "tiles_per_job = 16");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let model = repo_root().join("tests/fixtures/siglip/tiny");
+    let model = model.to_str().unwrap();
+    let inputs = [slides.join("deflate.tiff"), slides.join("jpeg-ycbcr.tiff")];
+    let inputs: Vec<&str> = inputs.iter().map(|p| p.to_str().unwrap()).collect();
+
+    let w = worker_with(&namespace, model, &["--pipelines", pipelines.to_str().unwrap()]);
+    let out = dir.path().join("out");
+    let submitted = Command::new(env!("CARGO_BIN_EXE_medbatch"))
+        .args(["submit", p.to_str().unwrap()])
+        .args(&inputs)
+        .args(["--out", out.to_str().unwrap(), "--model", model, "--run-id", "tile-embed"])
+        .current_dir(repo_root())
+        .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
+        .output()
+        .unwrap();
+    Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
+    let log = text(&w.wait_with_output().unwrap().stderr);
+    let stdout = text(&submitted.stdout);
+    assert!(submitted.status.success(), "{stdout}\n{}\n{log}", text(&submitted.stderr));
+    // Two slides, three bands each.
+    assert!(stdout.contains("6/6 done"), "{stdout}");
+
+    let embedded = dir.path().join("embedded");
+    let mut args = vec!["run", p.to_str().unwrap()];
+    args.extend(&inputs);
+    args.extend(["--out", embedded.to_str().unwrap(), "--model", model]);
+    let o = medbatch(&args);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // Each tile's embedding, by slide and place.
+    let tiles = |root: &std::path::Path| {
+        let (_, _, batches) = read_parquet_dir(&root.join("wsi_tile_embeddings"));
+        let mut out: Vec<(String, String, String, Vec<f32>)> = Vec::new();
+        for b in batches.iter().filter(|b| b.num_rows() > 0) {
+            let ids = string_column(std::slice::from_ref(b), "document_id");
+            let (xs, ys) = (string_column(std::slice::from_ref(b), "x"), string_column(std::slice::from_ref(b), "y"));
+            let emb = b.column_by_name("embedding").unwrap().as_fixed_size_list();
+            for i in 0..b.num_rows() {
+                let v = emb.value(i).as_primitive::<Float32Type>().values().to_vec();
+                out.push((ids[i].clone().unwrap(), xs[i].clone().unwrap(), ys[i].clone().unwrap(), v));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.2, &a.1).cmp(&(&b.0, &b.2, &b.1)));
+        out
+    };
+    let (distributed, local) = (tiles(&out), tiles(&embedded));
+    assert!(!distributed.is_empty());
+    assert_eq!(distributed.len(), local.len());
+    for (a, b) in distributed.iter().zip(&local) {
+        assert_eq!((&a.0, &a.1, &a.2), (&b.0, &b.1, &b.2), "the same tiles");
+        assert!(a.3.iter().zip(&b.3).all(|(x, y)| (x - y).abs() < 1e-6), "{} {} {}", a.0, a.1, a.2);
+    }
+}

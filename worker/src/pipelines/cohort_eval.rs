@@ -290,26 +290,21 @@ pub fn render_table(r: &Report) -> String {
         let right = r.scalars.get(k).copied().unwrap_or(0);
         s.push_str(&format!("  {k:<22} {right:>3}/{:<3} {}\n", r.notes, shown(right, r.notes)));
     }
+    let counts = |label: &str, c: &Counts, what: &str| {
+        format!(
+            "{label:<12} precision {} recall {} ({} matched of {} predicted, {} gold{what})",
+            shown(c.matched, c.predicted),
+            shown(c.matched, c.gold),
+            c.matched,
+            c.predicted,
+            c.gold
+        )
+    };
     let m = &r.medications;
-    s.push_str(&format!(
-        "medications  precision {} recall {} ({} matched of {} predicted, {} gold); doses right {}/{}\n",
-        shown(m.matched, m.predicted),
-        shown(m.matched, m.gold),
-        m.matched,
-        m.predicted,
-        m.gold,
-        r.doses_right,
-        m.matched
-    ));
-    let d = &r.diagnoses;
-    s.push_str(&format!(
-        "diagnoses    precision {} recall {} ({} matched of {} predicted, {} gold; negated and subject agreeing)\n",
-        shown(d.matched, d.predicted),
-        shown(d.matched, d.gold),
-        d.matched,
-        d.predicted,
-        d.gold
-    ));
+    s.push_str(&counts("medications", m, ""));
+    s.push_str(&format!("; doses right {}/{}\n", r.doses_right, m.matched));
+    s.push_str(&counts("diagnoses", &r.diagnoses, "; negated and subject agreeing"));
+    s.push('\n');
     s.push_str(&format!(
         "  matched by name {}: negated right {}, subject right {}\n",
         r.diagnoses_by_name,

@@ -167,12 +167,6 @@ pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), Columns
         if prop.and_then(|p| p.get("type")) != Some(&Value::from("object")) {
             return err(format!("output.evidence_map names `{map}`, which is not an object property"));
         }
-        let cols = evidence_fields(&fields, map);
-        for reserved in ["patient_id", "note_date"] {
-            if cols.iter().any(|f| f.name() == reserved) {
-                return err(format!("property `{reserved}` is a column medbatch adds"));
-            }
-        }
     }
     for reserved in RESERVED {
         if fields.iter().any(|f| f.name() == reserved) {
@@ -186,8 +180,10 @@ pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), Columns
 }
 
 /// Columns medbatch adds to every structured row.
-const RESERVED: [&str; 9] = [
+const RESERVED: [&str; 11] = [
     "document_id",
+    "patient_id",
+    "note_date",
     "item_index",
     "evidence_start",
     "evidence_end",
