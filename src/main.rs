@@ -109,7 +109,32 @@ fn init_logging(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps large buffers in the process between forward passes. glibc hands a freed block
+/// above its mmap threshold (128 KiB, adapting up to 32 MiB) back to the system and trims
+/// the heap top past 128 KiB, so each large temporary of a forward pass (a MedSigLIP layer's
+/// 1,024 × 4,304 MLP activation is 17.6 MB) is faulted in page by page again: perf showed
+/// about a tenth of a MedSigLIP image's time in clearing fresh pages. Blocks up to 32 MiB
+/// (the most glibc allows) now come from the heap, which keeps up to 256 MiB of freed memory.
+/// `MEDBATCH_SYSTEM_MALLOC=1` keeps glibc's defaults (to compare; docs/benchmarks.md has the
+/// figures).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    if std::env::var_os("MEDBATCH_SYSTEM_MALLOC").is_some_and(|v| v == "1") {
+        return;
+    }
+    // SAFETY: mallopt only sets allocator parameters; called first thing in main, before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         // Set before any thread is spawned (nothing reads the environment concurrently);

@@ -20,8 +20,10 @@ use crate::load::hf_config::VisionConfig;
 use crate::models::gemma3::RmsNorm;
 use candle_core::{Device, Tensor, D};
 
-/// Score matrices of one attention group are kept under this many bytes.
-const SCORE_BUDGET_BYTES: usize = 256 << 20;
+/// Score matrices of one attention group are kept under this many bytes: below the
+/// largest block the binary's allocator serves from its heap (32 MiB, src/main.rs), so the
+/// scores, their exponentials and the probabilities reuse memory instead of fresh pages.
+const SCORE_BUDGET_BYTES: usize = 24 << 20;
 
 /// LayerNorm with bias (biased variance, as torch computes it), in f32.
 pub struct LayerNorm {
