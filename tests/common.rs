@@ -243,3 +243,32 @@ pub fn tiles_pipeline(dir: &Path, patch: u32, tiles_per_job: u64) -> PathBuf {
     std::fs::write(p.join("pipeline.toml"), toml).unwrap();
     p
 }
+
+/// The whole-slide oracle's synthetic slides (TIFF, SVS and DICOM pyramids, glass) written
+/// into `dir` (created).
+pub fn make_slides(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let o = Command::new(python())
+        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
+        .arg("make")
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+}
+
+/// The wsi-tile-embeddings pipeline sized for the tiny SigLIP checkpoint (32 dimensions),
+/// with tiles of 64 px at 10x in bands of 16 cells (two grid rows of the oracle's slides),
+/// as `dir/pipelines/wsi-tile-embeddings`.
+pub fn tile_embeddings_pipeline(dir: &Path) -> PathBuf {
+    let p = dir.join("pipelines/wsi-tile-embeddings");
+    std::fs::create_dir_all(&p).unwrap();
+    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tile-embeddings/pipeline.toml")).unwrap();
+    let toml = toml
+        .replace("dimensions = 1152", "dimensions = 32")
+        .replace("patch = 896", "patch = 64")
+        .replace("stride = 896", "stride = 64")
+        .replace("tiles_per_job = 64", "tiles_per_job = 16");
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    p
+}

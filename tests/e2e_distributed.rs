@@ -159,14 +159,7 @@ fn tile_jobs_go_to_a_worker_without_a_model() {
     let _broker = BrokerNamespace(namespace.clone());
     let dir = tempfile::tempdir().unwrap();
     let slides = dir.path().join("slides");
-    std::fs::create_dir(&slides).unwrap();
-    let o = Command::new(python())
-        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
-        .arg("make")
-        .arg(&slides)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    make_slides(&slides);
     // 64-px tiles at 10x: a 7 x 5 grid a slide, in bands of two rows.
     let p = tiles_pipeline(dir.path(), 64, 16);
     let inputs = [slides.join("jpeg-ycbcr.tiff"), slides.join("aperio-j2k-rgb.svs"), slides.join("dicom-j2k")];
@@ -214,25 +207,10 @@ fn tile_embedding_jobs_go_to_a_worker_with_the_siglip_model() {
     let _broker = BrokerNamespace(namespace.clone());
     let dir = tempfile::tempdir().unwrap();
     let slides = dir.path().join("slides");
-    std::fs::create_dir(&slides).unwrap();
-    let o = Command::new(python())
-        .arg(repo_root().join("formats/tests/support/wsi_oracle.py"))
-        .arg("make")
-        .arg(&slides)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    make_slides(&slides);
     // The tiny checkpoint's width, 64-px tiles at 10x, bands of two grid rows.
-    let pipelines = dir.path().join("pipelines");
-    let p = pipelines.join("wsi-tile-embeddings");
-    std::fs::create_dir_all(&p).unwrap();
-    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tile-embeddings/pipeline.toml")).unwrap();
-    let toml = toml
-        .replace("dimensions = 1152", "dimensions = 32")
-        .replace("patch = 896", "patch = 64")
-        .replace("stride = 896", "stride = 64")
-        .replace("tiles_per_job = 64", "tiles_per_job = 16");
-    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let p = tile_embeddings_pipeline(dir.path());
+    let pipelines = p.parent().unwrap().to_path_buf();
     let model = repo_root().join("tests/fixtures/siglip/tiny");
     let model = model.to_str().unwrap();
     let inputs = [slides.join("deflate.tiff"), slides.join("jpeg-ycbcr.tiff")];

@@ -157,25 +157,15 @@ fn text_embeddings_embed_each_chunk_of_a_note() {
 fn wsi_tile_embeddings_embed_each_tissue_tile_like_debug_embed_of_its_pixels() {
     let dir = tempfile::tempdir().unwrap();
     let made = dir.path().join("made");
-    std::fs::create_dir(&made).unwrap();
-    let oracle = repo_root().join("formats/tests/support/wsi_oracle.py");
-    let o = std::process::Command::new(python()).arg(&oracle).arg("make").arg(&made).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
+    make_slides(&made);
     let slides = dir.path().join("slides");
     std::fs::create_dir(&slides).unwrap();
     for f in ["deflate.tiff", "glass.tiff"] {
         std::fs::rename(made.join(f), slides.join(f)).unwrap();
     }
     // Tiles of 64 px at 10x (level 1 of the 20x slide), bands of 16 cells (two grid rows).
-    let p = dir.path().join("wsi-tile-embeddings");
-    std::fs::create_dir(&p).unwrap();
-    let toml = std::fs::read_to_string(repo_root().join("pipelines/wsi-tile-embeddings/pipeline.toml")).unwrap();
-    let toml = toml
-        .replace("dimensions = 1152", "dimensions = 32")
-        .replace("patch = 896", "patch = 64")
-        .replace("stride = 896", "stride = 64")
-        .replace("tiles_per_job = 64", "tiles_per_job = 16");
-    std::fs::write(p.join("pipeline.toml"), &toml).unwrap();
+    let p = tile_embeddings_pipeline(dir.path());
+    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
     let labels: Vec<String> =
         toml.lines().filter_map(|l| l.strip_prefix("text = \"").map(|t| t.trim_end_matches('"').to_string())).collect();
     assert_eq!(labels.len(), 3);
