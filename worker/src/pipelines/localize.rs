@@ -121,6 +121,9 @@ pub fn answer_boxes(answer: &str) -> Option<Vec<Value>> {
 pub struct Localize {
     pipeline: Arc<LoadedPipeline>,
     schema: SchemaRef,
+    /// The answer grammar, built by the first unit (it depends on the model's vocabulary
+    /// only, through the thinking tokens' ids).
+    grammar: std::sync::OnceLock<medbatch_engine::Grammar>,
 }
 
 impl Localize {
@@ -129,7 +132,7 @@ impl Localize {
             path: pipeline.dir.display().to_string(),
             reason: format!("{}: {reason}", pipeline.spec.prompt.schema),
         })?;
-        Ok(Self { pipeline, schema: table_schema() })
+        Ok(Self { pipeline, schema: table_schema(), grammar: std::sync::OnceLock::new() })
     }
 }
 
@@ -170,8 +173,10 @@ impl Pipeline for Localize {
             .iter()
             .map(|img| if l.pad_to_square { Arc::new(pad_to_square(img)) } else { img.clone() })
             .collect();
-        let thinking = crate::model_call::thinking_ids(&self.pipeline, cx.engine().tokenizer());
-        let grammar = localize_grammar(&self.pipeline.schema, thinking, l.reasoning_tokens);
+        let grammar = self.grammar.get_or_init(|| {
+            let thinking = crate::model_call::thinking_ids(&self.pipeline, cx.engine().tokenizer());
+            localize_grammar(&self.pipeline.schema, thinking, l.reasoning_tokens)
+        });
         // (image, object) of each prompt, image by image.
         let asks: Vec<(usize, &str)> =
             (0..unit.images.len()).flat_map(|k| l.objects.iter().map(move |o| (k, o.as_str()))).collect();
