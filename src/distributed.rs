@@ -176,9 +176,11 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     // Follow the completion markers; workers may be anywhere.
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
+    let stage = medbatch_worker::patients::PatientStage::new(&pipeline)?;
+    let stage_ref = stage.as_ref().map(|s| s as &dyn medbatch_coordinator::RunStage);
+    let cfg = FollowConfig::default();
     let followed =
-        follow_and_commit(&plan, store.as_ref(), &queue, &FollowConfig::default(), &mut |done| bar.set(done, 0))
-            .await?;
+        follow_and_commit(&plan, store.as_ref(), &queue, &cfg, &mut |done| bar.set(done, 0), stage_ref).await?;
     bar.finish();
     let (manifest, dead) = match followed {
         Followed::Committed(m) => (Some(*m), Vec::new()),
@@ -202,6 +204,9 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     println!("  rows       {} ({} error rows)", p.rows, p.error_rows);
     if let Some(line) = p.set_aside_line() {
         println!("  set aside  {line}");
+    }
+    if let (Some(stage), Some(m)) = (&stage, &manifest) {
+        println!("  patients   {}", crate::status::stage_line(&stage.tables(), m));
     }
     println!("  wall time  {:.1} s", started.elapsed().as_secs_f64());
     println!("  output     {root}/{}/run_id={run_id}", pipeline.spec.output.table);

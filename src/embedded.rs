@@ -161,7 +161,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     progress.finish();
 
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let manifest = commit_run(&plan, store.as_ref(), &now).await?;
+    let stage = medbatch_worker::patients::PatientStage::new(pipeline)?;
+    let stage_ref = stage.as_ref().map(|s| s as &dyn medbatch_coordinator::RunStage);
+    if stage.is_some() && failures.is_empty() {
+        eprintln!("medbatch: run {run_id}: gathering the notes by patient");
+    }
+    let manifest = commit_run(&plan, store.as_ref(), &now, stage_ref).await?;
     let status = run_progress(&plan, store.as_ref()).await?;
     let wall = started.elapsed().as_secs_f64();
     let table = &pipeline.spec.output.table;
@@ -176,6 +181,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(line) = status.set_aside_line() {
         println!("  set aside  {line}");
+    }
+    if let (Some(stage), Some(m)) = (&stage, &manifest) {
+        println!("  patients   {}", crate::status::stage_line(&stage.tables(), m));
     }
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
     if let Some(engine) = &engine {

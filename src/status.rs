@@ -43,6 +43,12 @@ struct Broker {
     scanned_all: bool,
 }
 
+/// Rows of the stage tables `tables` in a run's manifest: `patient_facts: 12   cohort_members: 3`.
+pub fn stage_line(tables: &[&str], manifest: &medbatch_schemas::Manifest) -> String {
+    let rows = |t: &str| manifest.parts.iter().filter(|p| p.table == t).map(|p| p.rows).sum::<u64>();
+    tables.iter().map(|t| format!("{t}: {}", rows(t))).collect::<Vec<_>>().join("   ")
+}
+
 pub fn main(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let rt = crate::runtime()?;
     rt.block_on(run(args))

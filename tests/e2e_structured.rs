@@ -332,3 +332,108 @@ fn the_cohort_facts_gold_set_is_consistent() {
         .unwrap();
     assert!(o.status.success(), "{}{}", text(&o.stdout), text(&o.stderr));
 }
+
+/// cohort-facts-sections (section mode, rule files) with the demo model over three gold-set
+/// notes of two patients as JSONL records: each note gives one row whose every field rests on
+/// exact words of the note; the patient stage writes a row per patient whose notes and latest
+/// facts pyarrow recomputes from the note rows, and the cohort members its criteria select
+/// (recomputed too); the manifest lists the stage's parts, and committing again changes
+/// nothing.
+#[test]
+fn cohort_facts_sections_mode_and_the_patient_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let notes = repo_root().join("pipelines/cohort-facts/eval/dev/notes");
+    let note = |n: &str| std::fs::read_to_string(notes.join(format!("{n}.txt"))).unwrap();
+    let records = [
+        ("n1", "P-1", "2025-01-10", note("progress-primary-care-prediabetes")),
+        ("n2", "P-1", "2025-02-20", note("telephone-anticoagulant-on-hold")),
+        ("n3", "P-2", "2025-01-15", note("paediatric-adolescent-well-visit")),
+    ];
+    let jsonl: String = records
+        .iter()
+        .map(|(id, p, d, t)| format!("{}\n", json!({ "id": id, "patient_id": p, "note_date": d, "text": t })))
+        .collect();
+    let input = dir.path().join("notes.jsonl");
+    std::fs::write(&input, jsonl).unwrap();
+    let out = run(dir.path(), "cohort-facts-sections", &[input.to_str().unwrap()], "sections");
+    let texts: serde_json::Map<String, Value> =
+        records.iter().map(|(id, _, _, t)| (id.to_string(), Value::String(t.clone()))).collect();
+    let o = std::process::Command::new(python())
+        .arg("-c")
+        .arg(
+            r#"
+import json, sys, glob, pyarrow.parquet as pq
+out, texts = sys.argv[1], json.loads(sys.argv[2])
+def rows(table):
+    return [r for f in sorted(glob.glob(f"{out}/{table}/**/*.parquet", recursive=True)) for r in pq.ParquetFile(f).read().to_pylist()]
+notes = rows("note_facts")
+scalars = ["smoking_status", "diabetes", "diabetes_type", "lvef_percent", "hba1c_percent"]
+spans = 0
+def span(s, e, a, text):
+    global spans
+    if a is None:
+        assert s is None and e is None
+        return
+    assert a == "exact" and 0 <= s < e <= len(text) and "\n" not in text[s:e], (s, e, a)
+    spans += 1
+for r in notes:
+    t = texts[r["document_id"]]
+    for k in scalars:
+        span(r[k + "_evidence_start"], r[k + "_evidence_end"], r[k + "_alignment"], t)
+        if r[k] is None or r[k] == "unknown":
+            assert r[k + "_alignment"] is None, k
+    for lst in ["current_medications", "diagnoses"]:
+        for it in r[lst]:
+            span(it["evidence_start"], it["evidence_end"], it["alignment"], t)
+patients = {r["patient_id"]: r for r in rows("patient_facts")}
+members = sorted((r["patient_id"], r["cohort"]) for r in rows("cohort_members"))
+# The patient rows recomputed from the note rows.
+want_members = []
+for pid in sorted({r["patient_id"] for r in notes}):
+    mine = sorted((r for r in notes if r["patient_id"] == pid), key=lambda r: (r["note_date"] or "", r["document_id"]))
+    p = patients[pid]
+    assert p["notes"] == len(mine) and p["document_ids"] == [r["document_id"] for r in mine], p
+    facts = {}
+    for k in scalars:
+        says = [r for r in mine if r[k] is not None and r[k] != "unknown"]
+        latest = says[-1] if says else None
+        facts[k] = latest[k] if latest else None
+        assert p[k] == facts[k] and p[k + "_document_id"] == (latest["document_id"] if latest else None), (k, p[k], facts[k])
+    dx = {}
+    for r in mine:
+        for d in r["diagnoses"]:
+            key = (" ".join(d["name"].split()).lower(), d["subject"])
+            dx.setdefault(key, [set(), set()])[1 if d["negated"] else 0].add(r["document_id"])
+    got = {(" ".join(d["name"].split()).lower(), d["subject"]): [{s["document_id"] for s in d["asserted_in"]}, {s["document_id"] for s in d["ruled_out_in"]}] for d in p["diagnoses"]}
+    assert got == dx, (got, dx)
+    if facts["diabetes"] is True and facts["lvef_percent"] is not None and facts["lvef_percent"] < 40:
+        want_members.append((pid, "diabetes_reduced_ef"))
+    copd = any(k[1] == "patient" and a and "copd" in k[0].replace(",", " ").split() for k, (a, _) in dx.items())
+    if facts["smoking_status"] == "current" and copd:
+        want_members.append((pid, "smokers_with_copd"))
+assert members == sorted(want_members), (members, want_members)
+print(json.dumps({"notes": len(notes), "patients": len(patients), "members": len(members), "spans": spans,
+                  "medications": sum(len(r["current_medications"]) for r in notes), "diagnoses": sum(len(r["diagnoses"]) for r in notes)}))
+"#,
+        )
+        .arg(&out)
+        .arg(serde_json::to_string(&texts).unwrap())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let counts: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("section mode: {counts}");
+    assert_eq!((counts["notes"].as_u64(), counts["patients"].as_u64()), (Some(3), Some(2)), "{counts}");
+    let manifest_path = out.join("_runs/sections/manifest.json");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let tables: Vec<&str> =
+        manifest["parts"].as_array().unwrap().iter().map(|p| p["table"].as_str().unwrap()).collect();
+    for t in ["note_facts", "patient_facts", "cohort_members"] {
+        assert!(tables.contains(&t), "{t} not in the manifest: {tables:?}");
+    }
+    // Running the committed run again does no job and keeps the manifest and the tables.
+    let before = std::fs::read(&manifest_path).unwrap();
+    run(dir.path(), "cohort-facts-sections", &[input.to_str().unwrap()], "sections");
+    assert_eq!(std::fs::read(&manifest_path).unwrap(), before);
+    assert_eq!(read_parquet_dir(&out.join("patient_facts")).0, 2);
+}

@@ -74,12 +74,32 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
     Ok(p)
 }
 
-/// Writes the manifest and `_SUCCESS` when every job is done; returns the manifest, or
-/// `None` when jobs are still missing. Idempotent: an existing manifest is returned as is.
+/// A stage run once every job of a run is done, before its manifest (the patient-level
+/// reduce): it reads the jobs' parts and writes parts of tables of its own, which the
+/// manifest lists with the jobs' parts. It must be deterministic — the same parts give the
+/// same bytes under the same keys — since two committers of a run may both run it, and a
+/// committer that died before the manifest is followed by one that runs it again.
+#[async_trait::async_trait]
+pub trait RunStage: Send + Sync {
+    /// The parts written. `finished_at`: when the run's last job finished (the stage's rows'
+    /// time, the same for every committer).
+    async fn run(
+        &self,
+        run_id: &medbatch_schemas::RunId,
+        parts: &[medbatch_schemas::OutputPart],
+        finished_at: &str,
+        store: &dyn ObjectStore,
+    ) -> Result<Vec<medbatch_schemas::OutputPart>, String>;
+}
+
+/// Writes the manifest and `_SUCCESS` when every job is done, after the `stage` (if any);
+/// returns the manifest, or `None` when jobs are still missing. Idempotent: an existing
+/// manifest is returned as is.
 pub async fn commit_run(
     plan: &PlannedRun,
     store: &dyn ObjectStore,
     created_at: &str,
+    stage: Option<&dyn RunStage>,
 ) -> Result<Option<Manifest>, CoordinatorError> {
     let mkey = manifest_key(&plan.run_id);
     if let Some(bytes) = store.get(&mkey).await? {
@@ -94,6 +114,15 @@ pub async fn commit_run(
     }
     let mut parts: Vec<_> = progress.completions.iter().flat_map(|c| c.parts.iter().cloned()).collect();
     parts.sort_by(|a, b| a.key.cmp(&b.key));
+    if let Some(stage) = stage {
+        let finished_at = progress.completions.iter().map(|c| c.finished_at.as_str()).max().unwrap_or(created_at);
+        let more = stage
+            .run(&plan.run_id, &parts, finished_at, store)
+            .await
+            .map_err(|reason| CoordinatorError::Stage { run_id: plan.run_id.to_string(), reason })?;
+        parts.extend(more);
+        parts.sort_by(|a, b| a.key.cmp(&b.key));
+    }
     remove_stray_parts(plan, store, &parts).await?;
     let manifest = Manifest {
         schema_version: JOB_SCHEMA_VERSION,
@@ -200,7 +229,7 @@ mod tests {
             async move { store.put(&key, serde_json::to_vec(&c).unwrap().into()).await.unwrap() }
         };
         put(0).await;
-        assert!(commit_run(&plan, &store, "t1").await.unwrap().is_none());
+        assert!(commit_run(&plan, &store, "t1", None).await.unwrap().is_none());
         assert!(!store.exists(&success_key(&plan.run_id)).await.unwrap());
         put(1).await;
         // The parts the markers name, parts of attempts no marker names, another run's part.
@@ -210,7 +239,7 @@ mod tests {
         for k in stray.iter().map(|k| k.to_string()).chain(kept.iter().cloned()) {
             store.put(&k, bytes::Bytes::from_static(b"PAR1")).await.unwrap();
         }
-        let m = commit_run(&plan, &store, "t1").await.unwrap().unwrap();
+        let m = commit_run(&plan, &store, "t1", None).await.unwrap().unwrap();
         assert_eq!((m.jobs, m.parts.len(), m.tokens_in), (2, 2, 10));
         assert!(store.exists(&success_key(&plan.run_id)).await.unwrap());
         for k in stray {
@@ -220,7 +249,7 @@ mod tests {
             assert!(store.exists(k).await.unwrap(), "{k} should be kept");
         }
         // Committing again returns the stored manifest unchanged.
-        assert_eq!(commit_run(&plan, &store, "t2").await.unwrap().unwrap(), m);
+        assert_eq!(commit_run(&plan, &store, "t2", None).await.unwrap().unwrap(), m);
         let p = run_progress(&plan, &store).await.unwrap();
         assert_eq!((p.jobs_done, p.rows), (2, 6));
     }

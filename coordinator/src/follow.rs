@@ -52,13 +52,15 @@ pub enum Followed {
 }
 
 /// Follows `plan` until it is committed or its unfinished jobs are all dead-lettered.
-/// `on_done` is called with the number of jobs done after each poll (for progress).
+/// `on_done` is called with the number of jobs done after each poll (for progress); `stage`
+/// runs at commit ([`commit_run`]).
 pub async fn follow_and_commit(
     plan: &PlannedRun,
     store: &dyn ObjectStore,
     queue: &dyn JobQueue,
     cfg: &FollowConfig,
     on_done: &mut (dyn FnMut(u64) + Send),
+    stage: Option<&dyn crate::commit::RunStage>,
 ) -> Result<Followed, CoordinatorError> {
     // One listing of the markers per poll (not a read of each); the markers are read once,
     // when all are there, to commit. Each planned job's marker key, and the job it marks:
@@ -86,7 +88,7 @@ pub async fn follow_and_commit(
         on_done(done);
         if done == planned {
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-            match commit_run(plan, store, &now).await {
+            match commit_run(plan, store, &now, stage).await {
                 Ok(Some(m)) => return Ok(Followed::Committed(Box::new(m))),
                 // A marker listed but not yet readable: look again.
                 Ok(None) => {}
@@ -183,7 +185,7 @@ mod tests {
             }
         });
         let mut seen = Vec::new();
-        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |n| seen.push(n)).await.unwrap();
+        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |n| seen.push(n), None).await.unwrap();
         workers.await.unwrap();
         let Followed::Committed(m) = followed else { panic!("{followed:?}") };
         assert_eq!((m.jobs, m.run_id.as_str()), (plan.jobs.len() as u64, "r1"));
@@ -209,7 +211,7 @@ mod tests {
             finish(&store, &plan, i).await;
             d.ack().await.unwrap();
         }
-        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |_| {}).await.unwrap();
+        let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |_| {}, None).await.unwrap();
         let Followed::DeadLettered(dead) = followed else { panic!("{followed:?}") };
         assert_eq!(dead, vec![DeadJob { run_id: "r2".into(), job_id: dead_id, reason: "rejected".into() }]);
         assert!(!store.exists(&medbatch_schemas::tables::manifest_key(&plan.run_id)).await.unwrap());

@@ -11,7 +11,7 @@ pub mod commit;
 pub mod follow;
 pub mod plan;
 
-pub use commit::{commit_run, run_progress, RunProgress};
+pub use commit::{commit_run, run_progress, RunProgress, RunStage};
 pub use follow::{follow_and_commit, FollowConfig, Followed};
 pub use plan::{plan_run, publish_pending, PlanConfig, PlannedRun};
 
@@ -31,6 +31,9 @@ pub enum CoordinatorError {
     Manifest { path: String, reason: String },
     #[error("run {run_id} was planned before with other inputs or settings; use a new --run-id")]
     PlanMismatch { run_id: String },
+    /// The stage run at commit (the patient-level reduce) failed; the run stays uncommitted.
+    #[error("run {run_id}: the stage after its jobs failed: {reason}")]
+    Stage { run_id: String, reason: String },
     #[error("corrupt run metadata {key}: {reason}")]
     Corrupt { key: String, reason: String },
 }

@@ -126,6 +126,43 @@ pub struct PipelineSpec {
     /// Localization pipelines: the objects to find and how images are padded.
     #[serde(default)]
     pub localize: Option<LocalizeSpec>,
+    /// Per-document structured pipelines with a patient: the patient-level stage run once a
+    /// run's jobs are all done (`patient_facts`, `cohort_members`).
+    #[serde(default)]
+    pub patients: Option<PatientsSpec>,
+}
+
+/// The patient-level stage: the run's rows grouped by patient into one row each (the
+/// latest value of every field, with the note and date it came from; list fields merged),
+/// and the patients meeting each cohort's criteria.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientsSpec {
+    /// The patient table.
+    #[serde(default = "default_patients_table")]
+    pub table: String,
+    /// The members table (a row per patient and cohort met).
+    #[serde(default = "default_members_table")]
+    pub members_table: String,
+    #[serde(default)]
+    pub cohorts: Vec<CohortSpec>,
+}
+
+/// A cohort: a name and criteria over the patient row, e.g.
+/// `diabetes and lvef_percent < 40 and not diagnosis("heart transplant")`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortSpec {
+    pub name: String,
+    pub criteria: String,
+}
+
+fn default_patients_table() -> String {
+    "patient_facts".into()
+}
+
+fn default_members_table() -> String {
+    "cohort_members".into()
 }
 
 /// What one job (and one prompt) of an imaging pipeline covers.
@@ -346,6 +383,12 @@ pub struct OutputSpec {
     /// columns, each list item `evidence_start`, `evidence_end` and `alignment` fields.
     #[serde(default)]
     pub evidence_map: Option<String>,
+    /// `structured` pipelines whose prompt answers something smaller than a row (section
+    /// mode, `extraction.unit = "section"`): the JSON schema of the table's row (a file of
+    /// the pipeline folder, or a path relative to it, e.g. a sibling pipeline's). Default:
+    /// the prompt's answer schema.
+    #[serde(default)]
+    pub schema: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -459,6 +502,17 @@ pub struct ExtractionSpec {
     /// pipeline folder; default `eval`): pipelines writing the same table share one.
     #[serde(default)]
     pub gold: Option<String>,
+    /// Section mode (`unit = "section"`): the section headings (`heading <TAB> section`).
+    #[serde(default)]
+    pub sections: Option<String>,
+    /// Section mode: the ConText trigger phrases deciding negation, experiencer and hedging
+    /// of each mention (`phrase <TAB> category <TAB> direction`).
+    #[serde(default)]
+    pub context: Option<String>,
+    /// Section mode: the status phrases of a mention's sentence (`phrase <TAB> kind <TAB>
+    /// value`: a medication stopped or only recommended, a smoker who quit, a diabetes type).
+    #[serde(default)]
+    pub status: Option<String>,
 }
 
 impl Default for ExtractionSpec {
@@ -470,6 +524,9 @@ impl Default for ExtractionSpec {
             chunk_overlap_tokens: default_chunk_overlap(),
             lexicon: None,
             gold: None,
+            sections: None,
+            context: None,
+            status: None,
         }
     }
 }
@@ -499,6 +556,10 @@ pub enum ExtractionUnit {
     #[default]
     Line,
     Document,
+    /// A note's sections (found by their heading lines), each read in a prompt of its own;
+    /// the mentions the model copies from a section are assessed by rules (negation,
+    /// experiencer, status) and gathered into the note's row. For small models.
+    Section,
 }
 
 /// Model recommendations.
@@ -574,6 +635,50 @@ impl PipelineSpec {
             if f.contains("..") || f.starts_with('/') {
                 return Err(SpecError::Invalid(format!("{f:?} must be a file inside the pipeline folder")));
             }
+        }
+        if let Some(p) = &self.patients {
+            let structured = self.task == Task::Structured && self.output.rows == RowMode::PerDocument;
+            let patient = self.input.patient_field.is_some() || self.input.patient_pattern.is_some();
+            if !structured || self.output.evidence_map.is_none() || !patient {
+                return Err(SpecError::Invalid(
+                    "[patients] goes with a structured pipeline, one row per document with an output.evidence_map, whose input names a patient (input.patient_field or patient_pattern)".into(),
+                ));
+            }
+            let mut names = std::collections::HashSet::new();
+            for t in [&p.table, &p.members_table] {
+                if !seg_ok(t) || t.starts_with('_') || *t == self.output.table || !names.insert(t.as_str()) {
+                    return Err(SpecError::Invalid(format!(
+                        "patients: table {t:?} must be letters, digits, '_' or '-', not start with '_', and differ from the other tables"
+                    )));
+                }
+            }
+            let mut cohorts = std::collections::HashSet::new();
+            for c in &p.cohorts {
+                if c.name.trim().is_empty() || !cohorts.insert(c.name.as_str()) || c.criteria.trim().is_empty() {
+                    return Err(SpecError::Invalid(format!(
+                        "patients.cohorts: {:?} needs a unique name and criteria",
+                        c.name
+                    )));
+                }
+            }
+        }
+        let x = &self.extraction;
+        let section_files = [&x.sections, &x.context, &x.status];
+        if x.unit == ExtractionUnit::Section {
+            if self.task != Task::Structured || self.output.rows != RowMode::PerDocument {
+                return Err(SpecError::Invalid(
+                    "extraction.unit = \"section\" goes with task = \"structured\" and rows = \"per_document\"".into(),
+                ));
+            }
+            if section_files.iter().any(|f| f.is_none()) || self.output.schema.is_none() {
+                return Err(SpecError::Invalid(
+                    "extraction.unit = \"section\" needs extraction.sections, extraction.context, extraction.status and output.schema (the row the mentions fill)".into(),
+                ));
+            }
+        } else if section_files.iter().any(|f| f.is_some()) {
+            return Err(SpecError::Invalid(
+                "extraction.sections, context and status go with extraction.unit = \"section\"".into(),
+            ));
         }
         if !(self.generation.thinking.is_empty() || self.generation.thinking.len() == 2) {
             return Err(SpecError::Invalid(

@@ -297,12 +297,169 @@ impl ContextRules {
     }
 }
 
+impl ContextRules {
+    /// The mention `mention` of `sentence` without the triggers (and `:`/`-`) it starts
+    /// with: a copied "No h/o CAD" is the mention "CAD" under its negation.
+    pub fn trim_triggers(&self, sentence: &str, mention: (usize, usize)) -> (usize, usize) {
+        let toks = tokens(sentence);
+        let mut i = toks.iter().position(|t| t.1 >= mention.0).unwrap_or(toks.len());
+        let mut start = mention.0;
+        while i < toks.len() && toks[i].2 <= mention.1 {
+            let n = match self.triggers.at(&toks, i) {
+                Some(((Category::Negated | Category::Family | Category::Hypothetical, _), n)) => n,
+                _ if matches!(toks[i].0.as_str(), ":" | "-" | "–" | "," | "of") => 1,
+                _ => break,
+            };
+            // Never trim the whole mention away.
+            match toks.get(i + n) {
+                Some(next) if next.2 <= mention.1 => {
+                    start = next.1;
+                    i += n;
+                }
+                _ => break,
+            }
+        }
+        (start, mention.1)
+    }
+}
+
+// ---- status --------------------------------------------------------------------------------
+
+/// What a status phrase says (`status.tsv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// A medication stopped, held, declined, only recommended, or given once.
+    NotCurrent,
+    /// A tobacco status.
+    Smoking(Smoking),
+    /// Diabetes, of a type where the phrase names one.
+    Diabetes(Option<DiabetesType>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Smoking {
+    Current,
+    Former,
+    Never,
+    /// The clause names tobacco (cigarettes, pack-years): it is about tobacco whatever else
+    /// it names.
+    Tobacco,
+    /// The clause names another substance smoked (cannabis): not tobacco unless it also
+    /// names tobacco.
+    NotTobacco,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiabetesType {
+    Type1,
+    Type2,
+    Gestational,
+    Other,
+}
+
+impl Smoking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Current => "current",
+            Self::Former => "former",
+            Self::Never => "never",
+            Self::Tobacco => "tobacco",
+            Self::NotTobacco => "not_tobacco",
+        }
+    }
+}
+
+impl DiabetesType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Type1 => "type1",
+            Self::Type2 => "type2",
+            Self::Gestational => "gestational",
+            Self::Other => "other",
+        }
+    }
+}
+
+/// Status phrases: a medication's sentence saying it is not current, a smoker's status,
+/// the names of diabetes and its types.
+pub struct StatusRules {
+    phrases: Phrases<Status>,
+}
+
+impl StatusRules {
+    pub fn parse(text: &str) -> Result<Self, RuleError> {
+        let mut entries = Vec::new();
+        for (line, cols) in rule_lines(text) {
+            let [phrase, kind, value] = cols[..] else {
+                return Err(RuleError { line, reason: "expected a phrase, a kind and a value".into() });
+            };
+            let status = match (kind, value) {
+                ("medication", "not_current") => Status::NotCurrent,
+                ("smoking", "current") => Status::Smoking(Smoking::Current),
+                ("smoking", "former") => Status::Smoking(Smoking::Former),
+                ("smoking", "never") => Status::Smoking(Smoking::Never),
+                ("smoking", "tobacco") => Status::Smoking(Smoking::Tobacco),
+                ("smoking", "not_tobacco") => Status::Smoking(Smoking::NotTobacco),
+                ("diabetes", "any") => Status::Diabetes(None),
+                ("diabetes", "type1") => Status::Diabetes(Some(DiabetesType::Type1)),
+                ("diabetes", "type2") => Status::Diabetes(Some(DiabetesType::Type2)),
+                ("diabetes", "gestational") => Status::Diabetes(Some(DiabetesType::Gestational)),
+                ("diabetes", "other") => Status::Diabetes(Some(DiabetesType::Other)),
+                _ => return Err(RuleError { line, reason: format!("unknown kind and value {kind:?} {value:?}") }),
+            };
+            entries.push((phrase.to_string(), status));
+        }
+        Ok(Self { phrases: Phrases::new(entries) })
+    }
+
+    /// Every status phrase in `text`, left to right (longest first at each place).
+    pub fn find(&self, text: &str) -> Vec<Status> {
+        let toks = tokens(text);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < toks.len() {
+            match self.phrases.at(&toks, i) {
+                Some((st, n)) => {
+                    out.push(st);
+                    i += n;
+                }
+                None => i += 1,
+            }
+        }
+        out
+    }
+}
+
+/// The three rule sets section mode reads a note with.
+pub struct NoteReading {
+    pub sections: SectionRules,
+    pub context: ContextRules,
+    pub status: StatusRules,
+}
+
+impl std::fmt::Debug for NoteReading {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NoteReading { .. }")
+    }
+}
+
+impl NoteReading {
+    /// Parses the three files' texts; an error says which (0, 1, 2) and where.
+    pub fn parse(sections: &str, context: &str, status: &str) -> Result<Self, (usize, RuleError)> {
+        Ok(Self {
+            sections: SectionRules::parse(sections).map_err(|e| (0, e))?,
+            context: ContextRules::parse(context).map_err(|e| (1, e))?,
+            status: StatusRules::parse(status).map_err(|e| (2, e))?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn rules() -> (SectionRules, ContextRules) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/cohort-facts");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/cohort-facts-sections");
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
         (SectionRules::parse(&read("sections.tsv")).unwrap(), ContextRules::parse(&read("context.tsv")).unwrap())
     }

@@ -9,6 +9,7 @@
 
 pub mod chunk;
 pub mod clinical;
+pub mod criteria;
 pub mod grammar;
 pub mod grounding;
 pub mod imaging;
@@ -16,6 +17,7 @@ pub mod input;
 pub mod job;
 pub mod model_call;
 pub mod parquet_out;
+pub mod patients;
 pub mod pipeline;
 pub mod pipelines;
 pub mod serve;

@@ -23,9 +23,13 @@ pub struct LoadedPipeline {
     pub spec: PipelineSpec,
     pub template: String,
     pub schema: serde_json::Value,
+    /// The JSON schema of a structured table's row: `output.schema`, else the answer schema.
+    pub row_schema: serde_json::Value,
     pub digest: Digest,
     /// The analyte lexicon named by `extraction.lexicon`, parsed.
     pub lexicon: Option<std::sync::Arc<crate::pipelines::lab_report::Lexicon>>,
+    /// Section mode's rules (`extraction.sections`, `context`, `status`), parsed.
+    pub reading: Option<std::sync::Arc<crate::clinical::NoteReading>>,
 }
 
 /// A rendered prompt and the length of the prefix every item shares (the instructions and
@@ -84,31 +88,50 @@ impl LoadedPipeline {
         } else {
             serde_json::Value::Null
         };
+        let mut digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
+        // Files a spec names may live outside the folder (a sibling pipeline's): their
+        // content is part of the digest either way.
+        let mut named = |f: &str| -> Result<String, PipelineError> {
+            let text = read(f)?;
+            let mut h = Sha256::new();
+            h.update(digest.to_string().as_bytes());
+            h.update(format!("\0{f}\0").as_bytes());
+            h.update(text.as_bytes());
+            digest = Digest::from_sha256(h.finalize());
+            Ok(text)
+        };
+        let row_schema: serde_json::Value = match &spec.output.schema {
+            None => schema.clone(),
+            Some(f) => serde_json::from_str(&named(f)?).map_err(|e| invalid(format!("{f}: {e}")))?,
+        };
+        let lexicon = match &spec.extraction.lexicon {
+            None => None,
+            Some(f) => {
+                let lexicon = crate::pipelines::lab_report::Lexicon::parse(&named(f)?)
+                    .map_err(|e| invalid(format!("{f}: {e}")))?;
+                Some(std::sync::Arc::new(lexicon))
+            }
+        };
+        let x = &spec.extraction;
+        let reading = match (&x.sections, &x.context, &x.status) {
+            (Some(s), Some(c), Some(t)) => {
+                let parsed = crate::clinical::NoteReading::parse(&named(s)?, &named(c)?, &named(t)?)
+                    .map_err(|(f, e)| invalid(format!("{}: {e}", [s, c, t][f])))?;
+                Some(std::sync::Arc::new(parsed))
+            }
+            _ => None,
+        };
         if spec.task == medbatch_schemas::pipeline::Task::Structured {
-            crate::pipelines::structured::check_pipeline(&schema, &spec.output)
-                .map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
+            let shown = spec.output.schema.as_deref().unwrap_or(&spec.prompt.schema);
+            crate::pipelines::structured::check_pipeline(&row_schema, &spec.output)
+                .map_err(|e| invalid(format!("{shown}: {e}")))?;
         }
         if model && spec.generation.constrained {
             crate::grammar::check_schema(&schema).map_err(|e| invalid(format!("{}: {e}", spec.prompt.schema)))?;
         }
-        let mut digest = digest_dir(&dir).map_err(|e| invalid(format!("reading files: {e}")))?;
-        let lexicon = match &spec.extraction.lexicon {
-            None => None,
-            Some(f) => {
-                let text = read(f)?;
-                let lexicon =
-                    crate::pipelines::lab_report::Lexicon::parse(&text).map_err(|e| invalid(format!("{f}: {e}")))?;
-                // The lexicon may live outside the folder (a sibling pipeline's): its content
-                // is part of the digest either way.
-                let mut h = Sha256::new();
-                h.update(digest.to_string().as_bytes());
-                h.update(b"\0lexicon\0");
-                h.update(text.as_bytes());
-                digest = Digest::from_sha256(h.finalize());
-                Some(std::sync::Arc::new(lexicon))
-            }
-        };
-        let p = Self { dir, spec, template, schema, digest, lexicon };
+        let p = Self { dir, spec, template, schema, row_schema, digest, lexicon, reading };
+        // Cohort criteria are checked against the patient row now, not after a run's jobs.
+        crate::patients::PatientStage::new(&p)?;
         if model {
             p.render("probe").map_err(|e| invalid(format!("{}: {e}", p.spec.prompt.template)))?;
         }
@@ -136,16 +159,17 @@ impl LoadedPipeline {
     /// document when the pipeline extracts per document. Templates see it as `line` and as
     /// `document`.
     pub fn render(&self, item: &str) -> Result<RenderedPrompt, minijinja::Error> {
-        self.render_with(item, "")
+        self.render_with(item, "", "")
     }
 
-    /// [`Self::render`] with the template's `object` set (what a localization prompt asks
-    /// to find).
-    pub fn render_with(&self, item: &str, object: &str) -> Result<RenderedPrompt, minijinja::Error> {
+    /// [`Self::render`] with the template's `object` (what a localization prompt asks to
+    /// find) and `section` (the kind of a note's section a section-mode prompt reads) set.
+    pub fn render_with(&self, item: &str, object: &str, section: &str) -> Result<RenderedPrompt, minijinja::Error> {
         let env = minijinja::Environment::new();
         let tmpl = env.template_from_str(&self.template)?;
-        let with_marker =
-            tmpl.render(minijinja::context! { line => ITEM_MARKER, document => ITEM_MARKER, object => object })?;
+        let with_marker = tmpl.render(
+            minijinja::context! { line => ITEM_MARKER, document => ITEM_MARKER, object => object, section => section },
+        )?;
         let shared_prefix_len = with_marker.find(ITEM_MARKER).unwrap_or(0);
         Ok(RenderedPrompt { text: with_marker.replace(ITEM_MARKER, item), shared_prefix_len })
     }

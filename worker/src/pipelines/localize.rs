@@ -187,7 +187,7 @@ impl Pipeline for Localize {
             let (k, object) = asks[at];
             let rendered = self
                 .pipeline
-                .render_with(medbatch_engine::engine::START_OF_IMAGE, object)
+                .render_with(medbatch_engine::engine::START_OF_IMAGE, object, "")
                 .map_err(|e| (ErrorReason::PromptRender, format!("template error: {}", e.kind())))?;
             Ok(Prompt { rendered, grammar: Some(grammar.clone()), images: vec![model_images[k].clone()] })
         };

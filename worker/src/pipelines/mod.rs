@@ -9,6 +9,7 @@ pub mod cohort_eval;
 pub mod embed;
 pub mod lab_report;
 pub mod localize;
+pub mod note_sections;
 pub mod structured;
 pub mod tiles;
 
@@ -116,7 +117,7 @@ impl Outcome {
     }
 
     /// The outcome's cost and errors as the model call left them.
-    fn from_asked(asked: &crate::model_call::Asked) -> Self {
+    pub(crate) fn from_asked(asked: &crate::model_call::Asked) -> Self {
         Self { tokens_in: asked.tokens_in, tokens_out: asked.tokens_out, engine_ms: asked.engine_ms, ..Self::default() }
     }
 }

@@ -16,7 +16,7 @@ use crate::pipelines::{Outcome, Pipeline, RunCx, SlideRegions, Unit};
 use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder, StringDictionaryBuilder, UInt32Builder};
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
-use medbatch_schemas::pipeline::{ImagingUnit, OutputSpec, RowMode};
+use medbatch_schemas::pipeline::{ExtractionUnit, ImagingUnit, OutputSpec, RowMode};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -131,7 +131,7 @@ fn column_type(s: &Value, at: &str) -> Result<(DataType, bool), ColumnsError> {
 }
 
 /// The type with dictionaries replaced by their values (what the JSON decoder reads).
-fn plain(dt: &DataType) -> DataType {
+pub(crate) fn plain(dt: &DataType) -> DataType {
     match dt {
         DataType::Dictionary(_, v) => v.as_ref().clone(),
         DataType::List(f) => DataType::List(Arc::new(f.as_ref().clone().with_data_type(plain(f.data_type())))),
@@ -224,7 +224,7 @@ pub fn table_schema(pipeline: &LoadedPipeline) -> Result<Arc<Schema>, ColumnsErr
     if pipeline.spec.output.rows == RowMode::PerItem {
         fields.push(Field::new("item_index", DataType::UInt32, false));
     }
-    let columns = row_columns(&pipeline.schema, &pipeline.spec.output)?;
+    let columns = row_columns(&pipeline.row_schema, &pipeline.spec.output)?;
     match &pipeline.spec.output.evidence_map {
         Some(map) => fields.extend(evidence_fields(&columns, map)),
         None => {
@@ -405,7 +405,7 @@ pub fn records_batch(
     prov: &JobProvenance,
 ) -> Result<RecordBatch, ParquetOutError> {
     let fields =
-        row_columns(&pipeline.schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
+        row_columns(&pipeline.row_schema, &pipeline.spec.output).map_err(|e| ParquetOutError::Schema(e.to_string()))?;
     let map = pipeline.spec.output.evidence_map.as_deref();
     // With an evidence map, the rows are already laid out with their quotes' offsets.
     let fields = match map {
@@ -507,10 +507,23 @@ impl Structured {
             reason: format!("{}: {e}", pipeline.spec.prompt.schema),
         })?;
         let examples = pipeline.render("").map(|r| r.text[..r.shared_prefix_len].to_string()).unwrap_or_default();
-        let lists = row_columns(&pipeline.schema, &pipeline.spec.output)
+        if pipeline.spec.extraction.unit == ExtractionUnit::Section {
+            crate::pipelines::note_sections::check(&pipeline).map_err(|reason| {
+                crate::pipeline::PipelineError::Invalid { path: pipeline.dir.display().to_string(), reason }
+            })?;
+        }
+        let lists = row_columns(&pipeline.row_schema, &pipeline.spec.output)
             .map(|fs| fs.iter().filter(|f| object_items(f).is_some()).map(|f| f.name().clone()).collect())
             .unwrap_or_default();
         Ok(Self { pipeline, schema, lists, examples })
+    }
+
+    pub(crate) fn loaded_pipeline(&self) -> &LoadedPipeline {
+        &self.pipeline
+    }
+
+    pub(crate) fn table_schema(&self) -> SchemaRef {
+        self.schema.clone()
     }
 }
 
@@ -528,6 +541,9 @@ impl Pipeline for Structured {
     /// item), error rows for answers that are cut off or do not parse, and the tokens spent.
     async fn run(&self, unit: &Unit, cx: &RunCx<'_>) -> Result<Outcome, ParquetOutError> {
         let (doc, images, spec) = (&unit.doc, &unit.images, &self.pipeline.spec);
+        if spec.extraction.unit == ExtractionUnit::Section {
+            return crate::pipelines::note_sections::run(self, unit, cx).await;
+        }
         let err = |stage: ErrorStage, reason: ErrorReason, detail: String, span: Option<(usize, usize)>| {
             ErrorRow::of_document(doc, stage, reason, detail, span)
         };
@@ -645,7 +661,7 @@ impl Pipeline for Structured {
 }
 
 /// The first JSON value in `text` (leading whitespace skipped; what follows ignored).
-fn first_json_value(text: &str) -> Option<Value> {
+pub(crate) fn first_json_value(text: &str) -> Option<Value> {
     serde_json::Deserializer::from_str(text.trim_start()).into_iter::<Value>().next()?.ok()
 }
 
@@ -701,8 +717,14 @@ mod tests {
         let e = schema_fields(&json!({ "type": "object", "properties": { "x": { "anyOf": [] } } }));
         assert!(e.unwrap_err().reason.contains("type"));
         assert!(schema_fields(&json!({ "type": "array", "items": {} })).is_err());
-        let out =
-            OutputSpec { table: "t".into(), rows: RowMode::PerItem, items: None, evidence: None, evidence_map: None };
+        let out = OutputSpec {
+            table: "t".into(),
+            rows: RowMode::PerItem,
+            items: None,
+            evidence: None,
+            evidence_map: None,
+            schema: None,
+        };
         assert!(row_schema(&all_types(), &out).unwrap_err().reason.contains("output.items"));
         let out = OutputSpec { items: Some("conditions".into()), ..out };
         assert!(check_pipeline(&all_types(), &out).unwrap_err().reason.contains("object"));

@@ -173,9 +173,9 @@ impl Pipeline for LabReport {
         let candidates: Vec<Candidate> = match spec.extraction.unit {
             ExtractionUnit::Line => lines.clone(),
             // The model reads the whole report; its answers are grounded on the lines below.
-            ExtractionUnit::Document if lines.is_empty() => Vec::new(),
+            ExtractionUnit::Document | ExtractionUnit::Section if lines.is_empty() => Vec::new(),
             // Long reports are read in token-budgeted chunks of whole lines.
-            ExtractionUnit::Document => {
+            ExtractionUnit::Document | ExtractionUnit::Section => {
                 let tokenizer = cx.engine().tokenizer();
                 let count = |s: &str| tokenizer.encode(s, false, false).len();
                 let (budget, overlap) = (spec.extraction.chunk_tokens, spec.extraction.chunk_overlap_tokens);
@@ -199,7 +199,7 @@ impl Pipeline for LabReport {
             };
             let results = match spec.extraction.unit {
                 ExtractionUnit::Line => vec![parse_answer(&reply.answer, c)],
-                ExtractionUnit::Document => {
+                ExtractionUnit::Document | ExtractionUnit::Section => {
                     // Grounded on the lines of this chunk only; an answer that only a line
                     // set aside bears out (a pending entry, an earlier value) is dropped.
                     let within = |l: &&Candidate| l.start >= c.start && l.end <= c.end;
@@ -229,7 +229,7 @@ impl Pipeline for LabReport {
                         // The line the row came from may say corrected or preliminary.
                         let line = match spec.extraction.unit {
                             ExtractionUnit::Line => Some(c),
-                            ExtractionUnit::Document => {
+                            ExtractionUnit::Document | ExtractionUnit::Section => {
                                 lines.iter().find(|l| (l.start, l.end) == (item.evidence_start, item.evidence_end))
                             }
                         };
