@@ -9,7 +9,8 @@ use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_coordinator::{
-    follow_and_commit, plan_run, publish_pending, run_progress, FollowConfig, Followed, PlanConfig,
+    current_view, follow_and_commit, plan_run, publish_pending, run_progress, skip_committed, FollowConfig, Followed,
+    PlanConfig,
 };
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{ModelRef, RunId, NO_MODEL};
@@ -77,6 +78,10 @@ pub struct SubmitArgs {
     /// Publish and return instead of following the run.
     #[arg(long)]
     pub detach: bool,
+    /// Process only what is new (as `run --incremental`): inputs a committed run of the same
+    /// pipeline and model at this output processed with the same content are skipped.
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 #[derive(clap::Args)]
@@ -158,18 +163,27 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         source: InputSource::with_s3(args.broker.s3_endpoint.clone()),
         imaging: pipeline.spec.imaging.clone(),
     };
-    let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    let planning = Instant::now();
+    let mut plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    if args.incremental {
+        let view = current_view(store.as_ref(), &plan.pipeline, &plan.model, Some(&run_id)).await?;
+        skip_committed(&mut plan, &view);
+    }
+    let planning_s = planning.elapsed().as_secs_f64();
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
     eprintln!(
-        "medbatch: run {run_id}: {} input files, {} jobs ({} published in {:.1} s, {already} already done), model {}",
+        "medbatch: run {run_id}: {} input files, {} jobs ({} published in {:.1} s, {already} already done; planned in {planning_s:.1} s), model {}",
         plan.files,
         plan.jobs.len(),
         published.len(),
         t.elapsed().as_secs_f64(),
         model.id
     );
+    if let Some(line) = crate::status::incremental_line(&plan) {
+        eprintln!("medbatch: run {run_id}: {line}");
+    }
     if args.detach {
         println!("run {run_id} submitted; follow it with: medbatch status {root} --run-id {run_id}");
         return Ok(ExitCode::SUCCESS);

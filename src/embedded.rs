@@ -6,8 +6,10 @@ use crate::progress::Progress;
 use anyhow::{bail, Context};
 use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::queue::{InProcessQueue, JobQueue};
-use medbatch_coordinator::{commit_run, plan_run, publish_pending, run_progress, PlanConfig};
-use medbatch_schemas::{tables, ModelRef, RunId, Selection};
+use medbatch_coordinator::{
+    commit_run, current_view, job_units, plan_run, publish_pending, run_progress, skip_committed, PlanConfig,
+};
+use medbatch_schemas::{tables, ModelRef, RunId};
 use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -47,6 +49,12 @@ pub struct RunArgs {
     /// answers may then fail to parse or quote text that is not in the document).
     #[arg(long)]
     pub unconstrained: bool,
+    /// Process only what is new: an input whose URI and content a committed run of the same
+    /// pipeline and model at this output processed is skipped (the index `OUT/_inputs/`);
+    /// one whose content changed is processed again and supersedes the earlier content. The
+    /// inputs are fixed when the run is planned.
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 pub fn new_run_id() -> String {
@@ -97,32 +105,30 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         source: source.clone(),
         imaging: pipeline.spec.imaging.clone(),
     };
-    let plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    let planning = Instant::now();
+    let mut plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    if args.incremental {
+        let view = current_view(store.as_ref(), &plan.pipeline, &plan.model, Some(&run_id)).await?;
+        skip_committed(&mut plan, &view);
+    }
+    let planning_s = planning.elapsed().as_secs_f64();
     let queue = InProcessQueue::new();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
     queue.close();
     eprintln!(
-        "medbatch: run {run_id}: {} input files, {} jobs ({} to do, {} already done), {} workers",
+        "medbatch: run {run_id}: {} input files, {} jobs ({} to do, {} already done), {} workers; planned in {planning_s:.1} s",
         plan.files,
         plan.jobs.len(),
         published.len(),
         already,
         args.workers
     );
+    if let Some(line) = crate::status::incremental_line(&plan) {
+        eprintln!("medbatch: run {run_id}: {line}");
+    }
 
-    let planned_units: HashMap<String, u64> = plan
-        .jobs
-        .iter()
-        .map(|j| {
-            let n = j.inputs.iter().map(|i| match &i.selection {
-                Selection::Whole => 1,
-                Selection::Members(m) => m.len() as u64,
-                // A band of a slide's grid: the slide counts once, on its first band.
-                Selection::Tiles { first_row, .. } => u64::from(*first_row == 0),
-            });
-            (j.job_id.to_string(), n.sum())
-        })
-        .collect();
+    // A band of a slide's grid: the slide counts once, on its first band.
+    let planned_units: HashMap<String, u64> = plan.jobs.iter().map(|j| (j.job_id.to_string(), job_units(j))).collect();
     let todo_units: u64 = published.iter().map(|id| planned_units[id.as_str()]).sum();
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -186,6 +192,9 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("  patients   {}", crate::status::stage_line(&stage.tables(), m));
     }
     println!("  jobs       {}/{} done", status.jobs_done, status.jobs_planned);
+    if let Some(line) = crate::status::incremental_line(&plan) {
+        println!("  inputs     {line}");
+    }
     if let Some(engine) = &engine {
         println!("  engine     {}", engine_summary(&engine.stats()));
     }

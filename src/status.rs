@@ -43,6 +43,18 @@ struct Broker {
     scanned_all: bool,
 }
 
+/// An incremental run's inputs: how many were skipped as committed before and how many
+/// changed (`None` for a run planned in full).
+pub fn incremental_line(plan: &medbatch_coordinator::PlannedRun) -> Option<String> {
+    plan.incremental.then(|| {
+        format!(
+            "incremental: {} unchanged since a committed run (skipped), {} changed (processed again, superseding the earlier content)",
+            plan.skipped.len(),
+            plan.superseded.len()
+        )
+    })
+}
+
 /// Rows of the stage tables `tables` in a run's manifest: `patient_facts: 12   cohort_members: 3`.
 pub fn stage_line(tables: &[&str], manifest: &medbatch_schemas::Manifest) -> String {
     let rows = |t: &str| manifest.parts.iter().filter(|p| p.table == t).map(|p| p.rows).sum::<u64>();

@@ -74,27 +74,108 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
     Ok(p)
 }
 
+/// What the stage run at commit reads.
+#[derive(Clone, Debug)]
+pub struct StageInput<'a> {
+    pub run_id: &'a medbatch_schemas::RunId,
+    /// The run's parts; for an incremental run, then the parts of the earlier committed runs
+    /// (of the same pipeline and model) that hold current inputs.
+    pub parts: Vec<medbatch_schemas::OutputPart>,
+    /// An incremental run: each input URI's current content digest (this run's inputs and
+    /// the unchanged ones of earlier runs); rows of other content are superseded and do not
+    /// count. `None`: every row of `parts` counts.
+    pub current: Option<std::collections::BTreeMap<String, medbatch_schemas::Digest>>,
+    /// When the run's last job finished (the stage's rows' time, the same for every
+    /// committer).
+    pub finished_at: &'a str,
+}
+
 /// A stage run once every job of a run is done, before its manifest (the patient-level
 /// reduce): it reads the jobs' parts and writes parts of tables of its own, which the
-/// manifest lists with the jobs' parts. It must be deterministic — the same parts give the
+/// manifest lists with the jobs' parts. It must be deterministic — the same input gives the
 /// same bytes under the same keys — since two committers of a run may both run it, and a
 /// committer that died before the manifest is followed by one that runs it again.
 #[async_trait::async_trait]
 pub trait RunStage: Send + Sync {
-    /// The parts written. `finished_at`: when the run's last job finished (the stage's rows'
-    /// time, the same for every committer).
+    /// The parts written.
     async fn run(
         &self,
-        run_id: &medbatch_schemas::RunId,
-        parts: &[medbatch_schemas::OutputPart],
-        finished_at: &str,
+        input: &StageInput<'_>,
         store: &dyn ObjectStore,
     ) -> Result<Vec<medbatch_schemas::OutputPart>, String>;
 }
 
-/// Writes the manifest and `_SUCCESS` when every job is done, after the `stage` (if any);
-/// returns the manifest, or `None` when jobs are still missing. Idempotent: an existing
-/// manifest is returned as is.
+/// Writes the run's part of the index of committed inputs (`crate::index`): a row per input
+/// the run planned, its time the run's last job's (so that two committers write the same
+/// bytes).
+async fn write_index_part(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    finished_at: &str,
+) -> Result<medbatch_schemas::OutputPart, CoordinatorError> {
+    let mut inputs: Vec<medbatch_schemas::IndexedInput> = Vec::new();
+    for i in plan.jobs.iter().flat_map(|j| &j.inputs) {
+        if !inputs.iter().any(|x| x.uri == i.uri) {
+            inputs.push(medbatch_schemas::IndexedInput {
+                uri: i.uri.clone(),
+                sha256: i.sha256.clone(),
+                run_id: plan.run_id.clone(),
+                committed_at: finished_at.to_string(),
+            });
+        }
+    }
+    inputs.sort_by(|a, b| a.uri.cmp(&b.uri));
+    let key = crate::index::index_key(&plan.pipeline, &plan.model, &plan.run_id);
+    let bytes =
+        crate::index::index_part(&inputs).map_err(|reason| CoordinatorError::Corrupt { key: key.clone(), reason })?;
+    let part = medbatch_schemas::OutputPart {
+        table: crate::index::INPUTS_TABLE.into(),
+        key: key.clone(),
+        rows: inputs.len() as u64,
+        bytes: bytes.len() as u64,
+        sha256: medbatch_schemas::Digest::of_bytes(&bytes),
+    };
+    store.put(&key, bytes.into()).await?;
+    Ok(part)
+}
+
+/// The stage's input: the run's parts; for an incremental run also the earlier committed
+/// runs' parts and the current content of each input.
+async fn stage_input<'a>(
+    plan: &'a PlannedRun,
+    store: &dyn ObjectStore,
+    parts: &[medbatch_schemas::OutputPart],
+    finished_at: &'a str,
+) -> Result<StageInput<'a>, CoordinatorError> {
+    let mut input = StageInput { run_id: &plan.run_id, parts: parts.to_vec(), current: None, finished_at };
+    if !plan.incremental {
+        return Ok(input);
+    }
+    let view = crate::index::current_view(store, &plan.pipeline, &plan.model, Some(&plan.run_id)).await?;
+    let mut current: std::collections::BTreeMap<String, medbatch_schemas::Digest> =
+        view.iter().map(|(uri, e)| (uri.clone(), e.sha256.clone())).collect();
+    for i in plan.jobs.iter().flat_map(|j| &j.inputs) {
+        current.insert(i.uri.clone(), i.sha256.clone());
+    }
+    let mut earlier: Vec<&medbatch_schemas::RunId> =
+        view.values().filter(|e| current.get(&e.uri) == Some(&e.sha256)).map(|e| &e.run_id).collect();
+    earlier.sort();
+    earlier.dedup();
+    for run in earlier {
+        let key = manifest_key(run);
+        let Some(bytes) = store.get(&key).await? else { continue };
+        let m: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| CoordinatorError::Corrupt { key, reason: e.to_string() })?;
+        let results = m.parts.into_iter().filter(|p| !medbatch_schemas::tables::is_system_table(&p.table));
+        input.parts.extend(results);
+    }
+    input.current = Some(current);
+    Ok(input)
+}
+
+/// Writes the manifest and `_SUCCESS` when every job is done, after the run's index part
+/// and the `stage` (if any); returns the manifest, or `None` when jobs are still missing.
+/// Idempotent: an existing manifest is returned as is.
 pub async fn commit_run(
     plan: &PlannedRun,
     store: &dyn ObjectStore,
@@ -114,15 +195,18 @@ pub async fn commit_run(
     }
     let mut parts: Vec<_> = progress.completions.iter().flat_map(|c| c.parts.iter().cloned()).collect();
     parts.sort_by(|a, b| a.key.cmp(&b.key));
+    let finished_at = progress.completions.iter().map(|c| c.finished_at.as_str()).max().unwrap_or(created_at);
+    let index = write_index_part(plan, store, finished_at).await?;
     if let Some(stage) = stage {
-        let finished_at = progress.completions.iter().map(|c| c.finished_at.as_str()).max().unwrap_or(created_at);
+        let input = stage_input(plan, store, &parts, finished_at).await?;
         let more = stage
-            .run(&plan.run_id, &parts, finished_at, store)
+            .run(&input, store)
             .await
             .map_err(|reason| CoordinatorError::Stage { run_id: plan.run_id.to_string(), reason })?;
         parts.extend(more);
-        parts.sort_by(|a, b| a.key.cmp(&b.key));
     }
+    parts.push(index);
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
     remove_stray_parts(plan, store, &parts).await?;
     let manifest = Manifest {
         schema_version: JOB_SCHEMA_VERSION,
@@ -138,6 +222,8 @@ pub async fn commit_run(
         set_aside: progress.set_aside.clone(),
         parts,
         created_at: created_at.to_string(),
+        skipped: plan.skipped.clone(),
+        superseded: plan.superseded.clone(),
     };
     let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
     // Only the first writer's manifest counts; a concurrent committer reads it back.
@@ -240,7 +326,7 @@ mod tests {
             store.put(&k, bytes::Bytes::from_static(b"PAR1")).await.unwrap();
         }
         let m = commit_run(&plan, &store, "t1", None).await.unwrap().unwrap();
-        assert_eq!((m.jobs, m.parts.len(), m.tokens_in), (2, 2, 10));
+        assert_eq!((m.jobs, m.parts.len(), m.tokens_in), (2, 3, 10), "two jobs' parts and the index part");
         assert!(store.exists(&success_key(&plan.run_id)).await.unwrap());
         for k in stray {
             assert!(!store.exists(k).await.unwrap(), "{k} should be removed");

@@ -9,11 +9,13 @@
 
 pub mod commit;
 pub mod follow;
+pub mod index;
 pub mod plan;
 
-pub use commit::{commit_run, run_progress, RunProgress, RunStage};
+pub use commit::{commit_run, run_progress, RunProgress, RunStage, StageInput};
 pub use follow::{follow_and_commit, FollowConfig, Followed};
-pub use plan::{plan_run, publish_pending, PlanConfig, PlannedRun};
+pub use index::{current_view, skip_committed};
+pub use plan::{job_units, plan_run, publish_pending, PlanConfig, PlannedRun};
 
 /// Errors that stop planning or committing a run.
 #[derive(Debug, thiserror::Error)]

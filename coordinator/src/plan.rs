@@ -50,6 +50,28 @@ pub struct PlannedRun {
     /// Documents expected, where known at planning time (plain text files and archive
     /// members count one each; record files count one until read).
     pub units: u64,
+    /// Planned with `--incremental` ([`crate::index::skip_committed`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incremental: bool,
+    /// Inputs not planned: committed before with the same content.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<medbatch_schemas::IndexedInput>,
+    /// The committed content of inputs planned again because they changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<medbatch_schemas::IndexedInput>,
+}
+
+/// Documents a job is expected to give, as far as planning knows: an input file or slide
+/// counts one (a slide on its first band), an archive's members one each.
+pub fn job_units(job: &Job) -> u64 {
+    job.inputs
+        .iter()
+        .map(|i| match &i.selection {
+            Selection::Whole => 1,
+            Selection::Members(m) => m.len() as u64,
+            Selection::Tiles { first_row, .. } => u64::from(*first_row == 0),
+        })
+        .sum()
 }
 
 /// SHA-256 of an input's bytes (an S3 object is streamed through once).
@@ -128,6 +150,9 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
         jobs,
         files: found.len() as u64,
         units,
+        incremental: false,
+        skipped: Vec::new(),
+        superseded: Vec::new(),
     })
 }
 
@@ -289,6 +314,9 @@ fn one_unit_a_job(cfg: &PlanConfig, job_inputs: Vec<Vec<InputRef>>, files: usize
         units: jobs.len() as u64,
         jobs,
         files: files as u64,
+        incremental: false,
+        skipped: Vec::new(),
+        superseded: Vec::new(),
     }
 }
 

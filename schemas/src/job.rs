@@ -190,6 +190,16 @@ pub struct OutputPart {
     pub sha256: Digest,
 }
 
+/// An input a committed run processed (the index of committed inputs, `OUT/_inputs/`): its
+/// URI, the digest of its content, the run and when it committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexedInput {
+    pub uri: String,
+    pub sha256: Digest,
+    pub run_id: RunId,
+    pub committed_at: String,
+}
+
 /// The completion marker `OUT/_runs/RUN/done/JOB.json`, written after the job's parts and
 /// before the message is acknowledged.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -233,6 +243,14 @@ pub struct Manifest {
     pub set_aside: BTreeMap<String, u64>,
     pub parts: Vec<OutputPart>,
     pub created_at: String,
+    /// An incremental run: the inputs not planned because a committed run of the same
+    /// pipeline and model processed the same content at the same URI (that run named).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<IndexedInput>,
+    /// An incremental run: the earlier content of inputs it processed again because they
+    /// changed; rows from these no longer count (see `OUT/_inputs/`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub superseded: Vec<IndexedInput>,
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub use document::{Document, InputError, InputErrorKind};
 pub use errors::{DocumentStatus, ErrorReason, ErrorStage, SkipReason};
 pub use ids::{Digest, JobId, RunId};
 pub use job::{
-    CaseRef, Completion, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef, Selection,
-    JOB_SCHEMA_VERSION, NO_MODEL,
+    CaseRef, Completion, IndexedInput, InputKind, InputRef, Job, Manifest, ModelRef, OutputPart, PipelineRef,
+    Selection, JOB_SCHEMA_VERSION, NO_MODEL,
 };
 pub use pipeline::{PipelineSpec, SpecError};

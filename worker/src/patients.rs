@@ -24,8 +24,9 @@ use crate::pipelines::structured::{plain, row_columns};
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use medbatch_connectors::store::ObjectStore;
+use medbatch_coordinator::StageInput;
 use medbatch_schemas::pipeline::PatientsSpec;
-use medbatch_schemas::{Digest, OutputPart, RunId};
+use medbatch_schemas::{Digest, OutputPart};
 use serde_json::{json, Map, Value};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
@@ -481,25 +482,41 @@ fn json_rows(bytes: bytes::Bytes) -> Result<Vec<Map<String, Value>>, String> {
     Ok(out)
 }
 
+/// Whether a note row counts under `current` (an incremental run's current content of each
+/// input): its input's URI — the row's source URI without an archive member's `#name` — has
+/// the row's content digest.
+fn is_current(row: &Map<String, Value>, current: &BTreeMap<String, Digest>) -> bool {
+    let uri = row.get("source_uri").and_then(Value::as_str).unwrap_or("");
+    let sha = row.get("input_sha256").and_then(Value::as_str).unwrap_or("");
+    let input = match current.get(uri) {
+        Some(d) => Some(d),
+        None => uri.rsplit_once('#').and_then(|(u, _)| current.get(u)),
+    };
+    input.is_some_and(|d| d.as_str() == sha)
+}
+
 #[async_trait::async_trait]
 impl medbatch_coordinator::RunStage for PatientStage {
-    /// Reads the run's note parts, writes one part of each stage table under a key derived
-    /// from the parts read.
-    async fn run(
-        &self,
-        run_id: &RunId,
-        parts: &[OutputPart],
-        finished_at: &str,
-        store: &dyn ObjectStore,
-    ) -> Result<Vec<OutputPart>, String> {
+    /// Reads the note parts (an incremental run: only the rows of current content), writes
+    /// one part of each stage table under a key derived from the parts read.
+    async fn run(&self, input: &StageInput<'_>, store: &dyn ObjectStore) -> Result<Vec<OutputPart>, String> {
         let mut notes = Vec::new();
         let mut h = Sha256::new();
-        for p in parts.iter().filter(|p| p.table == self.note_table) {
+        let mut parts: Vec<&OutputPart> = input.parts.iter().filter(|p| p.table == self.note_table).collect();
+        parts.sort_by(|a, b| a.key.cmp(&b.key));
+        for p in parts {
             let bytes =
                 store.get(&p.key).await.map_err(|e| e.to_string())?.ok_or(format!("part {} is missing", p.key))?;
             h.update(p.key.as_bytes());
             h.update(p.sha256.to_string().as_bytes());
-            notes.extend(json_rows(bytes).map_err(|e| format!("part {}: {e}", p.key))?);
+            let rows = json_rows(bytes).map_err(|e| format!("part {}: {e}", p.key))?;
+            notes.extend(rows.into_iter().filter(|r| input.current.as_ref().is_none_or(|c| is_current(r, c))));
+        }
+        if let Some(c) = &input.current {
+            for (uri, d) in c {
+                h.update(uri.as_bytes());
+                h.update(d.as_str().as_bytes());
+            }
         }
         let (facts, members, unattributed) = self.reduce(&notes);
         if unattributed > 0 {
@@ -508,10 +525,10 @@ impl medbatch_coordinator::RunStage for PatientStage {
         let first = notes.first();
         let text = |k: &str| first.and_then(|r| r.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
         let generated_at_us =
-            chrono::DateTime::parse_from_rfc3339(finished_at).map(|t| t.timestamp_micros()).unwrap_or(0);
+            chrono::DateTime::parse_from_rfc3339(input.finished_at).map(|t| t.timestamp_micros()).unwrap_or(0);
         let prov = JobProvenance {
             job_id: "patients".into(),
-            run_id: run_id.to_string(),
+            run_id: input.run_id.to_string(),
             pipeline: text("pipeline"),
             pipeline_digest: text("pipeline_digest"),
             model_id: text("model_id"),
@@ -520,12 +537,11 @@ impl medbatch_coordinator::RunStage for PatientStage {
         };
         let tag = &hex::encode(h.finalize())[..16];
         let mut out = Vec::new();
-        for (table, batch) in
-            self.tables().into_iter().zip(self.batches(&facts, &members, &prov).map_err(|e| e.to_string())?)
-        {
+        let batches = self.batches(&facts, &members, &prov).map_err(|e| e.to_string())?;
+        for (table, batch) in self.tables().into_iter().zip(batches) {
             let bytes = to_parquet(&batch).map_err(|e| e.to_string())?;
-            let key =
-                format!("{}part-patients-{tag}.parquet", medbatch_schemas::tables::run_table_prefix(table, run_id));
+            let prefix = medbatch_schemas::tables::run_table_prefix(table, input.run_id);
+            let key = format!("{prefix}part-patients-{tag}.parquet");
             let sha256 = Digest::of_bytes(&bytes);
             let n = bytes.len() as u64;
             store.put(&key, bytes.into()).await.map_err(|e| e.to_string())?;
@@ -539,6 +555,7 @@ impl medbatch_coordinator::RunStage for PatientStage {
 mod tests {
     use super::*;
     use medbatch_schemas::pipeline::CohortSpec;
+    use medbatch_schemas::RunId;
 
     fn stage(cohorts: &[(&str, &str)]) -> Result<PatientStage, PipelineError> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/cohort-facts");
@@ -677,9 +694,17 @@ mod tests {
             sha256: Digest::of_bytes(&bytes),
         }];
         let run = RunId::new("r").unwrap();
-        let first = s.run(&run, &parts, "2026-01-01T00:00:00Z", &store).await.unwrap();
-        let again = s.run(&run, &parts, "2026-01-01T00:00:00Z", &store).await.unwrap();
+        let input =
+            StageInput { run_id: &run, parts: parts.to_vec(), current: None, finished_at: "2026-01-01T00:00:00Z" };
+        let first = s.run(&input, &store).await.unwrap();
+        let again = s.run(&input, &store).await.unwrap();
         assert_eq!(first, again);
+        // Incremental: rows of content that is no longer current do not count.
+        let current = [("file:///n".to_string(), Digest::of_bytes(b"other"))].into();
+        let later = StageInput { current: Some(current), ..input.clone() };
+        let superseded = s.run(&later, &store).await.unwrap();
+        assert_eq!(superseded[0].rows, 0, "both notes' input changed since");
+        assert_ne!(superseded[0].key, first[0].key);
         assert_eq!(
             first.iter().map(|p| (p.table.as_str(), p.rows)).collect::<Vec<_>>(),
             [("patient_facts", 2), ("cohort_members", 1)]
