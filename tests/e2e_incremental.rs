@@ -125,3 +125,59 @@ print(p1["lvef_percent_document_id"] or "")
     night(&inputs, &out, "night-2");
     assert_eq!(std::fs::read(out.join("_runs/night-2/manifest.json")).unwrap(), before);
 }
+
+/// infra/nightly/nightly.sh runs the night's incremental run under the date's run id: run
+/// twice in a day it resumes that run (nothing done twice); the crontab line and the
+/// Kubernetes CronJob call medbatch with flags it has.
+#[test]
+fn the_nightly_script_and_the_schedules_run_the_incremental_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inbox");
+    let out = dir.path().join("out");
+    std::fs::create_dir(&inputs).unwrap();
+    note(&inputs, "a.jsonl", "a", "P-1", "2025-01-01", "PMH: HTN.\n");
+    let nightly = |expect: &str| {
+        let o = std::process::Command::new("bash")
+            .arg(repo_root().join("infra/nightly/nightly.sh"))
+            .current_dir(repo_root())
+            .env("MEDBATCH_BIN", env!("CARGO_BIN_EXE_medbatch"))
+            .env("MEDBATCH_PIPELINE", "cohort-facts-sections")
+            .env("MEDBATCH_INPUTS", &inputs)
+            .env("MEDBATCH_OUT", &out)
+            .env("MEDBATCH_MODEL", demo_model())
+            .env("MEDBATCH_LOG", "warn")
+            .output()
+            .unwrap();
+        let all = format!("{}{}", text(&o.stdout), text(&o.stderr));
+        assert!(o.status.success() && all.contains(expect), "{all}");
+    };
+    nightly("1 jobs (1 to do, 0 already done)");
+    nightly("1 jobs (0 to do, 1 already done)");
+    let runs: Vec<String> = std::fs::read_dir(out.join("_runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert_eq!(runs.len(), 1, "one run a day: {runs:?}");
+    assert!(runs[0].starts_with("nightly-20"), "{runs:?}");
+
+    // Every flag the schedules pass is one of the command's.
+    let flags = |cmd: &str| text(&medbatch(&[cmd, "--help"]).stdout);
+    let used = |file: &str| -> Vec<String> {
+        let t = std::fs::read_to_string(repo_root().join(file)).unwrap();
+        t.split_whitespace().filter(|w| w.starts_with("--")).map(|w| w.trim_matches('"').to_string()).collect()
+    };
+    let cron = std::fs::read_to_string(repo_root().join("infra/nightly/crontab")).unwrap();
+    assert!(cron.contains("infra/nightly/nightly.sh"), "the crontab line calls the script");
+    for (file, cmd) in [
+        ("infra/nightly/nightly.sh", "run"),
+        ("infra/nightly/nightly.sh", "submit"),
+        ("infra/k8s/nightly-cronjob.yaml", "submit"),
+    ] {
+        let help = flags(cmd);
+        let used = used(file);
+        assert!(used.contains(&"--incremental".to_string()), "{file}");
+        for f in used {
+            assert!(help.contains(&f), "{file}: medbatch {cmd} has no {f}");
+        }
+    }
+}

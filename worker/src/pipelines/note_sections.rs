@@ -352,9 +352,40 @@ fn offsets(prefix: &str, at: Option<(usize, usize)>) -> [(String, Value); 3] {
     [(n0, v0), (n1, v1), (n2, v2)]
 }
 
+/// Diagnoses and medications copied as a list ("HTN, T2DM"), each item a mention of its
+/// own (split at commas and semicolons, spaces trimmed).
+fn split_lists(chars: &[char], mentions: &[Mention]) -> Vec<Mention> {
+    let mut out = Vec::with_capacity(mentions.len());
+    for m in mentions {
+        if !matches!(m.kind, Kind::Diagnosis | Kind::Medication) {
+            out.push(m.clone());
+            continue;
+        }
+        let mut start = m.start;
+        for at in m.start..=m.end.min(chars.len()) {
+            if at == m.end.min(chars.len()) || matches!(chars[at], ',' | ';') {
+                let (mut a, mut b) = (start, at);
+                while a < b && chars[a].is_whitespace() {
+                    a += 1;
+                }
+                while b > a && chars[b - 1].is_whitespace() {
+                    b -= 1;
+                }
+                if a < b {
+                    out.push(Mention { start: a, end: b, ..m.clone() });
+                }
+                start = at + 1;
+            }
+        }
+    }
+    out
+}
+
 /// The note's row from its mentions (in note order), laid out as the whole-note mode's
 /// evidence map would lay it out.
 pub fn gather(chars: &[char], mentions: &[Mention], reading: &NoteReading) -> Value {
+    let mentions = split_lists(chars, mentions);
+    let mentions = &mentions[..];
     let note: String = chars.iter().collect();
     let sentences = crate::clinical::sentences(&note);
     let has_impression = mentions.iter().any(|m| m.section == "impression");
@@ -556,8 +587,7 @@ mod tests {
                     Echo: LVEF 35%. Likely a renal cyst.\n\
                     A/P:\nIncrease lisinopril to 20 mg daily. Consider empagliflozin 10 mg.\n";
         let copies = [
-            (Kind::Diagnosis, "T2DM"),
-            (Kind::Diagnosis, "HTN"),
+            (Kind::Diagnosis, "T2DM, HTN"),
             (Kind::Diagnosis, "No h/o CAD"),
             (Kind::Diagnosis, "stroke"),
             (Kind::Diagnosis, "breast cancer"),
