@@ -22,7 +22,9 @@ pub enum SpecError {
 pub enum Task {
     /// Structured rows extracted from documents.
     Extract,
-    /// Free text (reports, summaries). Not implemented yet: a spec with it is refused.
+    /// A short text per document whose every sentence lists the words of the document it
+    /// rests on (summaries): the answer is `sentences` of `{text, evidence}`, each quote
+    /// located in the document and a sentence without support flagged.
     Generate,
     /// Rows are the answer schema's objects, with columns derived from the schema: one row
     /// per document, or one per element of the array property `output.items`.
@@ -614,11 +616,13 @@ impl PipelineSpec {
         if self.input.kinds.is_empty() {
             return Err(SpecError::Invalid("input.kinds is empty".into()));
         }
-        if self.task == Task::Generate {
-            // Accepted until now, it ran the lab-report extractor: refused until free-text
-            // generation has a pipeline of its own.
+        if self.task == Task::Generate
+            && (self.output.rows != RowMode::PerDocument
+                || self.output.evidence.is_some()
+                || self.output.evidence_map.is_some())
+        {
             return Err(SpecError::Invalid(
-                "task = \"generate\" is not implemented yet; use \"structured\" (rows from a JSON schema) or \"extract\" (lab reports)".into(),
+                "task = \"generate\" writes one row per document (rows = \"per_document\"), its evidence in each sentence: no output.evidence or evidence_map".into(),
             ));
         }
         let g = &self.generation;
@@ -837,9 +841,13 @@ mod tests {
     }
 
     #[test]
-    fn generate_is_refused_until_it_is_implemented() {
-        let e = PipelineSpec::from_toml(&MIN.replace("task = \"extract\"", "task = \"generate\"")).unwrap_err();
-        assert!(e.to_string().contains("not implemented yet"), "{e}");
+    fn generate_writes_one_row_per_document_with_its_own_evidence() {
+        let generate = MIN.replace("task = \"extract\"", "task = \"generate\"");
+        let spec =
+            PipelineSpec::from_toml(&generate.replace("table = \"rows\"", "table = \"rows\"\nrows = \"per_document\""));
+        assert!(spec.is_ok(), "{spec:?}");
+        let e = PipelineSpec::from_toml(&generate).unwrap_err();
+        assert!(e.to_string().contains("per_document"), "{e}");
     }
 
     /// An imaging spec with `task`, `unit` and `extra` sections.

@@ -4,7 +4,7 @@
 use arrow::array::{
     ArrayRef, StringBuilder, StringDictionaryBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
 };
-use arrow::datatypes::Int32Type;
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
 use medbatch_schemas::tables::{documents_schema, errors_schema};
 pub use medbatch_schemas::{DocumentStatus, ErrorReason, ErrorStage};
@@ -222,6 +222,60 @@ pub fn documents_batch(rows: &[DocumentRow], prov: &JobProvenance) -> Result<Rec
     cols.push(Arc::new(tin.finish()));
     cols.push(Arc::new(tout.finish()));
     Ok(RecordBatch::try_new(documents_schema(), cols)?)
+}
+
+/// The provenance columns [`job_columns`] fills, by name.
+const JOB_COLUMNS: [&str; 7] =
+    ["job_id", "run_id", "pipeline", "pipeline_digest", "model_id", "model_digest", "generated_at"];
+
+/// A batch of `schema` from row objects: every column decoded from the rows by name
+/// (arrow-json; dictionaries read as strings, then cast), but the job's provenance columns
+/// (`job_id` … `generated_at`), which come from `prov`. The job columns must be
+/// consecutive, as every table lays them out.
+pub fn json_batch(
+    schema: &SchemaRef,
+    rows: &[serde_json::Value],
+    prov: &JobProvenance,
+) -> Result<RecordBatch, ParquetOutError> {
+    let data: Vec<Field> = schema
+        .fields()
+        .iter()
+        .filter(|f| !JOB_COLUMNS.contains(&f.name().as_str()))
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let plain: Vec<Field> = data.iter().map(|f| f.clone().with_data_type(plain_type(f.data_type()))).collect();
+    let mut decoder = arrow_json::ReaderBuilder::new(Arc::new(Schema::new(plain))).build_decoder()?;
+    decoder.serialize(rows)?;
+    let decoded = decoder.flush()?;
+    let mut decoded_cols = Vec::with_capacity(data.len());
+    for (i, f) in data.iter().enumerate() {
+        let c = match &decoded {
+            Some(b) if !rows.is_empty() => b.column(i).clone(),
+            _ => arrow::array::new_empty_array(f.data_type()),
+        };
+        decoded_cols.push(arrow::compute::cast(&c, f.data_type())?);
+    }
+    let mut job = job_columns(rows.len(), prov).into_iter();
+    let mut decoded_cols = decoded_cols.into_iter();
+    let cols: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| if JOB_COLUMNS.contains(&f.name().as_str()) { job.next() } else { decoded_cols.next() })
+        .collect::<Option<_>>()
+        .ok_or_else(|| ParquetOutError::Schema("columns out of step".into()))?;
+    Ok(RecordBatch::try_new(schema.clone(), cols)?)
+}
+
+/// The type with dictionaries replaced by their values (what the JSON decoder reads).
+pub(crate) fn plain_type(dt: &DataType) -> DataType {
+    match dt {
+        DataType::Dictionary(_, v) => v.as_ref().clone(),
+        DataType::List(f) => DataType::List(Arc::new(f.as_ref().clone().with_data_type(plain_type(f.data_type())))),
+        DataType::Struct(fs) => {
+            DataType::Struct(fs.iter().map(|f| f.as_ref().clone().with_data_type(plain_type(f.data_type()))).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 /// Serializes one batch as a Parquet file (zstd).

@@ -18,10 +18,10 @@
 //! committer that runs it again writes the same bytes under the same keys.
 
 use crate::criteria::{self, Expr, Val};
-use crate::parquet_out::{job_columns, to_parquet, JobProvenance, ParquetOutError};
+use crate::parquet_out::{json_batch, plain_type, to_parquet, JobProvenance, ParquetOutError};
 use crate::pipeline::{LoadedPipeline, PipelineError};
-use crate::pipelines::structured::{plain, row_columns};
-use arrow::array::{ArrayRef, RecordBatch};
+use crate::pipelines::structured::row_columns;
+use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::StageInput;
@@ -286,7 +286,7 @@ impl PatientStage {
             let keys: Vec<&str> = l
                 .items
                 .iter()
-                .filter(|x| !x.is_nullable() && matches!(plain(x.data_type()), DataType::Utf8))
+                .filter(|x| !x.is_nullable() && matches!(plain_type(x.data_type()), DataType::Utf8))
                 .map(|x| x.name().as_str())
                 .collect();
             let mut merged: Vec<(Vec<String>, Map<String, Value>)> = Vec::new();
@@ -339,7 +339,7 @@ impl PatientStage {
         members: &[Value],
         prov: &JobProvenance,
     ) -> Result<[RecordBatch; 2], ParquetOutError> {
-        Ok([batch(&self.facts, facts, prov)?, batch(&self.members, members, prov)?])
+        Ok([json_batch(&self.facts, facts, prov)?, json_batch(&self.members, members, prov)?])
     }
 }
 
@@ -434,25 +434,6 @@ fn member(row: &Value, lists: &[ListField], cohort: &str, text: &str, e: &Expr) 
     }
     Some(json!({ "patient_id": row["patient_id"], "cohort": cohort, "criteria": text,
                  "reason": reasons.join("; "), "evidence": evidence }))
-}
-
-/// A batch of `schema` from JSON rows (its data columns; provenance from `prov`).
-fn batch(schema: &SchemaRef, rows: &[Value], prov: &JobProvenance) -> Result<RecordBatch, ParquetOutError> {
-    let data: Vec<Field> = schema.fields().iter().take(schema.fields().len() - 7).map(|f| f.as_ref().clone()).collect();
-    let plain_fields: Vec<Field> = data.iter().map(|f| f.clone().with_data_type(plain(f.data_type()))).collect();
-    let mut decoder = arrow_json::ReaderBuilder::new(Arc::new(Schema::new(plain_fields))).build_decoder()?;
-    decoder.serialize(rows)?;
-    let decoded = decoder.flush()?;
-    let mut cols: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
-    for (i, f) in data.iter().enumerate() {
-        let c = match &decoded {
-            Some(b) if !rows.is_empty() => b.column(i).clone(),
-            _ => arrow::array::new_empty_array(f.data_type()),
-        };
-        cols.push(arrow::compute::cast(&c, f.data_type())?);
-    }
-    cols.extend(job_columns(rows.len(), prov));
-    Ok(RecordBatch::try_new(schema.clone(), cols)?)
 }
 
 /// The note rows of Parquet `bytes` as JSON objects.

@@ -11,6 +11,7 @@ pub mod lab_report;
 pub mod localize;
 pub mod note_sections;
 pub mod structured;
+pub mod summary;
 pub mod tiles;
 
 use crate::parquet_out::{ErrorRow, JobProvenance, ParquetOutError};
@@ -144,9 +145,6 @@ pub fn for_spec(loaded: Arc<LoadedPipeline>) -> Result<Arc<dyn Pipeline>, Pipeli
         Task::Tiles => Ok(Arc::new(tiles::Tiles::new(loaded))),
         Task::Embed => Ok(Arc::new(embed::Embed::new(loaded))),
         Task::Localize => Ok(Arc::new(localize::Localize::new(loaded)?)),
-        Task::Generate => Err(PipelineError::Invalid {
-            path: loaded.dir.display().to_string(),
-            reason: "task \"generate\" is not implemented".into(),
-        }),
+        Task::Generate => Ok(Arc::new(summary::Summary::new(loaded)?)),
     }
 }

@@ -130,18 +130,6 @@ fn column_type(s: &Value, at: &str) -> Result<(DataType, bool), ColumnsError> {
     Ok((dt, nullable))
 }
 
-/// The type with dictionaries replaced by their values (what the JSON decoder reads).
-pub(crate) fn plain(dt: &DataType) -> DataType {
-    match dt {
-        DataType::Dictionary(_, v) => v.as_ref().clone(),
-        DataType::List(f) => DataType::List(Arc::new(f.as_ref().clone().with_data_type(plain(f.data_type())))),
-        DataType::Struct(fs) => {
-            DataType::Struct(fs.iter().map(|f| f.as_ref().clone().with_data_type(plain(f.data_type()))).collect())
-        }
-        other => other.clone(),
-    }
-}
-
 /// Checks at pipeline load that a `structured` pipeline's schema maps to columns.
 pub fn check_pipeline(schema: &Value, output: &OutputSpec) -> Result<(), ColumnsError> {
     let row = row_schema(schema, output)?;
@@ -415,7 +403,8 @@ pub fn records_batch(
     let n = records.len();
     // The schema's columns, decoded from the row objects by arrow-json (dictionaries as
     // strings, then cast).
-    let plain_fields: Vec<Field> = fields.iter().map(|f| f.clone().with_data_type(plain(f.data_type()))).collect();
+    let plain_fields: Vec<Field> =
+        fields.iter().map(|f| f.clone().with_data_type(crate::parquet_out::plain_type(f.data_type()))).collect();
     let mut decoder = arrow_json::ReaderBuilder::new(Arc::new(Schema::new(plain_fields))).build_decoder()?;
     let values: Vec<&Value> = records.iter().map(|r| &r.value).collect();
     decoder.serialize(&values)?;
