@@ -8,10 +8,7 @@ use crate::{model_path, progress::Progress};
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
 use medbatch_connectors::inputs::InputSource;
-use medbatch_coordinator::{
-    current_view, follow_and_commit, plan_run, publish_pending, run_progress, skip_committed, FollowConfig, Followed,
-    PlanConfig,
-};
+use medbatch_coordinator::{follow_and_commit, publish_pending, run_progress, FollowConfig, Followed, PlanConfig};
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{ModelRef, RunId, NO_MODEL};
 use medbatch_worker::pipeline::LoadedPipeline;
@@ -163,13 +160,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         source: InputSource::with_s3(args.broker.s3_endpoint.clone()),
         imaging: pipeline.spec.imaging.clone(),
     };
-    let planning = Instant::now();
-    let mut plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
-    if args.incremental {
-        let view = current_view(store.as_ref(), &plan.pipeline, &plan.model, Some(&run_id)).await?;
-        skip_committed(&mut plan, &view);
-    }
-    let planning_s = planning.elapsed().as_secs_f64();
+    let (plan, planning_s) = crate::embedded::plan(cfg, store.as_ref(), args.incremental).await?;
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;

@@ -62,6 +62,23 @@ pub fn new_run_id() -> String {
     format!("run-{}-{:04x}", now.format("%Y%m%dT%H%M%SZ"), now.timestamp_subsec_micros() & 0xffff)
 }
 
+/// Plans a run (reading the inputs on a blocking thread); `incremental`: over the current view
+/// of the committed inputs, the run's own earlier commit left out. Returns the plan and the
+/// seconds planning took.
+pub async fn plan(
+    cfg: PlanConfig,
+    store: &dyn medbatch_connectors::store::ObjectStore,
+    incremental: bool,
+) -> anyhow::Result<(medbatch_coordinator::PlannedRun, f64)> {
+    let started = Instant::now();
+    let mut plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
+    if incremental {
+        let view = current_view(store, &plan.pipeline, &plan.model, Some(&plan.run_id)).await?;
+        skip_committed(&mut plan, &view);
+    }
+    Ok((plan, started.elapsed().as_secs_f64()))
+}
+
 pub fn main(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = crate::runtime()?;
     rt.block_on(run(args))
@@ -105,13 +122,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         source: source.clone(),
         imaging: pipeline.spec.imaging.clone(),
     };
-    let planning = Instant::now();
-    let mut plan = tokio::task::spawn_blocking(move || plan_run(&cfg)).await??;
-    if args.incremental {
-        let view = current_view(store.as_ref(), &plan.pipeline, &plan.model, Some(&run_id)).await?;
-        skip_committed(&mut plan, &view);
-    }
-    let planning_s = planning.elapsed().as_secs_f64();
+    let (plan, planning_s) = crate::embedded::plan(cfg, store.as_ref(), args.incremental).await?;
     let queue = InProcessQueue::new();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
     queue.close();

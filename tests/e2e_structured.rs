@@ -21,6 +21,26 @@ fn run(dir: &Path, pipeline: &str, inputs: &[&str], run_id: &str) -> PathBuf {
     out
 }
 
+/// A copy of the shipped pipeline `name` in `dir` whose spec has each `(from, to)` replaced
+/// and whose answer schema `shorten` edits (answers sized for the small model); returns its
+/// folder and the edited schema's path.
+fn shortened_pipeline(dir: &Path, name: &str, spec: &[(&str, &str)], shorten: impl Fn(&mut Value)) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir(&p).unwrap();
+    let src = repo_root().join("pipelines").join(name);
+    std::fs::copy(src.join("prompt.j2"), p.join("prompt.j2")).unwrap();
+    let mut toml = std::fs::read_to_string(src.join("pipeline.toml")).unwrap();
+    for (from, to) in spec {
+        assert!(toml.contains(from), "{name}: no {from:?} in its spec");
+        toml = toml.replace(from, to);
+    }
+    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
+    let mut schema: Value = serde_json::from_slice(&std::fs::read(src.join("schema.json")).unwrap()).unwrap();
+    shorten(&mut schema);
+    std::fs::write(p.join("schema.json"), serde_json::to_vec_pretty(&schema).unwrap()).unwrap();
+    p
+}
+
 /// The independent check (tests/support/check_structured.py) of a table.
 fn check(table: &Path, schema: &Path, items: &str, evidence: &str, docs: &[(String, String)]) -> Value {
     let docs_file = table.parent().unwrap().join("docs.json");
@@ -180,19 +200,6 @@ fn per_document_rows_have_a_column_of_each_schema_type() {
 #[test]
 fn cohort_facts_one_row_per_note_with_patient_date_and_located_evidence() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("cohort-facts");
-    std::fs::create_dir(&p).unwrap();
-    let src = repo_root().join("pipelines/cohort-facts");
-    for f in ["pipeline.toml", "prompt.j2"] {
-        std::fs::copy(src.join(f), p.join(f)).unwrap();
-    }
-    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
-    let toml = toml.replace("max_new_tokens = 3072", "max_new_tokens = 700").replace(
-        "date_pattern = \"([0-9]{4}-[0-9]{2}-[0-9]{2})\"",
-        "date_pattern = \"([0-9]{4}-[0-9]{2}-[0-9]{2})\"\npatient_pattern = \"^([^_]+)_\"",
-    );
-    std::fs::write(p.join("pipeline.toml"), toml).unwrap();
-    let mut schema: Value = serde_json::from_slice(&std::fs::read(src.join("schema.json")).unwrap()).unwrap();
     fn shorten(v: &mut Value) {
         match v {
             Value::Object(m) => {
@@ -210,8 +217,10 @@ fn cohort_facts_one_row_per_note_with_patient_date_and_located_evidence() {
             _ => {}
         }
     }
-    shorten(&mut schema);
-    std::fs::write(p.join("schema.json"), serde_json::to_vec_pretty(&schema).unwrap()).unwrap();
+    let date = "date_pattern = \"([0-9]{4}-[0-9]{2}-[0-9]{2})\"";
+    let with_patient = format!("{date}\npatient_pattern = \"^([^_]+)_\"");
+    let spec = [("max_new_tokens = 3072", "max_new_tokens = 700"), (date, with_patient.as_str())];
+    let p = shortened_pipeline(dir.path(), "cohort-facts", &spec, shorten);
 
     let notes = repo_root().join("pipelines/cohort-facts/eval/dev/notes");
     let note = |n: &str| std::fs::read_to_string(notes.join(format!("{n}.txt"))).unwrap();
@@ -446,19 +455,13 @@ print(json.dumps({"notes": len(notes), "patients": len(patients), "members": len
 #[test]
 fn note_summaries_cite_the_words_of_their_note() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("note-summary");
-    std::fs::create_dir(&p).unwrap();
-    let src = repo_root().join("pipelines/note-summary");
-    for f in ["pipeline.toml", "prompt.j2"] {
-        std::fs::copy(src.join(f), p.join(f)).unwrap();
-    }
-    let toml = std::fs::read_to_string(p.join("pipeline.toml")).unwrap();
-    std::fs::write(p.join("pipeline.toml"), toml.replace("max_new_tokens = 1536", "max_new_tokens = 400")).unwrap();
-    let mut schema: Value = serde_json::from_slice(&std::fs::read(src.join("schema.json")).unwrap()).unwrap();
-    schema["properties"]["sentences"]["maxItems"] = json!(2);
-    schema["properties"]["sentences"]["items"]["properties"]["text"]["maxLength"] = json!(80);
-    schema["properties"]["sentences"]["items"]["properties"]["evidence"]["maxItems"] = json!(2);
-    std::fs::write(p.join("schema.json"), serde_json::to_vec_pretty(&schema).unwrap()).unwrap();
+    let spec = [("max_new_tokens = 1536", "max_new_tokens = 400")];
+    let p = shortened_pipeline(dir.path(), "note-summary", &spec, |schema| {
+        let sentences = &mut schema["properties"]["sentences"];
+        sentences["maxItems"] = json!(2);
+        sentences["items"]["properties"]["text"]["maxLength"] = json!(80);
+        sentences["items"]["properties"]["evidence"]["maxItems"] = json!(2);
+    });
     let notes = example_notes();
     let jsonl: String = notes
         .iter()
