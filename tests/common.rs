@@ -62,6 +62,14 @@ pub fn text(b: &[u8]) -> String {
 }
 
 /// A Python with pyarrow (`MEDBATCH_PYTHON`, set by `infra/test.sh`); fails when missing.
+/// Runs an independent check in Python (`python -c SCRIPT ARGS…`) and returns what it
+/// printed, as JSON; its error output fails the test.
+pub fn python_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(python()).arg("-c").arg(script).args(args).output().expect("run python");
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("the check prints JSON")
+}
+
 pub fn python() -> String {
     let py = std::env::var("MEDBATCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let ok = Command::new(&py).args(["-c", "import pyarrow"]).status().map(|s| s.success()).unwrap_or(false);

@@ -367,10 +367,8 @@ fn cohort_facts_sections_mode_and_the_patient_tables() {
     let out = run(dir.path(), "cohort-facts-sections", &[input.to_str().unwrap()], "sections");
     let texts: serde_json::Map<String, Value> =
         records.iter().map(|(id, _, _, t)| (id.to_string(), Value::String(t.clone()))).collect();
-    let o = std::process::Command::new(python())
-        .arg("-c")
-        .arg(
-            r#"
+    let counts = python_json(
+        r#"
 import json, sys, glob, pyarrow.parquet as pq
 out, texts = sys.argv[1], json.loads(sys.argv[2])
 def rows(table):
@@ -424,13 +422,8 @@ assert members == sorted(want_members), (members, want_members)
 print(json.dumps({"notes": len(notes), "patients": len(patients), "members": len(members), "spans": spans,
                   "medications": sum(len(r["current_medications"]) for r in notes), "diagnoses": sum(len(r["diagnoses"]) for r in notes)}))
 "#,
-        )
-        .arg(&out)
-        .arg(serde_json::to_string(&texts).unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let counts: Value = serde_json::from_slice(&o.stdout).unwrap();
+        &[out.to_str().unwrap(), &serde_json::to_string(&texts).unwrap()],
+    );
     eprintln!("section mode: {counts}");
     assert_eq!((counts["notes"].as_u64(), counts["patients"].as_u64()), (Some(3), Some(2)), "{counts}");
     let manifest_path = out.join("_runs/sections/manifest.json");
@@ -473,10 +466,8 @@ fn note_summaries_cite_the_words_of_their_note() {
     let out = run(dir.path(), p.to_str().unwrap(), &[input.to_str().unwrap()], "summary");
     let texts: serde_json::Map<String, Value> =
         notes.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-    let o = std::process::Command::new(python())
-        .arg("-c")
-        .arg(
-            r#"
+    let got = python_json(
+        r#"
 import json, sys, glob, pyarrow.parquet as pq
 out, texts = sys.argv[1], json.loads(sys.argv[2])
 rows = [r for f in glob.glob(out + "/note_summaries/**/*.parquet", recursive=True) for r in pq.ParquetFile(f).read().to_pylist()]
@@ -502,13 +493,8 @@ for r in rows:
     assert r["unsupported_sentences"] == unsupported
 print(json.dumps({"rows": len(rows), "quotes": quotes, "unsupported": sum(r["unsupported_sentences"] for r in rows)}))
 "#,
-        )
-        .arg(&out)
-        .arg(serde_json::to_string(&texts).unwrap())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let got: Value = serde_json::from_slice(&o.stdout).unwrap();
+        &[out.to_str().unwrap(), &serde_json::to_string(&texts).unwrap()],
+    );
     eprintln!("summaries: {got}");
     assert_eq!(got["rows"].as_u64(), Some(notes.len() as u64), "{got}");
     // Decoded under the grammar every quote is copied from the note: nothing unsupported.

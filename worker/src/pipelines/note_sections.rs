@@ -342,14 +342,15 @@ pub fn value_of(text: &str, kind: Kind) -> Option<f64> {
 
 /// Offsets and alignment of a field resting on characters `a..b` of the note.
 fn offsets(prefix: &str, at: Option<(usize, usize)>) -> [(String, Value); 3] {
-    let names = ["evidence_start", "evidence_end", "alignment"].map(|n| format!("{prefix}{n}"));
-    let values = match at {
-        Some((a, b)) => [json!(a), json!(b), json!("exact")],
-        None => [Value::Null, Value::Null, Value::Null],
+    let (start, end, alignment) = match at {
+        Some((a, b)) => (json!(a), json!(b), json!("exact")),
+        None => (Value::Null, Value::Null, Value::Null),
     };
-    let [n0, n1, n2] = names;
-    let [v0, v1, v2] = values;
-    [(n0, v0), (n1, v1), (n2, v2)]
+    [
+        (format!("{prefix}evidence_start"), start),
+        (format!("{prefix}evidence_end"), end),
+        (format!("{prefix}alignment"), alignment),
+    ]
 }
 
 /// Diagnoses and medications copied as a list ("HTN, T2DM"), each item a mention of its
