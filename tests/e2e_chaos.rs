@@ -210,16 +210,22 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
 
     let mut workers: Vec<Worker> = (0..3).map(|_| Worker::spawn(&namespace, &model, &pipelines)).collect();
     let mut retired: Vec<Worker> = Vec::new();
-    let start_submit = || {
-        Command::new(env!("CARGO_BIN_EXE_medbatch"))
+    // Each submitter writes to files (a pipe nobody reads while it runs could fill and block it).
+    let logs = tempfile::tempdir().unwrap();
+    let mut submits = 0;
+    let mut start_submit = || {
+        submits += 1;
+        let (o, e) = (logs.path().join(format!("submit-{submits}.out")), logs.path().join(format!("submit-{submits}.err")));
+        let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
             .args(["submit", pipe.to_str().unwrap(), inputs.to_str().unwrap(), "--out", &out])
             .args(["--model", model.to_str().unwrap(), "--run-id", "chaos"])
             .current_dir(repo_root())
             .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(std::fs::File::create(&o).unwrap())
+            .stderr(std::fs::File::create(&e).unwrap())
             .spawn()
-            .unwrap()
+            .unwrap();
+        (child, o, e)
     };
     let mut submit = start_submit();
 
@@ -256,8 +262,8 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
             _ => {
                 // The submitter killed and started again with the same run id: it plans the
                 // same jobs and publishes only those without a marker.
-                submit.kill().unwrap();
-                submit.wait().unwrap();
+                submit.0.kill().unwrap();
+                submit.0.wait().unwrap();
                 submit = start_submit();
             }
         }
@@ -268,10 +274,26 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
         assert!(!held.is_empty(), "a worker was killed holding no job");
     }
 
-    let submitted = submit.wait_with_output().unwrap();
-    let stdout = text(&submitted.stdout);
-    let stderr = text(&submitted.stderr);
-    assert!(submitted.status.success(), "{stdout}\n{stderr}");
+    // The submitter commits and ends; one still following after ten minutes is a failure, with
+    // what it said.
+    let (mut child, o, e) = submit;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let err = std::fs::read_to_string(&e).unwrap_or_default();
+            let tail: Vec<&str> = err.lines().rev().take(40).collect();
+            panic!("submit did not end within 10 minutes of the chaos; its last lines (newest first): {tail:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = std::fs::read_to_string(&o).unwrap();
+    let stderr = std::fs::read_to_string(&e).unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains(&format!("{DOCS}/{DOCS} done")), "{stdout}");
     // "N input files, N jobs (P published in T s, D already done)": some were done already.
     let published =

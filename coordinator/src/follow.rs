@@ -26,7 +26,10 @@ pub struct FollowConfig {
     /// Dead-lettered messages looked at each time (of every run).
     pub dead_letter_scan: usize,
     /// Consecutive failed reads of the output waited out (one poll apart) before giving up:
-    /// a storage hiccup does not end following, a store unreachable for minutes does.
+    /// a storage hiccup does not end following, a store unreachable for minutes does. Failed
+    /// commits (every marker listed, the commit failing or finding a marker unreadable) are
+    /// counted on their own, and a successful listing does not reset them: a commit that
+    /// fails the same way every time ends following with its reason instead of retrying forever.
     pub store_failures_tolerated: u32,
 }
 
@@ -68,6 +71,7 @@ pub async fn follow_and_commit(
         plan.jobs.iter().map(|j| (done_key(&j.run_id, &j.job_id), j.job_id.as_str())).collect();
     let planned = plan.jobs.len() as u64;
     let mut store_failures = 0u32;
+    let mut commit_failures = 0u32;
     let mut polls = 0u64;
     loop {
         let listed = match store.list(&done_prefix(&plan.run_id)).await {
@@ -90,11 +94,26 @@ pub async fn follow_and_commit(
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             match commit_run(plan, store, &now, stage).await {
                 Ok(Some(m)) => return Ok(Followed::Committed(Box::new(m))),
-                // A marker listed but not yet readable: look again.
-                Ok(None) => {}
-                Err(e) if store_failures < cfg.store_failures_tolerated => {
-                    store_failures += 1;
-                    tracing::warn!(error = %e, "committing the run failed; trying again");
+                // A marker listed but not yet readable: look again, a bounded number of times.
+                Ok(None) if commit_failures < cfg.store_failures_tolerated => {
+                    commit_failures += 1;
+                    tracing::warn!(
+                        attempt = commit_failures,
+                        "every completion marker is listed but not every one could be read; trying again"
+                    );
+                }
+                Ok(None) => {
+                    return Err(CoordinatorError::Stalled {
+                        run_id: plan.run_id.to_string(),
+                        reason: format!(
+                            "every completion marker is listed, but {} reads in a row found one missing",
+                            commit_failures + 1
+                        ),
+                    })
+                }
+                Err(e) if commit_failures < cfg.store_failures_tolerated => {
+                    commit_failures += 1;
+                    tracing::warn!(error = %e, attempt = commit_failures, "committing the run failed; trying again");
                 }
                 Err(e) => return Err(e),
             }
@@ -191,6 +210,24 @@ mod tests {
         assert_eq!((m.jobs, m.run_id.as_str()), (plan.jobs.len() as u64, "r1"));
         assert!(store.exists(&medbatch_schemas::tables::success_key(&plan.run_id)).await.unwrap());
         assert!(seen.windows(2).all(|w| w[0] <= w[1]) && seen.last() == Some(&(plan.jobs.len() as u64)), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_commit_failing_every_time_ends_following_with_its_reason() {
+        let (d, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let store = LocalStore::create(out.path()).unwrap();
+        let plan = plan(d.path(), "r3");
+        let queue = InProcessQueue::new();
+        for i in 1..plan.jobs.len() {
+            finish(&store, &plan, i).await;
+        }
+        // The first job's marker is there (listed) but is not a completion: every commit fails.
+        let bad = done_key(&plan.run_id, &plan.jobs[0].job_id);
+        store.put(&bad, bytes::Bytes::from_static(b"not json")).await.unwrap();
+        let cfg = FollowConfig { poll: Duration::from_millis(1), store_failures_tolerated: 3, ..fast() };
+        let err = follow_and_commit(&plan, &store, &queue, &cfg, &mut |_| {}, None).await.unwrap_err();
+        assert!(matches!(&err, CoordinatorError::Corrupt { key, .. } if *key == bad), "{err}");
+        assert!(!store.exists(&medbatch_schemas::tables::manifest_key(&plan.run_id)).await.unwrap());
     }
 
     #[tokio::test]

@@ -38,4 +38,7 @@ pub enum CoordinatorError {
     Stage { run_id: String, reason: String },
     #[error("corrupt run metadata {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// Following could not commit a run whose jobs are all marked done.
+    #[error("run {run_id} could not be committed: {reason}")]
+    Stalled { run_id: String, reason: String },
 }
