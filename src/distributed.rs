@@ -181,8 +181,8 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     }
     // Follow the completion markers; workers may be anywhere.
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
-    let stage = medbatch_worker::patients::PatientStage::new(&pipeline)?;
-    let stage_ref = stage.as_ref().map(|s| s as &dyn medbatch_coordinator::RunStage);
+    let stage = medbatch_worker::patients::stage(&pipeline)?;
+    let stage_ref = stage.as_deref();
     let cfg = FollowConfig::default();
     let followed =
         follow_and_commit(&plan, store.as_ref(), &queue, &cfg, &mut |done| bar.set(done, 0), stage_ref).await?;

@@ -178,8 +178,8 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     progress.finish();
 
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let stage = medbatch_worker::patients::PatientStage::new(pipeline)?;
-    let stage_ref = stage.as_ref().map(|s| s as &dyn medbatch_coordinator::RunStage);
+    let stage = medbatch_worker::patients::stage(pipeline)?;
+    let stage_ref = stage.as_deref();
     if stage.is_some() && failures.is_empty() {
         eprintln!("medbatch: run {run_id}: gathering the notes by patient");
     }

@@ -446,7 +446,7 @@ print(json.dumps({"notes": len(notes), "patients": len(patients), "members": len
 /// `unsupported_sentences` counting the others; the summary is the sentences joined.
 /// Answers are shortened for the small model (two sentences of 80 characters, two quotes).
 #[test]
-fn note_summaries_cite_the_words_of_their_note() {
+fn note_summaries_cite_their_note_and_patient_digests_the_summaries() {
     let dir = tempfile::tempdir().unwrap();
     let spec = [("max_new_tokens = 1536", "max_new_tokens = 400")];
     let p = shortened_pipeline(dir.path(), "note-summary", &spec, |schema| {
@@ -463,7 +463,28 @@ fn note_summaries_cite_the_words_of_their_note() {
         .collect();
     let input = dir.path().join("notes.jsonl");
     std::fs::write(&input, jsonl).unwrap();
-    let out = run(dir.path(), p.to_str().unwrap(), &[input.to_str().unwrap()], "summary");
+    // The reduce per patient: the commit gathers each patient's sentences (patient_notes);
+    // patient-digest reads that table as Parquet records. Both run as the nightly script
+    // chains them.
+    let digest = short_digest(dir.path(), None);
+    let out = dir.path().join("out");
+    let o = std::process::Command::new("bash")
+        .arg(repo_root().join("infra/nightly/nightly.sh"))
+        .current_dir(repo_root())
+        .env("MEDBATCH_BIN", env!("CARGO_BIN_EXE_medbatch"))
+        .env("MEDBATCH_PIPELINE", &p)
+        .env("MEDBATCH_DIGEST", &digest)
+        .env("MEDBATCH_INPUTS", &input)
+        .env("MEDBATCH_OUT", &out)
+        .env("MEDBATCH_MODEL", demo_model())
+        .env("MEDBATCH_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\n{}", text(&o.stdout), text(&o.stderr));
+    let mut runs: Vec<String> =
+        std::fs::read_dir(out.join("_runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    runs.sort();
+    assert!(runs.len() == 2 && runs[1] == format!("{}-digest", runs[0]), "{runs:?}");
     let texts: serde_json::Map<String, Value> =
         notes.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
     let got = python_json(
@@ -499,4 +520,133 @@ print(json.dumps({"rows": len(rows), "quotes": quotes, "unsupported": sum(r["uns
     assert_eq!(got["rows"].as_u64(), Some(notes.len() as u64), "{got}");
     // Decoded under the grammar every quote is copied from the note: nothing unsupported.
     assert_eq!(got["unsupported"], 0, "{got}");
+
+    let got = python_json(
+        r#"
+import json, re, sys, glob, pyarrow.parquet as pq
+summaries, digests = sys.argv[1], sys.argv[2]
+read = lambda d, t: [r for f in glob.glob(f"{d}/{t}/**/*.parquet", recursive=True) for r in pq.ParquetFile(f).read().to_pylist()]
+notes = {r["patient_id"]: r for r in read(summaries, "patient_notes")}
+by_patient = {}
+for r in read(summaries, "note_summaries"):
+    by_patient.setdefault(r["patient_id"], []).append(r)
+# Each patient's text: a heading per note (date order, undated last) and its supported sentences.
+for p, rows in by_patient.items():
+    rows.sort(key=lambda r: (r["note_date"] is None, r["note_date"] or "", r["document_id"]))
+    said = lambda r: [" ".join(s["text"].split()) for s in r["sentences"] if s["supported"] and s["text"].strip()]
+    kept = [r for r in rows if said(r)]
+    blocks = ["Note %s (%s):\n" % (r["document_id"], r["note_date"] or "undated") + "\n".join("- " + t for t in said(r)) for r in kept]
+    assert notes[p]["text"] == "\n\n".join(blocks), (notes[p]["text"], blocks)
+    assert notes[p]["document_ids"] == [r["document_id"] for r in kept]
+    assert notes[p]["notes_left_out"] == len(rows) - len(kept)
+quotes, levels = 0, {}
+for r in read(digests, "patient_digests"):
+    t = notes[r["patient_id"]]["text"]
+    assert r["document_id"] == r["patient_id"]
+    levels[r["patient_id"]] = r["levels"]
+    heads = [(m.start(), m.group(1)) for m in re.finditer(r"^Note (\S+) \(", t, re.M)]
+    for s in r["sentences"]:
+        assert s["supported"] == any(e["alignment"] != "none" for e in s["evidence"]), s
+        sources = []
+        for e in s["evidence"]:
+            if e["alignment"] == "none":
+                continue
+            quotes += 1
+            assert 0 <= e["evidence_start"] < e["evidence_end"] <= len(t)
+            if e["alignment"] == "exact":
+                assert t[e["evidence_start"]:e["evidence_end"]] == e["quote"].strip(), (e, t)
+            src = [n for at, n in heads if at <= e["evidence_start"]][-1]
+            if src not in sources:
+                sources.append(src)
+        assert s["sources"] == sources, (s, sources)
+        assert set(sources) <= set(notes[r["patient_id"]]["document_ids"])
+errors = [r["reason"] for r in read(digests, "_errors")]
+print(json.dumps({"patients": len(notes), "digests": len(levels), "levels": levels, "quotes": quotes, "errors": errors}))
+"#,
+        &[out.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    eprintln!("digests: {got}");
+    assert_eq!(got["errors"], json!([]), "{got}");
+    assert_eq!(got["digests"], got["patients"], "a digest per patient: {got}");
+}
+
+/// patient-digest answers sized for the small model: one short sentence per prompt (so each
+/// round shortens the text: a piece holds at least two lines of the round before, and the
+/// rounds end), and optionally a smaller prompt budget.
+fn short_digest(dir: &Path, chunk_tokens: Option<usize>) -> PathBuf {
+    let budget = chunk_tokens.map(|n| format!("chunk_tokens = {n}")).unwrap_or("chunk_tokens = 6000".into());
+    let spec = [("max_new_tokens = 1536", "max_new_tokens = 200"), ("chunk_tokens = 6000", budget.as_str())];
+    shortened_pipeline(dir, "patient-digest", &spec, |schema| {
+        let sentences = &mut schema["properties"]["sentences"];
+        sentences["maxItems"] = json!(1);
+        sentences["items"]["properties"]["text"]["maxLength"] = json!(40);
+        sentences["items"]["properties"]["evidence"]["maxItems"] = json!(2);
+    })
+}
+
+/// A patient's day too long for one prompt is digested in rounds, and every sentence's
+/// evidence still lies in the patient's text, within the notes it names. The input is a
+/// Parquet table written by pyarrow (snappy, as pyarrow writes by default) with invented
+/// summaries: one patient with five notes, one with one.
+#[test]
+fn patient_digests_reduce_a_long_day_in_rounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("patient_notes.parquet");
+    let written = python_json(
+        r#"
+import json, sys, pyarrow as pa, pyarrow.parquet as pq
+days = {
+  "P-7": [("n1", "2026-12-07", ["Seen in the emergency department for chest pain since this morning.",
+                                "Troponin was normal twice and the ECG showed no ischaemia."]),
+          ("n2", "2026-12-07", ["Admitted to the ward for observation overnight.",
+                                "Aspirin 75 mg daily was started."]),
+          ("n3", "2026-12-07", ["Physiotherapy found him walking safely with a stick."]),
+          ("n4", "2026-12-07", ["Pharmacy review stopped ibuprofen because of reflux.",
+                                "Omeprazole 20 mg daily was added."]),
+          ("n5", "2026-12-07", ["Discharged home with a stress test booked in two weeks."])],
+  "P-9": [("m1", "2026-12-07", ["Telephone call: the rash is better on the new cream."])],
+}
+rows = []
+for p, notes in days.items():
+    text = "\n\n".join("Note %s (%s):\n" % (n, d) + "\n".join("- " + s for s in ss) for n, d, ss in notes)
+    rows.append({"patient_id": p, "notes": len(notes), "document_ids": [n for n, _, _ in notes],
+                 "last_note_date": "2026-12-07", "text": text})
+pq.write_table(pa.Table.from_pylist(rows), sys.argv[1])
+print(json.dumps({r["patient_id"]: r["text"] for r in rows}))
+"#,
+        &[table.to_str().unwrap()],
+    );
+    let digest = short_digest(dir.path(), Some(48));
+    let out = run(dir.path(), digest.to_str().unwrap(), &[table.to_str().unwrap()], "rounds");
+    let got = python_json(
+        r#"
+import json, re, sys, glob, pyarrow.parquet as pq
+out, texts = sys.argv[1], json.loads(sys.argv[2])
+read = lambda t: [r for f in glob.glob(f"{out}/{t}/**/*.parquet", recursive=True) for r in pq.ParquetFile(f).read().to_pylist()]
+levels, quotes = {}, 0
+for r in read("patient_digests"):
+    t = texts[r["patient_id"]]
+    levels[r["patient_id"]] = r["levels"]
+    heads = [(m.start(), m.group(1)) for m in re.finditer(r"^Note (\S+) \(", t, re.M)]
+    for s in r["sentences"]:
+        assert s["supported"] == any(e["alignment"] != "none" for e in s["evidence"]), s
+        sources = []
+        for e in s["evidence"]:
+            if e["alignment"] == "none":
+                continue
+            quotes += 1
+            assert 0 <= e["evidence_start"] < e["evidence_end"] <= len(t)
+            if e["alignment"] == "exact":
+                assert t[e["evidence_start"]:e["evidence_end"]] == e["quote"].strip(), (e, t)
+            src = [n for at, n in heads if at <= e["evidence_start"]][-1]
+            sources.append(src) if src not in sources else None
+        assert s["sources"] == sources, (s, sources)
+print(json.dumps({"levels": levels, "quotes": quotes, "errors": [r["reason"] for r in read("_errors")]}))
+"#,
+        &[out.to_str().unwrap(), &written.to_string()],
+    );
+    eprintln!("digests in rounds: {got}");
+    assert_eq!(got["errors"], json!([]), "{got}");
+    assert!(got["levels"]["P-7"].as_u64() >= Some(2), "the five notes do not fit one prompt of 48 tokens: {got}");
+    assert!(got["quotes"].as_u64() > Some(0), "{got}");
 }

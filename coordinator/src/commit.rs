@@ -97,6 +97,9 @@ pub struct StageInput<'a> {
 /// committer that died before the manifest is followed by one that runs it again.
 #[async_trait::async_trait]
 pub trait RunStage: Send + Sync {
+    /// The tables it writes.
+    fn tables(&self) -> Vec<&str>;
+
     /// The parts written.
     async fn run(
         &self,

@@ -84,6 +84,9 @@ pub enum InputKind {
     TarGz,
     /// A zip archive (.zip).
     Zip,
+    /// An Apache Parquet file whose rows are records (.parquet): the spec's id, text, patient
+    /// and date fields are its columns (the tables of an earlier run can be read this way).
+    Parquet,
     /// A DICOM file (.dcm, .dicom; in imaging pipelines also a file without an extension
     /// that carries the DICOM marker).
     Dicom,
@@ -112,6 +115,8 @@ impl InputKind {
             Self::Jsonl
         } else if n.ends_with(".csv") {
             Self::Csv
+        } else if n.ends_with(".parquet") {
+            Self::Parquet
         } else if n.ends_with(".txt") || n.ends_with(".text") {
             Self::Text
         } else if n.ends_with(".dcm") || n.ends_with(".dicom") {
@@ -264,6 +269,7 @@ mod tests {
         assert_eq!(InputKind::from_name("x.tgz"), InputKind::TarGz);
         assert_eq!(InputKind::from_name("x.zip"), InputKind::Zip);
         assert_eq!(InputKind::from_name("x.jsonl"), InputKind::Jsonl);
+        assert_eq!(InputKind::from_name("part-0.PARQUET"), InputKind::Parquet);
         assert_eq!(InputKind::from_name("x.csv"), InputKind::Csv);
         assert_eq!(InputKind::from_name("x.pdf"), InputKind::Unsupported);
     }

@@ -132,6 +132,25 @@ pub struct PipelineSpec {
     /// run's jobs are all done (`patient_facts`, `cohort_members`).
     #[serde(default)]
     pub patients: Option<PatientsSpec>,
+    /// Per-document generate pipelines with a patient: the stage run once a run's jobs are
+    /// all done that gathers each patient's supported summary sentences of the run into one
+    /// row (the input of a per-patient digest).
+    #[serde(default)]
+    pub patient_notes: Option<PatientNotesSpec>,
+}
+
+/// The table of each patient's summary sentences of one run: a row per patient, its text
+/// the patient's notes in date order, each a heading line `Note <id> (<date>):` and its
+/// supported sentences.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatientNotesSpec {
+    #[serde(default = "default_patient_notes_table")]
+    pub table: String,
+}
+
+fn default_patient_notes_table() -> String {
+    "patient_notes".into()
 }
 
 /// The patient-level stage: the run's rows grouped by patient into one row each (the
@@ -515,6 +534,17 @@ pub struct ExtractionSpec {
     /// value`: a medication stopped or only recommended, a smoker who quit, a diabetes type).
     #[serde(default)]
     pub status: Option<String>,
+    /// Generate pipelines: a document over `chunk_tokens` is not an error but summarized in
+    /// pieces of whole paragraphs (then lines), and the pieces' sentences summarized again
+    /// until one prompt holds them (map, then reduce); each final sentence's evidence is the
+    /// quotes of the document its reduced sentences rest on.
+    #[serde(default)]
+    pub reduce: bool,
+    /// Generate pipelines: a regular expression matching the heading line of each block of
+    /// the document (e.g. `^Note (\S+) `); every sentence then lists, in `sources`, the
+    /// first capture group of the headings above its evidence.
+    #[serde(default)]
+    pub source_heading: Option<String>,
 }
 
 impl Default for ExtractionSpec {
@@ -529,6 +559,8 @@ impl Default for ExtractionSpec {
             sections: None,
             context: None,
             status: None,
+            reduce: false,
+            source_heading: None,
         }
     }
 }
@@ -666,7 +698,25 @@ impl PipelineSpec {
                 }
             }
         }
+        if let Some(p) = &self.patient_notes {
+            let generate = self.task == Task::Generate && self.output.rows == RowMode::PerDocument;
+            let patient = self.input.patient_field.is_some() || self.input.patient_pattern.is_some();
+            if !generate || !patient {
+                return Err(SpecError::Invalid(
+                    "[patient_notes] goes with a generate pipeline, one row per document, whose input names a patient (input.patient_field or patient_pattern)".into(),
+                ));
+            }
+            if !seg_ok(&p.table) || p.table.starts_with('_') || p.table == self.output.table {
+                return Err(SpecError::Invalid(format!(
+                    "patient_notes: table {:?} must be letters, digits, '_' or '-', not start with '_', and differ from output.table",
+                    p.table
+                )));
+            }
+        }
         let x = &self.extraction;
+        if (x.reduce || x.source_heading.is_some()) && self.task != Task::Generate {
+            return Err(SpecError::Invalid("extraction.reduce and source_heading go with task = \"generate\"".into()));
+        }
         let section_files = [&x.sections, &x.context, &x.status];
         if x.unit == ExtractionUnit::Section {
             if self.task != Task::Structured || self.output.rows != RowMode::PerDocument {

@@ -92,6 +92,11 @@ pub fn read_documents(
     }
     match input.kind {
         InputKind::Text => r.read_text_file(reader),
+        InputKind::Parquet => {
+            if let Err(detail) = medbatch_formats::guard::guarded("parquet", || r.read_parquet(reader)) {
+                r.fail(&top, None, InputErrorKind::Unreadable, detail);
+            }
+        }
         InputKind::Jsonl | InputKind::Csv => {
             let mut buffered = BufReader::new(reader);
             let result = if input.kind == InputKind::Jsonl {
@@ -293,6 +298,114 @@ impl Reader<'_, '_> {
                 Err((kind, detail)) => self.fail(&place, None, kind, detail),
             },
         }
+    }
+
+    /// The rows of a Parquet file as records: the spec's fields are its columns (strings, or
+    /// any type Arrow casts to text — numbers, dates), read a few rows at a time. The whole
+    /// file is held in memory (the format's footer is at its end), capped as an archive's
+    /// inflated bytes are; the column chunks' declared sizes are checked against the same cap
+    /// before anything is decoded. Snappy- and zstd-compressed files are read (the defaults of
+    /// pyarrow, Spark and medbatch); another codec is an error row naming it.
+    fn read_parquet(&mut self, mut reader: Box<dyn ReadSeek>) {
+        use arrow::array::{Array, StringArray};
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        use parquet::arrow::ProjectionMask;
+        let place = Place::file(self.input);
+        let cap = self.limits.max_archive_inflated_bytes;
+        let bytes = match read_capped(&mut reader, cap) {
+            Err(e) => return self.fail(&place, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind())),
+            Ok(None) => {
+                return self.fail(&place, None, InputErrorKind::TooLarge, format!("file exceeds {cap} bytes"))
+            }
+            Ok(Some(b)) if b.is_empty() => return self.fail(&place, None, InputErrorKind::Empty, "0 bytes"),
+            Ok(Some(b)) => bytes::Bytes::from(b),
+        };
+        let builder = match ParquetRecordBatchReaderBuilder::try_new(bytes) {
+            Ok(b) => b,
+            Err(e) => return self.fail(&place, None, InputErrorKind::WrongFormat, format!("not a Parquet file: {e}")),
+        };
+        let spec = self.spec;
+        let wanted = [Some(&spec.id_field), Some(&spec.text_field), spec.patient_field.as_ref(), spec.date_field.as_ref()];
+        let schema = builder.schema().clone();
+        let index = |name: Option<&String>| name.and_then(|n| schema.fields().iter().position(|f| f.name() == n));
+        let at: Vec<Option<usize>> = wanted.iter().map(|n| index(*n)).collect();
+        for (field, i) in [(&spec.id_field, at[0]), (&spec.text_field, at[1])] {
+            if i.is_none() {
+                let detail = format!("no column {field:?}");
+                return self.fail(&place, None, InputErrorKind::MissingField, detail);
+            }
+        }
+        let mut roots: Vec<usize> = at.iter().flatten().copied().collect();
+        roots.sort_unstable();
+        roots.dedup();
+        let descr = builder.parquet_schema();
+        let leaves: Vec<usize> =
+            (0..descr.num_columns()).filter(|&j| roots.contains(&descr.get_column_root_idx(j))).collect();
+        let declared: i64 = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .flat_map(|g| leaves.iter().filter_map(move |&j| g.columns().get(j)))
+            .map(|c| c.uncompressed_size().max(0))
+            .sum();
+        if declared as u64 > cap {
+            let detail = format!("its text columns declare {declared} bytes, over the limit of {cap}");
+            return self.fail(&place, None, InputErrorKind::TooLarge, detail);
+        }
+        let mask = ProjectionMask::roots(builder.parquet_schema(), roots.iter().copied());
+        let reader = match builder.with_projection(mask).with_batch_size(64).build() {
+            Ok(r) => r,
+            Err(e) => return self.fail(&place, None, InputErrorKind::Unreadable, e.to_string()),
+        };
+        let limit = self.limits.max_document_bytes;
+        let mut row = 0u64;
+        for batch in reader {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    let detail = format!("rows after {row} could not be read: {e}");
+                    return self.fail(&place, None, InputErrorKind::Unreadable, detail);
+                }
+            };
+            let mut columns: Vec<Option<StringArray>> = Vec::with_capacity(4);
+            for name in wanted {
+                let col = name.and_then(|n| batch.column_by_name(n));
+                let text = match col.map(|c| arrow::compute::cast(c, &arrow::datatypes::DataType::Utf8)) {
+                    None => None,
+                    Some(Ok(c)) => c.as_any().downcast_ref::<StringArray>().cloned(),
+                    Some(Err(e)) => {
+                        let detail = format!("column {:?} cannot be read as text: {e}", name.unwrap());
+                        return self.fail(&place, None, InputErrorKind::WrongFormat, detail);
+                    }
+                };
+                columns.push(text);
+            }
+            let value = |c: &Option<StringArray>, i: usize| {
+                c.as_ref().filter(|c| c.is_valid(i)).map(|c| c.value(i).to_string()).filter(|v| !v.trim().is_empty())
+            };
+            for i in 0..batch.num_rows() {
+                row += 1;
+                let Some(id) = value(&columns[0], i) else {
+                    let detail = format!("row {row}: {:?} is empty", spec.id_field);
+                    self.fail(&place, Some(row.to_string()), InputErrorKind::MissingField, detail);
+                    continue;
+                };
+                let Some(text) = value(&columns[1], i) else {
+                    let detail = format!("row {row}: {:?} is empty", spec.text_field);
+                    self.fail(&place, Some(id), InputErrorKind::Empty, detail);
+                    continue;
+                };
+                if text.len() as u64 > limit {
+                    let detail = format!("row {row}: text is {} bytes, over the document limit of {limit} bytes", text.len());
+                    self.fail(&place, Some(id), InputErrorKind::TooLarge, detail);
+                    continue;
+                }
+                let fields = records::Fields { id, text, patient: value(&columns[2], i), date: value(&columns[3], i) };
+                self.doc(&place, fields);
+            }
+        }
+        // A file with a schema and no rows is an empty table (an empty night's gathered
+        // notes, say): no documents, and nothing wrong with it.
     }
 
     /// One JSON object per line. Returns only I/O errors of `r`; everything wrong with the
@@ -862,6 +975,45 @@ mod tests {
         assert_eq!((d.id.as_str(), d.source_uri.as_str()), ("n1.txt", "s3://bucket/notes/n1.txt"));
         assert_eq!(d.text, "Jane Doe has a cough.\n");
         assert_eq!(d.input_sha256, Digest::of_bytes("\u{feff}Jane Doe has a cough.\n".as_bytes()));
+    }
+
+    #[test]
+    fn input_parquet_rows_become_documents() {
+        use arrow::array::{ArrayRef, Date32Array, Int64Array, RecordBatch, StringArray};
+        let long = "x".repeat(2 << 20);
+        let cols: Vec<(&str, ArrayRef)> = vec![
+            ("id", Arc::new(StringArray::from(vec![Some("n1"), Some("n2"), None, Some("n4"), Some("n5")]))),
+            ("text", Arc::new(StringArray::from(vec![Some(SECRET), None, Some("t"), Some(long.as_str()), Some("ok")]))),
+            ("mrn", Arc::new(Int64Array::from(vec![Some(7), Some(7), Some(8), None, None]))),
+            ("seen", Arc::new(Date32Array::from(vec![Some(20_429), None, None, None, None]))),
+            ("other", Arc::new(StringArray::from(vec!["a"; 5]))),
+        ];
+        let batch = RecordBatch::try_from_iter(cols).unwrap();
+        let bytes = crate::parquet_out::to_parquet(&batch).unwrap();
+        let mut spec = spec();
+        spec.kinds.push(InputKind::Parquet);
+        (spec.patient_field, spec.date_field) = (Some("mrn".into()), Some("seen".into()));
+        let read = |uri: &str, bytes: Vec<u8>, spec: &InputSpec| {
+            read_from(&input(uri, &bytes, Selection::Whole), Box::new(Cursor::new(bytes.clone())), spec, &limits())
+        };
+        let out = read("s3://b/t/part-0.parquet", bytes.clone(), &spec);
+        assert_eq!(out.ids(), ["n1", "n5"]);
+        let d = &out.docs[0];
+        assert_eq!((d.text.as_str(), d.patient_id.as_deref(), d.date.as_deref()), (SECRET, Some("7"), Some("2025-12-07")));
+        assert_eq!(out.kinds(), [K::Empty, K::MissingField, K::TooLarge]);
+        assert_eq!(out.errors[0].record.as_deref(), Some("n2"));
+        assert_eq!(out.errors[1].record.as_deref(), Some("3"), "a row without an id is named by its number");
+        // Not Parquet; no text column; a pipeline that does not read Parquet.
+        assert_eq!(read("x.parquet", b"PAR1 not really".to_vec(), &spec).kinds(), [K::WrongFormat]);
+        spec.text_field = "body".into();
+        let missing = read("x.parquet", bytes.clone(), &spec);
+        assert_eq!((missing.kinds(), missing.errors[0].detail.as_str()), (vec![K::MissingField], "no column \"body\""));
+        assert_eq!(read("x.parquet", bytes, &self::spec()).kinds(), [K::UnsupportedKind]);
+        // A table with no rows is no documents and no error.
+        let empty = crate::parquet_out::to_parquet(&batch.slice(0, 0)).unwrap();
+        spec.text_field = "text".into();
+        let none = read("e.parquet", empty, &spec);
+        assert!(none.docs.is_empty() && none.errors.is_empty());
     }
 
     #[test]

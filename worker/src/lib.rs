@@ -17,6 +17,7 @@ pub mod input;
 pub mod job;
 pub mod model_call;
 pub mod parquet_out;
+pub mod patient_notes;
 pub mod patients;
 pub mod pipeline;
 pub mod pipelines;

@@ -71,7 +71,7 @@ fn source_fields() -> Fields {
 
 /// The provenance columns of a stage table (those of a job's rows but the input's and the
 /// token counts).
-fn provenance() -> Vec<Field> {
+pub(crate) fn provenance() -> Vec<Field> {
     medbatch_schemas::tables::provenance_fields().into_iter().skip(2).take(7).collect()
 }
 
@@ -150,11 +150,6 @@ impl PatientStage {
         members.extend(provenance());
         stage.members = Arc::new(Schema::new(members));
         Ok(Some(stage))
-    }
-
-    /// The tables the stage writes.
-    pub fn tables(&self) -> [&str; 2] {
-        [&self.spec.table, &self.spec.members_table]
     }
 
     fn fact_fields(&self) -> Vec<Field> {
@@ -437,7 +432,7 @@ fn member(row: &Value, lists: &[ListField], cohort: &str, text: &str, e: &Expr) 
 }
 
 /// The note rows of Parquet `bytes` as JSON objects.
-fn json_rows(bytes: bytes::Bytes) -> Result<Vec<Map<String, Value>>, String> {
+pub(crate) fn json_rows(bytes: bytes::Bytes) -> Result<Vec<Map<String, Value>>, String> {
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|b| b.build())
         .map_err(|e| e.to_string())?;
@@ -476,57 +471,98 @@ fn is_current(row: &Map<String, Value>, current: &BTreeMap<String, Digest>) -> b
     input.is_some_and(|d| d.as_str() == sha)
 }
 
+/// The rows of the `parts` of `table` read by a stage (sorted by key; an incremental run's
+/// rows of superseded content left out), and a tag derived from what was read (the stage's
+/// part keys carry it, so a committer running the stage again writes the same keys).
+pub(crate) async fn read_stage_rows(
+    input: &StageInput<'_>,
+    parts: Vec<&OutputPart>,
+    store: &dyn ObjectStore,
+) -> Result<(Vec<Map<String, Value>>, String), String> {
+    let mut rows = Vec::new();
+    let mut h = Sha256::new();
+    let mut parts = parts;
+    parts.sort_by(|a, b| a.key.cmp(&b.key));
+    for p in parts {
+        let bytes = store.get(&p.key).await.map_err(|e| e.to_string())?.ok_or(format!("part {} is missing", p.key))?;
+        h.update(p.key.as_bytes());
+        h.update(p.sha256.to_string().as_bytes());
+        let read = json_rows(bytes).map_err(|e| format!("part {}: {e}", p.key))?;
+        rows.extend(read.into_iter().filter(|r| input.current.as_ref().is_none_or(|c| is_current(r, c))));
+    }
+    if let Some(c) = &input.current {
+        for (uri, d) in c {
+            h.update(uri.as_bytes());
+            h.update(d.as_str().as_bytes());
+        }
+    }
+    Ok((rows, hex::encode(h.finalize())[..16].to_string()))
+}
+
+/// The provenance of a stage's rows: the pipeline and model of the rows read, the time of the
+/// run's last job.
+pub(crate) fn stage_provenance(first: Option<&Map<String, Value>>, input: &StageInput<'_>) -> JobProvenance {
+    let text = |k: &str| first.and_then(|r| r.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
+    let generated_at_us =
+        chrono::DateTime::parse_from_rfc3339(input.finished_at).map(|t| t.timestamp_micros()).unwrap_or(0);
+    JobProvenance {
+        job_id: "patients".into(),
+        run_id: input.run_id.to_string(),
+        pipeline: text("pipeline"),
+        pipeline_digest: text("pipeline_digest"),
+        model_id: text("model_id"),
+        model_digest: text("model_digest"),
+        generated_at_us,
+    }
+}
+
+/// Writes a stage's `batch` of `table` as the run's part `part-patients-<tag>.parquet`.
+pub(crate) async fn put_stage_part(
+    store: &dyn ObjectStore,
+    table: &str,
+    input: &StageInput<'_>,
+    tag: &str,
+    batch: &RecordBatch,
+) -> Result<OutputPart, String> {
+    let bytes = to_parquet(batch).map_err(|e| e.to_string())?;
+    let prefix = medbatch_schemas::tables::run_table_prefix(table, input.run_id);
+    let key = format!("{prefix}part-patients-{tag}.parquet");
+    let sha256 = Digest::of_bytes(&bytes);
+    let n = bytes.len() as u64;
+    store.put(&key, bytes.into()).await.map_err(|e| e.to_string())?;
+    Ok(OutputPart { table: table.to_string(), key, rows: batch.num_rows() as u64, bytes: n, sha256 })
+}
+
+/// The stage a pipeline runs at commit, if any: the patient facts and cohorts of a
+/// structured pipeline's `[patients]`, or the gathered summaries of a generate pipeline's
+/// `[patient_notes]`.
+pub fn stage(pipeline: &LoadedPipeline) -> Result<Option<Box<dyn medbatch_coordinator::RunStage>>, PipelineError> {
+    if let Some(s) = PatientStage::new(pipeline)? {
+        return Ok(Some(Box::new(s)));
+    }
+    Ok(crate::patient_notes::PatientNotes::new(pipeline).map(|s| Box::new(s) as Box<dyn medbatch_coordinator::RunStage>))
+}
+
 #[async_trait::async_trait]
 impl medbatch_coordinator::RunStage for PatientStage {
+    fn tables(&self) -> Vec<&str> {
+        vec![&self.spec.table, &self.spec.members_table]
+    }
+
     /// Reads the note parts (an incremental run: only the rows of current content), writes
     /// one part of each stage table under a key derived from the parts read.
     async fn run(&self, input: &StageInput<'_>, store: &dyn ObjectStore) -> Result<Vec<OutputPart>, String> {
-        let mut notes = Vec::new();
-        let mut h = Sha256::new();
-        let mut parts: Vec<&OutputPart> = input.parts.iter().filter(|p| p.table == self.note_table).collect();
-        parts.sort_by(|a, b| a.key.cmp(&b.key));
-        for p in parts {
-            let bytes =
-                store.get(&p.key).await.map_err(|e| e.to_string())?.ok_or(format!("part {} is missing", p.key))?;
-            h.update(p.key.as_bytes());
-            h.update(p.sha256.to_string().as_bytes());
-            let rows = json_rows(bytes).map_err(|e| format!("part {}: {e}", p.key))?;
-            notes.extend(rows.into_iter().filter(|r| input.current.as_ref().is_none_or(|c| is_current(r, c))));
-        }
-        if let Some(c) = &input.current {
-            for (uri, d) in c {
-                h.update(uri.as_bytes());
-                h.update(d.as_str().as_bytes());
-            }
-        }
+        let parts: Vec<&OutputPart> = input.parts.iter().filter(|p| p.table == self.note_table).collect();
+        let (notes, tag) = read_stage_rows(input, parts, store).await?;
         let (facts, members, unattributed) = self.reduce(&notes);
         if unattributed > 0 {
             tracing::warn!(rows = unattributed, "note rows without a patient are not in the patient table");
         }
-        let first = notes.first();
-        let text = |k: &str| first.and_then(|r| r.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
-        let generated_at_us =
-            chrono::DateTime::parse_from_rfc3339(input.finished_at).map(|t| t.timestamp_micros()).unwrap_or(0);
-        let prov = JobProvenance {
-            job_id: "patients".into(),
-            run_id: input.run_id.to_string(),
-            pipeline: text("pipeline"),
-            pipeline_digest: text("pipeline_digest"),
-            model_id: text("model_id"),
-            model_digest: text("model_digest"),
-            generated_at_us,
-        };
-        let tag = &hex::encode(h.finalize())[..16];
+        let prov = stage_provenance(notes.first(), input);
         let mut out = Vec::new();
         let batches = self.batches(&facts, &members, &prov).map_err(|e| e.to_string())?;
         for (table, batch) in self.tables().into_iter().zip(batches) {
-            let bytes = to_parquet(&batch).map_err(|e| e.to_string())?;
-            let prefix = medbatch_schemas::tables::run_table_prefix(table, input.run_id);
-            let key = format!("{prefix}part-patients-{tag}.parquet");
-            let sha256 = Digest::of_bytes(&bytes);
-            let n = bytes.len() as u64;
-            store.put(&key, bytes.into()).await.map_err(|e| e.to_string())?;
-            out.push(OutputPart { table: table.to_string(), key, rows: batch.num_rows() as u64, bytes: n, sha256 });
+            out.push(put_stage_part(store, table, input, &tag, &batch).await?);
         }
         Ok(out)
     }

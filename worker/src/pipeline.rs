@@ -71,12 +71,12 @@ impl LoadedPipeline {
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
         for (key, pattern) in
-            [("patient_pattern", &spec.input.patient_pattern), ("date_pattern", &spec.input.date_pattern)]
+            [("input.patient_pattern", &spec.input.patient_pattern), ("input.date_pattern", &spec.input.date_pattern), ("extraction.source_heading", &spec.extraction.source_heading)]
         {
             let Some(p) = pattern else { continue };
-            let re = regex::Regex::new(p).map_err(|e| invalid(format!("input.{key}: {e}")))?;
+            let re = regex::Regex::new(p).map_err(|e| invalid(format!("{key}: {e}")))?;
             if re.captures_len() < 2 {
-                return Err(invalid(format!("input.{key} needs a capture group (the value)")));
+                return Err(invalid(format!("{key} needs a capture group (the value)")));
             }
         }
         // A pipeline that prompts no generative model has no prompt.
