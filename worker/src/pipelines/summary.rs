@@ -310,7 +310,8 @@ impl Summary {
 const MAX_LEVELS: u32 = 6;
 
 impl Said {
-    /// A sentence of an answer, keeping only its located quotes.
+    /// A sentence of an answer, keeping only its located quotes; its spacing collapsed, so
+    /// that it is one line of the next round's text.
     fn of_document(sentence: &Value) -> Self {
         let evidence = sentence["evidence"]
             .as_array()
@@ -320,7 +321,8 @@ impl Said {
             .filter(|e| e["evidence_start"].is_u64())
             .cloned()
             .collect();
-        Self { text: sentence["text"].as_str().unwrap_or_default().to_string(), evidence }
+        let text = sentence["text"].as_str().unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ");
+        Self { text, evidence }
     }
 }
 
@@ -355,7 +357,7 @@ fn resolve(mut sentence: Value, lines: &[(usize, usize)], said: &[Said]) -> Valu
     let mut evidence: Vec<Value> = Vec::new();
     for e in sentence["evidence"].as_array().map(Vec::as_slice).unwrap_or_default() {
         let (Some(start), Some(end)) = (e["evidence_start"].as_u64(), e["evidence_end"].as_u64()) else { continue };
-        for (i, &(a, b)) in lines.iter().enumerate() {
+        for (i, &(a, b)) in lines.iter().enumerate().take(said.len()) {
             if (a as u64) < end && start < (b as u64).max(a as u64 + 1) {
                 for q in &said[i].evidence {
                     let same = |x: &Value| x["evidence_start"] == q["evidence_start"] && x["evidence_end"] == q["evidence_end"];
@@ -480,11 +482,13 @@ mod tests {
             json!({ "quote": quote, "evidence_start": start, "evidence_end": start + quote.chars().count() as u64, "alignment": "exact" })
         };
         let said = [
-            Said { text: "Admitted for pneumonia.".into(), evidence: vec![q(10, "pneumonia")] },
+            Said::of_document(&json!({ "text": "Admitted  for\npneumonia.", "evidence": [q(10, "pneumonia"), { "evidence_start": null }] })),
             Said { text: "Started ceftriaxone.".into(), evidence: vec![q(40, "ceftriaxone 1 g"), q(10, "pneumonia")] },
             Said { text: "Unsupported.".into(), evidence: vec![] },
         ];
         let text = said.iter().map(|s| s.text.as_str()).collect::<Vec<_>>().join("\n");
+        assert_eq!(said[0].text, "Admitted for pneumonia.", "one line per sentence");
+        assert_eq!(said[0].evidence, [q(10, "pneumonia")], "only located quotes");
         let lines = line_ranges(&text);
         let answer = json!({ "sentences": [
             { "text": "Pneumonia treated with ceftriaxone.", "evidence": ["pneumonia.", "ceftriaxone"] },
