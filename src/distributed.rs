@@ -79,6 +79,8 @@ pub struct SubmitArgs {
     /// pipeline and model at this output processed with the same content are skipped.
     #[arg(long)]
     pub incremental: bool,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 #[derive(clap::Args)]
@@ -106,6 +108,8 @@ pub struct WorkArgs {
     /// (where a long prompt or many images legitimately take minutes); 0 turns it off.
     #[arg(long, env = "MEDBATCH_STALL_TIMEOUT", value_name = "SECONDS")]
     pub stall_timeout: Option<f64>,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 /// Default `--stall-timeout` for GPU ranks.
@@ -141,6 +145,7 @@ pub fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    args.ops.start().await?.set_loaded();
     let run_id = RunId::new(args.run_id.clone().unwrap_or_else(crate::embedded::new_run_id))?;
     let pipeline = LoadedPipeline::load(&args.pipeline)?;
     let (store, root) = open_store(&args.out, args.broker.s3_endpoint.as_deref()).await?;
@@ -164,6 +169,8 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
+    metrics::counter!("medbatch_jobs_published_total").increment(published.len() as u64);
+    metrics::gauge!("medbatch_run_jobs_planned").set(plan.jobs.len() as f64);
     eprintln!(
         "medbatch: run {run_id}: {} input files, {} jobs ({} published in {:.1} s, {already} already done; planned in {planning_s:.1} s), model {}",
         plan.files,
@@ -185,7 +192,11 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let stage_ref = stage.as_deref();
     let cfg = FollowConfig::default();
     let followed =
-        follow_and_commit(&plan, store.as_ref(), &queue, &cfg, &mut |done| bar.set(done, 0), stage_ref).await?;
+        follow_and_commit(&plan, store.as_ref(), &queue, &cfg, &mut |done| {
+            metrics::gauge!("medbatch_run_jobs_done").set(done as f64);
+            bar.set(done, 0)
+        }, stage_ref)
+        .await?;
     bar.finish();
     let (manifest, dead) = match followed {
         Followed::Committed(m) => (Some(*m), Vec::new()),
@@ -228,6 +239,8 @@ pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {
 
 async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
     let concurrency = args.concurrency.max(1);
+    // Probes answer from the start: not ready while the model loads.
+    let health = args.ops.start().await?;
     // `--model none`: a worker of the pipelines that call no model (tiles).
     let mut embedder = None;
     let (engine, model) = if args.model == NO_MODEL {
@@ -243,12 +256,18 @@ async fn run_work(args: WorkArgs) -> anyhow::Result<ExitCode> {
         if stall > 0.0 {
             spawn_watchdog(engine.clone(), Duration::from_secs_f64(stall));
         }
+        // /healthz fails past the stall limit, or past ten minutes where none is set.
+        let unhealthy_after = if stall > 0.0 { stall } else { GPU_STALL_TIMEOUT_S };
+        health.set_engine(engine.clone(), Duration::from_secs_f64(unhealthy_after));
         (Some(engine), model)
     };
     let mut cfg = args.broker.config();
     cfg.prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let route = model_route(model.digest.as_str());
     let queue = Arc::new(RabbitQueue::connect(cfg, &route).await?);
+    let live = queue.clone();
+    health.set_queue(move || live.is_live());
+    health.set_loaded();
     eprintln!(
         "medbatch: worker for model {} (route {route}) on {}, {concurrency} at once",
         model.id,

@@ -14,7 +14,7 @@ use medbatch_worker::{run_worker, LoadedPipeline, WorkerContext, WorkerEvent};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct RunArgs {
@@ -55,6 +55,8 @@ pub struct RunArgs {
     /// inputs are fixed when the run is planned.
     #[arg(long)]
     pub incremental: bool,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
 }
 
 pub fn new_run_id() -> String {
@@ -97,6 +99,7 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let runner = medbatch_worker::pipelines::for_spec(Arc::new(pipeline))?;
     let pipeline = runner.loaded();
     let (store, out_root) = crate::status::open_store(&args.out, args.s3_endpoint.as_deref()).await?;
+    let health = args.ops.start().await?;
 
     // A pipeline that calls no model (tiles) runs without one, whatever --model says.
     let mut embedder = None;
@@ -106,12 +109,14 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         (None, model)
     } else if pipeline.spec.task.needs_model() {
         let (engine, model) = model_path::start_engine(&args.model, &args.split, &args.limits).await?;
+        health.set_engine(engine.clone(), Duration::from_secs(600));
         (Some(engine), model)
     } else {
         eprintln!("medbatch: the {} pipeline calls no model: none is loaded", pipeline.spec.name);
         (None, ModelRef::none())
     };
 
+    health.set_loaded();
     let source = InputSource::with_s3(args.s3_endpoint.clone());
     let cfg = PlanConfig {
         run_id: run_id.clone(),

@@ -12,6 +12,7 @@ mod embedded;
 mod eval;
 mod kernel_bench;
 mod model_path;
+mod ops;
 mod models;
 mod progress;
 mod siglip_bench;

@@ -43,6 +43,92 @@ fn submit(namespace: &str, out: &str, model: &str, run_id: &str) -> Command {
     c
 }
 
+/// A child's lines, collected as they come (a pipe nobody reads could fill and block it).
+type Lines = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+fn collect_lines(from: impl std::io::Read + Send + 'static) -> Lines {
+    use std::io::BufRead;
+    let lines = Lines::default();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(l);
+        }
+    });
+    lines
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The address a worker prints for `--metrics-addr 127.0.0.1:0`.
+fn metrics_addr(lines: &Lines) -> String {
+    let mut addr = None;
+    wait_until("the metrics address", || {
+        addr = lines.lock().unwrap().iter().find_map(|l| {
+            l.split("metrics on http://").nth(1).and_then(|r| r.split('/').next()).map(str::to_string)
+        });
+        addr.is_some()
+    });
+    addr.unwrap()
+}
+
+/// A plain HTTP/1.0 GET: (status, body); (0, "") when nothing answers.
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return (0, String::new()) };
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let status = reply.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The workers' scrapes hold the job, document, row, token, engine, queue and S3 metrics, in
+/// the Prometheus text format, and count `jobs` jobs done between them.
+fn check_metrics(scraped: &[String], jobs: u64) {
+    let all = scraped.join("\n");
+    for name in [
+        "medbatch_jobs_started_total{pipeline=\"lab-report\"}",
+        "medbatch_documents_total{",
+        "medbatch_rows_total{table=\"lab_results\"}",
+        "medbatch_prompt_tokens_total{",
+        "medbatch_generation_tokens_total{",
+        "medbatch_engine_step_seconds_bucket{le=",
+        "medbatch_engine_step_tokens_bucket{le=",
+        "medbatch_time_to_first_token_seconds_count",
+        "medbatch_kv_blocks_used",
+        "medbatch_kv_blocks_free",
+        "medbatch_prefix_cache_queries_total",
+        "medbatch_queue_lag_seconds_count",
+        "medbatch_s3_request_seconds_bucket{op=\"put\",le=",
+        "medbatch_engine_busy_seconds",
+        "# HELP medbatch_jobs_done_total",
+        "# TYPE medbatch_engine_step_seconds histogram",
+    ] {
+        assert!(all.contains(name), "no {name} in the scrape:\n{all}");
+    }
+    let done: f64 = all
+        .lines()
+        .filter(|l| l.starts_with("medbatch_jobs_done_total{"))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    assert_eq!(done as u64, jobs, "{all}");
+    // Patient text never reaches a label: every label value is a known, closed one.
+    for l in all.lines().filter(|l| l.starts_with("medbatch_") && l.contains('{')) {
+        let labels = &l[l.find('{').unwrap() + 1..l.rfind('}').unwrap()];
+        for kv in labels.split("\",").filter(|kv| !kv.is_empty()) {
+            let (k, _) = kv.split_once('=').unwrap();
+            assert!(["pipeline", "table", "stage", "reason", "outcome", "op", "le", "quantile"].contains(&k), "{l}");
+        }
+    }
+}
+
 /// No part key twice in a manifest's list.
 fn assert_each_part_once(keys: &[serde_json::Value]) {
     let mut unique = keys.to_vec();
@@ -60,20 +146,34 @@ fn a_run_over_rabbitmq_and_s3_equals_the_embedded_run() {
     let _broker = BrokerNamespace(namespace.clone());
     let bucket = format!("medbatch-dist-{}", std::process::id());
     py_s3(&format!("fs.create_dir('{bucket}')\nprint('{{}}')"));
-    let mut workers = vec![worker(&namespace, model), worker(&namespace, model)];
+    // Both workers serve their metrics and probes on a port of their own.
+    let mut workers: Vec<(Child, Lines)> = (0..2)
+        .map(|_| {
+            let mut w = worker_with(&namespace, model, &["--metrics-addr", "127.0.0.1:0"]);
+            let lines = collect_lines(w.stderr.take().unwrap());
+            (w, lines)
+        })
+        .collect();
+    let addrs: Vec<String> = workers.iter().map(|(_, lines)| metrics_addr(lines)).collect();
+    for a in &addrs {
+        wait_until(&format!("{a} ready"), || http_get(a, "/readyz").0 == 200);
+        assert_eq!(http_get(a, "/healthz"), (200, "ok\n".to_string()));
+    }
 
     let out = format!("s3://{bucket}/runs");
     let submitted = submit(&namespace, &out, model, "dist").output().unwrap();
     let stdout = text(&submitted.stdout);
+    let scraped: Vec<String> = addrs.iter().map(|a| http_get(a, "/metrics").1).collect();
     // Stop the workers whatever happened: SIGTERM, then they finish and exit.
-    for w in &workers {
+    for (w, _) in &workers {
         Command::new("kill").args(["-TERM", &w.id().to_string()]).status().unwrap();
     }
     let mut worker_logs = Vec::new();
-    for w in workers.drain(..) {
-        let o = w.wait_with_output().unwrap();
-        worker_logs.push((o.status, text(&o.stderr)));
+    for (mut w, lines) in workers.drain(..) {
+        let status = w.wait().unwrap();
+        worker_logs.push((status, lines.lock().unwrap().join("\n")));
     }
+    check_metrics(&scraped, 3);
     assert!(submitted.status.success(), "{stdout}\n{}\n{worker_logs:?}", text(&submitted.stderr));
     for (status, log) in &worker_logs {
         assert!(status.success(), "worker exit {status:?}: {log}");

@@ -195,6 +195,18 @@ impl RabbitQueue {
         Ok(Live { conn, publish })
     }
 
+    /// Whether the queue is open and connected, and its consumer's channel (once consuming
+    /// began) too: a worker's readiness. Never waits: a lock held by a reconnect or by a
+    /// consumer waiting for a delivery counts as live.
+    pub fn is_live(&self) -> bool {
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let connected = self.live.try_lock().map_or(true, |l| l.as_ref().is_some_and(|l| l.conn.status().connected()));
+        let consuming = self.consuming.try_lock().map_or(true, |c| c.as_ref().is_none_or(|c| c.channel.status().connected()));
+        connected && consuming
+    }
+
     /// Runs `f` until it succeeds, reconnecting with backoff after connection errors.
     async fn with_reconnect<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, QueueError>
     where
@@ -303,7 +315,10 @@ impl RabbitQueue {
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_message_id(job.job_id.to_string().into());
+                .with_message_id(job.job_id.to_string().into())
+                .with_timestamp(
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
+                );
             let route = model_route(job.model.digest.as_str());
             let confirm = live
                 .publish
@@ -393,7 +408,12 @@ impl RabbitQueue {
             match serde_json::from_slice::<Job>(&d.data) {
                 Ok(mut job) => {
                     job.attempt = earlier + 1;
-                    return Ok(Some(Delivery::new(job, Box::new(RabbitAcker { acker: d.acker }))));
+                    let published = *d.properties.timestamp();
+                    let delivery = Delivery::new(job, Box::new(RabbitAcker { acker: d.acker }));
+                    return Ok(Some(match published {
+                        Some(t) => delivery.published_at(t),
+                        None => delivery,
+                    }));
                 }
                 Err(e) => {
                     // Never a job: straight to the dead-letter queue, and on to the next.

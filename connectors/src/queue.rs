@@ -54,11 +54,24 @@ impl DeadLetters {
 pub struct Delivery {
     pub job: Job,
     acker: Box<dyn Acker>,
+    /// When the job was published (the broker message's timestamp), if known.
+    published: Option<std::time::SystemTime>,
 }
 
 impl Delivery {
     pub fn new(job: Job, acker: Box<dyn Acker>) -> Self {
-        Self { job, acker }
+        Self { job, acker, published: None }
+    }
+
+    /// The delivery, published at `unix_s` (seconds since the epoch).
+    pub fn published_at(mut self, unix_s: u64) -> Self {
+        self.published = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_s));
+        self
+    }
+
+    /// How long the job waited between its publication and now (to the second), if known.
+    pub fn queued_for(&self) -> Option<std::time::Duration> {
+        self.published.and_then(|t| t.elapsed().ok())
     }
 
     pub async fn ack(self) -> Result<(), QueueError> {

@@ -95,7 +95,74 @@ pub async fn client(endpoint: Option<&str>) -> aws_sdk_s3::Client {
     if endpoint.as_deref().is_some_and(needs_path_style) {
         conf = conf.force_path_style(true);
     }
-    aws_sdk_s3::Client::from_conf(conf.build())
+    aws_sdk_s3::Client::from_conf(conf.interceptor(Metered).build())
+}
+
+/// Records each S3 request's latency (first attempt to the end, retries included) and its
+/// retries in the metrics, labelled by operation.
+#[derive(Debug)]
+struct Metered;
+
+/// When the request's first attempt began.
+#[derive(Clone, Debug)]
+struct Began(std::time::Instant);
+
+impl aws_smithy_types::config_bag::Storable for Began {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
+/// The operation of a request, as a closed label value.
+fn operation(cfg: &aws_smithy_types::config_bag::ConfigBag) -> &'static str {
+    use aws_smithy_runtime_api::client::orchestrator::Metadata;
+    match cfg.load::<Metadata>().map(|m| m.name()) {
+        Some("PutObject") => "put",
+        Some("GetObject") => "get",
+        Some("HeadObject") => "head",
+        Some("ListObjectsV2") => "list",
+        Some("DeleteObject") => "delete",
+        Some("CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" | "AbortMultipartUpload") => "multipart",
+        _ => "other",
+    }
+}
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for Metered {
+    fn name(&self) -> &'static str {
+        "medbatch-metrics"
+    }
+
+    fn read_before_execution(
+        &self,
+        _: &aws_smithy_runtime_api::client::interceptors::context::BeforeSerializationInterceptorContextRef<'_>,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        cfg.interceptor_state().store_put(Began(std::time::Instant::now()));
+        Ok(())
+    }
+
+    fn read_before_attempt(
+        &self,
+        _: &aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        use aws_smithy_runtime_api::client::retries::RequestAttempts;
+        if cfg.load::<RequestAttempts>().is_some_and(|a| a.attempts() > 1) {
+            metrics::counter!("medbatch_s3_retries_total", "op" => operation(cfg)).increment(1);
+        }
+        Ok(())
+    }
+
+    fn read_after_execution(
+        &self,
+        _: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<'_>,
+        _: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        if let Some(Began(t)) = cfg.load::<Began>() {
+            metrics::histogram!("medbatch_s3_request_seconds", "op" => operation(cfg)).record(t.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
 }
 
 /// A short reason from an SDK error, without credentials or request details.

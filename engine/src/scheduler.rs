@@ -392,6 +392,10 @@ impl Engine {
             return;
         }
         a.tokens.push(next);
+        if a.generated() == 1 {
+            // From admission to the engine (its waiting queue not counted) to the first token.
+            metrics::histogram!("medbatch_time_to_first_token_seconds").record(a.started.elapsed().as_secs_f64());
+        }
         a.text = self.tokenizer.decode(a.out(), false);
         let at_length = a.generated() >= a.req.max_new_tokens as usize;
         if let Some(m) = a.matcher.as_mut() {

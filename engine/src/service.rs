@@ -155,6 +155,7 @@ fn serve(
         prefill_tokens_per_step: limits.prefill_tokens_per_step,
     });
     let layout = engine.model.kv_stats().ok().map(|(l, _)| l);
+    let mut seen = Seen::default();
     loop {
         if sched.is_empty() {
             match rx.recv() {
@@ -191,6 +192,43 @@ fn serve(
         st.kv = kv;
         st.running = sched.running();
         st.waiting = sched.waiting();
+        seen.record(&st);
+    }
+}
+
+/// The engine's counters as last recorded to the metrics (each step adds what changed).
+#[derive(Default)]
+struct Seen {
+    decode: DecodeStats,
+    kv: KvStats,
+}
+
+impl Seen {
+    /// Records one step to the metrics: its time and token rows, the sequences in flight and
+    /// waiting, the KV pages used and free, and the prefix cache's lookups and hits.
+    fn record(&mut self, st: &EngineStats) {
+        let (d, p) = (&st.decode, &self.decode);
+        let steps = d.steps.saturating_sub(p.steps);
+        if steps > 0 {
+            let seconds = d.step_ns.saturating_sub(p.step_ns) as f64 / 1e9 / steps as f64;
+            metrics::histogram!("medbatch_engine_step_seconds").record(seconds);
+        }
+        let passes = d.passes.saturating_sub(p.passes);
+        if passes > 0 {
+            let rows = d.rows.saturating_sub(p.rows) as f64 / passes as f64;
+            metrics::histogram!("medbatch_engine_step_tokens").record(rows);
+        }
+        metrics::counter!("medbatch_engine_preemptions_total").increment(d.preemptions.saturating_sub(p.preemptions));
+        let kv = &st.kv;
+        metrics::counter!("medbatch_prefix_cache_queries_total")
+            .increment(kv.lookup_tokens.saturating_sub(self.kv.lookup_tokens));
+        metrics::counter!("medbatch_prefix_cache_hits_total").increment(kv.hit_tokens.saturating_sub(self.kv.hit_tokens));
+        metrics::gauge!("medbatch_kv_blocks_used").set(kv.pages_used as f64);
+        metrics::gauge!("medbatch_kv_blocks_free").set(kv.pages.saturating_sub(kv.pages_used) as f64);
+        metrics::gauge!("medbatch_engine_sequences_running").set(st.running as f64);
+        metrics::gauge!("medbatch_engine_sequences_waiting").set(st.waiting as f64);
+        self.decode = *d;
+        self.kv = *kv;
     }
 }
 

@@ -169,8 +169,18 @@ pub async fn handle_delivery(
     ctx: &WorkerContext,
 ) -> Result<Handled, medbatch_connectors::queue::QueueError> {
     let job_id = delivery.job.job_id.to_string();
+    let pipeline = delivery.job.pipeline.name.clone();
+    if let Some(lag) = delivery.queued_for() {
+        metrics::histogram!("medbatch_queue_lag_seconds").record(lag.as_secs_f64());
+    }
     let outcome = process_job(&delivery.job, ctx).await;
     let disposition = Disposition::of(&outcome);
+    let counted = match (&outcome, disposition) {
+        (Ok(_), _) => "medbatch_jobs_done_total",
+        (Err(_), Disposition::DeadLetter) => "medbatch_jobs_dead_lettered_total",
+        (Err(_), _) => "medbatch_jobs_failed_total",
+    };
+    metrics::counter!(counted, "pipeline" => pipeline).increment(1);
     match outcome {
         Ok(skipped) => ctx.emit(WorkerEvent::JobDone { job_id, skipped }),
         Err(e) => {
@@ -263,6 +273,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         return Ok(true);
     }
     tracing::info!(inputs = job.inputs.len(), "job started");
+    metrics::counter!("medbatch_jobs_started_total", "pipeline" => job.pipeline.name.clone()).increment(1);
     // A model pipeline's job needs this worker's model; a job of a pipeline that calls
     // none was planned without one.
     let have = match (ctx.pipeline.loaded().spec.task, &ctx.engine, &ctx.embedder) {
@@ -404,7 +415,27 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
         return Ok(true);
     }
     tracing::info!(rows, error_rows = errors.len(), tokens_out, "job done");
+    record_job(&completion, &errors, &job.pipeline.name);
     Ok(false)
+}
+
+/// A finished job's counts in the metrics: documents, rows by table, error rows by stage
+/// and reason, tokens (label values are pipeline and table names and closed enums; never
+/// anything of a document).
+fn record_job(c: &Completion, errors: &[ErrorRow], pipeline: &str) {
+    let p = pipeline.to_string();
+    metrics::counter!("medbatch_documents_total", "pipeline" => p.clone(), "outcome" => "ok").increment(c.documents_ok);
+    metrics::counter!("medbatch_documents_total", "pipeline" => p.clone(), "outcome" => "failed")
+        .increment(c.documents_failed);
+    for part in &c.parts {
+        metrics::counter!("medbatch_rows_total", "table" => part.table.clone()).increment(part.rows);
+    }
+    for e in errors {
+        metrics::counter!("medbatch_error_rows_total", "stage" => e.stage.label(), "reason" => e.reason.label())
+            .increment(1);
+    }
+    metrics::counter!("medbatch_prompt_tokens_total", "pipeline" => p.clone()).increment(c.tokens_in);
+    metrics::counter!("medbatch_generation_tokens_total", "pipeline" => p).increment(c.tokens_out);
 }
 
 /// The job's sampling seed: the first 64 bits of its id (itself a digest of the run id and
