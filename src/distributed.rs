@@ -191,12 +191,18 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let stage = medbatch_worker::patients::stage(&pipeline)?;
     let stage_ref = stage.as_deref();
     let cfg = FollowConfig::default();
-    let followed =
-        follow_and_commit(&plan, store.as_ref(), &queue, &cfg, &mut |done| {
+    let followed = follow_and_commit(
+        &plan,
+        store.as_ref(),
+        &queue,
+        &cfg,
+        &mut |done| {
             metrics::gauge!("medbatch_run_jobs_done").set(done as f64);
             bar.set(done, 0)
-        }, stage_ref)
-        .await?;
+        },
+        stage_ref,
+    )
+    .await?;
     bar.finish();
     let (manifest, dead) = match followed {
         Followed::Committed(m) => (Some(*m), Vec::new()),

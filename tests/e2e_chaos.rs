@@ -215,7 +215,8 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
     let mut submits = 0;
     let mut start_submit = || {
         submits += 1;
-        let (o, e) = (logs.path().join(format!("submit-{submits}.out")), logs.path().join(format!("submit-{submits}.err")));
+        let (o, e) =
+            (logs.path().join(format!("submit-{submits}.out")), logs.path().join(format!("submit-{submits}.err")));
         let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
             .args(["submit", pipe.to_str().unwrap(), inputs.to_str().unwrap(), "--out", &out])
             .args(["--model", model.to_str().unwrap(), "--run-id", "chaos"])

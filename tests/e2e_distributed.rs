@@ -70,9 +70,10 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 fn metrics_addr(lines: &Lines) -> String {
     let mut addr = None;
     wait_until("the metrics address", || {
-        addr = lines.lock().unwrap().iter().find_map(|l| {
-            l.split("metrics on http://").nth(1).and_then(|r| r.split('/').next()).map(str::to_string)
-        });
+        addr =
+            lines.lock().unwrap().iter().find_map(|l| {
+                l.split("metrics on http://").nth(1).and_then(|r| r.split('/').next()).map(str::to_string)
+            });
         addr.is_some()
     });
     addr.unwrap()

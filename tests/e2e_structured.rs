@@ -481,8 +481,10 @@ fn note_summaries_cite_their_note_and_patient_digests_the_summaries() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}\n{}", text(&o.stdout), text(&o.stderr));
-    let mut runs: Vec<String> =
-        std::fs::read_dir(out.join("_runs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let mut runs: Vec<String> = std::fs::read_dir(out.join("_runs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
     runs.sort();
     assert!(runs.len() == 2 && runs[1] == format!("{}-digest", runs[0]), "{runs:?}");
     let texts: serde_json::Map<String, Value> =

@@ -203,7 +203,8 @@ impl RabbitQueue {
             return false;
         }
         let connected = self.live.try_lock().map_or(true, |l| l.as_ref().is_some_and(|l| l.conn.status().connected()));
-        let consuming = self.consuming.try_lock().map_or(true, |c| c.as_ref().is_none_or(|c| c.channel.status().connected()));
+        let consuming =
+            self.consuming.try_lock().map_or(true, |c| c.as_ref().is_none_or(|c| c.channel.status().connected()));
         connected && consuming
     }
 

@@ -120,7 +120,9 @@ fn operation(cfg: &aws_smithy_types::config_bag::ConfigBag) -> &'static str {
         Some("HeadObject") => "head",
         Some("ListObjectsV2") => "list",
         Some("DeleteObject") => "delete",
-        Some("CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" | "AbortMultipartUpload") => "multipart",
+        Some("CreateMultipartUpload" | "UploadPart" | "CompleteMultipartUpload" | "AbortMultipartUpload") => {
+            "multipart"
+        }
         _ => "other",
     }
 }
@@ -159,7 +161,8 @@ impl aws_smithy_runtime_api::client::interceptors::Intercept for Metered {
         cfg: &mut aws_smithy_types::config_bag::ConfigBag,
     ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
         if let Some(Began(t)) = cfg.load::<Began>() {
-            metrics::histogram!("medbatch_s3_request_seconds", "op" => operation(cfg)).record(t.elapsed().as_secs_f64());
+            metrics::histogram!("medbatch_s3_request_seconds", "op" => operation(cfg))
+                .record(t.elapsed().as_secs_f64());
         }
         Ok(())
     }

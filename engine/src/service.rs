@@ -222,7 +222,8 @@ impl Seen {
         let kv = &st.kv;
         metrics::counter!("medbatch_prefix_cache_queries_total")
             .increment(kv.lookup_tokens.saturating_sub(self.kv.lookup_tokens));
-        metrics::counter!("medbatch_prefix_cache_hits_total").increment(kv.hit_tokens.saturating_sub(self.kv.hit_tokens));
+        metrics::counter!("medbatch_prefix_cache_hits_total")
+            .increment(kv.hit_tokens.saturating_sub(self.kv.hit_tokens));
         metrics::gauge!("medbatch_kv_blocks_used").set(kv.pages_used as f64);
         metrics::gauge!("medbatch_kv_blocks_free").set(kv.pages.saturating_sub(kv.pages_used) as f64);
         metrics::gauge!("medbatch_engine_sequences_running").set(st.running as f64);

@@ -313,10 +313,10 @@ impl Reader<'_, '_> {
         let place = Place::file(self.input);
         let cap = self.limits.max_archive_inflated_bytes;
         let bytes = match read_capped(&mut reader, cap) {
-            Err(e) => return self.fail(&place, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind())),
-            Ok(None) => {
-                return self.fail(&place, None, InputErrorKind::TooLarge, format!("file exceeds {cap} bytes"))
+            Err(e) => {
+                return self.fail(&place, None, InputErrorKind::Unreadable, format!("read failed ({:?})", e.kind()))
             }
+            Ok(None) => return self.fail(&place, None, InputErrorKind::TooLarge, format!("file exceeds {cap} bytes")),
             Ok(Some(b)) if b.is_empty() => return self.fail(&place, None, InputErrorKind::Empty, "0 bytes"),
             Ok(Some(b)) => bytes::Bytes::from(b),
         };
@@ -325,7 +325,8 @@ impl Reader<'_, '_> {
             Err(e) => return self.fail(&place, None, InputErrorKind::WrongFormat, format!("not a Parquet file: {e}")),
         };
         let spec = self.spec;
-        let wanted = [Some(&spec.id_field), Some(&spec.text_field), spec.patient_field.as_ref(), spec.date_field.as_ref()];
+        let wanted =
+            [Some(&spec.id_field), Some(&spec.text_field), spec.patient_field.as_ref(), spec.date_field.as_ref()];
         let schema = builder.schema().clone();
         let index = |name: Option<&String>| name.and_then(|n| schema.fields().iter().position(|f| f.name() == n));
         let at: Vec<Option<usize>> = wanted.iter().map(|n| index(*n)).collect();
@@ -396,7 +397,8 @@ impl Reader<'_, '_> {
                     continue;
                 };
                 if text.len() as u64 > limit {
-                    let detail = format!("row {row}: text is {} bytes, over the document limit of {limit} bytes", text.len());
+                    let detail =
+                        format!("row {row}: text is {} bytes, over the document limit of {limit} bytes", text.len());
                     self.fail(&place, Some(id), InputErrorKind::TooLarge, detail);
                     continue;
                 }
@@ -999,7 +1001,10 @@ mod tests {
         let out = read("s3://b/t/part-0.parquet", bytes.clone(), &spec);
         assert_eq!(out.ids(), ["n1", "n5"]);
         let d = &out.docs[0];
-        assert_eq!((d.text.as_str(), d.patient_id.as_deref(), d.date.as_deref()), (SECRET, Some("7"), Some("2025-12-07")));
+        assert_eq!(
+            (d.text.as_str(), d.patient_id.as_deref(), d.date.as_deref()),
+            (SECRET, Some("7"), Some("2025-12-07"))
+        );
         assert_eq!(out.kinds(), [K::Empty, K::MissingField, K::TooLarge]);
         assert_eq!(out.errors[0].record.as_deref(), Some("n2"));
         assert_eq!(out.errors[1].record.as_deref(), Some("3"), "a row without an id is named by its number");

@@ -113,7 +113,11 @@ impl PatientNotes {
     }
 
     /// The rows as one batch.
-    pub fn batch(&self, rows: &[Value], prov: &crate::parquet_out::JobProvenance) -> Result<RecordBatch, ParquetOutError> {
+    pub fn batch(
+        &self,
+        rows: &[Value],
+        prov: &crate::parquet_out::JobProvenance,
+    ) -> Result<RecordBatch, ParquetOutError> {
         json_batch(&self.schema, rows, prov)
     }
 }
@@ -153,7 +157,8 @@ mod tests {
     }
 
     fn summary(id: &str, patient: Option<&str>, date: Option<&str>, sentences: &[(&str, bool)]) -> Map<String, Value> {
-        let s: Vec<Value> = sentences.iter().map(|(t, ok)| json!({ "text": t, "supported": ok, "evidence": [] })).collect();
+        let s: Vec<Value> =
+            sentences.iter().map(|(t, ok)| json!({ "text": t, "supported": ok, "evidence": [] })).collect();
         json!({ "document_id": id, "patient_id": patient, "note_date": date, "sentences": s })
             .as_object()
             .unwrap()
@@ -163,7 +168,12 @@ mod tests {
     #[test]
     fn a_patients_supported_sentences_are_gathered_in_date_order() {
         let rows = [
-            summary("n2", Some("P1"), Some("2026-12-07"), &[("Chest pain   resolved.", true), ("Invented.", false), ("  ", true)]),
+            summary(
+                "n2",
+                Some("P1"),
+                Some("2026-12-07"),
+                &[("Chest pain   resolved.", true), ("Invented.", false), ("  ", true)],
+            ),
             summary("n9", Some("P1"), None, &[("Phone call about results.", true)]),
             summary("n1", Some("P1"), Some("2026-12-06"), &[("Admitted with chest pain.", true)]),
             summary("n3", Some("P1"), Some("2026-12-07"), &[("Nothing grounded.", false)]),
@@ -176,7 +186,10 @@ mod tests {
         let p1 = &out[1];
         assert_eq!(p1["document_ids"], json!(["n1", "n2", "n9"]));
         assert_eq!((p1["notes"].clone(), p1["notes_left_out"].clone()), (json!(3), json!(1)));
-        assert_eq!((p1["first_note_date"].as_str(), p1["last_note_date"].as_str()), (Some("2026-12-06"), Some("2026-12-07")));
+        assert_eq!(
+            (p1["first_note_date"].as_str(), p1["last_note_date"].as_str()),
+            (Some("2026-12-06"), Some("2026-12-07"))
+        );
         assert_eq!(
             p1["text"],
             "Note n1 (2026-12-06):\n- Admitted with chest pain.\n\nNote n2 (2026-12-07):\n- Chest pain resolved.\n\nNote n9 (undated):\n- Phone call about results."

@@ -540,7 +540,8 @@ pub fn stage(pipeline: &LoadedPipeline) -> Result<Option<Box<dyn medbatch_coordi
     if let Some(s) = PatientStage::new(pipeline)? {
         return Ok(Some(Box::new(s)));
     }
-    Ok(crate::patient_notes::PatientNotes::new(pipeline).map(|s| Box::new(s) as Box<dyn medbatch_coordinator::RunStage>))
+    Ok(crate::patient_notes::PatientNotes::new(pipeline)
+        .map(|s| Box::new(s) as Box<dyn medbatch_coordinator::RunStage>))
 }
 
 #[async_trait::async_trait]

@@ -70,9 +70,11 @@ impl LoadedPipeline {
         let invalid = |reason: String| PipelineError::Invalid { path: shown.clone(), reason };
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).map_err(|e| invalid(format!("{f}: {e}")));
         let spec = PipelineSpec::from_toml(&read("pipeline.toml")?).map_err(|e| invalid(e.to_string()))?;
-        for (key, pattern) in
-            [("input.patient_pattern", &spec.input.patient_pattern), ("input.date_pattern", &spec.input.date_pattern), ("extraction.source_heading", &spec.extraction.source_heading)]
-        {
+        for (key, pattern) in [
+            ("input.patient_pattern", &spec.input.patient_pattern),
+            ("input.date_pattern", &spec.input.date_pattern),
+            ("extraction.source_heading", &spec.extraction.source_heading),
+        ] {
             let Some(p) = pattern else { continue };
             let re = regex::Regex::new(p).map_err(|e| invalid(format!("{key}: {e}")))?;
             if re.captures_len() < 2 {

@@ -191,7 +191,8 @@ impl Summary {
         out: &mut Outcome,
     ) -> Option<(Vec<Value>, u32)> {
         let (doc, budget) = (&unit.doc, self.pipeline.spec.extraction.chunk_tokens);
-        let too_long = |detail: String| ErrorRow::of_document(doc, ErrorStage::Input, ErrorReason::DocumentTooLong, detail, None);
+        let too_long =
+            |detail: String| ErrorRow::of_document(doc, ErrorStage::Input, ErrorReason::DocumentTooLong, detail, None);
         // Round 1: the document, in pieces when it does not fit one prompt.
         let pieces = match pieces_of(&doc.text, budget, count) {
             Ok(p) => p,
@@ -224,7 +225,11 @@ impl Summary {
             }
             let next: Vec<Said> = resolved.into_iter().flatten().map(|s| Said::of_document(&s)).collect();
             if next.len() >= said.len() {
-                let detail = format!("round {level}: {} sentences gave {} (the summaries do not get shorter)", said.len(), next.len());
+                let detail = format!(
+                    "round {level}: {} sentences gave {} (the summaries do not get shorter)",
+                    said.len(),
+                    next.len()
+                );
                 out.errors.push(too_long(detail));
                 return None;
             }
@@ -360,7 +365,9 @@ fn resolve(mut sentence: Value, lines: &[(usize, usize)], said: &[Said]) -> Valu
         for (i, &(a, b)) in lines.iter().enumerate().take(said.len()) {
             if (a as u64) < end && start < (b as u64).max(a as u64 + 1) {
                 for q in &said[i].evidence {
-                    let same = |x: &Value| x["evidence_start"] == q["evidence_start"] && x["evidence_end"] == q["evidence_end"];
+                    let same = |x: &Value| {
+                        x["evidence_start"] == q["evidence_start"] && x["evidence_end"] == q["evidence_end"]
+                    };
                     if !evidence.iter().any(same) {
                         evidence.push(q.clone());
                     }
@@ -478,11 +485,11 @@ mod tests {
 
     #[test]
     fn a_later_rounds_sentence_rests_on_the_documents_quotes_of_the_sentences_it_quotes() {
-        let q = |start: u64, quote: &str| {
-            json!({ "quote": quote, "evidence_start": start, "evidence_end": start + quote.chars().count() as u64, "alignment": "exact" })
-        };
+        let q = |start: u64, quote: &str| json!({ "quote": quote, "evidence_start": start, "evidence_end": start + quote.chars().count() as u64, "alignment": "exact" });
         let said = [
-            Said::of_document(&json!({ "text": "Admitted  for\npneumonia.", "evidence": [q(10, "pneumonia"), { "evidence_start": null }] })),
+            Said::of_document(
+                &json!({ "text": "Admitted  for\npneumonia.", "evidence": [q(10, "pneumonia"), { "evidence_start": null }] }),
+            ),
             Said { text: "Started ceftriaxone.".into(), evidence: vec![q(40, "ceftriaxone 1 g"), q(10, "pneumonia")] },
             Said { text: "Unsupported.".into(), evidence: vec![] },
         ];
