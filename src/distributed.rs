@@ -8,6 +8,9 @@ use crate::{model_path, progress::Progress};
 use anyhow::Context;
 use medbatch_connectors::amqp::{model_route, AmqpConfig, RabbitQueue, Topology};
 use medbatch_connectors::inputs::InputSource;
+use medbatch_connectors::store::ObjectStore;
+use medbatch_coordinator::follow::DEAD_LETTER_SCAN;
+use medbatch_coordinator::plan::PlannedRun;
 use medbatch_coordinator::{follow_and_commit, publish_pending, run_progress, FollowConfig, Followed, PlanConfig};
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{ModelRef, RunId, NO_MODEL};
@@ -186,15 +189,30 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         println!("run {run_id} submitted; follow it with: medbatch status {root} --run-id {run_id}");
         return Ok(ExitCode::SUCCESS);
     }
-    // Follow the completion markers; workers may be anywhere.
+    follow_and_report(&plan, store.as_ref(), &queue, &pipeline, &root, started).await
+}
+
+/// Follows `plan` to its commit (the completion markers; workers may be anywhere) and prints
+/// the run's summary; a run whose jobs left are all dead-lettered ends with their list and
+/// [`crate::EXIT_DEAD_LETTERED`].
+async fn follow_and_report(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    queue: &RabbitQueue,
+    pipeline: &LoadedPipeline,
+    root: &str,
+    started: Instant,
+) -> anyhow::Result<ExitCode> {
+    let run_id = &plan.run_id;
+    metrics::gauge!("medbatch_run_jobs_planned").set(plan.jobs.len() as f64);
     let mut bar = Progress::counting(plan.jobs.len() as u64, "jobs");
-    let stage = medbatch_worker::patients::stage(&pipeline)?;
+    let stage = medbatch_worker::patients::stage(pipeline)?;
     let stage_ref = stage.as_deref();
     let cfg = FollowConfig::default();
     let followed = follow_and_commit(
-        &plan,
-        store.as_ref(),
-        &queue,
+        plan,
+        store,
+        queue,
         &cfg,
         &mut |done| {
             metrics::gauge!("medbatch_run_jobs_done").set(done as f64);
@@ -215,12 +233,12 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         }
         eprintln!(
             "medbatch: the other jobs are done. The workers' logs say why these failed; once fixed, \
-             `medbatch submit` with --run-id {run_id} publishes them again and commits the run."
+             `medbatch replay {root} --run-id {run_id}` publishes them again and commits the run."
         );
         return Ok(ExitCode::from(crate::EXIT_DEAD_LETTERED));
     }
-    let p = run_progress(&plan, store.as_ref()).await?;
-    println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, model.id);
+    let p = run_progress(plan, store).await?;
+    println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, plan.model.id);
     println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
     println!("  documents  {} ok, {} failed", p.documents_ok, p.documents_failed);
     println!("  rows       {} ({} error rows)", p.rows, p.error_rows);
@@ -233,9 +251,116 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     println!("  wall time  {:.1} s", started.elapsed().as_secs_f64());
     println!("  output     {root}/{}/run_id={run_id}", pipeline.spec.output.table);
     if manifest.is_some() {
-        println!("  manifest   {root}/{}", medbatch_schemas::tables::manifest_key(&run_id));
+        println!("  manifest   {root}/{}", medbatch_schemas::tables::manifest_key(run_id));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Args)]
+pub struct ReplayArgs {
+    /// The run's output root: a directory or `s3://bucket/prefix`.
+    pub out: String,
+    #[arg(long, env = "MEDBATCH_RUN_ID")]
+    pub run_id: String,
+    /// Only the jobs dead-lettered for this reason (`delivery_limit`, `rejected`, ...).
+    #[arg(long)]
+    pub reason: Option<String>,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// A folder of pipeline folders searched before the built-in `pipelines/` for the run's
+    /// pipeline (read for its stage at commit; its digest must be the run's).
+    #[arg(long, env = "MEDBATCH_PIPELINES")]
+    pub pipelines: Option<std::path::PathBuf>,
+    /// Publish and return instead of following the run to its commit.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub ops: crate::ops::OpsArgs,
+}
+
+pub fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let rt = crate::runtime()?;
+    rt.block_on(run_replay(args))
+}
+
+/// One replay of a run's dead-lettered jobs, as recorded under `_runs/RUN/replays/`.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ReplayRecord {
+    pub replayed_at: String,
+    /// The reason asked for (`None`: every reason).
+    pub reason: Option<String>,
+    pub jobs: Vec<ReplayedJob>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct ReplayedJob {
+    pub job_id: String,
+    /// Why it had been dead-lettered.
+    pub reason: String,
+    /// Its deliveries before this replay, and how often it has been replayed.
+    pub attempts: u32,
+    pub replays: u32,
+}
+
+/// Where the replays of a run are recorded.
+pub fn replays_prefix(run_id: &RunId) -> String {
+    format!("_runs/{run_id}/replays/")
+}
+
+async fn run_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    args.ops.start().await?.set_loaded();
+    let run_id = RunId::new(args.run_id.clone())?;
+    let (store, root) = open_store(&args.out, args.broker.s3_endpoint.as_deref()).await?;
+    let key = medbatch_schemas::tables::plan_key(&run_id);
+    let bytes = store.get(&key).await?.with_context(|| format!("no run {run_id} under {root} (no {key})"))?;
+    let plan: PlannedRun = serde_json::from_slice(&bytes).with_context(|| format!("reading {key}"))?;
+    // The run's pipeline (for its stage at commit), as a worker finds it.
+    let name = &plan.pipeline.name;
+    let local = args.pipelines.as_ref().map(|d| d.join(name)).filter(|d| d.is_dir());
+    let pipeline = LoadedPipeline::load(&local.map_or(name.clone(), |d| d.to_string_lossy().into_owned()))?;
+    if !args.detach && pipeline.digest != plan.pipeline.digest {
+        anyhow::bail!(
+            "pipeline {name} here has digest {}, the run's is {}: point --pipelines at the run's pipeline, or use --detach \
+             (the workers check the digest, not this command)",
+            pipeline.digest,
+            plan.pipeline.digest
+        );
+    }
+    let queue = RabbitQueue::connect(args.broker.config(), &model_route(plan.model.digest.as_str())).await?;
+    let replayed = queue.replay(run_id.as_str(), args.reason.as_deref(), DEAD_LETTER_SCAN).await?;
+    let now = chrono::Utc::now();
+    if !replayed.is_empty() {
+        let record = ReplayRecord {
+            replayed_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            reason: args.reason.clone(),
+            jobs: replayed
+                .iter()
+                .map(|r| ReplayedJob {
+                    job_id: r.job.job_id.clone(),
+                    reason: r.job.reason.clone(),
+                    attempts: r.attempts,
+                    replays: r.replays,
+                })
+                .collect(),
+        };
+        let key = format!("{}{}.json", replays_prefix(&run_id), now.format("%Y%m%dT%H%M%S%.3fZ"));
+        store.put(&key, serde_json::to_vec_pretty(&record)?.into()).await?;
+    }
+    metrics::counter!("medbatch_jobs_replayed_total").increment(replayed.len() as u64);
+    eprintln!(
+        "medbatch: run {run_id}: {} dead-lettered jobs published again{}",
+        replayed.len(),
+        args.reason.as_ref().map(|r| format!(" (reason {r})")).unwrap_or_default()
+    );
+    for r in &replayed {
+        eprintln!("  job {} ({}, {} attempts, replay {})", r.job.job_id, r.job.reason, r.attempts, r.replays);
+    }
+    if args.detach {
+        println!("run {run_id}: follow it with: medbatch status {root} --run-id {run_id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    follow_and_report(&plan, store.as_ref(), &queue, &pipeline, &root, started).await
 }
 
 pub fn work(args: WorkArgs) -> anyhow::Result<ExitCode> {

@@ -82,6 +82,9 @@ enum Command {
     Submit(distributed::SubmitArgs),
     /// Serve one model's jobs from RabbitMQ until stopped (SIGTERM finishes the jobs in hand).
     Work(distributed::WorkArgs),
+    /// Publish a run's dead-lettered jobs again once their cause is fixed (their attempts go
+    /// on from where they were), then follow the run and commit it.
+    Replay(distributed::ReplayArgs),
     /// Where a run stands: jobs planned and done, rows, tokens/s, ETA (from its output).
     Status(status::StatusArgs),
     /// Score a run's output against a gold set: per-field precision, recall, F1.
@@ -153,6 +156,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::main(args),
         Command::Submit(args) => distributed::submit(args),
         Command::Work(args) => distributed::work(args),
+        Command::Replay(args) => distributed::replay(args),
         Command::Debug(cmd) => debug::main(cmd),
         Command::Models(cmd) => models::main(cmd),
     };

@@ -87,6 +87,13 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         serde_json::from_slice(&plan_bytes).with_context(|| format!("reading {}", plan_key(&run_id)))?;
     let progress = run_progress(&plan, store.as_ref()).await?;
     let committed = store.exists(&manifest_key(&run_id)).await?;
+    // The replays of dead-lettered jobs (`medbatch replay`), oldest first.
+    let mut replays: Vec<crate::distributed::ReplayRecord> = Vec::new();
+    for key in store.list(&crate::distributed::replays_prefix(&run_id)).await? {
+        if let Some(bytes) = store.get(&key).await? {
+            replays.push(serde_json::from_slice(&bytes).with_context(|| format!("reading {key}"))?);
+        }
+    }
     // Throughput over the span of finished jobs: from the first job's start to the last finish.
     let mut starts = Vec::new();
     let mut ends = Vec::new();
@@ -148,6 +155,7 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "jobs_dead_lettered": broker.as_ref().map(|b| b.dead_jobs.len()),
             "dead_lettered_jobs": broker.as_ref().map(|b| b.dead_jobs.iter().map(|j| serde_json::json!({"job_id": j.job_id, "reason": j.reason})).collect::<Vec<_>>()),
             "dead_letter_queue": broker.as_ref().map(|b| b.dead_total),
+            "replays": replays,
             "documents_ok": progress.documents_ok,
             "documents_failed": progress.documents_failed,
             "rows": progress.rows,
@@ -177,6 +185,14 @@ async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             for j in &b.dead_jobs {
                 println!("  dead       job {} ({})", j.job_id, j.reason);
             }
+        }
+        if let Some(last) = replays.last() {
+            let jobs: usize = replays.iter().map(|r| r.jobs.len()).sum();
+            println!(
+                "  replays    {} ({jobs} dead-lettered jobs published again; last at {})",
+                replays.len(),
+                last.replayed_at
+            );
         }
         println!("  documents  {} ok, {} failed", progress.documents_ok, progress.documents_failed);
         println!("  rows       {} ({} error rows)", progress.rows, progress.error_rows);

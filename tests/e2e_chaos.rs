@@ -11,7 +11,9 @@
 //! manifest lists every job once with the digests of the parts as stored, no stray part is
 //! left, no job's rows appear in two parts, and the row counts equal those of an embedded
 //! run over the same inputs. A job of a pipeline version no worker serves is dead-lettered
-//! after the delivery limit, `submit` says so and stops, and `status` shows it.
+//! after the delivery limit, `submit` says so and stops, and `status` shows it; once a
+//! worker serves that version, `replay` publishes it again with its attempt count carried on,
+//! and commits the run.
 
 mod common;
 
@@ -367,6 +369,45 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
     }
     assert!(restarted >= 1, "no worker saw its connection drop");
     eprintln!("chaos: {restarted} reconnects");
+
+    // The fix: a worker that serves that version (the others are stopped). `replay`
+    // publishes the dead-lettered job again (its attempts going on from where they were),
+    // follows the run and commits it; status records the replay.
+    let fixed = Worker::spawn(&namespace, &model, alt.parent().unwrap());
+    let args = [
+        "replay",
+        &poison_out,
+        "--run-id",
+        "poison",
+        "--reason",
+        "delivery_limit",
+        "--pipelines",
+        alt.parent().unwrap().to_str().unwrap(),
+    ];
+    let o = medbatch_env(&namespace, &args);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(err.contains("1 dead-lettered jobs published again"), "{err}");
+    assert!(out.contains("1/1 done"), "{out}");
+    let o = medbatch_env(&namespace, &["status", &poison_out, "--run-id", "poison", "--json"]);
+    let s: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["state"], "committed", "{s}");
+    assert_eq!(s["jobs_dead_lettered"], 0, "{s}");
+    let replayed = &s["replays"][0]["jobs"][0];
+    assert_eq!(replayed["reason"], "delivery_limit", "{s}");
+    let before = replayed["attempts"].as_u64().unwrap();
+    assert!(before >= 2, "the job had been delivered until the limit: {s}");
+    let attempt = fixed
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("job started"))
+        .find_map(|l| l.split("attempt=").nth(1).and_then(|a| a.split([' ', '}']).next()?.parse::<u64>().ok()));
+    assert_eq!(attempt, Some(before + 1), "the replayed job's attempts go on: {:?}", fixed.tail(10));
+    Command::new("kill").args(["-TERM", &fixed.child.id().to_string()]).status().unwrap();
+    let mut fixed = fixed;
+    assert!(fixed.child.wait().unwrap().success(), "{:?}", fixed.tail(10));
 
     // The output, read independently with pyarrow.
     let got = py_s3(&format!(

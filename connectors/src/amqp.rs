@@ -138,6 +138,61 @@ struct Consuming {
     tag: String,
 }
 
+/// Header of a replayed job: its attempts before it was dead-lettered (all its stays in the
+/// queue together).
+const EARLIER_ATTEMPTS: &str = "x-medbatch-earlier-attempts";
+/// Header of a replayed job: how often it was replayed.
+const REPLAYS: &str = "x-medbatch-replays";
+
+/// A dead-lettered job published again by [`RabbitQueue::replay`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replayed {
+    pub job: DeadJob,
+    /// Its deliveries before this replay.
+    pub attempts: u32,
+    /// Times it has been replayed, this one included.
+    pub replays: u32,
+}
+
+/// A count in a message's headers (0 when absent).
+fn header_count(props: &BasicProperties, name: &str) -> u32 {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name).cloned())
+        .and_then(|v| match v {
+            AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongInt(n) => u32::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => Some(n),
+            AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
+            AMQPValue::ShortUInt(n) => Some(u32::from(n)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// Why the broker dead-lettered a message (its latest `x-death` entry's reason).
+fn death_reason(props: &BasicProperties) -> String {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death").cloned())
+        .and_then(|v| match v {
+            AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
+            _ => None,
+        })
+        .and_then(|first| match first {
+            AMQPValue::FieldTable(t) => t.inner().get("reason").cloned(),
+            _ => None,
+        })
+        .and_then(|r| match r {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// A job queue on RabbitMQ for one model's jobs (`route`).
 pub struct RabbitQueue {
     config: AmqpConfig,
@@ -208,6 +263,76 @@ impl RabbitQueue {
         connected && consuming
     }
 
+    /// Publishes again the dead-lettered jobs of `run_id` (only those dead-lettered for
+    /// `reason`, when given), each to its model's queue, and removes them from the dead-letter
+    /// queue once the broker has confirmed the new copy (a failure in between leaves a job in
+    /// both: harmless, as a finished job's redelivery is acknowledged without work). A replayed
+    /// job carries the attempts it had before (`x-medbatch-earlier-attempts`), so its attempt
+    /// numbers go on from there, and how often it was replayed (`x-medbatch-replays`). Looks
+    /// at up to `max` messages; the others stay where they are. Returns the jobs replayed,
+    /// with the reason each had been dead-lettered for and its attempts so far.
+    pub async fn replay(&self, run_id: &str, reason: Option<&str>, max: usize) -> Result<Vec<Replayed>, QueueError> {
+        let live = self.live.lock().await;
+        let live = live.as_ref().ok_or(QueueError::Closed)?;
+        // A channel of its own: the messages it takes and does not replay go back to the
+        // dead-letter queue when it closes.
+        let ch = live.conn.create_channel().await.map_err(broker)?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(broker)?;
+        let mut replayed = Vec::new();
+        let queue = self.config.topology.dead_letter_queue.as_str();
+        for _ in 0..max {
+            let got = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(broker)?;
+            let Some(m) = got else { break };
+            let props = &m.delivery.properties;
+            let why = death_reason(props);
+            let Ok(job) = serde_json::from_slice::<Job>(&m.delivery.data) else { continue };
+            if job.run_id.as_str() != run_id || reason.is_some_and(|r| r != why) {
+                continue;
+            }
+            // The attempts of this stay in the queue: the broker's count of redeliveries, and
+            // the first delivery.
+            let attempts = header_count(props, EARLIER_ATTEMPTS) + header_count(props, "x-delivery-count") + 1;
+            let replays = header_count(props, REPLAYS) + 1;
+            let mut headers = FieldTable::default();
+            headers.insert(EARLIER_ATTEMPTS.into(), AMQPValue::LongUInt(attempts));
+            headers.insert(REPLAYS.into(), AMQPValue::LongUInt(replays));
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let new = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(job.job_id.to_string().into())
+                .with_timestamp(now)
+                .with_headers(headers);
+            let route = model_route(job.model.digest.as_str());
+            let confirm = ch
+                .basic_publish(
+                    self.config.topology.exchange.as_str().into(),
+                    route.as_str().into(),
+                    BasicPublishOptions { mandatory: true, ..Default::default() },
+                    &m.delivery.data,
+                    new,
+                )
+                .await
+                .map_err(broker)?;
+            match confirm.await.map_err(broker)? {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(QueueError::Broker(format!("no queue is bound for model route {route}")))
+                }
+                Confirmation::Nack(_) => return Err(QueueError::Broker("the broker refused a job (nack)".into())),
+                Confirmation::NotRequested => return Err(QueueError::Broker("publisher confirms are off".into())),
+            }
+            m.delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker)?;
+            replayed.push(Replayed {
+                job: DeadJob { run_id: run_id.to_string(), job_id: job.job_id.to_string(), reason: why },
+                attempts,
+                replays,
+            });
+        }
+        let _ = ch.close(200, "replayed".into()).await;
+        Ok(replayed)
+    }
+
     /// Runs `f` until it succeeds, reconnecting with backoff after connection errors.
     async fn with_reconnect<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, QueueError>
     where
@@ -271,26 +396,7 @@ impl RabbitQueue {
             let got = ch.basic_get(queue.into(), BasicGetOptions { no_ack: false }).await.map_err(broker)?;
             let Some(m) = got else { break };
             out.scanned += 1;
-            let reason = m
-                .delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("x-death").cloned())
-                .and_then(|v| match v {
-                    AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
-                    _ => None,
-                })
-                .and_then(|first| match first {
-                    AMQPValue::FieldTable(t) => t.inner().get("reason").cloned(),
-                    _ => None,
-                })
-                .and_then(|r| match r {
-                    AMQPValue::LongString(s) => Some(s.to_string()),
-                    AMQPValue::ShortString(s) => Some(s.to_string()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| "unknown".into());
+            let reason = death_reason(&m.delivery.properties);
             match serde_json::from_slice::<Job>(&m.delivery.data) {
                 Ok(job) => {
                     out.jobs.push(DeadJob { run_id: job.run_id.to_string(), job_id: job.job_id.to_string(), reason })
@@ -392,20 +498,10 @@ impl RabbitQueue {
                 Some(Err(e)) => return Err(broker(e)),
                 Some(Ok(d)) => d,
             };
-            // Deliveries after the first carry the broker's count of earlier ones.
-            let earlier = d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get("x-delivery-count").cloned())
-                .and_then(|v| match v {
-                    AMQPValue::LongLongInt(n) => u32::try_from(n).ok(),
-                    AMQPValue::LongInt(n) => u32::try_from(n).ok(),
-                    AMQPValue::LongUInt(n) => Some(n),
-                    AMQPValue::ShortInt(n) => u32::try_from(n).ok(),
-                    _ => None,
-                })
-                .unwrap_or(0);
+            // Deliveries after the first carry the broker's count of earlier ones; a job
+            // replayed from the dead-letter queue, the attempts before it was dead-lettered.
+            let earlier =
+                header_count(&d.properties, "x-delivery-count") + header_count(&d.properties, EARLIER_ATTEMPTS);
             match serde_json::from_slice::<Job>(&d.data) {
                 Ok(mut job) => {
                     job.attempt = earlier + 1;
