@@ -82,6 +82,10 @@ pub struct SubmitArgs {
     /// pipeline and model at this output processed with the same content are skipped.
     #[arg(long)]
     pub incremental: bool,
+    /// Small files (text, JSONL, CSV or Parquet under 64 KiB) planned together into one job, up
+    /// to this many (1: a job per file); they share the job's fixed cost.
+    #[arg(long, env = "MEDBATCH_FILES_PER_JOB", default_value_t = medbatch_coordinator::plan::SMALL_FILES_PER_JOB)]
+    pub files_per_job: usize,
     #[command(flatten)]
     pub ops: crate::ops::OpsArgs,
 }
@@ -168,7 +172,7 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         source: InputSource::with_s3(args.broker.s3_endpoint.clone()),
         imaging: pipeline.spec.imaging.clone(),
     };
-    let (plan, planning_s) = crate::embedded::plan(cfg, store.as_ref(), args.incremental).await?;
+    let (plan, planning_s) = crate::embedded::plan(cfg, store.as_ref(), args.incremental, args.files_per_job).await?;
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(model.digest.as_str())).await?;
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;

@@ -15,7 +15,7 @@ pub mod plan;
 pub use commit::{commit_run, run_progress, RunProgress, RunStage, StageInput};
 pub use follow::{follow_and_commit, FollowConfig, Followed};
 pub use index::{current_view, skip_committed};
-pub use plan::{job_units, plan_run, publish_pending, PlanConfig, PlannedRun};
+pub use plan::{group_small_files, job_units, plan_run, publish_pending, PlanConfig, PlannedRun};
 
 /// Errors that stop planning or committing a run.
 #[derive(Debug, thiserror::Error)]

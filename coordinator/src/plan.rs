@@ -156,6 +156,58 @@ pub fn plan_run(cfg: &PlanConfig) -> Result<PlannedRun, CoordinatorError> {
     })
 }
 
+/// Largest file packed with others into one job by [`group_small_files`].
+pub const SMALL_FILE_BYTES: u64 = 64 * 1024;
+/// Most bytes of small files in one job.
+pub const SMALL_JOB_BYTES: u64 = 1 << 20;
+/// Default small files per job: as many as archive members per job.
+pub const SMALL_FILES_PER_JOB: usize = MEMBERS_PER_JOB;
+
+/// Packs the jobs of one small file each (a whole text, JSONL, CSV or Parquet file under
+/// [`SMALL_FILE_BYTES`]) into jobs of up to `per_job` files and [`SMALL_JOB_BYTES`], in the
+/// plan's order (by URI), as archive members share a job: a job's fixed cost — its marker
+/// check, its parts and marker written, the broker's round trips — is then shared by the
+/// files. Other jobs stay as they are; `per_job` ≤ 1 changes nothing. Deterministic (the same
+/// jobs give the same groups, and so the same job ids), so a run planned again finds its jobs.
+/// An incremental plan is grouped after its unchanged inputs are skipped, so that a job never
+/// mixes new inputs with committed ones.
+pub fn group_small_files(plan: &mut PlannedRun, per_job: usize) {
+    if per_job <= 1 {
+        return;
+    }
+    let small = |j: &Job| {
+        matches!(j.inputs.as_slice(), [i] if i.selection == Selection::Whole
+            && i.size <= SMALL_FILE_BYTES
+            && matches!(i.kind, InputKind::Text | InputKind::Jsonl | InputKind::Csv | InputKind::Parquet))
+    };
+    let (small_jobs, mut jobs): (Vec<Job>, Vec<Job>) = std::mem::take(&mut plan.jobs).into_iter().partition(small);
+    let mut group: Vec<InputRef> = Vec::new();
+    let mut bytes = 0;
+    let flush = |group: &mut Vec<InputRef>, jobs: &mut Vec<Job>| {
+        if !group.is_empty() {
+            let inputs = std::mem::take(group);
+            jobs.push(Job::new(
+                plan.run_id.clone(),
+                plan.pipeline.clone(),
+                plan.model.clone(),
+                inputs,
+                small_jobs[0].output.clone(),
+            ));
+        }
+    };
+    for j in &small_jobs {
+        let i = &j.inputs[0];
+        if group.len() >= per_job || bytes + i.size > SMALL_JOB_BYTES {
+            flush(&mut group, &mut jobs);
+            bytes = 0;
+        }
+        bytes += i.size;
+        group.push(i.clone());
+    }
+    flush(&mut group, &mut jobs);
+    plan.jobs = jobs;
+}
+
 /// A reader that digests every byte read through it.
 struct Digesting<R> {
     inner: R,
@@ -630,6 +682,42 @@ mod tests {
             b.append_data(&mut h, format!("r{i:03}.txt"), data.as_bytes()).unwrap();
         }
         b.finish().unwrap();
+    }
+
+    #[test]
+    fn small_files_share_jobs_and_the_rest_keep_their_own() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(d.path().join(format!("n{i:02}.txt")), format!("note {i}")).unwrap();
+        }
+        std::fs::write(d.path().join("big.txt"), "x".repeat(SMALL_FILE_BYTES as usize + 1)).unwrap();
+        std::fs::write(d.path().join("records.jsonl"), "{}\n").unwrap();
+        write_tar(&d.path().join("t.tar"), 3);
+        let arg = d.path().to_str().unwrap().to_string();
+        let whole = plan_run(&cfg(vec![arg.clone()], "r")).unwrap();
+        assert_eq!(whole.jobs.len(), 43);
+        let mut one = whole.clone();
+        group_small_files(&mut one, 1);
+        assert_eq!(one, whole, "one file per job: nothing changes");
+        let mut grouped = whole.clone();
+        group_small_files(&mut grouped, 16);
+        let sizes: Vec<usize> = grouped.jobs.iter().map(|j| j.inputs.len()).collect();
+        // The big file and the archive alone; 41 small files (40 notes and the JSONL) by 16.
+        assert_eq!(sizes, [1, 1, 16, 16, 9], "{sizes:?}");
+        let files: Vec<&str> = grouped.jobs.iter().flat_map(|j| &j.inputs).map(|i| i.uri.as_str()).collect();
+        assert_eq!(files.len(), 43, "every input once");
+        let mut again = plan_run(&cfg(vec![arg], "r")).unwrap();
+        group_small_files(&mut again, 16);
+        assert_eq!(again, grouped, "grouping is deterministic: the same job ids");
+        // The byte limit: 60 KiB files, seventeen to a MiB.
+        let e = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            std::fs::write(e.path().join(format!("m{i:02}.csv")), vec![b'a'; 60 * 1024]).unwrap();
+        }
+        let mut p = plan_run(&cfg(vec![e.path().to_str().unwrap().into()], "r")).unwrap();
+        group_small_files(&mut p, 100);
+        let sizes: Vec<usize> = p.jobs.iter().map(|j| j.inputs.len()).collect();
+        assert_eq!(sizes, [17, 3]);
     }
 
     #[test]

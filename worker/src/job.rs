@@ -334,7 +334,27 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     let (mut tokens_in, mut tokens_out, mut engine_ms) = (0u64, 0u64, 0u64);
     let mut documents_failed = 0u64;
     let mut set_aside: std::collections::BTreeMap<String, u64> = Default::default();
-    for item in read {
+    // A job's documents run a few at a time, so that the requests of a job of many small
+    // documents share the engine's batches; results are taken in order.
+    let ran = futures_util::StreamExt::buffered(
+        futures_util::stream::iter(read.into_iter().map(|item| {
+            let cx = &cx;
+            async move {
+                match item {
+                    Err(e) => (Err(e), None),
+                    Ok(unit) => {
+                        let span =
+                            tracing::info_span!("document", document_id = %unit.doc.id, images = unit.images.len());
+                        let r = ctx.pipeline.run(&unit, cx).instrument(span).await;
+                        (Ok(unit), Some(r))
+                    }
+                }
+            }
+        })),
+        DOCUMENTS_IN_FLIGHT,
+    );
+    let ran: Vec<_> = futures_util::StreamExt::collect(ran).await;
+    for (item, result) in ran {
         match item {
             Err(e) => {
                 tracing::warn!(reason = e.kind.label(), source = %e.source_uri, member = ?e.member, record = ?e.record, "input rejected");
@@ -344,8 +364,7 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
                 ctx.emit(WorkerEvent::DocumentDone { ok: false });
             }
             Ok(unit) => {
-                let span = tracing::info_span!("document", document_id = %unit.doc.id, images = unit.images.len());
-                let r = ctx.pipeline.run(&unit, &cx).instrument(span).await?;
+                let r = result.expect("a document that was read ran")?;
                 tokens_in += r.tokens_in;
                 tokens_out += r.tokens_out;
                 engine_ms += r.engine_ms;
@@ -418,6 +437,9 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     record_job(&completion, &errors, &job.pipeline.name);
     Ok(false)
 }
+
+/// Documents of one job run at once.
+const DOCUMENTS_IN_FLIGHT: usize = 8;
 
 /// A finished job's counts in the metrics: documents, rows by table, error rows by stage
 /// and reason, tokens (label values are pipeline and table names and closed enums; never
