@@ -171,7 +171,7 @@ fn the_nightly_script_and_the_schedules_run_the_incremental_run() {
     for (file, cmd) in [
         ("infra/nightly/nightly.sh", "run"),
         ("infra/nightly/nightly.sh", "submit"),
-        ("infra/k8s/nightly-cronjob.yaml", "submit"),
+        ("infra/k8s/base/nightly-cronjob.yaml", "submit"),
     ] {
         let help = flags(cmd);
         let used = used(file);
