@@ -222,6 +222,8 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
         let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
             .args(["submit", pipe.to_str().unwrap(), inputs.to_str().unwrap(), "--out", &out])
             .args(["--model", model.to_str().unwrap(), "--run-id", "chaos"])
+            // A job per note: 240 jobs for the chaos to fall between.
+            .args(["--files-per-job", "1"])
             .current_dir(repo_root())
             .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
             .stdout(std::fs::File::create(&o).unwrap())

@@ -38,6 +38,8 @@ fn submit(namespace: &str, out: &str, model: &str, run_id: &str) -> Command {
     c.args(["submit", "lab-report"])
         .args(INPUTS)
         .args(["--out", out, "--model", model, "--run-id", run_id])
+        // A job per file: three jobs, shared between the workers.
+        .args(["--files-per-job", "1"])
         .current_dir(repo_root())
         .env("MEDBATCH_AMQP_NAMESPACE", namespace);
     c

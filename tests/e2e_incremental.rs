@@ -67,7 +67,8 @@ fn a_nightly_incremental_run_processes_only_what_is_new_or_changed() {
     note(&inputs, "c.jsonl", "c", "P-2", "2025-01-03", "Social: never smoker.\n");
     let first = night(&inputs, &out, "night-1");
     assert!(first.contains("incremental: 0 unchanged"), "{first}");
-    assert_eq!(manifest(&out, "night-1")["jobs"], 3);
+    // Three small notes share one job.
+    assert_eq!(manifest(&out, "night-1")["jobs"], 1);
     assert_eq!(
         patients(&out, "night-1"),
         [("P-1".to_string(), 2, vec!["a".to_string(), "b".to_string()]), ("P-2".into(), 1, vec!["c".into()])]
@@ -79,7 +80,17 @@ fn a_nightly_incremental_run_processes_only_what_is_new_or_changed() {
     let second = night(&inputs, &out, "night-2");
     assert!(second.contains("incremental: 2 unchanged since a committed run (skipped), 1 changed"), "{second}");
     let m = manifest(&out, "night-2");
-    assert_eq!(m["jobs"], 2, "only the changed and the new note");
+    // One job, of only the changed and the new note: small files are grouped after the
+    // unchanged ones are skipped.
+    assert_eq!(m["jobs"], 1);
+    let plan: Value = serde_json::from_slice(&std::fs::read(out.join("_runs/night-2/plan.json")).unwrap()).unwrap();
+    let planned: Vec<&str> = plan["jobs"][0]["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["uri"].as_str().unwrap().rsplit('/').next().unwrap())
+        .collect();
+    assert_eq!(planned, ["b.jsonl", "d.jsonl"], "only the changed and the new note");
     let skipped: Vec<(&str, &str)> = m["skipped"]
         .as_array()
         .unwrap()

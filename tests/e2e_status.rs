@@ -30,6 +30,9 @@ fn status_reports_a_finished_run_and_one_with_jobs_to_go() {
         model.to_str().unwrap(),
         "--run-id",
         "st",
+        // A job per file: the run has two jobs to take one back out of.
+        "--files-per-job",
+        "1",
     ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let s = status(out_s, "st");
