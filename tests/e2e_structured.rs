@@ -524,8 +524,8 @@ print(json.dumps({"rows": len(rows), "quotes": quotes, "unsupported": sum(r["uns
     assert_eq!(got["unsupported"], 0, "{got}");
 
     let got = python_json(
-        r#"
-import json, re, sys, glob, pyarrow.parquet as pq
+        &(CHECK_DIGEST.to_string()
+            + r#"
 summaries, digests = sys.argv[1], sys.argv[2]
 read = lambda d, t: [r for f in glob.glob(f"{d}/{t}/**/*.parquet", recursive=True) for r in pq.ParquetFile(f).read().to_pylist()]
 notes = {r["patient_id"]: r for r in read(summaries, "patient_notes")}
@@ -546,7 +546,29 @@ for r in read(digests, "patient_digests"):
     t = notes[r["patient_id"]]["text"]
     assert r["document_id"] == r["patient_id"]
     levels[r["patient_id"]] = r["levels"]
+    quotes += check_digest(r, t)
+    for s in r["sentences"]:
+        assert set(s["sources"]) <= set(notes[r["patient_id"]]["document_ids"])
+errors = [r["reason"] for r in read(digests, "_errors")]
+print(json.dumps({"patients": len(notes), "digests": len(levels), "levels": levels, "quotes": quotes, "errors": errors}))
+"#),
+        &[out.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    eprintln!("digests: {got}");
+    assert_eq!(got["errors"], json!([]), "{got}");
+    assert_eq!(got["digests"], got["patients"], "a digest per patient: {got}");
+}
+
+/// The Python check of a `patient_digests` row against its patient's text `t`: every
+/// sentence is supported exactly when a quote was found; every found quote lies in `t`
+/// (exact ones at their offsets); `sources` are the notes whose headings are above the
+/// quotes. Returns the quotes found.
+const CHECK_DIGEST: &str = r#"
+import json, re, sys, glob, pyarrow.parquet as pq
+
+def check_digest(r, t):
     heads = [(m.start(), m.group(1)) for m in re.finditer(r"^Note (\S+) \(", t, re.M)]
+    quotes = 0
     for s in r["sentences"]:
         assert s["supported"] == any(e["alignment"] != "none" for e in s["evidence"]), s
         sources = []
@@ -561,16 +583,8 @@ for r in read(digests, "patient_digests"):
             if src not in sources:
                 sources.append(src)
         assert s["sources"] == sources, (s, sources)
-        assert set(sources) <= set(notes[r["patient_id"]]["document_ids"])
-errors = [r["reason"] for r in read(digests, "_errors")]
-print(json.dumps({"patients": len(notes), "digests": len(levels), "levels": levels, "quotes": quotes, "errors": errors}))
-"#,
-        &[out.to_str().unwrap(), out.to_str().unwrap()],
-    );
-    eprintln!("digests: {got}");
-    assert_eq!(got["errors"], json!([]), "{got}");
-    assert_eq!(got["digests"], got["patients"], "a digest per patient: {got}");
-}
+    return quotes
+"#;
 
 /// patient-digest answers sized for the small model: one short sentence per prompt (so each
 /// round shortens the text: a piece holds at least two lines of the round before, and the
@@ -621,30 +635,17 @@ print(json.dumps({r["patient_id"]: r["text"] for r in rows}))
     let digest = short_digest(dir.path(), Some(48));
     let out = run(dir.path(), digest.to_str().unwrap(), &[table.to_str().unwrap()], "rounds");
     let got = python_json(
-        r#"
-import json, re, sys, glob, pyarrow.parquet as pq
+        &(CHECK_DIGEST.to_string()
+            + r#"
 out, texts = sys.argv[1], json.loads(sys.argv[2])
 read = lambda t: [r for f in glob.glob(f"{out}/{t}/**/*.parquet", recursive=True) for r in pq.ParquetFile(f).read().to_pylist()]
 levels, quotes = {}, 0
 for r in read("patient_digests"):
     t = texts[r["patient_id"]]
     levels[r["patient_id"]] = r["levels"]
-    heads = [(m.start(), m.group(1)) for m in re.finditer(r"^Note (\S+) \(", t, re.M)]
-    for s in r["sentences"]:
-        assert s["supported"] == any(e["alignment"] != "none" for e in s["evidence"]), s
-        sources = []
-        for e in s["evidence"]:
-            if e["alignment"] == "none":
-                continue
-            quotes += 1
-            assert 0 <= e["evidence_start"] < e["evidence_end"] <= len(t)
-            if e["alignment"] == "exact":
-                assert t[e["evidence_start"]:e["evidence_end"]] == e["quote"].strip(), (e, t)
-            src = [n for at, n in heads if at <= e["evidence_start"]][-1]
-            sources.append(src) if src not in sources else None
-        assert s["sources"] == sources, (s, sources)
+    quotes += check_digest(r, t)
 print(json.dumps({"levels": levels, "quotes": quotes, "errors": [r["reason"] for r in read("_errors")]}))
-"#,
+"#),
         &[out.to_str().unwrap(), &written.to_string()],
     );
     eprintln!("digests in rounds: {got}");

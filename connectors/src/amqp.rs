@@ -154,6 +154,16 @@ pub struct Replayed {
     pub replays: u32,
 }
 
+/// The broker's answer to a publish with confirms: taken (and routed to a queue), or why not.
+fn confirmed(c: Confirmation, route: &str) -> Result<(), QueueError> {
+    match c {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(QueueError::Broker(format!("no queue is bound for model route {route}"))),
+        Confirmation::Nack(_) => Err(QueueError::Broker("the broker refused a job (nack)".into())),
+        Confirmation::NotRequested => Err(QueueError::Broker("publisher confirms are off".into())),
+    }
+}
+
 /// A count in a message's headers (0 when absent).
 fn header_count(props: &BasicProperties, name: &str) -> u32 {
     props
@@ -314,14 +324,7 @@ impl RabbitQueue {
                 )
                 .await
                 .map_err(broker)?;
-            match confirm.await.map_err(broker)? {
-                Confirmation::Ack(None) => {}
-                Confirmation::Ack(Some(_)) => {
-                    return Err(QueueError::Broker(format!("no queue is bound for model route {route}")))
-                }
-                Confirmation::Nack(_) => return Err(QueueError::Broker("the broker refused a job (nack)".into())),
-                Confirmation::NotRequested => return Err(QueueError::Broker("publisher confirms are off".into())),
-            }
+            confirmed(confirm.await.map_err(broker)?, &route)?;
             m.delivery.acker.ack(BasicAckOptions::default()).await.map_err(broker)?;
             replayed.push(Replayed {
                 job: DeadJob { run_id: run_id.to_string(), job_id: job.job_id.to_string(), reason: why },
@@ -441,14 +444,7 @@ impl RabbitQueue {
             pending.push((route, confirm));
         }
         for (route, confirm) in pending {
-            match confirm.await.map_err(broker)? {
-                Confirmation::Ack(None) => {}
-                Confirmation::Ack(Some(_)) => {
-                    return Err(QueueError::Broker(format!("no queue is bound for model route {route}")))
-                }
-                Confirmation::Nack(_) => return Err(QueueError::Broker("the broker refused a job (nack)".into())),
-                Confirmation::NotRequested => return Err(QueueError::Broker("publisher confirms are off".into())),
-            }
+            confirmed(confirm.await.map_err(broker)?, &route)?;
         }
         Ok(())
     }
