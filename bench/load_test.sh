@@ -84,7 +84,7 @@ import pyarrow.parquet as pq
 out, run, n, wall, err, ref = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
 per_file = collections.Counter()
 for f in glob.glob(f"{ref}/lab_results/run_id=ref/*.parquet"):
-    for u in pq.read_table(f, columns=["source_uri"]).column("source_uri").to_pylist():
+    for u in pq.ParquetFile(f).read(columns=["source_uri"]).column("source_uri").to_pylist():
         per_file[os.path.basename(u)] += 1
 want = (n // 2) * per_file["hl7-oru.txt"] + (n - n // 2) * per_file["liver-pipe-table.txt"]
 m = json.load(open(f"{out}/_runs/{run}/manifest.json"))
@@ -102,7 +102,7 @@ for p in m["parts"]:
     assert hashlib.sha256(data).hexdigest() == p["sha256"].split(":")[-1], p["key"]
     if p["table"] == "_inputs":
         continue
-    t = pq.read_table(f"{out}/{p['key']}", columns=["job_id"])
+    t = pq.ParquetFile(f"{out}/{p['key']}").read(columns=["job_id"])
     for j in set(t.column("job_id").to_pylist()):
         parts_of_job[(p["table"], j)] += 1
     rows[p["table"]] += t.num_rows
