@@ -319,18 +319,24 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let key = medbatch_schemas::tables::plan_key(&run_id);
     let bytes = store.get(&key).await?.with_context(|| format!("no run {run_id} under {root} (no {key})"))?;
     let plan: PlannedRun = serde_json::from_slice(&bytes).with_context(|| format!("reading {key}"))?;
-    // The run's pipeline (for its stage at commit), as a worker finds it.
-    let name = &plan.pipeline.name;
-    let local = args.pipelines.as_ref().map(|d| d.join(name)).filter(|d| d.is_dir());
-    let pipeline = LoadedPipeline::load(&local.map_or(name.clone(), |d| d.to_string_lossy().into_owned()))?;
-    if !args.detach && pipeline.digest != plan.pipeline.digest {
-        anyhow::bail!(
-            "pipeline {name} here has digest {}, the run's is {}: point --pipelines at the run's pipeline, or use --detach \
-             (the workers check the digest, not this command)",
-            pipeline.digest,
-            plan.pipeline.digest
-        );
-    }
+    // The run's pipeline (for its stage at commit), as a worker finds it; not needed when
+    // only publishing.
+    let pipeline = if args.detach {
+        None
+    } else {
+        let name = &plan.pipeline.name;
+        let local = args.pipelines.as_ref().map(|d| d.join(name)).filter(|d| d.is_dir());
+        let pipeline = LoadedPipeline::load(&local.map_or(name.clone(), |d| d.to_string_lossy().into_owned()))?;
+        if pipeline.digest != plan.pipeline.digest {
+            anyhow::bail!(
+                "pipeline {name} here has digest {}, the run's is {}: point --pipelines at the run's pipeline, or use \
+                 --detach (the workers check the digest, not this command)",
+                pipeline.digest,
+                plan.pipeline.digest
+            );
+        }
+        Some(pipeline)
+    };
     let queue = RabbitQueue::connect(args.broker.config(), &model_route(plan.model.digest.as_str())).await?;
     let replayed = queue.replay(run_id.as_str(), args.reason.as_deref(), DEAD_LETTER_SCAN).await?;
     let now = chrono::Utc::now();
@@ -360,10 +366,10 @@ async fn run_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     for r in &replayed {
         eprintln!("  job {} ({}, {} attempts, replay {})", r.job.job_id, r.job.reason, r.attempts, r.replays);
     }
-    if args.detach {
+    let Some(pipeline) = pipeline else {
         println!("run {run_id}: follow it with: medbatch status {root} --run-id {run_id}");
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     follow_and_report(&plan, store.as_ref(), &queue, &pipeline, &root, started).await
 }
 
