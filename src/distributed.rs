@@ -177,7 +177,6 @@ async fn run_submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let t = Instant::now();
     let (published, already) = publish_pending(&plan, store.as_ref(), &queue).await?;
     metrics::counter!("medbatch_jobs_published_total").increment(published.len() as u64);
-    metrics::gauge!("medbatch_run_jobs_planned").set(plan.jobs.len() as f64);
     eprintln!(
         "medbatch: run {run_id}: {} input files, {} jobs ({} published in {:.1} s, {already} already done; planned in {planning_s:.1} s), model {}",
         plan.files,
@@ -241,7 +240,10 @@ async fn follow_and_report(
         );
         return Ok(ExitCode::from(crate::EXIT_DEAD_LETTERED));
     }
-    let p = run_progress(plan, store).await?;
+    let p = match &manifest {
+        Some(m) => medbatch_coordinator::RunProgress::of_manifest(m, &pipeline.spec.output.table),
+        None => run_progress(plan, store).await?,
+    };
     println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, plan.model.id);
     println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
     println!("  documents  {} ok, {} failed", p.documents_ok, p.documents_failed);

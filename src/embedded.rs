@@ -196,9 +196,12 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("medbatch: run {run_id}: gathering the notes by patient");
     }
     let manifest = commit_run(&plan, store.as_ref(), &now, stage_ref).await?;
-    let status = run_progress(&plan, store.as_ref()).await?;
-    let wall = started.elapsed().as_secs_f64();
     let table = &pipeline.spec.output.table;
+    let status = match &manifest {
+        Some(m) => medbatch_coordinator::RunProgress::of_manifest(m, table),
+        None => run_progress(&plan, store.as_ref()).await?,
+    };
+    let wall = started.elapsed().as_secs_f64();
     println!("medbatch run {run_id} ({} pipeline, model {})", pipeline.spec.name, model.id);
     println!("  documents  {} ok, {} failed", status.documents_ok, status.documents_failed);
     println!("  rows       {table}: {}   {}: {}", status.rows, tables::ERRORS_TABLE, status.error_rows);

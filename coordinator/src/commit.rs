@@ -23,6 +23,23 @@ pub struct RunProgress {
 }
 
 impl RunProgress {
+    /// A committed run's totals from its manifest, without reading the markers again; rows
+    /// are those of `table`, the jobs' table (a commit stage's tables are not counted).
+    pub fn of_manifest(m: &Manifest, table: &str) -> Self {
+        Self {
+            jobs_planned: m.jobs,
+            jobs_done: m.jobs,
+            documents_ok: m.documents_ok,
+            documents_failed: m.documents_failed,
+            rows: m.parts.iter().filter(|p| p.table == table).map(|p| p.rows).sum(),
+            error_rows: m.error_rows,
+            tokens_in: m.tokens_in,
+            tokens_out: m.tokens_out,
+            set_aside: m.set_aside.clone(),
+            completions: Vec::new(),
+        }
+    }
+
     /// The summary line on what was set aside as not results, when anything was: first the
     /// ordered tests without a result (pending, cancelled, not reported, withdrawn), then the
     /// other kinds.

@@ -154,7 +154,9 @@ impl Pipeline for Summary {
             out.errors.push(ErrorRow::of_document(doc, ErrorStage::Input, ErrorReason::DocumentTooLong, detail, None));
             return Ok(out);
         }
-        let Some((sentences, levels)) = self.summarize(unit, cx, &count, &mut out).await else { return Ok(out) };
+        let Some((sentences, levels)) = self.summarize(unit, cx, tokens, &count, &mut out).await else {
+            return Ok(out);
+        };
         let sentences: Vec<Value> = sentences.into_iter().map(|s| self.with_sources(s, &doc.text)).collect();
         let unsupported = sentences.iter().filter(|s| s["supported"] == json!(false)).count();
         let summary: Vec<&str> = sentences.iter().filter_map(|s| s["text"].as_str()).collect();
@@ -182,11 +184,13 @@ struct Said {
 
 impl Summary {
     /// The document's sentences (row values, evidence located in the document) and the
-    /// number of rounds; `None` when a prompt failed (its error rows are in `out`).
+    /// number of rounds; `None` when a prompt failed (its error rows are in `out`). `tokens`:
+    /// the document's length in tokens.
     async fn summarize(
         &self,
         unit: &Unit,
         cx: &RunCx<'_>,
+        tokens: usize,
         count: &(dyn Fn(&str) -> usize + Sync),
         out: &mut Outcome,
     ) -> Option<(Vec<Value>, u32)> {
@@ -194,7 +198,10 @@ impl Summary {
         let too_long =
             |detail: String| ErrorRow::of_document(doc, ErrorStage::Input, ErrorReason::DocumentTooLong, detail, None);
         // Round 1: the document, in pieces when it does not fit one prompt.
-        let pieces = match pieces_of(&doc.text, budget, count) {
+        // The document's tokens were counted by the caller: a text that fits is one piece.
+        let pieces =
+            if tokens <= budget { Ok(vec![(0, doc.text.chars().count())]) } else { pack(&doc.text, budget, count) };
+        let pieces = match pieces {
             Ok(p) => p,
             Err(detail) => {
                 out.errors.push(too_long(detail));
