@@ -1,7 +1,7 @@
 //! Chaos: a distributed run survives killed workers, a restarted S3 server and a dropped
 //! broker connection, and its output is exactly once.
 //!
-//! 240 one-note jobs of a `structured` pipeline run on a tiny random-weight Gemma 3 (the
+//! 600 one-note jobs of a `structured` pipeline run on a tiny random-weight Gemma 3 (the
 //! Hugging Face fixture `gqa_window` with the fixture tokenizer) through the real engine,
 //! served by three `medbatch work` processes over the real RabbitMQ, writing to the local
 //! S3-compatible server. While `medbatch submit` follows the run: a worker is killed with
@@ -25,7 +25,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const DOCS: usize = 240;
+// Enough jobs that the run outlasts the chaos: each job takes well under 0.1 s, and the
+// chaos steps (a kill, a storage restart, ...) take seconds.
+const DOCS: usize = 600;
 
 /// The tiny random-weight checkpoint: model files of one fixture plus the fixture tokenizer.
 fn tiny_model(dir: &Path) -> PathBuf {
@@ -222,7 +224,7 @@ fn a_run_survives_killed_workers_a_storage_restart_and_a_dropped_connection() {
         let child = Command::new(env!("CARGO_BIN_EXE_medbatch"))
             .args(["submit", pipe.to_str().unwrap(), inputs.to_str().unwrap(), "--out", &out])
             .args(["--model", model.to_str().unwrap(), "--run-id", "chaos"])
-            // A job per note: 240 jobs for the chaos to fall between.
+            // A job per note: 600 jobs for the chaos to fall between.
             .args(["--files-per-job", "1"])
             .current_dir(repo_root())
             .env("MEDBATCH_AMQP_NAMESPACE", &namespace)
