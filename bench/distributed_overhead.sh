@@ -24,7 +24,7 @@ bin="${CARGO_TARGET_DIR:-target}/release/medbatch"
 python="$(bash infra/python-env.sh)"
 
 work="$(mktemp -d)"
-trap 'kill "${worker:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'rm -rf "$work"' EXIT
 mkdir "$work/docs"
 for i in $(seq 1 "$n"); do
   if [ $((i % 2)) -eq 0 ]; then src=examples/lab-reports/hl7-oru.txt; else src=examples/lab-reports/liver-pipe-table.txt; fi
@@ -49,6 +49,9 @@ distributed() {
   mkdir -p "${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/data/$bucket"
   "$bin" work --model demo --concurrency 2 --metrics-addr 127.0.0.1:0 2>"$work/worker-$1.log" &
   worker=$!
+  # This function runs in a subshell of its own (`$(distributed N)`): its worker is stopped
+  # here, whichever way it ends.
+  trap 'kill "$worker" 2>/dev/null || true' EXIT
   # Timing starts once the worker has loaded its model and listens.
   for _ in $(seq 1 300); do grep -q "worker for model" "$work/worker-$1.log" && break; sleep 0.1; done
   local addr
@@ -60,7 +63,7 @@ distributed() {
   "$python" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' \
     "http://$addr/metrics" >"$work/metrics-$1.txt"
   kill -TERM "$worker"; wait "$worker" || true
-  rm -rf "${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/data/$bucket"
+  bash infra/s3-server.sh remove-bucket "$bucket"
   "$python" - "$work/metrics-$1.txt" "$(echo "$t1 - $t0" | bc)" "$(grep -o 'rows  *[0-9]*' "$work/submit-$1.txt" | grep -o '[0-9]*$')" <<'EOF'
 import json, re, sys
 text, wall, rows = open(sys.argv[1]).read(), float(sys.argv[2]), int(sys.argv[3])

@@ -31,7 +31,8 @@ work="$(mktemp -d)"
 workers=()
 cleanup() {
   for w in "${workers[@]}" "${submitter:-}"; do [ -n "$w" ] && kill "$w" 2>/dev/null || true; done
-  rm -rf "$work" "$data/$bucket"
+  rm -rf "$work"
+  bash infra/s3-server.sh remove-bucket "$bucket"
 }
 trap cleanup EXIT
 mkdir "$work/docs" "$data/$bucket"

@@ -6,10 +6,12 @@
 # it is a plain binary with no Python service to keep alive. (Later s3s-fs versions need a
 # newer rustc than this project's.)
 #
-#   infra/s3-server.sh start|stop|restart|env
+#   infra/s3-server.sh start|stop|restart|env|remove-bucket NAME
 #
 # `start` (idempotent) prints the endpoint URL; `env` prints the variables that point the
-# AWS SDK at it. Settings: MEDBATCH_S3_PORT (default 9123), MEDBATCH_CACHE.
+# AWS SDK at it; `remove-bucket` deletes a bucket with the server's own files about its
+# objects (kept beside the buckets, one or two per object: a benchmark that left them would
+# slow the next one down). Settings: MEDBATCH_S3_PORT (default 9123), MEDBATCH_CACHE.
 set -euo pipefail
 
 CACHE="${MEDBATCH_CACHE:-$HOME/.cache/medbatch}"
@@ -62,6 +64,15 @@ stop() {
   rm -f "$PIDFILE"
 }
 
+remove_bucket() {
+  local name="$1" encoded
+  [ -n "$name" ] && [ "${name#*/}" = "$name" ] && [ "${name#.}" = "$name" ] || { echo "not a bucket name: $name" >&2; exit 2; }
+  # s3s-fs names them `.bucket-<name in unpadded URL-safe base64>.object-...`.
+  encoded="$(printf %s "$name" | base64 -w0 | tr '+/' '-_' | tr -d '=')"
+  rm -rf "${DATA:?}/$name"
+  find "$DATA" -maxdepth 1 -name ".bucket-$encoded.*" -delete
+}
+
 case "${1:-start}" in
   start) start ;;
   stop) stop ;;
@@ -72,5 +83,6 @@ case "${1:-start}" in
     echo "AWS_SECRET_ACCESS_KEY=$SECRET_KEY"
     echo "AWS_REGION=us-east-1"
     ;;
-  *) echo "usage: $0 start|stop|restart|env" >&2; exit 2 ;;
+  remove-bucket) remove_bucket "${2:-}" ;;
+  *) echo "usage: $0 start|stop|restart|env|remove-bucket NAME" >&2; exit 2 ;;
 esac
