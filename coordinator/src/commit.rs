@@ -67,22 +67,61 @@ impl RunProgress {
 /// some servers) is paid once per this many markers rather than once per job.
 const MARKERS_IN_FLIGHT: usize = 32;
 
-/// Reads every planned job's completion marker.
-pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<RunProgress, CoordinatorError> {
-    let mut p = RunProgress { jobs_planned: plan.jobs.len() as u64, ..Default::default() };
+/// Completion markers already read, by marker key. A marker is written once and never
+/// changed, so a marker read while a run is followed serves its commit: the commit then reads
+/// only those that appeared since, instead of every job's marker after the last job is done.
+pub type MarkersRead = std::collections::HashMap<String, Completion>;
+
+/// Reads the markers under `keys` (`MARKERS_IN_FLIGHT` at a time) into `read`. Absent ones
+/// are left out; every marker that could be read is kept, and the first failure (the store,
+/// or a marker that is not a completion) is returned after all were tried.
+pub async fn read_markers(
+    store: &dyn ObjectStore,
+    keys: &[String],
+    read: &mut MarkersRead,
+) -> Result<(), CoordinatorError> {
     let reads = futures_util::StreamExt::buffered(
-        futures_util::stream::iter(plan.jobs.iter().map(|job| async move {
-            let key = done_key(&job.run_id, &job.job_id);
-            let got = store.get(&key).await;
-            (key, got)
-        })),
+        futures_util::stream::iter(keys.iter().map(|key| async move { (key, store.get(key).await) })),
         MARKERS_IN_FLIGHT,
     );
-    let read: Vec<_> = futures_util::StreamExt::collect(reads).await;
-    for (key, got) in read {
-        let Some(bytes) = got? else { continue };
-        let c: Completion = serde_json::from_slice(&bytes)
-            .map_err(|e| CoordinatorError::Corrupt { key: key.clone(), reason: e.to_string() })?;
+    let got: Vec<_> = futures_util::StreamExt::collect(reads).await;
+    let mut first_error = None;
+    for (key, got) in got {
+        let parsed = match got {
+            Ok(None) => continue,
+            Ok(Some(bytes)) => serde_json::from_slice::<Completion>(&bytes)
+                .map_err(|e| CoordinatorError::Corrupt { key: key.clone(), reason: e.to_string() }),
+            Err(e) => Err(e.into()),
+        };
+        match parsed {
+            Ok(c) => {
+                read.insert(key.clone(), c);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Reads every planned job's completion marker.
+pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<RunProgress, CoordinatorError> {
+    run_progress_with(plan, store, &mut MarkersRead::new()).await
+}
+
+/// [`run_progress`], reading only the markers not in `known` (and adding them to it).
+pub async fn run_progress_with(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    known: &mut MarkersRead,
+) -> Result<RunProgress, CoordinatorError> {
+    let keys: Vec<String> = plan.jobs.iter().map(|job| done_key(&job.run_id, &job.job_id)).collect();
+    let missing: Vec<String> = keys.iter().filter(|k| !known.contains_key(*k)).cloned().collect();
+    read_markers(store, &missing, known).await?;
+    let mut p = RunProgress { jobs_planned: plan.jobs.len() as u64, ..Default::default() };
+    for key in &keys {
+        let Some(c) = known.get(key) else { continue };
         p.jobs_done += 1;
         p.documents_ok += c.documents_ok;
         p.documents_failed += c.documents_failed;
@@ -98,7 +137,7 @@ pub async fn run_progress(plan: &PlannedRun, store: &dyn ObjectStore) -> Result<
         for (reason, n) in &c.set_aside {
             *p.set_aside.entry(reason.clone()).or_insert(0) += n;
         }
-        p.completions.push(c);
+        p.completions.push(c.clone());
     }
     Ok(p)
 }
@@ -214,6 +253,17 @@ pub async fn commit_run(
     created_at: &str,
     stage: Option<&dyn RunStage>,
 ) -> Result<Option<Manifest>, CoordinatorError> {
+    commit_run_with(plan, store, created_at, stage, &mut MarkersRead::new()).await
+}
+
+/// [`commit_run`] with the markers already read (`known`, see [`MarkersRead`]).
+pub async fn commit_run_with(
+    plan: &PlannedRun,
+    store: &dyn ObjectStore,
+    created_at: &str,
+    stage: Option<&dyn RunStage>,
+    known: &mut MarkersRead,
+) -> Result<Option<Manifest>, CoordinatorError> {
     let mkey = manifest_key(&plan.run_id);
     if let Some(bytes) = store.get(&mkey).await? {
         let m: Manifest = serde_json::from_slice(&bytes)
@@ -221,7 +271,7 @@ pub async fn commit_run(
         store.put_if_absent(&success_key(&plan.run_id), bytes::Bytes::new()).await?;
         return Ok(Some(m));
     }
-    let progress = run_progress(plan, store).await?;
+    let progress = run_progress_with(plan, store, known).await?;
     if progress.jobs_done < progress.jobs_planned {
         return Ok(None);
     }
@@ -280,9 +330,12 @@ pub async fn remove_stray_parts(
     tables.extend([ERRORS_TABLE, DOCUMENTS_TABLE]);
     tables.sort_unstable();
     tables.dedup();
+    // The tables are listed at once (each listing is a round trip per thousand keys).
+    let prefixes: Vec<String> = tables.iter().map(|t| run_table_prefix(t, &plan.run_id)).collect();
+    let listed = futures_util::future::try_join_all(prefixes.iter().map(|p| store.list(p))).await?;
     let mut removed = 0;
-    for table in tables {
-        for key in store.list(&run_table_prefix(table, &plan.run_id)).await? {
+    for keys in listed {
+        for key in keys {
             let file = key.rsplit('/').next().unwrap_or_default();
             if file.starts_with("part-") && file.ends_with(".parquet") && !named.contains(key.as_str()) {
                 tracing::info!(key = %key, "removing a part no completion marker names");
