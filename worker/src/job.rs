@@ -384,23 +384,26 @@ pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobErro
     if errors.iter().any(|e| e.reason == ErrorReason::EngineStopped) {
         return Err(JobError::EngineStopped);
     }
-    let mut parts = Vec::new();
+    let mut encoded: Vec<(&str, Vec<u8>, u64)> = Vec::new();
     let table = &ctx.pipeline.loaded().spec.output.table;
     let tag = attempt_tag(job, &ctx.worker_id);
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     if rows > 0 {
         let batch = arrow::compute::concat_batches(&ctx.pipeline.schema(), &batches).map_err(ParquetOutError::from)?;
-        let bytes = to_parquet(&batch)?;
-        parts.push(write_part(ctx, table, job, &tag, bytes, rows as u64).await?);
+        encoded.push((table, to_parquet(&batch)?, rows as u64));
     }
     if !errors.is_empty() {
-        let bytes = to_parquet(&errors_batch(&errors, &prov)?)?;
-        parts.push(write_part(ctx, ERRORS_TABLE, job, &tag, bytes, errors.len() as u64).await?);
+        encoded.push((ERRORS_TABLE, to_parquet(&errors_batch(&errors, &prov)?)?, errors.len() as u64));
     }
     if !documents.is_empty() {
-        let bytes = to_parquet(&documents_batch(&documents, &prov)?)?;
-        parts.push(write_part(ctx, DOCUMENTS_TABLE, job, &tag, bytes, documents.len() as u64).await?);
+        encoded.push((DOCUMENTS_TABLE, to_parquet(&documents_batch(&documents, &prov)?)?, documents.len() as u64));
     }
+    // The parts are uploaded at once: a job of small documents waits for one round trip to
+    // the store instead of one per table.
+    let parts = futures_util::future::try_join_all(
+        encoded.into_iter().map(|(table, bytes, rows)| write_part(ctx, table, job, &tag, bytes, rows)),
+    )
+    .await?;
     let completion = Completion {
         schema_version: JOB_SCHEMA_VERSION,
         run_id: job.run_id.clone(),

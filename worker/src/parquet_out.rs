@@ -278,10 +278,23 @@ pub(crate) fn plain_type(dt: &DataType) -> DataType {
     }
 }
 
-/// Serializes one batch as a Parquet file (zstd).
+/// Parts whose columns hold at least this many bytes in memory are compressed with zstd;
+/// smaller ones with Snappy. The Parquet writer sets up two zstd contexts for each column
+/// chunk, and creating one probes the CPU (`cpuid`, which traps to the hypervisor on a
+/// virtual machine): for the part of a job of a few small documents, that set-up cost more
+/// than everything else in writing it (a fifth of a worker's time on one-report jobs, see
+/// docs/benchmarks.md), while zstd's smaller files matter only for large parts.
+pub const ZSTD_FROM_BYTES: usize = 1 << 20;
+
+/// Serializes one batch as a Parquet file: zstd, or Snappy when small (`ZSTD_FROM_BYTES`).
 pub fn to_parquet(batch: &RecordBatch) -> Result<Vec<u8>, ParquetOutError> {
+    let compression = if batch.get_array_memory_size() >= ZSTD_FROM_BYTES {
+        Compression::ZSTD(ZstdLevel::default())
+    } else {
+        Compression::SNAPPY
+    };
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_compression(compression)
         .set_created_by(format!("medbatch {}", env!("CARGO_PKG_VERSION")))
         .build();
     let mut buf = Vec::new();
@@ -313,6 +326,27 @@ pub(crate) mod tests {
     pub(crate) fn read(bytes: Vec<u8>) -> RecordBatch {
         let mut r = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap().build().unwrap();
         r.next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn small_parts_are_snappy_and_large_ones_zstd() {
+        use parquet::basic::Compression;
+        let codec = |bytes: Vec<u8>| {
+            let b = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).unwrap();
+            let meta = b.metadata().clone();
+            let codecs: Vec<Compression> = meta.row_group(0).columns().iter().map(|c| c.compression()).collect();
+            (codecs, b.build().unwrap().map(|r| r.unwrap().num_rows()).sum::<usize>())
+        };
+        let batch = |n: usize| {
+            let text: arrow::array::StringArray = (0..n).map(|i| Some(format!("value {i} of a column"))).collect();
+            RecordBatch::try_from_iter([("text", Arc::new(text) as arrow::array::ArrayRef)]).unwrap()
+        };
+        let small = batch(10);
+        assert!(small.get_array_memory_size() < ZSTD_FROM_BYTES);
+        assert_eq!(codec(to_parquet(&small).unwrap()), (vec![Compression::SNAPPY], 10));
+        let large = batch(100_000);
+        assert!(large.get_array_memory_size() >= ZSTD_FROM_BYTES);
+        assert_eq!(codec(to_parquet(&large).unwrap()), (vec![Compression::ZSTD(ZstdLevel::default())], 100_000));
     }
 
     #[test]
