@@ -143,6 +143,10 @@ struct Consuming {
 const EARLIER_ATTEMPTS: &str = "x-medbatch-earlier-attempts";
 /// Header of a replayed job: how often it was replayed.
 const REPLAYS: &str = "x-medbatch-replays";
+/// Header of a job's first publication, with its new run (see
+/// [`crate::queue::Delivery::is_first_of_new_run`]); a retried publish goes
+/// without it.
+const NEW_RUN: &str = "x-medbatch-new-run";
 
 /// A dead-lettered job published again by [`RabbitQueue::replay`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +183,11 @@ fn header_count(props: &BasicProperties, name: &str) -> u32 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+/// A true flag in a message's headers.
+fn header_flag(props: &BasicProperties, name: &str) -> bool {
+    props.headers().as_ref().and_then(|h| h.inner().get(name).cloned()) == Some(AMQPValue::Boolean(true))
 }
 
 /// Why the broker dead-lettered a message (its latest `x-death` entry's reason).
@@ -416,7 +425,7 @@ impl RabbitQueue {
     /// Sends every job, then waits for every confirm: all or an error (after which the
     /// caller publishes the batch again; a job published twice is harmless, as a finished
     /// job's redelivery is acknowledged without work).
-    async fn publish_once(&self, jobs: &[Job]) -> Result<(), QueueError> {
+    async fn publish_once(&self, jobs: &[Job], new_run: bool) -> Result<(), QueueError> {
         let live = self.live.lock().await;
         let live = live.as_ref().ok_or_else(|| QueueError::Broker("not connected".into()))?;
         let mut pending = Vec::with_capacity(jobs.len());
@@ -429,6 +438,13 @@ impl RabbitQueue {
                 .with_timestamp(
                     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs(),
                 );
+            let props = if new_run {
+                let mut headers = FieldTable::default();
+                headers.insert(NEW_RUN.into(), AMQPValue::Boolean(true));
+                props.with_headers(headers)
+            } else {
+                props
+            };
             let route = model_route(job.model.digest.as_str());
             let confirm = live
                 .publish
@@ -502,7 +518,9 @@ impl RabbitQueue {
                 Ok(mut job) => {
                     job.attempt = earlier + 1;
                     let published = *d.properties.timestamp();
+                    let first = earlier == 0 && !d.redelivered && header_flag(&d.properties, NEW_RUN);
                     let delivery = Delivery::new(job, Box::new(RabbitAcker { acker: d.acker }));
+                    let delivery = if first { delivery.first_of_new_run() } else { delivery };
                     return Ok(Some(match published {
                         Some(t) => delivery.published_at(t),
                         None => delivery,
@@ -590,12 +608,25 @@ impl Acker for RabbitAcker {
 #[async_trait]
 impl JobQueue for RabbitQueue {
     async fn publish(&self, job: &Job) -> Result<(), QueueError> {
-        self.with_reconnect("publish", || self.publish_once(std::slice::from_ref(job))).await
+        self.with_reconnect("publish", || self.publish_once(std::slice::from_ref(job), false)).await
     }
 
     async fn publish_batch(&self, jobs: &[Job]) -> Result<(), QueueError> {
         for window in jobs.chunks(PUBLISH_WINDOW) {
-            self.with_reconnect("publish", || self.publish_once(window)).await?;
+            self.with_reconnect("publish", || self.publish_once(window, false)).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_new_run(&self, jobs: &[Job]) -> Result<(), QueueError> {
+        for window in jobs.chunks(PUBLISH_WINDOW) {
+            // Only a window's first try is marked: a retry may publish jobs twice.
+            let mut tries = 0;
+            self.with_reconnect("publish", || {
+                tries += 1;
+                self.publish_once(window, tries == 1)
+            })
+            .await?;
         }
         Ok(())
     }

@@ -56,11 +56,30 @@ pub struct Delivery {
     acker: Box<dyn Acker>,
     /// When the job was published (the broker message's timestamp), if known.
     published: Option<std::time::SystemTime>,
+    /// The first delivery of the job's first publication, made when its run was planned
+    /// ([`JobQueue::publish_new_run`]): no delivery of the job can have finished it before.
+    first: bool,
 }
 
 impl Delivery {
     pub fn new(job: Job, acker: Box<dyn Acker>) -> Self {
-        Self { job, acker, published: None }
+        Self { job, acker, published: None, first: false }
+    }
+
+    /// The delivery, known to be the first of its run's first publication.
+    pub fn first_of_new_run(mut self) -> Self {
+        self.first = true;
+        self
+    }
+
+    /// Whether no earlier delivery can have finished the job: the first delivery of a
+    /// message published with its new run, not redelivered, not replayed. Its worker need
+    /// not look for the job's completion marker first (a request to the store per job). A
+    /// job published twice in a new run (a publish retried after a lost connection) is
+    /// published again without the mark; should two copies still both run, the conditional
+    /// marker keeps one attempt's output, as for any duplicate.
+    pub fn is_first_of_new_run(&self) -> bool {
+        self.first
     }
 
     /// The delivery, published at `unix_s` (seconds since the epoch).
@@ -103,6 +122,12 @@ pub trait JobQueue: Send + Sync {
             self.publish(j).await?;
         }
         Ok(())
+    }
+    /// Publishes the jobs of a run planned just now (none was published before): their
+    /// first deliveries can skip the completion-marker check ([`Delivery::is_first_of_new_run`]).
+    /// Queues that cannot mark them publish them as [`JobQueue::publish_batch`] does.
+    async fn publish_new_run(&self, jobs: &[Job]) -> Result<(), QueueError> {
+        self.publish_batch(jobs).await
     }
     /// The next delivery, or `None` once the queue is closed and drained.
     async fn next(&self) -> Result<Option<Delivery>, QueueError>;

@@ -152,6 +152,31 @@ async fn returned_jobs_come_back_counted_then_go_to_the_dead_letter_queue() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_first_delivery_of_a_new_runs_publication_needs_no_marker_check() {
+    let (c, route) = config("newrun");
+    let q = RabbitQueue::connect(c.clone(), &route).await.expect("broker reachable");
+    q.publish_new_run(&[job(1)]).await.unwrap();
+    q.publish_batch(&[job(2)]).await.unwrap();
+    let mut first = std::collections::BTreeMap::new();
+    for _ in 0..2 {
+        let d = next_job(&q).await;
+        first.insert(d.job.job_id.to_string(), d.is_first_of_new_run());
+        if d.job.job_id == job(1).job_id {
+            // Returned: its next delivery may follow one that finished it.
+            d.nack(true).await.unwrap();
+        } else {
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(first, [(job(1).job_id.to_string(), true), (job(2).job_id.to_string(), false)].into());
+    let again = next_job(&q).await;
+    assert_eq!((again.job.job_id.clone(), again.job.attempt, again.is_first_of_new_run()), (job(1).job_id, 2, false));
+    again.ack().await.unwrap();
+    wait_for_depths(&q, (0, 0)).await;
+    cleanup(&c, &route).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_and_the_next_job_delivered() {
     let (c, route) = config("poison");
     let q = RabbitQueue::connect(c.clone(), &route).await.expect("broker reachable");

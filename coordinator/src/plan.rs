@@ -634,7 +634,8 @@ pub async fn publish_pending(
 ) -> Result<(Vec<medbatch_schemas::JobId>, usize), CoordinatorError> {
     let key = plan_key(&plan.run_id);
     let bytes = serde_json::to_vec_pretty(plan).expect("plan serializes");
-    if !store.put_if_absent(&key, bytes.into()).await? {
+    let new_run = store.put_if_absent(&key, bytes.into()).await?;
+    if !new_run {
         let existing = store.get(&key).await?.unwrap_or_default();
         let earlier: PlannedRun = serde_json::from_slice(&existing)
             .map_err(|e| CoordinatorError::Corrupt { key: key.clone(), reason: e.to_string() })?;
@@ -649,7 +650,13 @@ pub async fn publish_pending(
     let (pending, done): (Vec<&Job>, Vec<&Job>) =
         plan.jobs.iter().partition(|j| !markers.contains(&done_key(&j.run_id, &j.job_id)));
     let pending: Vec<Job> = pending.into_iter().cloned().collect();
-    queue.publish_batch(&pending).await?;
+    // A run planned just now has had no job published: its jobs' first deliveries need no
+    // marker check.
+    if new_run {
+        queue.publish_new_run(&pending).await?;
+    } else {
+        queue.publish_batch(&pending).await?;
+    }
     Ok((pending.into_iter().map(|j| j.job_id).collect(), done.len()))
 }
 

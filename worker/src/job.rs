@@ -173,7 +173,7 @@ pub async fn handle_delivery(
     if let Some(lag) = delivery.queued_for() {
         metrics::histogram!("medbatch_queue_lag_seconds").record(lag.as_secs_f64());
     }
-    let outcome = process_job(&delivery.job, ctx).await;
+    let outcome = process_job(&delivery.job, ctx, !delivery.is_first_of_new_run()).await;
     let disposition = Disposition::of(&outcome);
     let counted = match (&outcome, disposition) {
         (Ok(_), _) => "medbatch_jobs_done_total",
@@ -264,11 +264,13 @@ fn unit_rows(unit: &Unit, r: &Outcome) -> Vec<DocumentRow> {
         .collect()
 }
 
-/// Runs one job to its completion marker. Returns `true` when the job was already done.
-pub async fn process_job(job: &Job, ctx: &WorkerContext) -> Result<bool, JobError> {
+/// Runs one job to its completion marker. Returns `true` when the job was already done (or
+/// another delivery finished it first). `check_marker`: look for the marker before any work
+/// (every delivery but the first of a new run's, see `Delivery::is_first_of_new_run`).
+pub async fn process_job(job: &Job, ctx: &WorkerContext, check_marker: bool) -> Result<bool, JobError> {
     let started = Instant::now();
     let marker = done_key(&job.run_id, &job.job_id);
-    if ctx.store.exists(&marker).await? {
+    if check_marker && ctx.store.exists(&marker).await? {
         tracing::info!("already done; acknowledging without work");
         return Ok(true);
     }
