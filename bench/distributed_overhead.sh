@@ -9,8 +9,9 @@
 # Each path runs with a job per file (`--files-per-job 1`: the per-job overhead) and with
 # small files grouped into jobs (the default), ROUNDS times each, embedded and distributed
 # alternating (this machine is shared and noisy: the medians are reported, with every time).
-# The embedded time includes loading the model; the distributed one starts once the worker
-# has loaded it. The worker's own metrics (scraped from --metrics-addr at the end) break a
+# The embedded time includes starting the process and loading the model (also measured on
+# its own: an embedded run of one document); the distributed one starts once the worker has
+# loaded it. The worker's own metrics (scraped from --metrics-addr at the end) break a
 # job's time down by S3 operation, and the CPU time of each process (worker, submit, the
 # local S3 server, RabbitMQ) shows where the machine's two cores went.
 #
@@ -53,6 +54,16 @@ embedded() {
   printf '{"wall_s": %.2f, "rows": %s, "cpu_s": %.2f}\n' "$(echo "$t1 - $t0" | bc)" \
     "$(grep -o 'lab_results: [0-9]*' "$work/embedded.txt" | grep -o '[0-9]*$')" \
     "$(awk '{ print $1 + $2 }' "$work/embedded-time")"
+}
+
+# seconds of an embedded run over one document: the process and model's fixed cost
+fixed() {
+  local out="$work/fixed" t0 t1
+  t0=$(date +%s.%N)
+  "$bin" run lab-report "$work/docs/report-00001.txt" --out "$out" --model demo --run-id fixed >/dev/null 2>&1
+  t1=$(date +%s.%N)
+  rm -rf "$out"
+  echo "$t1 - $t0" | bc
 }
 
 # distributed FILES_PER_JOB ROUND: one JSON object (wall time, jobs, rows, the worker's S3
@@ -101,7 +112,7 @@ EOF
 for files in 1 16; do
   for round in $(seq 1 "$rounds"); do
     echo "files per job $files, round $round" >&2
-    echo "{\"files_per_job\": $files, \"embedded\": $(embedded "$files" "$round"), \"distributed\": $(distributed "$files" "$round")}"
+    echo "{\"files_per_job\": $files, \"embedded_one_document_s\": $(fixed), \"embedded\": $(embedded "$files" "$round"), \"distributed\": $(distributed "$files" "$round")}"
   done
 done >"$work/rounds.jsonl"
 
@@ -114,8 +125,16 @@ for files, name in [(1, "a job per file"), (16, "grouped (16 files per job)")]:
     rs = [r for r in rounds if r["files_per_job"] == files]
     emb = statistics.median(r["embedded"]["wall_s"] for r in rs)
     dist = statistics.median(r["distributed"]["wall_s"] for r in rs)
+    one = statistics.median(r["embedded_one_document_s"] for r in rs)
+    jobs = rs[0]["distributed"]["jobs"]
+    # Per document: the embedded run without its fixed cost (process and model), against
+    # the distributed run, whose worker had loaded its model before the clock started.
+    docs = out["documents"]
     out[name] = {"embedded_s": emb, "distributed_s": dist, "ratio": round(dist / emb, 2),
-                 "jobs": rs[0]["distributed"]["jobs"],
+                 "embedded_one_document_s": round(one, 2),
+                 "ms_per_document": {"embedded_without_fixed_cost": round(1000 * (emb - one) / docs, 2),
+                                     "distributed": round(1000 * dist / docs, 2)},
+                 "jobs": jobs,
                  "rows": sorted({r["embedded"]["rows"] for r in rs} | {r["distributed"]["rows"] for r in rs})}
 print(json.dumps(out, indent=1))
 for r in rounds:
