@@ -240,6 +240,17 @@ mod tests {
         store.put(&done_key(&c.run_id, &c.job_id), serde_json::to_vec(&c).unwrap().into()).await.unwrap();
     }
 
+    /// Workers finishing the plan's jobs one by one, 20 ms apart.
+    fn finish_one_by_one(store: &LocalStore, plan: &PlannedRun) -> tokio::task::JoinHandle<()> {
+        let (s, p) = (store.clone(), plan.clone());
+        tokio::spawn(async move {
+            for i in 0..p.jobs.len() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                finish(&s, &p, i).await;
+            }
+        })
+    }
+
     #[tokio::test]
     async fn commits_once_every_job_is_done() {
         let (d, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -248,13 +259,7 @@ mod tests {
         let queue = InProcessQueue::new();
         publish_pending(&plan, &store, &queue).await.unwrap();
         // Jobs finish one by one while the run is followed.
-        let (s, p) = (store.clone(), plan.clone());
-        let workers = tokio::spawn(async move {
-            for i in 0..p.jobs.len() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                finish(&s, &p, i).await;
-            }
-        });
+        let workers = finish_one_by_one(&store, &plan);
         let mut seen = Vec::new();
         let followed = follow_and_commit(&plan, &store, &queue, &fast(), &mut |n| seen.push(n), None).await.unwrap();
         workers.await.unwrap();
@@ -308,13 +313,7 @@ mod tests {
         let queue = InProcessQueue::new();
         publish_pending(&plan, &store, &queue).await.unwrap();
         let counting = CountingStore { inner: store.clone(), gets: Default::default() };
-        let (s, p) = (store.clone(), plan.clone());
-        let workers = tokio::spawn(async move {
-            for i in 0..p.jobs.len() {
-                tokio::time::sleep(Duration::from_millis(30)).await;
-                finish(&s, &p, i).await;
-            }
-        });
+        let workers = finish_one_by_one(&store, &plan);
         let followed = follow_and_commit(&plan, &counting, &queue, &fast(), &mut |_| {}, None).await.unwrap();
         workers.await.unwrap();
         let Followed::Committed(m) = followed else { panic!("{followed:?}") };
