@@ -24,6 +24,12 @@ export MEDBATCH_DEMO_GGUF MEDBATCH_PYTHON MEDBATCH_AMQP_URL MEDBATCH_PYDICOM_DAT
 # kernels several-fold.
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 
+# The local S3 server's buckets before the tests: those the tests make (`medbatch-<test>-<pid>`)
+# are removed after a passing run, with the server's files about their objects, which would
+# otherwise pile up from run to run and slow the server down (a failing run keeps them to look at).
+s3_data="${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/data"
+buckets_before="$(ls "$s3_data" 2>/dev/null || true)"
+
 # Unit and integration tests (the crates have no doc tests), then one closing line with the
 # totals over every test binary.
 log="$(mktemp)"
@@ -32,6 +38,13 @@ set +e
 cargo test --release --workspace --lib --bins --tests "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" -eq 0 ]; then
+  for bucket in $(ls "$s3_data" 2>/dev/null || true); do
+    case "$bucket" in
+      medbatch-*) grep -qxF "$bucket" <<<"$buckets_before" || bash infra/s3-server.sh remove-bucket "$bucket" ;;
+    esac
+  done
+fi
 # The lab-report evaluation on both splits of its gold set (dev: tuned on; test: held out)
 # with the demo model, printed for the record
 # (tests/e2e_embedded.rs holds it to minimum scores).
