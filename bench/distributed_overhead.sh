@@ -20,24 +20,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-1000}"
 rounds="${2:-3}"
-bash infra/fetch-demo-model.sh >/dev/null
-export MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
-bash infra/s3-server.sh start >/dev/null
-eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
 export MEDBATCH_AMQP_NAMESPACE="overhead-$$"
-cargo build --release --quiet --bin medbatch
-bin="${CARGO_TARGET_DIR:-target}/release/medbatch"
-python="$(bash infra/python-env.sh)"
+source bench/distributed_env.sh
 s3_pid="$(cat "${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/s3s-fs-${MEDBATCH_S3_PORT:-9123}.pid")"
 broker_pid="$(pgrep -o -x beam.smp || true)"
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-mkdir "$work/docs"
-for i in $(seq 1 "$n"); do
-  if [ $((i % 2)) -eq 0 ]; then src=examples/lab-reports/hl7-oru.txt; else src=examples/lab-reports/liver-pipe-table.txt; fi
-  cp "$src" "$work/docs/report-$(printf %05d "$i").txt"
-done
+lab_reports "$work/docs" "$n"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 # CPU seconds (user + system) a process has used so far; 0 when there is none.
@@ -47,20 +37,20 @@ cpu() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk -v hz="$(getconf CLK_TCK)" 
 embedded() {
   local out="$work/local-$1-$2" t0 t1
   t0=$(date +%s.%N)
-  /usr/bin/env time -f '%U %S' -o "$work/embedded-time" "$bin" run lab-report "$work/docs" --out "$out" --model demo \
+  cpu_seconds_of "$work/embedded-cpu" "$bin" run lab-report "$work/docs" --out "$out" --model demo \
     --run-id "overhead-$1" --workers 2 --files-per-job "$1" >"$work/embedded.txt" 2>/dev/null
   t1=$(date +%s.%N)
   rm -rf "$out"
   printf '{"wall_s": %.2f, "rows": %s, "cpu_s": %.2f}\n' "$(echo "$t1 - $t0" | bc)" \
     "$(grep -o 'lab_results: [0-9]*' "$work/embedded.txt" | grep -o '[0-9]*$')" \
-    "$(awk '{ print $1 + $2 }' "$work/embedded-time")"
+    "$(cat "$work/embedded-cpu")"
 }
 
 # seconds of an embedded run over one document: the process and model's fixed cost
 fixed() {
   local out="$work/fixed" t0 t1
   t0=$(date +%s.%N)
-  "$bin" run lab-report "$work/docs/report-00001.txt" --out "$out" --model demo --run-id fixed >/dev/null 2>&1
+  "$bin" run lab-report "$work/docs/report-000001.txt" --out "$out" --model demo --run-id fixed >/dev/null 2>&1
   t1=$(date +%s.%N)
   rm -rf "$out"
   echo "$t1 - $t0" | bc
@@ -70,7 +60,7 @@ fixed() {
 # requests, each process's CPU time)
 distributed() {
   local bucket="overhead-$$-$1-$2" t0 t1 addr s3_0 broker_0 worker_0
-  mkdir -p "${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/data/$bucket"
+  mkdir -p "$s3_data/$bucket"
   "$bin" work --model demo --concurrency 2 --metrics-addr 127.0.0.1:0 2>"$work/worker.log" &
   worker=$!
   # This function runs in a subshell of its own (`$(distributed N R)`): its worker is stopped
@@ -81,11 +71,11 @@ distributed() {
   addr=$(grep -o 'metrics on http://[^/]*' "$work/worker.log" | sed 's|metrics on http://||')
   s3_0=$(cpu "$s3_pid"); broker_0=$(cpu "$broker_pid"); worker_0=$(cpu "$worker")
   t0=$(date +%s.%N)
-  /usr/bin/env time -f '%U %S' -o "$work/submit-time" "$bin" submit lab-report "$work/docs" --out "s3://$bucket/run" \
+  cpu_seconds_of "$work/submit-cpu" "$bin" submit lab-report "$work/docs" --out "s3://$bucket/run" \
     --model demo --run-id "overhead-$1" --files-per-job "$1" >"$work/submit.txt" 2>"$work/submit.log"
   t1=$(date +%s.%N)
   local cpus
-  cpus="$(echo "$(cpu "$worker") - $worker_0" | bc) $(awk '{ print $1 + $2 }' "$work/submit-time") $(echo "$(cpu "$s3_pid") - $s3_0" | bc) $(echo "$(cpu "$broker_pid") - $broker_0" | bc)"
+  cpus="$(echo "$(cpu "$worker") - $worker_0" | bc) $(cat "$work/submit-cpu") $(echo "$(cpu "$s3_pid") - $s3_0" | bc) $(echo "$(cpu "$broker_pid") - $broker_0" | bc)"
   "$python" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' \
     "http://$addr/metrics" >"$work/metrics.txt"
   kill -TERM "$worker"; wait "$worker" || true

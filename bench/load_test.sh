@@ -15,15 +15,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-20000}"
-bash infra/fetch-demo-model.sh >/dev/null
-export MEDBATCH_AMQP_URL="$(bash infra/rabbitmq.sh)"
-bash infra/s3-server.sh start >/dev/null
-eval "$(bash infra/s3-server.sh env | sed 's/^/export /')"
 export MEDBATCH_AMQP_NAMESPACE="load-$$"
-cargo build --release --quiet --bin medbatch
-bin="${CARGO_TARGET_DIR:-target}/release/medbatch"
-python="$(bash infra/python-env.sh)"
-data="${MEDBATCH_CACHE:-$HOME/.cache/medbatch}/s3s/data"
+source bench/distributed_env.sh
 bucket="load-$$"
 run=load
 
@@ -35,11 +28,8 @@ cleanup() {
   bash infra/s3-server.sh remove-bucket "$bucket"
 }
 trap cleanup EXIT
-mkdir "$work/docs" "$data/$bucket"
-for i in $(seq 1 "$n"); do
-  if [ $((i % 2)) -eq 0 ]; then src=examples/lab-reports/hl7-oru.txt; else src=examples/lab-reports/liver-pipe-table.txt; fi
-  cp "$src" "$work/docs/report-$(printf %06d "$i").txt"
-done
+mkdir "$s3_data/$bucket"
+lab_reports "$work/docs" "$n"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
 start_worker() {
@@ -54,7 +44,7 @@ start_submit() {
     --files-per-job 1 >"$work/submit.out" 2>>"$work/submit.err" &
   submitter=$!
 }
-done_jobs() { find "$data/$bucket/out/_runs/$run/done" -type f 2>/dev/null | wc -l; }
+done_jobs() { find "$s3_data/$bucket/out/_runs/$run/done" -type f 2>/dev/null | wc -l; }
 wait_for() { while [ "$(done_jobs)" -lt "$1" ]; do sleep 0.5; done; }
 
 t0=$(date +%s.%N)
@@ -79,7 +69,7 @@ workers=()
 "$bin" run lab-report examples/lab-reports/hl7-oru.txt examples/lab-reports/liver-pipe-table.txt \
   --out "$work/ref" --model demo --run-id ref >/dev/null 2>&1
 
-"$python" - "$data/$bucket/out" "$run" "$n" "$(echo "$t1 - $t0" | bc)" "$work/submit.err" "$work/ref" <<'EOF'
+"$python" - "$s3_data/$bucket/out" "$run" "$n" "$(echo "$t1 - $t0" | bc)" "$work/submit.err" "$work/ref" <<'EOF'
 import collections, datetime, glob, hashlib, json, os, re, sys
 import pyarrow.parquet as pq
 out, run, n, wall, err, ref = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]

@@ -11,7 +11,7 @@ use medbatch_connectors::inputs::InputSource;
 use medbatch_connectors::store::ObjectStore;
 use medbatch_coordinator::follow::DEAD_LETTER_SCAN;
 use medbatch_coordinator::plan::PlannedRun;
-use medbatch_coordinator::{follow_and_commit, publish_pending, run_progress, FollowConfig, Followed, PlanConfig};
+use medbatch_coordinator::{follow_and_commit, publish_pending, FollowConfig, Followed, PlanConfig};
 use medbatch_engine::EngineHandle;
 use medbatch_schemas::{ModelRef, RunId, NO_MODEL};
 use medbatch_worker::pipeline::LoadedPipeline;
@@ -225,25 +225,21 @@ async fn follow_and_report(
     )
     .await?;
     bar.finish();
-    let (manifest, dead) = match followed {
-        Followed::Committed(m) => (Some(*m), Vec::new()),
-        Followed::DeadLettered(dead) => (None, dead),
-    };
-    if manifest.is_none() {
-        eprintln!("medbatch: run {run_id}: {} jobs were dead-lettered after the delivery limit:", dead.len());
-        for j in &dead {
-            eprintln!("  job {} ({})", j.job_id, j.reason);
+    let manifest = match followed {
+        Followed::Committed(m) => *m,
+        Followed::DeadLettered(dead) => {
+            eprintln!("medbatch: run {run_id}: {} jobs were dead-lettered after the delivery limit:", dead.len());
+            for j in &dead {
+                eprintln!("  job {} ({})", j.job_id, j.reason);
+            }
+            eprintln!(
+                "medbatch: the other jobs are done. The workers' logs say why these failed; once fixed, \
+                 `medbatch replay {root} --run-id {run_id}` publishes them again and commits the run."
+            );
+            return Ok(ExitCode::from(crate::EXIT_DEAD_LETTERED));
         }
-        eprintln!(
-            "medbatch: the other jobs are done. The workers' logs say why these failed; once fixed, \
-             `medbatch replay {root} --run-id {run_id}` publishes them again and commits the run."
-        );
-        return Ok(ExitCode::from(crate::EXIT_DEAD_LETTERED));
-    }
-    let p = match &manifest {
-        Some(m) => medbatch_coordinator::RunProgress::of_manifest(m, &pipeline.spec.output.table),
-        None => run_progress(plan, store).await?,
     };
+    let p = medbatch_coordinator::RunProgress::of_manifest(&manifest, &pipeline.spec.output.table);
     println!("medbatch run {run_id} ({} pipeline, model {}) over RabbitMQ", plan.pipeline.name, plan.model.id);
     println!("  jobs       {}/{} done", p.jobs_done, p.jobs_planned);
     println!("  documents  {} ok, {} failed", p.documents_ok, p.documents_failed);
@@ -251,14 +247,12 @@ async fn follow_and_report(
     if let Some(line) = p.set_aside_line() {
         println!("  set aside  {line}");
     }
-    if let (Some(stage), Some(m)) = (&stage, &manifest) {
-        println!("  patients   {}", crate::status::stage_line(&stage.tables(), m));
+    if let Some(stage) = &stage {
+        println!("  patients   {}", crate::status::stage_line(&stage.tables(), &manifest));
     }
     println!("  wall time  {:.1} s", started.elapsed().as_secs_f64());
     println!("  output     {root}/{}/run_id={run_id}", pipeline.spec.output.table);
-    if manifest.is_some() {
-        println!("  manifest   {root}/{}", medbatch_schemas::tables::manifest_key(run_id));
-    }
+    println!("  manifest   {root}/{}", medbatch_schemas::tables::manifest_key(run_id));
     Ok(ExitCode::SUCCESS)
 }
 
